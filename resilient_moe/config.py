@@ -1,0 +1,512 @@
+"""Frozen configuration objects.
+
+`ModelConfig` is read from a Hugging Face checkpoint's config.json (and generation_config.json);
+`EngineConfig` holds the knobs of one engine (KV cache, batching). Both validate themselves where
+they are built, and every error names the field and the bad value.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from resilient_moe.errors import ConfigError
+
+SUPPORTED_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+SUPPORTED_DTYPES = ("float32", "bfloat16")
+
+_ARCHITECTURE_TO_FAMILY = {
+    "MixtralForCausalLM": "mixtral",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
+    "OlmoeForCausalLM": "olmoe",
+}
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """Rotary position embedding parameters, normalised from either `rope_parameters` (transformers 5)
+    or `rope_theta` + `rope_scaling` (transformers 4)."""
+
+    rope_type: str = "default"
+    theta: float = 10000.0
+    factor: float = 1.0
+    original_max_position_embeddings: int | None = None
+    # llama3
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    # yarn
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: float | None = None
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool = True
+
+    def __post_init__(self) -> None:
+        if self.rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ConfigError(
+                f"config.json: rope type {self.rope_type!r} is not supported "
+                f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
+            )
+        if not self.theta > 0:
+            raise ConfigError(f"config.json: rope_theta must be > 0, got {self.theta!r}")
+        if self.rope_type != "default" and not self.factor > 0:
+            raise ConfigError(f"config.json: rope scaling factor must be > 0, got {self.factor!r}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of one MoE checkpoint, in family-neutral terms.
+
+    Shape letters used across the model code: T tokens, D hidden, H query heads, G kv heads,
+    d head dim, E experts, K experts per token (top-k), F expert FFN width, V vocabulary.
+    """
+
+    family: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    num_experts: int
+    top_k: int
+    moe_intermediate_size: int
+    intermediate_size: int  # width of dense (non-MoE) MLP layers
+    shared_expert_intermediate_size: int  # 0: no shared expert
+    norm_topk_prob: bool
+    qkv_bias: bool
+    o_bias: bool
+    qk_norm: str | None  # None, "head" (per head, Qwen3) or "full" (over the whole projection, OLMoE)
+    clip_qkv: float | None
+    rms_norm_eps: float
+    rope: RopeConfig
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    sparse_layers: tuple[bool, ...]  # True where the layer's MLP is an MoE block
+    sliding_windows: tuple[int | None, ...]  # per layer; None = full attention
+    router_weights_fp32: bool  # Mixtral keeps the top-k weights in float32; the others cast to the hidden dtype
+    eos_token_ids: tuple[int, ...] = ()
+    bos_token_id: int | None = None
+    checkpoint_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.family not in SUPPORTED_FAMILIES:
+            raise ConfigError(
+                f"unsupported model family {self.family!r} (supported: {', '.join(SUPPORTED_FAMILIES)})"
+            )
+        positive = (
+            "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+            "num_experts", "top_k", "moe_intermediate_size", "max_position_embeddings",
+        )
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"config.json: {name} must be a positive integer, got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"config.json: num_attention_heads ({self.num_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_kv_heads})"
+            )
+        if self.top_k > self.num_experts:
+            raise ConfigError(
+                f"config.json: num_experts_per_tok ({self.top_k}) exceeds the number of experts ({self.num_experts})"
+            )
+        if self.head_dim % 2:
+            raise ConfigError(f"config.json: head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if len(self.sparse_layers) != self.num_layers or len(self.sliding_windows) != self.num_layers:
+            raise ConfigError("config.json: per-layer settings do not match num_hidden_layers")
+        if not all(self.sparse_layers) and self.intermediate_size <= 0:
+            raise ConfigError(f"config.json: intermediate_size must be > 0 for dense layers, got {self.intermediate_size!r}")
+        if not self.rms_norm_eps > 0:
+            raise ConfigError(f"config.json: rms_norm_eps must be > 0, got {self.rms_norm_eps!r}")
+        if self.qk_norm not in (None, "head", "full"):
+            raise ConfigError(f"qk_norm must be None, 'head' or 'full', got {self.qk_norm!r}")
+        if self.qk_norm == "full" and self.num_heads * self.head_dim != self.hidden_size:
+            raise ConfigError("config.json: full-width q/k norm needs num_attention_heads * head_dim == hidden_size")
+        for eos in self.eos_token_ids:
+            if not 0 <= eos < self.vocab_size:
+                raise ConfigError(f"eos_token_id {eos} is outside the vocabulary (size {self.vocab_size})")
+
+    @property
+    def sparse_layer_ids(self) -> tuple[int, ...]:
+        return tuple(i for i, sparse in enumerate(self.sparse_layers) if sparse)
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of K and V one token occupies across all layers, in float32 (halve for bfloat16)."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * 4
+
+    # ---- construction from a checkpoint -------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | os.PathLike[str]) -> "ModelConfig":
+        """Read config.json (and generation_config.json when present) from a checkpoint directory."""
+        path = Path(model_dir)
+        if not path.is_dir():
+            raise ConfigError(f"model directory {str(path)!r} does not exist or is not a directory")
+        config_path = path / "config.json"
+        if not config_path.is_file():
+            raise ConfigError(f"{config_path}: not found (a Hugging Face checkpoint needs config.json)")
+        raw = _read_json(config_path)
+        generation = {}
+        if (path / "generation_config.json").is_file():
+            generation = _read_json(path / "generation_config.json")
+        return cls.from_hf_dict(raw, generation, source=str(config_path))
+
+    @classmethod
+    def from_hf_dict(
+        cls, raw: dict[str, Any], generation: dict[str, Any] | None = None, source: str = "config.json"
+    ) -> "ModelConfig":
+        """Map a Hugging Face config dict onto a ModelConfig, applying each family's defaults."""
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: expected a JSON object at the top level")
+        family = _family_of(raw, source)
+        reader = _FieldReader(raw, source)
+
+        num_layers = reader.int("num_hidden_layers")
+        hidden = reader.int("hidden_size")
+        heads = reader.int("num_attention_heads")
+        kv_heads = reader.int("num_key_value_heads", default=heads)
+        head_dim = reader.optional_int("head_dim") or hidden // heads
+        hidden_act = reader.str("hidden_act", default="silu")
+        if hidden_act != "silu":
+            raise ConfigError(f"{source}: hidden_act {hidden_act!r} is not supported (supported: 'silu')")
+
+        if family == "mixtral":
+            num_experts = reader.int("num_local_experts")
+            moe_ffn = reader.int("intermediate_size")
+            dense_ffn = moe_ffn
+            shared_ffn = 0
+            norm_topk = True
+            qkv_bias = o_bias = False
+            qk_norm = None
+            sparse = tuple(True for _ in range(num_layers))
+            window = reader.optional_int("sliding_window")
+            windows = tuple(window for _ in range(num_layers))
+            theta_default = 1e6
+        elif family == "qwen2_moe":
+            num_experts = reader.int("num_experts")
+            moe_ffn = reader.int("moe_intermediate_size")
+            dense_ffn = reader.int("intermediate_size")
+            shared_ffn = reader.int("shared_expert_intermediate_size", default=0)
+            norm_topk = reader.bool("norm_topk_prob", default=False)
+            qkv_bias = reader.bool("qkv_bias", default=True)
+            o_bias = False
+            qk_norm = None
+            sparse = _qwen_sparse_layers(reader, num_layers, num_experts)
+            windows = _qwen2_sliding_windows(reader, num_layers)
+            theta_default = 10000.0
+        elif family == "qwen3_moe":
+            num_experts = reader.int("num_experts", alias="num_local_experts")
+            moe_ffn = reader.int("moe_intermediate_size")
+            dense_ffn = reader.int("intermediate_size")
+            shared_ffn = 0
+            norm_topk = reader.bool("norm_topk_prob", default=False)
+            qkv_bias = o_bias = reader.bool("attention_bias", default=False)
+            qk_norm = "head"
+            sparse = _qwen_sparse_layers(reader, num_layers, num_experts)
+            window = reader.optional_int("sliding_window") if reader.bool("use_sliding_window", default=False) else None
+            windows = tuple(window for _ in range(num_layers))
+            theta_default = 10000.0
+        else:  # olmoe
+            num_experts = reader.int("num_experts")
+            moe_ffn = reader.int("intermediate_size")
+            dense_ffn = moe_ffn
+            shared_ffn = 0
+            norm_topk = reader.bool("norm_topk_prob", default=False)
+            qkv_bias = o_bias = reader.bool("attention_bias", default=False)
+            qk_norm = "full"
+            sparse = tuple(True for _ in range(num_layers))
+            windows = tuple(None for _ in range(num_layers))
+            theta_default = 10000.0
+
+        clip_qkv = reader.optional_float("clip_qkv") if family == "olmoe" else None
+        generation = generation or {}
+        eos = _token_ids(generation.get("eos_token_id", raw.get("eos_token_id")), "eos_token_id", source)
+        bos = raw.get("bos_token_id", generation.get("bos_token_id"))
+        max_pos = reader.int("max_position_embeddings")
+        dtype = raw.get("dtype") or raw.get("torch_dtype") or "float32"
+        return cls(
+            family=family,
+            vocab_size=reader.int("vocab_size"),
+            hidden_size=hidden,
+            num_layers=num_layers,
+            num_heads=heads,
+            num_kv_heads=kv_heads,
+            head_dim=head_dim,
+            num_experts=num_experts,
+            top_k=reader.int("num_experts_per_tok"),
+            moe_intermediate_size=moe_ffn,
+            intermediate_size=dense_ffn,
+            shared_expert_intermediate_size=shared_ffn,
+            norm_topk_prob=norm_topk,
+            qkv_bias=qkv_bias,
+            o_bias=o_bias,
+            qk_norm=qk_norm,
+            clip_qkv=clip_qkv,
+            rms_norm_eps=reader.float("rms_norm_eps", default=1e-6),
+            rope=_rope_config(raw, theta_default, max_pos, source),
+            max_position_embeddings=max_pos,
+            tie_word_embeddings=reader.bool("tie_word_embeddings", default=False),
+            sparse_layers=sparse,
+            sliding_windows=windows,
+            router_weights_fp32=family == "mixtral",
+            eos_token_ids=tuple(e for e in eos if 0 <= e < reader.int("vocab_size")),
+            bos_token_id=bos if isinstance(bos, int) else None,
+            checkpoint_dtype=str(dtype),
+        )
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Knobs of one engine (colocated, or one attention worker).
+
+    KV capacity is set in tokens (`kv_cache_tokens`) or bytes (`kv_cache_bytes`); when both are
+    unset the cache holds `max_num_seqs` full-length sequences of `max_model_len` tokens.
+    """
+
+    dtype: str = "float32"
+    device: str = "auto"  # "auto" picks CUDA when available, else CPU
+    block_size: int = 16
+    kv_cache_tokens: int | None = None
+    kv_cache_bytes: int | None = None
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 4096
+    max_model_len: int | None = None  # defaults to the checkpoint's max_position_embeddings
+    micro_batches: int = 1
+    torch_threads: int = 1
+
+    def __post_init__(self) -> None:
+        if self.dtype not in SUPPORTED_DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(SUPPORTED_DTYPES)}, got {self.dtype!r}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "torch_threads"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("kv_cache_tokens", "kv_cache_bytes", "max_model_len"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if not 1 <= self.micro_batches <= 8:
+            raise ConfigError(f"micro_batches must be between 1 and 8, got {self.micro_batches!r}")
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object at the top level")
+    return data
+
+
+def _family_of(raw: dict[str, Any], source: str) -> str:
+    model_type = raw.get("model_type")
+    if model_type in SUPPORTED_FAMILIES:
+        return model_type
+    for arch in raw.get("architectures") or []:
+        if arch in _ARCHITECTURE_TO_FAMILY:
+            return _ARCHITECTURE_TO_FAMILY[arch]
+    shown = model_type if model_type is not None else (raw.get("architectures") or None)
+    raise ConfigError(
+        f"{source}: unsupported model family {shown!r} (supported: {', '.join(SUPPORTED_FAMILIES)})"
+    )
+
+
+class _FieldReader:
+    """Typed access to config.json fields with errors that name the field."""
+
+    _missing = object()
+
+    def __init__(self, raw: dict[str, Any], source: str) -> None:
+        self.raw = raw
+        self.source = source
+
+    def _get(self, name: str, default: Any, alias: str | None = None) -> Any:
+        if name in self.raw and self.raw[name] is not None:
+            return self.raw[name]
+        if alias is not None and self.raw.get(alias) is not None:
+            return self.raw[alias]
+        if default is self._missing:
+            raise ConfigError(f"{self.source}: required field {name!r} is missing")
+        return default
+
+    def int(self, name: str, default: Any = _missing, alias: str | None = None) -> int:
+        value = self._get(name, default, alias)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"{self.source}: {name} must be an integer, got {value!r}")
+        return value
+
+    def optional_int(self, name: str) -> int | None:
+        value = self.raw.get(name)
+        if value is None:
+            return None
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"{self.source}: {name} must be an integer or null, got {value!r}")
+        return value
+
+    def float(self, name: str, default: Any = _missing) -> float:
+        value = self._get(name, default)
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{self.source}: {name} must be a number, got {value!r}")
+        return float(value)
+
+    def optional_float(self, name: str) -> float | None:
+        value = self.raw.get(name)
+        return None if value is None else self.float(name)
+
+    def bool(self, name: str, default: Any = _missing) -> bool:
+        value = self._get(name, default)
+        if not isinstance(value, bool):
+            raise ConfigError(f"{self.source}: {name} must be true or false, got {value!r}")
+        return value
+
+    def str(self, name: str, default: Any = _missing) -> str:
+        value = self._get(name, default)
+        if not isinstance(value, str):
+            raise ConfigError(f"{self.source}: {name} must be a string, got {value!r}")
+        return value
+
+
+def _qwen_sparse_layers(reader: _FieldReader, num_layers: int, num_experts: int) -> tuple[bool, ...]:
+    step = reader.int("decoder_sparse_step", default=1)
+    if step <= 0:
+        raise ConfigError(f"{reader.source}: decoder_sparse_step must be > 0, got {step}")
+    mlp_only = reader.raw.get("mlp_only_layers") or []
+    if not isinstance(mlp_only, list) or not all(isinstance(i, int) for i in mlp_only):
+        raise ConfigError(f"{reader.source}: mlp_only_layers must be a list of layer indices, got {mlp_only!r}")
+    return tuple(
+        (i not in mlp_only) and num_experts > 0 and (i + 1) % step == 0 for i in range(num_layers)
+    )
+
+
+def _qwen2_sliding_windows(reader: _FieldReader, num_layers: int) -> tuple[int | None, ...]:
+    if not reader.bool("use_sliding_window", default=False):
+        return tuple(None for _ in range(num_layers))
+    window = reader.int("sliding_window")
+    layer_types = reader.raw.get("layer_types")
+    if layer_types is None:
+        max_window_layers = reader.int("max_window_layers", default=num_layers)
+        layer_types = [
+            "sliding_attention" if (i + 1) % 2 and i < max_window_layers else "full_attention"
+            for i in range(num_layers)
+        ]
+    if len(layer_types) != num_layers:
+        raise ConfigError(f"{reader.source}: layer_types has {len(layer_types)} entries for {num_layers} layers")
+    return tuple(window if t == "sliding_attention" else None for t in layer_types)
+
+
+def _token_ids(value: Any, name: str, source: str) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value,)
+    if isinstance(value, list) and all(isinstance(v, int) for v in value):
+        return tuple(value)
+    raise ConfigError(f"{source}: {name} must be an integer or a list of integers, got {value!r}")
+
+
+def _rope_config(raw: dict[str, Any], theta_default: float, max_pos: int, source: str) -> RopeConfig:
+    params = raw.get("rope_parameters")
+    if params is None:
+        params = dict(raw.get("rope_scaling") or {})
+        params.setdefault("rope_theta", raw.get("rope_theta", theta_default))
+    if not isinstance(params, dict):
+        raise ConfigError(f"{source}: rope_parameters must be an object, got {params!r}")
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    partial = params.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))
+    if partial not in (None, 1, 1.0):
+        raise ConfigError(f"{source}: partial_rotary_factor {partial!r} is not supported (only 1.0)")
+    original = raw.get("original_max_position_embeddings") or params.get("original_max_position_embeddings")
+    if rope_type in ("llama3", "yarn") and original is None:
+        original = max_pos
+    try:
+        return RopeConfig(
+            rope_type=rope_type,
+            theta=float(params.get("rope_theta") or theta_default),
+            factor=float(params.get("factor") or 1.0),
+            original_max_position_embeddings=original,
+            low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+            high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+            beta_fast=float(params.get("beta_fast") or 32.0),
+            beta_slow=float(params.get("beta_slow") or 1.0),
+            attention_factor=params.get("attention_factor"),
+            mscale=params.get("mscale"),
+            mscale_all_dim=params.get("mscale_all_dim"),
+            truncate=bool(params.get("truncate", True)),
+        )
+    except (TypeError, ValueError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"{source}: invalid rope parameters {params!r}: {e}") from None
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request picks its tokens. temperature 0 means greedy.
+
+    The random stream of a request is derived from (seed, position) alone, so its tokens do not
+    depend on what else shares its batch, nor on which worker produces them after a failover.
+    """
+
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None: none; 0: the chosen token's; n: also the top n
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
+            raise ConfigError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if not isinstance(self.temperature, (int, float)) or not 0.0 <= self.temperature <= 100.0:
+            raise ConfigError(f"temperature must be between 0 and 100, got {self.temperature!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ConfigError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+        if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
+            raise ConfigError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20):
+            raise ConfigError(f"logprobs must be an integer between 0 and 20, got {self.logprobs!r}")
+        if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
+            raise ConfigError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+            "top_k": self.top_k,
+            "top_p": self.top_p,
+            "seed": self.seed,
+            "stop_token_ids": list(self.stop_token_ids),
+            "ignore_eos": self.ignore_eos,
+            "logprobs": self.logprobs,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SamplingParams":
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        if "stop_token_ids" in known:
+            known["stop_token_ids"] = tuple(known["stop_token_ids"])
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ConfigError(f"unknown sampling parameter(s): {', '.join(unknown)}")
+        return cls(**known)

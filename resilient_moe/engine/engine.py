@@ -1,0 +1,162 @@
+"""The engine: scheduler, model runner and sampler around one attention side.
+
+Colocated, its experts are a function call (`LocalExperts`); inside an attention worker the same
+engine drives remote expert workers through another `ExpertExecutor`. A step reads as
+schedule -> run -> postprocess.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from resilient_moe.config import EngineConfig, ModelConfig, SamplingParams
+from resilient_moe.engine.kv_cache import BlockAllocator, KVCache, cache_blocks
+from resilient_moe.engine.model_runner import ModelRunner
+from resilient_moe.engine.pipeline import ExpertExecutor, LocalExperts
+from resilient_moe.engine.scheduler import Scheduler
+from resilient_moe.engine.sequence import Sequence, TokenEvent
+from resilient_moe.engine.tokenizer import TextTokenizer
+from resilient_moe.errors import RequestError
+from resilient_moe.model.attention_side import AttentionSide
+from resilient_moe.model.checkpoint import Checkpoint, torch_dtype
+from resilient_moe.model.expert_side import ExpertSide
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@dataclass
+class GenerationResult:
+    """Everything a finished request produced."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: str | None = None
+    text: str = ""
+
+
+class LLMEngine:
+    """Continuous-batching engine over a paged KV cache."""
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        config: EngineConfig | None = None,
+        experts: ExpertExecutor | None = None,
+    ) -> None:
+        self.config = config or EngineConfig()
+        torch.set_num_threads(self.config.torch_threads)
+        self.model_dir = Path(model_dir)
+        self.checkpoint = Checkpoint(self.model_dir)
+        self.model_config: ModelConfig = self.checkpoint.cfg
+        self.dtype = torch_dtype(self.config.dtype)
+        self.device = resolve_device(self.config.device)
+        self.max_model_len = min(
+            self.config.max_model_len or self.model_config.max_position_embeddings,
+            self.model_config.max_position_embeddings,
+        )
+        self.attention = AttentionSide(self.checkpoint, self.dtype, self.device, max_positions=self.max_model_len)
+        num_blocks = cache_blocks(self.model_config, self.config, self.dtype)
+        self.cache = KVCache(self.model_config, num_blocks, self.config.block_size, self.dtype, self.device)
+        self.allocator = BlockAllocator(num_blocks)
+        self.scheduler = Scheduler(
+            self.config, self.allocator, self.config.block_size, self.model_config.eos_token_ids, self.max_model_len
+        )
+        if experts is None:
+            experts = LocalExperts(ExpertSide(self.checkpoint, None, self.dtype, self.device))
+        self.runner = ModelRunner(self.attention, self.cache, self.config.block_size, experts)
+        self.tokenizer = TextTokenizer.from_dir(self.model_dir)
+        self.step_count = 0
+        self.last_logits: dict[str, torch.Tensor] = {}  # request id -> logits of its latest token (tests, logprobs)
+        self.keep_logits = False
+
+    # ---- requests ---------------------------------------------------------------------------
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise RequestError when a request can never run here."""
+        if not prompt_ids:
+            raise RequestError("prompt is empty: give at least one token")
+        vocab = self.model_config.vocab_size
+        for token in prompt_ids:
+            if not isinstance(token, int) or isinstance(token, bool) or not 0 <= token < vocab:
+                raise RequestError(f"prompt token id {token!r} is outside the vocabulary [0, {vocab})")
+        if len(prompt_ids) >= self.max_model_len:
+            raise RequestError(
+                f"prompt has {len(prompt_ids)} tokens; the context limit is {self.max_model_len} "
+                "(prompt plus at least one generated token)"
+            )
+        needed = self.scheduler.blocks_for(min(len(prompt_ids) + params.max_tokens, self.max_model_len))
+        if needed > self.allocator.num_blocks:
+            raise RequestError(
+                f"request needs {needed} KV blocks but the cache has {self.allocator.num_blocks}; "
+                "lower max_tokens or enlarge the KV cache"
+            )
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        output_ids: list[int] | None = None,
+        seed: int | None = None,
+    ) -> Sequence:
+        """Queue a request. `output_ids` resumes one that already produced tokens elsewhere."""
+        self.validate(prompt_ids, params)
+        if seed is None:
+            seed = params.seed if params.seed is not None else secrets.randbits(63)
+        seq = Sequence(request_id, list(prompt_ids), params, seed, output_ids=list(output_ids or []))
+        self.scheduler.add(seq)
+        return seq
+
+    def abort(self, request_id: str) -> bool:
+        self.last_logits.pop(request_id, None)
+        return self.scheduler.abort(request_id) is not None
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- the step ---------------------------------------------------------------------------
+
+    def step(self) -> list[TokenEvent]:
+        batch = self.scheduler.schedule()
+        if batch is None:
+            return []
+        self.step_count += 1
+        logits = self.runner.run(batch.seqs, self.config.micro_batches, self.step_count)
+        if self.keep_logits:
+            for seq, row in zip(batch.seqs, logits):
+                self.last_logits[seq.request_id] = row
+        return self.scheduler.postprocess(batch, logits)
+
+    # ---- convenience ------------------------------------------------------------------------
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[GenerationResult]:
+        """Run prompts to completion as one continuous batch; results in prompt order."""
+        per_prompt = params if isinstance(params, list) else [params] * len(prompts)
+        results: dict[str, GenerationResult] = {}
+        for i, (prompt, p) in enumerate(zip(prompts, per_prompt)):
+            request_id = f"gen-{i}"
+            self.add_request(request_id, prompt, p)
+            results[request_id] = GenerationResult(request_id, list(prompt))
+        while self.has_unfinished():
+            for event in self.step():
+                result = results[event.request_id]
+                result.token_ids.append(event.token_id)
+                if event.logprob is not None:
+                    result.logprobs.append(event.logprob)
+                if event.finish_reason is not None:
+                    result.finish_reason = event.finish_reason
+        ordered = [results[f"gen-{i}"] for i in range(len(prompts))]
+        if self.tokenizer is not None:
+            for result in ordered:
+                result.text = self.tokenizer.decode(result.token_ids)
+        return ordered

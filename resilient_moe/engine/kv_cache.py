@@ -1,0 +1,68 @@
+"""Paged KV cache: fixed-size blocks of token slots, handed out to sequences by a block allocator."""
+
+from __future__ import annotations
+
+from collections import deque
+
+import torch
+
+from resilient_moe.config import EngineConfig, ModelConfig
+from resilient_moe.errors import ConfigError
+from resilient_moe.model.attention_side import KVCacheView
+
+DEFAULT_KV_CACHE_TOKENS = 32768
+
+
+def cache_blocks(model: ModelConfig, engine: EngineConfig, dtype: torch.dtype) -> int:
+    """Number of blocks the engine's capacity setting (tokens or bytes) buys."""
+    bytes_per_token = 2 * model.num_layers * model.num_kv_heads * model.head_dim * dtype.itemsize
+    if engine.kv_cache_tokens is not None:
+        tokens = engine.kv_cache_tokens
+    elif engine.kv_cache_bytes is not None:
+        tokens = engine.kv_cache_bytes // bytes_per_token
+    else:
+        tokens = DEFAULT_KV_CACHE_TOKENS
+    blocks = tokens // engine.block_size
+    if blocks < 1:
+        raise ConfigError(
+            f"KV cache capacity holds {tokens} tokens, less than one block of {engine.block_size}; "
+            f"each token needs {bytes_per_token} bytes"
+        )
+    return blocks
+
+
+class BlockAllocator:
+    """Free list of KV cache blocks."""
+
+    def __init__(self, num_blocks: int) -> None:
+        self.num_blocks = num_blocks
+        self._free: deque[int] = deque(range(num_blocks))
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def allocate(self, count: int) -> list[int]:
+        if count > len(self._free):
+            raise RuntimeError(f"asked for {count} KV blocks with {len(self._free)} free")
+        return [self._free.popleft() for _ in range(count)]
+
+    def free(self, blocks: list[int]) -> None:
+        self._free.extend(blocks)
+
+
+class KVCache(KVCacheView):
+    """K and V slot tensors for every layer: [num_blocks * block_size, G, d] each."""
+
+    def __init__(self, model: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device):
+        slots = num_blocks * block_size
+        shape = (slots, model.num_kv_heads, model.head_dim)
+        keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(model.num_layers)]
+        values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(model.num_layers)]
+        super().__init__(keys, values)
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.keys) + sum(t.nbytes for t in self.values)

@@ -1,0 +1,72 @@
+"""Token sampling: greedy, temperature, top-k, top-p, with a random stream per (seed, position).
+
+A request's stream depends on nothing but its seed and the output position being sampled, so its
+tokens are the same alone or in any batch, and after a failover to another worker.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from resilient_moe.config import SamplingParams
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def stream_seed(seed: int, position: int) -> int:
+    """64-bit seed of the random stream used to sample output position `position` of a request."""
+    return _splitmix64(seed ^ _splitmix64(position))
+
+
+def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Apply temperature, top-k and top-p to one row of float32 logits [V]; removed tokens get -inf."""
+    scaled = logits / params.temperature
+    if params.top_k and params.top_k < scaled.shape[-1]:
+        kth = torch.topk(scaled, params.top_k).values[-1]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(scaled, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # Drop a token when the tokens ranked above it already cover top_p (the top one always stays).
+        drop_sorted = (torch.cumsum(probs, dim=-1) - probs) > params.top_p
+        drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
+        scaled = scaled.masked_fill(drop, float("-inf"))
+    return scaled
+
+
+def sample_row(logits: torch.Tensor, params: SamplingParams, seed: int, position: int) -> int:
+    """Pick the token for output `position` from one row of float32 logits [V]."""
+    if params.temperature == 0.0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(filter_logits(logits, params), dim=-1)
+    generator = torch.Generator(device="cpu")
+    generator.manual_seed(stream_seed(seed, position))
+    # Exponential race: argmax(p / E) with E ~ Exp(1) draws index i with probability p_i.
+    race = torch.empty(probs.shape, dtype=torch.float32).exponential_(generator=generator)
+    return int(torch.argmax(probs.cpu() / race))
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int], positions: list[int]) -> list[int]:
+    """One token per row of float32 logits [S, V]; greedy rows share one argmax."""
+    greedy = torch.argmax(logits, dim=-1).tolist()
+    return [
+        greedy[i] if p.temperature == 0.0 else sample_row(logits[i], p, seeds[i], positions[i])
+        for i, p in enumerate(params)
+    ]
+
+
+def logprobs_of(logits: torch.Tensor, token: int, top: int) -> tuple[float, tuple[tuple[int, float], ...]]:
+    """Log-probability of `token` under the unmodified distribution, and the `top` most likely tokens."""
+    logp = torch.log_softmax(logits, dim=-1)
+    chosen = float(logp[token])
+    if top <= 0:
+        return chosen, ()
+    values, ids = torch.topk(logp, top)
+    return chosen, tuple(zip(ids.tolist(), values.tolist()))

@@ -1,0 +1,64 @@
+"""A request's life inside an engine: its tokens, its KV blocks and how far its KV is computed."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from resilient_moe.config import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Sequence:
+    """One request. `num_cached` tokens have their K/V in the cache; the rest are computed next step."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    seed: int  # resolved seed: the request's own, or one drawn at admission and kept for failover
+    output_ids: list[int] = field(default_factory=list)
+    block_table: list[int] = field(default_factory=list)
+    num_cached: int = 0
+    status: SequenceStatus = SequenceStatus.WAITING
+    finish_reason: str | None = None
+    arrival_time: float = field(default_factory=time.monotonic)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_new_tokens(self) -> int:
+        """Tokens whose K/V the next forward pass computes (1 in steady decode)."""
+        return self.num_tokens - self.num_cached
+
+    def token_at(self, position: int) -> int:
+        prompt_len = len(self.prompt_ids)
+        return self.prompt_ids[position] if position < prompt_len else self.output_ids[position - prompt_len]
+
+    def tokens(self, start: int, stop: int) -> list[int]:
+        prompt_len = len(self.prompt_ids)
+        if stop <= prompt_len:
+            return self.prompt_ids[start:stop]
+        if start >= prompt_len:
+            return self.output_ids[start - prompt_len : stop - prompt_len]
+        return self.prompt_ids[start:] + self.output_ids[: stop - prompt_len]
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """A token produced for a request, numbered by its position in the request's output."""
+
+    request_id: str
+    position: int
+    token_id: int
+    logprob: float | None = None
+    top_logprobs: tuple[tuple[int, float], ...] | None = None
+    finish_reason: str | None = None  # "stop" or "length" on the request's last token

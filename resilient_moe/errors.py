@@ -1,0 +1,21 @@
+"""Error types that reach users. Each message names the problem: the field, tensor, file or value at fault."""
+
+
+class ResilientMoeError(Exception):
+    """Base class for every error this package raises on purpose."""
+
+
+class ConfigError(ResilientMoeError, ValueError):
+    """A configuration file, flag or config.json field is missing or invalid."""
+
+
+class CheckpointError(ResilientMoeError):
+    """A checkpoint directory is unreadable, incomplete, or does not match its config."""
+
+
+class RequestError(ResilientMoeError, ValueError):
+    """A generation request is invalid (prompt too long, bad sampling parameter, unknown token id...)."""
+
+
+class ExpertUnavailableError(ResilientMoeError):
+    """No live replica of an expert is left, so requests routed to it cannot proceed."""
