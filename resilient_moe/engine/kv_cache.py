@@ -52,11 +52,11 @@ class BlockAllocator:
 
 
 class KVCache(KVCacheView):
-    """K and V slot tensors for every layer: [num_blocks * block_size, G, d] each."""
+    """K and V slot tensors for every layer: [G, num_blocks * block_size, d] each."""
 
     def __init__(self, model: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device):
         slots = num_blocks * block_size
-        shape = (slots, model.num_kv_heads, model.head_dim)
+        shape = (model.num_kv_heads, slots, model.head_dim)
         keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(model.num_layers)]
         values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(model.num_layers)]
         super().__init__(keys, values)

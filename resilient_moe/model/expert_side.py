@@ -30,7 +30,7 @@ class ExpertSide:
         self.checkpoint = checkpoint
         self.dtype = dtype
         self.device = torch.device(device)
-        self._weights: dict[ExpertKey, tuple[torch.Tensor, torch.Tensor]] = {}  # gate_up [2F, D], down [D, F]
+        self._weights: dict[ExpertKey, tuple[ops.Linear, ops.Linear]] = {}  # gate_up [2F, D], down [D, F]
         self.load(checkpoint.names.expert_shapes if experts is None else experts)
 
     def load(self, experts: Iterable[ExpertKey]) -> None:
@@ -42,7 +42,7 @@ class ExpertSide:
         for layer, expert in wanted:
             names = self.checkpoint.names.expert(layer, expert)
             t = self.checkpoint.load([names.gate, names.up, names.down], self.dtype, self.device)
-            self._weights[(layer, expert)] = (torch.cat([t[names.gate], t[names.up]]), t[names.down])
+            self._weights[(layer, expert)] = (ops.Linear(torch.cat([t[names.gate], t[names.up]])), ops.Linear(t[names.down]))
 
     def drop(self, experts: Iterable[ExpertKey]) -> None:
         for key in experts:
@@ -57,7 +57,7 @@ class ExpertSide:
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes + b.nbytes for a, b in self._weights.values())
+        return sum(gate_up.nbytes + down.nbytes for gate_up, down in self._weights.values())
 
     def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         """x [N, D], expert_ids [N] -> y [N, D], row i computed by expert expert_ids[i] of `layer`."""

@@ -6,8 +6,10 @@ another expert worker's grouping, a prefill-style recompute instead of decode st
 result depended on its batch, a near-tie could flip a greedy token. So each primitive here gives a
 row the same bits whatever else shares its batch:
 
-* GEMMs: measured on MKL (one thread), a row of ``x @ w.T`` is identical for any batch of >= 4 rows
-  but differs for 1-3 rows (another kernel). `linear` and the attention matmuls pad to 4 rows.
+* GEMMs: on CPU in float32, `Linear` runs csrc/kernels.c, one fixed fused-multiply-add chain per
+  output element whatever the shape. Elsewhere torch is used; measured on MKL (one thread), a row of
+  ``x @ w.T`` is identical for any batch of >= 4 rows but differs for 1-3 rows (another kernel), so
+  those calls and the attention matmuls pad to 4 rows.
 * ``q @ k.T``: identical across key lengths that are multiples of 16 (>= 16), not otherwise; keys
   are padded to a multiple of `KEY_PAD`, the padding masked to -inf.
 * softmax over -inf padding and ``p @ v`` over zero padding are identical for any padded length.
@@ -24,10 +26,60 @@ import torch.nn.functional as F
 
 MIN_GEMM_ROWS = 4
 KEY_PAD = 16
+_PANEL = 16  # output columns per packed panel of the native kernel (csrc/kernels.c)
+
+try:
+    from resilient_moe import _kernels
+except ImportError:  # pragma: no cover - the extension is built by every install
+    _kernels = None
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear`` whose rows do not depend on how many rows share the call."""
+class Linear:
+    """A weight [N, K] (and bias [N]) prepared once for batch-invariant ``x @ weight.T + bias``.
+
+    On CPU in float32 the weight is packed into 16-column panels for the native kernel, which is
+    batch-invariant by construction and faster than MKL for the few-row products of decode. Other
+    dtypes and devices use torch with rows padded to MIN_GEMM_ROWS.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        self.out_features, self.in_features = weight.shape
+        self.bias = bias.contiguous() if bias is not None else None
+        self.native = _kernels is not None and weight.device.type == "cpu" and weight.dtype == torch.float32
+        if self.native:
+            N, K = weight.shape
+            padded = -(-N // _PANEL) * _PANEL
+            panels = weight.new_zeros((padded, K))
+            panels[:N] = weight
+            self.packed = panels.view(padded // _PANEL, _PANEL, K).permute(0, 2, 1).contiguous()  # [N16/16, K, 16]
+            self.weight = None
+        else:
+            self.packed = None
+            self.weight = weight
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, K] -> [T, N]."""
+        if not self.native:
+            return _torch_linear(x, self.weight, self.bias)
+        if x.stride(-1) != 1 or x.dtype != torch.float32:
+            x = x.contiguous().float()
+        rows = x.shape[0]
+        y = torch.empty((rows, self.out_features), dtype=torch.float32)
+        if rows:
+            _kernels.linear(
+                x.data_ptr(), self.packed.data_ptr(), 0 if self.bias is None else self.bias.data_ptr(), y.data_ptr(),
+                rows, self.out_features, self.in_features, x.stride(0), self.out_features,
+            )
+        return y
+
+    @property
+    def nbytes(self) -> int:
+        held = self.packed if self.native else self.weight
+        return held.nbytes + (0 if self.bias is None else self.bias.nbytes)
+
+
+def _torch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear`` with rows padded to MIN_GEMM_ROWS, so a row does not depend on its batch."""
     rows = x.shape[0]
     if rows >= MIN_GEMM_ROWS:
         return F.linear(x, weight, bias)
@@ -65,10 +117,10 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotate_half(x) * sin
 
 
-def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+def swiglu(x: torch.Tensor, gate_up: Linear, down: Linear) -> torch.Tensor:
     """SiLU-gated MLP with the gate and up projections fused: gate_up [2F, D], down [D, F]."""
-    gate, up = linear(x, gate_up).chunk(2, dim=-1)  # [T, F] each
-    return linear(F.silu(gate) * up, down)  # [T, D]
+    gate, up = gate_up(x).chunk(2, dim=-1)  # [T, F] each
+    return down(F.silu(gate) * up)  # [T, D]
 
 
 def padded_key_length(num_keys: int) -> int:
@@ -83,17 +135,17 @@ def attention(
     masked: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    """Scaled dot-product attention over gathered, padded keys.
+    """Scaled dot-product attention over gathered, padded keys, kv-head-major.
 
-    q [B, G, M, d] (the M query rows of each kv group: heads x tokens), keys and values [B, L, G, d]
-    with L a multiple of KEY_PAD, masked [B, M, L] (True = not visible). Returns [B, G, M, d].
+    q [G, B, M, d] (the M query rows of each kv group: heads x tokens), keys and values [G, B, L, d]
+    with L a multiple of KEY_PAD, masked [B, M, L] (True = not visible). Returns [G, B, M, d].
     """
-    batch, groups, rows, dim = q.shape
-    length = keys.shape[1]
-    k = keys.permute(0, 2, 3, 1).reshape(batch * groups, dim, length)  # [B*G, d, L]
-    v = values.permute(0, 2, 1, 3).reshape(batch * groups, length, dim)  # [B*G, L, d]
-    scores = bmm(q.reshape(batch * groups, rows, dim), k) * scale  # [B*G, M, L]
-    scores = scores.view(batch, groups, rows, length).masked_fill(masked.unsqueeze(1), float("-inf"))
+    groups, batch, rows, dim = q.shape
+    length = keys.shape[2]
+    k = keys.reshape(groups * batch, length, dim)  # [G*B, L, d]
+    v = values.reshape(groups * batch, length, dim)
+    scores = bmm(q.reshape(groups * batch, rows, dim), k.transpose(1, 2)) * scale  # [G*B, M, L]
+    scores = scores.view(groups, batch, rows, length).masked_fill(masked.unsqueeze(0), float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    out = bmm(probs.view(batch * groups, rows, length), v)  # [B*G, M, d]
-    return out.view(batch, groups, rows, dim)
+    out = bmm(probs.view(groups * batch, rows, length), v)  # [G*B, M, d]
+    return out.view(groups, batch, rows, dim)

@@ -1,0 +1,166 @@
+"""The `resilient-moe` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from resilient_moe.config import SUPPORTED_DTYPES, SUPPORTED_FAMILIES, SamplingParams
+from resilient_moe.errors import ConfigError, RequestError, ResilientMoeError
+
+
+class CliError(ResilientMoeError):
+    """Bad command-line input (exit status 2)."""
+
+
+def _prompt_ids(text: str) -> list[int]:
+    ids = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            ids.append(int(part))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{part!r} is not an integer token id (expected e.g. 1,2,3)") from None
+    if not ids:
+        raise argparse.ArgumentTypeError("no token ids given (expected e.g. 1,2,3)")
+    return ids
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="resilient-moe",
+        description="Serve Mixture-of-Experts models that keep answering while their parts fail.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    tiny = sub.add_parser("make-tiny-model", help="write a small random-weight HF checkpoint")
+    tiny.add_argument("out_dir", metavar="OUT_DIR")
+    tiny.add_argument("--family", required=True, choices=SUPPORTED_FAMILIES)
+    tiny.add_argument("--seed", type=_non_negative_int, default=0)
+    tiny.add_argument("--hidden-size", type=_positive_int, default=64)
+    tiny.add_argument("--layers", type=_positive_int, default=4)
+    tiny.add_argument("--heads", type=_positive_int, default=4)
+    tiny.add_argument("--kv-heads", type=_positive_int, default=2)
+    tiny.add_argument("--experts", type=_positive_int, default=8)
+    tiny.add_argument("--top-k", type=_positive_int, default=2)
+    tiny.add_argument("--intermediate-size", type=_positive_int, default=128)
+    tiny.add_argument("--vocab-size", type=_positive_int, default=512)
+    tiny.add_argument("--max-position-embeddings", type=_positive_int, default=8192)
+
+    gen = sub.add_parser("generate", help="generate tokens for one or more prompts")
+    gen.add_argument("--model", metavar="DIR", help="HF checkpoint directory (default: the built-in demo model)")
+    gen.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="text prompt (repeatable)")
+    gen.add_argument("--prompt-ids", action="append", default=[], type=_prompt_ids, metavar="1,2,3",
+                     help="token-id prompt (repeatable)")
+    gen.add_argument("--max-tokens", type=_positive_int, default=16)
+    gen.add_argument("--temperature", type=_float, default=0.0)
+    gen.add_argument("--top-p", type=_float, default=1.0)
+    gen.add_argument("--top-k", type=_non_negative_int, default=0)
+    gen.add_argument("--seed", type=_non_negative_int, default=None)
+    gen.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
+    gen.add_argument("--dtype", choices=SUPPORTED_DTYPES, default="float32")
+    gen.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda[:N]")
+    gen.add_argument("--json", action="store_true", help="print JSON instead of text")
+    return parser
+
+
+def cmd_make_tiny_model(args: argparse.Namespace) -> int:
+    from resilient_moe.model.tiny import TinySize, make_tiny_model
+
+    size = TinySize(
+        hidden_size=args.hidden_size, num_layers=args.layers, num_heads=args.heads, num_kv_heads=args.kv_heads,
+        num_experts=args.experts, top_k=args.top_k, intermediate_size=args.intermediate_size,
+        vocab_size=args.vocab_size, max_position_embeddings=args.max_position_embeddings,
+    )
+    out = make_tiny_model(args.out_dir, args.family, seed=args.seed, size=size)
+    print(f"wrote a {args.family} checkpoint to {out}")
+    return 0
+
+
+def _sampling(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        seed=args.seed, ignore_eos=args.ignore_eos,
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from resilient_moe.config import EngineConfig
+    from resilient_moe.engine.engine import LLMEngine
+    from resilient_moe.model.tiny import demo_model_dir
+
+    if not args.prompt and not args.prompt_ids:
+        raise CliError("give at least one --prompt TEXT or --prompt-ids 1,2,3")
+    params = _sampling(args)
+    model_dir = Path(args.model) if args.model else demo_model_dir()
+    engine = LLMEngine(model_dir, EngineConfig(dtype=args.dtype, device=args.device))
+    prompts: list[list[int]] = []
+    if args.prompt:
+        if engine.tokenizer is None:
+            raise CliError(f"{model_dir} has no tokenizer.json, so text prompts cannot be encoded; use --prompt-ids")
+        prompts.extend(engine.tokenizer.encode(text) for text in args.prompt)
+    prompts.extend(args.prompt_ids)
+    results = engine.generate(prompts, params)
+    records: list[dict[str, Any]] = [
+        {"prompt_token_ids": r.prompt_token_ids, "token_ids": r.token_ids, "text": r.text} for r in results
+    ]
+    if args.json:
+        print(json.dumps(records[0] if len(records) == 1 else records))
+    else:
+        for record in records:
+            print(record["text"] if engine.tokenizer is not None else " ".join(map(str, record["token_ids"])))
+    return 0
+
+
+COMMANDS = {"make-tiny-model": cmd_make_tiny_model, "generate": cmd_generate}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (CliError, ConfigError, RequestError) as e:
+        parser.exit(2, f"resilient-moe {args.command}: error: {e}\n")
+    except ResilientMoeError as e:
+        parser.exit(1, f"resilient-moe {args.command}: error: {e}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, "interrupted\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""Small random-weight checkpoints in real Hugging Face on-disk format, for tests and the demo.
+
+`make_tiny_model` writes config.json, generation_config.json, model.safetensors (per-expert tensor
+names exactly as each family stores them), and a byte-level BPE tokenizer (tokenizer.json +
+tokenizer_config.json with a chat template) trained on a built-in text, so nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from resilient_moe.config import SUPPORTED_FAMILIES, ModelConfig
+from resilient_moe.errors import ConfigError
+from resilient_moe.model.checkpoint import TensorNames
+
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
+BOS_ID, EOS_ID = 1, 2
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+# Training text for the tokenizer: any prose works; this one is about the system itself.
+_CORPUS = """
+A mixture of experts model sends every token to a few experts chosen by a router. The attention
+workers keep the key and value cache of every request, and the expert workers keep the experts.
+When an expert worker dies, its experts still live as shadow copies on other workers, so the
+tokens are sent again to a shadow and the answer is the same. When an attention worker dies, the
+requests it served are restored from the last checkpoint of their cache on another worker.
+The controller watches every worker, fences the dead, and publishes a new routing table. Nothing
+is lost, nothing is repeated, and the text that comes out is the text that would have come out
+without any failure. Hello world! The quick brown fox jumps over the lazy dog. 0123456789
+Servers answer requests over HTTP, stream tokens as they are made, and report metrics for the
+people who keep them running at night.
+"""
+
+
+@dataclass(frozen=True)
+class TinySize:
+    """Dimensions of a tiny checkpoint (the defaults run fast on one CPU core)."""
+
+    hidden_size: int = 64
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    num_experts: int = 8
+    top_k: int = 2
+    intermediate_size: int = 128
+    vocab_size: int = 512
+    max_position_embeddings: int = 8192
+
+    def __post_init__(self) -> None:
+        for name, value in self.__dict__.items():
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(f"--hidden-size ({self.hidden_size}) must be a multiple of --heads ({self.num_heads})")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"--heads ({self.num_heads}) must be a multiple of --kv-heads ({self.num_kv_heads})")
+        if self.top_k > self.num_experts:
+            raise ConfigError(f"--top-k ({self.top_k}) must not exceed --experts ({self.num_experts})")
+        if self.vocab_size < 256 + len(SPECIAL_TOKENS):
+            raise ConfigError(f"--vocab-size must be at least {256 + len(SPECIAL_TOKENS)} for a byte-level tokenizer")
+
+
+def hf_config(family: str, size: TinySize) -> dict:
+    """config.json contents as the family's transformers config class writes them."""
+    head_dim = size.hidden_size // size.num_heads
+    common = {
+        "vocab_size": size.vocab_size,
+        "hidden_size": size.hidden_size,
+        "num_hidden_layers": size.num_layers,
+        "num_attention_heads": size.num_heads,
+        "num_key_value_heads": size.num_kv_heads,
+        "max_position_embeddings": size.max_position_embeddings,
+        "hidden_act": "silu",
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False,
+        "bos_token_id": BOS_ID,
+        "eos_token_id": EOS_ID,
+        "num_experts_per_tok": size.top_k,
+        "torch_dtype": "float32",
+        "initializer_range": 0.02,
+    }
+    if family == "mixtral":
+        return {**common, "architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
+                "num_local_experts": size.num_experts, "intermediate_size": size.intermediate_size,
+                "rope_theta": 1e6, "sliding_window": None}
+    if family == "qwen2_moe":
+        return {**common, "architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe",
+                "num_experts": size.num_experts, "moe_intermediate_size": size.intermediate_size,
+                "intermediate_size": 2 * size.intermediate_size,
+                "shared_expert_intermediate_size": 2 * size.intermediate_size,
+                "decoder_sparse_step": 1, "mlp_only_layers": [1] if size.num_layers > 1 else [],
+                "norm_topk_prob": False, "qkv_bias": True, "use_sliding_window": False, "rope_theta": 1e6}
+    if family == "qwen3_moe":
+        return {**common, "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
+                "num_experts": size.num_experts, "moe_intermediate_size": size.intermediate_size,
+                "intermediate_size": 2 * size.intermediate_size, "head_dim": head_dim,
+                "decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": True,
+                "attention_bias": False, "use_sliding_window": False, "rope_theta": 1e6}
+    if family == "olmoe":
+        return {**common, "architectures": ["OlmoeForCausalLM"], "model_type": "olmoe",
+                "num_experts": size.num_experts, "intermediate_size": size.intermediate_size,
+                "norm_topk_prob": False, "attention_bias": False, "clip_qkv": None, "rope_theta": 10000.0}
+    raise ConfigError(f"unsupported model family {family!r} (supported: {', '.join(SUPPORTED_FAMILIES)})")
+
+
+def random_weights(cfg: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint, drawn from one seeded generator in a fixed (sorted) order."""
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, shape in sorted(TensorNames(cfg).all_shapes().items()):
+        if len(shape) == 1:  # norm scales (and biases): near 1 for norms, near 0 for biases
+            base = 0.0 if name.endswith(".bias") else 1.0
+            tensors[name] = base + 0.1 * torch.randn(shape, generator=generator)
+        else:
+            tensors[name] = 0.05 * torch.randn(shape, generator=generator)
+    return tensors
+
+
+def _train_tokenizer(vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", BOS_ID)]
+    )
+    return tokenizer
+
+
+def make_tiny_model(out_dir: str | os.PathLike[str], family: str, seed: int = 0, size: TinySize | None = None) -> Path:
+    """Write a random-weight checkpoint of `family` to `out_dir` (created if needed)."""
+    size = size or TinySize()
+    raw = hf_config(family, size)
+    cfg = ModelConfig.from_hf_dict(raw)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
+    generation = {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "do_sample": False}
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    save_file(random_weights(cfg, seed), str(out / "model.safetensors"), metadata={"format": "pt"})
+    _train_tokenizer(size.vocab_size).save(str(out / "tokenizer.json"))
+    tokenizer_config = {
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "pad_token": "<pad>",
+        "chat_template": CHAT_TEMPLATE,
+        "model_max_length": size.max_position_embeddings,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+    return out
+
+
+def demo_model_dir(family: str = "mixtral") -> Path:
+    """The built-in demo checkpoint, generated once into the user's cache and reused."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "resilient-moe"
+    path = cache / f"demo-{family}-v1"
+    if not (path / "model.safetensors").is_file():
+        # Write aside and rename, so a concurrent or interrupted first run never leaves half a model.
+        tmp = cache / f".demo-{family}-{os.getpid()}"
+        make_tiny_model(tmp, family, seed=0)
+        shutil.rmtree(path, ignore_errors=True)
+        try:
+            tmp.rename(path)
+        except OSError:  # another process finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path

@@ -1,0 +1,82 @@
+"""Shared fixtures: tiny checkpoints written by transformers' own save_pretrained, and by ours."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+
+HF_COMMON = dict(
+    vocab_size=320,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    initializer_range=0.1,  # wider than the default so greedy picks are far from ties
+)
+
+
+def hf_config(family: str, **overrides):
+    """A transformers config object of `family` with tiny dimensions."""
+    from transformers import MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig
+
+    kwargs = dict(HF_COMMON)
+    if family == "mixtral":
+        kwargs.update(num_local_experts=6, num_experts_per_tok=2)
+        cls = MixtralConfig
+    elif family == "qwen2_moe":
+        kwargs.update(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=48,
+                      shared_expert_intermediate_size=80, decoder_sparse_step=1, mlp_only_layers=[1],
+                      norm_topk_prob=False)
+        cls = Qwen2MoeConfig
+    elif family == "qwen3_moe":
+        kwargs.update(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=48, head_dim=16,
+                      norm_topk_prob=True)
+        cls = Qwen3MoeConfig
+    else:
+        kwargs.update(num_experts=6, num_experts_per_tok=2, eos_token_id=2, pad_token_id=0)
+        cls = OlmoeConfig
+    kwargs.update(overrides)
+    return cls(**kwargs)
+
+
+def save_hf_model(path, family: str, seed: int = 0, **overrides):
+    """Build a random model with transformers and save_pretrained it (the real on-disk names)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(hf_config(family, **overrides), attn_implementation="eager")
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoints(tmp_path_factory):
+    """family -> directory of a transformers-written checkpoint."""
+    root = tmp_path_factory.mktemp("hf")
+    return {family: save_hf_model(root / family, family, seed=i) for i, family in enumerate(FAMILIES)}
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """family -> directory of a checkpoint written by `resilient-moe make-tiny-model` (with tokenizer)."""
+    from resilient_moe.model.tiny import make_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny")
+    return {family: make_tiny_model(root / family, family, seed=7) for family in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_models):
+    return tiny_models["mixtral"]
+
+
+def pytest_configure(config):
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
