@@ -18,4 +18,11 @@ class RequestError(ResilientMoeError, ValueError):
 
 
 class ExpertUnavailableError(ResilientMoeError):
-    """No live replica of an expert is left, so requests routed to it cannot proceed."""
+    """No live replica of an expert is left, so requests routed to it cannot proceed.
+
+    `tokens` are the rows of the micro-batch whose tokens needed the missing expert (None: all).
+    """
+
+    def __init__(self, message: str, tokens: set[int] | None = None) -> None:
+        super().__init__(message)
+        self.tokens = tokens

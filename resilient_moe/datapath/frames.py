@@ -95,7 +95,7 @@ _TORCH_OF = {
     DType.INT64: torch.int64,
     DType.UINT8: torch.uint8,
 }
-_CODE_OF = {v: k for k, v in _TORCH_OF.items()}
+DTYPE_CODES = {v: k for k, v in _TORCH_OF.items()}  # torch dtype -> DType
 
 
 class FrameError(ValueError):
@@ -144,7 +144,7 @@ def frame_size(aux_len: int, tensor_nbytes: int | None) -> int:
 
 def dtype_code(dtype: torch.dtype) -> DType:
     try:
-        return _CODE_OF[dtype]
+        return DTYPE_CODES[dtype]
     except KeyError:
         raise FrameError(f"dtype {dtype} cannot travel in a frame") from None
 
@@ -202,6 +202,57 @@ def encode(header: FrameHeader, aux: torch.Tensor | None = None, tensor: torch.T
     out = bytearray(size)
     write_frame(memoryview(out), header, aux, tensor, body)
     return out
+
+
+def native_args(
+    header: FrameHeader,
+    sender: int,
+    incarnation: int,
+    aux: torch.Tensor | None = None,
+    tensor: torch.Tensor | None = None,
+    body: bytes | None = None,
+) -> tuple[tuple, object]:
+    """Arguments of the native encoders (`ShmRing.send_frame`, `_native.frame_prefix`) for a frame.
+
+    Same inputs and rules as `write_frame`, with sender and incarnation given by the link. Returns
+    (args, keep): tensors travel by address, so the caller holds `keep` until the call returns.
+    This is on every send's path, hence the cheap torch accessors (is_cpu, nbytes, shape).
+    """
+    if body is not None:
+        if aux is not None or tensor is not None:
+            raise ValueError("a frame carries either tensors or a raw body")
+        return (
+            header.kind, header.flags, sender, incarnation, header.epoch, header.step, header.seq, header.layer,
+            header.micro_batch, DType.UINT8, (len(body),), None, 0, body, 0,
+        ), body
+    aux_ptr = None
+    aux_len = 0
+    if aux is not None:
+        if not aux.is_cpu:
+            raise ValueError(f"aux must be a CPU tensor, got one on {aux.device}")
+        if aux.dtype != torch.int32 or not aux.is_contiguous():
+            aux = aux.to(torch.int32).contiguous()
+        aux_ptr = aux.data_ptr()
+        aux_len = aux.nbytes
+    if tensor is None:
+        return (
+            header.kind, header.flags, sender, incarnation, header.epoch, header.step, header.seq, header.layer,
+            header.micro_batch, DType.NONE, (), aux_ptr, aux_len, None, 0,
+        ), aux
+    if not tensor.is_cpu:
+        raise ValueError(f"links carry CPU tensors, got one on {tensor.device}")
+    if not tensor.is_contiguous():
+        tensor = tensor.contiguous()
+    shape = tensor.shape
+    if len(shape) > MAX_DIMS:
+        raise ValueError(f"tensors travel with at most {MAX_DIMS} dims, got {len(shape)}")
+    code = DTYPE_CODES.get(tensor.dtype)
+    if code is None:
+        raise FrameError(f"dtype {tensor.dtype} cannot travel in a frame")
+    return (
+        header.kind, header.flags, sender, incarnation, header.epoch, header.step, header.seq, header.layer,
+        header.micro_batch, code, shape, aux_ptr, aux_len, tensor.data_ptr(), tensor.nbytes,
+    ), (aux, tensor)
 
 
 def _seal(buf: memoryview, header: FrameHeader, size: int) -> int:
@@ -265,21 +316,67 @@ def decode(buf: memoryview) -> Frame:
 _KIND_OF = {int(k): k for k in FrameKind}
 _FLAGS_OF = tuple(FrameFlags(i) for i in range(4))
 _DTYPE_OF = tuple(DType)
+_TORCH_BY_CODE = tuple(_TORCH_OF.get(code) for code in DType)
 
 
-def frame_from_fields(fields: tuple) -> Frame:
-    """The Frame for a frame the native codec has already checked.
+def frame_from_fields(fields: tuple, views: dict | None = None, at: int = 0) -> Frame:
+    """The Frame for a frame the native codec has already checked (lengths, shape, checksum).
 
     `fields` is what `_native.frame_parse` / `ShmRing.recv_frame` return: (kind, flags, sender,
     incarnation, epoch, step, seq, layer, micro_batch, dtype, shape, aux_len, payload_len, checksum,
-    buf), buf being the whole frame. Tensors are views into buf.
+    buf), buf being exactly the whole frame. Tensors are views into buf. This runs for every
+    received frame, so it skips the checks `decode` makes (the native codec made them).
+
+    `views`, for a receive buffer that is reused (a ring), caches tensor views by the frame's
+    position `at` in it: a frame of the same dtype and shape at the same place gets a fresh tensor
+    object (`detach()`) over the same memory instead of a new `frombuffer` + `view`, which costs
+    several times more. Request/reply traffic lands at the same places over and over.
     """
     kind, flags, sender, incarnation, epoch, step, seq, layer, micro_batch, dtype, shape, aux_len, payload_len, checksum, buf = fields
     header = FrameHeader(
         _KIND_OF[kind], sender, incarnation, epoch, step, seq, layer, micro_batch, _FLAGS_OF[flags],
         _DTYPE_OF[dtype], shape, aux_len, payload_len, checksum,
     )
-    return _frame_views(header, buf)
+    aux = None
+    offset = HEADER_SIZE
+    if aux_len:
+        offset = tensor_offset(aux_len)
+        if views is None:
+            aux = torch.frombuffer(buf, dtype=torch.int32, count=aux_len >> 2, offset=HEADER_SIZE)
+        else:
+            key = (at, 0, aux_len)
+            base = views.get(key)
+            if base is None:
+                base = _cache_view(views, key, torch.frombuffer(buf, dtype=torch.int32, count=aux_len >> 2, offset=HEADER_SIZE))
+            aux = base.detach()
+    tensor = None
+    if dtype:
+        torch_dtype = _TORCH_BY_CODE[dtype]
+        count = (HEADER_SIZE + payload_len - offset) // torch_dtype.itemsize
+        if not count:
+            tensor = torch.empty(shape, dtype=torch_dtype)
+        elif views is None:
+            tensor = torch.frombuffer(buf, dtype=torch_dtype, count=count, offset=offset)
+            if len(shape) != 1:
+                tensor = tensor.view(shape)
+        else:
+            key = (at + offset, dtype, shape)
+            base = views.get(key)
+            if base is None:
+                base = torch.frombuffer(buf, dtype=torch_dtype, count=count, offset=offset)
+                base = _cache_view(views, key, base.view(shape) if len(shape) != 1 else base)
+            tensor = base.detach()
+    return Frame(header, aux, tensor, buf[HEADER_SIZE:])
+
+
+_MAX_CACHED_VIEWS = 64
+
+
+def _cache_view(views: dict, key: tuple, view: torch.Tensor) -> torch.Tensor:
+    if len(views) >= _MAX_CACHED_VIEWS:
+        views.clear()  # traffic changed shape; start over rather than track recency
+    views[key] = view
+    return view
 
 
 def _frame_views(header: FrameHeader, buf: memoryview) -> Frame:

@@ -1,4 +1,4 @@
-"""Point-to-point links between workers, and the poller a worker waits on.
+"""Point-to-point links between workers, and how they are set up.
 
 DESIGN.md: no collectives. Every attention-worker/expert-worker pair has its own `Link`, with one
 channel per direction. A link is created and torn down without involving any other worker. Two
@@ -8,16 +8,44 @@ TCP (`tcp.py`) for peers anywhere. Both carry the frames of `frames.py` whole.
 A link notices a dead peer at once when it can (the peer process exited, the socket was reset):
 `recv` and `send` then raise `LinkClosed`, and the link's fd becomes readable so a waiting poller
 wakes up. Deciding what a dead peer means is left to the caller (resilience logic).
+
+Set-up. One side listens (`listen(address, identity, poller)`), the other connects
+(`connect(address, identity, poller)`). Addresses are strings: `shm:@rmoe-c1-ew-2` (an abstract
+Unix socket name; `shm:/path` for a socket file) or `tcp:127.0.0.1:5555` (port 0 picks one; the
+listener's `address` says which). The connector sends HELLO and the listener answers HELLO_ACK,
+both frames with a JSON body:
+
+    HELLO      {"protocol": 1, "transport": "shm"|"tcp", "peer": PeerInfo, "ring_size": n (shm)}
+    HELLO_ACK  {"protocol": 1, "peer": PeerInfo}   (ERROR flag: the body is the reason, UTF-8)
+
+The shm HELLO also carries, as SCM_RIGHTS, the memfd holding both rings and the connector's
+doorbell eventfd; the HELLO_ACK carries the listener's doorbell. After the handshake both ends know
+the other's `PeerInfo` (`link.peer`).
 """
 
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
+import json
+import logging
+import select
+import socket
+import time
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from resilient_moe.datapath.frames import Frame, FrameHeader
+from resilient_moe.datapath.frames import Frame, FrameFlags, FrameHeader, FrameKind, decode, encode
+
+if TYPE_CHECKING:
+    from resilient_moe.datapath.poller import Poller
+
+log = logging.getLogger(__name__)
+
+PROTOCOL = 1
+DEFAULT_HANDSHAKE_TIMEOUT = 5.0
+_MAX_NEW_PER_ACCEPT = 16  # connections taken from the backlog per accept() call
 
 
 class LinkClosed(ConnectionError):
@@ -26,6 +54,10 @@ class LinkClosed(ConnectionError):
 
 class LinkTimeout(TimeoutError):
     """A send could not complete in time (the peer stopped draining its channel)."""
+
+
+class FrameTooLarge(ValueError):
+    """A frame can never fit the link (for shm: more than half a ring); nothing was sent."""
 
 
 @dataclass(frozen=True)
@@ -38,11 +70,35 @@ class PeerInfo:
     pid: int
     host: str = "127.0.0.1"
 
+    def to_json(self) -> dict:
+        """The JSON object the handshake carries."""
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: object) -> PeerInfo:
+        """Checks every field: this comes from the network."""
+        if not isinstance(data, dict):
+            raise ValueError(f"peer info must be an object, got {type(data).__name__}")
+        types = {"name": str, "number": int, "incarnation": int, "pid": int, "host": str}
+        for key, kind in types.items():
+            value = data.get(key)
+            if not isinstance(value, kind) or isinstance(value, bool):
+                raise ValueError(f"peer info field {key!r} must be {kind.__name__}, got {value!r}")
+        if not 0 <= data["number"] < 1 << 32 or not 0 <= data["incarnation"] < 1 << 64:
+            raise ValueError(f"peer info number/incarnation out of range: {data['number']}, {data['incarnation']}")
+        if len(data["name"]) > 256 or len(data["host"]) > 256:
+            raise ValueError("peer info name/host longer than 256 characters")
+        return cls(**{key: data[key] for key in types})
+
 
 class Link(abc.ABC):
     """A bidirectional frame link to one peer."""
 
     peer: PeerInfo
+    transport: str = ""  # "shm" or "tcp"
+    max_frame: int = 0  # bytes of the largest frame send() takes (half a ring; the peer's TCP limit)
+    rejected: int = 0  # malformed or corrupt frames dropped so far
+    _poller: Poller | None = None
 
     @abc.abstractmethod
     def send(
@@ -56,8 +112,12 @@ class Link(abc.ABC):
         """Send one frame. Sender id and incarnation are filled in from this end's identity.
 
         Blocks only while the outgoing channel is full, at most `timeout` seconds (LinkTimeout).
-        Raises LinkClosed if the peer is gone.
+        Raises LinkClosed if the peer is gone, FrameTooLarge if the frame can never fit.
         """
+
+    @abc.abstractmethod
+    def send_raw(self, data: bytes | memoryview, timeout: float = 5.0) -> None:
+        """Send bytes that are already one encoded frame, unchanged (relaying; fault-injection tests)."""
 
     @abc.abstractmethod
     def recv(self) -> Frame | None:
@@ -85,4 +145,221 @@ class Link(abc.ABC):
     def alive(self) -> bool:
         """False once the peer is known to be gone or the link was closed."""
 
-    rejected: int = 0  # malformed or corrupt frames dropped so far
+    # Hooks for the Poller (poller.py); transports override what applies to them.
+    def _rx_ring(self):
+        """The consuming end of the incoming shm ring, spun on by the poller (shm only)."""
+        return None
+
+    def _buffered(self) -> bool:
+        """Whole frames wait in user space, so the poller must not sleep (stream transports)."""
+        return False
+
+    def _on_readable(self, fd: int, mask: int) -> bool:
+        """One of this link's fds is ready; True if the owner should call recv()."""
+        return True
+
+    def _doorbell_owner(self) -> Poller | None:
+        """The poller whose doorbell this link's peer rings, if any."""
+        return None
+
+    def _private_doorbell(self) -> int | None:
+        """The link's own doorbell eventfd, when it was made without a poller."""
+        return None
+
+    def __enter__(self) -> Link:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        peer = getattr(self, "peer", None)
+        return f"<{type(self).__name__} to {peer.name if peer else '?'} {'alive' if self.alive else 'closed'}>"
+
+
+class Listener(abc.ABC):
+    """Accepts links on one address without blocking, driven by the owner's poll loop.
+
+    `fileno()` is an epoll fd holding the listening socket and every connection whose handshake is
+    under way, so it becomes readable whenever accept() can make progress; give it to
+    `Poller.add_fd` and call `accept()` until it returns None. Accepted links are added to the
+    poller passed to `listen`. A handshake that does not finish within `handshake_timeout` is
+    dropped (checked on accept() calls).
+    """
+
+    address: str
+
+    def __init__(self, sock: socket.socket, identity: PeerInfo, poller: Poller | None, handshake_timeout: float):
+        self.identity = identity
+        self.poller = poller
+        self.handshake_timeout = handshake_timeout
+        self._sock = sock
+        self._epoll = select.epoll()
+        self._epoll.register(sock.fileno(), select.EPOLLIN)
+        self._pending: dict[int, tuple[socket.socket, float, object]] = {}  # fd -> (sock, deadline, state)
+        self._closed = False
+
+    def fileno(self) -> int:
+        """Readable when accept() can make progress (a new connection or handshake data)."""
+        return self._epoll.fileno()
+
+    def accept(self) -> Link | None:
+        """The next link whose handshake completed, or None. Never blocks."""
+        if self._closed:
+            raise ValueError(f"listener {self.address} is closed")
+        # Step 1: drop handshakes that took too long.
+        now = time.monotonic()
+        for fd, (conn, deadline, _) in list(self._pending.items()):
+            if now > deadline:
+                log.warning("listener %s: dropped a connection whose handshake took over %.1fs", self.address,
+                            self.handshake_timeout)
+                self._drop(fd)
+        # Step 2: take new connections and advance handshakes that have data. A new connection's
+        # HELLO is usually there already, so its handshake is tried at once.
+        for fd, _mask in self._epoll.poll(0, 64):
+            if fd != self._sock.fileno():
+                link = self._advance(fd)
+                if link is not None:
+                    return link
+                continue
+            for _ in range(_MAX_NEW_PER_ACCEPT):
+                try:
+                    conn, _ = self._sock.accept()
+                except (BlockingIOError, InterruptedError):
+                    break
+                conn.setblocking(False)
+                self._epoll.register(conn.fileno(), select.EPOLLIN | select.EPOLLRDHUP)
+                self._pending[conn.fileno()] = (conn, now + self.handshake_timeout, self._new_state())
+                link = self._advance(conn.fileno())
+                if link is not None:
+                    return link
+        return None
+
+    def _advance(self, fd: int) -> Link | None:
+        entry = self._pending.get(fd)
+        if entry is None:
+            return None
+        conn, _, state = entry
+        try:
+            link = self._handshake(conn, state)
+        except Exception as e:  # whatever a peer sends, the owner's loop goes on
+            log.error("listener %s: handshake failed: %s: %s", self.address, type(e).__name__, e)
+            self._drop(fd)
+            return None
+        if link is None:
+            return None
+        self._epoll.unregister(fd)
+        del self._pending[fd]
+        if self.poller is not None:
+            self.poller.add(link)
+        log.info("listener %s: link from %s (pid %d) up", self.address, link.peer.name, link.peer.pid)
+        return link
+
+    def close(self) -> None:
+        """Stop listening and drop unfinished handshakes (links already accepted stay up)."""
+        if self._closed:
+            return
+        self._closed = True
+        for fd in list(self._pending):
+            self._drop(fd)
+        self._epoll.close()
+        self._sock.close()
+        self._cleanup()
+
+    def __enter__(self) -> Listener:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _drop(self, fd: int) -> None:
+        conn, _, state = self._pending.pop(fd)
+        try:
+            self._epoll.unregister(fd)
+        except OSError:
+            pass
+        self._discard(state)
+        conn.close()
+
+    def _new_state(self) -> object:
+        """Per-connection handshake state (e.g. a partial-frame reader)."""
+        return None
+
+    def _discard(self, state: object) -> None:
+        """Free what an abandoned handshake holds."""
+
+    def _cleanup(self) -> None:
+        """Transport-specific teardown after close (e.g. unlink a socket file)."""
+
+    @abc.abstractmethod
+    def _handshake(self, conn: socket.socket, state: object) -> Link | None:
+        """Advance one connection's handshake: the Link once it completes, None while it waits.
+        Raises when it fails; accept() logs why and drops the connection."""
+
+
+def hello_frame(kind: FrameKind, identity: PeerInfo, **extra) -> bytearray:
+    """An encoded HELLO / HELLO_ACK frame introducing `identity`."""
+    body = json.dumps({"protocol": PROTOCOL, "peer": identity.to_json(), **extra}).encode()
+    return encode(FrameHeader(kind, sender=identity.number, incarnation=identity.incarnation), body=body)
+
+
+def refusal_frame(identity: PeerInfo, reason: str) -> bytearray:
+    """A HELLO_ACK with the ERROR flag: the listener refuses the link and says why."""
+    header = FrameHeader(FrameKind.HELLO_ACK, sender=identity.number, incarnation=identity.incarnation,
+                         flags=FrameFlags.ERROR)
+    return encode(header, body=reason.encode()[:4096])
+
+
+def parse_hello(data: bytes | memoryview, expect: FrameKind) -> tuple[PeerInfo, dict]:
+    """Checks a handshake frame; returns the peer and the whole JSON body. Raises on anything odd."""
+    frame = decode(memoryview(bytearray(data)))  # a private, writable copy: tensors may view it
+    if frame.header.kind is not expect:
+        raise ValueError(f"expected {expect.name}, got {frame.header.kind.name}")
+    if frame.header.flags & FrameFlags.ERROR:
+        raise LinkClosed(f"peer refused the link: {bytes(frame.body).decode(errors='replace')}")
+    try:
+        body = json.loads(bytes(frame.body))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{expect.name} body is not JSON: {e}") from None
+    if not isinstance(body, dict) or body.get("protocol") != PROTOCOL:
+        raise ValueError(f"{expect.name} speaks protocol {body.get('protocol') if isinstance(body, dict) else '?'}, "
+                         f"this build speaks {PROTOCOL}")
+    return PeerInfo.from_json(body.get("peer")), body
+
+
+def split_address(address: str) -> tuple[str, str]:
+    """'shm:@name' -> ('shm', '@name'); 'tcp:host:port' -> ('tcp', 'host:port')."""
+    scheme, sep, rest = address.partition(":")
+    if not sep or scheme not in ("shm", "tcp") or not rest:
+        raise ValueError(f"link address {address!r} is not 'shm:@name', 'shm:/path' or 'tcp:host:port'")
+    return scheme, rest
+
+
+def connect(address: str, identity: PeerInfo, poller: Poller | None = None, *,
+            timeout: float = DEFAULT_HANDSHAKE_TIMEOUT, **options) -> Link:
+    """Open a link to the listener at `address`, blocking at most `timeout` for the handshake.
+
+    The link is added to `poller` (whose doorbell the peer will ring). Options: shm `ring_size`
+    (bytes per direction) and `spin_us` (spin before sleeping while the ring is full); tcp
+    `max_frame`.
+    """
+    scheme, rest = split_address(address)
+    if scheme == "shm":
+        from resilient_moe.datapath.shm import connect_shm
+
+        return connect_shm(rest, identity, poller, timeout=timeout, **options)
+    from resilient_moe.datapath.tcp import connect_tcp
+
+    return connect_tcp(rest, identity, poller, timeout=timeout, **options)
+
+
+def listen(address: str, identity: PeerInfo, poller: Poller | None = None, **options) -> Listener:
+    """Listen for links at `address`; accepted links join `poller`. See ShmListener / TcpListener."""
+    scheme, rest = split_address(address)
+    if scheme == "shm":
+        from resilient_moe.datapath.shm import ShmListener
+
+        return ShmListener(rest, identity, poller, **options)
+    from resilient_moe.datapath.tcp import TcpListener
+
+    return TcpListener(rest, identity, poller, **options)

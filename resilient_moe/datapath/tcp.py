@@ -1,0 +1,455 @@
+"""TCP links: the transport between workers on different hosts (and a same-host fallback).
+
+A frame goes out as one `sendmsg` of its header (+ aux + padding, sealed by the native codec with
+the checksum of the whole frame) and the tensor bytes where they lie, so the tensor is not copied
+in user space. The receiver reads the stream without blocking and reassembles whole frames from
+partial reads: small frames land in a staging buffer and are copied out; a big frame gets its own
+64-byte aligned buffer as soon as its header is known and the rest is read straight into it.
+
+A frame whose checksum or fields are wrong but whose header still gives its length is rejected and
+skipped, like on shm. A header that cannot be parsed leaves no way to find the next frame in the
+stream, so the link is closed with the reason logged. EOF or a reset means the peer is gone.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import logging
+import select
+import socket
+import time
+from typing import TYPE_CHECKING
+
+import torch
+
+from resilient_moe import _native
+from resilient_moe.datapath.frames import (
+    HEADER_SIZE,
+    DType,
+    Frame,
+    FrameHeader,
+    FrameKind,
+    frame_from_fields,
+    frame_size,
+    native_args,
+)
+from resilient_moe.datapath.link import (
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    FrameTooLarge,
+    Link,
+    LinkClosed,
+    LinkTimeout,
+    Listener,
+    PeerInfo,
+    hello_frame,
+    parse_hello,
+)
+
+if TYPE_CHECKING:
+    from resilient_moe.datapath.poller import Poller
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_FRAME = 256 << 20  # bytes; a header announcing more closes the link
+_STAGING = 256 << 10
+_OWN_BUFFER = 16 << 10  # frames at least this big are read straight into their own buffer
+_MAX_BACKLOG = 64 << 20  # bytes of received frames a blocked send may set aside
+_MAX_SKIPPED = 64
+_GONE_ERRNOS = {errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ESHUTDOWN, errno.ETIMEDOUT, errno.EHOSTUNREACH}
+
+
+class StreamCorrupt(Exception):
+    """The byte stream cannot be parsed into frames any more."""
+
+
+class FrameReader:
+    """Reassembles whole frames from a non-blocking byte stream.
+
+    `fill(sock)` reads what is there; `next_frame()` returns the next whole frame in a buffer of
+    its own (a memoryview), or None until one is complete.
+    """
+
+    def __init__(self, max_frame: int) -> None:
+        self.max_frame = max_frame
+        self._staging = memoryview(_native.alloc(_STAGING))
+        self._start = self._end = 0
+        self._big: memoryview | None = None  # a frame being read straight into its own buffer
+        self._big_fill = 0
+
+    def fill(self, sock: socket.socket) -> int:
+        """One recv into the free space; returns the bytes read (0: EOF). Raises BlockingIOError."""
+        if self._big is not None:
+            n = sock.recv_into(self._big[self._big_fill :])
+            self._big_fill += n
+            return n
+        if self._end == _STAGING:
+            self._compact()
+            if self._end == _STAGING:
+                return -1  # full of whole frames: the caller takes them first
+        n = sock.recv_into(self._staging[self._end :])
+        self._end += n
+        return n
+
+    def next_frame(self) -> memoryview | None:
+        """The next whole frame, or None. Raises StreamCorrupt if the stream cannot be parsed."""
+        if self._big is not None:
+            if self._big_fill < len(self._big):
+                return None
+            frame, self._big = self._big, None
+            return frame
+        have = self._end - self._start
+        if have < HEADER_SIZE:
+            if self._start + HEADER_SIZE > _STAGING:
+                self._compact()
+            return None
+        size = _native.frame_header(self._staging[self._start : self._start + HEADER_SIZE])
+        if size.__class__ is str:
+            raise StreamCorrupt(f"bad frame header in the stream: {size}")
+        if size > self.max_frame:
+            raise StreamCorrupt(f"frame of {size} bytes exceeds this link's limit of {self.max_frame}")
+        if size >= _OWN_BUFFER and have < size:
+            # Give the frame its own buffer and read the rest straight into it.
+            self._big = memoryview(_native.alloc(size))
+            self._big[:have] = self._staging[self._start : self._end]
+            self._big_fill = have
+            self._start = self._end = 0
+            return None
+        if have < size:
+            if self._start + size > _STAGING:
+                self._compact()
+            return None
+        frame = memoryview(_native.alloc(size))
+        frame[:] = self._staging[self._start : self._start + size]
+        self._start += size
+        if self._start == self._end:
+            self._start = self._end = 0
+        return frame
+
+    def has_frame(self) -> bool:
+        """A whole frame is buffered (cheap; may say False for a frame next_frame would assemble)."""
+        if self._big is not None:
+            return self._big_fill == len(self._big)
+        have = self._end - self._start
+        if have < HEADER_SIZE:
+            return False
+        size = _native.frame_header(self._staging[self._start : self._start + HEADER_SIZE])
+        return size.__class__ is str or have >= size  # a bad header is news too
+
+    def _compact(self) -> None:
+        have = self._end - self._start
+        if self._start:
+            self._staging[:have] = self._staging[self._start : self._end]
+            self._start, self._end = 0, have
+
+
+class TcpLink(Link):
+    """A link over one TCP connection; made by `connect_tcp` or `TcpListener.accept`."""
+
+    transport = "tcp"
+
+    def __init__(
+        self, sock: socket.socket, identity: PeerInfo, peer: PeerInfo, reader: FrameReader, peer_max_frame: int
+    ) -> None:
+        self.peer = peer
+        self.identity = identity
+        self.max_frame = peer_max_frame  # the most the peer accepts; bigger frames are refused here
+        self.rejected = 0
+        self._sock = sock
+        self._fd = sock.fileno()
+        self._reader = reader
+        self._backlog: collections.deque[memoryview] = collections.deque()  # frames read during a blocked send
+        self._backlog_bytes = 0
+        self._gone: str | None = None
+        self._closed = False
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    # ------------------------------------------------------------------ sending
+    def send(
+        self,
+        header: FrameHeader,
+        aux: torch.Tensor | None = None,
+        tensor: torch.Tensor | None = None,
+        body: bytes | None = None,
+        timeout: float = 5.0,
+    ) -> None:
+        """sendmsg of the sealed header and the tensor bytes in place (see Link.send)."""
+        self._check_sendable()
+        args, keep = native_args(header, self.identity.number, self.identity.incarnation, aux, tensor, body)
+        data = args[13]  # tensor bytes: None (no tensor), an address (int, with its length in args[14]) or a buffer
+        nbytes = 0 if data is None else args[14] if data.__class__ is int else len(data)
+        size = frame_size(args[12], None if args[9] == DType.NONE else nbytes)
+        if size > self.max_frame:
+            raise FrameTooLarge(f"link to {self.peer.name}: frame of {size} bytes exceeds the peer's limit of "
+                                f"{self.max_frame}")
+        prefix = _native.frame_prefix(*args)
+        if not nbytes:
+            parts = [prefix]
+        elif args[13].__class__ is int:
+            parts = [prefix, _native.wrap(keep, args[13], nbytes)]
+        else:
+            parts = [prefix, args[13]]
+        self._send_parts(parts, timeout)
+
+    def send_raw(self, data: bytes | memoryview, timeout: float = 5.0) -> None:
+        """Write bytes that are already one frame, unchanged (see Link.send_raw)."""
+        self._check_sendable()
+        self._send_parts([data], timeout)
+
+    def _check_sendable(self) -> None:
+        if self._closed:
+            raise LinkClosed(f"link to {self.peer.name} was closed by this end")
+        if self._gone is not None:
+            raise LinkClosed(f"link to {self.peer.name}: {self._gone}")
+
+    def _send_parts(self, parts: list, timeout: float) -> None:
+        views = [memoryview(p).cast("B") for p in parts]
+        total = sum(len(v) for v in views)
+        done = self._sendmsg(views)
+        if done == total:
+            return
+        deadline = time.monotonic() + timeout
+        poll = select.poll()
+        poll.register(self._fd, select.POLLOUT | select.POLLIN)
+        for _ in range(10_000_000):  # each pass waits in poll(); the deadline ends it first
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            events = poll.poll(max(1, int(left * 1000)))
+            if any(ev & select.POLLIN for _, ev in events):
+                self._read_aside()  # the peer may be blocked sending to us: keep its frames moving
+            if self._gone is not None:
+                raise LinkClosed(f"link to {self.peer.name}: {self._gone}")
+            done += self._sendmsg(_advance(views, done))
+            if done == total:
+                return
+        if done:
+            self._fail(f"send timed out after {timeout:.3g}s in the middle of a frame")
+            self.close()
+        raise LinkTimeout(f"link to {self.peer.name}: socket stayed full for {timeout:.3g}s (peer not draining)")
+
+    def _sendmsg(self, views: list[memoryview]) -> int:
+        try:
+            return self._sock.sendmsg(views)
+        except (BlockingIOError, InterruptedError):
+            return 0
+        except OSError as e:
+            if e.errno in _GONE_ERRNOS:
+                self._fail(f"peer reset the connection ({e.strerror})")
+                raise LinkClosed(f"link to {self.peer.name}: {self._gone}") from None
+            raise
+
+    def _read_aside(self) -> None:
+        """Move whole incoming frames to the backlog while a send waits (bounded)."""
+        for _ in range(64):
+            if self._backlog_bytes >= _MAX_BACKLOG or self._gone is not None:
+                return
+            try:
+                frame = self._reader.next_frame()
+            except StreamCorrupt:
+                return  # recv() reports it
+            if frame is not None:
+                self._backlog.append(frame)
+                self._backlog_bytes += len(frame)
+                continue
+            if not self._fill():
+                return
+
+    # ------------------------------------------------------------------ receiving
+    def recv(self) -> Frame | None:
+        """The next whole frame; it has a buffer of its own, so release() frees nothing."""
+        if self._closed:
+            raise LinkClosed(f"link to {self.peer.name} was closed by this end")
+        for _ in range(_MAX_SKIPPED):
+            if self._backlog:
+                buf = self._backlog.popleft()
+                self._backlog_bytes -= len(buf)
+            else:
+                try:
+                    buf = self._reader.next_frame()
+                except StreamCorrupt as e:
+                    self._fail(f"stream is corrupt, closing: {e}")
+                    log.error("link from %s: %s", self.peer.name, self._gone)
+                    self.close()
+                    raise LinkClosed(f"link to {self.peer.name}: {self._gone}") from None
+                if buf is None:
+                    if self._gone is None and self._fill():
+                        continue
+                    if self._gone is not None and not self._reader.has_frame():
+                        raise LinkClosed(f"link to {self.peer.name}: {self._gone}")
+                    return None
+            fields = _native.frame_parse(buf)
+            if fields.__class__ is str:
+                self.rejected += 1
+                log.error("link from %s: rejected a frame: %s", self.peer.name, fields)
+                continue
+            return frame_from_fields(fields)
+        return None
+
+    def _fill(self) -> bool:
+        """Read once from the socket; True if bytes arrived."""
+        try:
+            n = self._reader.fill(self._sock)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError as e:
+            if e.errno in _GONE_ERRNOS:
+                self._fail(f"peer reset the connection ({e.strerror})")
+                return False
+            raise
+        if n == 0:
+            self._fail("peer closed the connection (EOF)")
+            return False
+        return n > 0
+
+    def release(self) -> None:
+        """Nothing to free: each received frame owns its buffer."""
+
+    # ------------------------------------------------------------------ liveness and teardown
+    def fileno(self) -> int:
+        return self._fd
+
+    @property
+    def alive(self) -> bool:
+        return not self._closed and self._gone is None
+
+    def close(self) -> None:
+        """Close the connection; the peer sees EOF."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._poller is not None:
+            self._poller.remove(self)
+        self._sock.close()
+
+    def _fail(self, reason: str) -> None:
+        if self._gone is None:
+            self._gone = reason
+            log.warning("link to %s (pid %d): %s", self.peer.name, self.peer.pid, reason)
+
+    # Poller hooks (see Link).
+    def _buffered(self) -> bool:
+        return bool(self._backlog) or self._reader.has_frame()
+
+
+def _advance(views: list[memoryview], n: int) -> list[memoryview]:
+    """The views left after n bytes of them were sent."""
+    out = []
+    for v in views:
+        if n >= len(v):
+            n -= len(v)
+            continue
+        out.append(v[n:])
+        n = 0
+    return out
+
+
+def _split_host_port(rest: str) -> tuple[str, int]:
+    host, sep, port = rest.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"tcp address {rest!r} is not host:port")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _peer_max_frame(body: dict) -> int:
+    value = body.get("max_frame")
+    if not isinstance(value, int) or value < HEADER_SIZE:
+        raise ValueError(f"handshake max_frame {value!r} is not a frame size")
+    return value
+
+
+def _blocking_read_frame(sock: socket.socket, reader: FrameReader, deadline: float) -> memoryview:
+    """Read one whole frame during a handshake, at most until the deadline."""
+    for _ in range(100_000):  # each pass reads or waits; the deadline ends it first
+        frame = reader.next_frame()
+        if frame is not None:
+            return frame
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        if not select.select([sock], [], [], left)[0]:
+            continue
+        if reader.fill(sock) == 0:
+            raise LinkClosed("peer closed the connection during the handshake")
+    raise TimeoutError("handshake timed out")
+
+
+def connect_tcp(
+    rest: str,
+    identity: PeerInfo,
+    poller: Poller | None = None,
+    *,
+    timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+    max_frame: int = DEFAULT_MAX_FRAME,
+) -> TcpLink:
+    """Connect to the TcpListener at 'host:port'; see link.connect."""
+    host, port = _split_host_port(rest)
+    deadline = time.monotonic() + timeout
+    sock = socket.create_connection((host, port), timeout=timeout)
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.sendall(hello_frame(FrameKind.HELLO, identity, transport="tcp", max_frame=max_frame))
+        sock.setblocking(False)
+        reader = FrameReader(max_frame)
+        peer, body = parse_hello(_blocking_read_frame(sock, reader, deadline), FrameKind.HELLO_ACK)
+        link = TcpLink(sock, identity, peer, reader, _peer_max_frame(body))
+    except BaseException:
+        sock.close()
+        raise
+    if poller is not None:
+        poller.add(link)
+    return link
+
+
+class TcpListener(Listener):
+    """Accepts TCP links; binds 127.0.0.1 unless given another host ('tcp:0.0.0.0:5555')."""
+
+    def __init__(
+        self,
+        rest: str,
+        identity: PeerInfo,
+        poller: Poller | None = None,
+        *,
+        max_frame: int = DEFAULT_MAX_FRAME,
+        handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+    ) -> None:
+        host, port = _split_host_port(rest)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            sock.listen(128)
+        except BaseException:
+            sock.close()
+            raise
+        bound_host, bound_port = sock.getsockname()[:2]
+        self.address = f"tcp:{bound_host}:{bound_port}"
+        self.max_frame = max_frame
+        super().__init__(sock, identity, poller, handshake_timeout)
+
+    def _new_state(self) -> FrameReader:
+        # The HELLO is small; the link keeps this reader, so nothing read early is lost.
+        return FrameReader(self.max_frame)
+
+    def _handshake(self, conn: socket.socket, state: object) -> TcpLink | None:
+        reader = state
+        assert isinstance(reader, FrameReader)
+        for _ in range(16):
+            frame = reader.next_frame()
+            if frame is not None:
+                break
+            try:
+                if reader.fill(conn) == 0:
+                    raise LinkClosed("peer hung up during the handshake")
+            except (BlockingIOError, InterruptedError):
+                return None
+        else:
+            return None
+        peer, body = parse_hello(frame, FrameKind.HELLO)
+        if body.get("transport") != "tcp":
+            raise ValueError(f"HELLO from {peer.name} is not a tcp HELLO")
+        conn.settimeout(self.handshake_timeout)
+        conn.sendall(hello_frame(FrameKind.HELLO_ACK, self.identity, max_frame=self.max_frame))
+        return TcpLink(conn, self.identity, peer, reader, _peer_max_frame(body))

@@ -1,0 +1,107 @@
+"""Every message between a frontend and an attention worker, and its wire form.
+
+They travel as the JSON body of CONTROL frames (frames.py) — never pickled. `decode` checks each
+field's type and names the first bad one, so a malformed message is rejected, not half-applied.
+
+    submit     frontend -> AW   run a request (resume=True: continue one that produced tokens elsewhere)
+    abort      frontend -> AW   drop a request and free its KV
+    tokens     AW -> frontend   token events of one step: [request_id, position, token, logprob, finish]
+    failed     AW -> frontend   a request cannot complete here (bad input, no live expert replica...)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class MessageError(ValueError):
+    """A message body is not valid JSON or breaks the schema; the text names the field."""
+
+
+@dataclass(frozen=True)
+class Submit:
+    request_id: str
+    prompt_ids: list[int]
+    params: dict[str, Any]
+    seed: int
+    output_ids: list[int] = field(default_factory=list)  # tokens already delivered (resume)
+    type: str = "submit"
+
+
+@dataclass(frozen=True)
+class Abort:
+    request_id: str
+    type: str = "abort"
+
+
+@dataclass(frozen=True)
+class Tokens:
+    events: list[list[Any]]  # [request_id, position, token_id, logprob | None, finish_reason | None]
+    type: str = "tokens"
+
+
+@dataclass(frozen=True)
+class Failed:
+    request_id: str
+    message: str
+    kind: str = "error"  # "invalid_request", "expert_unavailable", "error"
+    type: str = "failed"
+
+
+Message = Submit | Abort | Tokens | Failed
+_TYPES = {"submit": Submit, "abort": Abort, "tokens": Tokens, "failed": Failed}
+
+
+def encode(message: Message) -> bytes:
+    return json.dumps(message.__dict__, separators=(",", ":")).encode()
+
+
+def decode(body: bytes | memoryview) -> Message:
+    try:
+        raw = json.loads(bytes(body))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MessageError(f"message is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise MessageError("message must be a JSON object")
+    kind = raw.get("type")
+    cls = _TYPES.get(kind)
+    if cls is None:
+        raise MessageError(f"unknown message type {kind!r} (known: {', '.join(_TYPES)})")
+    fields = set(cls.__dataclass_fields__)
+    unknown = sorted(set(raw) - fields)
+    if unknown:
+        raise MessageError(f"{kind}: unknown field {unknown[0]!r}")
+    _check(kind, raw)
+    try:
+        return cls(**raw)
+    except TypeError as e:
+        raise MessageError(f"{kind}: {e}") from None
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check(kind: str, raw: dict[str, Any]) -> None:
+    def need(name: str, ok: bool, what: str) -> None:
+        if not ok:
+            raise MessageError(f"{kind}: field {name!r} must be {what}, got {raw.get(name)!r}")
+
+    if kind in ("submit", "abort", "failed"):
+        need("request_id", isinstance(raw.get("request_id"), str) and 0 < len(raw["request_id"]) <= 256,
+             "a string of 1-256 characters")
+    if kind == "submit":
+        need("prompt_ids", isinstance(raw.get("prompt_ids"), list) and all(_is_int(t) for t in raw["prompt_ids"]),
+             "a list of integers")
+        need("params", isinstance(raw.get("params"), dict), "an object")
+        need("seed", _is_int(raw.get("seed")), "an integer")
+        out = raw.get("output_ids", [])
+        need("output_ids", isinstance(out, list) and all(_is_int(t) for t in out), "a list of integers")
+    elif kind == "tokens":
+        events = raw.get("events")
+        need("events", isinstance(events, list) and all(isinstance(e, list) and len(e) == 5 for e in events),
+             "a list of [request_id, position, token, logprob, finish] lists")
+    elif kind == "failed":
+        need("message", isinstance(raw.get("message"), str), "a string")
