@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -94,6 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=SUPPORTED_DTYPES, default="float32")
     gen.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda[:N]")
     gen.add_argument("--json", action="store_true", help="print JSON instead of text")
+    cluster = gen.add_argument_group("disaggregated run (launches a local cluster for this run)")
+    cluster.add_argument("--config", metavar="YAML", help="deployment config (configs/*.yaml); flags override it")
+    cluster.add_argument("--attention-workers", type=_positive_int, metavar="A")
+    cluster.add_argument("--expert-workers", type=_positive_int, metavar="E")
+    cluster.add_argument("--micro-batches", type=_positive_int, metavar="M")
+    cluster.add_argument("--transport", choices=("shm", "tcp"))
     return parser
 
 
@@ -118,31 +125,78 @@ def _sampling(args: argparse.Namespace) -> SamplingParams:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from resilient_moe.config import EngineConfig
+    from resilient_moe.config import EngineConfig, ModelConfig
     from resilient_moe.engine.engine import LLMEngine
+    from resilient_moe.engine.tokenizer import TextTokenizer
     from resilient_moe.model.tiny import demo_model_dir
 
     if not args.prompt and not args.prompt_ids:
         raise CliError("give at least one --prompt TEXT or --prompt-ids 1,2,3")
     params = _sampling(args)
     model_dir = Path(args.model) if args.model else demo_model_dir()
-    engine = LLMEngine(model_dir, EngineConfig(dtype=args.dtype, device=args.device))
+    ModelConfig.from_pretrained(model_dir)  # a bad model directory fails here, before anything starts
+    tokenizer = TextTokenizer.from_dir(model_dir)
     prompts: list[list[int]] = []
     if args.prompt:
-        if engine.tokenizer is None:
+        if tokenizer is None:
             raise CliError(f"{model_dir} has no tokenizer.json, so text prompts cannot be encoded; use --prompt-ids")
-        prompts.extend(engine.tokenizer.encode(text) for text in args.prompt)
+        prompts.extend(tokenizer.encode(text) for text in args.prompt)
     prompts.extend(args.prompt_ids)
-    results = engine.generate(prompts, params)
+    engine_config = EngineConfig(dtype=args.dtype, device=args.device)
+    if _wants_cluster(args):
+        outputs = _generate_disaggregated(args, model_dir, engine_config, prompts, params)
+    else:
+        engine = LLMEngine(model_dir, engine_config)
+        outputs = [r.token_ids for r in engine.generate(prompts, params)]
     records: list[dict[str, Any]] = [
-        {"prompt_token_ids": r.prompt_token_ids, "token_ids": r.token_ids, "text": r.text} for r in results
+        {"prompt_token_ids": prompt, "token_ids": out, "text": tokenizer.decode(out) if tokenizer else ""}
+        for prompt, out in zip(prompts, outputs)
     ]
     if args.json:
         print(json.dumps(records[0] if len(records) == 1 else records))
     else:
         for record in records:
-            print(record["text"] if engine.tokenizer is not None else " ".join(map(str, record["token_ids"])))
+            print(record["text"] if tokenizer is not None else " ".join(map(str, record["token_ids"])))
     return 0
+
+
+def _wants_cluster(args: argparse.Namespace) -> bool:
+    return any(v is not None for v in (args.config, args.attention_workers, args.expert_workers, args.micro_batches,
+                                       args.transport))
+
+
+def deployment_from_args(args: argparse.Namespace, model_dir: Path, engine_config) -> "DeploymentConfig":
+    """The deployment YAML (if any) with the command line's flags on top."""
+    from resilient_moe.config import DeploymentConfig
+
+    overrides = dict(
+        model=str(model_dir), attention_workers=args.attention_workers, expert_workers=args.expert_workers,
+        micro_batches=args.micro_batches, transport=args.transport,
+    )
+    if args.config:
+        dep = DeploymentConfig.from_yaml(args.config, **overrides)
+        return dataclasses.replace(dep, engine=dataclasses.replace(dep.engine, dtype=engine_config.dtype))
+    return DeploymentConfig.from_dict({}, source="command line", engine=engine_config, **overrides)
+
+
+def _generate_disaggregated(args, model_dir: Path, engine_config, prompts: list[list[int]], params) -> list[list[int]]:
+    from resilient_moe.launch.local import LocalCluster
+    from resilient_moe.server.frontend import Frontend, RequestFailed
+
+    deployment = deployment_from_args(args, model_dir, engine_config)
+    with LocalCluster(deployment) as cluster:
+        frontend = Frontend(cluster.controller_address).start()
+        try:
+            handles = [frontend.submit(p, params) for p in prompts]
+            outputs = []
+            for handle in handles:
+                try:
+                    outputs.append(handle.wait(deployment.startup_timeout_s).token_ids)
+                except RequestFailed as e:
+                    raise CliError(f"request failed: {e}") from None
+            return outputs
+        finally:
+            frontend.close()
 
 
 COMMANDS = {"make-tiny-model": cmd_make_tiny_model, "generate": cmd_generate}

@@ -137,6 +137,10 @@ class ModelConfig:
     def sparse_layer_ids(self) -> tuple[int, ...]:
         return tuple(i for i, sparse in enumerate(self.sparse_layers) if sparse)
 
+    def expert_bytes(self, dtype_bytes: int = 4) -> int:
+        """Bytes of one routed expert's three projections in one layer."""
+        return 3 * self.hidden_size * self.moe_intermediate_size * dtype_bytes
+
     @property
     def kv_bytes_per_token(self) -> int:
         """Bytes of K and V one token occupies across all layers, in float32 (halve for bfloat16)."""
@@ -510,3 +514,149 @@ class SamplingParams:
         if unknown:
             raise ConfigError(f"unknown sampling parameter(s): {', '.join(unknown)}")
         return cls(**known)
+
+
+# ---- deployment -----------------------------------------------------------------------------
+
+TRANSPORTS = ("shm", "tcp")
+PLACEMENTS = ("contiguous", "round_robin")
+
+
+@dataclass(frozen=True)
+class DeploymentConfig:
+    """A local cluster: how many workers of each role, how they talk, how failures are detected.
+
+    Loaded from YAML (configs/*.yaml) and overridden by CLI flags; every field is validated here
+    and errors name the field.
+    """
+
+    model: str = ""
+    attention_workers: int = 1
+    expert_workers: int = 2
+    micro_batches: int = 2
+    transport: str = "shm"
+    placement: str = "contiguous"
+    host: str = "127.0.0.1"
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    ring_bytes: int = 16 << 20  # per direction per link
+    heartbeat_interval_s: float = 0.05
+    heartbeat_timeout_s: float = 1.0
+    probe_interval_s: float = 0.010
+    probe_misses: int = 3
+    startup_timeout_s: float = 120.0
+    resilience: bool = True  # False: the restart-everything baseline (no shadows; any death restarts all)
+    shadow_budget_bytes: int | None = None  # spare memory per expert worker for shadows; None: one copy of each
+    shadow_policy: str = "spread"  # or "load_aware" (EPLB-style: hot experts get more copies)
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        for name in ("attention_workers", "expert_workers", "probe_misses"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+        if not isinstance(self.micro_batches, int) or not 1 <= self.micro_batches <= 8:
+            raise ConfigError(f"micro_batches must be an integer between 1 and 8, got {self.micro_batches!r}")
+        if self.transport not in TRANSPORTS:
+            raise ConfigError(f"transport must be one of {', '.join(TRANSPORTS)}, got {self.transport!r}")
+        if self.placement not in PLACEMENTS:
+            raise ConfigError(f"placement must be one of {', '.join(PLACEMENTS)}, got {self.placement!r}")
+        if not isinstance(self.ring_bytes, int) or self.ring_bytes < (1 << 16):
+            raise ConfigError(f"ring_bytes must be an integer >= 65536, got {self.ring_bytes!r}")
+        for name in ("heartbeat_interval_s", "heartbeat_timeout_s", "probe_interval_s", "startup_timeout_s"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
+        if self.heartbeat_timeout_s <= self.heartbeat_interval_s:
+            raise ConfigError(
+                f"heartbeat_timeout_s ({self.heartbeat_timeout_s}) must exceed heartbeat_interval_s "
+                f"({self.heartbeat_interval_s})"
+            )
+        if not isinstance(self.host, str) or not self.host:
+            raise ConfigError(f"host must be a non-empty string, got {self.host!r}")
+        if self.shadow_policy not in ("spread", "load_aware"):
+            raise ConfigError(f"shadow_policy must be spread or load_aware, got {self.shadow_policy!r}")
+        if self.shadow_budget_bytes is not None and (
+            not isinstance(self.shadow_budget_bytes, int) or self.shadow_budget_bytes < 0
+        ):
+            raise ConfigError(f"shadow_budget_bytes must be an integer >= 0, got {self.shadow_budget_bytes!r}")
+        if self.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ConfigError(f"log_level must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}")
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike[str], **overrides: Any) -> "DeploymentConfig":
+        """Read a deployment YAML; keyword overrides (CLI flags, None = not given) win over the file."""
+        import yaml
+
+        source = str(path)
+        try:
+            with open(path, encoding="utf-8") as f:
+                raw = yaml.safe_load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"{source}: deployment config not found") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{source}: not valid YAML ({e})") from None
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: expected a mapping of settings at the top level")
+        return cls.from_dict(raw, source=source, **overrides)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "config", **overrides: Any) -> "DeploymentConfig":
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown setting {unknown[0]!r} (known: {', '.join(sorted(known))})")
+        values = dict(raw)
+        engine_raw = values.pop("engine", None) or {}
+        if not isinstance(engine_raw, dict):
+            raise ConfigError(f"{source}: engine must be a mapping, got {engine_raw!r}")
+        engine_known = set(EngineConfig.__dataclass_fields__)
+        bad = sorted(set(engine_raw) - engine_known)
+        if bad:
+            raise ConfigError(f"{source}: unknown engine setting {bad[0]!r} (known: {', '.join(sorted(engine_known))})")
+        values.update({k: v for k, v in overrides.items() if v is not None and k != "engine"})
+        engine = EngineConfig(**engine_raw)
+        if isinstance(overrides.get("engine"), EngineConfig):
+            engine = overrides["engine"]
+        try:
+            return cls(engine=engine, **values)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+        except TypeError as e:
+            raise ConfigError(f"{source}: {e}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        import dataclasses
+
+        return dataclasses.asdict(self)
+
+
+ROLES = ("controller", "attention", "expert")
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """What one worker process needs to start: who it is, where the controller is, the deployment."""
+
+    name: str  # "controller", "aw-0", "ew-2"
+    role: str
+    index: int
+    cluster_id: str
+    controller_address: str
+    deployment: DeploymentConfig
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ConfigError(f"role must be one of {', '.join(ROLES)}, got {self.role!r}")
+
+    def to_json(self) -> str:
+        import dataclasses
+
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "WorkerConfig":
+        raw = json.loads(text)
+        deployment = DeploymentConfig.from_dict(raw.pop("deployment"))
+        return cls(deployment=deployment, **raw)

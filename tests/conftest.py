@@ -80,3 +80,35 @@ def tiny_model(tiny_models):
 
 def pytest_configure(config):
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def zygote():
+    """One fork server for the session's clusters (importing torch once instead of per worker)."""
+    from resilient_moe.launch.local import Zygote
+
+    z = Zygote()
+    z.wait_hello(120)
+    yield z
+    z.shutdown()
+
+
+def wait_until(predicate, timeout_s: float, what: str, interval_s: float = 0.02):
+    """Poll `predicate` until true; fail the test after `timeout_s` (a hang guard, not a timing assertion)."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False

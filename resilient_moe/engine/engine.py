@@ -17,7 +17,7 @@ from resilient_moe.config import EngineConfig, ModelConfig, SamplingParams
 from resilient_moe.engine.kv_cache import BlockAllocator, KVCache, cache_blocks
 from resilient_moe.engine.model_runner import ModelRunner
 from resilient_moe.engine.pipeline import ExpertExecutor, LocalExperts
-from resilient_moe.engine.scheduler import Scheduler
+from resilient_moe.engine.scheduler import ScheduledBatch, Scheduler
 from resilient_moe.engine.sequence import Sequence, TokenEvent
 from resilient_moe.engine.tokenizer import TextTokenizer
 from resilient_moe.errors import RequestError
@@ -78,6 +78,7 @@ class LLMEngine:
         self.step_count = 0
         self.last_logits: dict[str, torch.Tensor] = {}  # request id -> logits of its latest token (tests, logprobs)
         self.keep_logits = False
+        self.failures: list[tuple[str, str]] = []
 
     # ---- requests ---------------------------------------------------------------------------
 
@@ -131,11 +132,22 @@ class LLMEngine:
         if batch is None:
             return []
         self.step_count += 1
-        logits = self.runner.run(batch.seqs, self.config.micro_batches, self.step_count)
+        output = self.runner.run(batch.seqs, self.config.micro_batches, self.step_count)
+        for request_id, message in output.failed.items():
+            self.scheduler.fail(request_id)
+            self.failures.append((request_id, message))
+        if not output.seqs:
+            return []
+        logits = output.all_logits()
         if self.keep_logits:
-            for seq, row in zip(batch.seqs, logits):
+            for seq, row in zip(output.seqs, logits):
                 self.last_logits[seq.request_id] = row
-        return self.scheduler.postprocess(batch, logits)
+        return self.scheduler.postprocess(ScheduledBatch(output.seqs), logits)
+
+    def pop_failures(self) -> list[tuple[str, str]]:
+        """(request id, message) of requests that failed since the last call (e.g. no expert replica left)."""
+        failures, self.failures = self.failures, []
+        return failures
 
     # ---- convenience ------------------------------------------------------------------------
 

@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from resilient_moe.engine.pipeline import ExpertExecutor, forward_program, run_pipeline
 from resilient_moe.engine.sequence import Sequence
 from resilient_moe.model.attention_side import AttentionBatch, AttentionSide, KVCacheView, PrefillSpan
 from resilient_moe.model.ops import padded_key_length
+
+
+@dataclass
+class StepOutput:
+    """What a step produced: logits for `seqs` (concatenated in order), and requests that failed."""
+
+    seqs: list[Sequence]
+    logits: list[torch.Tensor]  # per completed micro-batch, [S_i, V]
+    failed: dict[str, str]  # request id -> error message
+
+    def all_logits(self) -> torch.Tensor:
+        return torch.cat(self.logits) if self.logits else torch.empty(0)
 
 
 def split_micro_batches(seqs: list[Sequence], count: int) -> list[list[Sequence]]:
@@ -97,12 +111,26 @@ class ModelRunner:
         slots[j.unsqueeze(0) >= torch.tensor(lengths).unsqueeze(1)] = 0
         return slots.to(self.device)
 
-    def run(self, seqs: list[Sequence], micro_batches: int, step: int = 0) -> torch.Tensor:
-        """Forward every sequence's new tokens; returns float32 logits [S, V] in `seqs` order."""
+    def run(self, seqs: list[Sequence], micro_batches: int, step: int = 0) -> StepOutput:
+        """Forward every sequence's new tokens through the micro-batch pipeline."""
         groups = split_micro_batches(seqs, micro_batches)
         programs = []
         for group in groups:
             token_ids, batch = self.build(group)
             programs.append(forward_program(self.side, self.cache, token_ids, batch))
         self.executor.begin_step(step)
-        return torch.cat(run_pipeline(programs, self.executor))
+        output = StepOutput([], [], {})
+        for group, result in zip(groups, run_pipeline(programs, self.executor)):
+            if isinstance(result, torch.Tensor):
+                output.seqs.extend(group)
+                output.logits.append(result)
+                continue
+            # A micro-batch stopped on an expert with no live replica: its sequences whose tokens needed
+            # that expert fail; the others computed nothing this step and simply run again next step.
+            row = 0
+            for seq in group:
+                rows = set(range(row, row + seq.num_new_tokens))
+                row += seq.num_new_tokens
+                if result.tokens is None or rows & result.tokens:
+                    output.failed[seq.request_id] = str(result)
+        return output

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from resilient_moe.errors import ExpertUnavailableError
 from resilient_moe.model.attention_side import AttentionBatch, AttentionSide, KVCacheView
 from resilient_moe.model.expert_side import ExpertSide
 
@@ -95,16 +96,30 @@ class LocalExperts(ExpertExecutor):
         raise RuntimeError("local experts never leave a call outstanding")
 
 
-def run_pipeline(programs: list[Program], executor: ExpertExecutor) -> list[torch.Tensor]:
-    """Drive micro-batch programs to completion, overlapping each one's expert wait with the others."""
-    results: list[torch.Tensor | None] = [None] * len(programs)
+def run_pipeline(programs: list[Program], executor: ExpertExecutor) -> list[torch.Tensor | ExpertUnavailableError]:
+    """Drive micro-batch programs to completion, overlapping each one's expert wait with the others.
+
+    Returns each micro-batch's logits, or the ExpertUnavailableError that stopped it (an expert with
+    no live replica): the other micro-batches still complete.
+    """
+    results: list[torch.Tensor | ExpertUnavailableError | None] = [None] * len(programs)
     runnable: deque[tuple[int, torch.Tensor | None]] = deque((i, None) for i in range(len(programs)))
     parked: list[int] = []
+
+    def fail(mb: int, error: ExpertUnavailableError) -> None:
+        results[mb] = error
+        programs[mb].close()
+
     while runnable or parked:
         if not runnable:
             executor.wait()
             for mb in list(parked):
-                out = executor.take(mb)
+                try:
+                    out = executor.take(mb)
+                except ExpertUnavailableError as e:
+                    parked.remove(mb)
+                    fail(mb, e)
+                    continue
                 if out is not None:
                     parked.remove(mb)
                     runnable.append((mb, out))
@@ -115,13 +130,17 @@ def run_pipeline(programs: list[Program], executor: ExpertExecutor) -> list[torc
         except StopIteration as done:
             results[mb] = done.value
             continue
-        if isinstance(command, ExpertCall):
-            executor.submit(mb, command)
-            runnable.appendleft((mb, None))
-        else:
+        try:
+            if isinstance(command, ExpertCall):
+                executor.submit(mb, command)
+                runnable.appendleft((mb, None))
+                continue
             out = executor.take(mb)
-            if out is None:
-                parked.append(mb)
-            else:
-                runnable.append((mb, out))
+        except ExpertUnavailableError as e:
+            fail(mb, e)
+            continue
+        if out is None:
+            parked.append(mb)
+        else:
+            runnable.append((mb, out))
     return results  # type: ignore[return-value]

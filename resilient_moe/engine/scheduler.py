@@ -49,14 +49,17 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
 
-    def abort(self, request_id: str) -> Sequence | None:
+    def abort(self, request_id: str, reason: str = "abort") -> Sequence | None:
         for queue in (self.running, self.waiting):
             for seq in queue:
                 if seq.request_id == request_id:
                     queue.remove(seq)
-                    self._finish(seq, "abort")
+                    self._finish(seq, reason)
                     return seq
         return None
+
+    def fail(self, request_id: str) -> Sequence | None:
+        return self.abort(request_id, "error")
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)

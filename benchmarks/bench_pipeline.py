@@ -1,0 +1,150 @@
+"""Decode throughput and per-step latency: colocated engine vs disaggregated (1 AW + 2 EW), m = 1..3.
+
+For each batch size and micro-batch count it runs a steady decode load and reports, from counters
+the workers publish in their heartbeats:
+  T_a  attention-side time per micro-batch per sparse layer (AW step time not spent waiting),
+  T_e  expert time per frame on an expert worker (compute + reply),
+  T_c  transfer: mean frame round trip minus T_e,
+  idle fractions of the AW (waiting for experts) and of the EWs (nothing to do).
+
+    python benchmarks/bench_pipeline.py [--batch-sizes 32,64] [--micro-batches 1,2,3] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from resilient_moe.config import DeploymentConfig, EngineConfig, SamplingParams  # noqa: E402
+from resilient_moe.engine.engine import LLMEngine  # noqa: E402
+from resilient_moe.launch.local import LocalCluster, Zygote  # noqa: E402
+from resilient_moe.model.tiny import TinySize, make_tiny_model  # noqa: E402
+from resilient_moe.server.frontend import Frontend  # noqa: E402
+
+
+def prompts_for(batch: int, prompt_len: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(batch)
+    return torch.randint(3, 500, (batch, prompt_len), generator=g).tolist()
+
+
+def colocated(model: Path, prompts: list[list[int]], new_tokens: int) -> dict:
+    engine = LLMEngine(model, EngineConfig(max_num_seqs=len(prompts)))
+    params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, params)
+    steps = []
+    engine.step()  # prefill
+    while engine.has_unfinished():
+        t = time.perf_counter()
+        engine.step()
+        steps.append(time.perf_counter() - t)
+    return {"tokens_per_s": len(prompts) * len(steps) / sum(steps), "step_ms": 1000 * statistics.median(steps)}
+
+
+def _load(state, name: str) -> dict[str, float]:
+    return next(dict(w.load) for w in state.workers if w.name == name)
+
+
+def disaggregated(model: Path, prompts: list[list[int]], new_tokens: int, m: int, zygote: Zygote) -> dict:
+    dep = DeploymentConfig(model=str(model), attention_workers=1, expert_workers=2, micro_batches=m,
+                           engine=EngineConfig(max_num_seqs=len(prompts)), heartbeat_interval_s=0.05)
+    with LocalCluster(dep, zygote=zygote) as cluster:
+        frontend = Frontend(cluster.controller_address).start()
+        try:
+            params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
+            warm = frontend.submit(prompts[0], SamplingParams(max_tokens=4, ignore_eos=True))
+            warm.wait(120)
+            time.sleep(0.2)
+            before = cluster.state()
+            handles = [frontend.submit(p, params) for p in prompts]
+            for h in handles:
+                h.wait(600)
+            time.sleep(0.15)  # one more heartbeat carries the final counters
+            after = cluster.state()
+        finally:
+            frontend.close()
+    # Steady decode: from the moment every request has its first token to the last token.
+    start = max(h.tokens[0].arrived for h in handles)
+    end = max(h.tokens[-1].arrived for h in handles)
+    decoded = sum(sum(1 for t in h.tokens[1:] if t.arrived > start) for h in handles)
+    gaps = [b.arrived - a.arrived for h in handles for a, b in zip(h.tokens[1:], h.tokens[2:])]
+
+    def delta(name: str, key: str) -> float:
+        return _load(after, name).get(key, 0.0) - _load(before, name).get(key, 0.0)
+
+    wall = delta("aw-0", "uptime_s")
+    step_s, wait_s = delta("aw-0", "step_s"), delta("aw-0", "expert_wait_s")
+    calls = max(1.0, delta("aw-0", "expert_calls"))
+    frames = max(1.0, delta("aw-0", "frames_answered"))
+    ew_frames = sum(delta(f"ew-{i}", "frames") for i in range(2))
+    ew_busy = [delta(f"ew-{i}", "busy_s") for i in range(2)]
+    t_e = sum(ew_busy) / max(1.0, ew_frames)
+    rtt = delta("aw-0", "round_trip_s") / frames
+    return {
+        "tokens_per_s": decoded / (end - start),
+        "step_ms": 1000 * statistics.median(gaps),
+        "T_a_ms": 1000 * (step_s - wait_s) / calls,
+        "T_e_ms": 1000 * t_e,
+        "T_c_ms": 1000 * max(0.0, rtt - t_e),
+        "aw_idle": wait_s / wall,
+        "ew_idle": 1 - statistics.mean(ew_busy) / wall,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch-sizes", default="32,64")
+    parser.add_argument("--micro-batches", default="1,2,3")
+    parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--prompt-len", type=int, default=16)
+    parser.add_argument("--hidden-size", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args()
+
+    tmp = tempfile.TemporaryDirectory()
+    model = make_tiny_model(Path(tmp.name) / "model", "mixtral", seed=0, size=TinySize(
+        hidden_size=args.hidden_size, num_layers=args.layers, num_heads=8, num_kv_heads=4, num_experts=8, top_k=2,
+        intermediate_size=2 * args.hidden_size, vocab_size=4096, max_position_embeddings=4096))
+    torch.set_num_threads(1)
+    zygote = Zygote()
+    zygote.wait_hello(120)
+    rows = []
+    try:
+        for batch in [int(b) for b in args.batch_sizes.split(",")]:
+            prompts = prompts_for(batch, args.prompt_len)
+            base = colocated(model, prompts, args.new_tokens)
+            rows.append({"batch": batch, "mode": "colocated", **base})
+            for m in [int(x) for x in args.micro_batches.split(",")]:
+                result = disaggregated(model, prompts, args.new_tokens, m, zygote)
+                rows.append({"batch": batch, "mode": f"1AW+2EW m={m}", **result,
+                             "vs_colocated": result["tokens_per_s"] / base["tokens_per_s"]})
+    finally:
+        zygote.shutdown()
+
+    print(f"decode, mixtral hidden {args.hidden_size}, {args.layers} layers, 8 experts top-2, float32, "
+          f"{args.new_tokens} new tokens; times per micro-batch per sparse layer")
+    print(f"{'batch':>5} {'mode':<14} {'tok/s':>8} {'step ms':>8} {'ratio':>6} {'T_a ms':>7} {'T_e ms':>7} "
+          f"{'T_c ms':>7} {'AW idle':>8} {'EW idle':>8}")
+    for r in rows:
+        if r["mode"] == "colocated":
+            print(f"{r['batch']:>5} {r['mode']:<14} {r['tokens_per_s']:>8.1f} {r['step_ms']:>8.2f} {'1.00':>6}")
+        else:
+            print(f"{r['batch']:>5} {r['mode']:<14} {r['tokens_per_s']:>8.1f} {r['step_ms']:>8.2f} "
+                  f"{r['vs_colocated']:>6.2f} {r['T_a_ms']:>7.2f} {r['T_e_ms']:>7.2f} {r['T_c_ms']:>7.2f} "
+                  f"{r['aw_idle']:>8.0%} {r['ew_idle']:>8.0%}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,213 @@
+"""The controller process: a gRPC server around the ClusterModel, and a reconcile loop.
+
+The reconcile loop runs every heartbeat interval: it declares dead the workers whose heartbeats
+stopped, fences them, and asks the launcher (through its command stream) for replacements. Each
+pass is wrapped so that one exception never halts the loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from concurrent import futures
+
+import grpc
+
+from resilient_moe.config import ModelConfig, WorkerConfig
+from resilient_moe.controller.state import ClusterModel, ModelShape, WorkerRecord
+from resilient_moe.proto import controller_pb2 as pb
+from resilient_moe.proto import controller_pb2_grpc as pb_grpc
+
+log = logging.getLogger("resilient_moe.controller")
+
+ROLE_TO_PB = {"attention": pb.ATTENTION, "expert": pb.EXPERT, "frontend": pb.FRONTEND, "kv_store": pb.KV_STORE}
+PB_TO_ROLE = {v: k for k, v in ROLE_TO_PB.items()}
+STATE_TO_PB = {"STARTING": pb.STARTING, "READY": pb.READY, "SUSPECT": pb.SUSPECT, "DEAD": pb.DEAD, "STOPPED": pb.STOPPED}
+
+
+def process_gone(pid: int, host: str) -> bool:
+    """True when `pid` on this host has exited (or is a zombie). Remote hosts: unknown, so False."""
+    if host not in ("127.0.0.1", "localhost", os.uname().nodename) or pid <= 0:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    except OSError:
+        return False
+
+
+def worker_to_pb(record: WorkerRecord, now: float) -> pb.WorkerInfo:
+    return pb.WorkerInfo(
+        name=record.name, role=ROLE_TO_PB.get(record.role, pb.ROLE_UNSPECIFIED), index=record.index,
+        incarnation=record.incarnation, pid=record.pid, host=record.host, data_address=record.data_address,
+        state=STATE_TO_PB[record.state], experts=[pb.ExpertRef(layer=l, expert=e) for l, e in record.experts],
+        heartbeat_age_s=max(0.0, now - record.last_heartbeat), load=record.load, started_at=record.started_at,
+    )
+
+
+class ControllerService(pb_grpc.ControllerServicer):
+    """gRPC face of the controller. All state lives in `self.model`, guarded by `self.lock`."""
+
+    def __init__(self, model: ClusterModel, cluster_id: str, tick_interval_s: float) -> None:
+        self.model = model
+        self.cluster_id = cluster_id
+        self.tick_interval_s = tick_interval_s
+        self.lock = threading.Condition()
+        self.launcher_commands: "queue.Queue[pb.LauncherCommand]" = queue.Queue()
+        self.stopping = threading.Event()
+
+    # ---- snapshots --------------------------------------------------------------------------
+
+    def snapshot(self) -> pb.ClusterState:
+        m = self.model
+        now = m.clock()
+        return pb.ClusterState(
+            epoch=m.epoch,
+            workers=[worker_to_pb(r, now) for r in sorted(m.workers.values(), key=lambda r: r.name)],
+            ert=m.ert.to_proto(pb),
+            fenced=[pb.Fence(name=n, incarnation=i) for n, i in sorted(m.fenced)],
+            events=[pb.Event(time=e.time, kind=e.kind, worker=e.worker, detail=e.detail) for e in m.events],
+            cluster_id=self.cluster_id,
+            unprotected=[pb.ExpertRef(layer=l, expert=e) for l, e in m.unprotected()],
+            resilience=m.resilience,
+        )
+
+    def _changed(self) -> None:
+        self.lock.notify_all()
+
+    # ---- RPCs -------------------------------------------------------------------------------
+
+    def Register(self, request, context):
+        w = request.worker
+        with self.lock:
+            record = self.model.register(w.name, PB_TO_ROLE.get(w.role, "frontend"), w.index, w.pid, w.host, w.data_address)
+            load = self.model.experts_for(w.name) if record.role == "expert" else []
+            self._changed()
+            log.info("registered %s incarnation %d pid %d", w.name, record.incarnation, w.pid)
+            return pb.RegisterReply(
+                incarnation=record.incarnation,
+                load_experts=[pb.ExpertRef(layer=l, expert=e) for l, e in load],
+                state=self.snapshot(),
+            )
+
+    def Ready(self, request, context):
+        with self.lock:
+            experts = [(x.layer, x.expert) for x in request.experts]
+            if self.model.ready(request.name, request.incarnation, experts, request.data_address):
+                self._after_change()
+        return pb.Empty()
+
+    def Heartbeat(self, request, context):
+        with self.lock:
+            alive = self.model.heartbeat(request.name, request.incarnation, dict(request.load))
+            return pb.HeartbeatReply(fenced=not alive, epoch=self.model.epoch)
+
+    def Deregister(self, request, context):
+        with self.lock:
+            self.model.deregister(request.name, request.incarnation)
+            self._changed()
+        return pb.Empty()
+
+    def ReportFailure(self, request, context):
+        with self.lock:
+            record = self.model.workers.get(request.suspect)
+            gone = record is not None and process_gone(record.pid, record.host)
+            before = self.model.version
+            self.model.report_failure(request.reporter, request.suspect, request.suspect_incarnation, request.reason, gone)
+            if self.model.version != before:
+                self._after_change()
+        return pb.Empty()
+
+    def GetState(self, request, context):
+        with self.lock:
+            return self.snapshot()
+
+    def Watch(self, request, context):
+        seen = -1
+        while context.is_active() and not self.stopping.is_set():
+            with self.lock:
+                if self.model.version == seen:
+                    self.lock.wait(timeout=0.5)
+                if self.model.version == seen:
+                    continue
+                seen = self.model.version
+                state = self.snapshot()
+            yield state
+
+    def LauncherCommands(self, request, context):
+        while context.is_active() and not self.stopping.is_set():
+            try:
+                yield self.launcher_commands.get(timeout=0.5)
+            except queue.Empty:
+                continue
+
+    # ---- reconcile loop ---------------------------------------------------------------------
+
+    def _after_change(self) -> None:
+        """Hand the model's requests for new processes to the launcher, and wake every watcher."""
+        for action, worker in self.model.launcher_commands:
+            log.info("asking the launcher to %s %s", action, worker)
+            self.launcher_commands.put(pb.LauncherCommand(action=action, worker=worker))
+        self.model.launcher_commands.clear()
+        self._changed()
+
+    def reconcile_forever(self) -> None:
+        while not self.stopping.wait(self.tick_interval_s):
+            try:
+                with self.lock:
+                    newly_dead = self.model.tick()
+                    if newly_dead:
+                        log.warning("declared dead: %s", ", ".join(newly_dead))
+                        self._after_change()
+            except Exception:  # one bad pass must never stop the loop
+                log.exception("reconcile pass failed")
+
+
+def serve(config: WorkerConfig, ready: threading.Event | None = None) -> None:
+    """Run the controller until SIGTERM (or `stop` is set on the returned service)."""
+    dep = config.deployment
+    model_cfg = ModelConfig.from_pretrained(dep.model)
+    shape = ModelShape(model_cfg.num_layers, model_cfg.num_experts, model_cfg.sparse_layer_ids)
+    expert_names = [f"ew-{i}" for i in range(dep.expert_workers)]
+    slots = None
+    if dep.shadow_budget_bytes is not None:
+        dtype_bytes = 2 if dep.engine.dtype == "bfloat16" else 4
+        slots = dep.shadow_budget_bytes // (model_cfg.expert_bytes(dtype_bytes) * max(1, len(shape.sparse_layers)))
+    model = ClusterModel(shape, expert_names, dep.placement, dep.heartbeat_timeout_s, shadow_slots=slots,
+                         shadow_policy=dep.shadow_policy, resilience=dep.resilience)
+    if model.plan.unprotected and dep.resilience:
+        log.warning("shadow budget too small: %d (layer, expert) pairs have no shadow and die with their primary: %s",
+                    len(model.plan.unprotected), ", ".join(f"{l}/{e}" for l, e in model.plan.unprotected))
+    service = ControllerService(model, config.cluster_id, dep.heartbeat_interval_s)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="controller"))
+    pb_grpc.add_ControllerServicer_to_server(service, server)
+    if server.add_insecure_port(config.controller_address) == 0:
+        raise RuntimeError(f"controller cannot bind {config.controller_address}")
+    server.start()
+    log.info("controller serving on %s (cluster %s)", config.controller_address, config.cluster_id)
+    loop = threading.Thread(target=service.reconcile_forever, name="reconcile", daemon=True)
+    loop.start()
+    if ready is not None:
+        ready.set()
+    _wait_for_termination(service)
+    server.stop(grace=0.5).wait()
+
+
+def _wait_for_termination(service: ControllerService) -> None:
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: service.stopping.set())
+    signal.signal(signal.SIGINT, lambda *_: service.stopping.set())
+    while not service.stopping.wait(1.0):
+        pass
+
+
+def main(config: WorkerConfig) -> int:
+    serve(config)
+    return 0
+

@@ -1,0 +1,248 @@
+"""The controller's model of the cluster: membership, incarnations, fences, the ERT and its epoch.
+
+Plain Python with an injectable clock, so tests drive it without processes or sockets. The gRPC
+server (server.py) wraps one instance behind a lock. Decisions about placement are delegated to the
+pure functions of placement.py.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+from resilient_moe.controller import placement
+from resilient_moe.datapath.ert import RoutingTable
+
+ExpertKey = tuple[int, int]
+
+STARTING, READY, SUSPECT, DEAD, STOPPED = "STARTING", "READY", "SUSPECT", "DEAD", "STOPPED"
+
+
+@dataclass
+class WorkerRecord:
+    name: str
+    role: str  # "attention", "expert", "frontend", "kv_store"
+    index: int
+    incarnation: int
+    pid: int
+    host: str
+    data_address: str = ""
+    state: str = STARTING
+    experts: list[ExpertKey] = field(default_factory=list)
+    last_heartbeat: float = 0.0
+    load: dict[str, float] = field(default_factory=dict)
+    started_at: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True)
+class ClusterEvent:
+    time: float  # unix time
+    kind: str
+    worker: str
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    num_layers: int
+    num_experts: int
+    sparse_layers: tuple[int, ...]
+
+
+class ClusterModel:
+    """Membership and routing state; every mutation bumps `version` so watchers can wait on it."""
+
+    def __init__(
+        self,
+        shape: ModelShape,
+        expert_workers: list[str],
+        policy: str = "contiguous",
+        heartbeat_timeout_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+        shadow_slots: int | None = None,
+        shadow_policy: str = "spread",
+        resilience: bool = True,
+    ) -> None:
+        """`shadow_slots`: shadow experts each expert worker holds per sparse layer (None: enough for one
+        copy of every expert; ignored without resilience, which keeps no shadows)."""
+        self.shape = shape
+        self.clock = clock
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.resilience = resilience
+        self.expert_names = list(expert_workers)
+        self.primaries = placement.primary_placement(shape.num_experts, self.expert_names, policy)
+        if not resilience or len(self.expert_names) < 2:
+            shadow_slots = 0
+        elif shadow_slots is None:
+            shadow_slots = -(-shape.num_experts // (len(self.expert_names) - 1))
+        self.shadow_slots = shadow_slots
+        self.shadow_policy = shadow_policy
+        self.plan = placement.shadow_placement(
+            self.primaries, self.expert_names, list(shape.sparse_layers), shadow_slots,
+            policy="spread" if shadow_policy == "load_aware" else shadow_policy,  # no load observed yet
+        )
+        self.epoch = 1
+        self.workers: dict[str, WorkerRecord] = {}
+        self.fenced: set[tuple[str, int]] = set()
+        self.events: deque[ClusterEvent] = deque(maxlen=500)
+        self.next_incarnation = 1
+        self.version = 0
+        self.launcher_commands: list[tuple[str, str]] = []  # (action, worker) for the launcher to carry out
+        self.ert = self._build_ert()
+        if self.plan.unprotected and resilience:
+            self._event("unprotected", "", f"{len(self.plan.unprotected)} (layer, expert) pairs have no shadow: "
+                        + ", ".join(f"{l}/{e}" for l, e in self.plan.unprotected[:16]))
+
+    # ---- routing ----------------------------------------------------------------------------
+
+    def _build_ert(self) -> RoutingTable:
+        """Primary then shadows, leaving out expert workers that are not serving (dead or replaced and
+        still loading): their shadows are promoted."""
+        serving = {r.name for r in self.workers.values() if r.role == "expert" and r.state in (READY, SUSPECT)}
+        absent = {name for name in self.expert_names if name not in serving}
+        return placement.routing_table(
+            self.epoch, list(self.shape.sparse_layers), self.shape.num_layers, self.shape.num_experts,
+            self.primaries, self.plan.shadows, dead=absent,
+        )
+
+    def _publish_routing(self, reason: str) -> None:
+        ert = self._build_ert()
+        if ert.candidates != self.ert.candidates:
+            self.epoch += 1
+            self.ert = self._build_ert()
+            self._event("epoch", "", f"routing table epoch {self.epoch}: {reason}")
+
+    def experts_for(self, name: str) -> list[ExpertKey]:
+        """Every (layer, expert) this expert worker is asked to hold: its primaries and its shadows."""
+        primaries = [(layer, e) for layer in self.shape.sparse_layers for e, w in self.primaries.items() if w == name]
+        return sorted(set(primaries) | set(self.plan.held_by(name)))
+
+    def unprotected(self) -> list[ExpertKey]:
+        """(layer, expert) pairs that have a single live copy right now (or none)."""
+        return sorted(
+            (i // self.ert.num_experts, i % self.ert.num_experts)
+            for i, entry in enumerate(self.ert.candidates)
+            if i // self.ert.num_experts in self.shape.sparse_layers and len(entry) < 2
+        )
+
+    # ---- membership -------------------------------------------------------------------------
+
+    def _event(self, kind: str, worker: str, detail: str = "") -> None:
+        self.events.append(ClusterEvent(time.time(), kind, worker, detail))
+        self.version += 1
+
+    def register(self, name: str, role: str, index: int, pid: int, host: str, data_address: str = "") -> WorkerRecord:
+        """A worker process announces itself; it gets a fresh incarnation. A previous incarnation
+        under the same name that is still alive in our books is fenced: the new one replaces it."""
+        old = self.workers.get(name)
+        if old is not None and old.state not in (DEAD, STOPPED):
+            old.state = DEAD
+            self.fenced.add((old.name, old.incarnation))
+            self._event("fenced", name, f"incarnation {old.incarnation} replaced by a new registration")
+        record = WorkerRecord(name, role, index, self.next_incarnation, pid, host, data_address,
+                              last_heartbeat=self.clock())
+        self.next_incarnation += 1
+        self.workers[name] = record
+        self._event("registered", name, f"incarnation {record.incarnation}, pid {pid}")
+        if old is not None and role == "expert":
+            self._publish_routing(f"{name} replaced")
+        return record
+
+    def ready(self, name: str, incarnation: int, experts: list[ExpertKey], data_address: str) -> bool:
+        record = self._current(name, incarnation)
+        if record is None:
+            return False
+        record.state = READY
+        record.experts = sorted(experts)
+        if data_address:
+            record.data_address = data_address
+        record.last_heartbeat = self.clock()
+        self._event("ready", name, f"incarnation {incarnation}")
+        if record.role == "expert":
+            self._publish_routing(f"{name} serving")
+        return True
+
+    def heartbeat(self, name: str, incarnation: int, load: dict[str, float]) -> bool:
+        """Record a heartbeat; returns False when that incarnation is fenced (it must stop)."""
+        if (name, incarnation) in self.fenced:
+            return False
+        record = self._current(name, incarnation)
+        if record is None:
+            return False
+        record.last_heartbeat = self.clock()
+        record.load = dict(load)
+        if record.state == SUSPECT:
+            record.state = READY
+            self._event("recovered", name, "heartbeats resumed")
+        return True
+
+    def deregister(self, name: str, incarnation: int) -> None:
+        record = self._current(name, incarnation)
+        if record is not None:
+            record.state = STOPPED
+            self._event("stopped", name, f"incarnation {incarnation} left")
+
+    def _current(self, name: str, incarnation: int) -> WorkerRecord | None:
+        record = self.workers.get(name)
+        if record is None or record.incarnation != incarnation or (name, incarnation) in self.fenced:
+            return None
+        return record
+
+    # ---- failure handling -------------------------------------------------------------------
+
+    def report_failure(self, reporter: str, suspect: str, incarnation: int, reason: str, process_gone: bool) -> None:
+        """A peer saw a broken link or unanswered probes. A process known to be gone is declared dead
+        at once; otherwise it becomes SUSPECT and the heartbeat timeout decides."""
+        record = self.workers.get(suspect)
+        if record is None or record.state in (DEAD, STOPPED):
+            return
+        if incarnation and record.incarnation != incarnation:
+            return  # about an incarnation that is already gone
+        if process_gone:
+            self.declare_dead(suspect, f"{reason} (reported by {reporter}; process gone)")
+        elif record.state == READY:
+            record.state = SUSPECT
+            self._event("suspect", suspect, f"{reason} (reported by {reporter})")
+
+    def tick(self) -> list[str]:
+        """Declare dead every worker whose heartbeats stopped; returns their names."""
+        now = self.clock()
+        dead = []
+        for record in list(self.workers.values()):
+            if record.state in (DEAD, STOPPED):
+                continue
+            if now - record.last_heartbeat > self.heartbeat_timeout_s:
+                self.declare_dead(record.name, f"no heartbeat for {now - record.last_heartbeat:.2f}s")
+                dead.append(record.name)
+        return dead
+
+    def declare_dead(self, name: str, reason: str) -> None:
+        record = self.workers.get(name)
+        if record is None or record.state in (DEAD, STOPPED):
+            return
+        self._fence(record, reason)
+
+    def _fence(self, record: WorkerRecord, reason: str) -> None:
+        """Declare an incarnation dead: its frames are dropped everywhere from now on (the epoch
+        changes with it), its shadows take over, and the launcher is asked for a replacement."""
+        record.state = DEAD
+        self.fenced.add((record.name, record.incarnation))
+        self.epoch += 1
+        self.ert = self._build_ert()
+        self._event("dead", record.name, f"incarnation {record.incarnation}: {reason}")
+        self._event("fenced", record.name, f"incarnation {record.incarnation}, routing epoch {self.epoch}")
+        if not self.resilience:
+            self.launcher_commands.append(("restart-all", record.name))
+        elif record.role in ("expert", "attention"):
+            self.launcher_commands.append(("start", record.name))
+
+    def live(self, role: str | None = None) -> list[WorkerRecord]:
+        return [
+            r for r in self.workers.values()
+            if r.state in (READY, SUSPECT) and (role is None or r.role == role)
+        ]
+
+    def dead_expert_workers(self) -> set[str]:
+        return {r.name for r in self.workers.values() if r.role == "expert" and r.state in (DEAD, STOPPED)}

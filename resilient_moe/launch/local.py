@@ -1,0 +1,365 @@
+"""Local launcher: every role as an OS process on this host, started through the zygote.
+
+`LocalCluster` starts the controller, the expert workers and the attention workers, waits until each
+reports ready (the controller's view), and tears everything down: SIGTERM, a grace period, SIGKILL.
+Lifetimes are chained by parent-death signals (launcher -> zygote -> workers) and the zygote leads a
+process group of its own, so even a launcher killed with SIGKILL leaves no process behind. Datapath
+shared memory is memfd-based (no names in /dev/shm), so nothing is left there either.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from resilient_moe.config import DeploymentConfig, WorkerConfig
+from resilient_moe.controller.client import ControllerClient
+from resilient_moe.errors import ResilientMoeError
+from resilient_moe.proto import controller_pb2 as pb
+
+log = logging.getLogger("resilient_moe.launcher")
+
+
+class ClusterError(ResilientMoeError):
+    """The cluster could not start (a worker died or did not become ready); the message has its log."""
+
+
+def _die_with_launcher() -> None:
+    import ctypes
+
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+
+
+class Zygote:
+    """The fork server process and the protocol to it."""
+
+    def __init__(self) -> None:
+        ours, theirs = socket.socketpair()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "resilient_moe.launch.zygote", str(theirs.fileno()), str(os.getpid())],
+            pass_fds=[theirs.fileno()],
+            preexec_fn=_die_with_launcher,
+            start_new_session=True,  # its own process group; Ctrl-C in a terminal reaches the launcher only
+        )
+        theirs.close()
+        self.sock = ours
+        self._out = ours.makefile("w", buffering=1)
+        self._inp = ours.makefile("r")
+        self._lock = threading.Lock()
+        self.exits: list[dict] = []
+        self._spawned: dict[str, int] = {}
+        self._spawn_cond = threading.Condition()
+        self._reader = threading.Thread(target=self._read, name="zygote-reader", daemon=True)
+        self._hello = threading.Event()
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self._inp:
+            try:
+                message = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            with self._spawn_cond:
+                if message["op"] == "hello":
+                    self._hello.set()
+                elif message["op"] == "spawned":
+                    self._spawned[message["name"]] = message["pid"]
+                elif message["op"] == "exited":
+                    self.exits.append(message)
+                    log.info("%s (pid %d) exited with code %s", message["name"], message["pid"], message["code"])
+                self._spawn_cond.notify_all()
+
+    def wait_hello(self, timeout_s: float) -> None:
+        if not self._hello.wait(timeout_s):
+            raise ClusterError(f"the zygote did not start within {timeout_s:.0f}s (exit code {self.proc.poll()})")
+
+    def spawn(self, name: str, role: str, config: WorkerConfig, log_path: str, timeout_s: float = 10.0) -> int:
+        with self._spawn_cond:
+            self._spawned.pop(name, None)
+        with self._lock:
+            self._out.write(json.dumps({"op": "spawn", "name": name, "role": role, "config": config.to_json(),
+                                        "log": log_path}) + "\n")
+            self._out.flush()
+        with self._spawn_cond:
+            if not self._spawn_cond.wait_for(lambda: name in self._spawned, timeout_s):
+                raise ClusterError(f"the zygote did not fork {name}")
+            return self._spawned[name]
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        try:
+            with self._lock:
+                self._out.write(json.dumps({"op": "shutdown"}) + "\n")
+                self._out.flush()
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.sock.close()
+
+
+class LocalCluster:
+    """A controller, E expert workers and A attention workers on this host."""
+
+    def __init__(
+        self,
+        deployment: DeploymentConfig,
+        log_dir: str | os.PathLike[str] | None = None,
+        zygote: "Zygote | None" = None,
+    ) -> None:
+        """`zygote`: share a running fork server (tests start many clusters); it is then not stopped here."""
+        self.deployment = deployment
+        self._own_zygote = zygote is None
+        self.cluster_id = secrets.token_hex(4)
+        self.controller_address = f"unix-abstract:rmoe-{self.cluster_id}-controller"
+        self._tmp = None
+        if log_dir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix=f"rmoe-{self.cluster_id}-")
+            log_dir = self._tmp.name
+        self.log_dir = Path(log_dir)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.pids: dict[str, int] = {}
+        self.retired: list[int] = []  # processes replaced by a new incarnation (a hung one may linger)
+        self.zygote: Zygote | None = zygote
+        self._exits_seen = 0
+        self._commands: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self.restarts: list[tuple[float, float]] = []  # (began, ready) of each restart-all, time.monotonic()
+        self.client: ControllerClient | None = None
+
+    # ---- start ------------------------------------------------------------------------------
+
+    def worker_config(self, name: str, role: str, index: int) -> WorkerConfig:
+        return WorkerConfig(name, role, index, self.cluster_id, self.controller_address, self.deployment)
+
+    def spawn(self, name: str, role: str, index: int) -> int:
+        assert self.zygote is not None
+        pid = self.zygote.spawn(name, role, self.worker_config(name, role, index), str(self.log_dir / f"{name}.log"))
+        old = self.pids.get(name)
+        if old is not None and old != pid:
+            self.retired.append(old)
+        self.pids[name] = pid
+        return pid
+
+    @staticmethod
+    def role_of(name: str) -> tuple[str, int]:
+        prefix, _, index = name.partition("-")
+        return {"ew": "expert", "aw": "attention"}[prefix], int(index)
+
+    def _follow_commands(self) -> None:
+        """Carry out the controller's requests: replacement workers, or (baseline) restart everything."""
+        assert self.client is not None
+        while not self._stopping.is_set():
+            try:
+                for command in self.client.stub.LauncherCommands(pb.WatchRequest(name="launcher"), wait_for_ready=True):
+                    if self._stopping.is_set():
+                        return
+                    try:
+                        self._carry_out(command)
+                    except Exception:
+                        log.exception("launcher command %s %s failed", command.action, command.worker)
+            except Exception:
+                if self._stopping.wait(0.2):
+                    return
+
+    def _carry_out(self, command: pb.LauncherCommand) -> None:
+        if command.action == "start":
+            role, index = self.role_of(command.worker)
+            log.info("starting a replacement for %s", command.worker)
+            self.spawn(command.worker, role, index)
+        elif command.action == "restart-all":
+            if self.restarts and self.restarts[-1][1] == 0.0:
+                return  # a restart is already under way; it covers this death too
+            self.restart_all(reason=f"{command.worker} died")
+
+    def restart_all(self, reason: str) -> None:
+        """The restart-everything baseline: kill every worker, start them all again."""
+        began = time.monotonic()
+        self.restarts.append((began, 0.0))
+        log.warning("restarting every worker (%s)", reason)
+        workers = [n for n in self.pids if n != "controller"]
+        for name in workers:
+            _signal(self.pids[name], signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(_alive(self.pids[n]) for n in workers):
+            time.sleep(0.01)
+        experts = sorted(n for n in workers if n.startswith("ew-"))
+        attention = sorted(n for n in workers if n.startswith("aw-"))
+        for name in experts:
+            self.spawn(name, *self.role_of(name))
+        self._wait_fresh(experts, deadline=time.monotonic() + self.deployment.startup_timeout_s)
+        for name in attention:
+            self.spawn(name, *self.role_of(name))
+        self._wait_fresh(attention, deadline=time.monotonic() + self.deployment.startup_timeout_s)
+        self.restarts[-1] = (began, time.monotonic())
+        log.warning("restart-all done in %.2fs", self.restarts[-1][1] - began)
+
+    def _wait_fresh(self, names: list[str], deadline: float) -> None:
+        """Wait until the current processes of `names` are ready (their pids, not older incarnations')."""
+        assert self.client is not None
+        while time.monotonic() < deadline:
+            try:
+                state = self.client.get_state(timeout_s=1.0)
+                ready = {w.name for w in state.workers if w.state == pb.READY and w.pid == self.pids.get(w.name)}
+                if all(n in ready for n in names):
+                    return
+            except Exception:
+                pass
+            time.sleep(0.02)
+        raise ClusterError(f"timed out waiting for {', '.join(names)} to be ready again")
+
+    def start(self) -> "LocalCluster":
+        dep = self.deployment
+        deadline = time.monotonic() + dep.startup_timeout_s
+        try:
+            if self.zygote is None:
+                self.zygote = Zygote()
+            self.zygote.wait_hello(dep.startup_timeout_s)
+            self._exits_seen = len(self.zygote.exits)
+            self.spawn("controller", "controller", 0)
+            self.client = ControllerClient(self.controller_address)
+            self._wait(lambda s: True, deadline, "controller")
+            experts = [f"ew-{i}" for i in range(dep.expert_workers)]
+            for i, name in enumerate(experts):
+                self.spawn(name, "expert", i)
+            self._wait(lambda s: self._all_ready(s, experts), deadline, "expert workers")
+            attention = [f"aw-{i}" for i in range(dep.attention_workers)]
+            for i, name in enumerate(attention):
+                self.spawn(name, "attention", i)
+            self._wait(lambda s: self._all_ready(s, attention), deadline, "attention workers")
+            self._commands = threading.Thread(target=self._follow_commands, name="launcher-commands", daemon=True)
+            self._commands.start()
+        except BaseException:
+            self.stop()
+            raise
+        log.info("cluster %s ready: %s", self.cluster_id, ", ".join(f"{n}={p}" for n, p in self.pids.items()))
+        return self
+
+    @staticmethod
+    def _all_ready(state: pb.ClusterState, names: list[str]) -> bool:
+        ready = {w.name for w in state.workers if w.state == pb.READY}
+        return all(n in ready for n in names)
+
+    def _wait(self, done, deadline: float, what: str) -> pb.ClusterState:
+        assert self.client is not None and self.zygote is not None
+        while True:
+            ours = [e for e in self.zygote.exits[self._exits_seen:] if e["pid"] in self.pids.values()]
+            if ours:
+                dead = ours[0]
+                raise ClusterError(f"{dead['name']} exited with code {dead['code']} while starting {what}:\n"
+                                   f"{self.log_tail(dead['name'])}")
+            try:
+                state = self.client.get_state(timeout_s=1.0)
+                if done(state):
+                    return state
+            except Exception:
+                pass
+            if time.monotonic() > deadline:
+                raise ClusterError(f"timed out starting {what}; logs in {self.log_dir}")
+            time.sleep(0.05)
+
+    def log_tail(self, name: str, lines: int = 30) -> str:
+        path = self.log_dir / f"{name}.log"
+        if not path.is_file():
+            return "(no log)"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+    # ---- inspection and faults --------------------------------------------------------------
+
+    def state(self) -> pb.ClusterState:
+        assert self.client is not None
+        return self.client.get_state()
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        os.kill(self.pids[name], sig)
+
+    def alive_pids(self) -> list[int]:
+        return [pid for pid in [*self.pids.values(), *self.retired] if _alive(pid)]
+
+    # ---- stop -------------------------------------------------------------------------------
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        """SIGTERM every worker, wait up to `grace_s`, SIGKILL the rest, stop the zygote."""
+        self._stopping.set()
+        for pid in self.retired:
+            _signal(pid, signal.SIGKILL)
+        for name, pid in self.pids.items():
+            if name != "controller":
+                _signal(pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and any(_alive(p) for n, p in self.pids.items() if n != "controller"):
+            time.sleep(0.02)
+        _signal(self.pids.get("controller", 0), signal.SIGTERM)
+        while time.monotonic() < deadline + 2 and _alive(self.pids.get("controller", 0)):
+            time.sleep(0.02)
+        for pid in self.pids.values():
+            _signal(pid, signal.SIGKILL)
+        if self.client is not None:
+            self.client.close()
+        if self.zygote is not None and self._own_zygote:
+            self.zygote.shutdown()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+    def __enter__(self) -> "LocalCluster":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _signal(pid: int, sig: int) -> None:
+    if pid > 0:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def _alive(pid: int) -> bool:
+    """True while `pid` runs (zombies count as gone)."""
+    if pid <= 0:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Start a cluster, print {"pids": {...}, "controller": ...} on one line, run until SIGTERM/SIGINT."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m resilient_moe.launch.local")
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--attention-workers", type=int, default=1)
+    parser.add_argument("--expert-workers", type=int, default=2)
+    parser.add_argument("--transport", default="shm")
+    args = parser.parse_args(argv)
+    dep = DeploymentConfig(model=args.model, attention_workers=args.attention_workers,
+                           expert_workers=args.expert_workers, transport=args.transport)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    with LocalCluster(dep) as cluster:
+        pids = dict(cluster.pids, zygote=cluster.zygote.proc.pid)
+        print(json.dumps({"pids": pids, "controller": cluster.controller_address}), flush=True)
+        stop.wait()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""Fork server for worker processes.
+
+Importing torch costs about two seconds of CPU here, per process. The zygote pays it once: it imports
+every role's module, then forks a worker for each request, so a cluster (or a replacement worker
+after a failure) starts in milliseconds plus weight loading. It never runs torch ops, threads or
+gRPC itself, so forking it is safe.
+
+Protocol: JSON lines over a socketpair with the launcher.
+    launcher -> zygote  {"op": "spawn", "name", "role", "config", "log"} | {"op": "shutdown"}
+    zygote -> launcher  {"op": "hello", "pid"} | {"op": "spawned", "name", "pid"} |
+                        {"op": "exited", "name", "pid", "code"}
+Lifetime: the zygote dies with the launcher (parent-death signal) and every worker dies with the
+zygote, so a launcher killed with SIGKILL leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import select
+import signal
+import socket
+import sys
+import traceback
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent_pid: int, sig: int = signal.SIGKILL) -> None:
+    """Ask the kernel to send `sig` when our parent exits; exit now if it already has."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+def _role_mains() -> dict:
+    from resilient_moe.controller import server as controller_server
+    from resilient_moe.workers import attention_worker, expert_worker
+
+    return {"controller": controller_server.main, "attention": attention_worker.main, "expert": expert_worker.main}
+
+
+def _run_child(role_main, config_json: str, log_path: str, zygote_pid: int, sock: socket.socket) -> None:
+    """In the forked child: become the worker. Never returns."""
+    code = 1
+    try:
+        die_with_parent(zygote_pid)
+        sock.close()
+        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGPIPE):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.set_wakeup_fd(-1)
+        if log_path:
+            fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            os.close(fd)
+        from resilient_moe.config import WorkerConfig
+
+        code = role_main(WorkerConfig.from_json(config_json)) or 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
+def serve(sock: socket.socket, launcher_pid: int) -> None:
+    mains = _role_mains()
+    import torch  # noqa: F401  (imported here so every child inherits it)
+
+    children: dict[int, str] = {}
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher decides when workers stop
+    out = sock.makefile("w", buffering=1)
+    inp = sock.makefile("r")
+
+    def send(message: dict) -> None:
+        try:
+            out.write(json.dumps(message) + "\n")
+            out.flush()  # socket files do not flush on newline, whatever their buffering
+        except OSError:
+            pass
+
+    def reap() -> None:
+        while children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            name = children.pop(pid, "?")
+            send({"op": "exited", "name": name, "pid": pid, "code": os.waitstatus_to_exitcode(status)})
+
+    send({"op": "hello", "pid": os.getpid()})
+    while True:
+        ready, _, _ = select.select([sock, wake_r], [], [])
+        if wake_r in ready:
+            os.read(wake_r, 4096)
+            reap()
+        if sock not in ready:
+            continue
+        line = inp.readline()
+        if not line:  # the launcher is gone
+            break
+        request = json.loads(line)
+        if request.get("op") == "shutdown":
+            break
+        if request.get("op") == "spawn":
+            zygote_pid = os.getpid()
+            pid = os.fork()
+            if pid == 0:
+                _run_child(mains[request["role"]], request["config"], request.get("log", ""), zygote_pid, sock)
+            children[pid] = request["name"]
+            send({"op": "spawned", "name": request["name"], "pid": pid})
+    for pid in list(children):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for pid in list(children):
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+
+
+def main() -> None:
+    fd = int(sys.argv[1])
+    launcher_pid = int(sys.argv[2])
+    die_with_parent(launcher_pid)
+    sock = socket.socket(fileno=fd)
+    serve(sock, launcher_pid)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,277 @@
+"""The frontend role's core: routes requests to attention workers and keeps each request's token log.
+
+Tokens are numbered by position in the request's output. The log accepts exactly the next position;
+an earlier one (a duplicate after a failover) is dropped, so a caller sees every token exactly once.
+The frontend's link I/O runs on one thread; callers submit from any thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import queue
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+
+from resilient_moe import messages
+from resilient_moe.config import SamplingParams
+from resilient_moe.controller.client import ControllerClient
+from resilient_moe.datapath.frames import FrameHeader, FrameKind, worker_number
+from resilient_moe.datapath.link import Link, LinkClosed, PeerInfo, connect
+from resilient_moe.datapath.poller import Poller
+from resilient_moe.proto import controller_pb2 as pb
+from resilient_moe.workers.common import Wakeup
+
+log = logging.getLogger("resilient_moe.frontend")
+
+
+class RequestFailed(RuntimeError):
+    """A request could not complete; `kind` is "invalid_request", "expert_unavailable" or "error"."""
+
+    def __init__(self, message: str, kind: str = "error") -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass
+class TokenRecord:
+    token_id: int
+    logprob: float | None
+    arrived: float  # time.monotonic() when the frontend received it
+
+
+@dataclass
+class RequestHandle:
+    """A request's token log and its event stream."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    seed: int
+    tokens: list[TokenRecord] = field(default_factory=list)
+    finish_reason: str | None = None
+    error: RequestFailed | None = None
+    worker: str = ""
+    duplicates: int = 0
+    submitted_at: float = field(default_factory=time.monotonic)
+    _events: "queue.Queue[tuple[str, object]]" = field(default_factory=queue.Queue)
+    _done: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def token_ids(self) -> list[int]:
+        return [t.token_id for t in self.tokens]
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self, timeout_s: float | None = None) -> "RequestHandle":
+        """Block until finished; raises RequestFailed (or TimeoutError)."""
+        if not self._done.wait(timeout_s):
+            raise TimeoutError(f"request {self.request_id} did not finish within {timeout_s}s")
+        if self.error is not None:
+            raise self.error
+        return self
+
+    def events(self, timeout_s: float | None = None):
+        """Yield ("token", TokenRecord) in position order, then ("finish", reason) or ("error", exc)."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                kind, value = self._events.get(timeout=remaining)
+            except queue.Empty:
+                raise TimeoutError(f"request {self.request_id}: no event within {timeout_s}s") from None
+            yield kind, value
+            if kind in ("finish", "error"):
+                return
+
+    # called on the frontend's I/O thread
+    def _accept(self, position: int, token_id: int, logprob: float | None, finish: str | None) -> None:
+        if self.done:
+            return
+        if position < len(self.tokens):
+            self.duplicates += 1  # already delivered (e.g. re-sent after a failover)
+            return
+        if position > len(self.tokens):
+            log.error("request %s: token position %d arrived, expected %d", self.request_id, position, len(self.tokens))
+            return
+        record = TokenRecord(token_id, logprob, time.monotonic())
+        self.tokens.append(record)
+        self._events.put(("token", record))
+        if finish is not None:
+            self.finish_reason = finish
+            self._events.put(("finish", finish))
+            self._done.set()
+
+    def _fail(self, error: RequestFailed) -> None:
+        if not self.done:
+            self.error = error
+            self._events.put(("error", error))
+            self._done.set()
+
+
+class Frontend:
+    """Submits requests to attention workers of one cluster and streams their tokens back."""
+
+    _ids = itertools.count()
+
+    def __init__(self, controller_address: str, name: str | None = None) -> None:
+        self.name = name or f"frontend-{os.getpid()}-{next(self._ids)}"
+        self.identity = PeerInfo(self.name, worker_number("frontend", 0), secrets.randbits(32), os.getpid())
+        self.client = ControllerClient(controller_address)
+        self.poller = Poller()
+        self.wakeup = Wakeup(self.poller)
+        self.links: dict[str, tuple[int, Link]] = {}  # aw name -> (incarnation, link)
+        self.requests: dict[str, RequestHandle] = {}
+        self._outbox: "queue.Queue[tuple[RequestHandle, messages.Message]]" = queue.Queue()
+        self._states: "queue.Queue[pb.ClusterState]" = queue.Queue()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"{self.name}-io", daemon=True)
+        self._ready = threading.Event()
+
+    def start(self, timeout_s: float = 30.0) -> "Frontend":
+        self._states.put(self.client.get_state(timeout_s=timeout_s))
+        self.client.start_watch(self.name, self._on_state)
+        self._thread.start()
+        if not self._ready.wait(timeout_s):
+            raise ConnectionError("no attention worker is reachable")
+        return self
+
+    def _on_state(self, state: pb.ClusterState) -> None:
+        self._states.put(state)
+        self.wakeup.ring()
+
+    # ---- API --------------------------------------------------------------------------------
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> RequestHandle:
+        request_id = request_id or f"req-{secrets.token_hex(6)}"
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        handle = RequestHandle(request_id, list(prompt_ids), params, seed)
+        self.requests[request_id] = handle
+        message = messages.Submit(request_id, list(prompt_ids), params.to_dict(), seed)
+        self._outbox.put((handle, message))
+        self.wakeup.ring()
+        return handle
+
+    def abort(self, request_id: str) -> None:
+        handle = self.requests.get(request_id)
+        if handle is not None and not handle.done:
+            self._outbox.put((handle, messages.Abort(request_id)))
+            handle._fail(RequestFailed("aborted", "aborted"))
+            self.wakeup.ring()
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams, timeout_s: float = 300.0) -> list[RequestHandle]:
+        handles = [self.submit(p, params) for p in prompts]
+        for h in handles:
+            h.wait(timeout_s)
+        return handles
+
+    def close(self) -> None:
+        self._stop.set()
+        self.wakeup.ring()
+        if self._thread.is_alive():
+            self._thread.join(5)
+        for _, link in self.links.values():
+            link.close()
+        self.client.close()
+
+    # ---- I/O thread -------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._apply_states()
+                self._flush_outbox()
+                links, _ = self.poller.wait(0.2)
+                self.wakeup.drain()
+                for name, (_, link) in list(self.links.items()):
+                    self._drain(name, link)
+            except Exception:
+                log.exception("frontend loop error")
+
+    def _apply_states(self) -> None:
+        while not self._states.empty():
+            state = self._states.get_nowait()
+            fenced = {(f.name, f.incarnation) for f in state.fenced}
+            for w in state.workers:
+                if w.role != pb.ATTENTION:
+                    continue
+                current = self.links.get(w.name)
+                if w.state == pb.READY and w.data_address and (current is None or current[0] != w.incarnation):
+                    try:
+                        link = connect(w.data_address, self.identity, self.poller)
+                        self.links[w.name] = (w.incarnation, link)
+                    except (OSError, ConnectionError) as e:
+                        log.warning("cannot reach %s: %s", w.name, e)
+                elif current is not None and ((w.name, w.incarnation) in fenced or w.state == pb.DEAD):
+                    self._lost(w.name, "fenced by the controller")
+            if self.links:
+                self._ready.set()
+
+    def _pick_worker(self) -> str | None:
+        """Least-loaded attention worker by requests in flight from this frontend."""
+        if not self.links:
+            return None
+        load = {name: 0 for name in self.links}
+        for h in self.requests.values():
+            if not h.done and h.worker in load:
+                load[h.worker] += 1
+        return min(sorted(load), key=lambda n: load[n])
+
+    def _flush_outbox(self) -> None:
+        while not self._outbox.empty():
+            handle, message = self._outbox.get_nowait()
+            if isinstance(message, messages.Submit):
+                handle.worker = self._pick_worker() or ""
+            name = handle.worker
+            if name not in self.links:
+                if isinstance(message, messages.Submit):
+                    handle._fail(RequestFailed("no attention worker is available", "unavailable"))
+                continue
+            _, link = self.links[name]
+            try:
+                link.send(FrameHeader(FrameKind.CONTROL), body=messages.encode(message))
+            except LinkClosed:
+                self._lost(name, "link closed on send")
+                self._outbox.put((handle, message))
+
+    def _drain(self, name: str, link: Link) -> None:
+        try:
+            got = False
+            while (frame := link.recv()) is not None:
+                got = True
+                if frame.header.kind == FrameKind.CONTROL:
+                    self._on_message(messages.decode(frame.body))
+            if got:
+                link.release()
+        except LinkClosed as e:
+            self._lost(name, str(e))
+        except messages.MessageError as e:
+            log.error("bad message from %s: %s", name, e)
+
+    def _on_message(self, message: messages.Message) -> None:
+        if isinstance(message, messages.Tokens):
+            for request_id, position, token_id, logprob, finish in message.events:
+                handle = self.requests.get(request_id)
+                if handle is not None:
+                    handle._accept(position, token_id, logprob, finish)
+        elif isinstance(message, messages.Failed):
+            handle = self.requests.get(message.request_id)
+            if handle is not None:
+                handle._fail(RequestFailed(message.message, message.kind))
+
+    def _lost(self, name: str, reason: str) -> None:
+        """An attention worker is gone; its unfinished requests fail (restore comes with KV checkpoints)."""
+        entry = self.links.pop(name, None)
+        if entry is None:
+            return
+        self.poller.remove(entry[1])
+        entry[1].close()
+        log.warning("lost attention worker %s: %s", name, reason)
+        for handle in self.requests.values():
+            if handle.worker == name and not handle.done:
+                handle._fail(RequestFailed(f"attention worker {name} failed: {reason}", "error"))

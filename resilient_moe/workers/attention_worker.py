@@ -1,0 +1,236 @@
+"""Attention worker (AW): embedding, attention, routers, dense and shared MLPs, LM head, sampler and
+the paged KV cache, driving remote expert workers through the forwarding engine.
+
+It serves requests from frontends over links of its own: `submit`/`abort` in, `tokens`/`failed` out
+(messages.py). Commands that arrive while a step runs are queued and applied between steps, so the
+engine is only ever touched by the main loop.
+
+Placement note (issue: "shared experts and dense layers where traffic is lowest"): shared experts and
+dense MLP layers run here, on the AW. Every token needs them, so on an expert worker they would put
+every token's hidden state on the wire twice more per layer; here they cost no traffic, overlap the
+routed experts' round trip, and stay inside the failure domain that already holds the request.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import queue
+import signal
+import threading
+import time
+from collections import deque
+
+from resilient_moe import messages
+from resilient_moe.config import SamplingParams, WorkerConfig
+from resilient_moe.controller.client import ControllerClient, worker_info
+from resilient_moe.datapath.ert import RoutingTable
+from resilient_moe.datapath.forwarding import RemoteExperts
+from resilient_moe.datapath.frames import FrameHeader, FrameKind, worker_number
+from resilient_moe.datapath.link import Link, LinkClosed, PeerInfo, listen
+from resilient_moe.datapath.poller import Poller
+from resilient_moe.engine.engine import LLMEngine
+from resilient_moe.engine.sequence import TokenEvent
+from resilient_moe.errors import ConfigError, RequestError
+from resilient_moe.proto import controller_pb2 as pb
+from resilient_moe.workers.common import Wakeup, configure_process
+
+log = logging.getLogger("resilient_moe.attention_worker")
+
+
+class AttentionServer:
+    """The AW's loop: frontend commands in, engine steps, token events out."""
+
+    def __init__(self, engine: LLMEngine, experts: RemoteExperts, poller: Poller, listener, wakeup: Wakeup) -> None:
+        self.engine = engine
+        self.experts = experts
+        self.poller = poller
+        self.listener = listener
+        self.wakeup = wakeup
+        self.frontends: set[Link] = set()
+        self.owner: dict[str, Link] = {}  # request id -> frontend link that submitted it
+        self.commands: deque[tuple[Link, messages.Message]] = deque()
+        self.cluster_updates: deque[pb.ClusterState] = deque()
+        self.stopping = threading.Event()
+        self.fenced = False
+        self.step_s = 0.0  # time inside engine steps (attention compute + waiting for experts)
+        self.started = time.monotonic()
+        experts.on_other = self.on_other
+
+    # ---- inputs -----------------------------------------------------------------------------
+
+    def on_other(self, links: list[Link], fds: list[int]) -> None:
+        """Frontend traffic, new links and wake-ups seen while waiting (possibly mid-step): queue only."""
+        self.wakeup.drain()
+        while (link := self.listener.accept()) is not None:
+            self.frontends.add(link)
+        for link in list(self.frontends):
+            try:
+                got = False
+                while (frame := link.recv()) is not None:
+                    got = True
+                    if frame.header.kind == FrameKind.CONTROL:
+                        try:
+                            self.commands.append((link, messages.decode(frame.body)))
+                        except messages.MessageError as e:
+                            log.error("bad message from %s: %s", link.peer.name, e)
+                if got:
+                    link.release()
+            except LinkClosed:
+                self._drop_frontend(link)
+
+    def _drop_frontend(self, link: Link) -> None:
+        self.frontends.discard(link)
+        self.poller.remove(link)
+        link.close()
+        for request_id in [r for r, owner in self.owner.items() if owner is link]:
+            self.engine.abort(request_id)  # nobody is left to read its tokens
+            del self.owner[request_id]
+
+    def apply_commands(self) -> None:
+        while self.cluster_updates:
+            self.apply_cluster_state(self.cluster_updates.popleft())
+        while self.commands:
+            link, message = self.commands.popleft()
+            if isinstance(message, messages.Submit):
+                self._submit(link, message)
+            elif isinstance(message, messages.Abort):
+                self.engine.abort(message.request_id)
+                self.owner.pop(message.request_id, None)
+
+    def _submit(self, link: Link, message: messages.Submit) -> None:
+        try:
+            params = SamplingParams.from_dict(message.params)
+            self.engine.add_request(message.request_id, message.prompt_ids, params,
+                                    output_ids=message.output_ids, seed=message.seed)
+        except (RequestError, ConfigError) as e:
+            self._send(link, messages.Failed(message.request_id, str(e), "invalid_request"))
+            return
+        self.owner[message.request_id] = link
+
+    def apply_cluster_state(self, state: pb.ClusterState) -> None:
+        """Connect to expert workers that became ready; adopt the newest routing table."""
+        fenced = {(f.name, f.incarnation) for f in state.fenced}
+        for w in state.workers:
+            if w.role != pb.EXPERT:
+                continue
+            peer = self.experts.peers.get(w.name)
+            if (w.name, w.incarnation) in fenced or w.state == pb.DEAD:
+                self.experts.fence(w.name, w.incarnation)
+                continue
+            if w.state == pb.READY and w.data_address and (peer is None or peer.incarnation != w.incarnation):
+                try:
+                    self.experts.connect(w.name, w.data_address, w.incarnation)
+                except (OSError, ConnectionError) as e:
+                    log.warning("cannot link to %s at %s: %s", w.name, w.data_address, e)
+        if self.experts.ert is None or state.ert.epoch > self.experts.ert.epoch:
+            self.experts.set_routing(RoutingTable.from_proto(state.ert))
+
+    # ---- outputs ----------------------------------------------------------------------------
+
+    def _send(self, link: Link, message: messages.Message) -> None:
+        try:
+            link.send(FrameHeader(FrameKind.CONTROL), body=messages.encode(message))
+        except LinkClosed:
+            self._drop_frontend(link)
+
+    def publish(self, events: list[TokenEvent]) -> None:
+        by_link: dict[Link, list[list]] = {}
+        for e in events:
+            link = self.owner.get(e.request_id)
+            if link is None:
+                continue
+            by_link.setdefault(link, []).append([e.request_id, e.position, e.token_id, e.logprob, e.finish_reason])
+            if e.finish_reason is not None:
+                del self.owner[e.request_id]
+        for link, batch in by_link.items():
+            self._send(link, messages.Tokens(batch))
+
+    # ---- loop -------------------------------------------------------------------------------
+
+    def run_once(self) -> None:
+        self.apply_commands()
+        if not self.engine.has_unfinished():
+            links, fds = self.poller.wait(0.5)
+            self.experts.drain()
+            self.on_other(links, fds)
+            return
+        start = time.perf_counter()
+        events = self.engine.step()
+        self.step_s += time.perf_counter() - start
+        self.publish(events)
+        for request_id, message in self.engine.pop_failures():
+            link = self.owner.pop(request_id, None)
+            if link is not None:
+                self._send(link, messages.Failed(request_id, message, "expert_unavailable"))
+
+    def serve_forever(self) -> None:
+        while not self.stopping.is_set():
+            self.run_once()
+
+    def stats(self) -> dict[str, float]:
+        scheduler = self.engine.scheduler
+        return {"running": float(len(scheduler.running)), "waiting": float(len(scheduler.waiting)),
+                "steps": float(self.engine.step_count), "step_s": self.step_s,
+                "uptime_s": time.monotonic() - self.started, **self.experts.stats()}
+
+    def close(self) -> None:
+        for link in list(self.frontends):
+            self._drop_frontend(link)
+        self.experts.close()
+        self.listener.close()
+
+
+def main(config: WorkerConfig) -> int:
+    """Run an attention worker until SIGTERM, or until the controller fences this incarnation."""
+    dep = config.deployment
+    configure_process(config)
+    client = ControllerClient(config.controller_address)
+    reply = client.register(worker_info(config.name, pb.ATTENTION, config.index, host=dep.host),
+                            timeout_s=dep.startup_timeout_s)
+    identity = PeerInfo(config.name, worker_number("attention", config.index), reply.incarnation, os.getpid(), dep.host)
+    poller = Poller()
+    wakeup = Wakeup(poller)
+    listener = listen(f"tcp:{dep.host}:0", identity, poller)
+    poller.add_fd(listener.fileno())
+    reports: "queue.Queue[tuple[str, int, str]]" = queue.Queue()
+    experts = RemoteExperts(identity, poller, dep.ring_bytes, probe_interval_s=dep.probe_interval_s,
+                            probe_misses=dep.probe_misses,
+                            on_suspect=lambda name, incarnation, reason: reports.put((name, incarnation, reason)))
+    engine = LLMEngine(dep.model, dataclasses.replace(dep.engine, micro_batches=dep.micro_batches), experts=experts)
+    server = AttentionServer(engine, experts, poller, listener, wakeup)
+    server.apply_cluster_state(reply.state)
+
+    def on_state(state: pb.ClusterState) -> None:
+        server.cluster_updates.append(state)
+        if any(f.name == config.name and f.incarnation == reply.incarnation for f in state.fenced):
+            on_fenced()
+        wakeup.ring()
+
+    def on_fenced() -> None:
+        log.warning("%s incarnation %d was fenced by the controller; stopping", config.name, reply.incarnation)
+        server.fenced = True
+        server.stopping.set()
+        wakeup.ring()
+
+    client.start_heartbeats(config.name, reply.incarnation, dep.heartbeat_interval_s, server.stats, on_fenced)
+
+    def report_suspects() -> None:  # off the datapath: a slow controller never stalls a step
+        while True:
+            name, incarnation, reason = reports.get()
+            client.report_failure(config.name, name, incarnation, reason)
+
+    threading.Thread(target=report_suspects, name="suspect-reports", daemon=True).start()
+    client.start_watch(config.name, on_state)
+    signal.signal(signal.SIGTERM, lambda *_: (server.stopping.set(), wakeup.ring()))
+    client.ready(config.name, reply.incarnation, data_address=listener.address)
+    log.info("%s ready, serving frontends on %s", config.name, listener.address)
+    try:
+        server.serve_forever()
+    finally:
+        server.close()
+        if not server.fenced:
+            client.deregister(config.name, reply.incarnation)
+        client.close()
+    return 3 if server.fenced else 0

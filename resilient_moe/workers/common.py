@@ -1,0 +1,57 @@
+"""Pieces every worker process shares: process set-up, addresses, a cross-thread wake-up."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import torch
+
+from resilient_moe.config import DeploymentConfig, WorkerConfig
+from resilient_moe.datapath.poller import Poller
+
+
+def configure_process(config: WorkerConfig) -> None:
+    """One torch thread per worker (workers share the host's cores), and tagged log lines."""
+    torch.set_num_threads(config.deployment.engine.torch_threads)
+    logging.basicConfig(
+        level=config.deployment.log_level,
+        format=f"%(asctime)s {config.name} %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+
+
+def link_address(dep: DeploymentConfig, cluster_id: str, name: str, incarnation: int) -> str:
+    """Where a worker listens for datapath links. The incarnation is part of a shm name so a
+    replacement never collides with a dying predecessor's socket."""
+    if dep.transport == "shm":
+        return f"shm:@rmoe-{cluster_id}-{name}-{incarnation}"
+    return f"tcp:{dep.host}:0"
+
+
+class Wakeup:
+    """An eventfd in the worker's poller that other threads ring to interrupt its wait."""
+
+    def __init__(self, poller: Poller) -> None:
+        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.poller = poller
+        poller.add_fd(self.fd)
+
+    def ring(self) -> None:
+        try:
+            os.eventfd_write(self.fd, 1)
+        except OSError:
+            pass  # closed during shutdown
+
+    def drain(self) -> bool:
+        try:
+            os.eventfd_read(self.fd)
+            return True
+        except BlockingIOError:
+            return False
+
+    def close(self) -> None:
+        self.poller.remove_fd(self.fd)
+        os.close(self.fd)

@@ -1,0 +1,66 @@
+"""The local launcher's process hygiene: nothing survives it, even a SIGKILL of the launcher itself."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+
+from conftest import pid_alive, wait_until
+
+
+def _our_shm_entries() -> set[str]:
+    return {n for n in os.listdir("/dev/shm") if "rmoe" in n or "resilient" in n}
+
+
+def test_sigkill_of_the_launcher_leaves_no_process_and_no_shared_memory(tiny_model):
+    shm_before = _our_shm_entries()
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "resilient_moe.launch.local", "--model", str(tiny_model), "--attention-workers", "2",
+         "--expert-workers", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    pids: list[int] = []
+    try:
+        ready, _, _ = select.select([launcher.stdout], [], [], 120)
+        assert ready, "the launcher did not report its cluster within 120s"
+        info = json.loads(launcher.stdout.readline())
+        pids = list(info["pids"].values())
+        assert len(pids) == 6  # controller, 2 expert workers, 2 attention workers, zygote
+        assert all(pid_alive(p) for p in pids)
+        os.kill(launcher.pid, signal.SIGKILL)
+        launcher.wait(10)
+        wait_until(lambda: not any(pid_alive(p) for p in pids), 15, "every cluster process to die with the launcher")
+        assert _our_shm_entries() == shm_before
+    finally:
+        for pid in pids:
+            if pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+
+
+def test_orderly_stop_on_sigterm(tiny_model):
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "resilient_moe.launch.local", "--model", str(tiny_model), "--expert-workers", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    pids: list[int] = []
+    try:
+        ready, _, _ = select.select([launcher.stdout], [], [], 120)
+        assert ready
+        pids = list(json.loads(launcher.stdout.readline())["pids"].values())
+        launcher.send_signal(signal.SIGTERM)
+        assert launcher.wait(30) == 0
+        assert not any(pid_alive(p) for p in pids)
+    finally:
+        for pid in pids:
+            if pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
