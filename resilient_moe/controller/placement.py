@@ -93,14 +93,15 @@ def shadow_placement(
     `slots_per_layer`: how many shadow experts each worker can hold per sparse layer (its spare memory
     divided by the size of one expert), the same for all workers or per worker.
 
-    spread: one shadow per expert while slots last, on the worker with the most free slots, ties broken
-    by distance from the primary in `workers` order, so the experts of any one worker land on different
-    workers and a single loss spreads its load over the survivors. With enough slots, losing any one
-    worker leaves every expert served.
+    First pass (both policies): one shadow per expert while slots last, on the worker with the most
+    free slots, ties broken by distance from the primary in `workers` order, so the experts of any one
+    worker land on different workers and a single loss spreads its load over the survivors. With
+    enough slots, losing any one worker leaves every expert served.
 
-    load_aware (EPLB-style): first the spread pass, then every remaining slot goes to the expert with
-    the highest load per copy (from `load`, e.g. tokens routed to it), on the least-filled worker that
-    does not hold it yet: hot experts get more copies.
+    Then every remaining slot goes to the expert with the highest load per copy, on the least-filled
+    worker that does not hold it yet. spread: all experts weigh the same, so surplus slots give every
+    expert a second copy in turn (surviving two losses when the budget allows). load_aware
+    (EPLB-style): the weight is `load` (e.g. tokens routed to each expert): hot experts get more copies.
     """
     if policy not in ("spread", "load_aware"):
         raise ValueError(f"unknown shadow policy {policy!r} (spread or load_aware)")
@@ -122,24 +123,42 @@ def shadow_placement(
             choice = max(options, key=lambda w: (free[w], -distance[w]))
             shadows[(layer, expert)] = [choice]
             free[choice] -= 1
-        # Step 2 (load_aware): remaining slots to the hottest experts per copy.
-        if policy == "load_aware":
-            assert load is not None
-            while True:
-                candidates = [
-                    e for e in primaries
-                    if any(free[w] > 0 and w != primaries[e] and w not in shadows[(layer, e)] for w in workers)
-                ]
-                if not candidates:
-                    break
-                hottest = max(candidates, key=lambda e: (load.get((layer, e), 0.0) / (1 + len(shadows[(layer, e)])), -e))
-                if load.get((layer, hottest), 0.0) <= 0:
-                    break
-                options = [w for w in workers
-                           if free[w] > 0 and w != primaries[hottest] and w not in shadows[(layer, hottest)]]
-                choice = max(options, key=lambda w: (free[w], -order[w]))
-                shadows[(layer, hottest)].append(choice)
+        # Step 2: remaining slots to the hottest experts per copy.
+        weight = load if policy == "load_aware" else {(layer, e): 1.0 for e in primaries}
+        assert weight is not None
+        def options(e: int) -> list[str]:
+            return [w for w in workers if free[w] > 0 and w != primaries[e] and w not in shadows[(layer, e)]]
+
+        def place(e: int) -> bool:
+            """Add a copy of `e` on the freest allowed worker; when none has room, make room by moving
+            another expert's shadow from an allowed full worker to a free one (one augmenting step)."""
+            primary = primaries[e]
+            allowed = options(e)
+            if allowed:
+                choice = max(allowed, key=lambda w: (free[w], -((order[w] - order[primary]) % len(workers))))
+                shadows[(layer, e)].append(choice)
                 free[choice] -= 1
+                return True
+            for w in workers:
+                if w == primary or w in shadows[(layer, e)]:
+                    continue
+                for other in sorted(primaries):  # first copies stay where the spread pass put them
+                    if w in shadows[(layer, other)][1:] and (room := options(other)):
+                        target = max(room, key=lambda x: free[x])
+                        shadows[(layer, other)][shadows[(layer, other)].index(w)] = target
+                        free[target] -= 1
+                        shadows[(layer, e)].append(w)
+                        return True
+            return False
+
+        stuck: set[int] = set()
+        while True:
+            candidates = [e for e in primaries if e not in stuck and weight.get((layer, e), 0.0) > 0]
+            if not candidates:
+                break
+            hottest = max(candidates, key=lambda e: (weight[(layer, e)] / (1 + len(shadows[(layer, e)])), -e))
+            if not place(hottest):
+                stuck.add(hottest)
     unprotected = sorted(k for k, ws in shadows.items() if not ws)
     return ShadowPlan(shadows, unprotected)
 

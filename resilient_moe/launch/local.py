@@ -221,6 +221,8 @@ class LocalCluster:
         raise ClusterError(f"timed out waiting for {', '.join(names)} to be ready again")
 
     def start(self) -> "LocalCluster":
+        if self.pids:
+            raise ClusterError(f"cluster {self.cluster_id} is already started")
         dep = self.deployment
         deadline = time.monotonic() + dep.startup_timeout_s
         try:
