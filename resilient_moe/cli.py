@@ -42,6 +42,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be between 0 and 65535, got {value}")
+    return value
+
+
 def _float(text: str) -> float:
     try:
         return float(text)
@@ -101,6 +111,26 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--expert-workers", type=_positive_int, metavar="E")
     cluster.add_argument("--micro-batches", type=_positive_int, metavar="M")
     cluster.add_argument("--transport", choices=("shm", "tcp"))
+
+    serve = sub.add_parser("serve", help="start a local cluster and serve it over an OpenAI-compatible HTTP API")
+    serve.add_argument("--model", metavar="DIR", help="HF checkpoint directory (default: the built-in demo model)")
+    serve.add_argument("--config", metavar="YAML", help="deployment config (configs/*.yaml); flags override it")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    serve.add_argument("--port", type=_port, default=8000, help="port to listen on; 0 picks a free one "
+                       "(default: %(default)s)")
+    serve.add_argument("--attention-workers", type=_positive_int, metavar="A", help="default 2 (without --config)")
+    serve.add_argument("--expert-workers", type=_positive_int, metavar="E", help="default 3 (without --config)")
+    serve.add_argument("--micro-batches", type=_positive_int, metavar="M")
+    serve.add_argument("--transport", choices=("shm", "tcp"))
+    serve.add_argument("--max-model-len", type=_positive_int, metavar="N", help="context length limit per request")
+    serve.add_argument("--max-waiting-requests", type=_non_negative_int, default=256, metavar="N",
+                       help="requests queued for admission before new ones get HTTP 429 (default: %(default)s)")
+    serve.add_argument("--served-model-name", metavar="NAME", help="model name in the API (default: the "
+                       "checkpoint directory's name)")
+    serve.add_argument("--redis-url", metavar="URL", help="metadata Redis (default: a private one)")
+    serve.add_argument("--admin-token", metavar="TOKEN", help="bearer token of /admin/ (default: "
+                       "$RESILIENT_MOE_ADMIN_TOKEN, else generated and printed)")
+    serve.add_argument("--log-dir", metavar="DIR", help="worker logs (default: a temporary directory)")
     return parser
 
 
@@ -199,7 +229,33 @@ def _generate_disaggregated(args, model_dir: Path, engine_config, prompts: list[
             frontend.close()
 
 
-COMMANDS = {"make-tiny-model": cmd_make_tiny_model, "generate": cmd_generate}
+def cmd_serve(args: argparse.Namespace) -> int:
+    from resilient_moe.config import EngineConfig, ModelConfig
+    from resilient_moe.model.tiny import demo_model_dir
+    from resilient_moe.server.serve import ServingStack, run
+
+    if args.model:
+        model_dir = Path(args.model)
+    else:
+        print("preparing the built-in demo checkpoint (generated once, then cached) ...", flush=True)
+        model_dir = demo_model_dir()
+    ModelConfig.from_pretrained(model_dir)  # a bad model directory fails here, before anything starts
+    if args.config is None:
+        args.attention_workers = args.attention_workers or 2
+        args.expert_workers = args.expert_workers or 3
+    deployment = deployment_from_args(args, model_dir, EngineConfig())
+    if args.max_model_len is not None:
+        deployment = dataclasses.replace(
+            deployment, engine=dataclasses.replace(deployment.engine, max_model_len=args.max_model_len))
+    stack = ServingStack(
+        deployment, host=args.host, port=args.port, admin_token=args.admin_token,
+        model_name=args.served_model_name, max_waiting=args.max_waiting_requests, redis_url=args.redis_url,
+        log_dir=args.log_dir, progress=lambda text: print(text, flush=True),
+    )
+    return run(stack, say=lambda text: print(text, flush=True))
+
+
+COMMANDS = {"make-tiny-model": cmd_make_tiny_model, "generate": cmd_generate, "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -547,6 +547,9 @@ class DeploymentConfig:
     resilience: bool = True  # False: the restart-everything baseline (no shadows; any death restarts all)
     shadow_budget_bytes: int | None = None  # spare memory per expert worker for shadows; None: one copy of each
     shadow_policy: str = "spread"  # or "load_aware" (EPLB-style: hot experts get more copies)
+    kv_checkpoint: bool = True  # checkpoint attention workers' KV into the KV store (needs Redis)
+    kv_store_bytes: int = 256 << 20  # host memory of the KV store (allocated as it is written)
+    redis_url: str = ""  # "": the launcher starts a private redis-server when checkpointing is on
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
@@ -579,6 +582,14 @@ class DeploymentConfig:
             not isinstance(self.shadow_budget_bytes, int) or self.shadow_budget_bytes < 0
         ):
             raise ConfigError(f"shadow_budget_bytes must be an integer >= 0, got {self.shadow_budget_bytes!r}")
+        if not isinstance(self.kv_store_bytes, int) or isinstance(self.kv_store_bytes, bool) or self.kv_store_bytes < 1 << 20:
+            raise ConfigError(f"kv_store_bytes must be an integer >= 1048576, got {self.kv_store_bytes!r}")
+        if not isinstance(self.redis_url, str) or (self.redis_url and not self.redis_url.startswith(
+                ("redis://", "rediss://", "unix://"))):
+            raise ConfigError(f"redis_url must be empty or a redis://, rediss:// or unix:// URL, got {self.redis_url!r}")
+        for name in ("resilience", "kv_checkpoint"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"log_level must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}")
 
@@ -632,7 +643,7 @@ class DeploymentConfig:
         return dataclasses.asdict(self)
 
 
-ROLES = ("controller", "attention", "expert")
+ROLES = ("controller", "attention", "expert", "kv_store")
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ class Submit:
     params: dict[str, Any]
     seed: int
     output_ids: list[int] = field(default_factory=list)  # tokens already delivered (resume)
+    resume: bool = False  # moved here from a failed attention worker: restore its checkpointed KV if any
     type: str = "submit"
 
 
@@ -99,6 +100,7 @@ def _check(kind: str, raw: dict[str, Any]) -> None:
         need("seed", _is_int(raw.get("seed")), "an integer")
         out = raw.get("output_ids", [])
         need("output_ids", isinstance(out, list) and all(_is_int(t) for t in out), "a list of integers")
+        need("resume", isinstance(raw.get("resume", False), bool), "true or false")
     elif kind == "tokens":
         events = raw.get("events")
         need("events", isinstance(events, list) and all(isinstance(e, list) and len(e) == 5 for e in events),

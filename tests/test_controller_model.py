@@ -198,7 +198,32 @@ def test_expert_worker_death_promotes_shadows_and_replacement_restores_them():
 
 def test_without_resilience_any_death_restarts_everything():
     model = ClusterModel(ModelShape(1, 4, (0,)), ["ew-0", "ew-1"], resilience=False)
-    record = model.register("ew-1", "expert", 1, pid=5, host="h")
-    model.ready("ew-1", record.incarnation, [], "a")
+    records = [model.register(name, role, i, pid=5 + i, host="h")
+               for i, (name, role) in enumerate([("ew-0", "expert"), ("ew-1", "expert"), ("aw-0", "attention")])]
+    for r in records:
+        model.ready(r.name, r.incarnation, [], "a")
     model.declare_dead("ew-1", "test")
     assert model.launcher_commands == [("restart-all", "ew-1")]
+    assert model.live() == [], "the survivors go down with it"
+    assert {(r.name, r.incarnation) for r in records} <= model.fenced
+
+
+def test_snapshot_restore_carries_membership_fences_and_epoch():
+    clock = FakeClock()
+    model = ClusterModel(ModelShape(1, 6, (0,)), ["ew-0", "ew-1", "ew-2"], clock=clock)
+    for i in range(3):
+        record = model.register(f"ew-{i}", "expert", i, pid=10 + i, host="h")
+        model.ready(f"ew-{i}", record.incarnation, model.experts_for(f"ew-{i}"), f"addr-{i}")
+    model.declare_dead("ew-1", "test")
+    import json
+
+    snapshot = json.loads(json.dumps(model.to_snapshot()))  # through JSON, as in Redis
+    clock.now += 100.0  # long after the last heartbeat: a restored worker gets a fresh deadline
+    restored = ClusterModel(ModelShape(1, 6, (0,)), ["ew-0", "ew-1", "ew-2"], clock=clock)
+    restored.restore(snapshot)
+    assert restored.epoch == model.epoch and restored.fenced == model.fenced
+    assert restored.ert.candidates == model.ert.candidates
+    assert {n: (r.incarnation, r.state) for n, r in restored.workers.items()} == {
+        n: (r.incarnation, r.state) for n, r in model.workers.items()}
+    assert restored.tick() == [], "no worker is declared dead for the controller's own downtime"
+    assert restored.register("ew-1", "expert", 1, pid=99, host="h").incarnation == model.next_incarnation

@@ -130,9 +130,10 @@ def _children() -> set[int]:
 def no_leaks():
     """No fd and no child process may outlive a test."""
     fds_before = len(os.listdir("/proc/self/fd"))
+    children_before = _children()  # e.g. the session's fork server, started by an earlier test
     yield
-    assert _children() == set(), "a child process outlived the test"
-    assert len(os.listdir("/proc/self/fd")) == fds_before, "fds leaked"
+    assert _children() - children_before == set(), "a child process outlived the test"
+    assert len(os.listdir("/proc/self/fd")) <= fds_before, "fds leaked"  # earlier tests may still be closing some
 
 
 @contextlib.contextmanager
@@ -311,7 +312,7 @@ def test_sigkilled_peer_is_seen_at_once() -> None:
             assert time.monotonic() - start < 5
             killer.join()
             dead: set[Link] = set()
-            while len(dead) < 2 and time.monotonic() - start < 5:
+            while not dead >= {shm, tcp} and time.monotonic() - start < 5:
                 ready, _ = poller.wait(5.0)
                 for link in ready:
                     try:

@@ -70,7 +70,7 @@ def test_token_identical_to_colocated(tiny_models, colocated, zygote, tmp_path, 
             frontend.close()
         state = cluster.state()
         assert sorted(w.name for w in state.workers if w.state == 2) == sorted(
-            ["controller"] * 0 + [f"aw-{i}" for i in range(A)] + [f"ew-{i}" for i in range(E)]
+            [f"aw-{i}" for i in range(A)] + [f"ew-{i}" for i in range(E)] + ["kv-store"]
         )
         pids = list(cluster.pids.values())
     assert tokens == colocated[family]

@@ -29,7 +29,9 @@ def test_sigkill_of_the_launcher_leaves_no_process_and_no_shared_memory(tiny_mod
         assert ready, "the launcher did not report its cluster within 120s"
         info = json.loads(launcher.stdout.readline())
         pids = list(info["pids"].values())
-        assert len(pids) == 6  # controller, 2 expert workers, 2 attention workers, zygote
+        # controller, 2 expert workers, 2 attention workers, KV store, Redis, zygote
+        assert sorted(info["pids"]) == sorted(["controller", "ew-0", "ew-1", "aw-0", "aw-1", "kv-store", "redis",
+                                               "zygote"])
         assert all(pid_alive(p) for p in pids)
         os.kill(launcher.pid, signal.SIGKILL)
         launcher.wait(10)

@@ -59,13 +59,17 @@ class ControllerClient:
         except grpc.RpcError:
             pass  # leaving anyway; the controller will notice the missing heartbeats
 
-    def report_failure(self, reporter: str, suspect: str, incarnation: int, reason: str) -> None:
-        """Best effort and quick: a report that cannot be delivered is logged, never retried inline."""
+    def report_failure(self, reporter: str, suspect: str, incarnation: int, reason: str, wait: bool = True) -> None:
+        """Best effort and quick: a report that cannot be delivered is logged, never retried inline.
+        `wait=False` returns at once (for I/O threads); the outcome is then only logged."""
+        report = pb.FailureReport(reporter=reporter, suspect=suspect, suspect_incarnation=incarnation, reason=reason)
+        if not wait:
+            future = self.stub.ReportFailure.future(report, timeout=0.5)
+            future.add_done_callback(
+                lambda f: f.exception() and log.warning("could not report %s as failed: %s", suspect, f.exception()))
+            return
         try:
-            self.stub.ReportFailure(
-                pb.FailureReport(reporter=reporter, suspect=suspect, suspect_incarnation=incarnation, reason=reason),
-                timeout=0.5,
-            )
+            self.stub.ReportFailure(report, timeout=0.5)
         except grpc.RpcError as e:
             log.warning("could not report %s as failed (%s): %s", suspect, reason, e.code().name)
 

@@ -7,6 +7,7 @@ pass is wrapped so that one exception never halts the loop.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import queue
@@ -18,10 +19,17 @@ import grpc
 
 from resilient_moe.config import ModelConfig, WorkerConfig
 from resilient_moe.controller.state import ClusterModel, ModelShape, WorkerRecord
+from resilient_moe.datapath.faults import LinkFault
+from resilient_moe.procs import process_alive
 from resilient_moe.proto import controller_pb2 as pb
 from resilient_moe.proto import controller_pb2_grpc as pb_grpc
 
 log = logging.getLogger("resilient_moe.controller")
+
+
+def controller_key(cluster_id: str) -> str:
+    """Redis key of the controller's state (documented with the others in kvstore/keys.py)."""
+    return f"rmoe:{cluster_id}:controller"
 
 ROLE_TO_PB = {"attention": pb.ATTENTION, "expert": pb.EXPERT, "frontend": pb.FRONTEND, "kv_store": pb.KV_STORE}
 PB_TO_ROLE = {v: k for k, v in ROLE_TO_PB.items()}
@@ -32,13 +40,7 @@ def process_gone(pid: int, host: str) -> bool:
     """True when `pid` on this host has exited (or is a zombie). Remote hosts: unknown, so False."""
     if host not in ("127.0.0.1", "localhost", os.uname().nodename) or pid <= 0:
         return False
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except (FileNotFoundError, ProcessLookupError):
-        return True
-    except OSError:
-        return False
+    return not process_alive(pid)
 
 
 def worker_to_pb(record: WorkerRecord, now: float) -> pb.WorkerInfo:
@@ -75,6 +77,7 @@ class ControllerService(pb_grpc.ControllerServicer):
             cluster_id=self.cluster_id,
             unprotected=[pb.ExpertRef(layer=l, expert=e) for l, e in m.unprotected()],
             resilience=m.resilience,
+            faults=[f.to_proto(pb) for f in m.active_faults()],
         )
 
     def _changed(self) -> None:
@@ -146,6 +149,18 @@ class ControllerService(pb_grpc.ControllerServicer):
             except queue.Empty:
                 continue
 
+    def SetFaults(self, request, context):
+        """Chaos testing: switch injected datapath faults on or off (datapath/faults.py)."""
+        try:
+            add = [LinkFault.from_proto(f) for f in request.add]
+            with self.lock:
+                faults = self.model.set_faults(add, list(request.remove), request.clear)
+                self._changed()
+        except ValueError as e:  # ConfigError too: a bad fault, or one naming an unknown worker
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        log.warning("injected datapath faults in force: %s", ", ".join(f"{f.kind} {f.link}" for f in faults) or "none")
+        return pb.FaultList(faults=[f.to_proto(pb) for f in faults])
+
     # ---- reconcile loop ---------------------------------------------------------------------
 
     def _after_change(self) -> None:
@@ -155,6 +170,29 @@ class ControllerService(pb_grpc.ControllerServicer):
             self.launcher_commands.put(pb.LauncherCommand(action=action, worker=worker))
         self.model.launcher_commands.clear()
         self._changed()
+
+    def persist_forever(self, redis_client, key: str) -> None:
+        """Write the model's snapshot to Redis after each change, off the RPC threads (the newest
+        version only). Redis down: retried on the next change or tick, serving is unaffected."""
+        written = -1
+        failures = 0
+        while not self.stopping.is_set():
+            with self.lock:
+                if self.model.version == written:
+                    self.lock.wait(1.0)
+                if self.model.version == written:
+                    continue
+                version = self.model.version
+                snapshot = json.dumps(self.model.to_snapshot())
+            try:
+                redis_client.set(key, snapshot)
+                written = version
+                failures = 0
+            except Exception as e:  # noqa: BLE001 (any Redis failure)
+                failures += 1
+                if failures in (1, 10, 100):
+                    log.warning("cannot persist the controller state to Redis (%d failures): %s", failures, e)
+                self.stopping.wait(0.2)
 
     def reconcile_forever(self) -> None:
         while not self.stopping.wait(self.tick_interval_s):
@@ -183,6 +221,21 @@ def serve(config: WorkerConfig, ready: threading.Event | None = None) -> None:
     if model.plan.unprotected and dep.resilience:
         log.warning("shadow budget too small: %d (layer, expert) pairs have no shadow and die with their primary: %s",
                     len(model.plan.unprotected), ", ".join(f"{l}/{e}" for l, e in model.plan.unprotected))
+    persistence = None
+    if dep.resilience and dep.redis_url:
+        import redis
+
+        persistence = redis.Redis.from_url(dep.redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
+        key = controller_key(config.cluster_id)
+        try:
+            saved = persistence.get(key)
+        except redis.RedisError as e:
+            saved = None
+            log.warning("cannot read a previous controller's state from Redis (%s): starting empty", e)
+        if saved:
+            model.restore(json.loads(saved))
+            log.warning("recovered the state of a previous controller: %d workers, routing epoch %d",
+                        len(model.workers), model.epoch)
     service = ControllerService(model, config.cluster_id, dep.heartbeat_interval_s)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="controller"))
     pb_grpc.add_ControllerServicer_to_server(service, server)
@@ -192,6 +245,9 @@ def serve(config: WorkerConfig, ready: threading.Event | None = None) -> None:
     log.info("controller serving on %s (cluster %s)", config.controller_address, config.cluster_id)
     loop = threading.Thread(target=service.reconcile_forever, name="reconcile", daemon=True)
     loop.start()
+    if persistence is not None:
+        threading.Thread(target=service.persist_forever, args=(persistence, controller_key(config.cluster_id)),
+                         name="persist", daemon=True).start()
     if ready is not None:
         ready.set()
     _wait_for_termination(service)

@@ -14,6 +14,7 @@ from typing import Callable
 
 from resilient_moe.controller import placement
 from resilient_moe.datapath.ert import RoutingTable
+from resilient_moe.datapath.faults import LinkFault
 
 ExpertKey = tuple[int, int]
 
@@ -90,6 +91,7 @@ class ClusterModel:
         self.next_incarnation = 1
         self.version = 0
         self.launcher_commands: list[tuple[str, str]] = []  # (action, worker) for the launcher to carry out
+        self.faults: dict[str, LinkFault] = {}  # injected datapath faults by id (chaos testing)
         self.ert = self._build_ert()
         if self.plan.unprotected and resilience:
             self._event("unprotected", "", f"{len(self.plan.unprotected)} (layer, expert) pairs have no shadow: "
@@ -183,6 +185,12 @@ class ClusterModel:
         if record is not None:
             record.state = STOPPED
             self._event("stopped", name, f"incarnation {incarnation} left")
+            if record.role == "expert":
+                self._publish_routing(f"{name} left")
+            # A worker that leaves on its own (SIGTERM from an operator or a node drain) is replaced like a
+            # dead one, so redundancy comes back; a launcher that is shutting down ignores the request.
+            if self.resilience and record.role in ("expert", "attention", "kv_store"):
+                self.launcher_commands.append(("start", name))
 
     def _current(self, name: str, incarnation: int) -> WorkerRecord | None:
         record = self.workers.get(name)
@@ -234,9 +242,53 @@ class ClusterModel:
         self._event("dead", record.name, f"incarnation {record.incarnation}: {reason}")
         self._event("fenced", record.name, f"incarnation {record.incarnation}, routing epoch {self.epoch}")
         if not self.resilience:
+            # The restart-everything baseline: one death takes every worker down with it.
+            for other in self.live():
+                if other.role in ("expert", "attention"):
+                    other.state = DEAD
+                    self.fenced.add((other.name, other.incarnation))
+                    self._event("fenced", other.name, f"incarnation {other.incarnation}: restart-all after "
+                                f"{record.name} died")
+            self.ert = self._build_ert()
             self.launcher_commands.append(("restart-all", record.name))
-        elif record.role in ("expert", "attention"):
+        elif record.role in ("expert", "attention", "kv_store"):
             self.launcher_commands.append(("start", record.name))
+
+    # ---- persistence (Redis) ----------------------------------------------------------------
+
+    def to_snapshot(self) -> dict:
+        """What a restarted controller needs to carry on: membership, incarnations, fences, epoch.
+        (Placement and shadows are pure functions of the deployment, recomputed on restart.)"""
+        return {
+            "epoch": self.epoch,
+            "next_incarnation": self.next_incarnation,
+            "fenced": sorted([name, inc] for name, inc in self.fenced),
+            "workers": [
+                {"name": r.name, "role": r.role, "index": r.index, "incarnation": r.incarnation, "pid": r.pid,
+                 "host": r.host, "data_address": r.data_address, "state": r.state,
+                 "experts": [list(e) for e in r.experts], "started_at": r.started_at}
+                for r in self.workers.values()
+            ],
+            "events": [[e.time, e.kind, e.worker, e.detail] for e in list(self.events)[-100:]],
+        }
+
+    def restore(self, snapshot: dict) -> None:
+        """Adopt a predecessor's snapshot; every live worker gets a fresh heartbeat deadline."""
+        now = self.clock()
+        self.epoch = int(snapshot["epoch"])
+        self.next_incarnation = int(snapshot["next_incarnation"])
+        self.fenced = {(str(n), int(i)) for n, i in snapshot["fenced"]}
+        self.workers = {}
+        for w in snapshot["workers"]:
+            record = WorkerRecord(str(w["name"]), str(w["role"]), int(w["index"]), int(w["incarnation"]),
+                                  int(w["pid"]), str(w["host"]), str(w["data_address"]), str(w["state"]),
+                                  [tuple(e) for e in w["experts"]], last_heartbeat=now,
+                                  started_at=float(w["started_at"]))
+            self.workers[record.name] = record
+        self.events.extend(ClusterEvent(float(t), str(k), str(w), str(d)) for t, k, w, d in snapshot["events"])
+        self.ert = self._build_ert()
+        self._event("controller", "controller", f"restarted; recovered {len(self.workers)} workers and routing "
+                    f"epoch {self.epoch} from Redis")
 
     def live(self, role: str | None = None) -> list[WorkerRecord]:
         return [
@@ -246,3 +298,30 @@ class ClusterModel:
 
     def dead_expert_workers(self) -> set[str]:
         return {r.name for r in self.workers.values() if r.role == "expert" and r.state in (DEAD, STOPPED)}
+
+    # ---- injected faults (chaos testing) ----------------------------------------------------
+
+    def set_faults(self, add: list[LinkFault], remove: list[str] = (), clear: bool = False) -> list[LinkFault]:
+        """Change the injected datapath faults and return those in force; attention workers apply
+        them from the next cluster state. Raises ValueError for a link naming an unknown worker."""
+        for f in add:
+            for name, role in ((f.source, "attention"), (f.target, "expert")):
+                record = self.workers.get(name)
+                if name and (record is None or record.role != role):
+                    raise ValueError(f"fault {f.id}: {name!r} is not a known {role} worker")
+        if clear:
+            self.faults.clear()
+        for fault_id in remove:
+            self.faults.pop(fault_id, None)
+        for f in add:
+            self.faults[f.id] = f
+        detail = "; ".join(f"{f.id}: {f.kind} {f.link}" for f in add) or "removed"
+        self._event("faults", "", f"{len(self.active_faults())} in force ({detail})")
+        return self.active_faults()
+
+    def active_faults(self) -> list[LinkFault]:
+        """Injected faults that have not expired (expired ones are forgotten)."""
+        now = time.time()
+        for fault_id in [i for i, f in self.faults.items() if not f.active(now)]:
+            del self.faults[fault_id]
+        return sorted(self.faults.values(), key=lambda f: f.id)

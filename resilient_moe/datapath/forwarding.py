@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from resilient_moe.datapath.ert import RoutingTable
+from resilient_moe.datapath.faults import LinkFault, LinkFaults
 from resilient_moe.datapath.frames import Frame, FrameFlags, FrameHeader, FrameKind
 from resilient_moe.datapath.link import Link, LinkClosed, PeerInfo, connect
 from resilient_moe.datapath.poller import Poller
@@ -71,6 +72,10 @@ class _Peer:
         return not (self.suspect or self.fenced)
 
 
+class StepCancelled(Exception):
+    """The worker is stopping (e.g. fenced after a hang) and abandons the step it was in."""
+
+
 class RemoteExperts(ExpertExecutor):
     """ExpertExecutor over datapath links to expert workers."""
 
@@ -96,6 +101,7 @@ class RemoteExperts(ExpertExecutor):
         self.peers: dict[str, _Peer] = {}
         self.zombies: list[_Peer] = []  # fenced or replaced incarnations, kept open only to drop their late frames
         self.ert: RoutingTable | None = None
+        self.cancelled = False
         self.unavailable: set[str] = set()  # expert workers not to route to (not connected, dead)
         self._workers: list[str] = []
         self._route: torch.Tensor | None = None  # [L, E] index into _workers, -1 = no live candidate
@@ -110,6 +116,7 @@ class RemoteExperts(ExpertExecutor):
         self.replayed_frames = 0
         self.suspicions = 0
         self.probes = 0
+        self.faults: LinkFaults | None = None  # injected faults (chaos testing, faults.py); None: off
 
     # ---- membership and routing -------------------------------------------------------------
 
@@ -151,8 +158,14 @@ class RemoteExperts(ExpertExecutor):
         if self.ert is None:
             return
         self._workers = self.ert.workers
-        dead = self.unavailable | {w for w in self._workers if w not in self.peers or not self.peers[w].routable}
-        self._route = self.ert.route_lookup(self._workers, dead)
+        gone = self.unavailable | {w for w in self._workers if w not in self.peers or self.peers[w].fenced}
+        suspects = {w for w in self._workers if w in self.peers and self.peers[w].suspect}
+        route = self.ert.route_lookup(self._workers, gone | suspects)
+        if suspects:
+            # A suspect is only silent (perhaps slow, not dead): when it is an expert's last copy, keep
+            # sending to it rather than fail requests; the controller decides whether it is dead.
+            route = torch.where(route < 0, self.ert.route_lookup(self._workers, gone), route)
+        self._route = route
 
     def _retire(self, peer: _Peer, reason: str) -> None:
         """Stop using an incarnation but keep its link open: whatever it still sends is counted and dropped."""
@@ -224,7 +237,8 @@ class RemoteExperts(ExpertExecutor):
             peer.outstanding[seq] = _Part(record, micro_batch, layer, pair_index[chosen], rows, ids, time.monotonic())
             record.remaining += 1
             try:
-                peer.link.send(header, aux=ids, tensor=rows)
+                if self.faults is None or not self.faults.hold_send(peer, peer.name, peer.link, header, ids, rows):
+                    peer.link.send(header, aux=ids, tensor=rows)
                 self.frames_sent += 1
             except LinkClosed as e:
                 self.peer_failed(peer.name, f"link closed on send: {e}")
@@ -241,15 +255,48 @@ class RemoteExperts(ExpertExecutor):
         del self._calls[micro_batch]
         return record.out.view(record.tokens, record.top_k, -1)
 
+    def cancel(self) -> None:
+        """Abandon the step under way (this worker is stopping): `wait` raises StepCancelled. Thread-safe."""
+        self.cancelled = True
+
     def wait(self) -> None:
+        if self.cancelled:
+            raise StepCancelled("the attention worker is stopping")
         start = time.perf_counter()
-        links, fds = self.poller.wait(self.probe_interval_s)
+        timeout = self.probe_interval_s if self.faults is None else self.faults.timeout(self.probe_interval_s)
+        links, fds = self.poller.wait(timeout)
         self.wait_s += time.perf_counter() - start
+        if self.faults is not None:
+            self._pump_faults()
         self.drain()
         self.check_silence()
         others = [link for link in links if link.peer.name not in self.peers]
         if others or fds:
             self.on_other(others, fds)
+
+    # ---- injected faults (chaos testing) ----------------------------------------------------
+
+    def set_faults(self, faults: list[LinkFault]) -> None:
+        """Adopt the cluster's injected link faults; those naming other AWs are ignored."""
+        if self.faults is None:
+            if not any(f.source in ("", self.identity.name) for f in faults):
+                return
+            self.faults = LinkFaults(self.identity.name)
+        self.faults.update(faults)
+        if self.faults.idle:
+            self.faults = None
+
+    def _pump_faults(self) -> None:
+        """Send held frames that are due and take in held replies, for links still in use."""
+        failed, arrived = self.faults.pump()
+        for peer, error in failed:
+            if self.peers.get(peer.name) is peer:
+                self.peer_failed(peer.name, f"link closed on send: {error}")
+        for peer, frame in arrived:
+            if self.peers.get(peer.name) is peer or peer in self.zombies:
+                self._on_frame(peer, frame)
+        if self.faults.idle:
+            self.faults = None
 
     # ---- replies ----------------------------------------------------------------------------
 
@@ -260,7 +307,8 @@ class RemoteExperts(ExpertExecutor):
                 got = False
                 while (frame := peer.link.recv()) is not None:
                     got = True
-                    self._on_frame(peer, frame)
+                    if self.faults is None or not self.faults.hold_recv(peer, peer.name, peer.link, frame):
+                        self._on_frame(peer, frame)
                 if got:
                     peer.link.release()
             except LinkClosed as e:
@@ -285,7 +333,9 @@ class RemoteExperts(ExpertExecutor):
                 self.suspect(peer.name, f"{peer.probes_sent} probes unanswered, silent for {1000 * quiet:.0f} ms")
                 continue
             try:
-                peer.link.send(FrameHeader(FrameKind.PROBE, step=self.step))
+                probe = FrameHeader(FrameKind.PROBE, step=self.step)
+                if self.faults is None or not self.faults.hold_send(peer, peer.name, peer.link, probe):
+                    peer.link.send(probe)
                 peer.probes_sent += 1
                 self.probes += 1
             except LinkClosed as e:

@@ -9,10 +9,12 @@ shared memory is memfd-based (no names in /dev/shm), so nothing is left there ei
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -25,6 +27,7 @@ from pathlib import Path
 from resilient_moe.config import DeploymentConfig, WorkerConfig
 from resilient_moe.controller.client import ControllerClient
 from resilient_moe.errors import ResilientMoeError
+from resilient_moe.procs import process_alive
 from resilient_moe.proto import controller_pb2 as pb
 
 log = logging.getLogger("resilient_moe.launcher")
@@ -83,12 +86,14 @@ class Zygote:
         if not self._hello.wait(timeout_s):
             raise ClusterError(f"the zygote did not start within {timeout_s:.0f}s (exit code {self.proc.poll()})")
 
-    def spawn(self, name: str, role: str, config: WorkerConfig, log_path: str, timeout_s: float = 10.0) -> int:
+    def spawn(self, name: str, role: str, config: WorkerConfig, log_path: str, timeout_s: float = 10.0,
+              cold: bool = False) -> int:
+        """Fork a worker; `cold`: in a fresh interpreter (see the zygote's docstring)."""
         with self._spawn_cond:
             self._spawned.pop(name, None)
         with self._lock:
             self._out.write(json.dumps({"op": "spawn", "name": name, "role": role, "config": config.to_json(),
-                                        "log": log_path}) + "\n")
+                                        "log": log_path, "cold": cold}) + "\n")
             self._out.flush()
         with self._spawn_cond:
             if not self._spawn_cond.wait_for(lambda: name in self._spawned, timeout_s):
@@ -111,7 +116,9 @@ class Zygote:
 
 
 class LocalCluster:
-    """A controller, E expert workers and A attention workers on this host."""
+    """A controller, E expert workers and A attention workers on this host; with KV checkpointing
+    (the default when resilience is on) also a KV store process and, unless `redis_url` is given, a
+    private redis-server (unix socket in a temporary directory, no persistence)."""
 
     def __init__(
         self,
@@ -136,30 +143,76 @@ class LocalCluster:
         self._exits_seen = 0
         self._commands: threading.Thread | None = None
         self._stopping = threading.Event()
+        self._spawn_lock = threading.Lock()
+        self._restarting = False
+        self._restart_again = False
         self.restarts: list[tuple[float, float]] = []  # (began, ready) of each restart-all, time.monotonic()
         self.client: ControllerClient | None = None
+        self.redis: subprocess.Popen | None = None
+        self._redis_dir: tempfile.TemporaryDirectory | None = None
 
     # ---- start ------------------------------------------------------------------------------
+
+    @property
+    def checkpointing(self) -> bool:
+        return self.deployment.resilience and self.deployment.kv_checkpoint
+
+    def start_redis(self, timeout_s: float = 10.0) -> str:
+        """Start a private redis-server; returns its URL."""
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise ClusterError("redis-server is not installed (apt-get install redis-server), and no redis_url "
+                               "was given; or set kv_checkpoint: false")
+        self._redis_dir = tempfile.TemporaryDirectory(prefix=f"rmoe-{self.cluster_id}-redis-")
+        sock = os.path.join(self._redis_dir.name, "redis.sock")
+        self.redis = subprocess.Popen(
+            [binary, "--port", "0", "--unixsocket", sock, "--unixsocketperm", "700", "--save", "",
+             "--appendonly", "no", "--dir", self._redis_dir.name, "--logfile", str(self.log_dir / "redis.log")],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            preexec_fn=_die_with_launcher,
+        )
+        self.pids["redis"] = self.redis.pid
+        url = f"unix://{sock}"
+        import redis
+
+        client = redis.Redis.from_url(url, socket_timeout=0.5)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                client.ping()
+                client.close()
+                return url
+            except redis.RedisError:
+                if self.redis.poll() is not None or time.monotonic() > deadline:
+                    raise ClusterError(f"redis-server did not start; see {self.log_dir / 'redis.log'}") from None
+                time.sleep(0.02)
 
     def worker_config(self, name: str, role: str, index: int) -> WorkerConfig:
         return WorkerConfig(name, role, index, self.cluster_id, self.controller_address, self.deployment)
 
-    def spawn(self, name: str, role: str, index: int) -> int:
+    def spawn(self, name: str, role: str, index: int, cold: bool = False) -> int:
         assert self.zygote is not None
-        pid = self.zygote.spawn(name, role, self.worker_config(name, role, index), str(self.log_dir / f"{name}.log"))
-        old = self.pids.get(name)
-        if old is not None and old != pid:
-            self.retired.append(old)
-        self.pids[name] = pid
-        return pid
+        with self._spawn_lock:  # stop() takes it too: nothing is forked behind its back
+            if self._stopping.is_set():
+                raise ClusterError(f"cluster {self.cluster_id} is stopping; not starting {name}")
+            pid = self.zygote.spawn(name, role, self.worker_config(name, role, index),
+                                    str(self.log_dir / f"{name}.log"), cold=cold)
+            old = self.pids.get(name)
+            if old is not None and old != pid:
+                self.retired.append(old)
+            self.pids[name] = pid
+            return pid
 
     @staticmethod
     def role_of(name: str) -> tuple[str, int]:
         prefix, _, index = name.partition("-")
+        if name == "kv-store":
+            return "kv_store", 0
         return {"ew": "expert", "aw": "attention"}[prefix], int(index)
 
     def _follow_commands(self) -> None:
-        """Carry out the controller's requests: replacement workers, or (baseline) restart everything."""
+        """Carry out the controller's requests: replacement workers, or (baseline) restart everything.
+        When the controller itself dies, start a new one: it recovers the cluster's state from Redis."""
         assert self.client is not None
         while not self._stopping.is_set():
             try:
@@ -171,8 +224,18 @@ class LocalCluster:
                     except Exception:
                         log.exception("launcher command %s %s failed", command.action, command.worker)
             except Exception:
-                if self._stopping.wait(0.2):
+                if self._stopping.wait(0.05):
                     return
+                self._revive_controller()
+
+    def _revive_controller(self) -> None:
+        if process_alive(self.pids.get("controller", 0)) or not self.checkpointing:
+            return  # alive (the stream broke for another reason), or no Redis to recover from
+        log.warning("the controller died; starting a new one")
+        try:
+            self.spawn("controller", "controller", 0)
+        except ClusterError:
+            pass  # stopping
 
     def _carry_out(self, command: pb.LauncherCommand) -> None:
         if command.action == "start":
@@ -180,28 +243,43 @@ class LocalCluster:
             log.info("starting a replacement for %s", command.worker)
             self.spawn(command.worker, role, index)
         elif command.action == "restart-all":
-            if self.restarts and self.restarts[-1][1] == 0.0:
-                return  # a restart is already under way; it covers this death too
-            self.restart_all(reason=f"{command.worker} died")
+            if self._restarting:
+                self._restart_again = True  # a death during a restart: restart once more after it
+                return
+            self._restarting = True
+            try:
+                self._restart_again = True
+                for _ in range(3):  # bounded: a cluster that cannot come back is left for an operator
+                    if not self._restart_again or self._stopping.is_set():
+                        break
+                    self._restart_again = False
+                    try:
+                        self.restart_all(reason=f"{command.worker} died")
+                    except ClusterError as e:
+                        log.error("restart-all failed (%s); trying again", e)
+                        self._restart_again = True
+            finally:
+                self._restarting = False
 
     def restart_all(self, reason: str) -> None:
-        """The restart-everything baseline: kill every worker, start them all again."""
+        """The restart-everything baseline: kill every worker, start them all again as fresh processes
+        (a new interpreter each, as a restarted deployment pays; not forked warm from the zygote)."""
         began = time.monotonic()
-        self.restarts.append((began, 0.0))
+        self.restarts.append((began, 0.0))  # (began, 0.0) while it runs; (began, ready) once done
         log.warning("restarting every worker (%s)", reason)
-        workers = [n for n in self.pids if n != "controller"]
+        workers = [n for n in self.pids if n.startswith(("ew-", "aw-"))]
         for name in workers:
             _signal(self.pids[name], signal.SIGKILL)
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and any(_alive(self.pids[n]) for n in workers):
+        while time.monotonic() < deadline and any(process_alive(self.pids[n]) for n in workers):
             time.sleep(0.01)
         experts = sorted(n for n in workers if n.startswith("ew-"))
         attention = sorted(n for n in workers if n.startswith("aw-"))
         for name in experts:
-            self.spawn(name, *self.role_of(name))
+            self.spawn(name, *self.role_of(name), cold=True)
         self._wait_fresh(experts, deadline=time.monotonic() + self.deployment.startup_timeout_s)
         for name in attention:
-            self.spawn(name, *self.role_of(name))
+            self.spawn(name, *self.role_of(name), cold=True)
         self._wait_fresh(attention, deadline=time.monotonic() + self.deployment.startup_timeout_s)
         self.restarts[-1] = (began, time.monotonic())
         log.warning("restart-all done in %.2fs", self.restarts[-1][1] - began)
@@ -230,9 +308,20 @@ class LocalCluster:
                 self.zygote = Zygote()
             self.zygote.wait_hello(dep.startup_timeout_s)
             self._exits_seen = len(self.zygote.exits)
+            if self.checkpointing and not dep.redis_url:
+                if shutil.which("redis-server") is None:
+                    log.warning("redis-server is not installed and no redis_url was given: KV checkpointing and "
+                                "controller recovery are OFF (install redis-server, or set kv_checkpoint: false "
+                                "to silence this)")
+                    self.deployment = dep = dataclasses.replace(dep, kv_checkpoint=False)
+                else:
+                    self.deployment = dep = dataclasses.replace(dep, redis_url=self.start_redis())
             self.spawn("controller", "controller", 0)
             self.client = ControllerClient(self.controller_address)
             self._wait(lambda s: True, deadline, "controller")
+            if self.checkpointing:
+                self.spawn("kv-store", "kv_store", 0)
+                self._wait(lambda s: self._all_ready(s, ["kv-store"]), deadline, "the KV store")
             experts = [f"ew-{i}" for i in range(dep.expert_workers)]
             for i, name in enumerate(experts):
                 self.spawn(name, "expert", i)
@@ -288,28 +377,39 @@ class LocalCluster:
         os.kill(self.pids[name], sig)
 
     def alive_pids(self) -> list[int]:
-        return [pid for pid in [*self.pids.values(), *self.retired] if _alive(pid)]
+        return [pid for pid in [*self.pids.values(), *self.retired] if process_alive(pid)]
 
     # ---- stop -------------------------------------------------------------------------------
 
     def stop(self, grace_s: float = 5.0) -> None:
         """SIGTERM every worker, wait up to `grace_s`, SIGKILL the rest, stop the zygote."""
         self._stopping.set()
+        with self._spawn_lock:
+            pass  # a spawn under way has recorded its pid
         for pid in self.retired:
             _signal(pid, signal.SIGKILL)
         for name, pid in self.pids.items():
             if name != "controller":
                 _signal(pid, signal.SIGTERM)
         deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline and any(_alive(p) for n, p in self.pids.items() if n != "controller"):
+        while time.monotonic() < deadline and any(process_alive(p) for n, p in self.pids.items() if n != "controller"):
             time.sleep(0.02)
         _signal(self.pids.get("controller", 0), signal.SIGTERM)
-        while time.monotonic() < deadline + 2 and _alive(self.pids.get("controller", 0)):
+        while time.monotonic() < deadline + 2 and process_alive(self.pids.get("controller", 0)):
             time.sleep(0.02)
         for pid in self.pids.values():
             _signal(pid, signal.SIGKILL)
         if self.client is not None:
             self.client.close()
+        if self.redis is not None:
+            self.redis.terminate()
+            try:
+                self.redis.wait(5)
+            except subprocess.TimeoutExpired:
+                self.redis.kill()
+                self.redis.wait()
+        if self._redis_dir is not None:
+            self._redis_dir.cleanup()
         if self.zygote is not None and self._own_zygote:
             self.zygote.shutdown()
         if self._tmp is not None:
@@ -328,17 +428,6 @@ def _signal(pid: int, sig: int) -> None:
             os.kill(pid, sig)
         except ProcessLookupError:
             pass
-
-
-def _alive(pid: int) -> bool:
-    """True while `pid` runs (zombies count as gone)."""
-    if pid <= 0:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except OSError:
-        return False
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,11 +6,14 @@ after a failure) starts in milliseconds plus weight loading. It never runs torch
 gRPC itself, so forking it is safe.
 
 Protocol: JSON lines over a socketpair with the launcher.
-    launcher -> zygote  {"op": "spawn", "name", "role", "config", "log"} | {"op": "shutdown"}
+    launcher -> zygote  {"op": "spawn", "name", "role", "config", "log", "cold"} | {"op": "shutdown"}
     zygote -> launcher  {"op": "hello", "pid"} | {"op": "spawned", "name", "pid"} |
                         {"op": "exited", "name", "pid", "code"}
 Lifetime: the zygote dies with the launcher (parent-death signal) and every worker dies with the
 zygote, so a launcher killed with SIGKILL leaves nothing behind.
+
+A "cold" spawn execs a fresh interpreter in the forked child (parent-death signal kept), paying the
+imports again: what a restart-everything system pays on every restart, used by that baseline.
 """
 
 from __future__ import annotations
@@ -38,12 +41,15 @@ def die_with_parent(parent_pid: int, sig: int = signal.SIGKILL) -> None:
 
 def _role_mains() -> dict:
     from resilient_moe.controller import server as controller_server
+    from resilient_moe.kvstore import store
     from resilient_moe.workers import attention_worker, expert_worker
 
-    return {"controller": controller_server.main, "attention": attention_worker.main, "expert": expert_worker.main}
+    return {"controller": controller_server.main, "attention": attention_worker.main, "expert": expert_worker.main,
+            "kv_store": store.main}
 
 
-def _run_child(role_main, config_json: str, log_path: str, zygote_pid: int, sock: socket.socket) -> None:
+def _run_child(role_main, config_json: str, log_path: str, zygote_pid: int, sock: socket.socket,
+               cold_role: str = "") -> None:
     """In the forked child: become the worker. Never returns."""
     code = 1
     try:
@@ -57,6 +63,9 @@ def _run_child(role_main, config_json: str, log_path: str, zygote_pid: int, sock
             os.dup2(fd, 1)
             os.dup2(fd, 2)
             os.close(fd)
+        if cold_role:
+            os.execv(sys.executable, [sys.executable, "-m", "resilient_moe.launch.zygote", "--cold", cold_role,
+                                      config_json])
         from resilient_moe.config import WorkerConfig
 
         code = role_main(WorkerConfig.from_json(config_json)) or 0
@@ -123,7 +132,8 @@ def serve(sock: socket.socket, launcher_pid: int) -> None:
             zygote_pid = os.getpid()
             pid = os.fork()
             if pid == 0:
-                _run_child(mains[request["role"]], request["config"], request.get("log", ""), zygote_pid, sock)
+                _run_child(mains[request["role"]], request["config"], request.get("log", ""), zygote_pid, sock,
+                           cold_role=request["role"] if request.get("cold") else "")
             children[pid] = request["name"]
             send({"op": "spawned", "name": request["name"], "pid": pid})
     for pid in list(children):
@@ -138,7 +148,15 @@ def serve(sock: socket.socket, launcher_pid: int) -> None:
             pass
 
 
+def _cold_main(role: str, config_json: str) -> int:
+    from resilient_moe.config import WorkerConfig
+
+    return _role_mains()[role](WorkerConfig.from_json(config_json)) or 0
+
+
 def main() -> None:
+    if sys.argv[1] == "--cold":
+        sys.exit(_cold_main(sys.argv[2], sys.argv[3]))
     fd = int(sys.argv[1])
     launcher_pid = int(sys.argv[2])
     die_with_parent(launcher_pid)

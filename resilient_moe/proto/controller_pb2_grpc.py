@@ -74,6 +74,11 @@ class ControllerStub:
                 request_serializer=resilient__moe_dot_proto_dot_controller__pb2.WatchRequest.SerializeToString,
                 response_deserializer=resilient__moe_dot_proto_dot_controller__pb2.LauncherCommand.FromString,
                 _registered_method=True)
+        self.SetFaults = channel.unary_unary(
+                '/resilient_moe.Controller/SetFaults',
+                request_serializer=resilient__moe_dot_proto_dot_controller__pb2.FaultUpdate.SerializeToString,
+                response_deserializer=resilient__moe_dot_proto_dot_controller__pb2.FaultList.FromString,
+                _registered_method=True)
 
 
 class ControllerServicer:
@@ -128,6 +133,13 @@ class ControllerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetFaults(self, request, context):
+        """chaos testing: datapath faults
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControllerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -170,6 +182,11 @@ def add_ControllerServicer_to_server(servicer, server):
                     servicer.LauncherCommands,
                     request_deserializer=resilient__moe_dot_proto_dot_controller__pb2.WatchRequest.FromString,
                     response_serializer=resilient__moe_dot_proto_dot_controller__pb2.LauncherCommand.SerializeToString,
+            ),
+            'SetFaults': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetFaults,
+                    request_deserializer=resilient__moe_dot_proto_dot_controller__pb2.FaultUpdate.FromString,
+                    response_serializer=resilient__moe_dot_proto_dot_controller__pb2.FaultList.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -388,6 +405,33 @@ class Controller:
             '/resilient_moe.Controller/LauncherCommands',
             resilient__moe_dot_proto_dot_controller__pb2.WatchRequest.SerializeToString,
             resilient__moe_dot_proto_dot_controller__pb2.LauncherCommand.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetFaults(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/resilient_moe.Controller/SetFaults',
+            resilient__moe_dot_proto_dot_controller__pb2.FaultUpdate.SerializeToString,
+            resilient__moe_dot_proto_dot_controller__pb2.FaultList.FromString,
             options,
             channel_credentials,
             insecure,

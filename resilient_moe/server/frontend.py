@@ -2,6 +2,7 @@
 
 Tokens are numbered by position in the request's output. The log accepts exactly the next position;
 an earlier one (a duplicate after a failover) is dropped, so a caller sees every token exactly once.
+When an attention worker is lost, its requests move to the others (see `Frontend._lost`).
 The frontend's link I/O runs on one thread; callers submit from any thread.
 """
 
@@ -15,6 +16,7 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 from resilient_moe import messages
 from resilient_moe.config import SamplingParams
@@ -34,6 +36,13 @@ class RequestFailed(RuntimeError):
     def __init__(self, message: str, kind: str = "error") -> None:
         super().__init__(message)
         self.kind = kind
+
+
+class Overloaded(RequestFailed):
+    """The frontend already holds `max_unfinished` unfinished requests; retry later (HTTP 429)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "overloaded")
 
 
 @dataclass
@@ -56,9 +65,14 @@ class RequestHandle:
     error: RequestFailed | None = None
     worker: str = ""
     duplicates: int = 0
+    moves: int = 0  # times it was moved to another attention worker after a failure
     submitted_at: float = field(default_factory=time.monotonic)
+    # Called (on the frontend's I/O thread) after each event is queued: lets an asyncio caller wake up
+    # instead of blocking a thread per request. Must be quick and must not raise.
+    on_event: Callable[[], None] | None = None
     _events: "queue.Queue[tuple[str, object]]" = field(default_factory=queue.Queue)
     _done: threading.Event = field(default_factory=threading.Event)
+    _on_consumed: Callable[[], None] | None = None  # the frontend forgets the handle once its end was read
 
     @property
     def token_ids(self) -> list[int]:
@@ -72,6 +86,7 @@ class RequestHandle:
         """Block until finished; raises RequestFailed (or TimeoutError)."""
         if not self._done.wait(timeout_s):
             raise TimeoutError(f"request {self.request_id} did not finish within {timeout_s}s")
+        self._consumed()
         if self.error is not None:
             raise self.error
         return self
@@ -85,9 +100,34 @@ class RequestHandle:
                 kind, value = self._events.get(timeout=remaining)
             except queue.Empty:
                 raise TimeoutError(f"request {self.request_id}: no event within {timeout_s}s") from None
-            yield kind, value
             if kind in ("finish", "error"):
+                self._consumed()
+                yield kind, value
                 return
+            yield kind, value
+
+    def poll_events(self) -> list[tuple[str, object]]:
+        """The events queued so far, without blocking (pair with `on_event` for asyncio callers)."""
+        out = []
+        while True:
+            try:
+                kind, value = self._events.get_nowait()
+            except queue.Empty:
+                return out
+            out.append((kind, value))
+            if kind in ("finish", "error"):
+                self._consumed()
+                return out
+
+    def _consumed(self) -> None:
+        if self._on_consumed is not None:
+            self._on_consumed()
+            self._on_consumed = None
+
+    def _push(self, kind: str, value: object) -> None:
+        self._events.put((kind, value))
+        if self.on_event is not None:
+            self.on_event()
 
     # called on the frontend's I/O thread
     def _accept(self, position: int, token_id: int, logprob: float | None, finish: str | None) -> None:
@@ -101,16 +141,16 @@ class RequestHandle:
             return
         record = TokenRecord(token_id, logprob, time.monotonic())
         self.tokens.append(record)
-        self._events.put(("token", record))
+        self._push("token", record)
         if finish is not None:
             self.finish_reason = finish
-            self._events.put(("finish", finish))
+            self._push("finish", finish)
             self._done.set()
 
     def _fail(self, error: RequestFailed) -> None:
         if not self.done:
             self.error = error
-            self._events.put(("error", error))
+            self._push("error", error)
             self._done.set()
 
 
@@ -119,15 +159,23 @@ class Frontend:
 
     _ids = itertools.count()
 
-    def __init__(self, controller_address: str, name: str | None = None) -> None:
+    def __init__(self, controller_address: str, name: str | None = None, max_unfinished: int = 1024,
+                 park_timeout_s: float = 120.0) -> None:
+        """`max_unfinished` bounds the requests in flight through this frontend (memory and AW queues);
+        `submit` beyond it raises Overloaded rather than queueing without limit."""
         self.name = name or f"frontend-{os.getpid()}-{next(self._ids)}"
         self.identity = PeerInfo(self.name, worker_number("frontend", 0), secrets.randbits(32), os.getpid())
         self.client = ControllerClient(controller_address)
         self.poller = Poller()
         self.wakeup = Wakeup(self.poller)
         self.links: dict[str, tuple[int, Link]] = {}  # aw name -> (incarnation, link)
-        self.requests: dict[str, RequestHandle] = {}
+        self.requests: dict[str, RequestHandle] = {}  # unfinished, plus finished ones not yet read to the end
+        self.max_unfinished = max_unfinished
+        self._released: "queue.SimpleQueue[str]" = queue.SimpleQueue()
         self._outbox: "queue.Queue[tuple[RequestHandle, messages.Message]]" = queue.Queue()
+        self._parked: list[tuple[RequestHandle, messages.Submit, float]] = []  # moved, waiting for a worker
+        self.park_timeout_s = park_timeout_s
+        self.resilience = True  # from the cluster state: resume from the token log, or start over
         self._states: "queue.Queue[pb.ClusterState]" = queue.Queue()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"{self.name}-io", daemon=True)
@@ -147,10 +195,20 @@ class Frontend:
 
     # ---- API --------------------------------------------------------------------------------
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> RequestHandle:
+    def submit(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        on_event: Callable[[], None] | None = None,
+    ) -> RequestHandle:
+        """Send a request to an attention worker; raises Overloaded past `max_unfinished`."""
+        if self.unfinished() >= self.max_unfinished:
+            raise Overloaded(f"{self.max_unfinished} requests are already in flight; retry later")
         request_id = request_id or f"req-{secrets.token_hex(6)}"
         seed = params.seed if params.seed is not None else secrets.randbits(63)
-        handle = RequestHandle(request_id, list(prompt_ids), params, seed)
+        handle = RequestHandle(request_id, list(prompt_ids), params, seed, on_event=on_event)
+        handle._on_consumed = lambda: self._released.put(request_id)
         self.requests[request_id] = handle
         message = messages.Submit(request_id, list(prompt_ids), params.to_dict(), seed)
         self._outbox.put((handle, message))
@@ -163,6 +221,25 @@ class Frontend:
             self._outbox.put((handle, messages.Abort(request_id)))
             handle._fail(RequestFailed("aborted", "aborted"))
             self.wakeup.ring()
+
+    def release(self, request_id: str) -> None:
+        """Forget a request (aborting it first if unfinished), e.g. after its client went away."""
+        self.abort(request_id)
+        self._released.put(request_id)
+        self.wakeup.ring()
+
+    def unfinished(self) -> int:
+        """Requests submitted and not yet finished, failed or aborted."""
+        return sum(1 for h in list(self.requests.values()) if not h.done)
+
+    @property
+    def alive(self) -> bool:
+        """True while the I/O thread runs (it stops only on close)."""
+        return self._thread.is_alive()
+
+    def stats(self) -> dict[str, float]:
+        """For /admin/cluster: requests in flight, attention workers linked."""
+        return {"unfinished": float(self.unfinished()), "attention_links": float(len(self.links))}
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, timeout_s: float = 300.0) -> list[RequestHandle]:
         handles = [self.submit(p, params) for p in prompts]
@@ -184,6 +261,7 @@ class Frontend:
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
+                self._forget_released()
                 self._apply_states()
                 self._flush_outbox()
                 links, _ = self.poller.wait(0.2)
@@ -208,9 +286,39 @@ class Frontend:
                     except (OSError, ConnectionError) as e:
                         log.warning("cannot reach %s: %s", w.name, e)
                 elif current is not None and ((w.name, w.incarnation) in fenced or w.state == pb.DEAD):
-                    self._lost(w.name, "fenced by the controller")
+                    self._lost(w.name, "fenced by the controller", fenced=True)
+            self.resilience = state.resilience
             if self.links:
                 self._ready.set()
+        self._unpark()
+
+    def _unpark(self) -> None:
+        """Send parked requests once a worker is reachable; fail those parked for too long."""
+        if not self._parked:
+            return
+        now = time.monotonic()
+        parked, self._parked = self._parked, []
+        for handle, message, since in parked:
+            if handle.done:
+                continue
+            if self.links:
+                self._outbox.put((handle, message))
+            elif now - since > self.park_timeout_s:
+                handle._fail(RequestFailed(
+                    f"no attention worker came back within {self.park_timeout_s:.0f}s", "unavailable"))
+            else:
+                self._parked.append((handle, message, since))
+
+    def _forget_released(self) -> None:
+        """Drop finished handles whose final event was read (on this thread: no one iterates meanwhile)."""
+        while True:
+            try:
+                request_id = self._released.get_nowait()
+            except queue.Empty:
+                return
+            handle = self.requests.get(request_id)
+            if handle is not None and handle.done:
+                del self.requests[request_id]
 
     def _pick_worker(self) -> str | None:
         """Least-loaded attention worker by requests in flight from this frontend."""
@@ -225,19 +333,22 @@ class Frontend:
     def _flush_outbox(self) -> None:
         while not self._outbox.empty():
             handle, message = self._outbox.get_nowait()
+            if handle.done and isinstance(message, messages.Submit):
+                continue  # aborted while it waited
             if isinstance(message, messages.Submit):
                 handle.worker = self._pick_worker() or ""
             name = handle.worker
             if name not in self.links:
-                if isinstance(message, messages.Submit):
+                if isinstance(message, messages.Submit) and message.resume:
+                    self._parked.append((handle, message, time.monotonic()))  # until a worker is back
+                elif isinstance(message, messages.Submit):
                     handle._fail(RequestFailed("no attention worker is available", "unavailable"))
                 continue
             _, link = self.links[name]
             try:
                 link.send(FrameHeader(FrameKind.CONTROL), body=messages.encode(message))
             except LinkClosed:
-                self._lost(name, "link closed on send")
-                self._outbox.put((handle, message))
+                self._lost(name, "link closed on send")  # moves a submitted request on; an abort is moot
 
     def _drain(self, name: str, link: Link) -> None:
         try:
@@ -264,14 +375,29 @@ class Frontend:
             if handle is not None:
                 handle._fail(RequestFailed(message.message, message.kind))
 
-    def _lost(self, name: str, reason: str) -> None:
-        """An attention worker is gone; its unfinished requests fail (restore comes with KV checkpoints)."""
+    def _lost(self, name: str, reason: str, fenced: bool = False) -> None:
+        """An attention worker is gone: move its unfinished requests to the others.
+
+        With resilience, a request resumes from its token log (the tokens it already delivered); the
+        adopting worker restores the KV cache it can from the checkpoint store and recomputes the
+        rest. In the restart-everything baseline it starts over from its prompt, and the position
+        numbering drops the tokens it repeats. Requests wait (parked) while no worker is reachable.
+        """
         entry = self.links.pop(name, None)
         if entry is None:
             return
         self.poller.remove(entry[1])
         entry[1].close()
         log.warning("lost attention worker %s: %s", name, reason)
-        for handle in self.requests.values():
+        if not fenced:  # tell the controller at once rather than after its heartbeat timeout
+            self.client.report_failure(self.name, name, entry[0], reason, wait=False)
+        for handle in list(self.requests.values()):
             if handle.worker == name and not handle.done:
-                handle._fail(RequestFailed(f"attention worker {name} failed: {reason}", "error"))
+                handle.worker = ""
+                handle.moves += 1
+                output_ids = handle.token_ids if self.resilience else []
+                self._outbox.put((handle, messages.Submit(
+                    handle.request_id, handle.prompt_ids, handle.params.to_dict(), handle.seed,
+                    output_ids=output_ids, resume=True,
+                )))
+        self.wakeup.ring()

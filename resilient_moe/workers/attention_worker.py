@@ -21,12 +21,14 @@ import signal
 import threading
 import time
 from collections import deque
+from typing import TYPE_CHECKING
 
 from resilient_moe import messages
 from resilient_moe.config import SamplingParams, WorkerConfig
 from resilient_moe.controller.client import ControllerClient, worker_info
 from resilient_moe.datapath.ert import RoutingTable
-from resilient_moe.datapath.forwarding import RemoteExperts
+from resilient_moe.datapath.faults import LinkFault
+from resilient_moe.datapath.forwarding import RemoteExperts, StepCancelled
 from resilient_moe.datapath.frames import FrameHeader, FrameKind, worker_number
 from resilient_moe.datapath.link import Link, LinkClosed, PeerInfo, listen
 from resilient_moe.datapath.poller import Poller
@@ -35,6 +37,9 @@ from resilient_moe.engine.sequence import TokenEvent
 from resilient_moe.errors import ConfigError, RequestError
 from resilient_moe.proto import controller_pb2 as pb
 from resilient_moe.workers.common import Wakeup, configure_process
+
+if TYPE_CHECKING:
+    from resilient_moe.kvstore.checkpoint import KVCheckpointer
 
 log = logging.getLogger("resilient_moe.attention_worker")
 
@@ -56,6 +61,12 @@ class AttentionServer:
         self.fenced = False
         self.step_s = 0.0  # time inside engine steps (attention compute + waiting for experts)
         self.started = time.monotonic()
+        self.recomputed_tokens = 0  # positions of adopted requests computed again (not restored)
+        self.requests_recomputed = 0  # adopted requests with nothing to restore
+        # Without resilience (the restart-everything baseline) a lost expert takes this worker down,
+        # as a failed collective does in systems without failure domains; the restart re-runs it all.
+        self.crash_on_lost_expert = False
+        self.checkpointer: "KVCheckpointer | None" = None  # KV checkpoints into the KV store, when configured
         experts.on_other = self.on_other
 
     # ---- inputs -----------------------------------------------------------------------------
@@ -102,12 +113,18 @@ class AttentionServer:
     def _submit(self, link: Link, message: messages.Submit) -> None:
         try:
             params = SamplingParams.from_dict(message.params)
-            self.engine.add_request(message.request_id, message.prompt_ids, params,
-                                    output_ids=message.output_ids, seed=message.seed)
+            seq = self.engine.add_request(message.request_id, message.prompt_ids, params,
+                                          output_ids=message.output_ids, seed=message.seed)
         except (RequestError, ConfigError) as e:
             self._send(link, messages.Failed(message.request_id, str(e), "invalid_request"))
             return
         self.owner[message.request_id] = link
+        if message.resume:  # moved here from a failed worker: its checkpointed KV spares the recompute
+            restored = self.checkpointer.restore(seq) if self.checkpointer is not None else 0
+            self.recomputed_tokens += seq.num_tokens - restored
+            self.requests_recomputed += restored == 0
+            log.info("adopted %s: %d positions restored from the KV store, %d recomputed", message.request_id,
+                     restored, seq.num_tokens - restored)
 
     def apply_cluster_state(self, state: pb.ClusterState) -> None:
         """Connect to expert workers that became ready; adopt the newest routing table."""
@@ -126,6 +143,7 @@ class AttentionServer:
                     log.warning("cannot link to %s at %s: %s", w.name, w.data_address, e)
         if self.experts.ert is None or state.ert.epoch > self.experts.ert.epoch:
             self.experts.set_routing(RoutingTable.from_proto(state.ert))
+        self.experts.set_faults([LinkFault.from_proto(f) for f in state.faults])  # chaos testing; usually none
 
     # ---- outputs ----------------------------------------------------------------------------
 
@@ -157,10 +175,19 @@ class AttentionServer:
             self.on_other(links, fds)
             return
         start = time.perf_counter()
-        events = self.engine.step()
+        try:
+            events = self.engine.step()
+        except StepCancelled:
+            return  # stopping: nothing of this step is published
         self.step_s += time.perf_counter() - start
         self.publish(events)
-        for request_id, message in self.engine.pop_failures():
+        if self.checkpointer is not None:
+            self.checkpointer.after_step()
+        failures = self.engine.pop_failures()
+        if failures and self.crash_on_lost_expert:
+            log.error("an expert is lost and resilience is off: exiting (%s)", failures[0][1])
+            os._exit(4)
+        for request_id, message in failures:
             link = self.owner.pop(request_id, None)
             if link is not None:
                 self._send(link, messages.Failed(request_id, message, "expert_unavailable"))
@@ -171,7 +198,12 @@ class AttentionServer:
 
     def stats(self) -> dict[str, float]:
         scheduler = self.engine.scheduler
-        return {"running": float(len(scheduler.running)), "waiting": float(len(scheduler.waiting)),
+        extra = self.checkpointer.stats() if self.checkpointer is not None else {}
+        extra["recomputed_tokens"] = float(self.recomputed_tokens)
+        extra["requests_recomputed"] = float(self.requests_recomputed)
+        allocator = self.engine.allocator
+        extra["kv_cache_usage_perc"] = 1.0 - allocator.num_free / allocator.num_blocks
+        return extra | {"running": float(len(scheduler.running)), "waiting": float(len(scheduler.waiting)),
                 "steps": float(self.engine.step_count), "step_s": self.step_s,
                 "uptime_s": time.monotonic() - self.started, **self.experts.stats()}
 
@@ -180,6 +212,33 @@ class AttentionServer:
             self._drop_frontend(link)
         self.experts.close()
         self.listener.close()
+
+
+def start_checkpointer(config: WorkerConfig, engine: LLMEngine, state: pb.ClusterState,
+                       incarnation: int) -> "KVCheckpointer | None":
+    """Map the KV store and start checkpointing into it; None (recompute on failover) when checkpointing
+    is off or the store cannot be used."""
+    dep = config.deployment
+    if not (dep.resilience and dep.kv_checkpoint and dep.redis_url):
+        return None
+    store = next((w for w in state.workers if w.role == pb.KV_STORE and w.state == pb.READY), None)
+    if store is None:
+        log.warning("no KV store is ready: requests moved here after a failure will be recomputed")
+        return None
+    import redis
+
+    from resilient_moe.kvstore.checkpoint import KVCheckpointer
+    from resilient_moe.kvstore.store import layout_for, map_store
+
+    try:
+        layout = layout_for(config)
+        mapping = map_store(store.data_address)
+        client = redis.Redis.from_url(dep.redis_url, socket_timeout=0.2, socket_connect_timeout=0.2)
+        return KVCheckpointer(engine, layout, layout.view(mapping), layout.region(config.index), client,
+                              config.cluster_id, config.name, incarnation, store.incarnation)
+    except (OSError, ValueError, ConfigError) as e:
+        log.warning("KV checkpointing off: cannot use the KV store at %s (%s)", store.data_address, e)
+        return None
 
 
 def main(config: WorkerConfig) -> int:
@@ -198,8 +257,28 @@ def main(config: WorkerConfig) -> int:
     experts = RemoteExperts(identity, poller, dep.ring_bytes, probe_interval_s=dep.probe_interval_s,
                             probe_misses=dep.probe_misses,
                             on_suspect=lambda name, incarnation, reason: reports.put((name, incarnation, reason)))
+    server: AttentionServer | None = None
+
+    def stats() -> dict[str, float]:
+        return server.stats() if server is not None else {"loading": 1.0}
+
+    def on_fenced() -> None:
+        log.warning("%s incarnation %d was fenced by the controller; stopping", config.name, reply.incarnation)
+        if server is None:
+            os._exit(3)  # still loading: nothing to wind down
+        server.fenced = True
+        server.stopping.set()
+        experts.cancel()  # a step waiting on expert workers that now ignore us must not wait forever
+        if server.checkpointer is not None:
+            server.checkpointer.stop()
+        wakeup.ring()
+
+    # Heartbeats start before the weights load, so a slow load is never taken for a death.
+    client.start_heartbeats(config.name, reply.incarnation, dep.heartbeat_interval_s, stats, on_fenced)
     engine = LLMEngine(dep.model, dataclasses.replace(dep.engine, micro_batches=dep.micro_batches), experts=experts)
     server = AttentionServer(engine, experts, poller, listener, wakeup)
+    server.crash_on_lost_expert = not dep.resilience
+    server.checkpointer = start_checkpointer(config, engine, reply.state, reply.incarnation)
     server.apply_cluster_state(reply.state)
 
     def on_state(state: pb.ClusterState) -> None:
@@ -208,13 +287,6 @@ def main(config: WorkerConfig) -> int:
             on_fenced()
         wakeup.ring()
 
-    def on_fenced() -> None:
-        log.warning("%s incarnation %d was fenced by the controller; stopping", config.name, reply.incarnation)
-        server.fenced = True
-        server.stopping.set()
-        wakeup.ring()
-
-    client.start_heartbeats(config.name, reply.incarnation, dep.heartbeat_interval_s, server.stats, on_fenced)
 
     def report_suspects() -> None:  # off the datapath: a slow controller never stalls a step
         while True:
@@ -223,7 +295,7 @@ def main(config: WorkerConfig) -> int:
 
     threading.Thread(target=report_suspects, name="suspect-reports", daemon=True).start()
     client.start_watch(config.name, on_state)
-    signal.signal(signal.SIGTERM, lambda *_: (server.stopping.set(), wakeup.ring()))
+    signal.signal(signal.SIGTERM, lambda *_: (server.stopping.set(), experts.cancel(), wakeup.ring()))
     client.ready(config.name, reply.incarnation, data_address=listener.address)
     log.info("%s ready, serving frontends on %s", config.name, listener.address)
     try:

@@ -165,10 +165,24 @@ def main(config: WorkerConfig) -> int:
     poller = Poller()
     listener = listen(link_address(dep, config.cluster_id, config.name, reply.incarnation), identity, poller)
     poller.add_fd(listener.fileno())
+    server: ExpertServer | None = None
+    wakeup = Wakeup(poller)
+
+    def stats() -> dict[str, float]:
+        return server.stats() if server is not None else {"loading": 1.0}
+
+    def on_fenced() -> None:
+        log.warning("%s incarnation %d was fenced by the controller; stopping", config.name, reply.incarnation)
+        if server is None:
+            os._exit(3)  # still loading: nothing to wind down
+        server.stopping.set()
+        wakeup.ring()
+
+    # Heartbeats start before the weights load, so a slow load is never taken for a death.
+    client.start_heartbeats(config.name, reply.incarnation, dep.heartbeat_interval_s, stats, on_fenced)
     experts = ExpertSide(Checkpoint(dep.model), [(x.layer, x.expert) for x in reply.load_experts],
                          torch_dtype(dep.engine.dtype))
     server = ExpertServer(experts, poller, identity)
-    wakeup = Wakeup(poller)
 
     def on_state(state: pb.ClusterState) -> None:
         fenced = {(f.name, f.incarnation) for f in state.fenced}
@@ -176,12 +190,6 @@ def main(config: WorkerConfig) -> int:
         if (config.name, reply.incarnation) in fenced:
             on_fenced()
 
-    def on_fenced() -> None:
-        log.warning("%s incarnation %d was fenced by the controller; stopping", config.name, reply.incarnation)
-        server.stopping.set()
-        wakeup.ring()
-
-    client.start_heartbeats(config.name, reply.incarnation, dep.heartbeat_interval_s, server.stats, on_fenced)
     client.start_watch(config.name, on_state)
     signal.signal(signal.SIGTERM, lambda *_: (server.stopping.set(), wakeup.ring()))
     client.ready(config.name, reply.incarnation, experts.held, listener.address)

@@ -1,0 +1,138 @@
+"""The OpenAI-compatible request bodies and the error shape of the HTTP API.
+
+Requests are pydantic models, so FastAPI validates them and publishes them in the OpenAPI schema.
+Field bounds live here (they show up in the schema); what depends on the model or deployment
+(context length, vocabulary) is checked in api.py. Every error leaves the server as
+
+    {"error": {"message": str, "type": str, "param": str | null, "code": str | null}}
+
+with the HTTP status in `ApiError.status`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# OpenAI's error "type" for each status we send.
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "service_unavailable_error",
+}
+
+
+class ApiError(Exception):
+    """An error answered as OpenAI-style JSON; `param` names the request field at fault."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.status, self.message, self.param, self.code)
+
+
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    kind = ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in (
+        (400, "Invalid request: a parameter is out of range, or the prompt exceeds the context length"),
+        (404, "Unknown model"),
+        (413, "Request body too large"),
+        (429, "Too many requests in flight or queued; retry later"),
+        (503, "No attention worker is available, or no replica of a needed expert is left"),
+    )
+}
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+# A stop sequence: text, or (our extension, like vLLM's stop_token_ids) a token id.
+Stop = str | list[str | int] | None
+
+
+class _SamplingFields(BaseModel):
+    """Parameters shared by completions and chat completions."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = Field(None, description="Served model name (GET /v1/models); default: the only one")
+    max_tokens: int | None = Field(None, ge=1, description="Tokens to generate at most")
+    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 is greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=-1, description="Extension: keep the k most likely tokens (0 or -1: off)")
+    seed: int | None = Field(None, ge=0, lt=2**63, description="Same seed, same tokens, failover or not")
+    stop: Stop = Field(None, description="Up to 16 stop strings (or token ids)")
+    stop_token_ids: list[int] | None = Field(None, description="Extension: stop on these token ids")
+    n: int = Field(1, ge=1, description="Only 1 is supported")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    ignore_eos: bool = Field(False, description="Extension: keep generating past end-of-sequence tokens")
+    return_token_ids: bool = Field(False, description="Extension: add prompt_token_ids and token_ids to choices")
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Only 0 is supported")
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Only 0 is supported")
+    logit_bias: dict[str, float] | None = Field(None, description="Not supported (must be empty)")
+    user: str | None = None
+
+
+class CompletionRequest(_SamplingFields):
+    """POST /v1/completions."""
+
+    prompt: str | list[int] | list[str] | list[list[int]] = Field(
+        ..., description="Text, or token ids; a list of several prompts is not supported"
+    )
+    max_tokens: int | None = Field(16, ge=1, description="Tokens to generate at most")
+    logprobs: int | None = Field(None, ge=0, le=20, description="Log probability of each generated token")
+    echo: bool = Field(False, description="Not supported")
+    suffix: str | None = Field(None, description="Not supported")
+    best_of: int | None = Field(None, ge=1, description="Only 1 is supported")
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+
+class ChatCompletionRequest(_SamplingFields):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1, description="Alias of max_tokens")
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)

@@ -1,0 +1,144 @@
+"""Helpers for tests that talk HTTP to a real serving stack (cluster processes + frontend + uvicorn).
+
+`serving_stack` starts one in-process on a free port and stops it even when the test fails, then
+checks that no worker survived. `stream_completion` reads one SSE completion; `streams_through_kill`
+SIGKILLs a worker while several completions stream and returns what each client received, so a
+failover test (an expert worker here, an attention worker later) is a few lines.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import httpx
+
+from conftest import pid_alive, wait_until
+from resilient_moe.config import DeploymentConfig, EngineConfig
+from resilient_moe.server.serve import ServingStack
+
+ADMIN_TOKEN = "test-admin-token"
+
+
+@contextmanager
+def serving_stack(model_dir, zygote, log_dir, attention_workers: int = 2, expert_workers: int = 2,
+                  max_model_len: int = 128, heartbeat_timeout_s: float = 5.0, **stack_options):
+    """A started ServingStack on 127.0.0.1:<free port>; every process it started is gone afterwards.
+
+    The heartbeat timeout is generous: CI machines are shared, and a starved controller must not
+    declare healthy workers dead (killed ones are found at once through their closed links)."""
+    dep = DeploymentConfig(model=str(model_dir), attention_workers=attention_workers,
+                           expert_workers=expert_workers, engine=EngineConfig(max_model_len=max_model_len),
+                           heartbeat_timeout_s=heartbeat_timeout_s)
+    stack = ServingStack(dep, port=0, admin_token=ADMIN_TOKEN, zygote=zygote, log_dir=log_dir, **stack_options)
+    pids: list[int] = []
+    try:
+        stack.start()
+        pids = list(stack.cluster.pids.values())
+        yield stack
+    finally:
+        if stack.cluster is not None:
+            pids = sorted(set(pids) | set(stack.cluster.pids.values()) | set(stack.cluster.retired))
+        stack.stop()
+    wait_until(lambda: not any(pid_alive(p) for p in pids), 15, "every worker to exit after stop")
+
+
+def admin_headers() -> dict[str, str]:
+    return {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+@dataclass
+class StreamResult:
+    """What one streaming client saw."""
+
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    usage: dict | None = None
+    error: dict | None = None
+    done: bool = False  # saw `data: [DONE]`
+    chunks: list[dict] = field(default_factory=list)
+
+
+def read_sse(response: httpx.Response, result: StreamResult, on_chunk=None) -> StreamResult:
+    """Parse an OpenAI SSE stream into `result` (token ids need "return_token_ids": true)."""
+    for line in response.iter_lines():
+        if not line.startswith("data: "):
+            continue
+        payload = line[len("data: "):]
+        if payload == "[DONE]":
+            result.done = True
+            break
+        chunk = json.loads(payload)
+        result.chunks.append(chunk)
+        if "error" in chunk:
+            result.error = chunk["error"]
+            continue
+        if chunk.get("usage"):
+            result.usage = chunk["usage"]
+        for choice in chunk["choices"]:
+            result.token_ids += choice.get("token_ids", [])
+            result.text += choice.get("text") or (choice.get("delta") or {}).get("content") or ""
+            result.finish_reason = choice.get("finish_reason") or result.finish_reason
+        if on_chunk is not None:
+            on_chunk(result)
+    return result
+
+
+def stream_completion(base_url: str, prompt, max_tokens: int, timeout_s: float = 60.0, on_chunk=None,
+                      **extra) -> StreamResult:
+    """One streaming /v1/completions call (greedy unless `extra` says otherwise)."""
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
+            "return_token_ids": True, **extra}
+    result = StreamResult()
+    with httpx.Client(timeout=timeout_s) as client:
+        with client.stream("POST", f"{base_url}/v1/completions", json=body) as response:
+            assert response.status_code == 200, response.read()
+            read_sse(response, result, on_chunk)
+    return result
+
+
+def streams_through_kill(stack: ServingStack, victim: str, prompts: list[list[int]], max_tokens: int,
+                         kill_after_tokens: int = 3, timeout_s: float = 60.0, **extra) -> list[StreamResult]:
+    """Stream one completion per prompt; SIGKILL worker `victim` once every stream has received at
+    least `kill_after_tokens` tokens; return what each client got (ignore_eos, so lengths are known)."""
+    results = [StreamResult() for _ in prompts]
+    started = [threading.Event() for _ in prompts]
+    errors: list[BaseException] = []
+
+    def client(i: int) -> None:
+        def on_chunk(result: StreamResult) -> None:
+            if len(result.token_ids) >= kill_after_tokens:
+                started[i].set()
+
+        try:
+            body = {"prompt": prompts[i], "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
+                    "return_token_ids": True, "ignore_eos": True, **extra}
+            with httpx.Client(timeout=timeout_s) as http:
+                with http.stream("POST", f"{stack.url}/v1/completions", json=body) as response:
+                    assert response.status_code == 200, response.read()
+                    read_sse(response, results[i], on_chunk)
+        except BaseException as e:  # reported by the caller
+            errors.append(e)
+        finally:
+            started[i].set()
+
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + timeout_s
+    for event in started:
+        assert event.wait(max(0.1, deadline - time.monotonic())), "streams did not start"
+    assert not errors, errors
+    assert all(not r.done for r in results), "a stream finished before the kill: raise max_tokens"
+    os.kill(stack.cluster.pids[victim], signal.SIGKILL)
+    for t in threads:
+        t.join(max(0.1, deadline - time.monotonic()))
+    assert not any(t.is_alive() for t in threads), "a stream did not finish after the kill"
+    assert not errors, errors
+    return results

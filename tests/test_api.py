@@ -1,0 +1,423 @@
+"""The OpenAI-compatible HTTP API against a real cluster: the official client, streaming, errors,
+admin auth, client disconnects, an expert worker killed mid-stream, and a schema fuzz (no 5xx)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, settings
+from schemathesis.checks import not_a_server_error
+
+from conftest import pid_alive, wait_until
+from resilient_moe.config import EngineConfig, SamplingParams
+from resilient_moe.engine.engine import LLMEngine
+from resilient_moe.engine.tokenizer import TextTokenizer
+from resilient_moe.server.api import Admission, TextStream
+from resilient_moe.server.protocol import ApiError
+from serving import admin_headers, serving_stack, stream_completion, streams_through_kill
+
+PROMPTS = [[1, 45, 393, 84, 461], [1, 17, 230, 99, 12, 300, 41], [1, 500, 3]]
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_model, zygote, tmp_path_factory):
+    with serving_stack(tiny_model, zygote, tmp_path_factory.mktemp("api-logs"), max_model_len=48) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(stack):
+    return openai.OpenAI(base_url=f"{stack.url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model):
+    return LLMEngine(tiny_model, EngineConfig(max_model_len=128))  # only its tokens matter: any length
+
+
+def colocated(engine: LLMEngine, prompt_ids: list[int], max_tokens: int, **params) -> list[int]:
+    return engine.generate([prompt_ids], SamplingParams(max_tokens=max_tokens, **params))[0].token_ids
+
+
+# ---- the official client ---------------------------------------------------------------------
+
+
+def test_models_health_ready(stack, client):
+    models = client.models.list()
+    assert [m.id for m in models.data] == [stack.model_name]
+    assert httpx.get(f"{stack.url}/health").json() == {"status": "ok"}
+    ready = httpx.get(f"{stack.url}/ready")
+    assert ready.status_code == 200, ready.text
+    schema = httpx.get(f"{stack.url}/openapi.json").json()
+    assert {"/v1/completions", "/v1/chat/completions", "/admin/cluster"} <= set(schema["paths"])
+
+
+def test_completions_token_identical_to_colocated_engine(stack, client, engine):
+    for prompt in PROMPTS:
+        out = client.completions.create(model=stack.model_name, prompt=prompt, max_tokens=12, temperature=0,
+                                        extra_body={"return_token_ids": True, "ignore_eos": True})
+        choice = out.choices[0]
+        expected = colocated(engine, prompt, 12, ignore_eos=True)
+        assert choice.token_ids == expected
+        assert choice.prompt_token_ids == prompt
+        assert choice.finish_reason == "length"
+        assert choice.text == engine.tokenizer.decode(expected)
+        assert out.usage.prompt_tokens == len(prompt) and out.usage.completion_tokens == 12
+
+
+def test_text_prompt_and_streaming_agree(stack, client, engine):
+    prompt = "The attention workers keep the cache"
+    whole = client.completions.create(model=stack.model_name, prompt=prompt, max_tokens=10, temperature=0,
+                                      extra_body={"return_token_ids": True, "ignore_eos": True})
+    ids = engine.tokenizer.encode(prompt)
+    assert whole.choices[0].prompt_token_ids == ids
+    assert whole.choices[0].token_ids == colocated(engine, ids, 10, ignore_eos=True)
+    chunks = list(client.completions.create(model=stack.model_name, prompt=prompt, max_tokens=10, temperature=0,
+                                            stream=True, stream_options={"include_usage": True},
+                                            extra_body={"return_token_ids": True, "ignore_eos": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+    assert sum((c.choices[0].token_ids for c in chunks if c.choices), []) == whole.choices[0].token_ids
+    assert chunks[0].choices[0].prompt_token_ids == ids
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 10
+
+
+def test_sse_wire_format(stack):
+    result = stream_completion(stack.url, PROMPTS[0], max_tokens=5, ignore_eos=True)
+    assert result.done and result.finish_reason == "length" and len(result.token_ids) == 5
+    assert result.usage == {"prompt_tokens": 5, "completion_tokens": 5, "total_tokens": 10}
+    assert all(c["object"] == "text_completion" for c in result.chunks)
+
+
+def test_chat_completions(stack, client, engine):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello world!"}]
+    out = client.chat.completions.create(model=stack.model_name, messages=messages, max_tokens=8, temperature=0,
+                                         extra_body={"return_token_ids": True, "ignore_eos": True})
+    tokenizer = TextTokenizer.from_dir(engine.model_dir)
+    ids = tokenizer.encode(tokenizer.apply_chat_template(messages))
+    assert out.choices[0].prompt_token_ids == ids
+    assert out.choices[0].token_ids == colocated(engine, ids, 8, ignore_eos=True)
+    assert out.choices[0].message.role == "assistant"
+    stream = list(client.chat.completions.create(model=stack.model_name, messages=messages, max_tokens=8,
+                                                 temperature=0, stream=True, extra_body={"ignore_eos": True}))
+    assert stream[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in stream) == out.choices[0].message.content
+    assert stream[-1].choices[0].finish_reason == "length"
+    assert stream[-1].usage.completion_tokens == 8
+
+
+def test_seeded_sampling_and_logprobs(stack, client, engine):
+    kwargs = dict(model=stack.model_name, prompt=PROMPTS[1], max_tokens=8, temperature=0.9, top_p=0.9, seed=1234,
+                  logprobs=1, extra_body={"return_token_ids": True, "ignore_eos": True})
+    a, b = client.completions.create(**kwargs), client.completions.create(**kwargs)
+    assert a.choices[0].token_ids == b.choices[0].token_ids
+    assert a.choices[0].token_ids == colocated(engine, PROMPTS[1], 8, temperature=0.9, top_p=0.9, seed=1234,
+                                               ignore_eos=True)
+    logprobs = a.choices[0].logprobs.token_logprobs
+    assert len(logprobs) == 8 and all(lp <= 0.0 for lp in logprobs)
+
+
+def test_stop_strings_and_stop_token_ids(stack, client, engine):
+    expected = colocated(engine, PROMPTS[0], 16, ignore_eos=True)
+    text = engine.tokenizer.decode(expected)
+    stop = text[len(text) // 2: len(text) // 2 + 3]
+    assert stop.strip(), f"pick another prompt: the middle of {text!r} is blank"
+    for stream in (False, True):
+        out = client.completions.create(model=stack.model_name, prompt=PROMPTS[0], max_tokens=16, temperature=0,
+                                        stop=[stop], stream=stream, extra_body={"ignore_eos": True})
+        choices = [c.choices[0] for c in out if c.choices] if stream else out.choices
+        assert "".join(c.text for c in choices) == text[: text.index(stop)]
+        assert choices[-1].finish_reason == "stop"
+    stop_id = expected[5]
+    out = client.completions.create(model=stack.model_name, prompt=PROMPTS[0], max_tokens=16, temperature=0,
+                                    extra_body={"ignore_eos": True, "stop_token_ids": [stop_id],
+                                                "return_token_ids": True})
+    assert out.choices[0].token_ids == expected[: expected.index(stop_id) + 1]
+    assert out.choices[0].finish_reason == "stop"
+
+
+# ---- errors ----------------------------------------------------------------------------------
+
+ERRORS = [
+    # body, status, param
+    ({"model": "nope", "prompt": "hi"}, 404, "model"),
+    ({"prompt": "hi", "n": 2}, 400, "n"),
+    ({"prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+    ({"prompt": "hi", "temperature": -1}, 400, "temperature"),
+    ({"prompt": "hi", "top_p": 0}, 400, "top_p"),
+    ({"prompt": "hi", "seed": -5}, 400, "seed"),
+    ({"prompt": [1, 2, 99999]}, 400, "prompt"),
+    ({"prompt": []}, 400, "prompt"),
+    ({"prompt": ["a", "b"]}, 400, "prompt"),
+    ({"prompt": [1] * 60}, 400, "prompt"),  # longer than the 48-token context
+    ({"prompt": [1, 2], "max_tokens": 47}, 400, "max_tokens"),
+    ({"prompt": "hi", "presence_penalty": 1.0}, 400, "presence_penalty"),
+    ({"prompt": "hi", "echo": True}, 400, "echo"),
+    ({"max_tokens": 3}, 400, "prompt"),
+    ({"prompt": "hi", "max_tokens": "many"}, 400, "max_tokens"),
+]
+
+
+@pytest.mark.parametrize("body,status,param", ERRORS, ids=[f"{p}-{s}" for _, s, p in ERRORS])
+def test_completion_errors(stack, body, status, param):
+    response = httpx.post(f"{stack.url}/v1/completions", json=body, timeout=30)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["param"] == param and param in error["message"]
+
+
+def test_other_errors(stack, client):
+    bad_json = httpx.post(f"{stack.url}/v1/completions", content=b"{not json", timeout=10,
+                          headers={"content-type": "application/json"})
+    assert bad_json.status_code == 400 and "JSON" in bad_json.json()["error"]["message"]
+    too_big = httpx.post(f"{stack.url}/v1/completions", content=b" " * (5 << 20), timeout=10,
+                         headers={"content-type": "application/json"})
+    assert too_big.status_code == 413 and too_big.json()["error"]["type"] == "invalid_request_error"
+    missing = httpx.get(f"{stack.url}/v2/nothing", timeout=10)
+    assert missing.status_code == 404 and "error" in missing.json()
+    chat = httpx.post(f"{stack.url}/v1/chat/completions", json={"messages": [{"role": "wizard", "content": "x"}]})
+    assert chat.status_code == 400 and chat.json()["error"]["param"] == "messages"
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "hi"}])
+
+
+def test_overload_answers_429(stack):
+    server = stack.app.state.server
+    original = server.admission
+    server.admission = Admission(max_running=0, max_waiting=0)  # full: nothing runs, nothing may wait
+    try:
+        refused = httpx.post(f"{stack.url}/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=10)
+    finally:
+        server.admission = original
+    assert refused.status_code == 429, refused.text
+    assert refused.json()["error"]["type"] == "rate_limit_error"
+    assert httpx.post(f"{stack.url}/v1/completions", json={"prompt": "hi", "max_tokens": 2}).status_code == 200
+
+
+def test_admission_queue_is_bounded_and_fifo():
+    async def scenario():
+        admission = Admission(max_running=1, max_waiting=1)
+        await admission.enter()
+        waiter = asyncio.create_task(admission.enter())
+        await asyncio.sleep(0.01)
+        assert admission.running == 1 and admission.waiting == 1
+        with pytest.raises(ApiError) as refused:
+            await admission.enter()
+        assert refused.value.status == 429
+        admission.leave()
+        await asyncio.wait_for(waiter, 1)
+        assert admission.running == 1 and admission.waiting == 0
+
+    asyncio.run(scenario())
+
+
+def test_client_disconnect_aborts_request(stack):
+    frontend = stack.frontend
+    with httpx.Client(timeout=30) as http:
+        body = {"prompt": PROMPTS[2], "max_tokens": 44, "stream": True, "ignore_eos": True}
+        with http.stream("POST", f"{stack.url}/v1/completions", json=body) as response:
+            lines = response.iter_lines()
+            while not next(lines).startswith("data: "):
+                pass
+            assert frontend.unfinished() == 1
+    # the API aborts it at the attention worker and forgets the handle
+    wait_until(lambda: not frontend.requests, 10, "the frontend to drop the aborted request")
+
+    def aws_idle():
+        return all(w.load.get("running", 1) == 0 for w in stack.cluster.state().workers if w.name.startswith("aw-"))
+
+    wait_until(aws_idle, 10, "the attention worker to free the aborted request")
+    metrics = httpx.get(f"{stack.url}/metrics").text
+    assert 'resilient_moe_request_success_total{finished_reason="abort"}' in metrics
+
+
+# ---- admin -----------------------------------------------------------------------------------
+
+
+def test_admin_needs_the_token(stack):
+    missing = httpx.get(f"{stack.url}/admin/cluster")
+    assert missing.status_code == 401 and missing.json()["error"]["type"] == "authentication_error"
+    wrong = httpx.get(f"{stack.url}/admin/cluster", headers={"Authorization": "Bearer wrong"})
+    assert wrong.status_code == 403
+    assert httpx.get(f"{stack.url}/admin/timeseries").status_code == 401
+    cluster = httpx.get(f"{stack.url}/admin/cluster", headers=admin_headers()).json()
+    assert set(cluster) == {"workers", "ert", "events", "unprotected"}
+    by_id = {w["id"]: w for w in cluster["workers"]}
+    for name, pid in stack.cluster.pids.items():
+        assert by_id[name]["pid"] == pid and by_id[name]["state"] == "ready"
+    assert by_id["controller"]["role"] == "controller"
+    roles = sorted(w["role"] for w in cluster["workers"])
+    assert roles.count("frontend") == 1 and roles.count("attention") == 2 and roles.count("expert") == 2
+    for w in cluster["workers"]:
+        assert set(w) == {"id", "role", "pid", "host", "incarnation", "state", "experts", "shadows", "load"}
+    assert cluster["ert"]["epoch"] >= 1 and cluster["ert"]["entries"]
+    assert {"time", "kind", "worker", "detail"} == set(cluster["events"][0])
+
+
+# ---- schema fuzz -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def api_schema(stack):
+    return schemathesis.openapi.from_url(f"{stack.url}/openapi.json")
+
+
+schema = schemathesis.pytest.from_fixture("api_schema")
+
+
+@schema.parametrize()
+@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+def test_fuzz_no_server_errors(case):
+    """Whatever schemathesis sends (valid or not), the answer is never a 5xx. Valid output lengths are
+    capped so the run stays short; the default length (the rest of the context) is still exercised."""
+    if isinstance(case.body, dict):
+        for key in ("max_tokens", "max_completion_tokens"):
+            value = case.body.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 4:
+                case.body[key] = 4
+    case.call_and_validate(checks=[not_a_server_error], timeout=60)
+
+
+# ---- failover through HTTP -------------------------------------------------------------------
+
+
+def test_expert_worker_killed_mid_stream(tiny_model, zygote, tmp_path, engine):
+    """SIGKILL an expert worker while four streams run: every stream completes, token-identical to a
+    failure-free run, and the failure shows in /admin/cluster and /metrics."""
+    prompts = PROMPTS + [[1, 88, 77, 66]]
+    expected = [colocated(engine, p, 60, ignore_eos=True) for p in prompts]
+    with serving_stack(tiny_model, zygote, tmp_path, attention_workers=2, expert_workers=3) as stack:
+        results = streams_through_kill(stack, "ew-1", prompts, max_tokens=60)
+        for result, want in zip(results, expected):
+            assert result.error is None and result.done and result.finish_reason == "length"
+            assert result.token_ids == want
+
+        def death_seen():
+            cluster = httpx.get(f"{stack.url}/admin/cluster", headers=admin_headers()).json()
+            return any(e["kind"] == "dead" and e["worker"] == "ew-1" for e in cluster["events"])
+
+        wait_until(death_seen, 10, "the controller to report ew-1 dead")
+        failure_metric = re.compile(r'^resilient_moe_failures_detected_total\{kind="\w+",role="expert"\} 1\.0$', re.M)
+        wait_until(lambda: failure_metric.search(httpx.get(f"{stack.url}/metrics").text), 10, "the failure metric")
+        stalls = re.compile(r"^resilient_moe_failover_stall_seconds_count ([1-9]\d*)\.0$", re.M)
+        wait_until(lambda: stalls.search(httpx.get(f"{stack.url}/metrics").text), 15, "the streams' stalls measured")
+        # the replacement comes back and the cluster is ready again
+        wait_until(lambda: httpx.get(f"{stack.url}/ready").status_code == 200, 60, "/ready after the replacement")
+
+
+def test_attention_worker_killed_during_streaming_streams_continue(tiny_model, zygote, engine, tmp_path):
+    """The HTTP streams of a dead attention worker's requests continue on the other one, from restored KV,
+    with no token missing or repeated."""
+    prompts = PROMPTS + [[1, 88, 77, 66], [1, 9, 8, 7, 6, 5]]
+    expected = [colocated(engine, p, 60, ignore_eos=True) for p in prompts]
+    with serving_stack(tiny_model, zygote, tmp_path, attention_workers=2, expert_workers=2) as stack:
+        results = streams_through_kill(stack, "aw-0", prompts, max_tokens=60)
+        for result, want in zip(results, expected):
+            assert result.error is None and result.done and result.finish_reason == "length"
+            assert result.token_ids == want
+
+        def adopted():
+            cluster = httpx.get(f"{stack.url}/admin/cluster", headers=admin_headers()).json()
+            aw1 = next(w for w in cluster["workers"] if w["id"] == "aw-1")
+            return aw1["load"].get("ckpt_restored", 0) >= 1
+
+        wait_until(adopted, 10, "aw-1 to report requests restored from the KV store")
+        wait_until(lambda: httpx.get(f"{stack.url}/ready").status_code == 200, 60, "/ready after the replacement")
+
+
+# ---- the serve command ------------------------------------------------------------------------
+
+
+def descendants(pid: int) -> set[int]:
+    found, todo = set(), [pid]
+    while todo:
+        current = todo.pop()
+        for task in Path(f"/proc/{current}/task").glob("*"):
+            try:
+                children = {int(c) for c in (task / "children").read_text().split()}
+            except OSError:
+                continue
+            todo.extend(children - found)
+            found |= children
+    return found
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_serve_command_serves_then_stops_cleanly(tiny_model, tmp_path, stop_signal):
+    """`resilient-moe serve` as users run it: progress and URLs printed, OpenAI client works, and Ctrl-C
+    or SIGTERM stops every process it started."""
+    config = tmp_path / "deployment.yaml"  # generous heartbeats: CI machines are shared (see serving.py)
+    config.write_text("attention_workers: 1\nexpert_workers: 3\nheartbeat_timeout_s: 5.0\n")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "resilient_moe.cli", "serve", "--model", str(tiny_model), "--port", "0",
+         "--config", str(config), "--expert-workers", "2", "--log-dir", str(tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "RESILIENT_MOE_ADMIN_TOKEN": ""},
+    )
+    children: set[int] = set()
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+    try:
+        wait_until(lambda: any(line.startswith("press Ctrl-C") for line in lines) or proc.poll() is not None, 120,
+                   "serve to print its banner")
+        text = "".join(lines)
+        assert proc.poll() is None, text
+        assert "ew-1" in text and "ready" in text  # startup progress
+        url = re.search(r"OpenAI API\s+(http://127\.0\.0\.1:\d+)/v1", text).group(1)
+        token = re.search(r"admin token\s+(\S+)", text).group(1)
+        children = descendants(proc.pid)
+        assert len(children) >= 4  # zygote, controller, aw-0, ew-0, ew-1
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+        out = client.completions.create(model=tiny_model.name, prompt="Hello", max_tokens=4, extra_body={"ignore_eos": True})
+        assert out.usage.completion_tokens == 4
+        cluster = httpx.get(f"{url}/admin/cluster", headers={"Authorization": f"Bearer {token}"}).json()
+        assert {w["pid"] for w in cluster["workers"] if w["role"] != "frontend"} <= children
+        proc.send_signal(stop_signal)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    wait_until(lambda: not any(pid_alive(p) for p in children), 15, "every process of serve to exit")
+
+
+# ---- pure pieces -----------------------------------------------------------------------------
+
+
+class _Chars:
+    """A tokenizer whose token i is the character chr(i)."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(i) for i in ids)
+
+
+def test_text_stream_holds_back_partial_stop_strings():
+    stream = TextStream(_Chars(), ["STOP"])
+    out = [stream.add(ord(c)) for c in "abSTxSTOPyz"]
+    assert "".join(out) == "abSTx" and stream.stopped
+    assert out[2:4] == ["", ""]  # "S", "ST" might start "STOP": held back until "x" shows they do not
+    plain = TextStream(_Chars(), [])
+    assert "".join(plain.add(ord(c)) for c in "hello") + plain.flush() == "hello"
+    tail = TextStream(_Chars(), ["END"])
+    assert "".join(tail.add(ord(c)) for c in "abEN") == "ab" and tail.flush() == "EN"
+
+
+def test_sse_chunks_are_json(stack):
+    with httpx.stream("POST", f"{stack.url}/v1/chat/completions", timeout=30,
+                      json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "stream": True}) as r:
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    for line in lines[:-1]:
+        assert json.loads(line.removeprefix("data: "))["object"] == "chat.completion.chunk"

@@ -1,0 +1,163 @@
+"""KV checkpoints in a real KV store process with metadata in a real (private) Redis server.
+
+Records appear while requests run and are gone after they finish; a Redis outage neither stalls
+serving nor loses a request (a failover then recomputes from the token log); a full store stops
+checkpointing some requests, visibly, and nothing else changes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+
+import pytest
+import redis
+
+from conftest import wait_until
+from resilient_moe.config import DeploymentConfig, EngineConfig, ModelConfig, SamplingParams
+from resilient_moe.engine.engine import LLMEngine
+from resilient_moe.errors import ConfigError
+from resilient_moe.kvstore import keys
+from resilient_moe.kvstore.store import StoreLayout, parse_address
+from resilient_moe.launch.local import LocalCluster
+from resilient_moe.server.frontend import Frontend
+
+
+def workload(seed: int = 5, n: int = 12, max_tokens: int = 48):
+    rng = random.Random(seed)
+    prompts = [[1] + [rng.randrange(3, 500) for _ in range(rng.randint(10, 40))] for _ in range(n)]
+    return prompts, SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model):
+    prompts, params = workload()
+    return [r.token_ids for r in LLMEngine(tiny_model, EngineConfig()).generate(prompts, params)]
+
+
+def load(cluster: LocalCluster, name: str, key: str) -> float:
+    return next(w.load.get(key, 0.0) for w in cluster.state().workers if w.name == name)
+
+
+def test_commit_records_follow_requests_and_are_cleaned_up(tiny_model, reference, zygote, tmp_path):
+    prompts, params = workload()
+    dep = DeploymentConfig(model=str(tiny_model), attention_workers=1, expert_workers=2)
+    with LocalCluster(dep, log_dir=tmp_path, zygote=zygote) as cluster:
+        assert "redis" in cluster.pids and "kv-store" in cluster.pids
+        db = redis.Redis.from_url(cluster.deployment.redis_url)
+        frontend = Frontend(cluster.controller_address).start()
+        try:
+            handles = [frontend.submit(p, params) for p in prompts]
+            wait_until(lambda: all(len(h.tokens) >= 10 for h in handles), 60, "requests to be mid-generation")
+            commit = wait_until(lambda: db.hgetall(keys.commit_key(cluster.cluster_id, handles[0].request_id)), 10,
+                                "a commit record")
+            n = int(commit[b"n"])
+            assert n >= len(prompts[0]), "the prompt's KV is committed"
+            assert commit[b"owner"] == b"aw-0" and len(json.loads(commit[b"blocks"])) * 16 >= n
+            record = db.hgetall(keys.request_key(cluster.cluster_id, handles[0].request_id))
+            assert json.loads(record[b"output_ids"]) == handles[0].token_ids[: len(json.loads(record[b"output_ids"]))]
+            assert [h.wait(60).token_ids for h in handles] == reference
+            wait_until(lambda: not [k for k in db.scan_iter(match=f"rmoe:{cluster.cluster_id}:*")
+                                    if b":commit:" in k or b":request:" in k], 10,
+                       "every record to be deleted after the requests finished")
+            assert db.get(f"rmoe:{cluster.cluster_id}:controller"), "the controller's state is in Redis too"
+            wait_until(lambda: load(cluster, "aw-0", "ckpt_commits") > 0, 5, "commit counters")
+            assert load(cluster, "aw-0", "ckpt_store_full") == 0
+            db.close()
+        finally:
+            frontend.close()
+
+
+def test_redis_outage_neither_stalls_nor_loses_requests(tiny_model, reference, zygote, tmp_path):
+    prompts, params = workload()
+    dep = DeploymentConfig(model=str(tiny_model), attention_workers=2, expert_workers=2)
+    with LocalCluster(dep, log_dir=tmp_path, zygote=zygote) as cluster:
+        frontend = Frontend(cluster.controller_address).start()
+        redis_pid = cluster.pids["redis"]
+        try:
+            handles = [frontend.submit(p, params) for p in prompts]
+            wait_until(lambda: all(len(h.tokens) >= 5 for h in handles), 60, "requests to be mid-generation")
+            os.kill(redis_pid, signal.SIGSTOP)  # Redis hangs: every command times out
+            try:
+                before = min(len(h.tokens) for h in handles)
+                wait_until(lambda: min(len(h.tokens) for h in handles) >= before + 5, 30,
+                           "decoding to go on while Redis is down")
+                os.kill(cluster.pids["aw-0"], signal.SIGKILL)  # and now a failover that cannot read Redis
+                tokens = [h.wait(120).token_ids for h in handles]
+            finally:
+                os.kill(redis_pid, signal.SIGCONT)
+            assert tokens == reference
+            assert load(cluster, "aw-1", "ckpt_commit_errors") > 0, "the failed commits are counted"
+            assert load(cluster, "aw-1", "recomputed_tokens") > 0, "the moved requests were recomputed"
+        finally:
+            frontend.close()
+
+
+def test_a_full_store_stops_checkpointing_visibly(tiny_model, reference, zygote, tmp_path):
+    prompts, params = workload()
+    # 1 MiB: 64 blocks of 16 tokens for this model, 32 per attention worker: less than its requests need.
+    dep = DeploymentConfig(model=str(tiny_model), attention_workers=2, expert_workers=2, kv_store_bytes=1 << 20)
+    with LocalCluster(dep, log_dir=tmp_path, zygote=zygote) as cluster:
+        frontend = Frontend(cluster.controller_address).start()
+        try:
+            handles = [frontend.submit(p, params) for p in prompts]
+            wait_until(lambda: all(len(h.tokens) >= 20 for h in handles), 60, "requests to be mid-generation")
+            os.kill(cluster.pids["aw-0"], signal.SIGKILL)
+            assert [h.wait(120).token_ids for h in handles] == reference
+            assert load(cluster, "aw-1", "ckpt_store_full") > 0
+        finally:
+            frontend.close()
+
+
+def test_store_layout_and_address_validation(tiny_model):
+    import torch
+
+    model = ModelConfig.from_pretrained(tiny_model)
+    layout = StoreLayout.for_deployment(model, 1 << 20, 16, torch.float32, attention_workers=2)
+    row = 2 * model.num_layers * model.num_kv_heads * model.head_dim * 4
+    assert layout.num_blocks == (1 << 20) // (row * 16)
+    assert layout.region(0) == range(0, layout.per_worker)
+    assert layout.region(1) == range(layout.per_worker, 2 * layout.per_worker)
+    with pytest.raises(ConfigError, match="fewer than one per attention worker"):
+        StoreLayout.for_deployment(model, row * 16, 16, torch.float32, attention_workers=2)
+    assert parse_address("memfd:12:7:4096") == (12, 7, 4096)
+    for bad in ("memfd:12:7", "tcp:1:2:3", "memfd:a:7:4096"):
+        with pytest.raises(ValueError, match="not a KV store address"):
+            parse_address(bad)
+    with pytest.raises(ConfigError, match="kv_store_bytes"):
+        DeploymentConfig(kv_store_bytes=100)
+    with pytest.raises(ConfigError, match="redis_url"):
+        DeploymentConfig(redis_url="http://localhost")
+
+
+def test_controller_restart_recovers_the_cluster_from_redis(tiny_model, reference, zygote, tmp_path):
+    prompts, params = workload()
+    dep = DeploymentConfig(model=str(tiny_model), attention_workers=1, expert_workers=2)
+    with LocalCluster(dep, log_dir=tmp_path, zygote=zygote) as cluster:
+        frontend = Frontend(cluster.controller_address).start()
+        try:
+            before = {w.name: w.incarnation for w in cluster.state().workers}
+            handles = [frontend.submit(p, params) for p in prompts]
+            wait_until(lambda: all(len(h.tokens) >= 5 for h in handles), 60, "requests to be mid-generation")
+            old = cluster.pids["controller"]
+            os.kill(old, signal.SIGKILL)
+            wait_until(lambda: cluster.pids["controller"] != old, 10, "the launcher to start a new controller")
+            state = wait_until(lambda: _state_or_none(cluster), 10, "the new controller to answer")
+            assert {w.name: w.incarnation for w in state.workers} == before, "same workers, same incarnations"
+            assert any(e.kind == "controller" and "recovered" in e.detail for e in state.events)
+            # The new controller still handles failures: an expert worker dies, a replacement joins.
+            os.kill(cluster.pids["ew-1"], signal.SIGKILL)
+            assert [h.wait(120).token_ids for h in handles] == reference
+            wait_until(lambda: any(w.name == "ew-1" and w.incarnation > before["ew-1"] and w.state == 2
+                                   for w in cluster.state().workers), 30, "a replacement ew-1")
+        finally:
+            frontend.close()
+
+
+def _state_or_none(cluster: LocalCluster):
+    try:
+        return cluster.state()
+    except Exception:
+        return None

@@ -1,0 +1,166 @@
+"""/metrics on a real cluster: promtool accepts it, it counts the traffic, it covers every process, and
+every metric the Grafana dashboard queries is exported."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import wait_until
+from resilient_moe.proto import controller_pb2 as pb
+from resilient_moe.server.metrics import STALL_SETTLE_S, ServingMetrics, failure_kind
+from serving import serving_stack
+
+ROOT = Path(__file__).resolve().parent.parent
+DASHBOARD = ROOT / "configs" / "grafana" / "resilient-moe.json"
+PROMETHEUS_CONFIG = ROOT / "configs" / "prometheus.yml"
+
+needs_promtool = pytest.mark.skipif(shutil.which("promtool") is None,
+                                    reason="promtool missing (Debian package 'prometheus'; .ci/run installs it)")
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_model, zygote, tmp_path_factory):
+    with serving_stack(tiny_model, zygote, tmp_path_factory.mktemp("metrics-logs")) as s:
+        yield s
+
+
+def scrape(stack) -> str:
+    response = httpx.get(f"{stack.url}/metrics", timeout=10)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    return response.text
+
+
+def samples(text: str) -> dict[tuple[str, tuple], float]:
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def value(text: str, name: str, **labels) -> float:
+    return samples(text).get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def traffic(stack) -> None:
+    """A plain, a streamed, a chat and a failed request."""
+    with httpx.Client(base_url=stack.url, timeout=60) as http:
+        assert http.post("/v1/completions", json={"prompt": [1, 5, 9], "max_tokens": 6, "temperature": 0,
+                                                  "ignore_eos": True}).status_code == 200
+        with http.stream("POST", "/v1/completions", json={"prompt": "Hello", "max_tokens": 5, "stream": True,
+                                                          "ignore_eos": True}) as r:
+            assert r.status_code == 200 and list(r.iter_lines())[-2] == "data: [DONE]"
+        assert http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                       "max_tokens": 4, "ignore_eos": True}).status_code == 200
+        assert http.post("/v1/completions", json={"prompt": [1], "n": 3}).status_code == 400
+
+
+def test_metrics_count_the_traffic(stack):
+    before = scrape(stack)
+    traffic(stack)
+    after = scrape(stack)
+    delta = lambda name, **labels: value(after, name, **labels) - value(before, name, **labels)  # noqa: E731
+    assert delta("resilient_moe_generation_tokens_total") == 6 + 5 + 4
+    assert delta("resilient_moe_request_success_total", finished_reason="length") == 3
+    assert delta("resilient_moe_time_to_first_token_seconds_count") == 3
+    assert delta("resilient_moe_e2e_request_latency_seconds_count") == 3
+    assert delta("resilient_moe_inter_token_latency_seconds_count") == 5 + 4 + 3
+    assert delta("resilient_moe_request_queue_time_seconds_count") == 3
+    assert delta("resilient_moe_prompt_tokens_total") >= 3 + 2 + 2
+
+
+def test_cluster_gauges_cover_every_process(stack):
+    def every_process_up():
+        text = scrape(stack)
+        up = {dict(labels)["worker"]: v for (name, labels), v in samples(text).items()
+              if name == "resilient_moe_worker_up"}
+        expected = set(stack.cluster.pids) | {stack.frontend.name}
+        return set(up) == expected and all(v == 1.0 for v in up.values()) and text
+
+    text = wait_until(every_process_up, 10, "worker_up for every process")
+    assert value(text, "resilient_moe_worker_up", worker="controller", role="controller") == 1.0
+    assert value(text, "resilient_moe_worker_state", worker="aw-0", role="attention", state="ready") == 1.0
+    assert value(text, "resilient_moe_worker_state", worker="aw-0", role="attention", state="dead") == 0.0
+    assert value(text, "resilient_moe_ert_epoch") >= 1
+    assert value(text, "resilient_moe_shadow_experts_active") > 0  # two expert workers shadow each other
+
+
+@needs_promtool
+def test_promtool_accepts_real_metrics(stack, tmp_path):
+    traffic(stack)
+    text = scrape(stack)
+    check = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert check.stdout.strip() == "" and check.stderr.strip() == "", check.stdout + check.stderr
+
+
+def dashboard_metrics() -> set[str]:
+    dashboard = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    exprs += [a["expr"] for a in dashboard.get("annotations", {}).get("list", []) if "expr" in a]
+    assert exprs, "the dashboard queries nothing"
+    return {m for e in exprs for m in re.findall(r"\bresilient_moe_[a-z0-9_]+", e)}
+
+
+def test_dashboard_queries_only_exported_metrics(stack):
+    traffic(stack)
+    text = scrape(stack)
+    exported = set()
+    for family in text_string_to_metric_families(text):
+        exported.add(family.name)
+        exported.update(s.name for s in family.samples)
+        if family.type == "counter":
+            exported.add(family.name + "_total")
+        if family.type == "histogram":
+            exported.update(family.name + suffix for suffix in ("_bucket", "_sum", "_count"))
+    queried = dashboard_metrics()
+    assert queried - exported == set()
+    # the dashboard covers latency, throughput, per-worker state and failures
+    for needed in ("resilient_moe_time_to_first_token_seconds_bucket", "resilient_moe_inter_token_latency_seconds_bucket",
+                   "resilient_moe_generation_tokens_total", "resilient_moe_worker_up",
+                   "resilient_moe_failures_detected_total", "resilient_moe_failover_stall_seconds_bucket"):
+        assert needed in queried
+
+
+@needs_promtool
+def test_prometheus_config_scrapes_the_default_server():
+    check = subprocess.run(["promtool", "check", "config", str(PROMETHEUS_CONFIG)], capture_output=True, text=True,
+                           timeout=60)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert '"127.0.0.1:8000"' in PROMETHEUS_CONFIG.read_text()
+
+
+# ---- pure pieces -----------------------------------------------------------------------------
+
+
+def test_failure_kinds_from_controller_details():
+    assert failure_kind("incarnation 3: no heartbeat for 1.20s") == "heartbeat_timeout"
+    assert failure_kind("incarnation 3: link-closed (reported by aw-0; process gone)") == "link_closed"
+    assert failure_kind("incarnation 3: 3 probes unanswered (reported by aw-1)") == "probe_timeout"
+
+
+def test_failover_stall_is_the_gap_around_a_failure():
+    metrics = ServingMetrics()
+    now = time.time()
+    # a request streaming every 10 ms, with a 300 ms gap while a worker died at now - 1.0
+    arrivals = [now - 2.0 + 0.01 * i for i in range(80)]  # until now - 1.21
+    arrivals += [now - 0.91 + 0.01 * i for i in range(50)]
+    metrics.finished(2.0, "length", arrivals)
+    metrics.finished(0.1, "length", [now - 60.0, now - 59.9])  # long before the failure: not stalled
+    state = pb.ClusterState(workers=[pb.WorkerInfo(name="ew-1", role=pb.EXPERT, state=pb.DEAD)],
+                            events=[pb.Event(time=now - 1.0, kind="dead", worker="ew-1",
+                                             detail="incarnation 2: link-closed (reported by aw-0; process gone)")])
+    metrics.update_cluster(state, [], 0)
+    metrics.update_cluster(state, [], 0)  # the same event twice counts once
+    metrics._settle_stalls(time.time() + STALL_SETTLE_S + 1)
+    text = metrics.render().decode()
+    assert value(text, "resilient_moe_failures_detected_total", role="expert", kind="link_closed") == 1.0
+    assert value(text, "resilient_moe_failover_stall_seconds_count") == 1.0
+    assert value(text, "resilient_moe_failover_stall_seconds_sum") == pytest.approx(0.30, abs=0.005)
