@@ -86,7 +86,10 @@ def run(dep: DeploymentConfig, zygote: Zygote, prompts, params, fault: str | Non
                 h.wait(300)
             finished = time.monotonic()
             if sig_is_stop(fault) and victim is not None:
-                os.kill(victim, signal.SIGCONT)
+                try:
+                    os.kill(victim, signal.SIGCONT)
+                except ProcessLookupError:
+                    pass  # the baseline's restart killed it
             events = [(e.time, e.kind, e.worker) for e in cluster.state().events]
         finally:
             frontend.close()

@@ -54,7 +54,8 @@ def test_commit_records_follow_requests_and_are_cleaned_up(tiny_model, reference
             commit = wait_until(lambda: db.hgetall(keys.commit_key(cluster.cluster_id, handles[0].request_id)), 10,
                                 "a commit record")
             n = int(commit[b"n"])
-            assert n >= len(prompts[0]), "the prompt's KV is committed"
+            assert n > 0 and n % 16 == 0, "whole blocks are committed"
+            assert n >= len(prompts[0]) // 16 * 16, "the prompt's full blocks are committed"
             assert commit[b"owner"] == b"aw-0" and len(json.loads(commit[b"blocks"])) * 16 >= n
             record = db.hgetall(keys.request_key(cluster.cluster_id, handles[0].request_id))
             assert json.loads(record[b"output_ids"]) == handles[0].token_ids[: len(json.loads(record[b"output_ids"]))]

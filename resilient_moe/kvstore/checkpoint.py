@@ -1,8 +1,9 @@
 """Incremental, asynchronous KV checkpoints from an attention worker into the KV store, and restore.
 
-After every engine step, `after_step` gathers the K/V rows that became complete since the request's
-last commit (one token per request in steady decode) into one staging tensor: that small gather is
-the only work on the decode path. A background thread copies the staging tensor into the store's
+After every engine step, `after_step` gathers the K/V rows of the blocks that became full since the
+request's last commit into one staging tensor: that small gather is the only work on the decode path.
+Checkpointing whole blocks (every `block_size` tokens of a request, not every token) keeps the
+per-step cost low; a restore recomputes the partial last block (fewer than `block_size` positions). A background thread copies the staging tensor into the store's
 shared memory (one-sided) and then commits, in one pipelined Redis round trip, `n` (positions
 [0, n) complete), the store blocks and the request record. A request's commits are ordered, so a
 commit record never claims rows that are not in the store yet.
@@ -125,7 +126,7 @@ class KVCheckpointer:
             t = self.tracked.get(seq.request_id)
             if t is None:
                 t = self.tracked[seq.request_id] = _Tracked()
-            n = seq.num_cached
+            n = seq.num_cached // self.bs * self.bs  # whole blocks only: the tail is recomputed on restore
             if t.broken or n <= t.committed:
                 continue
             if not self._ensure_blocks(t, n):
@@ -323,7 +324,8 @@ class KVCheckpointer:
     # ---- stats and shutdown -----------------------------------------------------------------
 
     def lag_tokens(self) -> int:
-        """Positions computed but not yet snapshotted (requests no longer checkpointed excluded)."""
+        """Positions computed but not yet snapshotted, partial last blocks included (requests no
+        longer checkpointed excluded)."""
         scheduler = self.engine.scheduler
         return sum(max(0, s.num_cached - self.tracked[s.request_id].committed)
                    for s in scheduler.running if s.request_id in self.tracked and not self.tracked[s.request_id].broken)

@@ -36,7 +36,7 @@ from resilient_moe.engine.engine import LLMEngine
 from resilient_moe.engine.sequence import TokenEvent
 from resilient_moe.errors import ConfigError, RequestError
 from resilient_moe.proto import controller_pb2 as pb
-from resilient_moe.workers.common import Wakeup, configure_process
+from resilient_moe.workers.common import Wakeup, configure_process, yield_cpu_while_loading
 
 if TYPE_CHECKING:
     from resilient_moe.kvstore.checkpoint import KVCheckpointer
@@ -275,7 +275,10 @@ def main(config: WorkerConfig) -> int:
 
     # Heartbeats start before the weights load, so a slow load is never taken for a death.
     client.start_heartbeats(config.name, reply.incarnation, dep.heartbeat_interval_s, stats, on_fenced)
-    engine = LLMEngine(dep.model, dataclasses.replace(dep.engine, micro_batches=dep.micro_batches), experts=experts)
+    serving = any(w.role == pb.ATTENTION and w.state == pb.READY for w in reply.state.workers)
+    with yield_cpu_while_loading(serving):
+        engine = LLMEngine(dep.model, dataclasses.replace(dep.engine, micro_batches=dep.micro_batches),
+                           experts=experts)
     server = AttentionServer(engine, experts, poller, listener, wakeup)
     server.crash_on_lost_expert = not dep.resilience
     server.checkpointer = start_checkpointer(config, engine, reply.state, reply.incarnation)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -21,6 +22,26 @@ def configure_process(config: WorkerConfig) -> None:
         stream=sys.stderr,
         force=True,
     )
+
+
+@contextlib.contextmanager
+def yield_cpu_while_loading(cluster_serving: bool):
+    """A worker joining a cluster that is already serving (a replacement) loads its weights at the
+    lowest CPU priority, so that on a host short of cores the survivors' serving and replays come
+    first. Linux nice values are per thread: only this (the loading) thread is lowered, and it is
+    restored afterwards, which needs CAP_SYS_NICE; without it the load runs at normal priority."""
+    lowered = False
+    if cluster_serving and os.geteuid() == 0:
+        try:
+            os.setpriority(os.PRIO_PROCESS, 0, 19)
+            lowered = True
+        except OSError:
+            pass
+    try:
+        yield
+    finally:
+        if lowered:
+            os.setpriority(os.PRIO_PROCESS, 0, 0)
 
 
 def link_address(dep: DeploymentConfig, cluster_id: str, name: str, incarnation: int) -> str:

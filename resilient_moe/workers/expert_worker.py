@@ -27,7 +27,7 @@ from resilient_moe.errors import ExpertUnavailableError
 from resilient_moe.model.checkpoint import Checkpoint, torch_dtype
 from resilient_moe.model.expert_side import ExpertSide
 from resilient_moe.proto import controller_pb2 as pb
-from resilient_moe.workers.common import Wakeup, configure_process, link_address
+from resilient_moe.workers.common import Wakeup, configure_process, link_address, yield_cpu_while_loading
 
 log = logging.getLogger("resilient_moe.expert_worker")
 
@@ -180,8 +180,10 @@ def main(config: WorkerConfig) -> int:
 
     # Heartbeats start before the weights load, so a slow load is never taken for a death.
     client.start_heartbeats(config.name, reply.incarnation, dep.heartbeat_interval_s, stats, on_fenced)
-    experts = ExpertSide(Checkpoint(dep.model), [(x.layer, x.expert) for x in reply.load_experts],
-                         torch_dtype(dep.engine.dtype))
+    serving = any(w.role == pb.ATTENTION and w.state == pb.READY for w in reply.state.workers)
+    with yield_cpu_while_loading(serving):
+        experts = ExpertSide(Checkpoint(dep.model), [(x.layer, x.expert) for x in reply.load_experts],
+                             torch_dtype(dep.engine.dtype))
     server = ExpertServer(experts, poller, identity)
 
     def on_state(state: pb.ClusterState) -> None:
