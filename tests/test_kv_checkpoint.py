@@ -162,3 +162,24 @@ def _state_or_none(cluster: LocalCluster):
         return cluster.state()
     except Exception:
         return None
+
+
+def test_redis_killed_mid_run_is_restarted_and_nothing_is_lost(tiny_model, reference, zygote, tmp_path):
+    prompts, params = workload()
+    dep = DeploymentConfig(model=str(tiny_model), attention_workers=2, expert_workers=2)
+    with LocalCluster(dep, log_dir=tmp_path, zygote=zygote) as cluster:
+        frontend = Frontend(cluster.controller_address).start()
+        try:
+            handles = [frontend.submit(p, params) for p in prompts]
+            wait_until(lambda: all(len(h.tokens) >= 5 for h in handles), 60, "requests to be mid-generation")
+            old = cluster.pids["redis"]
+            os.kill(old, signal.SIGKILL)
+            wait_until(lambda: cluster.pids["redis"] != old, 10, "the launcher to start Redis again")
+            db = redis.Redis.from_url(cluster.deployment.redis_url)
+            wait_until(lambda: db.get(f"rmoe:{cluster.cluster_id}:controller"), 10,
+                       "the controller to write its state into the new Redis")
+            os.kill(cluster.pids["aw-0"], signal.SIGKILL)
+            assert [h.wait(120).token_ids for h in handles] == reference
+            db.close()
+        finally:
+            frontend.close()

@@ -175,18 +175,20 @@ class ControllerService(pb_grpc.ControllerServicer):
         """Write the model's snapshot to Redis after each change, off the RPC threads (the newest
         version only). Redis down: retried on the next change or tick, serving is unaffected."""
         written = -1
+        written_at = 0.0
         failures = 0
         while not self.stopping.is_set():
             with self.lock:
                 if self.model.version == written:
                     self.lock.wait(1.0)
-                if self.model.version == written:
+                # Unchanged state is rewritten every few seconds too: a restarted (empty) Redis gets it back.
+                if self.model.version == written and time.monotonic() - written_at < 3.0:
                     continue
                 version = self.model.version
                 snapshot = json.dumps(self.model.to_snapshot())
             try:
                 redis_client.set(key, snapshot)
-                written = version
+                written, written_at = version, time.monotonic()
                 failures = 0
             except Exception as e:  # noqa: BLE001 (any Redis failure)
                 failures += 1

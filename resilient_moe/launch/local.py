@@ -149,6 +149,7 @@ class LocalCluster:
         self.restarts: list[tuple[float, float]] = []  # (began, ready) of each restart-all, time.monotonic()
         self.client: ControllerClient | None = None
         self.redis: subprocess.Popen | None = None
+        self._redis_args: list[str] = []
         self._redis_dir: tempfile.TemporaryDirectory | None = None
 
     # ---- start ------------------------------------------------------------------------------
@@ -158,34 +159,52 @@ class LocalCluster:
         return self.deployment.resilience and self.deployment.kv_checkpoint
 
     def start_redis(self, timeout_s: float = 10.0) -> str:
-        """Start a private redis-server; returns its URL."""
+        """Start a private redis-server, and a thread that starts it again if it dies; returns its URL."""
         binary = shutil.which("redis-server")
         if binary is None:
             raise ClusterError("redis-server is not installed (apt-get install redis-server), and no redis_url "
                                "was given; or set kv_checkpoint: false")
         self._redis_dir = tempfile.TemporaryDirectory(prefix=f"rmoe-{self.cluster_id}-redis-")
         sock = os.path.join(self._redis_dir.name, "redis.sock")
-        self.redis = subprocess.Popen(
-            [binary, "--port", "0", "--unixsocket", sock, "--unixsocketperm", "700", "--save", "",
-             "--appendonly", "no", "--dir", self._redis_dir.name, "--logfile", str(self.log_dir / "redis.log")],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            preexec_fn=_die_with_launcher,
-        )
-        self.pids["redis"] = self.redis.pid
+        self._redis_args = [binary, "--port", "0", "--unixsocket", sock, "--unixsocketperm", "700", "--save", "",
+                            "--appendonly", "no", "--dir", self._redis_dir.name,
+                            "--logfile", str(self.log_dir / "redis.log")]
         url = f"unix://{sock}"
+        self._launch_redis(url, timeout_s)
+        threading.Thread(target=self._watch_redis, args=(url,), name="redis-watch", daemon=True).start()
+        return url
+
+    def _launch_redis(self, url: str, timeout_s: float) -> None:
         import redis
 
+        self.redis = subprocess.Popen(self._redis_args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL, preexec_fn=_die_with_launcher)
+        self.pids["redis"] = self.redis.pid
         client = redis.Redis.from_url(url, socket_timeout=0.5)
         deadline = time.monotonic() + timeout_s
-        while True:
+        try:
+            while True:
+                try:
+                    client.ping()
+                    return
+                except redis.RedisError:
+                    if self.redis.poll() is not None or time.monotonic() > deadline:
+                        raise ClusterError(f"redis-server did not start; see {self.log_dir / 'redis.log'}") from None
+                    time.sleep(0.02)
+        finally:
+            client.close()
+
+    def _watch_redis(self, url: str) -> None:
+        """A dead private Redis is started again (empty: checkpoint commits resume with the next block,
+        the controller rewrites its state; requests moved meanwhile are recomputed)."""
+        while not self._stopping.wait(0.2):
+            if self.redis is None or self.redis.poll() is None:
+                continue
+            log.warning("redis-server exited (code %s); starting it again", self.redis.returncode)
             try:
-                client.ping()
-                client.close()
-                return url
-            except redis.RedisError:
-                if self.redis.poll() is not None or time.monotonic() > deadline:
-                    raise ClusterError(f"redis-server did not start; see {self.log_dir / 'redis.log'}") from None
-                time.sleep(0.02)
+                self._launch_redis(url, 10.0)
+            except ClusterError as e:
+                log.error("%s", e)
 
     def worker_config(self, name: str, role: str, index: int) -> WorkerConfig:
         return WorkerConfig(name, role, index, self.cluster_id, self.controller_address, self.deployment)
