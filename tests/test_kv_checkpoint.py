@@ -176,10 +176,24 @@ def test_redis_killed_mid_run_is_restarted_and_nothing_is_lost(tiny_model, refer
             os.kill(old, signal.SIGKILL)
             wait_until(lambda: cluster.pids["redis"] != old, 10, "the launcher to start Redis again")
             db = redis.Redis.from_url(cluster.deployment.redis_url)
-            wait_until(lambda: db.get(f"rmoe:{cluster.cluster_id}:controller"), 10,
-                       "the controller to write its state into the new Redis")
+
+            def controller_state_back():
+                try:
+                    return db.get(f"rmoe:{cluster.cluster_id}:controller")
+                except redis.ConnectionError:
+                    return None  # the new server is still starting
+
+            wait_until(controller_state_back, 10, "the controller to write its state into the new Redis")
             os.kill(cluster.pids["aw-0"], signal.SIGKILL)
             assert [h.wait(120).token_ids for h in handles] == reference
             db.close()
         finally:
             frontend.close()
+
+
+def test_a_relative_log_dir_works_with_the_private_redis(tiny_model, zygote, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # redis-server changes directory: paths handed to it must be absolute
+    dep = DeploymentConfig(model=str(tiny_model), attention_workers=1, expert_workers=1)
+    with LocalCluster(dep, log_dir="logs", zygote=zygote) as cluster:
+        assert redis.Redis.from_url(cluster.deployment.redis_url).ping()
+    assert (tmp_path / "logs" / "redis.log").is_file()

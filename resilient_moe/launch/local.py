@@ -135,7 +135,7 @@ class LocalCluster:
         if log_dir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix=f"rmoe-{self.cluster_id}-")
             log_dir = self._tmp.name
-        self.log_dir = Path(log_dir)
+        self.log_dir = Path(log_dir).resolve()  # absolute: redis-server changes its directory
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.pids: dict[str, int] = {}
         self.retired: list[int] = []  # processes replaced by a new incarnation (a hung one may linger)
@@ -268,7 +268,7 @@ class LocalCluster:
             self._restarting = True
             try:
                 self._restart_again = True
-                for _ in range(3):  # bounded: a cluster that cannot come back is left for an operator
+                for _ in range(5):  # bounded: a cluster that cannot come back is left for an operator
                     if not self._restart_again or self._stopping.is_set():
                         break
                     self._restart_again = False
@@ -307,6 +307,9 @@ class LocalCluster:
         """Wait until the current processes of `names` are ready (their pids, not older incarnations')."""
         assert self.client is not None
         while time.monotonic() < deadline:
+            dead = [n for n in names if not process_alive(self.pids[n])]
+            if dead:  # killed while starting (e.g. by a chaos run): fail now, the caller retries
+                raise ClusterError(f"{', '.join(dead)} died while starting again")
             try:
                 state = self.client.get_state(timeout_s=1.0)
                 ready = {w.name for w in state.workers if w.state == pb.READY and w.pid == self.pids.get(w.name)}
