@@ -76,6 +76,9 @@ def healthy(view: ClusterView, baseline: ClusterView, killed: set[tuple[str, int
     return view.unprotected <= baseline.unprotected and not view.faults
 
 
+DETECT_GRACE_S = 10.0
+
+
 def _detected(injection: Injection, events: list[Event],
               snapshots: list[tuple[float, ClusterView | None]]) -> float | None:
     """From the first event about the target; for a target no event names (the controller, Redis),
@@ -90,8 +93,11 @@ def _detected(injection: Injection, events: list[Event],
                 sources.add(source)
         else:
             names.add(target)
+    # Only while the fault acts (and a grace period after): a later, unrelated fault's events about
+    # the same worker are not this fault's detection (a slowed worker may never be detected at all).
+    window_end = max(injection.ended, injection.started) + DETECT_GRACE_S
     for e in events:
-        if e.time < injection.started - 0.05 or e.kind not in DETECT_KINDS:
+        if e.time < injection.started - 0.05 or e.time > window_end or e.kind not in DETECT_KINDS:
             continue
         if names:
             hit = e.worker in names
@@ -100,7 +106,7 @@ def _detected(injection: Injection, events: list[Event],
         if hit:
             return max(0.0, e.time - injection.started)
     for t, view in snapshots:
-        if t >= injection.started and view is not None and any(
+        if injection.started <= t <= window_end and view is not None and any(
                 (w := view.worker(name)) is not None and w.state != "READY" for name in names):
             return t - injection.started
     return None
