@@ -206,6 +206,17 @@ def test_without_resilience_any_death_restarts_everything():
     assert model.launcher_commands == [("restart-all", "ew-1")]
     assert model.live() == [], "the survivors go down with it"
     assert {(r.name, r.incarnation) for r in records} <= model.fenced
+    # While the restart runs, more deaths ask for no second restart; once all are back, one does.
+    fresh = [model.register(r.name, r.role, r.index, pid=50 + i, host="h") for i, r in enumerate(records)]
+    model.ready(fresh[0].name, fresh[0].incarnation, [], "a")
+    model.declare_dead(fresh[1].name, "killed while starting")
+    assert model.launcher_commands == [("restart-all", "ew-1")]
+    again = [model.register(r.name, r.role, r.index, pid=70 + i, host="h") for i, r in enumerate(records)]
+    for r in again:
+        model.ready(r.name, r.incarnation, [], "a")
+    assert not model.restart_pending
+    model.declare_dead("aw-0", "a new failure")
+    assert model.launcher_commands[-1] == ("restart-all", "aw-0") and len(model.launcher_commands) == 2
 
 
 def test_snapshot_restore_carries_membership_fences_and_epoch():

@@ -91,6 +91,7 @@ class ClusterModel:
         self.next_incarnation = 1
         self.version = 0
         self.launcher_commands: list[tuple[str, str]] = []  # (action, worker) for the launcher to carry out
+        self.restart_pending = False  # baseline: a restart-all was asked for and is not complete yet
         self.faults: dict[str, LinkFault] = {}  # injected datapath faults by id (chaos testing)
         self.ert = self._build_ert()
         if self.plan.unprotected and resilience:
@@ -162,6 +163,9 @@ class ClusterModel:
             record.data_address = data_address
         record.last_heartbeat = self.clock()
         self._event("ready", name, f"incarnation {incarnation}")
+        if self.restart_pending and all(r.state == READY for r in self.workers.values()
+                                        if r.role in ("expert", "attention")):
+            self.restart_pending = False  # the restart-all is complete: the next death needs a new one
         if record.role == "expert":
             self._publish_routing(f"{name} serving")
         return True
@@ -250,7 +254,11 @@ class ClusterModel:
                     self._event("fenced", other.name, f"incarnation {other.incarnation}: restart-all after "
                                 f"{record.name} died")
             self.ert = self._build_ert()
-            self.launcher_commands.append(("restart-all", record.name))
+            # One restart at a time: deaths while it runs (the launcher kills the old processes itself,
+            # or one dies while starting, which the launcher sees and retries) need no second one.
+            if not self.restart_pending:
+                self.restart_pending = True
+                self.launcher_commands.append(("restart-all", record.name))
         elif record.role in ("expert", "attention", "kv_store"):
             self.launcher_commands.append(("start", record.name))
 
