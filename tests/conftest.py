@@ -106,6 +106,11 @@ def wait_until(predicate, timeout_s: float, what: str, interval_s: float = 0.02)
     raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
 
 
+def worker_load(cluster, name: str, key: str) -> float:
+    """A counter that worker `name` of a running LocalCluster reports in its heartbeats (0 until it does)."""
+    return next((w.load.get(key, 0.0) for w in cluster.state().workers if w.name == name), 0.0)
+
+
 def pid_alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat", encoding="ascii") as f:

@@ -15,7 +15,7 @@ import signal
 
 import pytest
 
-from conftest import pid_alive, wait_until
+from conftest import pid_alive, wait_until, worker_load
 from resilient_moe.config import DeploymentConfig, EngineConfig, SamplingParams
 from resilient_moe.engine.engine import LLMEngine
 from resilient_moe.launch.local import LocalCluster
@@ -29,10 +29,6 @@ def workload(seed: int = 11):
     params = [SamplingParams(max_tokens=40, ignore_eos=True) for _ in range(14)]
     params += [SamplingParams(max_tokens=40, temperature=0.8, top_k=20, seed=s, ignore_eos=True) for s in (1, 2)]
     return prompts, params
-
-
-def aw_load(cluster: LocalCluster, name: str, key: str) -> float:
-    return next(w.load.get(key, 0.0) for w in cluster.state().workers if w.name == name)
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +63,8 @@ def test_attention_worker_loss_moves_its_requests(tiny_model, reference, zygote,
                 assert all(h.duplicates == 0 for h in handles), "resumed from the token log, not from scratch"
                 # The adopter restored KV from the store instead of recomputing it all. (How much depends
                 # on how far the asynchronous commits had got when the worker died: not asserted.)
-                wait_until(lambda: aw_load(cluster, "aw-1", "ckpt_restored") >= 1, 10, "aw-1 to report restores")
-                assert aw_load(cluster, "aw-1", "ckpt_restored_tokens") > 0
+                wait_until(lambda: worker_load(cluster, "aw-1", "ckpt_restored") >= 1, 10, "aw-1 to report restores")
+                assert worker_load(cluster, "aw-1", "ckpt_restored_tokens") > 0
             # The dead (or fenced and woken) incarnation is gone, and a replacement serves new requests.
             wait_until(lambda: not pid_alive(victim), 15, "the old aw-0 to exit")
             wait_until(lambda: any(w.name == "aw-0" and w.state == pb.READY and w.pid != victim

@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 
-from conftest import hf_config, pid_alive, wait_until
+from conftest import hf_config, pid_alive, wait_until, worker_load
 from resilient_moe.config import DeploymentConfig, EngineConfig, ModelConfig, SamplingParams
 from resilient_moe.engine.engine import LLMEngine
 from resilient_moe.launch.local import LocalCluster
@@ -41,10 +41,6 @@ def reference(tiny_model):
 
 def worker(state: pb.ClusterState, name: str) -> pb.WorkerInfo:
     return next(w for w in state.workers if w.name == name)
-
-
-def aw_load(cluster: LocalCluster, key: str) -> float:
-    return worker(cluster.state(), "aw-0").load.get(key, 0.0)
 
 
 def start(cluster: LocalCluster) -> Frontend:
@@ -114,10 +110,10 @@ def test_sigstop_hang_then_sigcont_drops_the_stale_replies(tiny_model, reference
             finally:
                 os.kill(victim, signal.SIGCONT)
             assert tokens == reference
-            assert aw_load(cluster, "suspicions") >= 1, "the silent worker was suspected through probes"
+            assert worker_load(cluster, "aw-0", "suspicions") >= 1, "the silent worker was suspected through probes"
             # The woken incarnation answers the frames it held; those answers are dropped and counted,
             # and it stops instead of serving again under its old incarnation.
-            wait_until(lambda: aw_load(cluster, "stale_replies") >= 1, 10, "the woken worker's replies to be counted")
+            wait_until(lambda: worker_load(cluster, "aw-0", "stale_replies") >= 1, 10, "the woken worker's replies to be counted")
             wait_until(lambda: not pid_alive(victim), 10, "the fenced incarnation to exit")
             later = [frontend.submit(p, s) for p, s in zip(prompts[:4], params[:4])]
             assert [h.wait(60).token_ids for h in later] == reference[:4]

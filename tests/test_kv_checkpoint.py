@@ -15,7 +15,7 @@ import signal
 import pytest
 import redis
 
-from conftest import wait_until
+from conftest import wait_until, worker_load
 from resilient_moe.config import DeploymentConfig, EngineConfig, ModelConfig, SamplingParams
 from resilient_moe.engine.engine import LLMEngine
 from resilient_moe.errors import ConfigError
@@ -35,10 +35,6 @@ def workload(seed: int = 5, n: int = 12, max_tokens: int = 48):
 def reference(tiny_model):
     prompts, params = workload()
     return [r.token_ids for r in LLMEngine(tiny_model, EngineConfig()).generate(prompts, params)]
-
-
-def load(cluster: LocalCluster, name: str, key: str) -> float:
-    return next(w.load.get(key, 0.0) for w in cluster.state().workers if w.name == name)
 
 
 def test_commit_records_follow_requests_and_are_cleaned_up(tiny_model, reference, zygote, tmp_path):
@@ -64,8 +60,8 @@ def test_commit_records_follow_requests_and_are_cleaned_up(tiny_model, reference
                                     if b":commit:" in k or b":request:" in k], 10,
                        "every record to be deleted after the requests finished")
             assert db.get(f"rmoe:{cluster.cluster_id}:controller"), "the controller's state is in Redis too"
-            wait_until(lambda: load(cluster, "aw-0", "ckpt_commits") > 0, 5, "commit counters")
-            assert load(cluster, "aw-0", "ckpt_store_full") == 0
+            wait_until(lambda: worker_load(cluster, "aw-0", "ckpt_commits") > 0, 5, "commit counters")
+            assert worker_load(cluster, "aw-0", "ckpt_store_full") == 0
             db.close()
         finally:
             frontend.close()
@@ -90,8 +86,8 @@ def test_redis_outage_neither_stalls_nor_loses_requests(tiny_model, reference, z
             finally:
                 os.kill(redis_pid, signal.SIGCONT)
             assert tokens == reference
-            assert load(cluster, "aw-1", "ckpt_commit_errors") > 0, "the failed commits are counted"
-            assert load(cluster, "aw-1", "recomputed_tokens") > 0, "the moved requests were recomputed"
+            assert worker_load(cluster, "aw-1", "ckpt_commit_errors") > 0, "the failed commits are counted"
+            assert worker_load(cluster, "aw-1", "recomputed_tokens") > 0, "the moved requests were recomputed"
         finally:
             frontend.close()
 
@@ -107,7 +103,7 @@ def test_a_full_store_stops_checkpointing_visibly(tiny_model, reference, zygote,
             wait_until(lambda: all(len(h.tokens) >= 20 for h in handles), 60, "requests to be mid-generation")
             os.kill(cluster.pids["aw-0"], signal.SIGKILL)
             assert [h.wait(120).token_ids for h in handles] == reference
-            assert load(cluster, "aw-1", "ckpt_store_full") > 0
+            assert worker_load(cluster, "aw-1", "ckpt_store_full") > 0
         finally:
             frontend.close()
 

@@ -275,8 +275,7 @@ def main(config: WorkerConfig) -> int:
 
     # Heartbeats start before the weights load, so a slow load is never taken for a death.
     client.start_heartbeats(config.name, reply.incarnation, dep.heartbeat_interval_s, stats, on_fenced)
-    serving = any(w.role == pb.ATTENTION and w.state == pb.READY for w in reply.state.workers)
-    with yield_cpu_while_loading(serving):
+    with yield_cpu_while_loading(reply.state):
         engine = LLMEngine(dep.model, dataclasses.replace(dep.engine, micro_batches=dep.micro_batches),
                            experts=experts)
     server = AttentionServer(engine, experts, poller, listener, wakeup)
@@ -289,7 +288,6 @@ def main(config: WorkerConfig) -> int:
         if any(f.name == config.name and f.incarnation == reply.incarnation for f in state.fenced):
             on_fenced()
         wakeup.ring()
-
 
     def report_suspects() -> None:  # off the datapath: a slow controller never stalls a step
         while True:

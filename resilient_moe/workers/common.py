@@ -11,6 +11,7 @@ import torch
 
 from resilient_moe.config import DeploymentConfig, WorkerConfig
 from resilient_moe.datapath.poller import Poller
+from resilient_moe.proto import controller_pb2 as pb
 
 
 def configure_process(config: WorkerConfig) -> None:
@@ -25,13 +26,15 @@ def configure_process(config: WorkerConfig) -> None:
 
 
 @contextlib.contextmanager
-def yield_cpu_while_loading(cluster_serving: bool):
-    """A worker joining a cluster that is already serving (a replacement) loads its weights at the
+def yield_cpu_while_loading(state):
+    """A worker joining a cluster that is already serving (a replacement: some attention worker in the
+    `state` it registered into is ready) loads its weights at the
     lowest CPU priority, so that on a host short of cores the survivors' serving and replays come
     first. Linux nice values are per thread: only this (the loading) thread is lowered, and it is
     restored afterwards, which needs CAP_SYS_NICE; without it the load runs at normal priority."""
+    serving = any(w.role == pb.ATTENTION and w.state == pb.READY for w in state.workers)
     lowered = False
-    if cluster_serving and os.geteuid() == 0:
+    if serving and os.geteuid() == 0:
         try:
             os.setpriority(os.PRIO_PROCESS, 0, 19)
             lowered = True

@@ -180,8 +180,7 @@ def main(config: WorkerConfig) -> int:
 
     # Heartbeats start before the weights load, so a slow load is never taken for a death.
     client.start_heartbeats(config.name, reply.incarnation, dep.heartbeat_interval_s, stats, on_fenced)
-    serving = any(w.role == pb.ATTENTION and w.state == pb.READY for w in reply.state.workers)
-    with yield_cpu_while_loading(serving):
+    with yield_cpu_while_loading(reply.state):
         experts = ExpertSide(Checkpoint(dep.model), [(x.layer, x.expert) for x in reply.load_experts],
                              torch_dtype(dep.engine.dtype))
     server = ExpertServer(experts, poller, identity)
