@@ -142,9 +142,14 @@ class ModelConfig:
         return 3 * self.hidden_size * self.moe_intermediate_size * dtype_bytes
 
     @property
+    def kv_row_width(self) -> int:
+        """Elements one token keeps in the KV cache of one layer (its K and V)."""
+        return 2 * self.num_kv_heads * self.head_dim
+
+    @property
     def kv_bytes_per_token(self) -> int:
-        """Bytes of K and V one token occupies across all layers, in float32 (halve for bfloat16)."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * 4
+        """Bytes of KV cache one token occupies across all layers, in float32 (halve for bfloat16)."""
+        return self.num_layers * self.kv_row_width * 4
 
     # ---- construction from a checkpoint -------------------------------------------------------
 

@@ -52,7 +52,12 @@ class BlockAllocator:
 
 
 class KVCache(KVCacheView):
-    """K and V slot tensors for every layer: [G, num_blocks * block_size, d] each."""
+    """K and V slot tensors for every layer: [G, num_blocks * block_size, d] each.
+
+    Whatever a cache holds per token, it moves rows through one contract (what the KV checkpoint
+    store uses, for every cache type): `gather(slots)` -> [L, n, row_width] and its inverse `scatter`,
+    where a row is everything one token keeps in one layer (here its K then its V, head-major).
+    """
 
     def __init__(self, model: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device):
         slots = num_blocks * block_size
@@ -62,7 +67,30 @@ class KVCache(KVCacheView):
         super().__init__(keys, values)
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.num_layers = model.num_layers
+        self.dtype = dtype
+        self.row_width = 2 * model.num_kv_heads * model.head_dim
 
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.keys) + sum(t.nbytes for t in self.values)
+
+    def gather(self, slots: torch.Tensor) -> torch.Tensor:
+        """Rows of `slots` [n] from every layer, as a new tensor [L, n, row_width]."""
+        n = slots.shape[0]
+        out = torch.empty((self.num_layers, n, self.row_width), dtype=self.dtype, device=self.keys[0].device)
+        half = self.row_width // 2
+        for layer in range(self.num_layers):
+            # [G, n, d] -> [n, G, d] -> [n, G*d]
+            out[layer, :, :half] = self.keys[layer].index_select(1, slots).transpose(0, 1).reshape(n, half)
+            out[layer, :, half:] = self.values[layer].index_select(1, slots).transpose(0, 1).reshape(n, half)
+        return out
+
+    def scatter(self, slots: torch.Tensor, data: torch.Tensor) -> None:
+        """Write rows `data` [L, n, row_width] (as `gather` returns them) into `slots` [n]."""
+        n = slots.shape[0]
+        groups, _, dim = self.keys[0].shape
+        half = self.row_width // 2
+        for layer in range(self.num_layers):
+            self.keys[layer].index_copy_(1, slots, data[layer, :, :half].reshape(n, groups, dim).transpose(0, 1))
+            self.values[layer].index_copy_(1, slots, data[layer, :, half:].reshape(n, groups, dim).transpose(0, 1))
