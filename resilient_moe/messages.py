@@ -5,7 +5,8 @@ field's type and names the first bad one, so a malformed message is rejected, no
 
     submit     frontend -> AW   run a request (resume=True: continue one that produced tokens elsewhere)
     abort      frontend -> AW   drop a request and free its KV
-    tokens     AW -> frontend   token events of one step: [request_id, position, token, logprob, finish]
+    tokens     AW -> frontend   token events of one step: [request_id, position, token, logprob, finish, top]
+                                (top: [[token, logprob], ...], the most likely tokens, or null)
     failed     AW -> frontend   a request cannot complete here (bad input, no live expert replica...)
 """
 
@@ -39,7 +40,8 @@ class Abort:
 
 @dataclass(frozen=True)
 class Tokens:
-    events: list[list[Any]]  # [request_id, position, token_id, logprob | None, finish_reason | None]
+    # [request_id, position, token_id, logprob | None, finish_reason | None, [[token_id, logprob], ...] | None]
+    events: list[list[Any]]
     type: str = "tokens"
 
 
@@ -85,6 +87,13 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _is_top(top: Any) -> bool:
+    """null, or at most 20 [token id, logprob] pairs (SamplingParams.logprobs allows 0..20)."""
+    return top is None or (isinstance(top, list) and len(top) <= 20 and all(
+        isinstance(p, list) and len(p) == 2 and _is_int(p[0]) and isinstance(p[1], (int, float))
+        and not isinstance(p[1], bool) for p in top))
+
+
 def _check(kind: str, raw: dict[str, Any]) -> None:
     def need(name: str, ok: bool, what: str) -> None:
         if not ok:
@@ -103,7 +112,9 @@ def _check(kind: str, raw: dict[str, Any]) -> None:
         need("resume", isinstance(raw.get("resume", False), bool), "true or false")
     elif kind == "tokens":
         events = raw.get("events")
-        need("events", isinstance(events, list) and all(isinstance(e, list) and len(e) == 5 for e in events),
-             "a list of [request_id, position, token, logprob, finish] lists")
+        need("events", isinstance(events, list) and all(isinstance(e, list) and len(e) == 6 and _is_top(e[5])
+                                                        for e in events),
+             "a list of [request_id, position, token, logprob, finish, top] lists (top: null or at most 20 "
+             "[token, logprob] pairs)")
     elif kind == "failed":
         need("message", isinstance(raw.get("message"), str), "a string")

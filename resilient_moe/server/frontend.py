@@ -50,6 +50,7 @@ class TokenRecord:
     token_id: int
     logprob: float | None
     arrived: float  # time.monotonic() when the frontend received it
+    top_logprobs: list[tuple[int, float]] | None = None  # the most likely tokens (params.logprobs of them)
 
 
 @dataclass
@@ -130,7 +131,8 @@ class RequestHandle:
             self.on_event()
 
     # called on the frontend's I/O thread
-    def _accept(self, position: int, token_id: int, logprob: float | None, finish: str | None) -> None:
+    def _accept(self, position: int, token_id: int, logprob: float | None, finish: str | None,
+                top_logprobs: list[tuple[int, float]] | None = None) -> None:
         if self.done:
             return
         if position < len(self.tokens):
@@ -139,7 +141,7 @@ class RequestHandle:
         if position > len(self.tokens):
             log.error("request %s: token position %d arrived, expected %d", self.request_id, position, len(self.tokens))
             return
-        record = TokenRecord(token_id, logprob, time.monotonic())
+        record = TokenRecord(token_id, logprob, time.monotonic(), top_logprobs)
         self.tokens.append(record)
         self._push("token", record)
         if finish is not None:
@@ -366,10 +368,10 @@ class Frontend:
 
     def _on_message(self, message: messages.Message) -> None:
         if isinstance(message, messages.Tokens):
-            for request_id, position, token_id, logprob, finish in message.events:
+            for request_id, position, token_id, logprob, finish, top in message.events:
                 handle = self.requests.get(request_id)
                 if handle is not None:
-                    handle._accept(position, token_id, logprob, finish)
+                    handle._accept(position, token_id, logprob, finish, [tuple(p) for p in top] if top else None)
         elif isinstance(message, messages.Failed):
             handle = self.requests.get(message.request_id)
             if handle is not None:

@@ -159,7 +159,8 @@ class AttentionServer:
             link = self.owner.get(e.request_id)
             if link is None:
                 continue
-            by_link.setdefault(link, []).append([e.request_id, e.position, e.token_id, e.logprob, e.finish_reason])
+            top = [list(pair) for pair in e.top_logprobs] if e.top_logprobs else None
+            by_link.setdefault(link, []).append([e.request_id, e.position, e.token_id, e.logprob, e.finish_reason, top])
             if e.finish_reason is not None:
                 del self.owner[e.request_id]
         for link, batch in by_link.items():
