@@ -6,7 +6,7 @@ idempotent), so the same rows sent to any holder of an expert give the same bits
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -59,8 +59,15 @@ class ExpertSide:
     def nbytes(self) -> int:
         return sum(gate_up.nbytes + down.nbytes for gate_up, down in self._weights.values())
 
-    def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
-        """x [N, D], expert_ids [N] -> y [N, D], row i computed by expert expert_ids[i] of `layer`."""
+    @property
+    def held_set(self) -> set[ExpertKey]:
+        """The (layer, expert) pairs held, for membership checks (not a copy: do not modify)."""
+        return self._weights.keys()  # type: ignore[return-value]
+
+    def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor,
+                between: Callable[[], None] | None = None) -> torch.Tensor:
+        """x [N, D], expert_ids [N] -> y [N, D], row i computed by expert expert_ids[i] of `layer`.
+        `between` is called after each expert's rows (an expert worker answers probes there)."""
         order = torch.argsort(expert_ids, stable=True)  # [N]
         grouped_ids, counts = torch.unique_consecutive(expert_ids[order], return_counts=True)
         xs = x[order]  # [N, D] grouped by expert
@@ -72,6 +79,8 @@ class ExpertSide:
                 raise ExpertUnavailableError(f"expert {expert} of layer {layer} is not held here")
             ys[start : start + count] = ops.swiglu(xs[start : start + count], *weights)
             start += count
+            if between is not None:
+                between()
         y = torch.empty_like(x)
         y[order] = ys
         return y
