@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from chaos import report as reports
 from chaos import runner, scenario
@@ -19,8 +20,9 @@ from chaos.scenario import ScenarioError
 from chaos.targets import ClusterView, Event, Worker
 from chaos.workload import RequestResult, RequestSpec
 from conftest import pid_alive, wait_until
-from resilient_moe.datapath.faults import LinkFault, LinkFaults
-from resilient_moe.datapath.frames import Frame, FrameHeader, FrameKind
+from resilient_moe.datapath.faults import FaultPlan, FaultyLink, LinkFault
+from resilient_moe.datapath.frames import Frame, FrameHeader, FrameKind, decode
+from resilient_moe.datapath.link import PeerInfo
 from serving import ADMIN_TOKEN, serving_stack
 
 # ---- scenario validation ----------------------------------------------------------------------
@@ -104,47 +106,98 @@ def test_cli_reports_bad_input_without_a_traceback(tmp_path):
 
 
 class FakeLink:
-    def __init__(self) -> None:
-        self.sent: list[str] = []
+    """The wrapped end of a FaultyLink: records what is sent, hands out what was queued to arrive."""
 
-    def send(self, header, aux=None, tensor=None) -> None:
-        self.sent.append(header)
+    peer = identity = PeerInfo("ew-1", 1, 1, 1)
+    transport, max_frame, max_recv_frame, window_bytes, rejected, alive = "fake", 1 << 20, 1 << 20, 1 << 21, 0, True
+
+    def __init__(self) -> None:
+        self.sent: list[int] = []
+        self.raw: list[bytes] = []
+        self.arriving: list[Frame] = []
+
+    def try_send(self, header, aux=None, tensor=None, body=None) -> bool:
+        self.sent.append(header.seq)
+        return True
+
+    def send_raw(self, data, timeout=5.0) -> None:
+        self.raw.append(bytes(data))
+
+    def recv(self):
+        return self.arriving.pop(0) if self.arriving else None
+
+    def release(self) -> None:
+        pass
+
+    def flush(self) -> bool:
+        return True
+
+    backlogged = False
+
+
+def frame(seq: int) -> FrameHeader:
+    return FrameHeader(FrameKind.DISPATCH, seq=seq)
 
 
 def test_link_faults_hold_in_order_and_release_on_time_or_when_lifted():
-    faults = LinkFaults("aw-0")
-    link = FakeLink()
-    assert not faults.hold_send("peer", "ew-1", link, "f0"), "no fault: sent at once"
-    faults.update([LinkFault("d", "delay", target="ew-1", delay_ms=30, jitter_ms=20),
-                   LinkFault("other", "partition", source="aw-1")])
-    assert [f.id for f in faults.faults] == ["d"], "faults of other attention workers are ignored"
-    assert not faults.hold_send("peer", "ew-2", link, "other link")
+    plan = FaultPlan("aw-0")
+    inner = FakeLink()
+    link = FaultyLink(inner, plan, "ew-1")
+    assert link.try_send(frame(0)) and inner.sent == [0], "no fault: sent at once"
+    plan.update([LinkFault("d", "delay", target="ew-1", delay_ms=30, jitter_ms=20),
+                 LinkFault("other", "partition", source="aw-1")])
+    assert [f.id for f in plan.faults] == ["d"], "faults of other attention workers are ignored"
+    other = FaultyLink(FakeLink(), plan, "ew-2")
+    assert other.try_send(frame(9)) and other.inner.sent == [9], "a link no fault names is untouched"
     for i in range(5):
-        assert faults.hold_send("peer", "ew-1", link, f"f{i + 1}")
-    assert faults.pump() == ([], []) and link.sent == []
-    wait_until(lambda: faults.pump() and len(link.sent) == 5, 2, "the delayed frames")
-    assert link.sent == ["f1", "f2", "f3", "f4", "f5"], "jitter never reorders a link"
+        assert link.try_send(frame(i + 1))
+    assert link.recv() is None and inner.sent == [0], "held for the delay"
+    wait_until(lambda: link.recv() is None and len(inner.sent) == 6, 2, "the delayed frames")
+    assert inner.sent == [0, 1, 2, 3, 4, 5], "jitter never reorders a link"
 
-    faults.update([LinkFault("p", "partition", target="ew-1")])
-    frame = Frame(FrameHeader(FrameKind.RESULT), None, None, memoryview(b"xy"))
-    assert faults.hold_send("peer", "ew-1", link, "held") and faults.hold_recv("peer", "ew-1", link, frame)
+    plan.update([LinkFault("p", "partition", target="ew-1")])
+    inner.arriving.append(Frame(FrameHeader(FrameKind.RESULT), None, None, memoryview(b"xy")))
+    assert link.try_send(frame(7)) and link.recv() is None
     time.sleep(0.05)
-    assert faults.pump() == ([], []), "a partition until removed holds both directions"
-    faults.update([])
-    failed, arrived = faults.pump()
-    assert link.sent[-1] == "held" and [(o, bytes(f.body)) for o, f in arrived] == [("peer", b"xy")]
-    assert faults.idle
+    assert link.recv() is None and inner.sent[-1] == 5, "a partition until removed holds both directions"
+    plan.update([])
+    arrived = link.recv()
+    assert inner.sent[-1] == 7 and bytes(arrived.body) == b"xy"
+    assert link.idle
 
 
 def test_drop_is_repaired_by_a_retransmission_behind_which_later_frames_wait():
-    faults = LinkFaults("aw-0")
-    link = FakeLink()
-    faults.update([LinkFault("x", "drop", drop_rate=1.0, retransmit_ms=40)])
-    assert faults.hold_send("peer", "ew-0", link, "lost once")
-    faults.update([])
-    assert faults.hold_send("peer", "ew-0", link, "behind it"), "FIFO: waits behind the retransmission"
-    wait_until(lambda: faults.pump() and len(link.sent) == 2, 2, "the retransmission")
-    assert link.sent == ["lost once", "behind it"] and faults.retransmits == 1
+    plan = FaultPlan("aw-0")
+    inner = FakeLink()
+    link = FaultyLink(inner, plan, "ew-0")
+    plan.update([LinkFault("x", "drop", drop_rate=1.0, retransmit_ms=40)])
+    assert link.try_send(frame(1))
+    plan.update([])
+    assert link.try_send(frame(2)), "FIFO: waits behind the retransmission"
+    assert inner.sent == []
+    wait_until(lambda: link.flush() and len(inner.sent) == 2, 2, "the retransmission")
+    assert inner.sent == [1, 2] and plan.counters["retransmits"] == 1
+
+
+def test_lose_corrupt_and_late_hit_exactly_count_frames():
+    plan = FaultPlan("aw-0")
+    inner = FakeLink()
+    link = FaultyLink(inner, plan, "ew-1")
+    plan.update([LinkFault("l", "lose", drop_rate=1.0, count=1)])
+    assert link.try_send(frame(1)) and link.try_send(frame(2))
+    assert inner.sent == [2] and plan.counters["lost"] == 1, "one frame vanished, the next went"
+    plan.update([LinkFault("c", "corrupt", drop_rate=1.0, count=1)])
+    tensor = torch.arange(64, dtype=torch.float32).view(4, 16)
+    assert link.try_send(frame(3), tensor=tensor) and link.try_send(frame(4), tensor=tensor)
+    assert len(inner.raw) == 1 and inner.sent[-1] == 4
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        decode(memoryview(bytearray(inner.raw[0])))  # the receiver rejects it
+    plan.update([LinkFault("t", "late", delay_ms=30, count=1)])
+    for seq in (5, 6):
+        inner.arriving.append(Frame(FrameHeader(FrameKind.RESULT, seq=seq), None, None, memoryview(b"")))
+    assert link.recv() is None, "the first answer is late, and the one behind it waits (FIFO)"
+    got = wait_until(lambda: link.recv(), 2, "the late answer")
+    assert got.header.seq == 5 and link.recv().header.seq == 6
 
 
 def test_bad_link_faults_name_the_field():

@@ -1,29 +1,38 @@
 """The attention worker's forwarding engine: routed-expert calls as frames to expert workers.
 
 For each micro-batch call it groups the (token, k) pairs by destination expert worker through the
-ERT, sends one DISPATCH frame per worker, and assembles the RESULT frames back into [T, K, D]. It
-keeps every outstanding frame's rows until answered, so they can be replayed elsewhere. A reply is
-accepted only from the incarnation it was sent to, for a sequence number still outstanding:
-anything else (a late answer from a worker we failed over from, a duplicate) is dropped and counted.
+ERT and cuts each worker's rows into parts that fit the link (parts.py), one DISPATCH frame each.
+RESULT frames are assembled back into [T*K, D] by (micro-batch, part). Every outstanding part is
+kept until answered, so it can be resent elsewhere, and has a deadline. A part goes to another
+candidate holding the same experts when its worker dies (closed link), goes silent (unanswered
+probes), misses the deadline, or answers with something other than what was asked. Replies are
+accepted only from the incarnation a part was sent to, for a part still outstanding, with the
+epoch, micro-batch and rows it was sent with: late duplicates and anything malformed are dropped
+and counted. Nothing a peer does can raise out of here except ExpertUnavailableError (no live
+copy of an expert is left) and StepCancelled (this worker is stopping).
 
-Shape letters: T tokens, K experts per token, D hidden, n rows of one frame.
+Sends never block: a part waits in its worker's outbox while the link has no room or the worker
+already holds a window of unanswered bytes, and goes out from `wait`, which drains replies first.
+
+Shape letters: T tokens, K experts per token, D hidden, n rows of one part.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from resilient_moe.datapath.ert import RoutingTable
-from resilient_moe.datapath.faults import LinkFault, LinkFaults
+from resilient_moe.datapath.faults import FaultPlan, FaultyLink, LinkFault
 from resilient_moe.datapath.frames import Frame, FrameFlags, FrameHeader, FrameKind
-from resilient_moe.datapath.link import Link, LinkClosed, PeerInfo, connect
+from resilient_moe.datapath.link import FrameTooLarge, Link, LinkClosed, PeerInfo, connect
+from resilient_moe.datapath.parts import DeadlineModel, check_result, rows_per_part
 from resilient_moe.datapath.poller import Poller
-from resilient_moe.engine.pipeline import ExpertCall, ExpertExecutor
 from resilient_moe.errors import ExpertUnavailableError
 
 log = logging.getLogger("resilient_moe.forwarding")
@@ -33,24 +42,37 @@ log = logging.getLogger("resilient_moe.forwarding")
 class _Call:
     """A micro-batch's routed-expert call being assembled."""
 
-    tokens: int
+    micro_batch: int
+    layer: int
     top_k: int
     out: torch.Tensor  # [T*K, D]
-    remaining: int = 0
+    remaining: int = 0  # parts not answered yet
     error: ExpertUnavailableError | None = None
 
 
 @dataclass
 class _Part:
-    """One DISPATCH frame in flight: which pairs of which call it carries."""
+    """Rows of one call for one expert worker, sent as one DISPATCH frame."""
 
     call: _Call  # identity matters: a reply for a call that was abandoned must not land in a newer one
-    micro_batch: int
-    layer: int
     pair_index: torch.Tensor  # [n] positions among the call's T*K pairs
-    rows: torch.Tensor  # [n, D] the hidden rows sent (kept for replay)
+    rows: torch.Tensor  # [n, D] the hidden rows (kept for resending)
     experts: torch.Tensor  # [n] int32 expert id of each row
-    sent_at: float
+    excluded: frozenset[str] = frozenset()  # workers that answered that they do not hold its experts
+    seq: int = 0  # set when sent: the link's sequence number, echoed by the RESULT
+    epoch: int = 0
+    sent_at: float = 0.0
+    deadline: float = 0.0
+    rows_ahead: int = 0  # rows already outstanding on its worker when it was sent
+    received: int = 0  # rows answered so far (a RESULT the EW had to split arrives in pieces)
+
+    @property
+    def n(self) -> int:
+        return int(self.rows.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows.nbytes + self.experts.nbytes
 
 
 @dataclass
@@ -60,11 +82,14 @@ class _Peer:
     name: str
     incarnation: int
     link: Link
-    outstanding: dict[int, _Part] = field(default_factory=dict)  # seq -> part
+    outstanding: dict[int, _Part] = field(default_factory=dict)  # seq -> part sent, not yet answered
+    outbox: deque[_Part] = field(default_factory=deque)  # parts waiting for room on the link
+    inflight_bytes: int = 0
+    inflight_rows: int = 0
     next_seq: int = 1
     last_heard: float = field(default_factory=time.monotonic)
     probes_sent: int = 0  # unanswered probes since it was last heard from
-    suspect: bool = False  # silent with work outstanding: routed around until it answers again
+    suspect: bool = False  # silent, late or malformed: routed around until it answers again
     fenced: bool = False  # declared dead by the controller: never routed to again
 
     @property
@@ -76,8 +101,8 @@ class StepCancelled(Exception):
     """The worker is stopping (e.g. fenced after a hang) and abandons the step it was in."""
 
 
-class RemoteExperts(ExpertExecutor):
-    """ExpertExecutor over datapath links to expert workers."""
+class Forwarder:
+    """Routed-expert calls of micro-batches over datapath links to expert workers (see the module doc)."""
 
     def __init__(
         self,
@@ -88,6 +113,7 @@ class RemoteExperts(ExpertExecutor):
         probe_interval_s: float = 0.010,
         probe_misses: int = 3,
         on_suspect: Callable[[str, int, str], None] = lambda name, incarnation, reason: None,
+        deadlines: DeadlineModel | None = None,
     ) -> None:
         """`on_suspect(name, incarnation, reason)` is told (and must not block) when this AW stops
         routing to a worker on its own, before the controller has decided anything."""
@@ -98,6 +124,7 @@ class RemoteExperts(ExpertExecutor):
         self.probe_interval_s = probe_interval_s
         self.probe_misses = probe_misses
         self.on_suspect = on_suspect
+        self.deadlines = deadlines or DeadlineModel()
         self.peers: dict[str, _Peer] = {}
         self.zombies: list[_Peer] = []  # fenced or replaced incarnations, kept open only to drop their late frames
         self.ert: RoutingTable | None = None
@@ -107,16 +134,12 @@ class RemoteExperts(ExpertExecutor):
         self._route: torch.Tensor | None = None  # [L, E] index into _workers, -1 = no live candidate
         self._calls: dict[int, _Call] = {}
         self.step = 0
-        self.stale_replies = 0
-        self.frames_sent = 0
-        self.calls = 0  # routed-expert calls (micro-batch x sparse layer)
+        self.faults: FaultPlan | None = None  # injected faults (chaos testing, faults.py); None: off
         self.wait_s = 0.0  # time blocked waiting for expert outputs (the AW's idle time)
-        self.round_trip_s = 0.0  # sum over answered frames of (reply arrival - send)
-        self.frames_answered = 0
-        self.replayed_frames = 0
-        self.suspicions = 0
-        self.probes = 0
-        self.faults: LinkFaults | None = None  # injected faults (chaos testing, faults.py); None: off
+        self.round_trip_s = 0.0  # sum over answered parts of (reply arrival - send)
+        self.counters = dict.fromkeys(
+            ("expert_calls", "frames_sent", "frames_answered", "stale_replies", "replayed_frames", "suspicions",
+             "probes", "deadline_misses", "malformed_replies", "error_replies", "split_parts"), 0)
 
     # ---- membership and routing -------------------------------------------------------------
 
@@ -133,13 +156,15 @@ class RemoteExperts(ExpertExecutor):
             link.close()
             raise ConnectionError(f"{address} answered as {link.peer.name} incarnation {link.peer.incarnation}, "
                                   f"expected {name} incarnation {incarnation}")
-        self.peers[name] = _Peer(name, incarnation, link)
+        peer = _Peer(name, incarnation, link)
+        self.peers[name] = peer
+        self._wrap_faulty(peer)
         self.unavailable.discard(name)
         self._reroute()
         log.info("linked to %s incarnation %d at %s", name, incarnation, address)
 
     def disconnect(self, name: str, reason: str) -> list[_Part]:
-        """Forget an expert worker; returns its parts that were still outstanding."""
+        """Forget an expert worker; returns its parts that were still unanswered."""
         peer = self.peers.pop(name, None)
         self.unavailable.add(name)
         self._reroute()
@@ -148,7 +173,7 @@ class RemoteExperts(ExpertExecutor):
         self.poller.remove(peer.link)
         peer.link.close()
         log.warning("link to %s dropped: %s", name, reason)
-        return list(peer.outstanding.values())
+        return self._take_parts(peer)
 
     def set_routing(self, ert: RoutingTable) -> None:
         self.ert = ert
@@ -158,26 +183,29 @@ class RemoteExperts(ExpertExecutor):
         if self.ert is None:
             return
         self._workers = self.ert.workers
-        gone = self.unavailable | {w for w in self._workers if w not in self.peers or self.peers[w].fenced}
+        self._route = self._lookup(frozenset())
+
+    def _lookup(self, excluded: frozenset[str]) -> torch.Tensor:
+        """[L, E] index into `self._workers` of each expert's first usable candidate, -1 where none.
+        A suspect is only silent or late (perhaps slow, not dead): when it is an expert's last copy,
+        keep sending to it rather than fail requests; the controller decides whether it is dead."""
+        gone = self.unavailable | excluded | {w for w in self._workers if w not in self.peers or self.peers[w].fenced}
         suspects = {w for w in self._workers if w in self.peers and self.peers[w].suspect}
         route = self.ert.route_lookup(self._workers, gone | suspects)
         if suspects:
-            # A suspect is only silent (perhaps slow, not dead): when it is an expert's last copy, keep
-            # sending to it rather than fail requests; the controller decides whether it is dead.
             route = torch.where(route < 0, self.ert.route_lookup(self._workers, gone), route)
-        self._route = route
+        return route
 
     def _retire(self, peer: _Peer, reason: str) -> None:
         """Stop using an incarnation but keep its link open: whatever it still sends is counted and dropped."""
         if self.peers.get(peer.name) is peer:
             del self.peers[peer.name]
         peer.fenced = True
-        lost = list(peer.outstanding.values())
-        peer.outstanding.clear()
+        lost = self._take_parts(peer)
         self.zombies.append(peer)
         self._reroute()
         log.warning("retired %s incarnation %d: %s", peer.name, peer.incarnation, reason)
-        self._replay(lost)
+        self._resend(lost)
 
     def fence(self, name: str, incarnation: int) -> None:
         """The controller declared this incarnation dead."""
@@ -185,130 +213,149 @@ class RemoteExperts(ExpertExecutor):
         if peer is not None and peer.incarnation == incarnation:
             self._retire(peer, "fenced by the controller")
 
-    # ---- ExpertExecutor ---------------------------------------------------------------------
+    # ---- the executor protocol (engine/remote.py) -------------------------------------------
 
     def begin_step(self, step: int) -> None:
         self.step = step
-        if self._calls:  # calls of micro-batches that failed last step: forget them and their frames
+        if self._calls:  # calls of micro-batches that failed last step: forget them and their parts
             self._calls.clear()
             for peer in self.peers.values():
-                peer.outstanding.clear()
+                self._take_parts(peer)
 
-    def submit(self, micro_batch: int, call: ExpertCall) -> None:
-        T, K = call.expert_ids.shape
-        pairs = call.expert_ids.reshape(-1)  # [T*K]
-        record = _Call(T, K, call.x.new_empty((T * K, call.x.shape[1])))
-        self._calls[micro_batch] = record
-        self.calls += 1
-        self._dispatch(micro_batch, call.layer, torch.arange(T * K), call.x, pairs, K, record, replay=False)
-
-    def _dispatch(
-        self,
-        micro_batch: int,
-        layer: int,
-        pair_index: torch.Tensor,
-        x: torch.Tensor,
-        experts: torch.Tensor,
-        top_k: int,
-        record: _Call,
-        replay: bool,
-    ) -> None:
-        """Send pairs (pair_index into the call, their expert ids) to each expert's first live candidate.
-
-        `x` holds one row per token (fresh dispatch; row = pair // top_k) or one row per pair (replay,
-        top_k = 1)."""
-        assert self._route is not None, "no routing table yet"
-        destination = self._route[layer][experts.long()]  # [n] index into self._workers
-        if bool((destination < 0).any()):
-            missing = destination < 0
-            lost = sorted({int(e) for e in experts[missing]})
-            tokens = {int(t) for t in (pair_index[missing] // record.top_k).tolist()}
-            raise ExpertUnavailableError(f"no live expert worker holds expert(s) {lost} of layer {layer}", tokens)
-        flags = FrameFlags.REPLAY if replay else FrameFlags.NONE
-        for worker in torch.unique(destination).tolist():
-            chosen = (destination == worker).nonzero().squeeze(1)  # [n]
-            rows = x[chosen // top_k] if top_k > 1 else x[chosen]  # [n, D]
-            ids = experts[chosen].to(torch.int32)
-            peer = self.peers[self._workers[worker]]
-            seq = peer.next_seq
-            peer.next_seq += 1
-            header = FrameHeader(FrameKind.DISPATCH, epoch=self.ert.epoch, step=self.step, seq=seq, layer=layer,
-                                 micro_batch=micro_batch, flags=flags)
-            peer.outstanding[seq] = _Part(record, micro_batch, layer, pair_index[chosen], rows, ids, time.monotonic())
-            record.remaining += 1
-            try:
-                if self.faults is None or not self.faults.hold_send(peer, peer.name, peer.link, header, ids, rows):
-                    peer.link.send(header, aux=ids, tensor=rows)
-                self.frames_sent += 1
-            except LinkClosed as e:
-                self.peer_failed(peer.name, f"link closed on send: {e}")
+    def submit(self, micro_batch: int, layer: int, x: torch.Tensor, expert_ids: torch.Tensor) -> None:
+        """Start the routed experts of rows x [T, D] for expert ids [T, K]; returns without waiting."""
+        T, K = expert_ids.shape
+        call = _Call(micro_batch, layer, K, x.new_empty((T * K, x.shape[1])))
+        self._calls[micro_batch] = call
+        self.counters["expert_calls"] += 1
+        self._dispatch(call, torch.arange(T * K), expert_ids.reshape(-1).to(torch.int32), x, by_token=True)
 
     def take(self, micro_batch: int) -> torch.Tensor | None:
-        record = self._calls.get(micro_batch)
-        if record is None:
+        """The call's outputs [T, K, D] once every part is answered; raises its ExpertUnavailableError."""
+        call = self._calls.get(micro_batch)
+        if call is None:
             return None
-        if record.error is not None:
+        if call.error is not None:
             del self._calls[micro_batch]
-            raise record.error
-        if record.remaining:
+            raise call.error
+        if call.remaining:
             return None
         del self._calls[micro_batch]
-        return record.out.view(record.tokens, record.top_k, -1)
+        return call.out.view(-1, call.top_k, call.out.shape[1])
 
     def cancel(self) -> None:
         """Abandon the step under way (this worker is stopping): `wait` raises StepCancelled. Thread-safe."""
         self.cancelled = True
 
     def wait(self) -> None:
+        """Block until a part may have been answered (or a failure needs handling), at most a probe interval."""
         if self.cancelled:
             raise StepCancelled("the attention worker is stopping")
         start = time.perf_counter()
-        timeout = self.probe_interval_s if self.faults is None else self.faults.timeout(self.probe_interval_s)
-        links, fds = self.poller.wait(timeout)
+        links, fds = self.poller.wait(self._wait_timeout())
         self.wait_s += time.perf_counter() - start
-        if self.faults is not None:
-            self._pump_faults()
         self.drain()
-        self.check_silence()
+        self.pump()
+        self.check_overdue()
         others = [link for link in links if link.peer.name not in self.peers]
         if others or fds:
             self.on_other(others, fds)
 
-    # ---- injected faults (chaos testing) ----------------------------------------------------
+    def _wait_timeout(self) -> float:
+        timeout = self.probe_interval_s
+        now = time.monotonic()
+        for peer in self.peers.values():
+            if peer.outbox or peer.link.backlogged:
+                return 0.0005  # room may open at any moment: look again soon
+            if isinstance(peer.link, FaultyLink) and (due := peer.link.next_due()) is not None:
+                timeout = min(timeout, max(0.0, due - now))
+        return timeout
 
-    def set_faults(self, faults: list[LinkFault]) -> None:
-        """Adopt the cluster's injected link faults; those naming other AWs are ignored."""
-        if self.faults is None:
-            if not any(f.source in ("", self.identity.name) for f in faults):
+    # ---- sending ----------------------------------------------------------------------------
+
+    def _dispatch(self, call: _Call, pair_index: torch.Tensor, experts: torch.Tensor, x: torch.Tensor,
+                  by_token: bool = False, excluded: frozenset[str] = frozenset()) -> None:
+        """Queue pairs (positions `pair_index` [n] in the call, expert ids `experts` [n]) as parts to
+        the first usable candidate of each expert, and send what the links take now. `x` holds one
+        row per token of the call (`by_token`: pair p uses row p // K) or one row per pair."""
+        assert self._route is not None, "no routing table yet"
+        route = self._route if not excluded else self._lookup(excluded)
+        destination = route[call.layer][experts.long()]  # [n] index into self._workers
+        if bool((destination < 0).any()):
+            missing = destination < 0
+            lost = sorted({int(e) for e in experts[missing]})
+            tokens = {int(t) for t in (pair_index[missing] // call.top_k).tolist()}
+            raise ExpertUnavailableError(f"no live expert worker holds expert(s) {lost} of layer {call.layer}", tokens)
+        width = x.shape[1]
+        workers = self._workers
+        for worker in torch.unique(destination).tolist():
+            chosen = (destination == worker).nonzero().squeeze(1)  # [n]
+            rows = x[pair_index[chosen] // call.top_k] if by_token else x[chosen]  # [n, D]
+            peer = self.peers.get(workers[worker])
+            if peer is None:  # failed while this call was being sent: route its rows again
+                self._dispatch(call, pair_index[chosen], experts[chosen], rows, excluded=excluded)
+                continue
+            link = peer.link
+            step = rows_per_part(link.max_frame, link.max_recv_frame, link.window_bytes, width * x.element_size(),
+                                 width * 4)
+            if chosen.numel() > step:
+                self.counters["split_parts"] += -(-chosen.numel() // step) - 1
+            for lo in range(0, chosen.numel(), step):
+                part = _Part(call, pair_index[chosen[lo:lo + step]], rows[lo:lo + step], experts[chosen[lo:lo + step]],
+                             excluded)
+                peer.outbox.append(part)
+                call.remaining += 1
+            self._send_ready(peer)
+
+    def _send_ready(self, peer: _Peer) -> None:
+        """Send queued parts while the link has room and the worker's window allows (never blocks)."""
+        window = peer.link.window_bytes
+        while peer.outbox and self.peers.get(peer.name) is peer:
+            part = peer.outbox[0]
+            if peer.outstanding and peer.inflight_bytes + part.nbytes > window:
                 return
-            self.faults = LinkFaults(self.identity.name)
-        self.faults.update(faults)
-        if self.faults.idle:
-            self.faults = None
+            seq = peer.next_seq
+            flags = FrameFlags.REPLAY if part.excluded or part.seq else FrameFlags.NONE
+            header = FrameHeader(FrameKind.DISPATCH, epoch=self.ert.epoch, step=self.step, seq=seq,
+                                 layer=part.call.layer, micro_batch=part.call.micro_batch, flags=flags)
+            try:
+                if not peer.link.try_send(header, aux=part.experts, tensor=part.rows):
+                    return
+            except (LinkClosed, FrameTooLarge) as e:
+                self.peer_failed(peer.name, f"send failed: {e}")
+                return
+            peer.outbox.popleft()
+            now = time.monotonic()
+            part.seq, part.epoch, part.sent_at, part.received = seq, self.ert.epoch, now, 0
+            part.rows_ahead = peer.inflight_rows
+            part.deadline = self.deadlines.deadline(now, peer.inflight_rows, part.n)
+            peer.next_seq += 1
+            peer.outstanding[seq] = part
+            peer.inflight_bytes += part.nbytes
+            peer.inflight_rows += part.n
+            self.counters["frames_sent"] += 1
 
-    def _pump_faults(self) -> None:
-        """Send held frames that are due and take in held replies, for links still in use."""
-        failed, arrived = self.faults.pump()
-        for peer, error in failed:
-            if self.peers.get(peer.name) is peer:
-                self.peer_failed(peer.name, f"link closed on send: {error}")
-        for peer, frame in arrived:
-            if self.peers.get(peer.name) is peer or peer in self.zombies:
-                self._on_frame(peer, frame)
-        if self.faults.idle:
-            self.faults = None
+    def pump(self) -> None:
+        """Send what waits in outboxes and inside links, now that replies may have freed room."""
+        for peer in list(self.peers.values()):
+            try:
+                peer.link.flush()
+            except LinkClosed as e:
+                self.peer_failed(peer.name, f"link closed on send: {e}")
+                continue
+            if peer.outbox:
+                self._send_ready(peer)
 
     # ---- replies ----------------------------------------------------------------------------
 
     def drain(self) -> None:
-        """Take every reply that has arrived on every expert link."""
+        """Take every frame that has arrived on every expert link."""
         for peer in [*self.peers.values(), *self.zombies]:
             try:
                 got = False
                 while (frame := peer.link.recv()) is not None:
                     got = True
-                    if self.faults is None or not self.faults.hold_recv(peer, peer.name, peer.link, frame):
-                        self._on_frame(peer, frame)
+                    self._on_frame(peer, frame)
                 if got:
                     peer.link.release()
             except LinkClosed as e:
@@ -318,12 +365,79 @@ class RemoteExperts(ExpertExecutor):
                     peer.link.close()
                 else:
                     self.peer_failed(peer.name, f"link closed: {e}")
+        if self.faults is not None:
+            self._unwrap_idle()
 
-    def check_silence(self) -> None:
-        """Probe workers that owe us answers and have gone quiet; suspect them after `probe_misses`."""
+    def _on_frame(self, peer: _Peer, frame: Frame) -> None:
+        header = frame.header
+        now = time.monotonic()
+        peer.last_heard = now
+        peer.probes_sent = 0
+        if peer.fenced or self.peers.get(peer.name) is not peer:
+            self.counters["stale_replies"] += header.kind == FrameKind.RESULT  # a retired incarnation's late answer
+            return
+        if header.kind != FrameKind.RESULT:
+            if peer.suspect and not any(p.deadline < now for p in peer.outstanding.values()):
+                self._trust_again(peer)
+            return
+        part = peer.outstanding.get(header.seq) if header.incarnation == peer.incarnation else None
+        if part is None or header.epoch != part.epoch or header.micro_batch != part.call.micro_batch \
+                or header.layer != part.call.layer:
+            self.counters["stale_replies"] += 1  # answered already (resent elsewhere), or not ours
+            return
+        if header.flags & FrameFlags.ERROR:
+            self.counters["error_replies"] += 1
+            reason = bytes(frame.body).decode(errors="replace")
+            log.warning("%s cannot serve part %d (layer %d): %s; resending elsewhere", peer.name, header.seq,
+                        header.layer, reason)
+            self._forget(peer, part)
+            self._resend([part], exclude=peer.name)
+            return
+        placed = check_result(frame, part.n, part.received, part.rows.shape[1])
+        if isinstance(placed, str):
+            self.counters["malformed_replies"] += 1
+            self.suspect(peer.name, f"malformed RESULT for part {header.seq}: {placed}")
+            return
+        offset, count = placed
+        call = part.call
+        call.out[part.pair_index[offset:offset + count]] = frame.tensor.to(call.out.dtype)  # the one copy out
+        part.received += count
+        if part.received < part.n:
+            return
+        self._forget(peer, part)
+        call.remaining -= 1
+        self.round_trip_s += now - part.sent_at
+        self.deadlines.observe(now - part.sent_at, part.rows_ahead, part.n)
+        self.counters["frames_answered"] += 1
+        if peer.suspect:
+            self._trust_again(peer)
+
+    def _forget(self, peer: _Peer, part: _Part) -> None:
+        del peer.outstanding[part.seq]
+        peer.inflight_bytes -= part.nbytes
+        peer.inflight_rows -= part.n
+
+    def _trust_again(self, peer: _Peer) -> None:
+        peer.suspect = False
+        self._reroute()
+        log.info("%s answers again; routing to it again", peer.name)
+
+    # ---- failures ---------------------------------------------------------------------------
+
+    def check_overdue(self) -> None:
+        """Resend the parts of workers that missed a deadline; probe workers that owe answers and are
+        quiet, and suspect them after `probe_misses` unanswered probes."""
         now = time.monotonic()
         for peer in list(self.peers.values()):
-            if not peer.outstanding or not peer.routable:
+            if not peer.outstanding or peer.fenced:
+                continue
+            late = [p for p in peer.outstanding.values() if p.deadline < now]
+            if late:
+                worst = max(now - p.deadline for p in late)
+                self.counters["deadline_misses"] += len(late)
+                self.suspect(peer.name, f"{len(late)} part(s) overdue by up to {1000 * worst:.0f} ms", force=True)
+                continue
+            if not peer.routable:
                 continue
             oldest = min(part.sent_at for part in peer.outstanding.values())
             quiet = now - max(peer.last_heard, oldest)
@@ -333,91 +447,94 @@ class RemoteExperts(ExpertExecutor):
                 self.suspect(peer.name, f"{peer.probes_sent} probes unanswered, silent for {1000 * quiet:.0f} ms")
                 continue
             try:
-                probe = FrameHeader(FrameKind.PROBE, step=self.step)
-                if self.faults is None or not self.faults.hold_send(peer, peer.name, peer.link, probe):
-                    peer.link.send(probe)
-                peer.probes_sent += 1
-                self.probes += 1
+                if peer.link.try_send(FrameHeader(FrameKind.PROBE, step=self.step)):
+                    peer.probes_sent += 1
+                    self.counters["probes"] += 1
             except LinkClosed as e:
                 self.peer_failed(peer.name, f"link closed on probe: {e}")
 
-    def suspect(self, name: str, reason: str) -> None:
-        """Route around a silent worker now and resend what it owes; the controller decides its fate."""
+    def suspect(self, name: str, reason: str, force: bool = False) -> None:
+        """Route around a silent, late or misbehaving worker now and resend what it owes; the
+        controller decides its fate. `force`: resend even if it is already suspect (new late parts)."""
         peer = self.peers.get(name)
-        if peer is None or peer.suspect:
+        if peer is None or (peer.suspect and not force):
             return
-        peer.suspect = True
-        self.suspicions += 1
-        lost = list(peer.outstanding.values())
-        peer.outstanding.clear()
-        self._reroute()
-        log.warning("suspect %s incarnation %d: %s; replaying %d frames", name, peer.incarnation, reason, len(lost))
-        self.on_suspect(name, peer.incarnation, reason)
-        self._replay(lost)
-
-    def _on_frame(self, peer: _Peer, frame: Frame) -> None:
-        header = frame.header
-        peer.last_heard = time.monotonic()
-        peer.probes_sent = 0
-        if peer.fenced:
-            self.stale_replies += header.kind == FrameKind.RESULT  # a fenced incarnation's late answer: dropped
-            return
-        if peer.suspect:  # it answers again and nobody fenced it: route to it again
-            peer.suspect = False
+        if not peer.suspect:
+            peer.suspect = True
+            self.counters["suspicions"] += 1
             self._reroute()
-            log.info("%s answers again; routing to it again", peer.name)
-        if header.kind != FrameKind.RESULT:
-            return
-        part = peer.outstanding.get(header.seq) if header.incarnation == peer.incarnation else None
-        if part is None:
-            self.stale_replies += 1  # answered already (replayed elsewhere), or from a fenced incarnation
-            return
-        del peer.outstanding[header.seq]
-        record = part.call
-        if self._calls.get(part.micro_batch) is not record:
-            self.stale_replies += 1  # its call was abandoned (a failed micro-batch)
-            return
-        if header.flags & FrameFlags.ERROR:
-            tokens = {int(t) for t in (part.pair_index // record.top_k).tolist()}
-            record.error = ExpertUnavailableError(f"{peer.name}: {bytes(frame.body).decode(errors='replace')}", tokens)
-            return
-        record.out[part.pair_index] = frame.tensor.to(record.out.dtype)  # the one copy out of the ring
-        record.remaining -= 1
-        self.round_trip_s += time.monotonic() - part.sent_at
-        self.frames_answered += 1
-
-    # ---- failures ---------------------------------------------------------------------------
+            self.on_suspect(name, peer.incarnation, reason)
+        lost = self._take_parts(peer)
+        log.warning("suspect %s incarnation %d: %s; resending %d parts", name, peer.incarnation, reason, len(lost))
+        self._resend(lost)
 
     def peer_failed(self, name: str, reason: str) -> None:
-        """An expert worker is gone: drop it and resend its outstanding frames to other candidates."""
+        """An expert worker is gone: drop it and resend its unanswered parts to other candidates."""
         peer = self.peers.get(name)
         if peer is not None:
             self.on_suspect(name, peer.incarnation, reason)
-        self._replay(self.disconnect(name, reason))
+        self._resend(self.disconnect(name, reason))
 
-    def _replay(self, lost: list[_Part]) -> None:
-        """Resend parts to the next live candidate of each expert, marked REPLAY (served first)."""
-        self.replayed_frames += len(lost)
-        for part in lost:
-            record = part.call
-            if self._calls.get(part.micro_batch) is not record:
+    def _take_parts(self, peer: _Peer) -> list[_Part]:
+        """Every part of `peer` not answered yet (sent or waiting to be), which it no longer owes."""
+        parts = [*peer.outstanding.values(), *peer.outbox]
+        peer.outstanding.clear()
+        peer.outbox.clear()
+        peer.inflight_bytes = peer.inflight_rows = 0
+        return parts
+
+    def _resend(self, parts: list[_Part], exclude: str | None = None) -> None:
+        """Send parts again to the next usable candidate of each expert, marked REPLAY (served first)."""
+        self.counters["replayed_frames"] += len(parts)
+        for part in parts:
+            call = part.call
+            if self._calls.get(call.micro_batch) is not call or call.error is not None:
                 continue
-            record.remaining -= 1
+            call.remaining -= 1
+            excluded = part.excluded | {exclude} if exclude else part.excluded
             try:
-                self._dispatch(part.micro_batch, part.layer, part.pair_index, part.rows, part.experts.long(), 1,
-                               record, replay=True)
+                self._dispatch(call, part.pair_index, part.experts, part.rows, excluded=excluded)
             except ExpertUnavailableError as e:
-                record.error = e
+                call.error = e
+
+    # ---- injected faults (chaos testing) ----------------------------------------------------
+
+    def set_faults(self, faults: list[LinkFault]) -> None:
+        """Adopt the cluster's injected link faults; those naming other AWs are ignored."""
+        if self.faults is None:
+            if not any(f.source in ("", self.identity.name) for f in faults):
+                return
+            self.faults = FaultPlan(self.identity.name)
+        self.faults.update(faults)
+        for peer in self.peers.values():
+            self._wrap_faulty(peer)
+
+    def _wrap_faulty(self, peer: _Peer) -> None:
+        if self.faults is not None and not isinstance(peer.link, FaultyLink) and self.faults.on(peer.name):
+            peer.link = FaultyLink(peer.link, self.faults, peer.name)
+
+    def _unwrap_idle(self) -> None:
+        """Links no fault names any more go back to the plain link once nothing is held in them."""
+        for peer in [*self.peers.values(), *self.zombies]:
+            link = peer.link
+            if isinstance(link, FaultyLink) and link.idle and not self.faults.on(peer.name):
+                peer.link = link.inner
+        if not self.faults.faults and not any(isinstance(p.link, FaultyLink) for p in self.peers.values()):
+            self.faults = None
+
+    # ---- stats and shutdown -----------------------------------------------------------------
 
     def stats(self) -> dict[str, float]:
-        return {"expert_calls": float(self.calls), "expert_wait_s": self.wait_s, "frames_sent": float(self.frames_sent),
-                "frames_answered": float(self.frames_answered), "round_trip_s": self.round_trip_s,
-                "stale_replies": float(self.stale_replies), "replayed_frames": float(self.replayed_frames),
-                "suspicions": float(self.suspicions), "probes": float(self.probes)}
+        out = {k: float(v) for k, v in self.counters.items()}
+        out |= {"expert_wait_s": self.wait_s, "round_trip_s": self.round_trip_s,
+                "part_s_per_row": self.deadlines.s_per_row}
+        if self.faults is not None:
+            out |= {f"fault_{k}": float(v) for k, v in self.faults.counters.items()}
+        return out
 
     @property
     def outstanding(self) -> int:
-        return sum(len(p.outstanding) for p in self.peers.values())
+        return sum(len(p.outstanding) + len(p.outbox) for p in self.peers.values())
 
     def close(self) -> None:
         for name in list(self.peers):

@@ -97,6 +97,8 @@ class Link(abc.ABC):
     peer: PeerInfo
     transport: str = ""  # "shm" or "tcp"
     max_frame: int = 0  # bytes of the largest frame send() takes (half a ring; the peer's TCP limit)
+    max_recv_frame: int = 0  # bytes of the largest frame this end accepts (what the peer may send us)
+    window_bytes: int = 0  # bytes of frames that can wait in the channel before a sender must hold back
     rejected: int = 0  # malformed or corrupt frames dropped so far
     _poller: Poller | None = None
 
@@ -114,6 +116,29 @@ class Link(abc.ABC):
         Blocks only while the outgoing channel is full, at most `timeout` seconds (LinkTimeout).
         Raises LinkClosed if the peer is gone, FrameTooLarge if the frame can never fit.
         """
+
+    @abc.abstractmethod
+    def try_send(
+        self,
+        header: FrameHeader,
+        aux: torch.Tensor | None = None,
+        tensor: torch.Tensor | None = None,
+        body: bytes | None = None,
+    ) -> bool:
+        """Send one frame if the channel has room now, never blocking: True when it was sent (or
+        taken whole into the link's own queue, see `flush`), False when nothing was sent.
+
+        Raises LinkClosed if the peer is gone, FrameTooLarge if the frame can never fit.
+        """
+
+    def flush(self) -> bool:
+        """Push out what `try_send` queued inside the link, without blocking; True when nothing is left."""
+        return True
+
+    @property
+    def backlogged(self) -> bool:
+        """Frames wait inside the link for the channel (the owner should call `flush` soon)."""
+        return False
 
     @abc.abstractmethod
     def send_raw(self, data: bytes | memoryview, timeout: float = 5.0) -> None:

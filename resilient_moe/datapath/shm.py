@@ -102,6 +102,8 @@ class ShmLink(Link):
         self.tx = _native.ShmRing(segment_fd, tx_index, ring_size, True, peer_doorbell)
         self.rx = _native.ShmRing(segment_fd, 1 - tx_index, ring_size, False, self._fd)
         self.max_frame = self.tx.max_message
+        self.max_recv_frame = self.rx.max_message
+        self.window_bytes = self.tx.capacity
 
     # ------------------------------------------------------------------ sending
     def send(
@@ -121,6 +123,23 @@ class ShmLink(Link):
         except _native.MessageTooLarge as e:
             raise FrameTooLarge(f"link to {self.peer.name}: {e}") from None
         del keep  # the tensors must outlive the native call, which took them by address
+
+    def try_send(
+        self,
+        header: FrameHeader,
+        aux: torch.Tensor | None = None,
+        tensor: torch.Tensor | None = None,
+        body: bytes | None = None,
+    ) -> bool:
+        """Encode the frame into the ring if it has room now (see Link.try_send)."""
+        self._check_sendable()
+        args, keep = native_args(header, self.identity.number, self.identity.incarnation, aux, tensor, body)
+        try:
+            sent = self.tx.send_frame(*args)
+        except _native.MessageTooLarge as e:
+            raise FrameTooLarge(f"link to {self.peer.name}: {e}") from None
+        del keep
+        return bool(sent)
 
     def send_raw(self, data: bytes | memoryview, timeout: float = 5.0) -> None:
         """Publish bytes that are already one frame, unchanged (see Link.send_raw)."""

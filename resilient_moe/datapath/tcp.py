@@ -55,6 +55,7 @@ DEFAULT_MAX_FRAME = 256 << 20  # bytes; a header announcing more closes the link
 _STAGING = 256 << 10
 _OWN_BUFFER = 16 << 10  # frames at least this big are read straight into their own buffer
 _MAX_BACKLOG = 64 << 20  # bytes of received frames a blocked send may set aside
+_OUT_LIMIT = 16 << 20  # bytes try_send may queue in user space before it answers "no room"
 _MAX_SKIPPED = 64
 _GONE_ERRNOS = {errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ESHUTDOWN, errno.ETIMEDOUT, errno.EHOSTUNREACH}
 
@@ -154,7 +155,11 @@ class TcpLink(Link):
         self.peer = peer
         self.identity = identity
         self.max_frame = peer_max_frame  # the most the peer accepts; bigger frames are refused here
+        self.max_recv_frame = reader.max_frame
+        self.window_bytes = 2 * _OUT_LIMIT
         self.rejected = 0
+        self._out: collections.deque[memoryview] = collections.deque()  # bytes try_send queued, in order
+        self._out_bytes = 0
         self._sock = sock
         self._fd = sock.fileno()
         self._reader = reader
@@ -176,6 +181,58 @@ class TcpLink(Link):
     ) -> None:
         """sendmsg of the sealed header and the tensor bytes in place (see Link.send)."""
         self._check_sendable()
+        parts, keep = self._frame_parts(header, aux, tensor, body)
+        self._send_parts(parts, timeout)
+        del keep
+
+    def try_send(
+        self,
+        header: FrameHeader,
+        aux: torch.Tensor | None = None,
+        tensor: torch.Tensor | None = None,
+        body: bytes | None = None,
+    ) -> bool:
+        """Send what the socket takes now and queue the rest of the frame (see Link.try_send).
+
+        A frame is never cut short on the wire: once any byte of it went out, the rest is copied into
+        the link's queue and goes out with later `flush` calls. No room means the queue already holds
+        `_OUT_LIMIT` bytes."""
+        self._check_sendable()
+        if not self.flush() and self._out_bytes >= _OUT_LIMIT:
+            return False
+        parts, keep = self._frame_parts(header, aux, tensor, body)
+        views = [memoryview(p).cast("B") for p in parts]
+        done = 0 if self._out else self._sendmsg(views)
+        for view in _advance(views, done):
+            self._out.append(memoryview(bytes(view)))  # our own copy: the caller may reuse its tensors
+            self._out_bytes += len(view)
+        del keep
+        return True
+
+    def flush(self) -> bool:
+        """sendmsg of the queued bytes, as far as the socket takes them; True when none are left."""
+        if not self._out:
+            return True
+        if self._gone is not None or self._closed:
+            return False
+        done = self._sendmsg(list(self._out))
+        self._out_bytes -= done
+        while done and self._out:
+            head = self._out[0]
+            if done >= len(head):
+                done -= len(head)
+                self._out.popleft()
+            else:
+                self._out[0] = head[done:]
+                done = 0
+        return not self._out
+
+    @property
+    def backlogged(self) -> bool:
+        return bool(self._out)
+
+    def _frame_parts(self, header, aux, tensor, body) -> tuple[list, object]:
+        """The frame as buffers for sendmsg (the tensor bytes where they lie), and what must stay alive."""
         args, keep = native_args(header, self.identity.number, self.identity.incarnation, aux, tensor, body)
         data = args[13]  # tensor bytes: None (no tensor), an address (int, with its length in args[14]) or a buffer
         nbytes = 0 if data is None else args[14] if data.__class__ is int else len(data)
@@ -185,12 +242,10 @@ class TcpLink(Link):
                                 f"{self.max_frame}")
         prefix = _native.frame_prefix(*args)
         if not nbytes:
-            parts = [prefix]
-        elif args[13].__class__ is int:
-            parts = [prefix, _native.wrap(keep, args[13], nbytes)]
-        else:
-            parts = [prefix, args[13]]
-        self._send_parts(parts, timeout)
+            return [prefix], keep
+        if args[13].__class__ is int:
+            return [prefix, _native.wrap(keep, args[13], nbytes)], keep
+        return [prefix, args[13]], keep
 
     def send_raw(self, data: bytes | memoryview, timeout: float = 5.0) -> None:
         """Write bytes that are already one frame, unchanged (see Link.send_raw)."""
@@ -205,6 +260,10 @@ class TcpLink(Link):
 
     def _send_parts(self, parts: list, timeout: float) -> None:
         views = [memoryview(p).cast("B") for p in parts]
+        if self._out:  # what try_send queued goes first: frames keep their order
+            views = [*self._out, *views]
+            self._out.clear()
+            self._out_bytes = 0
         total = sum(len(v) for v in views)
         done = self._sendmsg(views)
         if done == total:

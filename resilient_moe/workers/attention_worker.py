@@ -28,11 +28,12 @@ from resilient_moe.config import SamplingParams, WorkerConfig
 from resilient_moe.controller.client import ControllerClient, worker_info
 from resilient_moe.datapath.ert import RoutingTable
 from resilient_moe.datapath.faults import LinkFault
-from resilient_moe.datapath.forwarding import RemoteExperts, StepCancelled
+from resilient_moe.datapath.forwarding import Forwarder, StepCancelled
 from resilient_moe.datapath.frames import FrameHeader, FrameKind, worker_number
 from resilient_moe.datapath.link import Link, LinkClosed, PeerInfo, listen
 from resilient_moe.datapath.poller import Poller
 from resilient_moe.engine.engine import LLMEngine
+from resilient_moe.engine.remote import RemoteExperts
 from resilient_moe.engine.sequence import TokenEvent
 from resilient_moe.errors import ConfigError, RequestError
 from resilient_moe.proto import controller_pb2 as pb
@@ -47,9 +48,9 @@ log = logging.getLogger("resilient_moe.attention_worker")
 class AttentionServer:
     """The AW's loop: frontend commands in, engine steps, token events out."""
 
-    def __init__(self, engine: LLMEngine, experts: RemoteExperts, poller: Poller, listener, wakeup: Wakeup) -> None:
+    def __init__(self, engine: LLMEngine, forwarder: Forwarder, poller: Poller, listener, wakeup: Wakeup) -> None:
         self.engine = engine
-        self.experts = experts
+        self.forwarder = forwarder
         self.poller = poller
         self.listener = listener
         self.wakeup = wakeup
@@ -67,7 +68,7 @@ class AttentionServer:
         # as a failed collective does in systems without failure domains; the restart re-runs it all.
         self.crash_on_lost_expert = False
         self.checkpointer: "KVCheckpointer | None" = None  # KV checkpoints into the KV store, when configured
-        experts.on_other = self.on_other
+        forwarder.on_other = self.on_other
 
     # ---- inputs -----------------------------------------------------------------------------
 
@@ -132,18 +133,18 @@ class AttentionServer:
         for w in state.workers:
             if w.role != pb.EXPERT:
                 continue
-            peer = self.experts.peers.get(w.name)
+            peer = self.forwarder.peers.get(w.name)
             if (w.name, w.incarnation) in fenced or w.state == pb.DEAD:
-                self.experts.fence(w.name, w.incarnation)
+                self.forwarder.fence(w.name, w.incarnation)
                 continue
             if w.state == pb.READY and w.data_address and (peer is None or peer.incarnation != w.incarnation):
                 try:
-                    self.experts.connect(w.name, w.data_address, w.incarnation)
+                    self.forwarder.connect(w.name, w.data_address, w.incarnation)
                 except (OSError, ConnectionError) as e:
                     log.warning("cannot link to %s at %s: %s", w.name, w.data_address, e)
-        if self.experts.ert is None or state.ert.epoch > self.experts.ert.epoch:
-            self.experts.set_routing(RoutingTable.from_proto(state.ert))
-        self.experts.set_faults([LinkFault.from_proto(f) for f in state.faults])  # chaos testing; usually none
+        if self.forwarder.ert is None or state.ert.epoch > self.forwarder.ert.epoch:
+            self.forwarder.set_routing(RoutingTable.from_proto(state.ert))
+        self.forwarder.set_faults([LinkFault.from_proto(f) for f in state.faults])  # chaos testing; usually none
 
     # ---- outputs ----------------------------------------------------------------------------
 
@@ -172,7 +173,7 @@ class AttentionServer:
         self.apply_commands()
         if not self.engine.has_unfinished():
             links, fds = self.poller.wait(0.5)
-            self.experts.drain()
+            self.forwarder.drain()
             self.on_other(links, fds)
             return
         start = time.perf_counter()
@@ -206,12 +207,12 @@ class AttentionServer:
         extra["kv_cache_usage_perc"] = 1.0 - allocator.num_free / allocator.num_blocks
         return extra | {"running": float(len(scheduler.running)), "waiting": float(len(scheduler.waiting)),
                 "steps": float(self.engine.step_count), "step_s": self.step_s,
-                "uptime_s": time.monotonic() - self.started, **self.experts.stats()}
+                "uptime_s": time.monotonic() - self.started, **self.forwarder.stats()}
 
     def close(self) -> None:
         for link in list(self.frontends):
             self._drop_frontend(link)
-        self.experts.close()
+        self.forwarder.close()
         self.listener.close()
 
 
@@ -255,7 +256,7 @@ def main(config: WorkerConfig) -> int:
     listener = listen(f"tcp:{dep.host}:0", identity, poller)
     poller.add_fd(listener.fileno())
     reports: "queue.Queue[tuple[str, int, str]]" = queue.Queue()
-    experts = RemoteExperts(identity, poller, dep.ring_bytes, probe_interval_s=dep.probe_interval_s,
+    forwarder = Forwarder(identity, poller, dep.ring_bytes, probe_interval_s=dep.probe_interval_s,
                             probe_misses=dep.probe_misses,
                             on_suspect=lambda name, incarnation, reason: reports.put((name, incarnation, reason)))
     server: AttentionServer | None = None
@@ -269,7 +270,7 @@ def main(config: WorkerConfig) -> int:
             os._exit(3)  # still loading: nothing to wind down
         server.fenced = True
         server.stopping.set()
-        experts.cancel()  # a step waiting on expert workers that now ignore us must not wait forever
+        forwarder.cancel()  # a step waiting on expert workers that now ignore us must not wait forever
         if server.checkpointer is not None:
             server.checkpointer.stop()
         wakeup.ring()
@@ -278,8 +279,8 @@ def main(config: WorkerConfig) -> int:
     client.start_heartbeats(config.name, reply.incarnation, dep.heartbeat_interval_s, stats, on_fenced)
     with yield_cpu_while_loading(reply.state):
         engine = LLMEngine(dep.model, dataclasses.replace(dep.engine, micro_batches=dep.micro_batches),
-                           experts=experts)
-    server = AttentionServer(engine, experts, poller, listener, wakeup)
+                           experts=RemoteExperts(forwarder))
+    server = AttentionServer(engine, forwarder, poller, listener, wakeup)
     server.crash_on_lost_expert = not dep.resilience
     server.checkpointer = start_checkpointer(config, engine, reply.state, reply.incarnation)
     server.apply_cluster_state(reply.state)
@@ -297,7 +298,7 @@ def main(config: WorkerConfig) -> int:
 
     threading.Thread(target=report_suspects, name="suspect-reports", daemon=True).start()
     client.start_watch(config.name, on_state)
-    signal.signal(signal.SIGTERM, lambda *_: (server.stopping.set(), experts.cancel(), wakeup.ring()))
+    signal.signal(signal.SIGTERM, lambda *_: (server.stopping.set(), forwarder.cancel(), wakeup.ring()))
     client.ready(config.name, reply.incarnation, data_address=listener.address)
     log.info("%s ready, serving frontends on %s", config.name, listener.address)
     try:

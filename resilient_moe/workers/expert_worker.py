@@ -14,6 +14,7 @@ import os
 import signal
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +22,8 @@ import torch
 from resilient_moe.config import WorkerConfig
 from resilient_moe.controller.client import ControllerClient, worker_info
 from resilient_moe.datapath.frames import Frame, FrameFlags, FrameHeader, FrameKind, worker_number
-from resilient_moe.datapath.link import Link, LinkClosed, PeerInfo, listen
+from resilient_moe.datapath.link import FrameTooLarge, Link, LinkClosed, PeerInfo, listen
+from resilient_moe.datapath.parts import check_dispatch, rows_per_part
 from resilient_moe.datapath.poller import Poller
 from resilient_moe.errors import ExpertUnavailableError
 from resilient_moe.model.checkpoint import Checkpoint, torch_dtype
@@ -32,26 +34,50 @@ from resilient_moe.workers.common import Wakeup, configure_process, link_address
 log = logging.getLogger("resilient_moe.expert_worker")
 
 
+MAX_QUEUED_REPLIES = 256  # replies waiting for room on one link before its frames are left unread
+
+
 @dataclass
 class _Work:
     link: Link
-    frame: Frame
+    frame: Frame  # a view into the link's ring until the round copies its rows out
+
+
+@dataclass
+class _Reply:
+    header: FrameHeader
+    aux: torch.Tensor | None = None
+    tensor: torch.Tensor | None = None
+    body: bytes | None = None
 
 
 class ExpertServer:
-    """The EW's serving loop over its links; separate from process set-up so tests can drive it."""
+    """The EW's serving loop over its links; separate from process set-up so tests can drive it.
+
+    A round takes every frame that has arrived, answers probes, checks each DISPATCH fully (parts.py)
+    before its rows reach the kernels, copies the rows out of the rings (so the rings are free
+    again while it computes), computes by layer with replayed work first, and answers. While it
+    computes it keeps answering probes, so a long part never looks like a hang; frames that arrive
+    meanwhile wait for the next round. Replies never block: one that finds no room waits in its
+    link's queue, and a link with a long queue (its attention worker is not draining) is not read
+    until the queue shrinks, which holds that attention worker back and no other.
+    """
 
     def __init__(self, experts: ExpertSide, poller: Poller, identity: PeerInfo) -> None:
         self.experts = experts
         self.poller = poller
         self.identity = identity
+        cfg = experts.checkpoint.cfg
+        self.hidden, self.num_layers, self.num_experts = cfg.hidden_size, cfg.num_layers, cfg.num_experts
         self.links: set[Link] = set()
         self.fenced: set[tuple[str, int]] = set()  # (worker name, incarnation) declared dead
         self.stopping = threading.Event()
-        self.frames_served = 0
-        self.rows_served = 0
-        self.frames_fenced = 0
-        self.errors = 0
+        self._queued: dict[Link, deque[_Reply]] = {}  # replies waiting for room, per link
+        self._pending: list[_Work] = []  # DISPATCH frames taken while computing: the next round's
+        self._unreleased: set[Link] = set()  # links whose received frames are still views in use
+        self._last_service = 0.0
+        self.counters = dict.fromkeys(("frames", "rows", "frames_fenced", "errors", "frames_rejected",
+                                       "probes_answered", "replies_split", "replies_queued"), 0)
         self.busy_s = 0.0  # time computing and answering (the rest of the wall time it sits idle)
         self.started = time.monotonic()
 
@@ -61,93 +87,162 @@ class ExpertServer:
     def drop_link(self, link: Link, reason: str) -> None:
         if link in self.links:
             self.links.discard(link)
+            self._queued.pop(link, None)
+            self._unreleased.discard(link)
+            self._pending = [w for w in self._pending if w.link is not link]
             self.poller.remove(link)
             link.close()
             log.info("link to %s closed: %s", link.peer.name, reason)
 
+    # ---- one round --------------------------------------------------------------------------
+
     def poll_once(self, timeout_s: float) -> int:
-        """Wait for frames, serve every one that has arrived; returns the number served."""
-        self.poller.wait(timeout_s)
-        work: list[_Work] = []
-        touched: list[Link] = []
-        for link in list(self.links):
-            try:
-                got = False
-                while (frame := link.recv()) is not None:
-                    got = True
-                    self._triage(link, frame, work)
-                if got:
-                    touched.append(link)
-            except LinkClosed as e:
-                self.drop_link(link, str(e))
-        if work:
-            start = time.perf_counter()
-            # Replayed work first: it belongs to micro-batches already stalled by a failure.
-            replays = [w for w in work if w.frame.header.flags & FrameFlags.REPLAY]
-            fresh = [w for w in work if not w.frame.header.flags & FrameFlags.REPLAY]
-            for group in (replays, fresh):
-                if group:
-                    self._serve(group)
-            self.busy_s += time.perf_counter() - start
-        for link in touched:
-            if link in self.links:
-                link.release()
+        """Wait for frames, serve every one that has arrived; returns the number of DISPATCH served."""
+        self.poller.wait(0.0005 if self._queued or self._pending else timeout_s)
+        self._flush_all()
+        work, self._pending = self._pending, []
+        self._collect_all(work)
+        if not work:
+            self._release_all()
+            return 0
+        start = time.perf_counter()
+        # Replayed work first: it belongs to micro-batches already stalled by a failure.
+        replays = [w for w in work if w.frame.header.flags & FrameFlags.REPLAY]
+        fresh = [w for w in work if not w.frame.header.flags & FrameFlags.REPLAY]
+        batches = self._copy_out(replays) + self._copy_out(fresh)
+        self._release_all()  # every row is copied out: the rings are free while we compute
+        for layer, x, ids, answers in batches:
+            self._compute(layer, x, ids, answers)
+        self.busy_s += time.perf_counter() - start
         return len(work)
+
+    def _collect_all(self, work: list[_Work]) -> None:
+        for link in list(self.links):
+            self._collect(link, work)
+
+    def _collect(self, link: Link, work: list[_Work]) -> None:
+        """Take what `link` has: answer probes, check DISPATCH frames and add them to `work`."""
+        queued = self._queued.get(link)
+        if queued is not None and len(queued) >= MAX_QUEUED_REPLIES:
+            return  # its attention worker is not draining our answers: hold it back (and only it)
+        try:
+            while (frame := link.recv()) is not None:
+                self._unreleased.add(link)
+                self._triage(link, frame, work)
+        except LinkClosed as e:
+            self.drop_link(link, str(e))
 
     def _triage(self, link: Link, frame: Frame, work: list[_Work]) -> None:
         header = frame.header
         if (link.peer.name, header.incarnation) in self.fenced:
-            self.frames_fenced += 1
+            self.counters["frames_fenced"] += 1
             return
         if header.kind == FrameKind.DISPATCH:
-            work.append(_Work(link, frame))
+            problem = check_dispatch(frame, self.hidden, self.experts.held_set, self.num_layers, self.num_experts)
+            if problem is None:
+                work.append(_Work(link, frame))
+                return
+            self.counters["frames_rejected"] += 1
+            log.warning("rejected a DISPATCH from %s (seq %d): %s", link.peer.name, header.seq, problem)
+            self._reply(link, _Reply(self._result_header(header, FrameFlags.ERROR), body=problem.encode()[:4096]))
         elif header.kind == FrameKind.PROBE:
-            self._reply(link, FrameHeader(FrameKind.PROBE_ACK, step=header.step, seq=header.seq))
+            self.counters["probes_answered"] += 1
+            self._reply(link, _Reply(FrameHeader(FrameKind.PROBE_ACK, step=header.step, seq=header.seq)))
         elif header.kind == FrameKind.GOODBYE:
             self.drop_link(link, "peer said goodbye")
 
-    def _serve(self, work: list[_Work]) -> None:
+    def _release_all(self) -> None:
+        for link in self._unreleased:
+            if link in self.links:
+                link.release()
+        self._unreleased.clear()
+
+    def _service(self) -> None:
+        """Between expert groups of a long computation: answer probes, keep new frames for the next round."""
+        now = time.monotonic()
+        if now - self._last_service < 0.002:
+            return
+        self._last_service = now
+        self._flush_all()
+        self._collect_all(self._pending)
+
+    def _copy_out(self, work: list[_Work]) -> list[tuple[int, torch.Tensor, torch.Tensor, list]]:
+        """(layer, rows [N, D], expert ids [N], (link, header, n) per frame) per layer: private copies."""
         by_layer: dict[int, list[_Work]] = {}
         for w in work:
             by_layer.setdefault(w.frame.header.layer, []).append(w)
+        batches = []
         for layer, items in by_layer.items():
-            rows = [w.frame.tensor for w in items]  # [n_i, D] views into the receive rings
-            ids = [w.frame.aux for w in items]
-            x = rows[0] if len(rows) == 1 else torch.cat(rows)
-            expert_ids = (ids[0] if len(ids) == 1 else torch.cat(ids)).long()
-            try:
-                y = self.experts.forward(layer, x.to(self.experts.dtype), expert_ids)
-            except ExpertUnavailableError as e:
-                self.errors += 1
-                for w in items:
-                    self._reply(w.link, self._result_header(w.frame, FrameFlags.ERROR), body=str(e).encode())
-                continue
-            start = 0
-            for w, part in zip(items, rows):
-                n = part.shape[0]
-                self._reply(w.link, self._result_header(w.frame), tensor=y[start : start + n])
-                start += n
-                self.frames_served += 1
-                self.rows_served += n
+            x = torch.cat([w.frame.tensor for w in items]).to(self.experts.dtype)  # [N, D], frame by frame
+            ids = torch.cat([w.frame.aux for w in items]).long()  # [N]
+            batches.append((layer, x, ids, [(w.link, w.frame.header, w.frame.tensor.shape[0]) for w in items]))
+        return batches
+
+    def _compute(self, layer: int, x: torch.Tensor, ids: torch.Tensor, answers: list) -> None:
+        try:
+            y = self.experts.forward(layer, x, ids, between=self._service)  # [N, D]
+        except ExpertUnavailableError as e:  # checked already; a race with a drop of experts
+            self.counters["errors"] += 1
+            for link, header, _ in answers:
+                self._reply(link, _Reply(self._result_header(header, FrameFlags.ERROR), body=str(e).encode()))
+            return
+        start = 0
+        for link, header, n in answers:
+            self._answer(link, header, y[start:start + n])
+            start += n
+            self.counters["frames"] += 1
+            self.counters["rows"] += n
+
+    def _answer(self, link: Link, header: FrameHeader, y: torch.Tensor) -> None:
+        """RESULT frame(s) for one DISPATCH: split by rows (aux = first row) when the link takes less."""
+        if link not in self.links:
+            return
+        step = rows_per_part(link.max_frame, link.max_frame, 2 * link.max_frame, 0, y.shape[1] * y.element_size())
+        if y.shape[0] <= step:
+            self._reply(link, _Reply(self._result_header(header), tensor=y))
+            return
+        self.counters["replies_split"] += 1
+        for lo in range(0, y.shape[0], step):
+            self._reply(link, _Reply(self._result_header(header), aux=torch.tensor([lo], dtype=torch.int32),
+                                     tensor=y[lo:lo + step]))
 
     @staticmethod
-    def _result_header(frame: Frame, flags: FrameFlags = FrameFlags.NONE) -> FrameHeader:
-        h = frame.header
+    def _result_header(h: FrameHeader, flags: FrameFlags = FrameFlags.NONE) -> FrameHeader:
         return FrameHeader(
             FrameKind.RESULT, epoch=h.epoch, step=h.step, seq=h.seq, layer=h.layer, micro_batch=h.micro_batch,
             flags=flags | (h.flags & FrameFlags.REPLAY),
         )
 
-    def _reply(self, link: Link, header: FrameHeader, tensor: torch.Tensor | None = None, body: bytes | None = None) -> None:
+    # ---- replies ----------------------------------------------------------------------------
+
+    def _reply(self, link: Link, reply: _Reply) -> None:
+        queued = self._queued.get(link)
         try:
-            link.send(header, tensor=tensor, body=body)
-        except LinkClosed as e:
+            if queued is None and link.try_send(reply.header, reply.aux, reply.tensor, reply.body):
+                return
+        except (LinkClosed, FrameTooLarge) as e:
             self.drop_link(link, str(e))
+            return
+        self.counters["replies_queued"] += 1
+        self._queued.setdefault(link, deque()).append(reply)
+
+    def _flush_all(self) -> None:
+        for link, queued in list(self._queued.items()):
+            try:
+                link.flush()
+                while queued and link.try_send(queued[0].header, queued[0].aux, queued[0].tensor, queued[0].body):
+                    queued.popleft()
+            except (LinkClosed, FrameTooLarge) as e:
+                self.drop_link(link, str(e))
+                continue
+            if not queued:
+                del self._queued[link]
 
     def stats(self) -> dict[str, float]:
-        return {"frames": float(self.frames_served), "rows": float(self.rows_served), "links": float(len(self.links)),
-                "busy_s": self.busy_s, "uptime_s": time.monotonic() - self.started,
-                "frames_fenced": float(self.frames_fenced), "errors": float(self.errors)}
+        rejected = sum(link.rejected for link in self.links)
+        return {k: float(v) for k, v in self.counters.items()} | {
+            "links": float(len(self.links)), "busy_s": self.busy_s, "uptime_s": time.monotonic() - self.started,
+            "frames_corrupt": float(rejected), "replies_waiting": float(sum(len(q) for q in self._queued.values()))}
 
     def close(self) -> None:
         for link in list(self.links):
