@@ -287,6 +287,7 @@ class EngineConfig:
     kv_cache_bytes: int | None = None
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 4096
+    max_prefill_tokens_per_step: int = 512  # prompt tokens one step computes (chunked prefill), decodes aside
     max_model_len: int | None = None  # defaults to the checkpoint's max_position_embeddings
     micro_batches: int = 1
     torch_threads: int = 1
@@ -296,7 +297,8 @@ class EngineConfig:
             raise ConfigError(f"dtype must be one of {', '.join(SUPPORTED_DTYPES)}, got {self.dtype!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "torch_threads"):
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_prefill_tokens_per_step",
+                     "torch_threads"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
@@ -548,6 +550,7 @@ class DeploymentConfig:
     heartbeat_timeout_s: float = 1.0
     probe_interval_s: float = 0.010
     probe_misses: int = 3
+    part_deadline_s: float = 0.25  # least time an expert worker gets to answer a part before it is resent
     startup_timeout_s: float = 120.0
     resilience: bool = True  # False: the restart-everything baseline (no shadows; any death restarts all)
     shadow_budget_bytes: int | None = None  # spare memory per expert worker for shadows; None: one copy of each
@@ -570,7 +573,8 @@ class DeploymentConfig:
             raise ConfigError(f"placement must be one of {', '.join(PLACEMENTS)}, got {self.placement!r}")
         if not isinstance(self.ring_bytes, int) or self.ring_bytes < (1 << 16):
             raise ConfigError(f"ring_bytes must be an integer >= 65536, got {self.ring_bytes!r}")
-        for name in ("heartbeat_interval_s", "heartbeat_timeout_s", "probe_interval_s", "startup_timeout_s"):
+        for name in ("heartbeat_interval_s", "heartbeat_timeout_s", "probe_interval_s", "part_deadline_s",
+                     "startup_timeout_s"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")

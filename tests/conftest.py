@@ -117,3 +117,30 @@ def pid_alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
     except OSError:
         return False
+
+
+# A checkpoint of real widths (Qwen3-30B-A3B's attention and routing shapes, two layers, narrow experts
+# to keep CPU time down): frame limits, prefill stalls and KV sizes only show at these widths.
+REAL_WIDTH = dict(vocab_size=1024, hidden_size=2048, intermediate_size=256, moe_intermediate_size=128,
+                  num_hidden_layers=2, num_attention_heads=16, num_key_value_heads=4, head_dim=128, num_experts=64,
+                  num_experts_per_tok=8, max_position_embeddings=4096, initializer_range=0.05)
+REAL_PROMPT_TOKENS = 3000
+REAL_NEW_TOKENS = 6
+
+
+@pytest.fixture(scope="session")
+def real_width(tmp_path_factory):
+    """(checkpoint dir, a 3000-token prompt, HF's 6 greedy tokens for it), built once per session."""
+    import random
+
+    from transformers import AutoModelForCausalLM
+
+    path = save_hf_model(tmp_path_factory.mktemp("real-width"), "qwen3_moe", seed=5, **REAL_WIDTH)
+    rng = random.Random(5)
+    prompt = [rng.randrange(3, REAL_WIDTH["vocab_size"]) for _ in range(REAL_PROMPT_TOKENS)]
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", dtype=torch.float32)
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=REAL_NEW_TOKENS, min_new_tokens=REAL_NEW_TOKENS,
+                             do_sample=False)
+    del model
+    return path, prompt, out[0, len(prompt):].tolist()

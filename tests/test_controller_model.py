@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from resilient_moe import procs
 from resilient_moe.controller.placement import experts_of, primary_placement, routing_table
-from resilient_moe.controller.state import DEAD, READY, SUSPECT, ClusterModel, ModelShape
+from resilient_moe.controller.state import BUSY_GRACE, DEAD, READY, SUSPECT, ClusterModel, ModelShape
 
 
 def test_contiguous_split_is_uneven_only_by_one():
@@ -47,8 +48,9 @@ class FakeClock:
         return self.now
 
 
-def make_model(clock):
-    return ClusterModel(ModelShape(2, 4, (0, 1)), ["ew-0", "ew-1"], heartbeat_timeout_s=1.0, clock=clock)
+def make_model(clock, **options):
+    options.setdefault("tick_interval_s", 1.0)  # these tests tick rarely, as a 1 s reconcile loop would
+    return ClusterModel(ModelShape(2, 4, (0, 1)), ["ew-0", "ew-1"], heartbeat_timeout_s=1.0, clock=clock, **options)
 
 
 def test_registration_gives_fresh_incarnations_and_expert_assignments():
@@ -86,6 +88,37 @@ def test_missed_heartbeats_fence_the_worker_and_bump_the_epoch():
     assert not model.heartbeat("ew-0", 1, {}), "a fenced incarnation is told so when it wakes up"
     again = model.register("ew-0", "expert", 0, pid=12, host="h")
     assert again.incarnation == 2 and model.heartbeat("ew-0", 2, {})
+
+
+def test_a_silent_worker_whose_process_runs_gets_a_grace_and_a_stopped_one_none():
+    """Silence on a busy host is lateness: a runnable or sleeping local process gets BUSY_GRACE
+    timeouts, a stopped or exited one is dead after one (the second path of detection)."""
+    clock = FakeClock()
+    states = {"ew-0": procs.RUNNABLE, "ew-1": procs.STOPPED}
+    model = make_model(clock, liveness=lambda r: states[r.name])
+    for i in range(2):
+        record = model.register(f"ew-{i}", "expert", i, pid=10 + i, host="127.0.0.1")
+        model.ready(record.name, record.incarnation, [], "")
+    clock.now += 1.5
+    assert model.tick() == ["ew-1"], "stopped: dead after one timeout"
+    clock.now += 0.9 * BUSY_GRACE - 1.5
+    assert model.tick() == [], "runnable: late, not dead"
+    states["ew-0"] = procs.GONE
+    assert model.tick() == ["ew-0"], "gone: dead at once"
+
+
+def test_the_controllers_own_pause_is_nobodys_silence():
+    clock = FakeClock()
+    model = make_model(clock, tick_interval_s=0.05, liveness=lambda r: procs.UNKNOWN)
+    model.register("ew-0", "expert", 0, pid=10, host="h")
+    model.ready("ew-0", 1, [], "")
+    assert model.tick() == []
+    clock.now += 5.0  # the controller was not scheduled for 5 s (a starved host)
+    assert model.tick() == [], "heartbeats that could not be processed meanwhile are not missing"
+    for _ in range(25):  # then it ticks on time and the worker stays silent
+        clock.now += 0.05
+        dead = model.tick()
+    assert dead == ["ew-0"] or model.workers["ew-0"].state == DEAD
 
 
 def test_failure_reports_suspect_or_declare_dead():

@@ -20,7 +20,7 @@ import grpc
 from resilient_moe.config import ModelConfig, WorkerConfig
 from resilient_moe.controller.state import ClusterModel, ModelShape, WorkerRecord
 from resilient_moe.datapath.faults import LinkFault
-from resilient_moe.procs import process_alive
+from resilient_moe.procs import GONE, process_state
 from resilient_moe.proto import controller_pb2 as pb
 from resilient_moe.proto import controller_pb2_grpc as pb_grpc
 
@@ -34,13 +34,6 @@ def controller_key(cluster_id: str) -> str:
 ROLE_TO_PB = {"attention": pb.ATTENTION, "expert": pb.EXPERT, "frontend": pb.FRONTEND, "kv_store": pb.KV_STORE}
 PB_TO_ROLE = {v: k for k, v in ROLE_TO_PB.items()}
 STATE_TO_PB = {"STARTING": pb.STARTING, "READY": pb.READY, "SUSPECT": pb.SUSPECT, "DEAD": pb.DEAD, "STOPPED": pb.STOPPED}
-
-
-def process_gone(pid: int, host: str) -> bool:
-    """True when `pid` on this host has exited (or is a zombie). Remote hosts: unknown, so False."""
-    if host not in ("127.0.0.1", "localhost", os.uname().nodename) or pid <= 0:
-        return False
-    return not process_alive(pid)
 
 
 def worker_to_pb(record: WorkerRecord, now: float) -> pb.WorkerInfo:
@@ -119,7 +112,7 @@ class ControllerService(pb_grpc.ControllerServicer):
     def ReportFailure(self, request, context):
         with self.lock:
             record = self.model.workers.get(request.suspect)
-            gone = record is not None and process_gone(record.pid, record.host)
+            gone = record is not None and process_state(record.pid, record.host) == GONE
             before = self.model.version
             self.model.report_failure(request.reporter, request.suspect, request.suspect_incarnation, request.reason, gone)
             if self.model.version != before:
@@ -219,7 +212,8 @@ def serve(config: WorkerConfig, ready: threading.Event | None = None) -> None:
         dtype_bytes = 2 if dep.engine.dtype == "bfloat16" else 4
         slots = dep.shadow_budget_bytes // (model_cfg.expert_bytes(dtype_bytes) * max(1, len(shape.sparse_layers)))
     model = ClusterModel(shape, expert_names, dep.placement, dep.heartbeat_timeout_s, shadow_slots=slots,
-                         shadow_policy=dep.shadow_policy, resilience=dep.resilience)
+                         shadow_policy=dep.shadow_policy, resilience=dep.resilience,
+                         tick_interval_s=dep.heartbeat_interval_s)
     if model.plan.unprotected and dep.resilience:
         log.warning("shadow budget too small: %d (layer, expert) pairs have no shadow and die with their primary: %s",
                     len(model.plan.unprotected), ", ".join(f"{l}/{e}" for l, e in model.plan.unprotected))

@@ -12,6 +12,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
+from resilient_moe import procs
 from resilient_moe.controller import placement
 from resilient_moe.datapath.ert import RoutingTable
 from resilient_moe.datapath.faults import LinkFault
@@ -19,6 +20,7 @@ from resilient_moe.datapath.faults import LinkFault
 ExpertKey = tuple[int, int]
 
 STARTING, READY, SUSPECT, DEAD, STOPPED = "STARTING", "READY", "SUSPECT", "DEAD", "STOPPED"
+BUSY_GRACE = 10  # heartbeat timeouts a silent worker whose process still runs gets before it is declared dead
 
 
 @dataclass
@@ -65,12 +67,17 @@ class ClusterModel:
         shadow_slots: int | None = None,
         shadow_policy: str = "spread",
         resilience: bool = True,
+        liveness: Callable[[WorkerRecord], str] = lambda r: procs.process_state(r.pid, r.host),
+        tick_interval_s: float = 0.05,
     ) -> None:
         """`shadow_slots`: shadow experts each expert worker holds per sparse layer (None: enough for one
         copy of every expert; ignored without resilience, which keeps no shadows)."""
         self.shape = shape
         self.clock = clock
         self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.liveness = liveness
+        self.tick_interval_s = tick_interval_s
+        self._last_tick: float | None = None
         self.resilience = resilience
         self.expert_names = list(expert_workers)
         self.primaries = placement.primary_placement(shape.num_experts, self.expert_names, policy)
@@ -219,15 +226,31 @@ class ClusterModel:
             self._event("suspect", suspect, f"{reason} (reported by {reporter})")
 
     def tick(self) -> list[str]:
-        """Declare dead every worker whose heartbeats stopped; returns their names."""
+        """Declare dead every worker whose heartbeats stopped; returns their names.
+
+        Silence alone is not enough on a busy host: a worker whose process is still there and not
+        stopped (`liveness`, procs.py) is only late, starved of CPU like everyone else, and gets up to
+        BUSY_GRACE timeouts; a stopped or exited one (or one on another host) is dead after one. A pause
+        of the controller itself (it too can be starved) is nobody's silence: the time it was not
+        ticking is added to every deadline."""
         now = self.clock()
+        gap = now - self._last_tick if self._last_tick is not None else 0.0
+        self._last_tick = now
+        if gap > 3 * self.tick_interval_s:
+            for record in self.workers.values():
+                record.last_heartbeat += gap - self.tick_interval_s
         dead = []
         for record in list(self.workers.values()):
             if record.state in (DEAD, STOPPED):
                 continue
-            if now - record.last_heartbeat > self.heartbeat_timeout_s:
-                self.declare_dead(record.name, f"no heartbeat for {now - record.last_heartbeat:.2f}s")
-                dead.append(record.name)
+            silent = now - record.last_heartbeat
+            if silent <= self.heartbeat_timeout_s:
+                continue
+            state = self.liveness(record)
+            if state in (procs.RUNNABLE, procs.SLEEPING) and silent <= BUSY_GRACE * self.heartbeat_timeout_s:
+                continue
+            self.declare_dead(record.name, f"no heartbeat for {silent:.2f}s (process {state})")
+            dead.append(record.name)
         return dead
 
     def declare_dead(self, name: str, reason: str) -> None:

@@ -34,6 +34,7 @@ from resilient_moe.datapath.link import FrameTooLarge, Link, LinkClosed, PeerInf
 from resilient_moe.datapath.parts import DeadlineModel, check_result, rows_per_part
 from resilient_moe.datapath.poller import Poller
 from resilient_moe.errors import ExpertUnavailableError
+from resilient_moe.procs import RUNNABLE, process_state
 
 log = logging.getLogger("resilient_moe.forwarding")
 
@@ -114,6 +115,7 @@ class Forwarder:
         probe_misses: int = 3,
         on_suspect: Callable[[str, int, str], None] = lambda name, incarnation, reason: None,
         deadlines: DeadlineModel | None = None,
+        busy_grace_s: float = 5.0,
     ) -> None:
         """`on_suspect(name, incarnation, reason)` is told (and must not block) when this AW stops
         routing to a worker on its own, before the controller has decided anything."""
@@ -125,6 +127,7 @@ class Forwarder:
         self.probe_misses = probe_misses
         self.on_suspect = on_suspect
         self.deadlines = deadlines or DeadlineModel()
+        self.busy_grace_s = busy_grace_s  # longest a busy (runnable) peer is waited for before acting anyway
         self.peers: dict[str, _Peer] = {}
         self.zombies: list[_Peer] = []  # fenced or replaced incarnations, kept open only to drop their late frames
         self.ert: RoutingTable | None = None
@@ -139,7 +142,8 @@ class Forwarder:
         self.round_trip_s = 0.0  # sum over answered parts of (reply arrival - send)
         self.counters = dict.fromkeys(
             ("expert_calls", "frames_sent", "frames_answered", "stale_replies", "replayed_frames", "suspicions",
-             "probes", "deadline_misses", "malformed_replies", "error_replies", "split_parts"), 0)
+             "probes", "deadline_misses", "deadline_extensions", "malformed_replies", "error_replies",
+             "split_parts"), 0)
 
     # ---- membership and routing -------------------------------------------------------------
 
@@ -266,7 +270,7 @@ class Forwarder:
         now = time.monotonic()
         for peer in self.peers.values():
             if peer.outbox or peer.link.backlogged:
-                return 0.0005  # room may open at any moment: look again soon
+                return 0.001  # room may open at any moment: look again soon
             if isinstance(peer.link, FaultyLink) and (due := peer.link.next_due()) is not None:
                 timeout = min(timeout, max(0.0, due - now))
         return timeout
@@ -426,13 +430,24 @@ class Forwarder:
 
     def check_overdue(self) -> None:
         """Resend the parts of workers that missed a deadline; probe workers that owe answers and are
-        quiet, and suspect them after `probe_misses` unanswered probes."""
+        quiet, and suspect them after `probe_misses` unanswered probes.
+
+        Before acting on silence or lateness it looks at the peer's process when it runs on this host
+        (procs.py): one that is runnable is busy or starved of CPU, not lost, so its deadlines are
+        extended (doubling) instead of loading the other workers with its parts, up to
+        `busy_grace_s`; one that is stopped, gone or asleep with a part overdue (so the frame was
+        lost) is acted on at once."""
         now = time.monotonic()
         for peer in list(self.peers.values()):
             if not peer.outstanding or peer.fenced:
                 continue
             late = [p for p in peer.outstanding.values() if p.deadline < now]
             if late:
+                if self._busy(peer, now - min(p.sent_at for p in late)):
+                    for part in late:
+                        part.deadline = now + 2 * (part.deadline - part.sent_at)
+                    self.counters["deadline_extensions"] += len(late)
+                    continue
                 worst = max(now - p.deadline for p in late)
                 self.counters["deadline_misses"] += len(late)
                 self.suspect(peer.name, f"{len(late)} part(s) overdue by up to {1000 * worst:.0f} ms", force=True)
@@ -441,10 +456,11 @@ class Forwarder:
                 continue
             oldest = min(part.sent_at for part in peer.outstanding.values())
             quiet = now - max(peer.last_heard, oldest)
-            if quiet < self.probe_interval_s * (peer.probes_sent + 1):
+            if quiet < self.probe_interval_s * (min(peer.probes_sent, self.probe_misses) + 1):
                 continue
             if peer.probes_sent >= self.probe_misses:
-                self.suspect(peer.name, f"{peer.probes_sent} probes unanswered, silent for {1000 * quiet:.0f} ms")
+                if not self._busy(peer, quiet):
+                    self.suspect(peer.name, f"{peer.probes_sent} probes unanswered, silent for {1000 * quiet:.0f} ms")
                 continue
             try:
                 if peer.link.try_send(FrameHeader(FrameKind.PROBE, step=self.step)):
@@ -452,6 +468,13 @@ class Forwarder:
                     self.counters["probes"] += 1
             except LinkClosed as e:
                 self.peer_failed(peer.name, f"link closed on probe: {e}")
+
+    def _busy(self, peer: _Peer, waited_s: float) -> bool:
+        """Is the peer's process runnable on this host (busy, or starved of CPU) and not yet past the grace?"""
+        if waited_s > self.busy_grace_s:
+            return False
+        info = peer.link.peer
+        return process_state(info.pid, info.host) == RUNNABLE
 
     def suspect(self, name: str, reason: str, force: bool = False) -> None:
         """Route around a silent, late or misbehaving worker now and resend what it owes; the

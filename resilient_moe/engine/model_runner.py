@@ -25,9 +25,9 @@ class StepOutput:
 
 
 def split_micro_batches(seqs: list[Sequence], count: int) -> list[list[Sequence]]:
-    """Split into at most `count` contiguous groups with balanced new-token counts (none empty)."""
+    """Split into at most `count` contiguous groups with balanced scheduled-token counts (none empty)."""
     count = max(1, min(count, len(seqs)))
-    total = sum(s.num_new_tokens for s in seqs)
+    total = sum(s.num_scheduled for s in seqs)
     groups: list[list[Sequence]] = [[] for _ in range(count)]
     done = 0
     group = 0
@@ -38,12 +38,14 @@ def split_micro_batches(seqs: list[Sequence], count: int) -> list[list[Sequence]
         if groups[group] and (done >= total * (group + 1) / count or remaining_seqs < remaining_groups):
             group = min(group + 1, count - 1)
         groups[group].append(seq)
-        done += seq.num_new_tokens
+        done += seq.num_scheduled
     return [g for g in groups if g]
 
 
 class ModelRunner:
-    """Builds the token and position tensors of micro-batches and executes them."""
+    """Builds the token and position tensors of micro-batches and executes them. Each sequence
+    computes positions [num_cached, num_cached + num_scheduled): a decode's one token, or a chunk of
+    a prompt (the last rows' logits of a chunk that does not finish the prompt are not sampled)."""
 
     def __init__(self, side: AttentionSide, cache: KVCacheView, block_size: int, executor: ExpertExecutor) -> None:
         self.side = side
@@ -64,7 +66,7 @@ class ModelRunner:
         prefills: list[PrefillSpan] = []
         last_rows: list[int] = []
         for seq in seqs:
-            start, stop = seq.num_cached, seq.num_tokens
+            start, stop = seq.num_cached, seq.num_cached + seq.num_scheduled
             row = len(token_ids)
             token_ids.extend(seq.tokens(start, stop))
             table = seq.block_table
@@ -129,8 +131,8 @@ class ModelRunner:
             # that expert fail; the others computed nothing this step and simply run again next step.
             row = 0
             for seq in group:
-                rows = set(range(row, row + seq.num_new_tokens))
-                row += seq.num_new_tokens
+                rows = set(range(row, row + seq.num_scheduled))
+                row += seq.num_scheduled
                 if result.tokens is None or rows & result.tokens:
                     output.failed[seq.request_id] = str(result)
         return output

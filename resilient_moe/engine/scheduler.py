@@ -21,13 +21,13 @@ from resilient_moe.engine.sequence import Sequence, SequenceStatus, TokenEvent
 
 @dataclass
 class ScheduledBatch:
-    """The sequences of one step, each computing `seq.num_new_tokens` tokens."""
+    """The sequences of one step, each computing `seq.num_scheduled` tokens."""
 
     seqs: list[Sequence]
 
     @property
     def num_tokens(self) -> int:
-        return sum(s.num_new_tokens for s in self.seqs)
+        return sum(s.num_scheduled for s in self.seqs)
 
 
 class Scheduler:
@@ -70,38 +70,57 @@ class Scheduler:
     # ---- schedule ---------------------------------------------------------------------------
 
     def schedule(self) -> ScheduledBatch | None:
+        """The next step's sequences, each with `num_scheduled` set.
+
+        Every running decode computes its token. Prompts (and recomputes after a restore or a
+        preemption) are computed in chunks: at most `max_prefill_tokens_per_step` prompt tokens a step,
+        oldest first, so a long prompt delays the running decodes by one chunk's compute per step,
+        never by its whole prefill. Batch invariance makes a chunked prompt's tokens identical."""
         scheduled: list[Sequence] = []
+        prefill_left = self.config.max_prefill_tokens_per_step
+        tokens_left = self.config.max_num_batched_tokens
         # Step 1: running sequences, oldest first; preempt the newest when blocks run out.
         index = 0
         while index < len(self.running):
             seq = self.running[index]
-            missing = self.blocks_for(seq.num_tokens) - len(seq.block_table)
+            want = seq.num_new_tokens
+            if want > 1:
+                want = min(want, prefill_left, max(0, tokens_left))
+                if want == 0:  # a prompt whose chunk must wait for the next step
+                    seq.num_scheduled = 0
+                    index += 1
+                    continue
+            missing = self.blocks_for(seq.num_cached + want) - len(seq.block_table)
             while missing > self.allocator.num_free and self.running[-1] is not seq:
                 self._preempt(self.running.pop())
             if missing > self.allocator.num_free:
                 self.running.pop()
                 self._preempt(seq)
                 break
-            seq.block_table.extend(self.allocator.allocate(missing))
+            if missing > 0:
+                seq.block_table.extend(self.allocator.allocate(missing))
+            seq.num_scheduled = want
+            if seq.num_new_tokens > 1:
+                prefill_left -= want
+            tokens_left -= want
             scheduled.append(seq)
             index += 1
-        # Step 2: admit waiting sequences in arrival order.
-        budget = self.config.max_num_batched_tokens - sum(s.num_new_tokens for s in scheduled)
-        while self.waiting and len(self.running) < self.config.max_num_seqs:
+        # Step 2: admit waiting sequences in arrival order, their first chunk within what is left.
+        while self.waiting and len(self.running) < self.config.max_num_seqs and prefill_left > 0 and tokens_left > 0:
             seq = self.waiting[0]
-            new_tokens = seq.num_new_tokens
-            # A prompt larger than the whole budget still runs, alone with the decodes, so it never starves.
-            if new_tokens > budget and any(s.num_new_tokens > 1 for s in scheduled):
-                break
-            missing = self.blocks_for(seq.num_tokens) - len(seq.block_table)
+            want = min(seq.num_new_tokens, prefill_left, tokens_left)
+            missing = self.blocks_for(seq.num_cached + want) - len(seq.block_table)
             if missing > self.allocator.num_free:
                 break
             self.waiting.popleft()
-            seq.block_table.extend(self.allocator.allocate(missing))
+            if missing > 0:
+                seq.block_table.extend(self.allocator.allocate(missing))
             seq.status = SequenceStatus.RUNNING
+            seq.num_scheduled = want
             self.running.append(seq)
             scheduled.append(seq)
-            budget -= new_tokens
+            prefill_left -= want
+            tokens_left -= want
         return ScheduledBatch(scheduled) if scheduled else None
 
     def _preempt(self, seq: Sequence) -> None:
@@ -115,12 +134,21 @@ class Scheduler:
     # ---- postprocess ------------------------------------------------------------------------
 
     def postprocess(self, batch: ScheduledBatch, logits: torch.Tensor) -> list[TokenEvent]:
-        """Sample one token per sequence from its logits row [S, V], record it, retire finished ones."""
-        seqs = batch.seqs
+        """Sample one token for each sequence whose prompt this step completed, from its logits row
+        (logits [S, V], one row per sequence of the batch); record it, retire finished ones. A
+        sequence that computed only a chunk of its prompt just advances."""
+        done = [row for row, seq in enumerate(batch.seqs) if seq.completes_prompt]
+        for seq in batch.seqs:
+            seq.num_cached += seq.num_scheduled
+            seq.num_scheduled = 0
+        if len(done) < len(batch.seqs):
+            logits = logits[done]
+        seqs = [batch.seqs[row] for row in done]
+        if not seqs:
+            return []
         tokens = sample(logits, [s.params for s in seqs], [s.seed for s in seqs], [len(s.output_ids) for s in seqs])
         events = []
         for row, (seq, token) in enumerate(zip(seqs, tokens)):
-            seq.num_cached = seq.num_tokens
             position = len(seq.output_ids)
             seq.output_ids.append(token)
             logprob = top = None

@@ -17,7 +17,8 @@ class SequenceStatus(enum.Enum):
 
 @dataclass
 class Sequence:
-    """One request. `num_cached` tokens have their K/V in the cache; the rest are computed next step."""
+    """One request. `num_cached` tokens have their K/V in the cache; the scheduler picks how many of
+    the rest (`num_scheduled`: all of a decode's one, a chunk of a long prompt) the next step computes."""
 
     request_id: str
     prompt_ids: list[int]
@@ -26,6 +27,7 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
     num_cached: int = 0
+    num_scheduled: int = 0  # tokens the current step computes, from position num_cached on
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
     arrival_time: float = field(default_factory=time.monotonic)
@@ -36,8 +38,13 @@ class Sequence:
 
     @property
     def num_new_tokens(self) -> int:
-        """Tokens whose K/V the next forward pass computes (1 in steady decode)."""
+        """Tokens whose K/V are not computed yet (1 in steady decode)."""
         return self.num_tokens - self.num_cached
+
+    @property
+    def completes_prompt(self) -> bool:
+        """The current step computes up to the last token, so it samples the next one."""
+        return self.num_cached + self.num_scheduled >= self.num_tokens
 
     def token_at(self, position: int) -> int:
         prompt_len = len(self.prompt_ids)

@@ -31,6 +31,7 @@ from resilient_moe.datapath.faults import LinkFault
 from resilient_moe.datapath.forwarding import Forwarder, StepCancelled
 from resilient_moe.datapath.frames import FrameHeader, FrameKind, worker_number
 from resilient_moe.datapath.link import Link, LinkClosed, PeerInfo, listen
+from resilient_moe.datapath.parts import DeadlineModel
 from resilient_moe.datapath.poller import Poller
 from resilient_moe.engine.engine import LLMEngine
 from resilient_moe.engine.remote import RemoteExperts
@@ -257,8 +258,8 @@ def main(config: WorkerConfig) -> int:
     poller.add_fd(listener.fileno())
     reports: "queue.Queue[tuple[str, int, str]]" = queue.Queue()
     forwarder = Forwarder(identity, poller, dep.ring_bytes, probe_interval_s=dep.probe_interval_s,
-                            probe_misses=dep.probe_misses,
-                            on_suspect=lambda name, incarnation, reason: reports.put((name, incarnation, reason)))
+                          probe_misses=dep.probe_misses, deadlines=DeadlineModel(floor_s=dep.part_deadline_s),
+                          on_suspect=lambda name, incarnation, reason: reports.put((name, incarnation, reason)))
     server: AttentionServer | None = None
 
     def stats() -> dict[str, float]:

@@ -98,7 +98,7 @@ class ExpertServer:
 
     def poll_once(self, timeout_s: float) -> int:
         """Wait for frames, serve every one that has arrived; returns the number of DISPATCH served."""
-        self.poller.wait(0.0005 if self._queued or self._pending else timeout_s)
+        self.poller.wait(0.001 if self._queued or self._pending else timeout_s)
         self._flush_all()
         work, self._pending = self._pending, []
         self._collect_all(work)

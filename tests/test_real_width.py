@@ -1,0 +1,67 @@
+"""At real widths (hidden 2048, 64 experts, top-8, head_dim 128) a 3000-token prompt gives HF's tokens
+colocated and through every datapath, and frames never meet a size limit: each micro-batch's rows for
+an expert worker are cut into parts that fit the link (here 2000 rows of 8 KiB per layer and worker).
+Small rings do the same to the tiny demo-family model, with a thousand-token prompt."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from conftest import REAL_NEW_TOKENS, pid_alive, wait_until, worker_load
+from resilient_moe.config import DeploymentConfig, EngineConfig, SamplingParams
+from resilient_moe.engine.engine import LLMEngine
+from resilient_moe.launch.local import LocalCluster
+from resilient_moe.model.tiny import TinySize, make_tiny_model
+from resilient_moe.server.frontend import Frontend
+
+GREEDY = SamplingParams(max_tokens=REAL_NEW_TOKENS, ignore_eos=True)
+
+
+def run_cluster(dep: DeploymentConfig, zygote, log_dir, prompts, params, timeout_s: float = 300.0):
+    """Tokens of each prompt through a local cluster, and the cluster's parts counter; every process is
+    gone afterwards."""
+    with LocalCluster(dep, log_dir=log_dir, zygote=zygote) as cluster:
+        frontend = Frontend(cluster.controller_address).start()
+        try:
+            handles = [frontend.submit(p, s) for p, s in zip(prompts, params)]
+            tokens = [h.wait(timeout_s).token_ids for h in handles]
+        finally:
+            frontend.close()
+        wait_until(lambda: worker_load(cluster, "aw-0", "frames_sent") > 0, 10, "aw-0 to report its counters")
+        split = sum(worker_load(cluster, f"aw-{i}", "split_parts") for i in range(dep.attention_workers))
+        pids = list(cluster.pids.values())
+    wait_until(lambda: not any(pid_alive(p) for p in pids), 15, "every worker to exit after stop")
+    return tokens, split
+
+
+def test_colocated_long_prompt_matches_hf(real_width):
+    model, prompt, hf_tokens = real_width
+    engine = LLMEngine(model, EngineConfig(max_model_len=4096))
+    assert engine.generate([prompt], GREEDY)[0].token_ids == hf_tokens
+
+
+@pytest.mark.parametrize("A,E,m,transport", [(1, 2, 1, "shm"), (2, 3, 2, "tcp")], ids=["1a2e-shm", "2a3e-m2-tcp"])
+def test_disaggregated_long_prompt_matches_hf(real_width, zygote, tmp_path, A, E, m, transport):
+    model, prompt, hf_tokens = real_width
+    dep = DeploymentConfig(model=str(model), attention_workers=A, expert_workers=E, micro_batches=m,
+                           transport=transport, engine=EngineConfig(max_model_len=4096), kv_checkpoint=False)
+    # Two requests, so with two attention workers both serve one.
+    tokens, split = run_cluster(dep, zygote, tmp_path, [prompt, prompt[:2500]], [GREEDY, GREEDY])
+    assert tokens[0] == hf_tokens
+    assert split > 0, "the prompt's rows travelled in several parts"
+
+
+def test_small_rings_split_frames_of_a_thousand_token_prompt(zygote, tmp_path):
+    """The demo family with 64 KiB rings (32 KiB frames): a 1000-token prompt's 2000 (token, expert)
+    rows per layer need many parts each way; the tokens are the colocated engine's."""
+    model = make_tiny_model(tmp_path / "model", "mixtral", seed=7, size=TinySize(max_position_embeddings=2048))
+    rng = random.Random(3)
+    prompts = [[rng.randrange(3, 500) for _ in range(1000)], [rng.randrange(3, 500) for _ in range(40)]]
+    params = [SamplingParams(max_tokens=16, ignore_eos=True)] * 2
+    expected = [r.token_ids for r in LLMEngine(model, EngineConfig()).generate(prompts, params)]
+    dep = DeploymentConfig(model=str(model), attention_workers=2, expert_workers=2, ring_bytes=65536)
+    tokens, split = run_cluster(dep, zygote, tmp_path / "logs", prompts, params)
+    assert tokens == expected
+    assert split > 0
