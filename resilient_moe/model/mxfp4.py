@@ -50,7 +50,7 @@ def quantize(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     magnitude_codes = _round_to_e2m1(scaled.abs())
     codes = magnitude_codes | ((scaled < 0).to(torch.uint8) << 3)  # [..., G, 32]
     blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)  # [..., G, 16]
-    return blocks, (exponent + _SCALE_BIAS).to(torch.uint8)
+    return blocks.contiguous(), (exponent + _SCALE_BIAS).to(torch.uint8).contiguous()
 
 
 def _round_to_e2m1(magnitude: torch.Tensor) -> torch.Tensor:
