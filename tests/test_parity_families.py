@@ -113,6 +113,20 @@ def test_continuous_batching_matches_transformers(family_checkpoints, family):
     reference = parity.hf_reference(family_checkpoints[family], prompts, new_tokens)
     tokens, logits = parity.run_continuous(family_checkpoints[family], prompts, new_tokens, join_at, micro_batches=2)
     _assert_matches(reference, tokens, logits)
+    # All at once through generate(): one continuous batch of every prompt.
+    engine = LLMEngine(family_checkpoints[family], EngineConfig(micro_batches=3))
+    results = engine.generate(prompts, SamplingParams(max_tokens=new_tokens, ignore_eos=True))
+    assert [r.token_ids for r in results] == [ref_tokens for ref_tokens, _ in reference]
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_bfloat16_runs_close_to_float32(family_checkpoints, family):
+    prompts = parity.ragged_prompts(4, 320, seed=9)
+    _, f32 = parity.run_continuous(family_checkpoints[family], prompts, 4, [0, 0, 0, 0])
+    _, bf16 = parity.run_continuous(family_checkpoints[family], prompts, 4, [0, 0, 0, 0], dtype="bfloat16")
+    # bfloat16 keeps ~3 significant digits; the first token's logits (magnitude ~2) must agree to that precision.
+    for a, b in zip(f32, bf16):
+        assert (a[0] - b[0]).abs().max().item() < 0.1
 
 
 VARIANTS = [
