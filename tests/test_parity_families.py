@@ -343,24 +343,36 @@ def _rewrite(model_dir, change):
     save_file(tensors, str(model_dir / "model.safetensors"))
 
 
+def _drop(name):
+    return lambda tensors: tensors.pop(name)
+
+
+def _replace(name, tensor):
+    return lambda tensors: tensors.__setitem__(name, tensor)
+
+
+EXPERTS = "model.layers.{}.mlp.experts"
+
+
 @pytest.mark.parametrize(
     "family,mxfp4_experts,change,message",
     [
-        ("deepseek_v3", False, lambda t: t.pop("model.layers.2.mlp.gate.e_score_correction_bias"),
+        ("deepseek_v3", False, _drop("model.layers.2.mlp.gate.e_score_correction_bias"),
          r"missing tensor 'model.layers.2.mlp.gate.e_score_correction_bias'"),
-        ("deepseek_v3", False, lambda t: t.__setitem__("model.layers.0.self_attn.kv_b_proj.weight", torch.zeros(96, 32)),
+        ("deepseek_v3", False, _replace("model.layers.0.self_attn.kv_b_proj.weight", torch.zeros(96, 32)),
          r"'model.layers.0.self_attn.kv_b_proj.weight' has shape \[96, 32\], expected \[128, 32\]"),
-        ("gpt_oss", False, lambda t: t.pop("model.layers.1.self_attn.sinks"), r"missing tensor 'model.layers.1.self_attn.sinks'"),
-        ("gpt_oss", False, lambda t: t.__setitem__("model.layers.0.mlp.experts.down_proj", torch.zeros(6, 64, 32)),
+        ("gpt_oss", False, _drop("model.layers.1.self_attn.sinks"), r"missing tensor 'model.layers.1.self_attn.sinks'"),
+        ("gpt_oss", False, _replace(EXPERTS.format(0) + ".down_proj", torch.zeros(6, 64, 32)),
          r"'model.layers.0.mlp.experts.down_proj' has shape \[6, 64, 32\], expected \[6, 32, 64\]"),
-        ("gpt_oss", True, lambda t: t.__setitem__("model.layers.2.mlp.experts.gate_up_proj_scales", torch.zeros(6, 64, 1, dtype=torch.uint8)),
+        ("gpt_oss", True, _replace(EXPERTS.format(2) + ".gate_up_proj_scales", torch.zeros(6, 64, 1, dtype=torch.uint8)),
          r"'model.layers.2.mlp.experts.gate_up_proj_scales' has shape \[6, 64, 1\], expected \[6, 64, 2\]"),
-        ("gpt_oss", True, lambda t: t.__setitem__("model.layers.0.mlp.experts.down_proj_blocks", torch.zeros(6, 64, 1, 16)),
+        ("gpt_oss", True, _replace(EXPERTS.format(0) + ".down_proj_blocks", torch.zeros(6, 64, 1, 16)),
          r"'model.layers.0.mlp.experts.down_proj_blocks' has dtype F32, expected U8 \(MXFP4\)"),
-        ("gpt_oss", True, lambda t: t.__setitem__("model.layers.0.mlp.experts.gate_up_proj", torch.zeros(6, 64, 64)),
+        ("gpt_oss", True, _replace(EXPERTS.format(0) + ".gate_up_proj", torch.zeros(6, 64, 64)),
          r"unexpected tensor 'model.layers.0.mlp.experts.gate_up_proj'"),
     ],
-    ids=["ds-missing", "ds-misshaped", "oss-missing-sinks", "oss-misshaped", "mxfp4-scales", "mxfp4-dtype", "mxfp4-float-too"],
+    ids=["ds-missing", "ds-misshaped", "oss-missing-sinks", "oss-misshaped", "mxfp4-scales", "mxfp4-dtype",
+         "mxfp4-float-too"],
 )
 def test_loader_names_the_bad_tensor(copies, family, mxfp4_experts, change, message):
     model_dir = copies(family, mxfp4_experts)
@@ -371,7 +383,7 @@ def test_loader_names_the_bad_tensor(copies, family, mxfp4_experts, change, mess
 
 def test_multi_token_prediction_layers_are_skipped_only_when_declared(copies):
     model_dir = copies("deepseek_v3")
-    _rewrite(model_dir, lambda t: t.__setitem__("model.layers.3.eh_proj.weight", torch.zeros(64, 128)))
+    _rewrite(model_dir, _replace("model.layers.3.eh_proj.weight", torch.zeros(64, 128)))
     with pytest.raises(CheckpointError, match=r"unexpected tensor 'model.layers.3.eh_proj.weight'"):
         Checkpoint(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
