@@ -14,8 +14,16 @@ from pathlib import Path
 from typing import Any
 
 from resilient_moe.errors import ConfigError
+from resilient_moe.model.families import (
+    DEFAULT_ROPE_THETA,
+    FAMILY_PARSERS,
+    ExpertConfig,
+    LatentAttentionConfig,
+    RouterConfig,
+    quantized_layout,
+)
 
-SUPPORTED_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+SUPPORTED_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 SUPPORTED_DTYPES = ("float32", "bfloat16")
 
@@ -24,6 +32,8 @@ _ARCHITECTURE_TO_FAMILY = {
     "Qwen2MoeForCausalLM": "qwen2_moe",
     "Qwen3MoeForCausalLM": "qwen3_moe",
     "OlmoeForCausalLM": "olmoe",
+    "DeepseekV3ForCausalLM": "deepseek_v3",
+    "GptOssForCausalLM": "gpt_oss",
 }
 
 
@@ -65,6 +75,9 @@ class ModelConfig:
 
     Shape letters used across the model code: T tokens, D hidden, H query heads, G kv heads,
     d head dim, E experts, K experts per token (top-k), F expert FFN width, V vocabulary.
+
+    What only some families have sits in sub-configs (model/families.py): `mla` (DeepSeek-V3's latent
+    attention; then G = 1 and d is the rotary part of a head), `router`, `experts`.
     """
 
     family: str
@@ -94,6 +107,13 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: int | None = None
     checkpoint_dtype: str = "float32"
+    mla: LatentAttentionConfig | None = None
+    router: RouterConfig = RouterConfig()
+    experts: ExpertConfig = ExpertConfig()
+    attention_sinks: bool = False  # a learned per-head logit joins every softmax (GPT-OSS)
+    # Layers the checkpoint stores past num_layers that are not run (DeepSeek's multi-token-prediction
+    # modules); their tensors are skipped at load.
+    unused_layers: int = 0
 
     def __post_init__(self) -> None:
         if self.family not in SUPPORTED_FAMILIES:
@@ -117,6 +137,9 @@ class ModelConfig:
             raise ConfigError(
                 f"config.json: num_experts_per_tok ({self.top_k}) exceeds the number of experts ({self.num_experts})"
             )
+        self.router.check_experts(self.num_experts, self.top_k)
+        if self.mla is not None and (self.num_kv_heads, self.head_dim) != (1, self.mla.qk_rope_head_dim):
+            raise ConfigError("latent attention keeps one shared kv head whose rotary part is qk_rope_head_dim wide")
         if self.head_dim % 2:
             raise ConfigError(f"config.json: head_dim must be even for rotary embeddings, got {self.head_dim}")
         if len(self.sparse_layers) != self.num_layers or len(self.sliding_windows) != self.num_layers:
@@ -138,12 +161,17 @@ class ModelConfig:
         return tuple(i for i, sparse in enumerate(self.sparse_layers) if sparse)
 
     def expert_bytes(self, dtype_bytes: int = 4) -> int:
-        """Bytes of one routed expert's three projections in one layer."""
-        return 3 * self.hidden_size * self.moe_intermediate_size * dtype_bytes
+        """Bytes of one routed expert's three projections (and their biases) in one layer, as held in memory."""
+        D, F = self.hidden_size, self.moe_intermediate_size
+        biases = 2 * F + D if self.experts.bias else 0
+        return (3 * D * F + biases) * dtype_bytes
 
     @property
     def kv_row_width(self) -> int:
-        """Elements one token keeps in the KV cache of one layer (its K and V)."""
+        """Elements one token keeps in the KV cache of one layer: its K and V, or with latent attention
+        its latent and rotary key."""
+        if self.mla is not None:
+            return self.mla.latent_width
         return 2 * self.num_kv_heads * self.head_dim
 
     @property
@@ -187,55 +215,10 @@ class ModelConfig:
         if hidden_act != "silu":
             raise ConfigError(f"{source}: hidden_act {hidden_act!r} is not supported (supported: 'silu')")
 
-        if family == "mixtral":
-            num_experts = reader.int("num_local_experts")
-            moe_ffn = reader.int("intermediate_size")
-            dense_ffn = moe_ffn
-            shared_ffn = 0
-            norm_topk = True
-            qkv_bias = o_bias = False
-            qk_norm = None
-            sparse = tuple(True for _ in range(num_layers))
-            window = reader.optional_int("sliding_window")
-            windows = tuple(window for _ in range(num_layers))
-            theta_default = 1e6
-        elif family == "qwen2_moe":
-            num_experts = reader.int("num_experts")
-            moe_ffn = reader.int("moe_intermediate_size")
-            dense_ffn = reader.int("intermediate_size")
-            shared_ffn = reader.int("shared_expert_intermediate_size", default=0)
-            norm_topk = reader.bool("norm_topk_prob", default=False)
-            qkv_bias = reader.bool("qkv_bias", default=True)
-            o_bias = False
-            qk_norm = None
-            sparse = _qwen_sparse_layers(reader, num_layers, num_experts)
-            windows = _qwen2_sliding_windows(reader, num_layers)
-            theta_default = 10000.0
-        elif family == "qwen3_moe":
-            num_experts = reader.int("num_experts", alias="num_local_experts")
-            moe_ffn = reader.int("moe_intermediate_size")
-            dense_ffn = reader.int("intermediate_size")
-            shared_ffn = 0
-            norm_topk = reader.bool("norm_topk_prob", default=False)
-            qkv_bias = o_bias = reader.bool("attention_bias", default=False)
-            qk_norm = "head"
-            sparse = _qwen_sparse_layers(reader, num_layers, num_experts)
-            window = reader.optional_int("sliding_window") if reader.bool("use_sliding_window", default=False) else None
-            windows = tuple(window for _ in range(num_layers))
-            theta_default = 10000.0
-        else:  # olmoe
-            num_experts = reader.int("num_experts")
-            moe_ffn = reader.int("intermediate_size")
-            dense_ffn = moe_ffn
-            shared_ffn = 0
-            norm_topk = reader.bool("norm_topk_prob", default=False)
-            qkv_bias = o_bias = reader.bool("attention_bias", default=False)
-            qk_norm = "full"
-            sparse = tuple(True for _ in range(num_layers))
-            windows = tuple(None for _ in range(num_layers))
-            theta_default = 10000.0
-
-        clip_qkv = reader.optional_float("clip_qkv") if family == "olmoe" else None
+        quantized_layout(raw, family, source)  # rejects quantized checkpoints this runtime cannot read
+        arch = {"num_kv_heads": kv_heads, "head_dim": head_dim, "router_weights_fp32": False, "clip_qkv": None}
+        arch.update(FAMILY_PARSERS[family](reader, num_layers))
+        theta_default = DEFAULT_ROPE_THETA[family]
         generation = generation or {}
         eos = _token_ids(generation.get("eos_token_id", raw.get("eos_token_id")), "eos_token_id", source)
         bos = raw.get("bos_token_id", generation.get("bos_token_id"))
@@ -247,28 +230,15 @@ class ModelConfig:
             hidden_size=hidden,
             num_layers=num_layers,
             num_heads=heads,
-            num_kv_heads=kv_heads,
-            head_dim=head_dim,
-            num_experts=num_experts,
             top_k=reader.int("num_experts_per_tok"),
-            moe_intermediate_size=moe_ffn,
-            intermediate_size=dense_ffn,
-            shared_expert_intermediate_size=shared_ffn,
-            norm_topk_prob=norm_topk,
-            qkv_bias=qkv_bias,
-            o_bias=o_bias,
-            qk_norm=qk_norm,
-            clip_qkv=clip_qkv,
             rms_norm_eps=reader.float("rms_norm_eps", default=1e-6),
             rope=_rope_config(raw, theta_default, max_pos, source),
             max_position_embeddings=max_pos,
             tie_word_embeddings=reader.bool("tie_word_embeddings", default=False),
-            sparse_layers=sparse,
-            sliding_windows=windows,
-            router_weights_fp32=family == "mixtral",
             eos_token_ids=tuple(e for e in eos if 0 <= e < reader.int("vocab_size")),
             bos_token_id=bos if isinstance(bos, int) else None,
             checkpoint_dtype=str(dtype),
+            **arch,
         )
 
 
@@ -394,34 +364,6 @@ class _FieldReader:
         return value
 
 
-def _qwen_sparse_layers(reader: _FieldReader, num_layers: int, num_experts: int) -> tuple[bool, ...]:
-    step = reader.int("decoder_sparse_step", default=1)
-    if step <= 0:
-        raise ConfigError(f"{reader.source}: decoder_sparse_step must be > 0, got {step}")
-    mlp_only = reader.raw.get("mlp_only_layers") or []
-    if not isinstance(mlp_only, list) or not all(isinstance(i, int) for i in mlp_only):
-        raise ConfigError(f"{reader.source}: mlp_only_layers must be a list of layer indices, got {mlp_only!r}")
-    return tuple(
-        (i not in mlp_only) and num_experts > 0 and (i + 1) % step == 0 for i in range(num_layers)
-    )
-
-
-def _qwen2_sliding_windows(reader: _FieldReader, num_layers: int) -> tuple[int | None, ...]:
-    if not reader.bool("use_sliding_window", default=False):
-        return tuple(None for _ in range(num_layers))
-    window = reader.int("sliding_window")
-    layer_types = reader.raw.get("layer_types")
-    if layer_types is None:
-        max_window_layers = reader.int("max_window_layers", default=num_layers)
-        layer_types = [
-            "sliding_attention" if (i + 1) % 2 and i < max_window_layers else "full_attention"
-            for i in range(num_layers)
-        ]
-    if len(layer_types) != num_layers:
-        raise ConfigError(f"{reader.source}: layer_types has {len(layer_types)} entries for {num_layers} layers")
-    return tuple(window if t == "sliding_attention" else None for t in layer_types)
-
-
 def _token_ids(value: Any, name: str, source: str) -> tuple[int, ...]:
     if value is None:
         return ()
@@ -446,11 +388,14 @@ def _rope_config(raw: dict[str, Any], theta_default: float, max_pos: int, source
     original = raw.get("original_max_position_embeddings") or params.get("original_max_position_embeddings")
     if rope_type in ("llama3", "yarn") and original is None:
         original = max_pos
+    factor = params.get("factor")
+    if factor is None and rope_type == "yarn":  # as transformers: the context extension ratio
+        factor = max_pos / original
     try:
         return RopeConfig(
             rope_type=rope_type,
             theta=float(params.get("rope_theta") or theta_default),
-            factor=float(params.get("factor") or 1.0),
+            factor=float(factor or 1.0),
             original_max_position_embeddings=original,
             low_freq_factor=float(params.get("low_freq_factor", 1.0)),
             high_freq_factor=float(params.get("high_freq_factor", 4.0)),

@@ -50,7 +50,7 @@ def test_unsupported_family_lists_supported(model_copy):
     config["model_type"] = "llama"
     config["architectures"] = ["LlamaForCausalLM"]
     (model_copy / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ConfigError, match=r"unsupported model family 'llama' \(supported: mixtral, qwen2_moe, qwen3_moe, olmoe\)"):
+    with pytest.raises(ConfigError, match=r"unsupported model family 'llama' \(supported: mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3, gpt_oss\)"):
         Checkpoint(model_copy)
 
 

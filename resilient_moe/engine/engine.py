@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from resilient_moe.config import EngineConfig, ModelConfig, SamplingParams
-from resilient_moe.engine.kv_cache import BlockAllocator, KVCache, cache_blocks
+from resilient_moe.engine.kv_cache import BlockAllocator, cache_blocks, new_kv_cache
 from resilient_moe.engine.model_runner import ModelRunner
 from resilient_moe.engine.pipeline import ExpertExecutor, LocalExperts
 from resilient_moe.engine.scheduler import ScheduledBatch, Scheduler
@@ -66,7 +66,7 @@ class LLMEngine:
         )
         self.attention = AttentionSide(self.checkpoint, self.dtype, self.device, max_positions=self.max_model_len)
         num_blocks = cache_blocks(self.model_config, self.config, self.dtype)
-        self.cache = KVCache(self.model_config, num_blocks, self.config.block_size, self.dtype, self.device)
+        self.cache = new_kv_cache(self.model_config, num_blocks, self.config.block_size, self.dtype, self.device)
         self.allocator = BlockAllocator(num_blocks)
         self.scheduler = Scheduler(
             self.config, self.allocator, self.config.block_size, self.model_config.eos_token_ids, self.max_model_len

@@ -1,4 +1,9 @@
-"""Paged KV cache: fixed-size blocks of token slots, handed out to sequences by a block allocator."""
+"""Paged KV cache: fixed-size blocks of token slots, handed out to sequences by a block allocator.
+
+Two cache types share one contract (`row_width`, `gather`, `scatter`, `num_layers`, `dtype`, `nbytes`,
+`num_blocks`, `block_size`): `KVCache` holds K and V per token and layer; `LatentKVCache` holds
+DeepSeek's latent attention row (latent + rotary key) instead. `new_kv_cache` picks the model's.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ DEFAULT_KV_CACHE_TOKENS = 32768
 
 def cache_blocks(model: ModelConfig, engine: EngineConfig, dtype: torch.dtype) -> int:
     """Number of blocks the engine's capacity setting (tokens or bytes) buys."""
-    bytes_per_token = 2 * model.num_layers * model.num_kv_heads * model.head_dim * dtype.itemsize
+    bytes_per_token = model.num_layers * model.kv_row_width * dtype.itemsize
     if engine.kv_cache_tokens is not None:
         tokens = engine.kv_cache_tokens
     elif engine.kv_cache_bytes is not None:
@@ -94,3 +99,44 @@ class KVCache(KVCacheView):
         for layer in range(self.num_layers):
             self.keys[layer].index_copy_(1, slots, data[layer, :, :half].reshape(n, groups, dim).transpose(0, 1))
             self.values[layer].index_copy_(1, slots, data[layer, :, half:].reshape(n, groups, dim).transpose(0, 1))
+
+
+class LatentKVCache(KVCacheView):
+    """Latent attention rows for every layer: [1, num_blocks * block_size, C + r] each (model/mla.py).
+
+    A token keeps its normed latent (C = kv_lora_rank) and its rotary key (r = qk_rope_head_dim) per
+    layer, nothing per head. Seen through `KVCacheView`, the rows are the keys of one shared kv head and
+    their first C columns (a view, no copy) its values. A row is what `gather` and `scatter` move.
+    """
+
+    def __init__(self, model: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device):
+        assert model.mla is not None
+        slots = num_blocks * block_size
+        rows = [torch.zeros((1, slots, model.mla.latent_width), dtype=dtype, device=device) for _ in range(model.num_layers)]
+        super().__init__(rows, [r[..., : model.mla.kv_lora_rank] for r in rows])
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.num_layers = model.num_layers
+        self.dtype = dtype
+        self.row_width = model.mla.latent_width
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.keys)  # the values are views into the same rows
+
+    def gather(self, slots: torch.Tensor) -> torch.Tensor:
+        """Rows of `slots` [n] from every layer, as a new tensor [L, n, row_width]."""
+        return torch.stack([rows[0].index_select(0, slots) for rows in self.keys])
+
+    def scatter(self, slots: torch.Tensor, data: torch.Tensor) -> None:
+        """Write rows `data` [L, n, row_width] (as `gather` returns them) into `slots` [n]."""
+        for layer, rows in enumerate(self.keys):
+            rows[0].index_copy_(0, slots, data[layer])
+
+
+def new_kv_cache(
+    model: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
+) -> KVCache | LatentKVCache:
+    """The cache type the model's attention needs."""
+    cache_type = LatentKVCache if model.mla is not None else KVCache
+    return cache_type(model, num_blocks, block_size, dtype, device)

@@ -5,8 +5,17 @@ shared experts, the final norm and the LM head. Per layer it exposes the steps o
 "one decode step" separately (attention, route, combine) so that the routed-expert call in between
 can be a function call (colocated) or a round trip to expert workers (disaggregated).
 
-Shape letters: T tokens, D hidden, H query heads, G kv heads, R = H // G, d head dim, L keys,
-E experts, K experts per token, V vocabulary.
+Shared experts and dense MLP layers (Qwen2-MoE, DeepSeek-V3's shared experts and its first
+first_k_dense_replace layers) run here too, for every family: every token needs them, so on expert
+workers they would put each token's hidden state on the wire twice more per layer; here they cost no
+traffic and overlap the routed experts' round trip (see workers/attention_worker.py).
+
+Attention comes in two forms over one paged core: grouped-query attention (optionally with
+per-head sinks, GPT-OSS) whose cache holds K and V, and DeepSeek's latent attention (model/mla.py)
+whose cache holds one latent row per token, attended as a single shared key/value head.
+
+Shape letters: T tokens, D hidden, H query heads, G kv heads, R = H // G, d head dim (dv of values),
+L keys, E experts, K experts per token, V vocabulary.
 """
 
 from __future__ import annotations
@@ -17,8 +26,9 @@ import torch
 import torch.nn.functional as F
 
 from resilient_moe.config import ModelConfig
-from resilient_moe.model import ops
-from resilient_moe.model.checkpoint import Checkpoint
+from resilient_moe.model import ops, routing
+from resilient_moe.model.checkpoint import Checkpoint, TensorNames
+from resilient_moe.model.mla import LatentAttentionLayer, softmax_scale
 from resilient_moe.model.rope import RotaryTable
 
 # Prefill attention runs over at most this many query tokens at a time, to bound the score matrix.
@@ -81,31 +91,39 @@ def _invisible(query_pos: torch.Tensor, key_pos: torch.Tensor, window: int | Non
 
 
 class KVCacheView:
-    """The per-layer K and V slot tensors an attention side writes to and reads from."""
+    """The per-layer K and V slot tensors an attention side writes to and reads from.
+
+    With latent attention, keys[layer] is the latent row tensor [1, slots, C + r] and values[layer]
+    a view of its first C columns: writing a row into the keys fills both.
+    """
 
     def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
         self.keys = keys  # per layer [G, slots, d]: kv-head-major, so gathered keys feed bmm without copies
-        self.values = values
+        self.values = values  # per layer [G, slots, dv]
 
 
 class _Layer:
     """Weights of one decoder layer on the attention side (names follow the HF checkpoint)."""
 
-    def __init__(self, cfg: ModelConfig, names: dict[str, torch.Tensor], layer: int, router_name: str) -> None:
+    def __init__(self, cfg: ModelConfig, names: dict[str, torch.Tensor], layer: int, tensor_names: TensorNames) -> None:
         p = f"model.layers.{layer}"
         get = names.get
         self.input_norm = names[f"{p}.input_layernorm.weight"]
         self.post_norm = names[f"{p}.post_attention_layernorm.weight"]
-        attn = f"{p}.self_attn"
-        self.q, self.k, self.v, self.o = (
-            ops.Linear(names[f"{attn}.{proj}.weight"], get(f"{attn}.{proj}.bias"))
-            for proj in ("q_proj", "k_proj", "v_proj", "o_proj")
-        )
+        self.latent = LatentAttentionLayer(cfg, names, p) if cfg.mla is not None else None
+        if self.latent is None:
+            attn = f"{p}.self_attn"
+            self.q, self.k, self.v, self.o = (
+                ops.Linear(names[f"{attn}.{proj}.weight"], get(f"{attn}.{proj}.bias"))
+                for proj in ("q_proj", "k_proj", "v_proj", "o_proj")
+            )
         self.q_norm = get(f"{p}.self_attn.q_norm.weight")
         self.k_norm = get(f"{p}.self_attn.k_norm.weight")
+        self.sinks = get(f"{p}.self_attn.sinks")  # [H]
         self.sparse = cfg.sparse_layers[layer]
         self.window = cfg.sliding_windows[layer]
-        self.router = ops.Linear(names[router_name]) if self.sparse else None
+        self.router = None
+        self.correction_bias = None
         self.dense_gate_up = None
         self.dense_down = None
         self.shared_gate_up = None
@@ -114,11 +132,17 @@ class _Layer:
         if not self.sparse:
             self.dense_gate_up = ops.Linear(torch.cat([names[f"{p}.mlp.gate_proj.weight"], names[f"{p}.mlp.up_proj.weight"]]))
             self.dense_down = ops.Linear(names[f"{p}.mlp.down_proj.weight"])
-        elif cfg.shared_expert_intermediate_size:
-            s = f"{p}.mlp.shared_expert"
+            return
+        router_bias = tensor_names.router_bias(layer)
+        self.router = ops.Linear(names[tensor_names.router(layer)], None if router_bias is None else names[router_bias])
+        correction = tensor_names.correction_bias(layer)
+        self.correction_bias = None if correction is None else names[correction]  # [E]
+        shared = tensor_names.shared_expert(layer)
+        if shared is not None:
+            s = shared.prefix
             self.shared_gate_up = ops.Linear(torch.cat([names[f"{s}.gate_proj.weight"], names[f"{s}.up_proj.weight"]]))
             self.shared_down = ops.Linear(names[f"{s}.down_proj.weight"])
-            self.shared_gate = ops.Linear(names[f"{p}.mlp.shared_expert_gate.weight"])
+            self.shared_gate = None if shared.gate is None else ops.Linear(names[shared.gate])
 
 
 class AttentionSide:
@@ -135,13 +159,16 @@ class AttentionSide:
         self.cfg = cfg
         self.dtype = dtype
         self.device = torch.device(device)
-        names = checkpoint.load(list(checkpoint.names.attention_shapes), dtype, self.device)
+        tensor_names = checkpoint.names
+        float32 = tensor_names.float32_names
+        names = checkpoint.load([n for n in tensor_names.attention_shapes if n not in float32], dtype, self.device)
+        names.update(checkpoint.load(sorted(float32), torch.float32, self.device))
         self.embed_tokens = names["model.embed_tokens.weight"]
         self.final_norm = names["model.norm.weight"]
         self.lm_head = ops.Linear(self.embed_tokens if cfg.tie_word_embeddings else names["lm_head.weight"])
-        self.layers = [_Layer(cfg, names, i, checkpoint.names.router(i)) for i in range(cfg.num_layers)]
+        self.layers = [_Layer(cfg, names, i, tensor_names) for i in range(cfg.num_layers)]
         self.rotary = RotaryTable(cfg.rope, cfg.head_dim, max_positions or cfg.max_position_embeddings, dtype, self.device)
-        self.scale = cfg.head_dim**-0.5
+        self.scale = softmax_scale(cfg.mla, cfg.rope) if cfg.mla is not None else cfg.head_dim**-0.5
         self.eps = cfg.rms_norm_eps
 
     # ---- step pieces ------------------------------------------------------------------------
@@ -160,6 +187,12 @@ class AttentionSide:
         cfg, w = self.cfg, self.layers[layer]
         T = h.shape[0]
         a = ops.rms_norm(h, w.input_norm, self.eps)
+        if w.latent is not None:
+            q, rows = w.latent.project(a, batch.cos, batch.sin)  # [T, H, C + r], [T, C + r]
+            cache.keys[layer].index_copy_(1, batch.slot_mapping, rows.unsqueeze(0))
+            o = self._paged_attention(q, cache.keys[layer], cache.values[layer], batch, w.window, None)  # [T, H, C]
+            h = h + w.latent.output(o)
+            return h, ops.rms_norm(h, w.post_norm, self.eps)
         q = w.q(a)  # [T, H*d]
         k = w.k(a)  # [T, G*d]
         v = w.v(a)  # [T, G*d]
@@ -178,15 +211,25 @@ class AttentionSide:
         k = ops.apply_rotary(k, batch.cos, batch.sin)
         cache.keys[layer].index_copy_(1, batch.slot_mapping, k.transpose(0, 1))
         cache.values[layer].index_copy_(1, batch.slot_mapping, v.transpose(0, 1))
-        o = self._paged_attention(q, cache.keys[layer], cache.values[layer], batch, w.window)  # [T, H, d]
+        o = self._paged_attention(q, cache.keys[layer], cache.values[layer], batch, w.window, w.sinks)  # [T, H, d]
         h = h + w.o(o.reshape(T, -1))
         return h, ops.rms_norm(h, w.post_norm, self.eps)
 
     def _paged_attention(
-        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: AttentionBatch, window: int | None
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        batch: AttentionBatch,
+        window: int | None,
+        sinks: torch.Tensor | None,
     ) -> torch.Tensor:
-        G, R, d = self.cfg.num_kv_heads, self.cfg.num_heads // self.cfg.num_kv_heads, self.cfg.head_dim
-        out = torch.empty_like(q)  # [T, H, d]
+        """q [T, H, d] over cached keys [G, slots, d] and values [G, slots, dv] -> [T, H, dv]; sinks [H] or None."""
+        T, H, d = q.shape
+        G, dv = k_cache.shape[0], v_cache.shape[2]
+        R = H // G
+        group_sinks = None if sinks is None else sinks.view(G, 1, R)  # one per query row of a kv group
+        out = q.new_empty((T, H, dv))
         rows = batch.decode_rows
         if rows.numel():
             B = rows.shape[0]
@@ -195,20 +238,21 @@ class AttentionSide:
             qd = q[rows].view(B, G, R, d).transpose(0, 1)  # [G, B, R, d]
             flat = slots.reshape(-1)  # index_select is ~4x faster than advanced indexing here
             keys = k_cache.index_select(1, flat).view(G, B, -1, d)  # [G, B, L, d]
-            values = v_cache.index_select(1, flat).view(G, B, -1, d)
-            o = ops.attention(qd, keys, values, masked, self.scale)  # [G, B, R, d]
-            out[rows] = o.transpose(0, 1).reshape(B, G * R, d)
+            values = v_cache.index_select(1, flat).view(G, B, -1, dv)
+            o = ops.attention(qd, keys, values, masked, self.scale, group_sinks)  # [G, B, R, dv]
+            out[rows] = o.transpose(0, 1).reshape(B, G * R, dv)
         for index, span in enumerate(batch.prefills):
             keys = k_cache.index_select(1, span.key_slots).unsqueeze(1)  # [G, 1, L, d]
-            values = v_cache.index_select(1, span.key_slots).unsqueeze(1)
+            values = v_cache.index_select(1, span.key_slots).unsqueeze(1)  # [G, 1, L, dv]
             mask = batch.prefill_mask(index, window)  # [n, L]
             for lo in range(0, span.length, _PREFILL_CHUNK_TOKENS):
                 hi = min(span.length, lo + _PREFILL_CHUNK_TOKENS)
                 n = hi - lo
                 qp = q[span.start + lo : span.start + hi].view(n, G, R, d).transpose(0, 1).reshape(G, 1, n * R, d)
                 masked = mask[lo:hi].repeat_interleave(R, dim=0).unsqueeze(0)  # [1, n*R, L]
-                o = ops.attention(qp, keys, values, masked, self.scale)  # [G, 1, n*R, d]
-                out[span.start + lo : span.start + hi] = o.view(G, n, R, d).transpose(0, 1).reshape(n, G * R, d)
+                span_sinks = None if group_sinks is None else group_sinks.repeat(1, 1, n)  # [G, 1, n*R]
+                o = ops.attention(qp, keys, values, masked, self.scale, span_sinks)  # [G, 1, n*R, dv]
+                out[span.start + lo : span.start + hi] = o.view(G, n, R, dv).transpose(0, 1).reshape(n, G * R, dv)
         return out
 
     def is_sparse(self, layer: int) -> bool:
@@ -219,23 +263,36 @@ class AttentionSide:
         return ops.swiglu(x, w.dense_gate_up, w.dense_down)
 
     def route(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [T, D] -> (expert ids [T, K] int64, weights [T, K]) as the family's router picks them."""
-        logits = self.layers[layer].router(x)  # [T, E]
-        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-        weights, ids = torch.topk(probs, self.cfg.top_k, dim=-1)  # [T, K]
-        if self.cfg.norm_topk_prob:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        if not self.cfg.router_weights_fp32:
+        """x [T, D] -> (expert ids [T, K] int64, weights [T, K]) as the family's router picks them.
+
+        The weights include everything the family scales expert outputs by (DeepSeek's
+        routed_scaling_factor too), so combining is a plain weighted sum wherever the experts ran.
+        """
+        cfg, w = self.cfg, self.layers[layer]
+        router = cfg.router
+        if router.scoring == "sigmoid_grouped":
+            logits = w.router(x.float())  # [T, E], in float32 as DeepSeek routes
+            ids, weights = routing.grouped_sigmoid_topk(
+                logits, w.correction_bias, cfg.top_k, router.n_group, router.topk_group, cfg.norm_topk_prob,
+                router.routed_scaling_factor,
+            )
+        elif router.scoring == "topk_softmax":
+            ids, weights = routing.topk_then_softmax(w.router(x), cfg.top_k)
+        else:
+            ids, weights = routing.softmax_then_topk(w.router(x), cfg.top_k, cfg.norm_topk_prob)
+        if not cfg.router_weights_fp32:
             weights = weights.to(x.dtype)
         return ids, weights
 
     def shared_expert(self, layer: int, x: torch.Tensor) -> torch.Tensor | None:
-        """Gated shared expert output [T, D] (Qwen2-MoE), or None for families without one."""
+        """Shared expert output [T, D]: sigmoid-gated (Qwen2-MoE) or plain (DeepSeek-V3); None without one."""
         w = self.layers[layer]
         if w.shared_gate_up is None:
             return None
-        gate = torch.sigmoid(w.shared_gate(x))  # [T, 1]
-        return gate * ops.swiglu(x, w.shared_gate_up, w.shared_down)
+        out = ops.swiglu(x, w.shared_gate_up, w.shared_down)  # [T, D]
+        if w.shared_gate is None:
+            return out
+        return torch.sigmoid(w.shared_gate(x)) * out
 
     def combine(
         self, h: torch.Tensor, expert_out: torch.Tensor, weights: torch.Tensor, shared: torch.Tensor | None

@@ -1,7 +1,9 @@
 """The expert side of an MoE model: any subset of the routed experts, for any layers.
 
 An expert worker holds one of these. It keeps no state across calls (DESIGN.md: EW work is
-idempotent), so the same rows sent to any holder of an expert give the same bits back.
+idempotent), so the same rows sent to any holder of an expert give the same bits back. Everything an
+expert computes lives here (biases, GPT-OSS's clamped SwiGLU), so a disaggregated expert worker and
+the colocated engine run the same code; the router's weights are applied on the attention side.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class ExpertSide:
         self.dtype = dtype
         self.device = torch.device(device)
         self._weights: dict[ExpertKey, tuple[ops.Linear, ops.Linear]] = {}  # gate_up [2F, D], down [D, F]
+        self.experts = checkpoint.cfg.experts
         self.load(checkpoint.names.expert_shapes if experts is None else experts)
 
     def load(self, experts: Iterable[ExpertKey]) -> None:
@@ -40,9 +43,8 @@ class ExpertSide:
             if key not in self.checkpoint.names.expert_shapes:
                 raise ExpertUnavailableError(f"expert {key[1]} of layer {key[0]} does not exist in this model")
         for layer, expert in wanted:
-            names = self.checkpoint.names.expert(layer, expert)
-            t = self.checkpoint.load([names.gate, names.up, names.down], self.dtype, self.device)
-            self._weights[(layer, expert)] = (ops.Linear(torch.cat([t[names.gate], t[names.up]])), ops.Linear(t[names.down]))
+            w = self.checkpoint.load_expert(self.checkpoint.names.expert(layer, expert), self.dtype, self.device)
+            self._weights[(layer, expert)] = (ops.Linear(w.gate_up, w.gate_up_bias), ops.Linear(w.down, w.down_bias))
 
     def drop(self, experts: Iterable[ExpertKey]) -> None:
         for key in experts:
@@ -77,10 +79,16 @@ class ExpertSide:
             weights = self._weights.get((layer, expert))
             if weights is None:
                 raise ExpertUnavailableError(f"expert {expert} of layer {layer} is not held here")
-            ys[start : start + count] = ops.swiglu(xs[start : start + count], *weights)
+            ys[start : start + count] = self._mlp(xs[start : start + count], *weights)
             start += count
             if between is not None:
                 between()
         y = torch.empty_like(x)
         y[order] = ys
         return y
+
+    def _mlp(self, x: torch.Tensor, gate_up: ops.Linear, down: ops.Linear) -> torch.Tensor:
+        """One expert on its rows x [n, D] -> [n, D]."""
+        if self.experts.activation == "clamped_swiglu":
+            return ops.clamped_swiglu(x, gate_up, down, self.experts.swiglu_alpha, self.experts.swiglu_limit)
+        return ops.swiglu(x, gate_up, down)

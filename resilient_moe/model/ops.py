@@ -13,6 +13,8 @@ row the same bits whatever else shares its batch:
 * ``q @ k.T``: identical across key lengths that are multiples of 16 (>= 16), not otherwise; keys
   are padded to a multiple of `KEY_PAD`, the padding masked to -inf.
 * softmax over -inf padding and ``p @ v`` over zero padding are identical for any padded length.
+  An attention sink (GPT-OSS) goes in front of the keys, so the real logits keep fixed positions and
+  only -inf padding follows them.
 
 `tests/test_batch_invariance.py` re-checks these facts on the machine it runs on.
 
@@ -78,6 +80,19 @@ class Linear:
         return held.nbytes + (0 if self.bias is None else self.bias.nbytes)
 
 
+class HeadwiseLinear:
+    """One weight per head: x [T, H, K] -> [T, H, N] with head h computed as ``x[:, h] @ weight[h].T``.
+
+    Each head is its own `Linear`, so every row stays batch-invariant (MLA's absorbed projections).
+    """
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.heads = [Linear(w) for w in weight]  # weight [H, N, K]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([head(x[:, h]) for h, head in enumerate(self.heads)], dim=1)  # [T, H, N]
+
+
 def _torch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``F.linear`` with rows padded to MIN_GEMM_ROWS, so a row does not depend on its batch."""
     rows = x.shape[0]
@@ -123,6 +138,15 @@ def swiglu(x: torch.Tensor, gate_up: Linear, down: Linear) -> torch.Tensor:
     return down(F.silu(gate) * up)  # [T, D]
 
 
+def clamped_swiglu(x: torch.Tensor, gate_up: Linear, down: Linear, alpha: float, limit: float) -> torch.Tensor:
+    """GPT-OSS's expert MLP: the gate is clamped from above, the up projection on both sides, and the up
+    path carries a +1; gate_up [2F, D] (gate rows first), down [D, F]."""
+    gate, up = gate_up(x).chunk(2, dim=-1)  # [T, F] each
+    gate = gate.clamp(max=limit)
+    up = up.clamp(min=-limit, max=limit)
+    return down((up + 1) * (gate * torch.sigmoid(gate * alpha)))  # [T, D]
+
+
 def padded_key_length(num_keys: int) -> int:
     """Smallest multiple of KEY_PAD that holds `num_keys` keys."""
     return max(KEY_PAD, -(-num_keys // KEY_PAD) * KEY_PAD)
@@ -134,18 +158,25 @@ def attention(
     values: torch.Tensor,
     masked: torch.Tensor,
     scale: float,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Scaled dot-product attention over gathered, padded keys, kv-head-major.
 
-    q [G, B, M, d] (the M query rows of each kv group: heads x tokens), keys and values [G, B, L, d]
-    with L a multiple of KEY_PAD, masked [B, M, L] (True = not visible). Returns [G, B, M, d].
+    q [G, B, M, d] (the M query rows of each kv group: heads x tokens), keys [G, B, L, d] and values
+    [G, B, L, dv] with L a multiple of KEY_PAD, masked [B, M, L] (True = not visible). sinks [G, 1, M]
+    (optional): one more logit per query row that takes part in the softmax but has no value.
+    Returns [G, B, M, dv].
     """
     groups, batch, rows, dim = q.shape
-    length = keys.shape[2]
+    length, value_dim = keys.shape[2], values.shape[3]
     k = keys.reshape(groups * batch, length, dim)  # [G*B, L, d]
-    v = values.reshape(groups * batch, length, dim)
+    v = values.reshape(groups * batch, length, value_dim)  # [G*B, L, dv]
     scores = bmm(q.reshape(groups * batch, rows, dim), k.transpose(1, 2)) * scale  # [G*B, M, L]
     scores = scores.view(groups, batch, rows, length).masked_fill(masked.unsqueeze(0), float("-inf"))
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    out = bmm(probs.view(groups * batch, rows, length), v)  # [G*B, M, d]
-    return out.view(groups, batch, rows, dim)
+    if sinks is None:
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    else:
+        sink = sinks.to(scores.dtype).unsqueeze(-1).expand(groups, batch, rows, 1)  # [G, B, M, 1]
+        probs = torch.softmax(torch.cat([sink, scores], dim=-1), dim=-1, dtype=torch.float32)[..., 1:].to(q.dtype)
+    out = bmm(probs.reshape(groups * batch, rows, length), v)  # [G*B, M, dv]
+    return out.view(groups, batch, rows, value_dim)

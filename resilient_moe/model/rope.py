@@ -40,22 +40,23 @@ def _llama3(inv_freq: torch.Tensor, rope: RopeConfig) -> torch.Tensor:
     return torch.where(in_band, blended, scaled)
 
 
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's magnitude correction for a context extended `factor` times (1 when not extended)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
 def _yarn(base_freq: torch.Tensor, rope: RopeConfig, head_dim: int) -> tuple[torch.Tensor, float]:
     # YaRN (arXiv 2309.00071): per-dimension mix of interpolation and extrapolation, chosen by how
     # many rotations a dimension makes over the original context, plus a cos/sin magnitude fix.
     original = rope.original_max_position_embeddings
     assert original is not None
     factor = rope.factor
-
-    def magnitude(scale: float, m: float = 1.0) -> float:
-        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
-
     if rope.attention_factor is not None:
         attention_factor = float(rope.attention_factor)
     elif rope.mscale and rope.mscale_all_dim:
-        attention_factor = magnitude(factor, rope.mscale) / magnitude(factor, rope.mscale_all_dim)
+        attention_factor = yarn_mscale(factor, rope.mscale) / yarn_mscale(factor, rope.mscale_all_dim)
     else:
-        attention_factor = magnitude(factor)
+        attention_factor = yarn_mscale(factor)
 
     def dim_for_rotations(rotations: float) -> float:
         return head_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(rope.theta))

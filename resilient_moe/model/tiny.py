@@ -1,12 +1,14 @@
 """Small random-weight checkpoints in real Hugging Face on-disk format, for tests and the demo.
 
-`make_tiny_model` writes config.json, generation_config.json, model.safetensors (per-expert tensor
-names exactly as each family stores them), and a byte-level BPE tokenizer (tokenizer.json +
+`make_tiny_model` writes config.json, generation_config.json, model.safetensors (expert tensor
+names and layouts exactly as each family stores them; GPT-OSS experts in MXFP4, as released), and a
+byte-level BPE tokenizer (tokenizer.json +
 tokenizer_config.json with a chat template) trained on a built-in text, so nothing is downloaded.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -18,6 +20,7 @@ from safetensors.torch import save_file
 
 from resilient_moe.config import SUPPORTED_FAMILIES, ModelConfig
 from resilient_moe.errors import ConfigError
+from resilient_moe.model import mxfp4
 from resilient_moe.model.checkpoint import TensorNames
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
@@ -111,19 +114,66 @@ def hf_config(family: str, size: TinySize) -> dict:
         return {**common, "architectures": ["OlmoeForCausalLM"], "model_type": "olmoe",
                 "num_experts": size.num_experts, "intermediate_size": size.intermediate_size,
                 "norm_topk_prob": False, "attention_bias": False, "clip_qkv": None, "rope_theta": 10000.0}
+    if family == "deepseek_v3":
+        n_group, topk_group = _expert_groups(size)
+        return {**common, "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
+                # transformers repeats keys and values num_heads // num_key_value_heads times after expanding
+                # the latent to every head, so it needs these equal; latent attention itself has no kv heads.
+                "num_key_value_heads": size.num_heads,
+                "n_routed_experts": size.num_experts, "n_shared_experts": 1,
+                "moe_intermediate_size": size.intermediate_size, "intermediate_size": 2 * size.intermediate_size,
+                "first_k_dense_replace": 1 if size.num_layers > 1 else 0,
+                "q_lora_rank": 3 * head_dim, "kv_lora_rank": 2 * head_dim, "qk_nope_head_dim": head_dim,
+                "qk_rope_head_dim": max(2, head_dim // 4 * 2), "v_head_dim": head_dim, "rope_interleave": True,
+                "n_group": n_group, "topk_group": topk_group, "norm_topk_prob": True, "routed_scaling_factor": 2.5,
+                "attention_bias": False, "num_nextn_predict_layers": 0,
+                "rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                    "original_max_position_embeddings": max(1, size.max_position_embeddings // 4),
+                                    "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}}
+    if family == "gpt_oss":
+        return {**common, "architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss", "head_dim": head_dim,
+                "num_local_experts": size.num_experts, "intermediate_size": size.intermediate_size,
+                "sliding_window": 32, "attention_bias": True, "swiglu_alpha": 1.702, "swiglu_limit": 7.0,
+                "rms_norm_eps": 1e-5,
+                "layer_types": ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(size.num_layers)],
+                "rope_parameters": {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0,
+                                    "beta_slow": 1.0, "truncate": False,
+                                    "original_max_position_embeddings": max(1, size.max_position_embeddings // 32)},
+                "quantization_config": {"quant_method": "mxfp4", "modules_to_not_convert": [
+                    "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}}
     raise ConfigError(f"unsupported model family {family!r} (supported: {', '.join(SUPPORTED_FAMILIES)})")
 
 
+def _expert_groups(size: TinySize) -> tuple[int, int]:
+    """(n_group, topk_group) for DeepSeek's grouped routing: up to 4 groups of >= 2 experts, half of them
+    kept (all when half cannot hold top_k picks)."""
+    n_group = next((g for g in (4, 2) if size.num_experts % g == 0 and size.num_experts // g >= 2), 1)
+    topk_group = max(1, n_group // 2)
+    if topk_group * (size.num_experts // n_group) < size.top_k:
+        topk_group = n_group
+    return n_group, topk_group
+
+
 def random_weights(cfg: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
-    """Every tensor of the checkpoint, drawn from one seeded generator in a fixed (sorted) order."""
+    """Every tensor of the checkpoint, drawn from one seeded generator in a fixed (sorted) order.
+
+    MXFP4 experts are drawn in float (the fused layout) and then quantized, as a released checkpoint's.
+    """
+    quantize = cfg.experts.layout == "mxfp4"
+    if quantize:
+        cfg = dataclasses.replace(cfg, experts=dataclasses.replace(cfg.experts, layout="fused"))
     generator = torch.Generator().manual_seed(seed)
     tensors = {}
     for name, shape in sorted(TensorNames(cfg).all_shapes().items()):
         if len(shape) == 1:  # norm scales (and biases): near 1 for norms, near 0 for biases
-            base = 0.0 if name.endswith(".bias") else 1.0
+            base = 0.0 if name.endswith("bias") else 1.0
             tensors[name] = base + 0.1 * torch.randn(shape, generator=generator)
         else:
             tensors[name] = 0.05 * torch.randn(shape, generator=generator)
+    if quantize:
+        for name in [n for n in tensors if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+            # [E, in, out] -> stored [E, out, in/32, 16] blocks and [E, out, in/32] scales
+            tensors[f"{name}_blocks"], tensors[f"{name}_scales"] = mxfp4.quantize(tensors.pop(name).transpose(1, 2))
     return tensors
 
 
