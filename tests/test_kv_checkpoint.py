@@ -114,7 +114,8 @@ def test_store_layout_and_address_validation(tiny_model):
     model = ModelConfig.from_pretrained(tiny_model)
     layout = StoreLayout.for_deployment(model, 1 << 20, 16, torch.float32, attention_workers=2)
     row = 2 * model.num_layers * model.num_kv_heads * model.head_dim * 4
-    assert layout.num_blocks == (1 << 20) // (row * 16)
+    assert layout.num_blocks == ((1 << 20) - layout.header_bytes) // (row * 16)
+    assert layout.nbytes <= 1 << 20 and layout.header_bytes >= 16 * layout.num_blocks + 8 * 2
     assert layout.region(0) == range(0, layout.per_worker)
     assert layout.region(1) == range(layout.per_worker, 2 * layout.per_worker)
     with pytest.raises(ConfigError, match="fewer than one per attention worker"):

@@ -26,6 +26,7 @@ the other's `PeerInfo` (`link.peer`).
 from __future__ import annotations
 
 import abc
+import collections
 import json
 import logging
 import select
@@ -388,3 +389,30 @@ def listen(address: str, identity: PeerInfo, poller: Poller | None = None, **opt
     from resilient_moe.datapath.tcp import TcpListener
 
     return TcpListener(rest, identity, poller, **options)
+
+
+class Outbox:
+    """Frames for one link, sent in order without ever blocking: what finds no room waits here and
+    goes out with later `flush` calls. The owner decides what a long queue means (`len`)."""
+
+    def __init__(self, link: Link) -> None:
+        self.link = link
+        self._queue: collections.deque[tuple] = collections.deque()
+
+    def send(self, header: FrameHeader, aux: torch.Tensor | None = None, tensor: torch.Tensor | None = None,
+             body: bytes | None = None) -> None:
+        """Send now if the link has room and nothing waits before it, else queue. Raises LinkClosed and
+        FrameTooLarge as Link.try_send does."""
+        if not self._queue and self.link.try_send(header, aux, tensor, body):
+            return
+        self._queue.append((header, aux, tensor, body))
+
+    def flush(self) -> bool:
+        """Send what the link takes now; True when nothing waits."""
+        self.link.flush()
+        while self._queue and self.link.try_send(*self._queue[0]):
+            self._queue.popleft()
+        return not self._queue
+
+    def __len__(self) -> int:
+        return len(self._queue)

@@ -102,7 +102,7 @@ class LLMEngine:
                 "lower max_tokens or enlarge the KV cache"
             )
 
-    def add_request(
+    def new_sequence(
         self,
         request_id: str,
         prompt_ids: list[int],
@@ -110,13 +110,36 @@ class LLMEngine:
         output_ids: list[int] | None = None,
         seed: int | None = None,
     ) -> Sequence:
-        """Queue a request. `output_ids` resumes one that already produced tokens elsewhere."""
+        """A checked request, not yet queued. `output_ids` resumes one that produced tokens elsewhere."""
         self.validate(prompt_ids, params)
         if seed is None:
             seed = params.seed if params.seed is not None else secrets.randbits(63)
-        seq = Sequence(request_id, list(prompt_ids), params, seed, output_ids=list(output_ids or []))
+        return Sequence(request_id, list(prompt_ids), params, seed, output_ids=list(output_ids or []))
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                    output_ids: list[int] | None = None, seed: int | None = None) -> Sequence:
+        """Queue a request (see `new_sequence`)."""
+        seq = self.new_sequence(request_id, prompt_ids, params, output_ids, seed)
         self.scheduler.add(seq)
         return seq
+
+    def resume(self, seq: Sequence, rows: torch.Tensor | None = None, n: int = 0) -> int:
+        """Queue a sequence moved here from another worker, with the KV rows [L, n, W] of its first `n`
+        positions when they were restored (only the rest is then computed); returns the positions
+        restored (0 when the cache has no room for it now: everything is recomputed)."""
+        if n > 0 and rows is not None:
+            need = self.scheduler.blocks_for(seq.num_tokens)
+            if self.allocator.num_free >= need:
+                bs = self.config.block_size
+                seq.block_table = self.allocator.allocate(need)
+                positions = torch.arange(n)
+                table = torch.tensor(seq.block_table, dtype=torch.long)
+                self.cache.scatter((table[positions // bs] * bs + positions % bs).to(self.device), rows.to(self.device))
+                seq.num_cached = n
+            else:
+                n = 0
+        self.scheduler.add(seq)
+        return n
 
     def abort(self, request_id: str) -> bool:
         self.last_logits.pop(request_id, None)

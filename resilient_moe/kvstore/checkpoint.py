@@ -1,12 +1,21 @@
 """Incremental, asynchronous KV checkpoints from an attention worker into the KV store, and restore.
 
-After every engine step, `after_step` gathers the K/V rows of the blocks that became full since the
-request's last commit into one staging tensor: that small gather is the only work on the decode path.
-Checkpointing whole blocks (every `block_size` tokens of a request, not every token) keeps the
-per-step cost low; a restore recomputes the partial last block (fewer than `block_size` positions). A background thread copies the staging tensor into the store's
-shared memory (one-sided) and then commits, in one pipelined Redis round trip, `n` (positions
-[0, n) complete), the store blocks and the request record. A request's commits are ordered, so a
-commit record never claims rows that are not in the store yet.
+The engine thread does two small things: after each step, `after_step` gathers the KV rows of the
+blocks that became full since each request's last commit into one staging tensor (whole blocks
+only; a restore recomputes the partial last block), and between steps `finished_restores` hands
+back restores that are ready. Everything that waits on anything (the store's memory, Redis) runs
+on one background thread, so neither a slow Redis nor a big restore ever holds up a decode step:
+
+  - writes: the thread copies staged rows into the store's shared memory (one-sided) under the
+    store's ownership protocol (store.py: region owner word, per-block stamps), then commits every
+    staged snapshot in one pipelined Redis round trip: `n` (positions [0, n) complete), the store
+    blocks and their generations, the writer's incarnation. A request's commits are ordered, so a
+    commit record never claims rows that are not in the store yet.
+  - restores (a request moved here from a failed worker): the thread reads the commit record, checks
+    each block's stamp against it before and after copying the rows out, and hands back the
+    verified prefix; the engine thread copies it into the KV cache and recomputes only the rest.
+  - a new store (the old one died and was restarted): the thread maps it, lets go of the old memory,
+    and every running request is checkpointed again from its start.
 
 Failures never block or corrupt serving:
   - the store region is full: that request stops being checkpointed (counted); its last commit
@@ -14,8 +23,10 @@ Failures never block or corrupt serving:
   - Redis is down or slow (socket timeout): commits fail and are counted; the pending queue is
     bounded, and when it is full new snapshots are dropped and their requests stop being
     checkpointed (a later commit could otherwise claim rows that were never written);
-  - a record another worker took over (after this one was fenced) is never overwritten: commits
-    are conditional on the owner (a Lua script).
+  - a record another worker took over (after this one was fenced) is never overwritten (commits are
+    conditional on the owner, a Lua script), and a region another incarnation claimed is never
+    written again (the writes are refused and counted);
+  - a block whose stamp does not match its record (a fenced worker wrote it late) is not restored.
 Blocks of a dead predecessor with the same name (same store region) stay pinned until the request
 that owned them has been restored elsewhere or its record expired.
 """
@@ -24,9 +35,11 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -34,7 +47,7 @@ import torch
 from resilient_moe.engine.engine import LLMEngine
 from resilient_moe.engine.sequence import Sequence
 from resilient_moe.kvstore import keys
-from resilient_moe.kvstore.store import StoreLayout
+from resilient_moe.kvstore.store import StoreLayout, map_store
 
 log = logging.getLogger("resilient_moe.kv_checkpoint")
 
@@ -67,14 +80,18 @@ return 1
 class _Tracked:
     committed: int = 0  # positions [0, committed) are snapshotted (and will be committed in order)
     blocks: list[int] = field(default_factory=list)  # store block of each logical block
+    gens: list[int] = field(default_factory=list)  # generation each block is stamped with once written
     broken: bool = False  # stopped checkpointing (store full or a dropped snapshot)
 
 
 @dataclass
 class _Write:
+    store: int  # incarnation of the store it was staged for
     rows: torch.Tensor  # [m] store rows
-    data: torch.Tensor  # [L, 2, G, m, d]
-    commits: list[tuple[str, int, list[int], list[int]]]  # (request id, n, blocks, output ids)
+    data: torch.Tensor  # [L, m, W]
+    blocks: torch.Tensor  # [k] store blocks the rows fill (whole blocks)
+    gens: torch.Tensor  # [k] their generations (even: written)
+    commits: list[tuple[str, int, list[int], list[int], list[int]]]  # (request id, n, blocks, gens, output ids)
 
 
 @dataclass
@@ -83,45 +100,90 @@ class _Release:
     blocks: list[int]
 
 
+@dataclass
+class _Restore:
+    seq: Sequence
+
+
+@dataclass
+class _Attach:
+    address: str
+    store: int
+
+
 class KVCheckpointer:
-    def __init__(self, engine: LLMEngine, layout: StoreLayout, store: torch.Tensor, region: range, redis_client,
-                 cluster_id: str, owner: str, incarnation: int, store_incarnation: int) -> None:
+    """Checkpoints one attention worker's KV cache into its region of the KV store (see the module doc)."""
+
+    def __init__(self, engine: LLMEngine, layout: StoreLayout, index: int, redis_client, cluster_id: str,
+                 owner: str, incarnation: int, wake: Callable[[], None] = lambda: None) -> None:
+        """`index`: the worker's region; `wake` is called (from the thread) when a restore is ready."""
         self.engine = engine
         self.cache = engine.cache
         self.layout = layout
-        self.store = store  # [L, 2, G, rows, d] over the store's shared memory
+        self.index = index
+        self.region = layout.region(index)
         self.redis = redis_client
         self.cluster_id = cluster_id
         self.owner = owner
         self.incarnation = incarnation
-        self.store_incarnation = store_incarnation
+        self.wake = wake
         self.bs = layout.block_size
+        self.store_incarnation = 0  # the store the engine thread stages for (0: none yet)
         self.tracked: dict[str, _Tracked] = {}
-        self._free: deque[int] = deque(region)
+        self._next_gen = 2
+        self._free: deque[int] = deque(self.region)
         self._pinned: dict[int, str] = {}  # store block -> request id of a predecessor's record
         self._lock = threading.Lock()
-        self._pending: deque[_Write | _Release] = deque()
         self._cond = threading.Condition(self._lock)
+        self._pending: deque[_Write | _Release | _Restore | _Attach] = deque()
+        self._restored: deque[tuple[Sequence, torch.Tensor | None, int]] = deque()
         self._stop = False
+        self._refused = False
         self._redis_down_until = 0.0
+        # The store's memory, touched by the thread only.
+        self._mapping: mmap.mmap | None = None
+        self._owners = self._stamps = self._rows = None
+        self._mapped_store = 0
+        self._ready_store = 0  # the store whose region is claimed and pinned: snapshots may start
         self.counters = {"commits": 0, "commit_errors": 0, "dropped": 0, "store_full": 0, "restored": 0,
-                         "restored_tokens": 0, "restore_misses": 0, "pinned_blocks": 0}
+                         "restored_tokens": 0, "restore_misses": 0, "restore_stamp_mismatches": 0,
+                         "pinned_blocks": 0, "writes_refused": 0, "store_attaches": 0}
         self._commit = redis_client.register_script(COMMIT_SCRIPT)
-        self._pin_predecessor_blocks(region)
         self._thread = threading.Thread(target=self._run, name="kv-checkpoint", daemon=True)
         self._thread.start()
 
-    # ---- decode path (engine thread) --------------------------------------------------------
+    # ---- engine thread ----------------------------------------------------------------------
+
+    def attach(self, address: str, store_incarnation: int) -> None:
+        """Use the store published at `address` from now on: a first store, or one that replaced a dead
+        store. Every request is checkpointed again from its start (the old blocks are gone)."""
+        if store_incarnation == self.store_incarnation:
+            return
+        replacing = self.store_incarnation != 0
+        self.store_incarnation = store_incarnation
+        with self._cond:
+            self._pending = deque(p for p in self._pending if not isinstance(p, (_Write, _Release)))
+            self._pending.append(_Attach(address, store_incarnation))
+            self._free = deque(self.region)
+            self._pinned.clear()
+            self._cond.notify()
+        for t in self.tracked.values():
+            t.committed, t.blocks, t.gens, t.broken = 0, [], [], False
+        if replacing:
+            log.warning("KV store replaced (incarnation %d): checkpointing %d requests again from their start",
+                        store_incarnation, len(self.tracked))
 
     def after_step(self) -> None:
         """Snapshot the rows every request completed since its last commit; release finished ones."""
+        if self._ready_store != self.store_incarnation or self.store_incarnation == 0 or self._refused:
+            return  # no store yet, or it is being mapped (its predecessor's blocks are not pinned yet)
         scheduler = self.engine.scheduler
         live = {s.request_id: s for s in scheduler.running}
         for s in scheduler.waiting:
             live.setdefault(s.request_id, s)
         for request_id in [r for r in self.tracked if r not in live]:
             self._release(request_id)
-        src_parts, dst_parts, commits = [], [], []
+        src_parts, dst_parts, new_blocks, new_gens, commits = [], [], [], [], []
         for seq in scheduler.running:
             t = self.tracked.get(seq.request_id)
             if t is None:
@@ -135,26 +197,30 @@ class KVCheckpointer:
                 log.warning("KV store region full: no longer checkpointing %s beyond %d tokens", seq.request_id,
                             t.committed)
                 continue
+            first, last = t.committed // self.bs, n // self.bs
             positions = torch.arange(t.committed, n)
             table = torch.tensor(seq.block_table, dtype=torch.long)
             blocks = torch.tensor(t.blocks, dtype=torch.long)
             src_parts.append(table[positions // self.bs] * self.bs + positions % self.bs)
             dst_parts.append(blocks[positions // self.bs] * self.bs + positions % self.bs)
-            commits.append((seq.request_id, n, list(t.blocks), list(seq.output_ids)))
+            gens = list(range(self._next_gen, self._next_gen + 2 * (last - first), 2))
+            self._next_gen += 2 * (last - first)
+            t.gens.extend(gens)
+            new_blocks.extend(t.blocks[first:last])
+            new_gens.extend(gens)
+            commits.append((seq.request_id, n, list(t.blocks), list(t.gens), list(seq.output_ids)))
             t.committed = n
         if not commits:
             return
-        src, dst = torch.cat(src_parts), torch.cat(dst_parts)
-        data = torch.stack([torch.stack([self.cache.keys[l].index_select(1, src), self.cache.values[l].index_select(1, src)])
-                            for l in range(len(self.cache.keys))])
+        item = _Write(self.store_incarnation, torch.cat(dst_parts), self.cache.gather(torch.cat(src_parts)),
+                      torch.tensor(new_blocks, dtype=torch.long), torch.tensor(new_gens, dtype=torch.long), commits)
         with self._cond:
-            writes = sum(isinstance(p, _Write) for p in self._pending)
-            if writes >= MAX_PENDING:
+            if sum(isinstance(p, _Write) for p in self._pending) >= MAX_PENDING:
                 self.counters["dropped"] += 1
                 for request_id, *_ in commits:
                     self.tracked[request_id].broken = True
                 return
-            self._pending.append(_Write(dst, data, commits))
+            self._pending.append(item)
             self._cond.notify()
 
     def _ensure_blocks(self, t: _Tracked, n: int) -> bool:
@@ -173,71 +239,21 @@ class KVCheckpointer:
             self._pending.append(_Release(request_id, t.blocks))
             self._cond.notify()
 
-    # ---- restore (engine thread, when a moved request arrives) ------------------------------
+    def request_restore(self, seq: Sequence) -> None:
+        """Look for `seq`'s checkpointed KV (a request moved here from a failed worker), off this thread;
+        the answer comes back through `finished_restores`."""
+        with self._cond:
+            self._pending.append(_Restore(seq))
+            self._cond.notify()
 
-    def restore(self, seq: Sequence) -> int:
-        """Fill `seq`'s KV from its last commit (by whichever worker made it); returns the positions
-        restored (0: nothing usable, so the engine recomputes everything)."""
-        if time.monotonic() < self._redis_down_until:
-            self.counters["restore_misses"] += 1
-            return 0  # Redis failed a moment ago: do not wait on it again for every adopted request
-        try:
-            record = self.redis.hgetall(keys.commit_key(self.cluster_id, seq.request_id))
-        except Exception as e:  # Redis down: recompute from the token log
-            log.warning("cannot read the commit record of %s (%s); recomputing", seq.request_id, e)
-            self._redis_down_until = time.monotonic() + 1.0
-            self.counters["restore_misses"] += 1
-            return 0
-        n, blocks = self._usable(record, seq)
-        if n <= 0:
-            self.counters["restore_misses"] += 1
-            return 0
-        allocator = self.engine.allocator
-        need = -(-seq.num_tokens // self.bs)
-        if allocator.num_free < need:
-            self.counters["restore_misses"] += 1
-            return 0
-        seq.block_table = allocator.allocate(need)
-        positions = torch.arange(n)
-        store_blocks = torch.tensor(blocks, dtype=torch.long)
-        src = store_blocks[positions // self.bs] * self.bs + positions % self.bs
-        table = torch.tensor(seq.block_table, dtype=torch.long)
-        dst = table[positions // self.bs] * self.bs + positions % self.bs
-        data = self.store.index_select(3, src)  # [L, 2, G, n, d]: the one copy out of the store
-        for layer in range(len(self.cache.keys)):
-            self.cache.keys[layer].index_copy_(1, dst, data[layer, 0])
-            self.cache.values[layer].index_copy_(1, dst, data[layer, 1])
-        seq.num_cached = n
-        self.counters["restored"] += 1
-        self.counters["restored_tokens"] += n
-        try:  # take the record over now, so a woken predecessor can no longer commit to it
-            self.redis.hset(keys.commit_key(self.cluster_id, seq.request_id),
-                            mapping={"owner": self.owner, "incarnation": str(self.incarnation), "n": "0",
-                                     "blocks": "[]"})
-        except Exception as e:
-            log.warning("could not take over the commit record of %s: %s", seq.request_id, e)
-        return n
+    def finished_restores(self) -> list[tuple[Sequence, torch.Tensor | None, int]]:
+        """(seq, rows [L, n, W] or None, n) of restores that are ready: positions [0, n) are verified."""
+        out = []
+        while self._restored:
+            out.append(self._restored.popleft())
+        return out
 
-    def _usable(self, record: dict, seq: Sequence) -> tuple[int, list[int]]:
-        """(n, blocks) of a commit record that fits this request and this store; (0, []) otherwise."""
-        if not record:
-            return 0, []
-        try:
-            fields = {k.decode() if isinstance(k, bytes) else k: v.decode() if isinstance(v, bytes) else v
-                      for k, v in record.items()}
-            n = int(fields["n"])
-            blocks = [int(b) for b in json.loads(fields["blocks"])]
-            if int(fields["store"]) != self.store_incarnation or int(fields["block_size"]) != self.bs:
-                return 0, []  # written into a store that is gone, or with another layout
-        except (KeyError, ValueError, TypeError) as e:
-            log.warning("malformed commit record for %s (%s); recomputing", seq.request_id, e)
-            return 0, []
-        n = min(n, seq.num_tokens - 1)  # at least one position is computed, for the next token's logits
-        if n <= 0 or len(blocks) < -(-n // self.bs) or any(not 0 <= b < self.layout.num_blocks for b in blocks):
-            return 0, []
-        return n, blocks
-
-    # ---- background thread ------------------------------------------------------------------
+    # ---- the thread ---------------------------------------------------------------------------
 
     def _run(self) -> None:
         last_pin_check = time.monotonic()
@@ -248,62 +264,200 @@ class KVCheckpointer:
                         break
                 if self._stop:
                     return
-                item = self._pending.popleft() if self._pending else None
+                batch = list(self._pending)
+                self._pending.clear()
             try:
-                if isinstance(item, _Write):
-                    self._write(item)
-                elif isinstance(item, _Release):
-                    self._forget(item)
+                self._process(batch)
                 if self._pinned and time.monotonic() - last_pin_check > 1.0:
                     last_pin_check = time.monotonic()
                     self._check_pins()
             except Exception:
                 log.exception("checkpoint thread error")
 
-    def _write(self, item: _Write) -> None:
-        self.store.index_copy_(3, item.rows, item.data)  # into shared memory: one-sided
+    def _process(self, batch: list) -> None:
+        """Carry out a batch in order, with one Redis round trip for all its commits and deletes."""
+        pipe = None
+        for item in batch:
+            if isinstance(item, _Attach):
+                if pipe is not None:
+                    self._execute(pipe)
+                    pipe = None
+                self._attach(item)
+            elif isinstance(item, _Restore):
+                self._restore(item.seq)
+            elif isinstance(item, _Write):
+                if item.store == self._mapped_store and self._write(item):
+                    pipe = pipe or self.redis.pipeline(transaction=False)
+                    self._queue_commits(pipe, item)
+            elif isinstance(item, _Release):
+                pipe = pipe or self.redis.pipeline(transaction=False)
+                pipe.delete(keys.commit_key(self.cluster_id, item.request_id),
+                            keys.request_key(self.cluster_id, item.request_id))
+                with self._lock:
+                    self._free.extend(b for b in item.blocks if b in self.region)
+        if pipe is not None:
+            self._execute(pipe)
+
+    def _attach(self, item: _Attach) -> None:
+        old = self._mapping
+        self._owners = self._stamps = self._rows = None  # no view of the old memory may outlive its unmap
+        if old is not None:
+            old.close()
+            self._mapping = None
+        self._mapped_store = self._ready_store = 0
         try:
-            pipe = self.redis.pipeline(transaction=False)
-            for request_id, n, blocks, output_ids in item.commits:
-                record = ["n", str(n), "blocks", json.dumps(blocks), "block_size", str(self.bs),
-                          "store", str(self.store_incarnation), "time", f"{time.time():.3f}",
-                          "owner", self.owner, "incarnation", str(self.incarnation),
-                          "|", "output_ids", json.dumps(output_ids), "aw", self.owner]
-                self._commit(keys=[keys.commit_key(self.cluster_id, request_id),
-                                   keys.request_key(self.cluster_id, request_id)],
-                             args=[self.owner, str(self.incarnation), str(keys.COMMIT_TTL_S), *record], client=pipe)
-            results = pipe.execute()
+            mapping = map_store(item.address)
+            owners, stamps, rows = self.layout.views(mapping)
+        except (OSError, ValueError) as e:
+            log.warning("cannot map the KV store at %s (%s): not checkpointing until a store can be used",
+                        item.address, e)
+            return
+        current = int(owners[self.index])
+        if current > self.incarnation:
+            self._refuse(f"region {self.index} belongs to incarnation {current}")
+            return
+        owners[self.index] = self.incarnation  # claim the region (the predecessor's writes stop here)
+        self._mapping, self._owners, self._stamps, self._rows = mapping, owners, stamps, rows
+        self._mapped_store = item.store
+        self.counters["store_attaches"] += 1
+        self._pin_predecessor_blocks()
+        self._ready_store = item.store
+        log.info("checkpointing into KV store incarnation %d (%s), region %d: %d blocks", item.store,
+                 item.address, self.index, len(self.region))
+
+    def _refuse(self, reason: str) -> None:
+        """Another incarnation owns the region: this one was fenced and must never write again."""
+        self.counters["writes_refused"] += 1
+        if not self._refused:
+            self._refused = True
+            log.warning("KV checkpoint writes refused: %s; this incarnation (%d) stops checkpointing", reason,
+                        self.incarnation)
+
+    def _write(self, item: _Write) -> bool:
+        """Copy staged rows into the store under the ownership protocol; False if refused."""
+        owner = int(self._owners[self.index])
+        if owner != self.incarnation or self._refused:
+            self._refuse(f"region {self.index} now belongs to incarnation {owner}")
+            return False
+        self._stamps[item.blocks, 0] = self.incarnation
+        self._stamps[item.blocks, 1] = item.gens - 1  # odd: being written
+        self._rows.index_copy_(1, item.rows, item.data)  # into shared memory: one-sided
+        self._stamps[item.blocks, 1] = item.gens
+        return True
+
+    def _queue_commits(self, pipe, item: _Write) -> None:
+        for request_id, n, blocks, gens, output_ids in item.commits:
+            record = ["n", str(n), "blocks", json.dumps(blocks), "gens", json.dumps(gens), "block_size", str(self.bs),
+                      "store", str(item.store), "time", f"{time.time():.3f}", "owner", self.owner,
+                      "incarnation", str(self.incarnation), "|", "output_ids", json.dumps(output_ids), "aw", self.owner]
+            self._commit(keys=[keys.commit_key(self.cluster_id, request_id),
+                               keys.request_key(self.cluster_id, request_id)],
+                         args=[self.owner, str(self.incarnation), str(keys.COMMIT_TTL_S), *record], client=pipe)
+
+    def _execute(self, pipe) -> None:
+        try:
+            results = pipe.execute(raise_on_error=False)
             self.counters["commits"] += sum(1 for r in results if r == 1)
-        except Exception as e:
-            self.counters["commit_errors"] += 1
+            failed = sum(1 for r in results if isinstance(r, Exception))
+        except Exception as e:  # noqa: BLE001 (any Redis failure: down, timeout)
+            failed = 1
+            error: Exception | None = e
+        else:
+            error = None
+        if failed:
+            self.counters["commit_errors"] += failed
             if self.counters["commit_errors"] in (1, 10, 100, 1000):
-                log.warning("checkpoint commit failed (%d so far): %s", self.counters["commit_errors"], e)
+                log.warning("checkpoint commit failed (%d so far): %s", self.counters["commit_errors"], error)
 
-    def _forget(self, item: _Release) -> None:
+    def _restore(self, seq: Sequence) -> None:
+        """Read `seq`'s commit record and the verified prefix of its blocks; hand back what is usable."""
+        data, n = None, 0
         try:
-            self.redis.delete(keys.commit_key(self.cluster_id, item.request_id),
-                              keys.request_key(self.cluster_id, item.request_id))
-        except Exception as e:
-            log.warning("could not delete the records of %s: %s", item.request_id, e)
-        with self._lock:
-            self._free.extend(item.blocks)
+            data, n = self._read_checkpoint(seq)
+        except Exception as e:  # noqa: BLE001 (Redis down or slow: recompute from the token log)
+            log.warning("cannot restore %s from the KV store (%s); recomputing", seq.request_id, e)
+            self._redis_down_until = time.monotonic() + 1.0
+        if n > 0:
+            self.counters["restored"] += 1
+            self.counters["restored_tokens"] += n
+        else:
+            self.counters["restore_misses"] += 1
+        self._restored.append((seq, data, n))
+        self.wake()
 
-    def _pin_predecessor_blocks(self, region: range) -> None:
+    def _read_checkpoint(self, seq: Sequence) -> tuple[torch.Tensor | None, int]:
+        if time.monotonic() < self._redis_down_until or self._rows is None:
+            return None, 0  # Redis failed a moment ago (do not wait on it per request), or no store
+        key = keys.commit_key(self.cluster_id, seq.request_id)
+        n, blocks, gens, writer = self._usable(self.redis.hgetall(key), seq)
+        if n <= 0:
+            return None, 0
+        count = -(-n // self.bs)
+        store_blocks = torch.tensor(blocks[:count], dtype=torch.long)
+        expected = torch.tensor([[writer, g] for g in gens[:count]], dtype=torch.long)  # [count, 2]
+        good = self._stamped_prefix(store_blocks, expected)
+        positions = torch.arange(min(n, good * self.bs))
+        data = self._rows.index_select(1, store_blocks[positions // self.bs] * self.bs + positions % self.bs)
+        good = min(good, self._stamped_prefix(store_blocks, expected))  # unchanged while we copied?
+        n = min(n, good * self.bs)
+        if good < count:
+            self.counters["restore_stamp_mismatches"] += 1
+            log.warning("%s: store block %d was rewritten after its commit (a fenced writer?); restoring %d "
+                        "positions, recomputing the rest", seq.request_id, blocks[good], n)
+        try:  # take the record over now, so a woken predecessor can no longer commit to it
+            self.redis.hset(key, mapping={"owner": self.owner, "incarnation": str(self.incarnation), "n": "0",
+                                          "blocks": "[]", "gens": "[]"})
+        except Exception as e:  # noqa: BLE001
+            log.warning("could not take over the commit record of %s: %s", seq.request_id, e)
+        return (data[:, :n], n) if n > 0 else (None, 0)
+
+    def _stamped_prefix(self, blocks: torch.Tensor, expected: torch.Tensor) -> int:
+        """How many leading blocks carry exactly the stamps their record names."""
+        ok = (self._stamps[blocks] == expected).all(dim=1)  # [count]
+        bad = (~ok).nonzero()
+        return int(bad[0]) if bad.numel() else blocks.numel()
+
+    def _usable(self, record: dict, seq: Sequence) -> tuple[int, list[int], list[int], int]:
+        """(n, blocks, gens, writer incarnation) of a commit record that fits this request and this
+        store; n = 0 otherwise."""
+        if not record:
+            return 0, [], [], 0
+        try:
+            fields = {k.decode() if isinstance(k, bytes) else k: v.decode() if isinstance(v, bytes) else v
+                      for k, v in record.items()}
+            n = int(fields["n"])
+            blocks = [int(b) for b in json.loads(fields["blocks"])]
+            gens = [int(g) for g in json.loads(fields["gens"])]
+            writer = int(fields["incarnation"])
+            if int(fields["store"]) != self._mapped_store or int(fields["block_size"]) != self.bs:
+                return 0, [], [], 0  # written into a store that is gone, or with another layout
+        except (KeyError, ValueError, TypeError) as e:
+            log.warning("malformed commit record for %s (%s); recomputing", seq.request_id, e)
+            return 0, [], [], 0
+        n = min(n, seq.num_tokens - 1)  # at least one position is computed, for the next token's logits
+        count = -(-n // self.bs) if n > 0 else 0
+        if n <= 0 or len(blocks) < count or len(gens) < count or \
+                any(not 0 <= b < self.layout.num_blocks for b in blocks[:count]):
+            return 0, [], [], 0
+        return n, blocks, gens, writer
+
+    def _pin_predecessor_blocks(self) -> None:
         """Blocks of this region still named by a predecessor's commit records are not ours yet."""
         try:
             for key in self.redis.scan_iter(match=keys.commit_pattern(self.cluster_id), count=500):
-                owner = self.redis.hget(key, "owner")
-                if owner is None or owner.decode() != self.owner:
+                owner, store = self.redis.hmget(key, ["owner", "store"])
+                if owner is None or owner.decode() != self.owner or int(store or 0) != self._mapped_store:
                     continue
                 blocks = json.loads(self.redis.hget(key, "blocks") or b"[]")
                 request_id = key.decode().rsplit(":", 1)[1]
                 for b in blocks:
-                    if b in region:
+                    if b in self.region:
                         self._pinned[b] = request_id
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001
             log.warning("could not scan for a predecessor's checkpoints (%s); its blocks are not pinned", e)
         if self._pinned:
-            self._free = deque(b for b in self._free if b not in self._pinned)
+            with self._lock:
+                self._free = deque(b for b in self._free if b not in self._pinned)
             self.counters["pinned_blocks"] = len(self._pinned)
             log.info("%d store blocks pinned by a predecessor's checkpoints", len(self._pinned))
 
@@ -335,7 +489,8 @@ class KVCheckpointer:
             pending = len(self._pending)
             free = len(self._free)
         return {f"ckpt_{k}": float(v) for k, v in self.counters.items()} | {
-            "ckpt_pending": float(pending), "ckpt_free_blocks": float(free), "ckpt_lag_tokens": float(self.lag_tokens())}
+            "ckpt_pending": float(pending), "ckpt_free_blocks": float(free), "ckpt_lag_tokens": float(self.lag_tokens()),
+            "ckpt_store": float(self.store_incarnation)}
 
     def stop(self) -> None:
         """Stop at once (this worker was fenced or is leaving): pending snapshots are not written."""

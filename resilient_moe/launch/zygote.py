@@ -41,11 +41,10 @@ def die_with_parent(parent_pid: int, sig: int = signal.SIGKILL) -> None:
 
 def _role_mains() -> dict:
     from resilient_moe.controller import server as controller_server
-    from resilient_moe.kvstore import store
-    from resilient_moe.workers import attention_worker, expert_worker
+    from resilient_moe.workers import attention_worker, expert_worker, kv_store
 
     return {"controller": controller_server.main, "attention": attention_worker.main, "expert": expert_worker.main,
-            "kv_store": store.main}
+            "kv_store": kv_store.main}
 
 
 def _run_child(role_main, config_json: str, log_path: str, zygote_pid: int, sock: socket.socket,

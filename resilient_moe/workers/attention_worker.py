@@ -21,7 +21,9 @@ import signal
 import threading
 import time
 from collections import deque
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+
+import redis
 
 from resilient_moe import messages
 from resilient_moe.config import SamplingParams, WorkerConfig
@@ -30,24 +32,32 @@ from resilient_moe.datapath.ert import RoutingTable
 from resilient_moe.datapath.faults import LinkFault
 from resilient_moe.datapath.forwarding import Forwarder, StepCancelled
 from resilient_moe.datapath.frames import FrameHeader, FrameKind, worker_number
-from resilient_moe.datapath.link import Link, LinkClosed, PeerInfo, listen
+from resilient_moe.datapath.link import FrameTooLarge, Link, LinkClosed, Outbox, PeerInfo, listen
 from resilient_moe.datapath.parts import DeadlineModel
 from resilient_moe.datapath.poller import Poller
 from resilient_moe.engine.engine import LLMEngine
 from resilient_moe.engine.remote import RemoteExperts
-from resilient_moe.engine.sequence import TokenEvent
+from resilient_moe.engine.sequence import Sequence, TokenEvent
 from resilient_moe.errors import ConfigError, RequestError
+from resilient_moe.kvstore.checkpoint import KVCheckpointer
+from resilient_moe.kvstore.store import layout_for
 from resilient_moe.proto import controller_pb2 as pb
 from resilient_moe.workers.common import Wakeup, configure_process, yield_cpu_while_loading
-
-if TYPE_CHECKING:
-    from resilient_moe.kvstore.checkpoint import KVCheckpointer
 
 log = logging.getLogger("resilient_moe.attention_worker")
 
 
+MAX_QUEUED_MESSAGES = 4096  # messages to one frontend that found no room before the frontend is dropped
+
+
 class AttentionServer:
-    """The AW's loop: frontend commands in, engine steps, token events out."""
+    """The AW's loop: frontend commands in, engine steps, token events out.
+
+    Nothing here waits on a peer: messages to a frontend that is not draining its link wait in an
+    outbox (a frontend that falls hopelessly behind is dropped, and its requests with it), and a
+    request moved here from a failed worker waits aside, not in the engine, while the checkpointer's
+    thread reads its KV from the store.
+    """
 
     def __init__(self, engine: LLMEngine, forwarder: Forwarder, poller: Poller, listener, wakeup: Wakeup) -> None:
         self.engine = engine
@@ -55,8 +65,9 @@ class AttentionServer:
         self.poller = poller
         self.listener = listener
         self.wakeup = wakeup
-        self.frontends: set[Link] = set()
+        self.frontends: dict[Link, Outbox] = {}
         self.owner: dict[str, Link] = {}  # request id -> frontend link that submitted it
+        self.restoring: dict[str, Sequence] = {}  # moved here, waiting for their KV from the store
         self.commands: deque[tuple[Link, messages.Message]] = deque()
         self.cluster_updates: deque[pb.ClusterState] = deque()
         self.stopping = threading.Event()
@@ -68,7 +79,7 @@ class AttentionServer:
         # Without resilience (the restart-everything baseline) a lost expert takes this worker down,
         # as a failed collective does in systems without failure domains; the restart re-runs it all.
         self.crash_on_lost_expert = False
-        self.checkpointer: "KVCheckpointer | None" = None  # KV checkpoints into the KV store, when configured
+        self.checkpointer: KVCheckpointer | None = None  # KV checkpoints into the KV store, when configured
         forwarder.on_other = self.on_other
 
     # ---- inputs -----------------------------------------------------------------------------
@@ -77,9 +88,10 @@ class AttentionServer:
         """Frontend traffic, new links and wake-ups seen while waiting (possibly mid-step): queue only."""
         self.wakeup.drain()
         while (link := self.listener.accept()) is not None:
-            self.frontends.add(link)
-        for link in list(self.frontends):
+            self.frontends[link] = Outbox(link)
+        for link, outbox in list(self.frontends.items()):
             try:
+                outbox.flush()
                 got = False
                 while (frame := link.recv()) is not None:
                     got = True
@@ -90,16 +102,22 @@ class AttentionServer:
                             log.error("bad message from %s: %s", link.peer.name, e)
                 if got:
                     link.release()
-            except LinkClosed:
-                self._drop_frontend(link)
+            except (LinkClosed, FrameTooLarge) as e:
+                self._drop_frontend(link, str(e))
 
-    def _drop_frontend(self, link: Link) -> None:
-        self.frontends.discard(link)
+    def _drop_frontend(self, link: Link, reason: str) -> None:
+        if self.frontends.pop(link, None) is None:
+            return
+        log.warning("dropping frontend %s: %s", link.peer.name, reason)
         self.poller.remove(link)
         link.close()
         for request_id in [r for r, owner in self.owner.items() if owner is link]:
-            self.engine.abort(request_id)  # nobody is left to read its tokens
-            del self.owner[request_id]
+            self._abort(request_id)  # nobody is left to read its tokens
+
+    def _abort(self, request_id: str) -> None:
+        self.engine.abort(request_id)
+        self.restoring.pop(request_id, None)
+        self.owner.pop(request_id, None)
 
     def apply_commands(self) -> None:
         while self.cluster_updates:
@@ -109,29 +127,42 @@ class AttentionServer:
             if isinstance(message, messages.Submit):
                 self._submit(link, message)
             elif isinstance(message, messages.Abort):
-                self.engine.abort(message.request_id)
-                self.owner.pop(message.request_id, None)
+                self._abort(message.request_id)
+        if self.checkpointer is not None:
+            for seq, rows, n in self.checkpointer.finished_restores():
+                if self.restoring.pop(seq.request_id, None) is seq:
+                    self._resume(seq, rows, n)
 
     def _submit(self, link: Link, message: messages.Submit) -> None:
         try:
             params = SamplingParams.from_dict(message.params)
-            seq = self.engine.add_request(message.request_id, message.prompt_ids, params,
-                                          output_ids=message.output_ids, seed=message.seed)
+            seq = self.engine.new_sequence(message.request_id, message.prompt_ids, params,
+                                           output_ids=message.output_ids, seed=message.seed)
         except (RequestError, ConfigError) as e:
             self._send(link, messages.Failed(message.request_id, str(e), "invalid_request"))
             return
         self.owner[message.request_id] = link
-        if message.resume:  # moved here from a failed worker: its checkpointed KV spares the recompute
-            restored = self.checkpointer.restore(seq) if self.checkpointer is not None else 0
-            self.recomputed_tokens += seq.num_tokens - restored
-            self.requests_recomputed += restored == 0
-            log.info("adopted %s: %d positions restored from the KV store, %d recomputed", message.request_id,
-                     restored, seq.num_tokens - restored)
+        if message.resume and self.checkpointer is not None:  # its checkpointed KV spares the recompute
+            self.restoring[message.request_id] = seq
+            self.checkpointer.request_restore(seq)
+        elif message.resume:
+            self._resume(seq, None, 0)
+        else:
+            self.engine.scheduler.add(seq)
+
+    def _resume(self, seq: Sequence, rows, n: int) -> None:
+        restored = self.engine.resume(seq, rows, n)
+        self.recomputed_tokens += seq.num_tokens - restored
+        self.requests_recomputed += restored == 0
+        log.info("adopted %s: %d positions restored from the KV store, %d recomputed", seq.request_id, restored,
+                 seq.num_tokens - restored)
 
     def apply_cluster_state(self, state: pb.ClusterState) -> None:
-        """Connect to expert workers that became ready; adopt the newest routing table."""
+        """Connect to expert workers that became ready; adopt the newest routing table; map a new KV store."""
         fenced = {(f.name, f.incarnation) for f in state.fenced}
         for w in state.workers:
+            if w.role == pb.KV_STORE and w.state == pb.READY and self.checkpointer is not None:
+                self.checkpointer.attach(w.data_address, w.incarnation)
             if w.role != pb.EXPERT:
                 continue
             peer = self.forwarder.peers.get(w.name)
@@ -150,10 +181,16 @@ class AttentionServer:
     # ---- outputs ----------------------------------------------------------------------------
 
     def _send(self, link: Link, message: messages.Message) -> None:
+        outbox = self.frontends.get(link)
+        if outbox is None:
+            return
         try:
-            link.send(FrameHeader(FrameKind.CONTROL), body=messages.encode(message))
-        except LinkClosed:
-            self._drop_frontend(link)
+            outbox.send(FrameHeader(FrameKind.CONTROL), body=messages.encode(message))
+        except (LinkClosed, FrameTooLarge) as e:
+            self._drop_frontend(link, str(e))
+            return
+        if len(outbox) > MAX_QUEUED_MESSAGES:
+            self._drop_frontend(link, f"{len(outbox)} messages wait for it: it stopped reading")
 
     def publish(self, events: list[TokenEvent]) -> None:
         by_link: dict[Link, list[list]] = {}
@@ -173,7 +210,7 @@ class AttentionServer:
     def run_once(self) -> None:
         self.apply_commands()
         if not self.engine.has_unfinished():
-            links, fds = self.poller.wait(0.5)
+            links, fds = self.poller.wait(0.001 if self._backlogged() else 0.5)
             self.forwarder.drain()
             self.on_other(links, fds)
             return
@@ -195,6 +232,9 @@ class AttentionServer:
             if link is not None:
                 self._send(link, messages.Failed(request_id, message, "expert_unavailable"))
 
+    def _backlogged(self) -> bool:
+        return any(len(outbox) or outbox.link.backlogged for outbox in self.frontends.values())
+
     def serve_forever(self) -> None:
         while not self.stopping.is_set():
             self.run_once()
@@ -207,41 +247,30 @@ class AttentionServer:
         allocator = self.engine.allocator
         extra["kv_cache_usage_perc"] = 1.0 - allocator.num_free / allocator.num_blocks
         return extra | {"running": float(len(scheduler.running)), "waiting": float(len(scheduler.waiting)),
-                "steps": float(self.engine.step_count), "step_s": self.step_s,
-                "uptime_s": time.monotonic() - self.started, **self.forwarder.stats()}
+                        "restoring": float(len(self.restoring)), "steps": float(self.engine.step_count),
+                        "step_s": self.step_s, "uptime_s": time.monotonic() - self.started, **self.forwarder.stats()}
 
     def close(self) -> None:
         for link in list(self.frontends):
-            self._drop_frontend(link)
+            self._drop_frontend(link, "attention worker stopping")
         self.forwarder.close()
         self.listener.close()
 
 
-def start_checkpointer(config: WorkerConfig, engine: LLMEngine, state: pb.ClusterState,
-                       incarnation: int) -> "KVCheckpointer | None":
-    """Map the KV store and start checkpointing into it; None (recompute on failover) when checkpointing
-    is off or the store cannot be used."""
+def start_checkpointer(config: WorkerConfig, engine: LLMEngine, incarnation: int,
+                       wake: Callable[[], None]) -> KVCheckpointer | None:
+    """A checkpointer for this worker's region of the KV store (it maps the store once one is ready,
+    see AttentionServer.apply_cluster_state); None when checkpointing is off (recompute on failover)."""
     dep = config.deployment
     if not (dep.resilience and dep.kv_checkpoint and dep.redis_url):
         return None
-    store = next((w for w in state.workers if w.role == pb.KV_STORE and w.state == pb.READY), None)
-    if store is None:
-        log.warning("no KV store is ready: requests moved here after a failure will be recomputed")
-        return None
-    import redis
-
-    from resilient_moe.kvstore.checkpoint import KVCheckpointer
-    from resilient_moe.kvstore.store import layout_for, map_store
-
     try:
         layout = layout_for(config)
-        mapping = map_store(store.data_address)
-        client = redis.Redis.from_url(dep.redis_url, socket_timeout=0.2, socket_connect_timeout=0.2)
-        return KVCheckpointer(engine, layout, layout.view(mapping), layout.region(config.index), client,
-                              config.cluster_id, config.name, incarnation, store.incarnation)
-    except (OSError, ValueError, ConfigError) as e:
-        log.warning("KV checkpointing off: cannot use the KV store at %s (%s)", store.data_address, e)
+    except ConfigError as e:
+        log.warning("KV checkpointing off: %s", e)
         return None
+    client = redis.Redis.from_url(dep.redis_url, socket_timeout=0.2, socket_connect_timeout=0.2)
+    return KVCheckpointer(engine, layout, config.index, client, config.cluster_id, config.name, incarnation, wake)
 
 
 def main(config: WorkerConfig) -> int:
@@ -283,7 +312,7 @@ def main(config: WorkerConfig) -> int:
                            experts=RemoteExperts(forwarder))
     server = AttentionServer(engine, forwarder, poller, listener, wakeup)
     server.crash_on_lost_expert = not dep.resilience
-    server.checkpointer = start_checkpointer(config, engine, reply.state, reply.incarnation)
+    server.checkpointer = start_checkpointer(config, engine, reply.incarnation, wakeup.ring)
     server.apply_cluster_state(reply.state)
 
     def on_state(state: pb.ClusterState) -> None:

@@ -14,7 +14,6 @@ import os
 import signal
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +21,7 @@ import torch
 from resilient_moe.config import WorkerConfig
 from resilient_moe.controller.client import ControllerClient, worker_info
 from resilient_moe.datapath.frames import Frame, FrameFlags, FrameHeader, FrameKind, worker_number
-from resilient_moe.datapath.link import FrameTooLarge, Link, LinkClosed, PeerInfo, listen
+from resilient_moe.datapath.link import FrameTooLarge, Link, LinkClosed, Outbox, PeerInfo, listen
 from resilient_moe.datapath.parts import check_dispatch, rows_per_part
 from resilient_moe.datapath.poller import Poller
 from resilient_moe.errors import ExpertUnavailableError
@@ -41,14 +40,6 @@ MAX_QUEUED_REPLIES = 256  # replies waiting for room on one link before its fram
 class _Work:
     link: Link
     frame: Frame  # a view into the link's ring until the round copies its rows out
-
-
-@dataclass
-class _Reply:
-    header: FrameHeader
-    aux: torch.Tensor | None = None
-    tensor: torch.Tensor | None = None
-    body: bytes | None = None
 
 
 class ExpertServer:
@@ -72,7 +63,7 @@ class ExpertServer:
         self.links: set[Link] = set()
         self.fenced: set[tuple[str, int]] = set()  # (worker name, incarnation) declared dead
         self.stopping = threading.Event()
-        self._queued: dict[Link, deque[_Reply]] = {}  # replies waiting for room, per link
+        self._outboxes: dict[Link, Outbox] = {}  # replies that found no room wait here, per link
         self._pending: list[_Work] = []  # DISPATCH frames taken while computing: the next round's
         self._unreleased: set[Link] = set()  # links whose received frames are still views in use
         self._last_service = 0.0
@@ -87,7 +78,7 @@ class ExpertServer:
     def drop_link(self, link: Link, reason: str) -> None:
         if link in self.links:
             self.links.discard(link)
-            self._queued.pop(link, None)
+            self._outboxes.pop(link, None)
             self._unreleased.discard(link)
             self._pending = [w for w in self._pending if w.link is not link]
             self.poller.remove(link)
@@ -98,7 +89,8 @@ class ExpertServer:
 
     def poll_once(self, timeout_s: float) -> int:
         """Wait for frames, serve every one that has arrived; returns the number of DISPATCH served."""
-        self.poller.wait(0.001 if self._queued or self._pending else timeout_s)
+        backlog = self._pending or any(len(o) for o in self._outboxes.values())
+        self.poller.wait(0.001 if backlog else timeout_s)
         self._flush_all()
         work, self._pending = self._pending, []
         self._collect_all(work)
@@ -122,8 +114,7 @@ class ExpertServer:
 
     def _collect(self, link: Link, work: list[_Work]) -> None:
         """Take what `link` has: answer probes, check DISPATCH frames and add them to `work`."""
-        queued = self._queued.get(link)
-        if queued is not None and len(queued) >= MAX_QUEUED_REPLIES:
+        if len(self._outbox(link)) >= MAX_QUEUED_REPLIES:
             return  # its attention worker is not draining our answers: hold it back (and only it)
         try:
             while (frame := link.recv()) is not None:
@@ -144,10 +135,10 @@ class ExpertServer:
                 return
             self.counters["frames_rejected"] += 1
             log.warning("rejected a DISPATCH from %s (seq %d): %s", link.peer.name, header.seq, problem)
-            self._reply(link, _Reply(self._result_header(header, FrameFlags.ERROR), body=problem.encode()[:4096]))
+            self._reply(link, self._result_header(header, FrameFlags.ERROR), body=problem.encode()[:4096])
         elif header.kind == FrameKind.PROBE:
             self.counters["probes_answered"] += 1
-            self._reply(link, _Reply(FrameHeader(FrameKind.PROBE_ACK, step=header.step, seq=header.seq)))
+            self._reply(link, FrameHeader(FrameKind.PROBE_ACK, step=header.step, seq=header.seq))
         elif header.kind == FrameKind.GOODBYE:
             self.drop_link(link, "peer said goodbye")
 
@@ -184,7 +175,7 @@ class ExpertServer:
         except ExpertUnavailableError as e:  # checked already; a race with a drop of experts
             self.counters["errors"] += 1
             for link, header, _ in answers:
-                self._reply(link, _Reply(self._result_header(header, FrameFlags.ERROR), body=str(e).encode()))
+                self._reply(link, self._result_header(header, FrameFlags.ERROR), body=str(e).encode())
             return
         start = 0
         for link, header, n in answers:
@@ -199,12 +190,12 @@ class ExpertServer:
             return
         step = rows_per_part(link.max_frame, link.max_frame, 2 * link.max_frame, 0, y.shape[1] * y.element_size())
         if y.shape[0] <= step:
-            self._reply(link, _Reply(self._result_header(header), tensor=y))
+            self._reply(link, self._result_header(header), tensor=y)
             return
         self.counters["replies_split"] += 1
         for lo in range(0, y.shape[0], step):
-            self._reply(link, _Reply(self._result_header(header), aux=torch.tensor([lo], dtype=torch.int32),
-                                     tensor=y[lo:lo + step]))
+            self._reply(link, self._result_header(header), aux=torch.tensor([lo], dtype=torch.int32),
+                        tensor=y[lo:lo + step])
 
     @staticmethod
     def _result_header(h: FrameHeader, flags: FrameFlags = FrameFlags.NONE) -> FrameHeader:
@@ -215,34 +206,34 @@ class ExpertServer:
 
     # ---- replies ----------------------------------------------------------------------------
 
-    def _reply(self, link: Link, reply: _Reply) -> None:
-        queued = self._queued.get(link)
+    def _outbox(self, link: Link) -> Outbox:
+        outbox = self._outboxes.get(link)
+        if outbox is None:
+            outbox = self._outboxes[link] = Outbox(link)
+        return outbox
+
+    def _reply(self, link: Link, header: FrameHeader, aux: torch.Tensor | None = None,
+               tensor: torch.Tensor | None = None, body: bytes | None = None) -> None:
+        outbox = self._outbox(link)
         try:
-            if queued is None and link.try_send(reply.header, reply.aux, reply.tensor, reply.body):
-                return
+            outbox.send(header, aux, tensor, body)
         except (LinkClosed, FrameTooLarge) as e:
             self.drop_link(link, str(e))
             return
-        self.counters["replies_queued"] += 1
-        self._queued.setdefault(link, deque()).append(reply)
+        self.counters["replies_queued"] += bool(len(outbox))
 
     def _flush_all(self) -> None:
-        for link, queued in list(self._queued.items()):
+        for link, outbox in list(self._outboxes.items()):
             try:
-                link.flush()
-                while queued and link.try_send(queued[0].header, queued[0].aux, queued[0].tensor, queued[0].body):
-                    queued.popleft()
+                outbox.flush()
             except (LinkClosed, FrameTooLarge) as e:
                 self.drop_link(link, str(e))
-                continue
-            if not queued:
-                del self._queued[link]
 
     def stats(self) -> dict[str, float]:
         rejected = sum(link.rejected for link in self.links)
         return {k: float(v) for k, v in self.counters.items()} | {
             "links": float(len(self.links)), "busy_s": self.busy_s, "uptime_s": time.monotonic() - self.started,
-            "frames_corrupt": float(rejected), "replies_waiting": float(sum(len(q) for q in self._queued.values()))}
+            "frames_corrupt": float(rejected), "replies_waiting": float(sum(len(o) for o in self._outboxes.values()))}
 
     def close(self) -> None:
         for link in list(self.links):

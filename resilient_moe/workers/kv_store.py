@@ -1,0 +1,60 @@
+"""The KV checkpoint store process: it owns the host memory that attention workers checkpoint their KV
+cache into (kvstore/store.py has the layout), so that the checkpoints outlive any attention worker.
+
+It only creates the memory, publishes its address and heartbeats: attention workers write and read
+it directly. If it dies, the launcher starts a new one; attention workers map the new store (and let
+go of the old memory) and checkpoint every running request again from its start.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+
+from resilient_moe.config import WorkerConfig
+from resilient_moe.controller.client import ControllerClient, worker_info
+from resilient_moe.kvstore.store import layout_for
+from resilient_moe.proto import controller_pb2 as pb
+from resilient_moe.workers.common import configure_process
+
+log = logging.getLogger("resilient_moe.kv_store")
+
+
+def main(config: WorkerConfig) -> int:
+    """Run the store until SIGTERM or until the controller fences this incarnation."""
+    dep = config.deployment
+    configure_process(config)
+    layout = layout_for(config)
+    client = ControllerClient(config.controller_address)
+    reply = client.register(worker_info(config.name, pb.KV_STORE, 0, host=dep.host), timeout_s=dep.startup_timeout_s)
+    fd = os.memfd_create(f"rmoe-{config.cluster_id}-kv-store", 0)
+    os.ftruncate(fd, layout.nbytes)  # zero-filled; pages are allocated as attention workers first write them
+    stop = threading.Event()
+    fenced = threading.Event()
+
+    def on_fenced() -> None:
+        log.warning("%s incarnation %d was fenced; stopping", config.name, reply.incarnation)
+        fenced.set()
+        stop.set()
+
+    def stats() -> dict[str, float]:
+        return {"bytes": float(layout.nbytes), "blocks": float(layout.num_blocks),
+                "resident_bytes": float(os.fstat(fd).st_blocks * 512)}
+
+    client.start_heartbeats(config.name, reply.incarnation, dep.heartbeat_interval_s, stats, on_fenced)
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    address = f"memfd:{os.getpid()}:{fd}:{layout.nbytes}"
+    client.ready(config.name, reply.incarnation, data_address=address)
+    log.info("%s ready: %d blocks of %d tokens (%.1f MiB) at %s", config.name, layout.num_blocks, layout.block_size,
+             layout.nbytes / 2**20, address)
+    try:
+        while not stop.wait(0.5):  # a timed wait lets the SIGTERM handler run
+            pass
+    finally:
+        if not fenced.is_set():
+            client.deregister(config.name, reply.incarnation)
+        client.close()
+        os.close(fd)
+    return 3 if fenced.is_set() else 0
