@@ -22,7 +22,7 @@ from resilient_moe import messages
 from resilient_moe.config import SamplingParams
 from resilient_moe.controller.client import ControllerClient
 from resilient_moe.datapath.frames import FrameHeader, FrameKind, worker_number
-from resilient_moe.datapath.link import Link, LinkClosed, PeerInfo, connect
+from resilient_moe.datapath.link import FrameTooLarge, Link, LinkClosed, Outbox, PeerInfo, connect
 from resilient_moe.datapath.poller import Poller
 from resilient_moe.proto import controller_pb2 as pb
 from resilient_moe.workers.common import Wakeup
@@ -67,6 +67,7 @@ class RequestHandle:
     worker: str = ""
     duplicates: int = 0
     moves: int = 0  # times it was moved to another attention worker after a failure
+    lost_on: list[str] = field(default_factory=list)  # attention workers that failed while serving it
     submitted_at: float = field(default_factory=time.monotonic)
     # Called (on the frontend's I/O thread) after each event is queued: lets an asyncio caller wake up
     # instead of blocking a thread per request. Must be quick and must not raise.
@@ -157,22 +158,32 @@ class RequestHandle:
 
 
 class Frontend:
-    """Submits requests to attention workers of one cluster and streams their tokens back."""
+    """Submits requests to attention workers of one cluster and streams their tokens back.
+
+    Callers submit and abort from any thread; the link I/O runs on one thread of its own, which never
+    blocks on a peer (a message that finds no room waits in that link's outbox) and hands every
+    message it takes to its link or fails its request with the reason. `requests` is shared between
+    the two sides under a lock; everything else belongs to the I/O thread.
+    """
 
     _ids = itertools.count()
 
     def __init__(self, controller_address: str, name: str | None = None, max_unfinished: int = 1024,
-                 park_timeout_s: float = 120.0) -> None:
+                 park_timeout_s: float = 120.0, max_losses: int = 2) -> None:
         """`max_unfinished` bounds the requests in flight through this frontend (memory and AW queues);
-        `submit` beyond it raises Overloaded rather than queueing without limit."""
+        `submit` beyond it raises Overloaded rather than queueing without limit. A request whose
+        attention worker fails `max_losses` times while serving it is failed rather than moved again:
+        it may be what makes them fail (a poison request), and must not take the next one down."""
         self.name = name or f"frontend-{os.getpid()}-{next(self._ids)}"
         self.identity = PeerInfo(self.name, worker_number("frontend", 0), secrets.randbits(32), os.getpid())
         self.client = ControllerClient(controller_address)
         self.poller = Poller()
         self.wakeup = Wakeup(self.poller)
-        self.links: dict[str, tuple[int, Link]] = {}  # aw name -> (incarnation, link)
+        self.links: dict[str, tuple[int, Outbox]] = {}  # aw name -> (incarnation, outbox of its link)
         self.requests: dict[str, RequestHandle] = {}  # unfinished, plus finished ones not yet read to the end
+        self._lock = threading.Lock()  # guards `requests`
         self.max_unfinished = max_unfinished
+        self.max_losses = max_losses
         self._released: "queue.SimpleQueue[str]" = queue.SimpleQueue()
         self._outbox: "queue.Queue[tuple[RequestHandle, messages.Message]]" = queue.Queue()
         self._parked: list[tuple[RequestHandle, messages.Submit, float]] = []  # moved, waiting for a worker
@@ -195,7 +206,7 @@ class Frontend:
         self._states.put(state)
         self.wakeup.ring()
 
-    # ---- API --------------------------------------------------------------------------------
+    # ---- API (any thread) ---------------------------------------------------------------------
 
     def submit(
         self,
@@ -205,20 +216,21 @@ class Frontend:
         on_event: Callable[[], None] | None = None,
     ) -> RequestHandle:
         """Send a request to an attention worker; raises Overloaded past `max_unfinished`."""
-        if self.unfinished() >= self.max_unfinished:
-            raise Overloaded(f"{self.max_unfinished} requests are already in flight; retry later")
         request_id = request_id or f"req-{secrets.token_hex(6)}"
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         handle = RequestHandle(request_id, list(prompt_ids), params, seed, on_event=on_event)
         handle._on_consumed = lambda: self._released.put(request_id)
-        self.requests[request_id] = handle
-        message = messages.Submit(request_id, list(prompt_ids), params.to_dict(), seed)
-        self._outbox.put((handle, message))
+        with self._lock:
+            if sum(1 for h in self.requests.values() if not h.done) >= self.max_unfinished:
+                raise Overloaded(f"{self.max_unfinished} requests are already in flight; retry later")
+            self.requests[request_id] = handle
+        self._outbox.put((handle, messages.Submit(request_id, list(prompt_ids), params.to_dict(), seed)))
         self.wakeup.ring()
         return handle
 
     def abort(self, request_id: str) -> None:
-        handle = self.requests.get(request_id)
+        with self._lock:
+            handle = self.requests.get(request_id)
         if handle is not None and not handle.done:
             self._outbox.put((handle, messages.Abort(request_id)))
             handle._fail(RequestFailed("aborted", "aborted"))
@@ -232,7 +244,11 @@ class Frontend:
 
     def unfinished(self) -> int:
         """Requests submitted and not yet finished, failed or aborted."""
-        return sum(1 for h in list(self.requests.values()) if not h.done)
+        return sum(1 for h in self._handles() if not h.done)
+
+    def _handles(self) -> list[RequestHandle]:
+        with self._lock:
+            return list(self.requests.values())
 
     @property
     def alive(self) -> bool:
@@ -254,8 +270,8 @@ class Frontend:
         self.wakeup.ring()
         if self._thread.is_alive():
             self._thread.join(5)
-        for _, link in self.links.values():
-            link.close()
+        for _, outbox in self.links.values():
+            outbox.link.close()
         self.client.close()
 
     # ---- I/O thread -------------------------------------------------------------------------
@@ -266,11 +282,13 @@ class Frontend:
                 self._forget_released()
                 self._apply_states()
                 self._flush_outbox()
-                links, _ = self.poller.wait(0.2)
+                self._flush_links()
+                backlog = any(len(o) or o.link.backlogged for _, o in self.links.values())
+                self.poller.wait(0.001 if backlog else 0.2)
                 self.wakeup.drain()
-                for name, (_, link) in list(self.links.items()):
-                    self._drain(name, link)
-            except Exception:
+                for name, (_, outbox) in list(self.links.items()):
+                    self._drain(name, outbox.link)
+            except Exception:  # one bad pass must never stop the loop
                 log.exception("frontend loop error")
 
     def _apply_states(self) -> None:
@@ -284,7 +302,7 @@ class Frontend:
                 if w.state == pb.READY and w.data_address and (current is None or current[0] != w.incarnation):
                     try:
                         link = connect(w.data_address, self.identity, self.poller)
-                        self.links[w.name] = (w.incarnation, link)
+                        self.links[w.name] = (w.incarnation, Outbox(link))
                     except (OSError, ConnectionError) as e:
                         log.warning("cannot reach %s: %s", w.name, e)
                 elif current is not None and ((w.name, w.incarnation) in fenced or w.state == pb.DEAD):
@@ -312,45 +330,64 @@ class Frontend:
                 self._parked.append((handle, message, since))
 
     def _forget_released(self) -> None:
-        """Drop finished handles whose final event was read (on this thread: no one iterates meanwhile)."""
+        """Drop finished handles whose final event was read."""
         while True:
             try:
                 request_id = self._released.get_nowait()
             except queue.Empty:
                 return
-            handle = self.requests.get(request_id)
-            if handle is not None and handle.done:
-                del self.requests[request_id]
+            with self._lock:
+                handle = self.requests.get(request_id)
+                if handle is not None and handle.done:
+                    del self.requests[request_id]
 
     def _pick_worker(self) -> str | None:
         """Least-loaded attention worker by requests in flight from this frontend."""
         if not self.links:
             return None
         load = {name: 0 for name in self.links}
-        for h in self.requests.values():
+        for h in self._handles():
             if not h.done and h.worker in load:
                 load[h.worker] += 1
         return min(sorted(load), key=lambda n: load[n])
 
     def _flush_outbox(self) -> None:
+        """Hand every message callers queued to its link; a message that cannot go fails its request."""
         while not self._outbox.empty():
             handle, message = self._outbox.get_nowait()
-            if handle.done and isinstance(message, messages.Submit):
-                continue  # aborted while it waited
-            if isinstance(message, messages.Submit):
-                handle.worker = self._pick_worker() or ""
-            name = handle.worker
-            if name not in self.links:
-                if isinstance(message, messages.Submit) and message.resume:
-                    self._parked.append((handle, message, time.monotonic()))  # until a worker is back
-                elif isinstance(message, messages.Submit):
-                    handle._fail(RequestFailed("no attention worker is available", "unavailable"))
-                continue
-            _, link = self.links[name]
             try:
-                link.send(FrameHeader(FrameKind.CONTROL), body=messages.encode(message))
-            except LinkClosed:
-                self._lost(name, "link closed on send")  # moves a submitted request on; an abort is moot
+                self._route(handle, message)
+            except Exception as e:  # noqa: BLE001 (whatever it is, the request hears of it)
+                log.exception("cannot send %s for %s", type(message).__name__, handle.request_id)
+                handle._fail(RequestFailed(f"could not be sent to an attention worker: {e}", "error"))
+
+    def _route(self, handle: RequestHandle, message: messages.Message) -> None:
+        submit = isinstance(message, messages.Submit)
+        if submit and handle.done:
+            return  # aborted while it waited
+        if submit:
+            handle.worker = self._pick_worker() or ""
+        name = handle.worker
+        if name not in self.links:
+            if submit and message.resume:
+                self._parked.append((handle, message, time.monotonic()))  # until a worker is back
+            elif submit:
+                handle._fail(RequestFailed("no attention worker is available", "unavailable"))
+            return
+        _, outbox = self.links[name]
+        try:
+            outbox.send(FrameHeader(FrameKind.CONTROL), body=messages.encode(message))
+        except LinkClosed:
+            self._lost(name, "link closed on send")  # moves a submitted request on; an abort is moot
+        except FrameTooLarge as e:
+            handle._fail(RequestFailed(f"request is too large for the link to {name}: {e}", "invalid_request"))
+
+    def _flush_links(self) -> None:
+        for name, (_, outbox) in list(self.links.items()):
+            try:
+                outbox.flush()
+            except LinkClosed as e:
+                self._lost(name, f"link closed on send: {e}")
 
     def _drain(self, name: str, link: Link) -> None:
         try:
@@ -358,24 +395,26 @@ class Frontend:
             while (frame := link.recv()) is not None:
                 got = True
                 if frame.header.kind == FrameKind.CONTROL:
-                    self._on_message(messages.decode(frame.body))
+                    try:
+                        self._on_message(messages.decode(frame.body))
+                    except messages.MessageError as e:
+                        log.error("bad message from %s: %s", name, e)
             if got:
                 link.release()
         except LinkClosed as e:
             self._lost(name, str(e))
-        except messages.MessageError as e:
-            log.error("bad message from %s: %s", name, e)
 
     def _on_message(self, message: messages.Message) -> None:
+        with self._lock:
+            requests = dict(self.requests) if isinstance(message, messages.Tokens) else None
+            handle = None if requests is not None else self.requests.get(message.request_id)
         if isinstance(message, messages.Tokens):
             for request_id, position, token_id, logprob, finish, top in message.events:
-                handle = self.requests.get(request_id)
+                handle = requests.get(request_id)
                 if handle is not None:
-                    handle._accept(position, token_id, logprob, finish, [tuple(p) for p in top] if top else None)
-        elif isinstance(message, messages.Failed):
-            handle = self.requests.get(message.request_id)
-            if handle is not None:
-                handle._fail(RequestFailed(message.message, message.kind))
+                    handle._accept(position, token_id, logprob, finish, top)
+        elif isinstance(message, messages.Failed) and handle is not None:
+            handle._fail(RequestFailed(message.message, message.kind))
 
     def _lost(self, name: str, reason: str, fenced: bool = False) -> None:
         """An attention worker is gone: move its unfinished requests to the others.
@@ -384,22 +423,33 @@ class Frontend:
         adopting worker restores the KV cache it can from the checkpoint store and recomputes the
         rest. In the restart-everything baseline it starts over from its prompt, and the position
         numbering drops the tokens it repeats. Requests wait (parked) while no worker is reachable.
+        A request that has now lost `max_losses` workers is failed instead (a poison request).
         """
         entry = self.links.pop(name, None)
         if entry is None:
             return
-        self.poller.remove(entry[1])
-        entry[1].close()
+        self.poller.remove(entry[1].link)
+        entry[1].link.close()
         log.warning("lost attention worker %s: %s", name, reason)
         if not fenced:  # tell the controller at once rather than after its heartbeat timeout
             self.client.report_failure(self.name, name, entry[0], reason, wait=False)
-        for handle in list(self.requests.values()):
-            if handle.worker == name and not handle.done:
-                handle.worker = ""
-                handle.moves += 1
-                output_ids = handle.token_ids if self.resilience else []
-                self._outbox.put((handle, messages.Submit(
-                    handle.request_id, handle.prompt_ids, handle.params.to_dict(), handle.seed,
-                    output_ids=output_ids, resume=True,
-                )))
+        for handle in self._handles():
+            if handle.worker != name or handle.done:
+                continue
+            handle.worker = ""
+            handle.lost_on.append(name)
+            if self.resilience and len(handle.lost_on) >= self.max_losses:
+                log.error("request %s failed: its attention workers %s each failed while serving it",
+                          handle.request_id, ", ".join(handle.lost_on))
+                handle._fail(RequestFailed(
+                    f"request {handle.request_id} was being served by {' and then '.join(handle.lost_on)} when each "
+                    f"of them failed; it is not moved to another worker, in case it is what makes them fail",
+                    "poison"))
+                continue
+            handle.moves += 1
+            output_ids = handle.token_ids if self.resilience else []
+            self._outbox.put((handle, messages.Submit(
+                handle.request_id, handle.prompt_ids, handle.params.to_dict(), handle.seed,
+                output_ids=output_ids, resume=True,
+            )))
         self.wakeup.ring()
