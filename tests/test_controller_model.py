@@ -218,7 +218,7 @@ def test_expert_worker_death_promotes_shadows_and_replacement_restores_them():
     original = model.ert
     assert model.unprotected() == []
     model.declare_dead("ew-0", "test")
-    assert ("start", "ew-0") in model.launcher_commands
+    assert ("start", "ew-0", 10) in model.launcher_commands, "a replacement for the process with pid 10"
     assert model.ert.epoch > original.epoch
     for expert in (0, 1):  # ew-0's experts: their shadows now lead
         assert model.ert.of(0, expert)[0] != "ew-0" and "ew-0" not in model.ert.of(0, expert)
@@ -236,20 +236,20 @@ def test_without_resilience_any_death_restarts_everything():
     for r in records:
         model.ready(r.name, r.incarnation, [], "a")
     model.declare_dead("ew-1", "test")
-    assert model.launcher_commands == [("restart-all", "ew-1")]
+    assert model.launcher_commands == [("restart-all", "ew-1", 6)]
     assert model.live() == [], "the survivors go down with it"
     assert {(r.name, r.incarnation) for r in records} <= model.fenced
     # While the restart runs, more deaths ask for no second restart; once all are back, one does.
     fresh = [model.register(r.name, r.role, r.index, pid=50 + i, host="h") for i, r in enumerate(records)]
     model.ready(fresh[0].name, fresh[0].incarnation, [], "a")
     model.declare_dead(fresh[1].name, "killed while starting")
-    assert model.launcher_commands == [("restart-all", "ew-1")]
+    assert model.launcher_commands == [("restart-all", "ew-1", 6)]
     again = [model.register(r.name, r.role, r.index, pid=70 + i, host="h") for i, r in enumerate(records)]
     for r in again:
         model.ready(r.name, r.incarnation, [], "a")
     assert not model.restart_pending
     model.declare_dead("aw-0", "a new failure")
-    assert model.launcher_commands[-1] == ("restart-all", "aw-0") and len(model.launcher_commands) == 2
+    assert model.launcher_commands[-1] == ("restart-all", "aw-0", 72) and len(model.launcher_commands) == 2
 
 
 def test_snapshot_restore_carries_membership_fences_and_epoch():

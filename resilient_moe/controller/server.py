@@ -106,7 +106,7 @@ class ControllerService(pb_grpc.ControllerServicer):
     def Deregister(self, request, context):
         with self.lock:
             self.model.deregister(request.name, request.incarnation)
-            self._changed()
+            self._after_change()  # a worker that left is replaced: its order goes out now
         return pb.Empty()
 
     def ReportFailure(self, request, context):
@@ -158,9 +158,9 @@ class ControllerService(pb_grpc.ControllerServicer):
 
     def _after_change(self) -> None:
         """Hand the model's requests for new processes to the launcher, and wake every watcher."""
-        for action, worker in self.model.launcher_commands:
-            log.info("asking the launcher to %s %s", action, worker)
-            self.launcher_commands.put(pb.LauncherCommand(action=action, worker=worker))
+        for action, worker, pid in self.model.launcher_commands:
+            log.info("asking the launcher to %s %s (in place of pid %d)", action, worker, pid)
+            self.launcher_commands.put(pb.LauncherCommand(action=action, worker=worker, pid=pid))
         self.model.launcher_commands.clear()
         self._changed()
 

@@ -97,7 +97,8 @@ class ClusterModel:
         self.events: deque[ClusterEvent] = deque(maxlen=500)
         self.next_incarnation = 1
         self.version = 0
-        self.launcher_commands: list[tuple[str, str]] = []  # (action, worker) for the launcher to carry out
+        # (action, worker, pid of the process it is about) for the launcher to carry out
+        self.launcher_commands: list[tuple[str, str, int]] = []
         self.restart_pending = False  # baseline: a restart-all was asked for and is not complete yet
         self.faults: dict[str, LinkFault] = {}  # injected datapath faults by id (chaos testing)
         self.ert = self._build_ert()
@@ -201,7 +202,7 @@ class ClusterModel:
             # A worker that leaves on its own (SIGTERM from an operator or a node drain) is replaced like a
             # dead one, so redundancy comes back; a launcher that is shutting down ignores the request.
             if self.resilience and record.role in ("expert", "attention", "kv_store"):
-                self.launcher_commands.append(("start", name))
+                self.launcher_commands.append(("start", name, record.pid))
 
     def _current(self, name: str, incarnation: int) -> WorkerRecord | None:
         record = self.workers.get(name)
@@ -281,9 +282,9 @@ class ClusterModel:
             # or one dies while starting, which the launcher sees and retries) need no second one.
             if not self.restart_pending:
                 self.restart_pending = True
-                self.launcher_commands.append(("restart-all", record.name))
+                self.launcher_commands.append(("restart-all", record.name, record.pid))
         elif record.role in ("expert", "attention", "kv_store"):
-            self.launcher_commands.append(("start", record.name))
+            self.launcher_commands.append(("start", record.name, record.pid))
 
     # ---- persistence (Redis) ----------------------------------------------------------------
 

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import os
+import queue
 import secrets
 import shutil
 import signal
@@ -31,6 +32,10 @@ from resilient_moe.procs import process_alive
 from resilient_moe.proto import controller_pb2 as pb
 
 log = logging.getLogger("resilient_moe.launcher")
+
+
+CRASH_LOOP = 10  # spawns of one worker within CRASH_WINDOW_S after which the launcher gives up
+CRASH_WINDOW_S = 60.0
 
 
 class ClusterError(ResilientMoeError):
@@ -60,6 +65,7 @@ class Zygote:
         self._inp = ours.makefile("r")
         self._lock = threading.Lock()
         self.exits: list[dict] = []
+        self.exit_events: "queue.SimpleQueue[dict]" = queue.SimpleQueue()  # the same, for the supervisor
         self._spawned: dict[str, int] = {}
         self._spawn_cond = threading.Condition()
         self._reader = threading.Thread(target=self._read, name="zygote-reader", daemon=True)
@@ -79,8 +85,13 @@ class Zygote:
                     self._spawned[message["name"]] = message["pid"]
                 elif message["op"] == "exited":
                     self.exits.append(message)
+                    self.exit_events.put(message)
                     log.info("%s (pid %d) exited with code %s", message["name"], message["pid"], message["code"])
                 self._spawn_cond.notify_all()
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
 
     def wait_hello(self, timeout_s: float) -> None:
         if not self._hello.wait(timeout_s):
@@ -146,6 +157,10 @@ class LocalCluster:
         self._spawn_lock = threading.Lock()
         self._restarting = False
         self._restart_again = False
+        self._supervisor: threading.Thread | None = None
+        self._respawn_due: dict[str, float] = {}  # worker -> time.monotonic() its replacement may start
+        self._spawn_times: dict[str, list[float]] = {}  # recent spawns per worker (a crash loop ends the cluster)
+        self.fatal: str | None = None  # why the cluster cannot recover (the launcher gave up); None while it can
         self.restarts: list[tuple[float, float]] = []  # (began, ready) of each restart-all, time.monotonic()
         self.client: ControllerClient | None = None
         self.redis: subprocess.Popen | None = None
@@ -214,6 +229,13 @@ class LocalCluster:
         with self._spawn_lock:  # stop() takes it too: nothing is forked behind its back
             if self._stopping.is_set():
                 raise ClusterError(f"cluster {self.cluster_id} is stopping; not starting {name}")
+            now = time.monotonic()
+            times = [t for t in self._spawn_times.get(name, []) if now - t < CRASH_WINDOW_S] + [now]
+            self._spawn_times[name] = times
+            if len(times) > CRASH_LOOP:
+                self._fail(f"{name} was started {len(times)} times in {CRASH_WINDOW_S:.0f}s and keeps exiting; "
+                           f"its log ({self.log_dir / (name + '.log')}) ends with:\n{self.log_tail(name, 12)}")
+                raise ClusterError(self.fatal)
             pid = self.zygote.spawn(name, role, self.worker_config(name, role, index),
                                     str(self.log_dir / f"{name}.log"), cold=cold)
             old = self.pids.get(name)
@@ -225,13 +247,12 @@ class LocalCluster:
     @staticmethod
     def role_of(name: str) -> tuple[str, int]:
         prefix, _, index = name.partition("-")
-        if name == "kv-store":
-            return "kv_store", 0
+        if name in ("kv-store", "controller"):
+            return name.replace("-", "_"), 0
         return {"ew": "expert", "aw": "attention"}[prefix], int(index)
 
     def _follow_commands(self) -> None:
-        """Carry out the controller's requests: replacement workers, or (baseline) restart everything.
-        When the controller itself dies, start a new one: it recovers the cluster's state from Redis."""
+        """Carry out the controller's requests: replacement workers, or (baseline) restart everything."""
         assert self.client is not None
         while not self._stopping.is_set():
             try:
@@ -245,22 +266,88 @@ class LocalCluster:
             except Exception:
                 if self._stopping.wait(0.05):
                     return
-                self._revive_controller()
 
-    def _revive_controller(self) -> None:
-        if process_alive(self.pids.get("controller", 0)) or not self.checkpointing:
-            return  # alive (the stream broke for another reason), or no Redis to recover from
-        log.warning("the controller died; starting a new one")
+    # ---- supervision: no process of the cluster stays dead --------------------------------
+
+    def _supervise(self) -> None:
+        """Every few milliseconds: a dead fork server is started again, a dead controller too, and a
+        worker that exited for any reason (a signal, an uncaught exception, leaving on its own) gets a
+        replacement at once and is reported to the controller, which fences it and reroutes. A worker
+        that keeps dying (CRASH_LOOP spawns in CRASH_WINDOW_S) ends the cluster with a clear error
+        (`fatal`) instead of a restart loop."""
+        while not self._stopping.wait(0.02):
+            try:
+                if self.zygote is not None and not self.zygote.alive:
+                    self._replace_zygote()
+                while self.zygote is not None:
+                    try:
+                        message = self.zygote.exit_events.get_nowait()
+                    except queue.Empty:
+                        break
+                    self._on_exit(message["name"], message["pid"], f"exited with code {message['code']}")
+                if not process_alive(self.pids.get("controller", 0)):
+                    self._on_exit("controller", self.pids.get("controller", 0), "is gone")
+                now = time.monotonic()
+                for name, due in list(self._respawn_due.items()):
+                    if now >= due:
+                        del self._respawn_due[name]
+                        self._respawn(name)
+            except ClusterError as e:
+                if not self._stopping.is_set():
+                    log.error("%s", e)
+            except Exception:  # one bad pass must never stop supervision
+                log.exception("supervision pass failed")
+
+    def _on_exit(self, name: str, pid: int, how: str) -> None:
+        if self._stopping.is_set() or self.fatal or pid != self.pids.get(name) or name in self._respawn_due:
+            return  # shutting down, or a process already replaced (a fenced one leaving)
+        log.warning("%s (pid %d) %s", name, pid, how)
+        if name == "controller":
+            if not self.checkpointing:
+                self._fail("the controller died, and without Redis (kv_checkpoint off) its state cannot be "
+                           "recovered; restart the cluster")
+                return
+            self._respawn_due[name] = time.monotonic()
+            return
+        if self.client is not None:  # the controller fences it and reroutes at once, without waiting for heartbeats
+            self.client.report_failure("launcher", name, 0, f"process {pid} {how}", wait=False)
+        if self.deployment.resilience and not self._restarting:
+            recent = [t for t in self._spawn_times.get(name, []) if time.monotonic() - t < 2.0]
+            self._respawn_due[name] = time.monotonic() + (0.5 * 2 ** (len(recent) - 1) if recent else 0.0)
+
+    def _respawn(self, name: str) -> None:
+        if name == "controller":
+            log.warning("starting a new controller (it recovers the cluster's state from Redis)")
+        else:
+            log.info("starting a replacement for %s", name)
+        self.spawn(name, *self.role_of(name))
+
+    def _replace_zygote(self) -> None:
+        """The fork server died, and every worker with it: start it again, then a controller and a
+        replacement for every worker."""
+        log.error("the fork server (pid %d) died; starting a new one and every worker again", self.zygote.proc.pid)
+        dead = {name: pid for name, pid in self.pids.items() if name != "redis"}
         try:
-            self.spawn("controller", "controller", 0)
-        except ClusterError:
-            pass  # stopping
+            zygote = Zygote()
+            zygote.wait_hello(60)
+        except (OSError, ClusterError) as e:
+            self._fail(f"the fork server died and could not be started again: {e}")
+            return
+        self.zygote, self._own_zygote = zygote, True
+        for name, pid in sorted(dead.items(), key=lambda item: item[0] != "controller"):  # the controller first
+            self._on_exit(name, pid, "died with the fork server")
+
+    def _fail(self, reason: str) -> None:
+        if self.fatal is None:
+            self.fatal = reason
+            log.error("the cluster cannot recover: %s", reason)
 
     def _carry_out(self, command: pb.LauncherCommand) -> None:
         if command.action == "start":
-            role, index = self.role_of(command.worker)
-            log.info("starting a replacement for %s", command.worker)
-            self.spawn(command.worker, role, index)
+            current = self.pids.get(command.worker, 0)
+            if command.worker in self._respawn_due or (current != command.pid and process_alive(current)):
+                return  # already replaced (the launcher saw it exit first), or being replaced
+            self._respawn(command.worker)
         elif command.action == "restart-all":
             if self._restarting:
                 self._restart_again = True  # a death during a restart: restart once more after it
@@ -354,6 +441,8 @@ class LocalCluster:
             self._wait(lambda s: self._all_ready(s, attention), deadline, "attention workers")
             self._commands = threading.Thread(target=self._follow_commands, name="launcher-commands", daemon=True)
             self._commands.start()
+            self._supervisor = threading.Thread(target=self._supervise, name="launcher-supervisor", daemon=True)
+            self._supervisor.start()
         except BaseException:
             self.stop()
             raise

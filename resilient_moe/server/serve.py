@@ -250,6 +250,9 @@ def run(stack: ServingStack, say: Callable[[str], None] = print) -> int:
             if not stack.serving:
                 say("the HTTP server stopped unexpectedly; shutting down")
                 return 1
+            if stack.cluster is not None and stack.cluster.fatal:
+                say(f"error: the cluster cannot recover: {stack.cluster.fatal}\nshutting down")
+                return 1
         say("shutting down ...")
         return 0
     finally:
