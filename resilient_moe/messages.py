@@ -8,6 +8,8 @@ field's type and names the first bad one, so a malformed message is rejected, no
     tokens     AW -> frontend   token events of one step: [request_id, position, token, logprob, finish, top]
                                 (top: [[token, logprob], ...], the most likely tokens, or null)
     failed     AW -> frontend   a request cannot complete here (bad input, no live expert replica...)
+    started    AW -> frontend   these requests are in the step about to run, their first one here
+                                (sent before it runs: if the worker dies in it, they are suspects)
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ class Submit:
     seed: int
     output_ids: list[int] = field(default_factory=list)  # tokens already delivered (resume)
     resume: bool = False  # moved here from a failed attention worker: restore its checkpointed KV if any
+    suspect: bool = False  # a worker failed in this request's first step there: admit it alone, one a step
     type: str = "submit"
 
 
@@ -53,8 +56,14 @@ class Failed:
     type: str = "failed"
 
 
-Message = Submit | Abort | Tokens | Failed
-_TYPES = {"submit": Submit, "abort": Abort, "tokens": Tokens, "failed": Failed}
+@dataclass(frozen=True)
+class Started:
+    request_ids: list[str]
+    type: str = "started"
+
+
+Message = Submit | Abort | Tokens | Failed | Started
+_TYPES = {"submit": Submit, "abort": Abort, "tokens": Tokens, "failed": Failed, "started": Started}
 
 
 def encode(message: Message) -> bytes:
@@ -110,6 +119,7 @@ def _check(kind: str, raw: dict[str, Any]) -> None:
         out = raw.get("output_ids", [])
         need("output_ids", isinstance(out, list) and all(_is_int(t) for t in out), "a list of integers")
         need("resume", isinstance(raw.get("resume", False), bool), "true or false")
+        need("suspect", isinstance(raw.get("suspect", False), bool), "true or false")
     elif kind == "tokens":
         events = raw.get("events")
         need("events", isinstance(events, list) and all(isinstance(e, list) and len(e) == 6 and _is_top(e[5])
@@ -118,3 +128,7 @@ def _check(kind: str, raw: dict[str, Any]) -> None:
              "[token, logprob] pairs)")
     elif kind == "failed":
         need("message", isinstance(raw.get("message"), str), "a string")
+    elif kind == "started":
+        ids = raw.get("request_ids")
+        need("request_ids", isinstance(ids, list) and all(isinstance(r, str) and 0 < len(r) <= 256 for r in ids),
+             "a list of request ids")

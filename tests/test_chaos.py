@@ -136,7 +136,7 @@ class FakeLink:
 
 
 def frame(seq: int) -> FrameHeader:
-    return FrameHeader(FrameKind.DISPATCH, seq=seq)
+    return FrameHeader(FrameKind.DISPATCH, seq=seq)  # carries rows (the tests leave the tensor out)
 
 
 def test_link_faults_hold_in_order_and_release_on_time_or_when_lifted():

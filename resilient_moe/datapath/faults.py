@@ -22,8 +22,13 @@ real failures do:
   delivered, e.g. an EW stalled between computing and answering; past the part's deadline the AW
   resends elsewhere and the late answer is dropped as a duplicate.
 
+One fault is not about a link: `poison` (with `token_id`) makes an attention worker exit when it
+schedules a request whose prompt holds that token, as a request that triggers a bug would take its
+worker down; the frontend must then stop moving that request from worker to worker.
+
 `drop`, `corrupt`, `lose` and `late` pick frames with probability `drop_rate` (1 for `late` when
-unset); `count` > 0 limits a fault to that many frames in all (0: no limit), so a test can hit
+unset); `corrupt`, `lose` and `late` only pick frames that carry rows (DISPATCH out, RESULT in), not
+probes; `count` > 0 limits a fault to that many frames in all (0: no limit), so a test can hit
 exactly one frame. A fault names its link by `source` (an attention worker, "" = every one) and
 `target` (an expert worker, "" = every one); `expires_at` (unix time, 0 = until removed) ends it on
 every AW at the same moment, however late the AW learned of it.
@@ -41,11 +46,12 @@ from typing import Any, Callable
 
 import torch
 
-from resilient_moe.datapath.frames import HEADER_SIZE, Frame, FrameHeader, encode
+from resilient_moe.datapath.frames import HEADER_SIZE, Frame, FrameHeader, FrameKind, encode
 from resilient_moe.datapath.link import Link
 from resilient_moe.errors import ConfigError
 
-KINDS = ("delay", "drop", "partition", "corrupt", "lose", "late")
+LINK_KINDS = ("delay", "drop", "partition", "corrupt", "lose", "late")
+KINDS = (*LINK_KINDS, "poison")
 _RATED = ("drop", "corrupt", "lose", "late")  # kinds that pick frames at random (drop_rate)
 
 
@@ -63,6 +69,7 @@ class LinkFault:
     retransmit_ms: float = 200.0
     expires_at: float = 0.0  # unix time; 0 = until removed
     count: int = 0  # frames it may hit in all; 0 = no limit
+    token_id: int = -1  # poison: the prompt token that takes an attention worker down (ignored otherwise)
 
     def __post_init__(self) -> None:
         if not isinstance(self.id, str) or not self.id:
@@ -80,6 +87,9 @@ class LinkFault:
             raise ConfigError(f"fault drop_rate must be a probability in [0, 1], got {self.drop_rate!r}")
         if isinstance(self.count, bool) or not isinstance(self.count, int) or not 0 <= self.count < 1 << 32:
             raise ConfigError(f"fault count must be an integer >= 0, got {self.count!r}")
+        if isinstance(self.token_id, bool) or not isinstance(self.token_id, int) or \
+                (self.kind == "poison" and self.token_id < 0):
+            raise ConfigError(f"fault token_id must be a token id >= 0 for a poison fault, got {self.token_id!r}")
         if self.kind in ("delay", "late") and self.delay_ms == 0 and self.jitter_ms == 0:
             raise ConfigError(f"a {self.kind} fault needs delay_ms > 0 or jitter_ms > 0")
         if self.kind in ("drop", "corrupt", "lose") and self.drop_rate == 0:
@@ -133,7 +143,7 @@ class FaultPlan:
         self.counters = {"held_frames": 0, "retransmits": 0, "corrupted": 0, "lost": 0, "late": 0}
 
     def update(self, faults: list[LinkFault]) -> None:
-        self.faults = [f for f in faults if f.source in ("", self.me)]
+        self.faults = [f for f in faults if f.source in ("", self.me) and f.kind in LINK_KINDS]
         ids = {f.id for f in self.faults}
         self._hits = {i: n for i, n in self._hits.items() if i in ids}
 
@@ -161,15 +171,15 @@ class FaultPlan:
             return math.inf
         return time.monotonic() + max(0.0, max(ends) - self.clock())
 
-    def plan_send(self, target: str) -> tuple[str, float | None, bool]:
-        """(fate, due, partitioned) of a frame about to be sent to `target`: fate "pass", "lose" or
-        "corrupt"; due: monotonic time it may leave (None: now)."""
+    def plan_send(self, target: str, rows: bool) -> tuple[str, float | None, bool]:
+        """(fate, due, partitioned) of a frame about to be sent to `target` (`rows`: it carries rows):
+        fate "pass", "lose" or "corrupt"; due: monotonic time it may leave (None: now)."""
         faults = self.on(target)
         if not faults:
             return "pass", None, False
         fate = "pass"
         for f in faults:
-            if f.kind in ("lose", "corrupt") and self._hit(f):
+            if f.kind in ("lose", "corrupt") and rows and self._hit(f):
                 fate = f.kind
                 self.counters["lost" if f.kind == "lose" else "corrupted"] += 1
         end = self._partition_end(faults)
@@ -185,8 +195,9 @@ class FaultPlan:
                 held = True
         return fate, (due if held else None), end is not None
 
-    def plan_recv(self, target: str) -> tuple[float | None, bool]:
-        """(due, partitioned) of a frame that arrived from `target`: when it may be delivered (None: now)."""
+    def plan_recv(self, target: str, rows: bool) -> tuple[float | None, bool]:
+        """(due, partitioned) of a frame that arrived from `target` (`rows`: it carries rows): when it may
+        be delivered (None: now)."""
         faults = self.on(target)
         if not faults:
             return None, False
@@ -194,7 +205,7 @@ class FaultPlan:
         due = end if end is not None else time.monotonic()
         held = end is not None
         for f in faults:
-            if f.kind == "late" and self._hit(f):
+            if f.kind == "late" and rows and self._hit(f):
                 due += (f.delay_ms + self._rng.uniform(0.0, f.jitter_ms)) / 1000.0
                 self.counters["late"] += 1
                 held = True
@@ -248,7 +259,7 @@ class FaultyLink(Link):
     # ---- sending ----------------------------------------------------------------------------
 
     def try_send(self, header, aux=None, tensor=None, body=None) -> bool:
-        fate, due, partitioned = self.plan.plan_send(self.target)
+        fate, due, partitioned = self.plan.plan_send(self.target, header.kind == FrameKind.DISPATCH)
         if fate == "lose":
             return True  # gone: only the sender's deadline notices
         raw = self._corrupted(header, aux, tensor, body) if fate == "corrupt" else None
@@ -322,7 +333,7 @@ class FaultyLink(Link):
             frame = self.inner.recv()
             if frame is None:
                 return None
-            due, partitioned = self.plan.plan_recv(self.target)
+            due, partitioned = self.plan.plan_recv(self.target, frame.header.kind == FrameKind.RESULT)
             if due is None and not self._in:
                 return frame
             due = max(now if due is None else due, self._in[-1].due if self._in else 0.0)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from resilient_moe.datapath.ert import RoutingTable
-from resilient_moe.datapath.faults import FaultPlan, FaultyLink, LinkFault
+from resilient_moe.datapath.faults import LINK_KINDS, FaultPlan, FaultyLink, LinkFault
 from resilient_moe.datapath.frames import Frame, FrameFlags, FrameHeader, FrameKind
 from resilient_moe.datapath.link import FrameTooLarge, Link, LinkClosed, PeerInfo, connect
 from resilient_moe.datapath.parts import DeadlineModel, check_result, rows_per_part
@@ -88,6 +88,7 @@ class _Peer:
     inflight_bytes: int = 0
     inflight_rows: int = 0
     next_seq: int = 1
+    newest_answered: int = 0  # highest seq answered: an older part still unanswered was skipped (lost)
     last_heard: float = field(default_factory=time.monotonic)
     probes_sent: int = 0  # unanswered probes since it was last heard from
     suspect: bool = False  # silent, late or malformed: routed around until it answers again
@@ -409,6 +410,7 @@ class Forwarder:
         if part.received < part.n:
             return
         self._forget(peer, part)
+        peer.newest_answered = max(peer.newest_answered, part.seq)
         call.remaining -= 1
         self.round_trip_s += now - part.sent_at
         self.deadlines.observe(now - part.sent_at, part.rows_ahead, part.n)
@@ -436,14 +438,16 @@ class Forwarder:
         (procs.py): one that is runnable is busy or starved of CPU, not lost, so its deadlines are
         extended (doubling) instead of loading the other workers with its parts, up to
         `busy_grace_s`; one that is stopped, gone or asleep with a part overdue (so the frame was
-        lost) is acted on at once."""
+        lost) is acted on at once. So is a part the worker skipped: it answered a part sent after it (a
+        worker answers a link's parts in order), so this one was lost or its answer is late."""
         now = time.monotonic()
         for peer in list(self.peers.values()):
             if not peer.outstanding or peer.fenced:
                 continue
             late = [p for p in peer.outstanding.values() if p.deadline < now]
             if late:
-                if self._busy(peer, now - min(p.sent_at for p in late)):
+                skipped = any(p.seq < peer.newest_answered for p in late)
+                if not skipped and self._busy(peer, now - min(p.sent_at for p in late)):
                     for part in late:
                         part.deadline = now + 2 * (part.deadline - part.sent_at)
                     self.counters["deadline_extensions"] += len(late)
@@ -525,7 +529,7 @@ class Forwarder:
     def set_faults(self, faults: list[LinkFault]) -> None:
         """Adopt the cluster's injected link faults; those naming other AWs are ignored."""
         if self.faults is None:
-            if not any(f.source in ("", self.identity.name) for f in faults):
+            if not any(f.source in ("", self.identity.name) and f.kind in LINK_KINDS for f in faults):
                 return
             self.faults = FaultPlan(self.identity.name)
         self.faults.update(faults)

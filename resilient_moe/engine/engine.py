@@ -8,6 +8,7 @@ schedule -> run -> postprocess.
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,6 +80,9 @@ class LLMEngine:
         self.last_logits: dict[str, torch.Tensor] = {}  # request id -> logits of its latest token (tests, logprobs)
         self.keep_logits = False
         self.failures: list[tuple[str, str]] = []
+        # Called with each step's sequences before it runs (an attention worker tells its frontends
+        # which requests start; chaos testing injects poison there).
+        self.on_scheduled: Callable[[list[Sequence]], None] | None = None
 
     # ---- requests ---------------------------------------------------------------------------
 
@@ -154,6 +158,8 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if batch is None:
             return []
+        if self.on_scheduled is not None:
+            self.on_scheduled(batch.seqs)
         self.step_count += 1
         output = self.runner.run(batch.seqs, self.config.micro_batches, self.step_count)
         for request_id, message in output.failed.items():

@@ -105,9 +105,14 @@ class Scheduler:
             tokens_left -= want
             scheduled.append(seq)
             index += 1
-        # Step 2: admit waiting sequences in arrival order, their first chunk within what is left.
+        # Step 2: admit waiting sequences in arrival order, their first chunk within what is left. At most
+        # one suspect a step: if it takes the worker down again, no other suspect was in that step with it.
+        suspects = 0
         while self.waiting and len(self.running) < self.config.max_num_seqs and prefill_left > 0 and tokens_left > 0:
             seq = self.waiting[0]
+            if seq.suspect and suspects:
+                break
+            suspects += seq.suspect
             want = min(seq.num_new_tokens, prefill_left, tokens_left)
             missing = self.blocks_for(seq.num_cached + want) - len(seq.block_table)
             if missing > self.allocator.num_free:

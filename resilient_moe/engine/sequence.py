@@ -28,6 +28,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     num_cached: int = 0
     num_scheduled: int = 0  # tokens the current step computes, from position num_cached on
+    suspect: bool = False  # a worker died in its first step there (a poison request?): admitted alone
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
     arrival_time: float = field(default_factory=time.monotonic)

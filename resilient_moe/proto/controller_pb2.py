@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$resilient_moe/proto/controller.proto\x12\rresilient_moe\"*\n\tExpertRef\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\x05\"\xf5\x02\n\nWorkerInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12!\n\x04role\x18\x02 \x01(\x0e\x32\x13.resilient_moe.Role\x12\r\n\x05index\x18\x03 \x01(\x05\x12\x13\n\x0bincarnation\x18\x04 \x01(\x04\x12\x0b\n\x03pid\x18\x05 \x01(\x05\x12\x0c\n\x04host\x18\x06 \x01(\t\x12\x14\n\x0c\x64\x61ta_address\x18\x07 \x01(\t\x12)\n\x05state\x18\x08 \x01(\x0e\x32\x1a.resilient_moe.WorkerState\x12)\n\x07\x65xperts\x18\t \x03(\x0b\x32\x18.resilient_moe.ExpertRef\x12\x17\n\x0fheartbeat_age_s\x18\n \x01(\x01\x12\x31\n\x04load\x18\x0b \x03(\x0b\x32#.resilient_moe.WorkerInfo.LoadEntry\x12\x12\n\nstarted_at\x18\x0c \x01(\x01\x1a+\n\tLoadEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x1d\n\nCandidates\x12\x0f\n\x07workers\x18\x01 \x03(\t\"r\n\x0cRoutingTable\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x12\n\nnum_layers\x18\x02 \x01(\x05\x12\x13\n\x0bnum_experts\x18\x03 \x01(\x05\x12*\n\x07\x65ntries\x18\x04 \x03(\x0b\x32\x19.resilient_moe.Candidates\"*\n\x05\x46\x65nce\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bincarnation\x18\x02 \x01(\x04\"C\n\x05\x45vent\x12\x0c\n\x04time\x18\x01 \x01(\x01\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0e\n\x06worker\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\"\xb3\x01\n\x05\x46\x61ult\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x0e\n\x06target\x18\x04 \x01(\t\x12\x10\n\x08\x64\x65lay_ms\x18\x05 \x01(\x01\x12\x11\n\tjitter_ms\x18\x06 \x01(\x01\x12\x11\n\tdrop_rate\x18\x07 \x01(\x01\x12\x15\n\rretransmit_ms\x18\x08 \x01(\x01\x12\x12\n\nexpires_at\x18\t \x01(\x01\x12\r\n\x05\x63ount\x18\n \x01(\r\"O\n\x0b\x46\x61ultUpdate\x12!\n\x03\x61\x64\x64\x18\x01 \x03(\x0b\x32\x14.resilient_moe.Fault\x12\x0e\n\x06remove\x18\x02 \x03(\t\x12\r\n\x05\x63lear\x18\x03 \x01(\x08\"1\n\tFaultList\x12$\n\x06\x66\x61ults\x18\x01 \x03(\x0b\x32\x14.resilient_moe.Fault\"\xbc\x02\n\x0c\x43lusterState\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12*\n\x07workers\x18\x02 \x03(\x0b\x32\x19.resilient_moe.WorkerInfo\x12(\n\x03\x65rt\x18\x03 \x01(\x0b\x32\x1b.resilient_moe.RoutingTable\x12$\n\x06\x66\x65nced\x18\x04 \x03(\x0b\x32\x14.resilient_moe.Fence\x12$\n\x06\x65vents\x18\x05 \x03(\x0b\x32\x14.resilient_moe.Event\x12\x12\n\ncluster_id\x18\x06 \x01(\t\x12-\n\x0bunprotected\x18\x07 \x03(\x0b\x32\x18.resilient_moe.ExpertRef\x12\x12\n\nresilience\x18\x08 \x01(\x08\x12$\n\x06\x66\x61ults\x18\t \x03(\x0b\x32\x14.resilient_moe.Fault\"<\n\x0fRegisterRequest\x12)\n\x06worker\x18\x01 \x01(\x0b\x32\x19.resilient_moe.WorkerInfo\"\x80\x01\n\rRegisterReply\x12\x13\n\x0bincarnation\x18\x01 \x01(\x04\x12.\n\x0cload_experts\x18\x02 \x03(\x0b\x32\x18.resilient_moe.ExpertRef\x12*\n\x05state\x18\x03 \x01(\x0b\x32\x1b.resilient_moe.ClusterState\"r\n\x0cReadyRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bincarnation\x18\x02 \x01(\x04\x12)\n\x07\x65xperts\x18\x03 \x03(\x0b\x32\x18.resilient_moe.ExpertRef\x12\x14\n\x0c\x64\x61ta_address\x18\x04 \x01(\t\"\x9b\x01\n\x10HeartbeatRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bincarnation\x18\x02 \x01(\x04\x12\x37\n\x04load\x18\x03 \x03(\x0b\x32).resilient_moe.HeartbeatRequest.LoadEntry\x1a+\n\tLoadEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x8f\x01\n\x0eHeartbeatReply\x12\x0e\n\x06\x66\x65nced\x18\x01 \x01(\x08\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12.\n\x0cload_experts\x18\x03 \x03(\x0b\x32\x18.resilient_moe.ExpertRef\x12.\n\x0c\x64rop_experts\x18\x04 \x03(\x0b\x32\x18.resilient_moe.ExpertRef\"_\n\rFailureReport\x12\x10\n\x08reporter\x18\x01 \x01(\t\x12\x0f\n\x07suspect\x18\x02 \x01(\t\x12\x1b\n\x13suspect_incarnation\x18\x03 \x01(\x04\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\x1c\n\x0cWatchRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\">\n\x0fLauncherCommand\x12\x0e\n\x06\x61\x63tion\x18\x01 \x01(\t\x12\x0e\n\x06worker\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\x05\"\x07\n\x05\x45mpty*S\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\r\n\tATTENTION\x10\x01\x12\n\n\x06\x45XPERT\x10\x02\x12\x0c\n\x08\x46RONTEND\x10\x03\x12\x0c\n\x08KV_STORE\x10\x04*a\n\x0bWorkerState\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x0c\n\x08STARTING\x10\x01\x12\t\n\x05READY\x10\x02\x12\x0b\n\x07SUSPECT\x10\x03\x12\x08\n\x04\x44\x45\x41\x44\x10\x04\x12\x0b\n\x07STOPPED\x10\x05\x32\xf8\x04\n\nController\x12H\n\x08Register\x12\x1e.resilient_moe.RegisterRequest\x1a\x1c.resilient_moe.RegisterReply\x12:\n\x05Ready\x12\x1b.resilient_moe.ReadyRequest\x1a\x14.resilient_moe.Empty\x12K\n\tHeartbeat\x12\x1f.resilient_moe.HeartbeatRequest\x1a\x1d.resilient_moe.HeartbeatReply\x12\x38\n\nDeregister\x12\x14.resilient_moe.Fence\x1a\x14.resilient_moe.Empty\x12\x43\n\rReportFailure\x12\x1c.resilient_moe.FailureReport\x1a\x14.resilient_moe.Empty\x12=\n\x08GetState\x12\x14.resilient_moe.Empty\x1a\x1b.resilient_moe.ClusterState\x12\x43\n\x05Watch\x12\x1b.resilient_moe.WatchRequest\x1a\x1b.resilient_moe.ClusterState0\x01\x12Q\n\x10LauncherCommands\x12\x1b.resilient_moe.WatchRequest\x1a\x1e.resilient_moe.LauncherCommand0\x01\x12\x41\n\tSetFaults\x12\x1a.resilient_moe.FaultUpdate\x1a\x18.resilient_moe.FaultListb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$resilient_moe/proto/controller.proto\x12\rresilient_moe\"*\n\tExpertRef\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\x05\"\xf5\x02\n\nWorkerInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12!\n\x04role\x18\x02 \x01(\x0e\x32\x13.resilient_moe.Role\x12\r\n\x05index\x18\x03 \x01(\x05\x12\x13\n\x0bincarnation\x18\x04 \x01(\x04\x12\x0b\n\x03pid\x18\x05 \x01(\x05\x12\x0c\n\x04host\x18\x06 \x01(\t\x12\x14\n\x0c\x64\x61ta_address\x18\x07 \x01(\t\x12)\n\x05state\x18\x08 \x01(\x0e\x32\x1a.resilient_moe.WorkerState\x12)\n\x07\x65xperts\x18\t \x03(\x0b\x32\x18.resilient_moe.ExpertRef\x12\x17\n\x0fheartbeat_age_s\x18\n \x01(\x01\x12\x31\n\x04load\x18\x0b \x03(\x0b\x32#.resilient_moe.WorkerInfo.LoadEntry\x12\x12\n\nstarted_at\x18\x0c \x01(\x01\x1a+\n\tLoadEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x1d\n\nCandidates\x12\x0f\n\x07workers\x18\x01 \x03(\t\"r\n\x0cRoutingTable\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x12\n\nnum_layers\x18\x02 \x01(\x05\x12\x13\n\x0bnum_experts\x18\x03 \x01(\x05\x12*\n\x07\x65ntries\x18\x04 \x03(\x0b\x32\x19.resilient_moe.Candidates\"*\n\x05\x46\x65nce\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bincarnation\x18\x02 \x01(\x04\"C\n\x05\x45vent\x12\x0c\n\x04time\x18\x01 \x01(\x01\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0e\n\x06worker\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\"\xc5\x01\n\x05\x46\x61ult\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x0e\n\x06target\x18\x04 \x01(\t\x12\x10\n\x08\x64\x65lay_ms\x18\x05 \x01(\x01\x12\x11\n\tjitter_ms\x18\x06 \x01(\x01\x12\x11\n\tdrop_rate\x18\x07 \x01(\x01\x12\x15\n\rretransmit_ms\x18\x08 \x01(\x01\x12\x12\n\nexpires_at\x18\t \x01(\x01\x12\r\n\x05\x63ount\x18\n \x01(\r\x12\x10\n\x08token_id\x18\x0b \x01(\x03\"O\n\x0b\x46\x61ultUpdate\x12!\n\x03\x61\x64\x64\x18\x01 \x03(\x0b\x32\x14.resilient_moe.Fault\x12\x0e\n\x06remove\x18\x02 \x03(\t\x12\r\n\x05\x63lear\x18\x03 \x01(\x08\"1\n\tFaultList\x12$\n\x06\x66\x61ults\x18\x01 \x03(\x0b\x32\x14.resilient_moe.Fault\"\xbc\x02\n\x0c\x43lusterState\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12*\n\x07workers\x18\x02 \x03(\x0b\x32\x19.resilient_moe.WorkerInfo\x12(\n\x03\x65rt\x18\x03 \x01(\x0b\x32\x1b.resilient_moe.RoutingTable\x12$\n\x06\x66\x65nced\x18\x04 \x03(\x0b\x32\x14.resilient_moe.Fence\x12$\n\x06\x65vents\x18\x05 \x03(\x0b\x32\x14.resilient_moe.Event\x12\x12\n\ncluster_id\x18\x06 \x01(\t\x12-\n\x0bunprotected\x18\x07 \x03(\x0b\x32\x18.resilient_moe.ExpertRef\x12\x12\n\nresilience\x18\x08 \x01(\x08\x12$\n\x06\x66\x61ults\x18\t \x03(\x0b\x32\x14.resilient_moe.Fault\"<\n\x0fRegisterRequest\x12)\n\x06worker\x18\x01 \x01(\x0b\x32\x19.resilient_moe.WorkerInfo\"\x80\x01\n\rRegisterReply\x12\x13\n\x0bincarnation\x18\x01 \x01(\x04\x12.\n\x0cload_experts\x18\x02 \x03(\x0b\x32\x18.resilient_moe.ExpertRef\x12*\n\x05state\x18\x03 \x01(\x0b\x32\x1b.resilient_moe.ClusterState\"r\n\x0cReadyRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bincarnation\x18\x02 \x01(\x04\x12)\n\x07\x65xperts\x18\x03 \x03(\x0b\x32\x18.resilient_moe.ExpertRef\x12\x14\n\x0c\x64\x61ta_address\x18\x04 \x01(\t\"\x9b\x01\n\x10HeartbeatRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bincarnation\x18\x02 \x01(\x04\x12\x37\n\x04load\x18\x03 \x03(\x0b\x32).resilient_moe.HeartbeatRequest.LoadEntry\x1a+\n\tLoadEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x8f\x01\n\x0eHeartbeatReply\x12\x0e\n\x06\x66\x65nced\x18\x01 \x01(\x08\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12.\n\x0cload_experts\x18\x03 \x03(\x0b\x32\x18.resilient_moe.ExpertRef\x12.\n\x0c\x64rop_experts\x18\x04 \x03(\x0b\x32\x18.resilient_moe.ExpertRef\"_\n\rFailureReport\x12\x10\n\x08reporter\x18\x01 \x01(\t\x12\x0f\n\x07suspect\x18\x02 \x01(\t\x12\x1b\n\x13suspect_incarnation\x18\x03 \x01(\x04\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\x1c\n\x0cWatchRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\">\n\x0fLauncherCommand\x12\x0e\n\x06\x61\x63tion\x18\x01 \x01(\t\x12\x0e\n\x06worker\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\x05\"\x07\n\x05\x45mpty*S\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\r\n\tATTENTION\x10\x01\x12\n\n\x06\x45XPERT\x10\x02\x12\x0c\n\x08\x46RONTEND\x10\x03\x12\x0c\n\x08KV_STORE\x10\x04*a\n\x0bWorkerState\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x0c\n\x08STARTING\x10\x01\x12\t\n\x05READY\x10\x02\x12\x0b\n\x07SUSPECT\x10\x03\x12\x08\n\x04\x44\x45\x41\x44\x10\x04\x12\x0b\n\x07STOPPED\x10\x05\x32\xf8\x04\n\nController\x12H\n\x08Register\x12\x1e.resilient_moe.RegisterRequest\x1a\x1c.resilient_moe.RegisterReply\x12:\n\x05Ready\x12\x1b.resilient_moe.ReadyRequest\x1a\x14.resilient_moe.Empty\x12K\n\tHeartbeat\x12\x1f.resilient_moe.HeartbeatRequest\x1a\x1d.resilient_moe.HeartbeatReply\x12\x38\n\nDeregister\x12\x14.resilient_moe.Fence\x1a\x14.resilient_moe.Empty\x12\x43\n\rReportFailure\x12\x1c.resilient_moe.FailureReport\x1a\x14.resilient_moe.Empty\x12=\n\x08GetState\x12\x14.resilient_moe.Empty\x1a\x1b.resilient_moe.ClusterState\x12\x43\n\x05Watch\x12\x1b.resilient_moe.WatchRequest\x1a\x1b.resilient_moe.ClusterState0\x01\x12Q\n\x10LauncherCommands\x12\x1b.resilient_moe.WatchRequest\x1a\x1e.resilient_moe.LauncherCommand0\x01\x12\x41\n\tSetFaults\x12\x1a.resilient_moe.FaultUpdate\x1a\x18.resilient_moe.FaultListb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,10 +35,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WORKERINFO_LOADENTRY']._serialized_options = b'8\001'
   _globals['_HEARTBEATREQUEST_LOADENTRY']._loaded_options = None
   _globals['_HEARTBEATREQUEST_LOADENTRY']._serialized_options = b'8\001'
-  _globals['_ROLE']._serialized_start=2181
-  _globals['_ROLE']._serialized_end=2264
-  _globals['_WORKERSTATE']._serialized_start=2266
-  _globals['_WORKERSTATE']._serialized_end=2363
+  _globals['_ROLE']._serialized_start=2199
+  _globals['_ROLE']._serialized_end=2282
+  _globals['_WORKERSTATE']._serialized_start=2284
+  _globals['_WORKERSTATE']._serialized_end=2381
   _globals['_EXPERTREF']._serialized_start=55
   _globals['_EXPERTREF']._serialized_end=97
   _globals['_WORKERINFO']._serialized_start=100
@@ -54,33 +54,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EVENT']._serialized_start=666
   _globals['_EVENT']._serialized_end=733
   _globals['_FAULT']._serialized_start=736
-  _globals['_FAULT']._serialized_end=915
-  _globals['_FAULTUPDATE']._serialized_start=917
-  _globals['_FAULTUPDATE']._serialized_end=996
-  _globals['_FAULTLIST']._serialized_start=998
-  _globals['_FAULTLIST']._serialized_end=1047
-  _globals['_CLUSTERSTATE']._serialized_start=1050
-  _globals['_CLUSTERSTATE']._serialized_end=1366
-  _globals['_REGISTERREQUEST']._serialized_start=1368
-  _globals['_REGISTERREQUEST']._serialized_end=1428
-  _globals['_REGISTERREPLY']._serialized_start=1431
-  _globals['_REGISTERREPLY']._serialized_end=1559
-  _globals['_READYREQUEST']._serialized_start=1561
-  _globals['_READYREQUEST']._serialized_end=1675
-  _globals['_HEARTBEATREQUEST']._serialized_start=1678
-  _globals['_HEARTBEATREQUEST']._serialized_end=1833
+  _globals['_FAULT']._serialized_end=933
+  _globals['_FAULTUPDATE']._serialized_start=935
+  _globals['_FAULTUPDATE']._serialized_end=1014
+  _globals['_FAULTLIST']._serialized_start=1016
+  _globals['_FAULTLIST']._serialized_end=1065
+  _globals['_CLUSTERSTATE']._serialized_start=1068
+  _globals['_CLUSTERSTATE']._serialized_end=1384
+  _globals['_REGISTERREQUEST']._serialized_start=1386
+  _globals['_REGISTERREQUEST']._serialized_end=1446
+  _globals['_REGISTERREPLY']._serialized_start=1449
+  _globals['_REGISTERREPLY']._serialized_end=1577
+  _globals['_READYREQUEST']._serialized_start=1579
+  _globals['_READYREQUEST']._serialized_end=1693
+  _globals['_HEARTBEATREQUEST']._serialized_start=1696
+  _globals['_HEARTBEATREQUEST']._serialized_end=1851
   _globals['_HEARTBEATREQUEST_LOADENTRY']._serialized_start=430
   _globals['_HEARTBEATREQUEST_LOADENTRY']._serialized_end=473
-  _globals['_HEARTBEATREPLY']._serialized_start=1836
-  _globals['_HEARTBEATREPLY']._serialized_end=1979
-  _globals['_FAILUREREPORT']._serialized_start=1981
-  _globals['_FAILUREREPORT']._serialized_end=2076
-  _globals['_WATCHREQUEST']._serialized_start=2078
-  _globals['_WATCHREQUEST']._serialized_end=2106
-  _globals['_LAUNCHERCOMMAND']._serialized_start=2108
-  _globals['_LAUNCHERCOMMAND']._serialized_end=2170
-  _globals['_EMPTY']._serialized_start=2172
-  _globals['_EMPTY']._serialized_end=2179
-  _globals['_CONTROLLER']._serialized_start=2366
-  _globals['_CONTROLLER']._serialized_end=2998
+  _globals['_HEARTBEATREPLY']._serialized_start=1854
+  _globals['_HEARTBEATREPLY']._serialized_end=1997
+  _globals['_FAILUREREPORT']._serialized_start=1999
+  _globals['_FAILUREREPORT']._serialized_end=2094
+  _globals['_WATCHREQUEST']._serialized_start=2096
+  _globals['_WATCHREQUEST']._serialized_end=2124
+  _globals['_LAUNCHERCOMMAND']._serialized_start=2126
+  _globals['_LAUNCHERCOMMAND']._serialized_end=2188
+  _globals['_EMPTY']._serialized_start=2190
+  _globals['_EMPTY']._serialized_end=2197
+  _globals['_CONTROLLER']._serialized_start=2384
+  _globals['_CONTROLLER']._serialized_end=3016
 # @@protoc_insertion_point(module_scope)

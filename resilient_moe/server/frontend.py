@@ -67,7 +67,9 @@ class RequestHandle:
     worker: str = ""
     duplicates: int = 0
     moves: int = 0  # times it was moved to another attention worker after a failure
-    lost_on: list[str] = field(default_factory=list)  # attention workers that failed while serving it
+    lost_on: list[str] = field(default_factory=list)  # attention workers that failed in its first step there
+    started_on: str = ""  # the attention worker that ran (or is running) its first step since it was sent
+    tokens_at_start: int = 0  # tokens it had then
     submitted_at: float = field(default_factory=time.monotonic)
     # Called (on the frontend's I/O thread) after each event is queued: lets an asyncio caller wake up
     # instead of blocking a thread per request. Must be quick and must not raise.
@@ -172,8 +174,9 @@ class Frontend:
                  park_timeout_s: float = 120.0, max_losses: int = 2) -> None:
         """`max_unfinished` bounds the requests in flight through this frontend (memory and AW queues);
         `submit` beyond it raises Overloaded rather than queueing without limit. A request whose
-        attention worker fails `max_losses` times while serving it is failed rather than moved again:
-        it may be what makes them fail (a poison request), and must not take the next one down."""
+        attention worker fails `max_losses` times in its first step there is failed rather than moved again:
+        it may be what makes them fail (a poison request), and must not take the next one down (see
+        `_lost` for how a failure is pinned on a request)."""
         self.name = name or f"frontend-{os.getpid()}-{next(self._ids)}"
         self.identity = PeerInfo(self.name, worker_number("frontend", 0), secrets.randbits(32), os.getpid())
         self.client = ControllerClient(controller_address)
@@ -396,7 +399,7 @@ class Frontend:
                 got = True
                 if frame.header.kind == FrameKind.CONTROL:
                     try:
-                        self._on_message(messages.decode(frame.body))
+                        self._on_message(name, messages.decode(frame.body))
                     except messages.MessageError as e:
                         log.error("bad message from %s: %s", name, e)
             if got:
@@ -404,16 +407,20 @@ class Frontend:
         except LinkClosed as e:
             self._lost(name, str(e))
 
-    def _on_message(self, message: messages.Message) -> None:
+    def _on_message(self, worker: str, message: messages.Message) -> None:
         with self._lock:
-            requests = dict(self.requests) if isinstance(message, messages.Tokens) else None
-            handle = None if requests is not None else self.requests.get(message.request_id)
+            requests = dict(self.requests)
         if isinstance(message, messages.Tokens):
             for request_id, position, token_id, logprob, finish, top in message.events:
                 handle = requests.get(request_id)
                 if handle is not None:
                     handle._accept(position, token_id, logprob, finish, top)
-        elif isinstance(message, messages.Failed) and handle is not None:
+        elif isinstance(message, messages.Started):
+            for request_id in message.request_ids:
+                handle = requests.get(request_id)
+                if handle is not None and handle.worker == worker:
+                    handle.started_on, handle.tokens_at_start = worker, len(handle.tokens)
+        elif isinstance(message, messages.Failed) and (handle := requests.get(message.request_id)) is not None:
             handle._fail(RequestFailed(message.message, message.kind))
 
     def _lost(self, name: str, reason: str, fenced: bool = False) -> None:
@@ -423,7 +430,11 @@ class Frontend:
         adopting worker restores the KV cache it can from the checkpoint store and recomputes the
         rest. In the restart-everything baseline it starts over from its prompt, and the position
         numbering drops the tokens it repeats. Requests wait (parked) while no worker is reachable.
-        A request that has now lost `max_losses` workers is failed instead (a poison request).
+        A request is a suspect of the failure when the worker died in its first step there (the
+        worker announces the requests each step starts, before running it: `Started`): it is sent on
+        marked, so the next worker admits it alone in its step. A request that has been a suspect
+        `max_losses` times is failed instead (a poison request); requests that merely shared a worker
+        with it are never counted, however often it dies.
         """
         entry = self.links.pop(name, None)
         if entry is None:
@@ -437,19 +448,20 @@ class Frontend:
             if handle.worker != name or handle.done:
                 continue
             handle.worker = ""
-            handle.lost_on.append(name)
+            if handle.started_on == name and len(handle.tokens) == handle.tokens_at_start:
+                handle.lost_on.append(name)  # it died in this request's first step there: a suspect
+            handle.started_on = ""
             if self.resilience and len(handle.lost_on) >= self.max_losses:
-                log.error("request %s failed: its attention workers %s each failed while serving it",
+                log.error("request %s failed: attention workers %s each died in its first step there",
                           handle.request_id, ", ".join(handle.lost_on))
                 handle._fail(RequestFailed(
-                    f"request {handle.request_id} was being served by {' and then '.join(handle.lost_on)} when each "
-                    f"of them failed; it is not moved to another worker, in case it is what makes them fail",
-                    "poison"))
+                    f"request {handle.request_id} was starting on {' and then on '.join(handle.lost_on)} when each of "
+                    f"them died; it is not moved to another worker, in case it is what makes them fail", "poison"))
                 continue
             handle.moves += 1
             output_ids = handle.token_ids if self.resilience else []
             self._outbox.put((handle, messages.Submit(
                 handle.request_id, handle.prompt_ids, handle.params.to_dict(), handle.seed,
-                output_ids=output_ids, resume=True,
+                output_ids=output_ids, resume=True, suspect=bool(handle.lost_on),
             )))
         self.wakeup.ring()

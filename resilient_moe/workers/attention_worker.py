@@ -68,6 +68,8 @@ class AttentionServer:
         self.frontends: dict[Link, Outbox] = {}
         self.owner: dict[str, Link] = {}  # request id -> frontend link that submitted it
         self.restoring: dict[str, Sequence] = {}  # moved here, waiting for their KV from the store
+        self.begun: set[str] = set()  # requests whose first step here has run (their frontends know)
+        self.poison_tokens: set[int] = set()  # chaos testing: prompt tokens that take this worker down
         self.commands: deque[tuple[Link, messages.Message]] = deque()
         self.cluster_updates: deque[pb.ClusterState] = deque()
         self.stopping = threading.Event()
@@ -81,6 +83,7 @@ class AttentionServer:
         self.crash_on_lost_expert = False
         self.checkpointer: KVCheckpointer | None = None  # KV checkpoints into the KV store, when configured
         forwarder.on_other = self.on_other
+        engine.on_scheduled = self.on_scheduled
 
     # ---- inputs -----------------------------------------------------------------------------
 
@@ -118,6 +121,7 @@ class AttentionServer:
         self.engine.abort(request_id)
         self.restoring.pop(request_id, None)
         self.owner.pop(request_id, None)
+        self.begun.discard(request_id)
 
     def apply_commands(self) -> None:
         while self.cluster_updates:
@@ -141,6 +145,7 @@ class AttentionServer:
         except (RequestError, ConfigError) as e:
             self._send(link, messages.Failed(message.request_id, str(e), "invalid_request"))
             return
+        seq.suspect = message.suspect
         self.owner[message.request_id] = link
         if message.resume and self.checkpointer is not None:  # its checkpointed KV spares the recompute
             self.restoring[message.request_id] = seq
@@ -176,7 +181,26 @@ class AttentionServer:
                     log.warning("cannot link to %s at %s: %s", w.name, w.data_address, e)
         if self.forwarder.ert is None or state.ert.epoch > self.forwarder.ert.epoch:
             self.forwarder.set_routing(RoutingTable.from_proto(state.ert))
-        self.forwarder.set_faults([LinkFault.from_proto(f) for f in state.faults])  # chaos testing; usually none
+        faults = [LinkFault.from_proto(f) for f in state.faults]  # chaos testing; usually none
+        self.forwarder.set_faults(faults)
+        self.poison_tokens = {f.token_id for f in faults
+                              if f.kind == "poison" and f.source in ("", self.forwarder.identity.name)}
+
+    def on_scheduled(self, seqs: list[Sequence]) -> None:
+        """Before a step runs: tell each frontend which of its requests start here with it (if this
+        worker dies in the step, those are the suspects); chaos poison strikes here."""
+        by_link: dict[Link, list[str]] = {}
+        for seq in seqs:
+            if seq.request_id not in self.begun and (link := self.owner.get(seq.request_id)) is not None:
+                by_link.setdefault(link, []).append(seq.request_id)
+                self.begun.add(seq.request_id)
+        for link, request_ids in by_link.items():
+            self._send(link, messages.Started(request_ids))
+        if self.poison_tokens and any(t in self.poison_tokens for seq in seqs for t in seq.prompt_ids):
+            for outbox in self.frontends.values():
+                outbox.flush()  # what a real crash may lose, the simulated one delivers: the test is exact
+            log.error("chaos: a poison request is in this step; exiting as a worker that hit a bug would")
+            os._exit(5)
 
     # ---- outputs ----------------------------------------------------------------------------
 
@@ -202,6 +226,7 @@ class AttentionServer:
             by_link.setdefault(link, []).append([e.request_id, e.position, e.token_id, e.logprob, e.finish_reason, top])
             if e.finish_reason is not None:
                 del self.owner[e.request_id]
+                self.begun.discard(e.request_id)
         for link, batch in by_link.items():
             self._send(link, messages.Tokens(batch))
 
@@ -228,6 +253,7 @@ class AttentionServer:
             log.error("an expert is lost and resilience is off: exiting (%s)", failures[0][1])
             os._exit(4)
         for request_id, message in failures:
+            self.begun.discard(request_id)
             link = self.owner.pop(request_id, None)
             if link is not None:
                 self._send(link, messages.Failed(request_id, message, "expert_unavailable"))
