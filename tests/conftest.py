@@ -144,3 +144,34 @@ def real_width(tmp_path_factory):
                              do_sample=False)
     del model
     return path, prompt, out[0, len(prompt):].tolist()
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """A private redis-server on a Unix socket (its path), stopped afterwards."""
+    import shutil
+    import subprocess
+    import time
+
+    import redis
+
+    path = str(tmp_path / "redis.sock")
+    proc = subprocess.Popen([shutil.which("redis-server"), "--port", "0", "--unixsocket", path, "--save", "",
+                             "--appendonly", "no", "--dir", str(tmp_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        client = redis.Redis(unix_socket_path=path, socket_timeout=0.5)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.RedisError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("redis-server did not start")
+                time.sleep(0.02)
+        client.close()
+        yield path
+    finally:
+        proc.kill()
+        proc.wait()

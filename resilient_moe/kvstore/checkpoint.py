@@ -275,8 +275,10 @@ class KVCheckpointer:
                 log.exception("checkpoint thread error")
 
     def _process(self, batch: list) -> None:
-        """Carry out a batch in order, with one Redis round trip for all its commits and deletes."""
+        """Carry out a batch in order, with one Redis round trip for all its commits and deletes, and
+        one each to read and to take over the records of all its restores."""
         pipe = None
+        restores = []
         for item in batch:
             if isinstance(item, _Attach):
                 if pipe is not None:
@@ -284,7 +286,7 @@ class KVCheckpointer:
                     pipe = None
                 self._attach(item)
             elif isinstance(item, _Restore):
-                self._restore(item.seq)
+                restores.append(item.seq)
             elif isinstance(item, _Write):
                 if item.store == self._mapped_store and self._write(item):
                     pipe = pipe or self.redis.pipeline(transaction=False)
@@ -295,6 +297,8 @@ class KVCheckpointer:
                             keys.request_key(self.cluster_id, item.request_id))
                 with self._lock:
                     self._free.extend(b for b in item.blocks if b in self.region)
+        if restores:
+            self._restore(restores)
         if pipe is not None:
             self._execute(pipe)
 
@@ -330,7 +334,7 @@ class KVCheckpointer:
         self.counters["writes_refused"] += 1
         if not self._refused:
             self._refused = True
-            log.warning("KV checkpoint writes refused: %s; this incarnation (%d) stops checkpointing", reason,
+            log.warning("KV checkpoint writes refused: %s; incarnation %d stops checkpointing", reason,
                         self.incarnation)
 
     def _write(self, item: _Write) -> bool:
@@ -369,27 +373,47 @@ class KVCheckpointer:
             if self.counters["commit_errors"] in (1, 10, 100, 1000):
                 log.warning("checkpoint commit failed (%d so far): %s", self.counters["commit_errors"], error)
 
-    def _restore(self, seq: Sequence) -> None:
-        """Read `seq`'s commit record and the verified prefix of its blocks; hand back what is usable."""
-        data, n = None, 0
+    def _restore(self, seqs: list[Sequence]) -> None:
+        """Read the commit records of `seqs` and the verified prefix of their blocks; hand back what is
+        usable (nothing, to recompute, when Redis fails or is slower than its timeout)."""
+        results: list[tuple[torch.Tensor | None, int]] = [(None, 0)] * len(seqs)
         try:
-            data, n = self._read_checkpoint(seq)
+            results = self._read_checkpoints(seqs)
         except Exception as e:  # noqa: BLE001 (Redis down or slow: recompute from the token log)
-            log.warning("cannot restore %s from the KV store (%s); recomputing", seq.request_id, e)
+            log.warning("cannot restore %d requests from the KV store (%s); recomputing", len(seqs), e)
             self._redis_down_until = time.monotonic() + 1.0
-        if n > 0:
-            self.counters["restored"] += 1
-            self.counters["restored_tokens"] += n
-        else:
-            self.counters["restore_misses"] += 1
-        self._restored.append((seq, data, n))
+        for seq, (data, n) in zip(seqs, results):
+            if n > 0:
+                self.counters["restored"] += 1
+                self.counters["restored_tokens"] += n
+            else:
+                self.counters["restore_misses"] += 1
+            self._restored.append((seq, data, n))
         self.wake()
 
-    def _read_checkpoint(self, seq: Sequence) -> tuple[torch.Tensor | None, int]:
+    def _read_checkpoints(self, seqs: list[Sequence]) -> list[tuple[torch.Tensor | None, int]]:
         if time.monotonic() < self._redis_down_until or self._rows is None:
-            return None, 0  # Redis failed a moment ago (do not wait on it per request), or no store
-        key = keys.commit_key(self.cluster_id, seq.request_id)
-        n, blocks, gens, writer = self._usable(self.redis.hgetall(key), seq)
+            return [(None, 0)] * len(seqs)  # Redis failed a moment ago (do not wait on it again), or no store
+        commit_keys = [keys.commit_key(self.cluster_id, seq.request_id) for seq in seqs]
+        pipe = self.redis.pipeline(transaction=False)
+        for key in commit_keys:
+            pipe.hgetall(key)
+        results = [self._read_blocks(seq, record) for seq, record in zip(seqs, pipe.execute())]
+        # Take the records over now, so a woken predecessor can no longer commit to them.
+        takeover = {"owner": self.owner, "incarnation": str(self.incarnation), "n": "0", "blocks": "[]", "gens": "[]"}
+        pipe = self.redis.pipeline(transaction=False)
+        for key in commit_keys:
+            pipe.hset(key, mapping=takeover)
+        try:
+            pipe.execute()
+        except Exception as e:  # noqa: BLE001
+            log.warning("could not take over the commit records of %d restored requests: %s", len(seqs), e)
+        return results
+
+    def _read_blocks(self, seq: Sequence, record: dict) -> tuple[torch.Tensor | None, int]:
+        """The rows [L, n, W] of the blocks `record` names that carry the stamps it names, checked
+        before and after the copy, and n."""
+        n, blocks, gens, writer = self._usable(record, seq)
         if n <= 0:
             return None, 0
         count = -(-n // self.bs)
@@ -404,11 +428,6 @@ class KVCheckpointer:
             self.counters["restore_stamp_mismatches"] += 1
             log.warning("%s: store block %d was rewritten after its commit (a fenced writer?); restoring %d "
                         "positions, recomputing the rest", seq.request_id, blocks[good], n)
-        try:  # take the record over now, so a woken predecessor can no longer commit to it
-            self.redis.hset(key, mapping={"owner": self.owner, "incarnation": str(self.incarnation), "n": "0",
-                                          "blocks": "[]", "gens": "[]"})
-        except Exception as e:  # noqa: BLE001
-            log.warning("could not take over the commit record of %s: %s", seq.request_id, e)
         return (data[:, :n], n) if n > 0 else (None, 0)
 
     def _stamped_prefix(self, blocks: torch.Tensor, expected: torch.Tensor) -> int:
@@ -444,13 +463,15 @@ class KVCheckpointer:
     def _pin_predecessor_blocks(self) -> None:
         """Blocks of this region still named by a predecessor's commit records are not ours yet."""
         try:
-            for key in self.redis.scan_iter(match=keys.commit_pattern(self.cluster_id), count=500):
-                owner, store = self.redis.hmget(key, ["owner", "store"])
+            found = list(self.redis.scan_iter(match=keys.commit_pattern(self.cluster_id), count=1000))
+            pipe = self.redis.pipeline(transaction=False)
+            for key in found:
+                pipe.hmget(key, ["owner", "store", "blocks"])
+            for key, (owner, store, blocks) in zip(found, pipe.execute() if found else []):
                 if owner is None or owner.decode() != self.owner or int(store or 0) != self._mapped_store:
                     continue
-                blocks = json.loads(self.redis.hget(key, "blocks") or b"[]")
                 request_id = key.decode().rsplit(":", 1)[1]
-                for b in blocks:
+                for b in json.loads(blocks or b"[]"):
                     if b in self.region:
                         self._pinned[b] = request_id
         except Exception as e:  # noqa: BLE001
@@ -492,9 +513,13 @@ class KVCheckpointer:
             "ckpt_pending": float(pending), "ckpt_free_blocks": float(free), "ckpt_lag_tokens": float(self.lag_tokens()),
             "ckpt_store": float(self.store_incarnation)}
 
-    def stop(self) -> None:
-        """Stop at once (this worker was fenced or is leaving): pending snapshots are not written."""
+    def stop(self, fenced: bool = False) -> None:
+        """Stop at once (this worker was fenced or is leaving): pending snapshots are not written. A
+        fenced worker's are refused (counted and logged): its successor may own those blocks now."""
         with self._cond:
             self._stop = True
+            writes = sum(isinstance(p, _Write) for p in self._pending)
             self._pending.clear()
             self._cond.notify()
+        if fenced and writes:
+            self._refuse(f"this incarnation was fenced with {writes} snapshots not yet written")

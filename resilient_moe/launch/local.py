@@ -158,7 +158,8 @@ class LocalCluster:
         self._restarting = False
         self._restart_again = False
         self._supervisor: threading.Thread | None = None
-        self._respawn_due: dict[str, float] = {}  # worker -> time.monotonic() its replacement may start
+        # worker -> (time.monotonic() its replacement may start, pid it replaces); only the supervisor spawns
+        self._respawn_due: dict[str, tuple[float, int]] = {}
         self._spawn_times: dict[str, list[float]] = {}  # recent spawns per worker (a crash loop ends the cluster)
         self.fatal: str | None = None  # why the cluster cannot recover (the launcher gave up); None while it can
         self.restarts: list[tuple[float, float]] = []  # (began, ready) of each restart-all, time.monotonic()
@@ -288,10 +289,12 @@ class LocalCluster:
                 if not process_alive(self.pids.get("controller", 0)):
                     self._on_exit("controller", self.pids.get("controller", 0), "is gone")
                 now = time.monotonic()
-                for name, due in list(self._respawn_due.items()):
+                for name, (due, dead_pid) in list(self._respawn_due.items()):
                     if now >= due:
                         del self._respawn_due[name]
-                        self._respawn(name)
+                        current = self.pids.get(name, 0)
+                        if current == dead_pid or not process_alive(current):  # not replaced meanwhile
+                            self._respawn(name)
             except ClusterError as e:
                 if not self._stopping.is_set():
                     log.error("%s", e)
@@ -307,13 +310,13 @@ class LocalCluster:
                 self._fail("the controller died, and without Redis (kv_checkpoint off) its state cannot be "
                            "recovered; restart the cluster")
                 return
-            self._respawn_due[name] = time.monotonic()
+            self._respawn_due[name] = (time.monotonic(), pid)
             return
         if self.client is not None:  # the controller fences it and reroutes at once, without waiting for heartbeats
             self.client.report_failure("launcher", name, 0, f"process {pid} {how}", wait=False)
         if self.deployment.resilience and not self._restarting:
             recent = [t for t in self._spawn_times.get(name, []) if time.monotonic() - t < 2.0]
-            self._respawn_due[name] = time.monotonic() + (0.5 * 2 ** (len(recent) - 1) if recent else 0.0)
+            self._respawn_due[name] = (time.monotonic() + (0.5 * 2 ** (len(recent) - 1) if recent else 0.0), pid)
 
     def _respawn(self, name: str) -> None:
         if name == "controller":
@@ -343,11 +346,8 @@ class LocalCluster:
             log.error("the cluster cannot recover: %s", reason)
 
     def _carry_out(self, command: pb.LauncherCommand) -> None:
-        if command.action == "start":
-            current = self.pids.get(command.worker, 0)
-            if command.worker in self._respawn_due or (current != command.pid and process_alive(current)):
-                return  # already replaced (the launcher saw it exit first), or being replaced
-            self._respawn(command.worker)
+        if command.action == "start":  # the supervisor thread spawns it, unless it was replaced meanwhile
+            self._respawn_due.setdefault(command.worker, (time.monotonic(), command.pid))
         elif command.action == "restart-all":
             if self._restarting:
                 self._restart_again = True  # a death during a restart: restart once more after it

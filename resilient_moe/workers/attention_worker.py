@@ -295,7 +295,8 @@ def start_checkpointer(config: WorkerConfig, engine: LLMEngine, incarnation: int
     except ConfigError as e:
         log.warning("KV checkpointing off: %s", e)
         return None
-    client = redis.Redis.from_url(dep.redis_url, socket_timeout=0.2, socket_connect_timeout=0.2)
+    # Every Redis call runs on the checkpointer's thread, never on the step: it can afford to wait.
+    client = redis.Redis.from_url(dep.redis_url, socket_timeout=2.0, socket_connect_timeout=1.0)
     return KVCheckpointer(engine, layout, config.index, client, config.cluster_id, config.name, incarnation, wake)
 
 
@@ -328,7 +329,7 @@ def main(config: WorkerConfig) -> int:
         server.stopping.set()
         forwarder.cancel()  # a step waiting on expert workers that now ignore us must not wait forever
         if server.checkpointer is not None:
-            server.checkpointer.stop()
+            server.checkpointer.stop(fenced=True)
         wakeup.ring()
 
     # Heartbeats start before the weights load, so a slow load is never taken for a death.
