@@ -161,3 +161,29 @@ class Poller:
         self._rings = tuple(ring for ring, _ in pairs)
         self._ring_links = [link for _, link in pairs]
         self._streams = [link for link in self._members if link._rx_ring() is None]
+
+
+class Wakeup:
+    """An eventfd in a poller that other threads ring to interrupt its owner's wait."""
+
+    def __init__(self, poller: Poller) -> None:
+        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.poller = poller
+        poller.add_fd(self.fd)
+
+    def ring(self) -> None:
+        try:
+            os.eventfd_write(self.fd, 1)
+        except OSError:
+            pass  # closed during shutdown
+
+    def drain(self) -> bool:
+        try:
+            os.eventfd_read(self.fd)
+            return True
+        except BlockingIOError:
+            return False
+
+    def close(self) -> None:
+        self.poller.remove_fd(self.fd)
+        os.close(self.fd)

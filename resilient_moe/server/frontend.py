@@ -23,9 +23,8 @@ from resilient_moe.config import SamplingParams
 from resilient_moe.controller.client import ControllerClient
 from resilient_moe.datapath.frames import FrameHeader, FrameKind, worker_number
 from resilient_moe.datapath.link import FrameTooLarge, Link, LinkClosed, Outbox, PeerInfo, connect
-from resilient_moe.datapath.poller import Poller
+from resilient_moe.datapath.poller import Poller, Wakeup
 from resilient_moe.proto import controller_pb2 as pb
-from resilient_moe.workers.common import Wakeup
 
 log = logging.getLogger("resilient_moe.frontend")
 

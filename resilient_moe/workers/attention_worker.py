@@ -34,7 +34,7 @@ from resilient_moe.datapath.forwarding import Forwarder, StepCancelled
 from resilient_moe.datapath.frames import FrameHeader, FrameKind, worker_number
 from resilient_moe.datapath.link import FrameTooLarge, Link, LinkClosed, Outbox, PeerInfo, listen
 from resilient_moe.datapath.parts import DeadlineModel
-from resilient_moe.datapath.poller import Poller
+from resilient_moe.datapath.poller import Poller, Wakeup
 from resilient_moe.engine.engine import LLMEngine
 from resilient_moe.engine.remote import RemoteExperts
 from resilient_moe.engine.sequence import Sequence, TokenEvent
@@ -42,7 +42,7 @@ from resilient_moe.errors import ConfigError, RequestError
 from resilient_moe.kvstore.checkpoint import KVCheckpointer
 from resilient_moe.kvstore.store import layout_for
 from resilient_moe.proto import controller_pb2 as pb
-from resilient_moe.workers.common import Wakeup, configure_process, yield_cpu_while_loading
+from resilient_moe.workers.common import configure_process, yield_cpu_while_loading
 
 log = logging.getLogger("resilient_moe.attention_worker")
 

@@ -10,7 +10,6 @@ import sys
 import torch
 
 from resilient_moe.config import DeploymentConfig, WorkerConfig
-from resilient_moe.datapath.poller import Poller
 from resilient_moe.proto import controller_pb2 as pb
 
 
@@ -53,29 +52,3 @@ def link_address(dep: DeploymentConfig, cluster_id: str, name: str, incarnation:
     if dep.transport == "shm":
         return f"shm:@rmoe-{cluster_id}-{name}-{incarnation}"
     return f"tcp:{dep.host}:0"
-
-
-class Wakeup:
-    """An eventfd in the worker's poller that other threads ring to interrupt its wait."""
-
-    def __init__(self, poller: Poller) -> None:
-        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self.poller = poller
-        poller.add_fd(self.fd)
-
-    def ring(self) -> None:
-        try:
-            os.eventfd_write(self.fd, 1)
-        except OSError:
-            pass  # closed during shutdown
-
-    def drain(self) -> bool:
-        try:
-            os.eventfd_read(self.fd)
-            return True
-        except BlockingIOError:
-            return False
-
-    def close(self) -> None:
-        self.poller.remove_fd(self.fd)
-        os.close(self.fd)

@@ -23,12 +23,12 @@ from resilient_moe.controller.client import ControllerClient, worker_info
 from resilient_moe.datapath.frames import Frame, FrameFlags, FrameHeader, FrameKind, worker_number
 from resilient_moe.datapath.link import FrameTooLarge, Link, LinkClosed, Outbox, PeerInfo, listen
 from resilient_moe.datapath.parts import check_dispatch, rows_per_part
-from resilient_moe.datapath.poller import Poller
+from resilient_moe.datapath.poller import Poller, Wakeup
 from resilient_moe.errors import ExpertUnavailableError
 from resilient_moe.model.checkpoint import Checkpoint, torch_dtype
 from resilient_moe.model.expert_side import ExpertSide
 from resilient_moe.proto import controller_pb2 as pb
-from resilient_moe.workers.common import Wakeup, configure_process, link_address, yield_cpu_while_loading
+from resilient_moe.workers.common import configure_process, link_address, yield_cpu_while_loading
 
 log = logging.getLogger("resilient_moe.expert_worker")
 
