@@ -103,9 +103,9 @@ __attribute__((target("avx2,fma"), always_inline)) static inline void tile(const
     ROW_STORE(5, l5, h5)
 }
 
-__attribute__((target("avx2,fma"))) static void linear_avx2(const float *x, int64_t ldx, const float *packed,
-                                                            const float *bias, float *y, int64_t ldy, int64_t M,
-                                                            int64_t N, int64_t K) {
+__attribute__((target("avx2,fma"))) static void linear_avx2_rows(const float *x, int64_t ldx, const float *packed,
+                                                                 const float *bias, float *y, int64_t ldy, int64_t M,
+                                                                 int64_t N, int64_t K) {
     /* Panel-major: a panel (K x 16 floats, 32 KiB for K = 512) stays in L1/L2 while every row sweeps it. */
     for (int64_t p = 0; p * PANEL < N; p++) {
         const float *panel = packed + p * K * PANEL;
@@ -127,6 +127,19 @@ __attribute__((target("avx2,fma"))) static void linear_avx2(const float *x, int6
             }
             m0 += rows;
         }
+    }
+}
+
+/* Many rows (a prompt chunk) are taken M_BLOCK at a time, so the block's rows stay in cache while
+ * every panel sweeps them, instead of streaming all M rows from memory once per panel. Blocking over
+ * rows changes no output element's reduction (it runs over K alone), so results stay batch-invariant. */
+#define M_BLOCK 192
+__attribute__((target("avx2,fma"))) static void linear_avx2(const float *x, int64_t ldx, const float *packed,
+                                                            const float *bias, float *y, int64_t ldy, int64_t M,
+                                                            int64_t N, int64_t K) {
+    for (int64_t m0 = 0; m0 < M; m0 += M_BLOCK) {
+        int64_t rows = M - m0 < M_BLOCK ? M - m0 : M_BLOCK;
+        linear_avx2_rows(x + m0 * ldx, ldx, packed, bias, y + m0 * ldy, ldy, rows, N, K);
     }
 }
 #endif
