@@ -1,48 +1,80 @@
 """KV checkpointing: what it costs when nothing fails, and what it saves when an attention worker dies.
 
 Part 1, failure-free decode throughput with checkpointing on vs off (2 attention workers, 2 expert
-workers, N concurrent requests), alternating runs so machine drift hits both alike.
+workers, N concurrent requests), and on with Redis slowed to --slow-redis-ms a round trip (a latency
+proxy in front of it: every Redis call is off the decode step, so this should cost next to nothing),
+alternating runs so machine drift hits all alike.
 
 Part 2, for each context length: one long request (prompt of that many tokens) decodes on aw-0 next
 to a few short ones; aw-0 is SIGKILLed; the long request's stall (gap between its last token before
 the kill and its first after) is measured with checkpointing on (the adopter restores [0, n) from the
 KV store and recomputes the rest) and off (the adopter re-prefills everything from the token log).
 
-    python benchmarks/bench_checkpoint.py [--contexts 256,1024,4096] [--requests 32] [--runs 2]
+    python benchmarks/bench_checkpoint.py [--contexts 256,1024,4096] [--requests 32] [--runs 2] [--slow-redis-ms 100]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import redis
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from chaos.latency_proxy import LatencyProxy  # noqa: E402
 from resilient_moe.config import DeploymentConfig, EngineConfig, SamplingParams  # noqa: E402
 from resilient_moe.launch.local import LocalCluster, Zygote  # noqa: E402
 from resilient_moe.model.tiny import demo_model_dir  # noqa: E402
 from resilient_moe.server.frontend import Frontend  # noqa: E402
 
 
-def deployment(model: Path, checkpoint: bool, max_len: int = 8192) -> DeploymentConfig:
+def deployment(model: Path, checkpoint: bool, max_len: int = 8192, redis_url: str = "") -> DeploymentConfig:
     return DeploymentConfig(model=str(model), attention_workers=2, expert_workers=2, micro_batches=2,
-                            kv_checkpoint=checkpoint, heartbeat_timeout_s=5.0,
+                            kv_checkpoint=checkpoint, heartbeat_timeout_s=5.0, redis_url=redis_url,
                             engine=EngineConfig(max_num_seqs=64, max_model_len=max_len, kv_cache_tokens=65536,
                                                 max_num_batched_tokens=8192))
 
 
-def throughput(model: Path, zygote: Zygote, checkpoint: bool, n: int, tokens: int) -> float:
+@contextlib.contextmanager
+def slow_redis(delay_ms: float):
+    """A private redis-server behind a proxy that adds `delay_ms` to every round trip; yields its URL."""
+    with tempfile.TemporaryDirectory(prefix="rmoe-slow-redis-") as tmp:
+        sock = os.path.join(tmp, "redis.sock")
+        server = subprocess.Popen(["redis-server", "--port", "0", "--unixsocket", sock, "--save", "",
+                                   "--appendonly", "no", "--dir", tmp], stdout=subprocess.DEVNULL)
+        try:
+            client = redis.Redis(unix_socket_path=sock)
+            for _ in range(500):
+                try:
+                    client.ping()
+                    break
+                except redis.RedisError:
+                    time.sleep(0.01)
+            with LatencyProxy(sock, delay_ms / 2000) as proxy:  # half of it each way
+                yield proxy.url
+        finally:
+            server.kill()
+            server.wait()
+
+
+def throughput(model: Path, zygote: Zygote, mode: str, n: int, tokens: int, slow_ms: float) -> float:
+    """Decode tok/s with checkpointing "off", "on", or on with a "slow" Redis."""
     g = torch.Generator().manual_seed(1)
     prompts = torch.randint(3, 500, (n, 24), generator=g).tolist()
     params = SamplingParams(max_tokens=tokens, ignore_eos=True)
-    with LocalCluster(deployment(model, checkpoint), zygote=zygote) as cluster:
+    with contextlib.ExitStack() as stack:
+        url = stack.enter_context(slow_redis(slow_ms)) if mode == "slow" else ""
+        cluster = stack.enter_context(LocalCluster(deployment(model, mode != "off", redis_url=url), zygote=zygote))
         frontend = Frontend(cluster.controller_address).start()
         try:
             start = time.monotonic()
@@ -86,25 +118,28 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--slow-redis-ms", type=float, default=100.0, help="round trip added to Redis calls")
     args = parser.parse_args()
     torch.set_num_threads(1)
     model = demo_model_dir()
     zygote = Zygote()
     try:
         zygote.wait_hello(120)
-        rates: dict[bool, list[float]] = {True: [], False: []}
+        rates: dict[str, list[float]] = {"on": [], "off": [], "slow": []}
         for _ in range(args.runs):
-            for checkpoint in (True, False):
-                rates[checkpoint].append(throughput(model, zygote, checkpoint, args.requests, args.tokens))
+            for mode in rates:
+                rates[mode].append(throughput(model, zygote, mode, args.requests, args.tokens, args.slow_redis_ms))
         stalls = {}
         for context in [int(c) for c in args.contexts.split(",")]:
             for checkpoint in (True, False):
                 stalls[(context, checkpoint)] = failover_stall(model, zygote, checkpoint, context)
     finally:
         zygote.shutdown()
-    on, off = statistics.median(rates[True]), statistics.median(rates[False])
+    on, off, slow = (statistics.median(rates[m]) for m in ("on", "off", "slow"))
     print(f"failure-free decode, {args.requests} requests x {args.tokens} tokens, median of {args.runs}:")
     print(f"  checkpointing on {on:.0f} tok/s, off {off:.0f} tok/s, loss {100 * (1 - on / off):.1f}%")
+    print(f"  with Redis {args.slow_redis_ms:.0f} ms a round trip: {slow:.0f} tok/s, {100 * (1 - slow / on):.1f}% below "
+          f"a fast Redis")
     print(f"{'context':>8}{'restore stall ms':>18}{'re-prefill stall ms':>21}{'ratio':>8}{'identical':>11}")
     for context in [int(c) for c in args.contexts.split(",")]:
         (restore, same_a), (recompute, same_b) = stalls[(context, True)], stalls[(context, False)]
