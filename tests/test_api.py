@@ -24,7 +24,8 @@ from conftest import pid_alive, wait_until
 from resilient_moe.config import EngineConfig, SamplingParams
 from resilient_moe.engine.engine import LLMEngine
 from resilient_moe.engine.tokenizer import TextTokenizer
-from resilient_moe.server.api import Admission, TextStream
+from resilient_moe.server.generation import Admission
+from resilient_moe.server.textstream import TextStream
 from resilient_moe.server.protocol import ApiError
 from serving import admin_headers, serving_stack, stream_completion, streams_through_kill
 

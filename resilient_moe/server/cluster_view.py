@@ -1,7 +1,8 @@
 """What the API knows about the cluster: the controller's latest snapshot plus the launcher's processes.
 
 `ClusterMonitor` polls the controller on a thread of its own (heartbeat loads only reach us through
-GetState) and feeds the metrics; `/ready`, `/admin/cluster` and the dashboard read its snapshot.
+GetState) and feeds the metrics; `/ready`, `/admin/cluster` and the dashboard read its snapshot. It
+also takes the snapshots the controller pushes on every change, so a death is seen as it is declared.
 `cluster_json` and `readiness` are pure functions of that snapshot, tested without processes.
 
 /admin/cluster is a contract (the chaos tool finds its targets through it):
@@ -25,6 +26,7 @@ import threading
 import time
 from typing import Any, Callable, Mapping, Protocol
 
+from resilient_moe.controller.client import ControllerClient
 from resilient_moe.procs import process_alive
 from resilient_moe.proto import controller_pb2 as pb
 from resilient_moe.server.metrics import ROLE_NAMES, STATE_NAMES
@@ -139,13 +141,16 @@ def readiness(state: pb.ClusterState | None, pids: Mapping[str, int],
 
 class ClusterMonitor:
     """Polls the controller every `interval_s`, keeps the latest snapshot, and calls `on_update` with it
-    (None while the controller does not answer)."""
+    (None while the controller does not answer); with `on_pushed`, also calls it with each snapshot
+    the controller pushes on a change (when the source has a `controller_address`)."""
 
     def __init__(self, source: ClusterSource, on_update: Callable[[pb.ClusterState | None], None],
-                 interval_s: float = 0.5) -> None:
+                 interval_s: float = 0.5, on_pushed: Callable[[pb.ClusterState], None] | None = None) -> None:
         self.source = source
         self.on_update = on_update
+        self.on_pushed = on_pushed
         self.interval_s = interval_s
+        self._watch: ControllerClient | None = None
         self.state: pb.ClusterState | None = None
         self.fetched_at = 0.0  # time.monotonic() of the last answer
         self.error = ""
@@ -155,6 +160,10 @@ class ClusterMonitor:
     def start(self) -> "ClusterMonitor":
         self.poll()
         self._thread.start()
+        address = getattr(self.source, "controller_address", None)
+        if self.on_pushed is not None and address:
+            self._watch = ControllerClient(address)
+            self._watch.start_watch("api-monitor", self.on_pushed)
         return self
 
     def poll(self) -> pb.ClusterState | None:
@@ -182,5 +191,7 @@ class ClusterMonitor:
 
     def stop(self) -> None:
         self._stop.set()
+        if self._watch is not None:
+            self._watch.close()
         if self._thread.is_alive():
             self._thread.join(5)

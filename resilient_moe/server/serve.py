@@ -97,9 +97,11 @@ class ServingStack:
         zygote: Zygote | None = None,
         log_dir: str | os.PathLike[str] | None = None,
         progress: Callable[[str], None] | None = None,
+        api_keys: tuple[str, ...] = (),
     ) -> None:
         """`admin_token` None: take RESILIENT_MOE_ADMIN_TOKEN, else generate one. `port` 0: any free port.
-        `redis_url` goes to the deployment when it has such a setting (kept here until then)."""
+        `redis_url` goes to the deployment when it has such a setting (kept here until then).
+        `api_keys`: /v1/* needs one of them (none: /v1 is open)."""
         if redis_url is not None and "redis_url" in DeploymentConfig.__dataclass_fields__:
             deployment = dataclasses.replace(deployment, redis_url=redis_url)
         self.deployment = deployment
@@ -115,6 +117,7 @@ class ServingStack:
         self.zygote = zygote
         self.log_dir = log_dir
         self.say = progress or (lambda text: None)
+        self.api_keys = tuple(api_keys)
         self.cluster: LocalCluster | None = None
         self.frontend: Frontend | None = None
         self.metrics = ServingMetrics()
@@ -161,7 +164,7 @@ class ServingStack:
                 host=self.host,
             )
             self.app = app = create_app(self.frontend, self.cluster, tokenizer, self.model_name, self.admin_token,
-                             settings=settings, metrics=self.metrics)
+                                        settings=settings, metrics=self.metrics, api_keys=self.api_keys)
             config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=3,
                                     access_log=False)
             self._server = uvicorn.Server(config)
@@ -213,6 +216,8 @@ class ServingStack:
         lines = [
             f"resilient-moe is serving {self.model_name!r}",
             f"  OpenAI API    {self.url}/v1   (e.g. POST {self.url}/v1/completions)",
+            f"  API keys      {len(self.api_keys)} (send 'Authorization: Bearer <key>')" if self.api_keys
+            else "  API keys      none: /v1 is open to anyone who reaches this address",
             f"  health        {self.url}/health   readiness {self.url}/ready",
             f"  metrics       {self.url}/metrics",
             f"  API schema    {self.url}/docs",
