@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -263,7 +264,8 @@ def test_admin_needs_the_token(stack):
     roles = sorted(w["role"] for w in cluster["workers"])
     assert roles.count("frontend") == 1 and roles.count("attention") == 2 and roles.count("expert") == 2
     for w in cluster["workers"]:
-        assert set(w) == {"id", "role", "pid", "host", "incarnation", "state", "experts", "shadows", "load"}
+        assert set(w) == {"id", "role", "pid", "host", "incarnation", "state", "experts", "shadows", "load", "started_at"}
+        assert 0 < time.time() - w["started_at"] < 3600, w
     assert cluster["ert"]["epoch"] >= 1 and cluster["ert"]["entries"]
     assert {"time", "kind", "worker", "detail"} == set(cluster["events"][0])
 

@@ -7,7 +7,7 @@ also takes the snapshots the controller pushes on every change, so a death is se
 
 /admin/cluster is a contract (the chaos tool finds its targets through it):
 
-    {"workers": [{"id", "role", "pid", "host", "incarnation", "state", "experts", "shadows", "load"}],
+    {"workers": [{"id", "role", "pid", "host", "incarnation", "state", "experts", "shadows", "load", "started_at"}],
      "ert": {"epoch", "entries": [{"layer", "expert", "workers": [primary, shadow...]}]},
      "events": [{"time", "kind", "worker", "detail"}],
      "unprotected": [[layer, expert], ...]}
@@ -15,7 +15,8 @@ also takes the snapshots the controller pushes on every change, so a death is se
 `role` is one of attention, expert, controller, kv_store, redis, frontend; `state` one of starting,
 ready, suspect, dead, stopped (a process the controller does not track: ready while it runs, else
 dead); `experts` are the (layer, expert) pairs a worker serves as first choice in the routing table,
-`shadows` the other copies it holds.
+`shadows` the other copies it holds; `started_at` is the unix time the incarnation registered (or the
+process started, for one the controller does not track; 0 when unknown).
 """
 
 from __future__ import annotations
@@ -41,6 +42,18 @@ class ClusterSource(Protocol):
 
     def state(self) -> pb.ClusterState:
         """The controller's current view (raises when it is unreachable)."""
+
+
+def process_started_at(pid: int) -> float:
+    """Unix time `pid` started on this host (0.0 when it cannot be read)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: start time, clock ticks after boot
+        with open("/proc/stat", encoding="ascii") as f:
+            boot = next(float(line.split()[1]) for line in f if line.startswith("btime "))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return 0.0
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
 
 
 def role_of(name: str) -> str:
@@ -84,7 +97,7 @@ def cluster_json(
                 "id": w.name, "role": ROLE_NAMES.get(w.role, "unknown"), "pid": w.pid, "host": w.host,
                 "incarnation": w.incarnation, "state": STATE_NAMES.get(w.state, "unknown"),
                 "experts": first, "shadows": [p for p in held if tuple(p) not in first_set],
-                "load": dict(w.load),
+                "load": dict(w.load), "started_at": w.started_at,
             })
     tracked = {w["id"] for w in workers}
     for name, pid in sorted(pids.items()):
@@ -94,11 +107,14 @@ def cluster_json(
         if name == "controller" and state is None:
             running = False  # alive or not, it does not answer
         workers.append({"id": name, "role": role_of(name), "pid": pid, "host": "127.0.0.1", "incarnation": 0,
-                        "state": "ready" if running else "dead", "experts": [], "shadows": [], "load": {}})
+                        "state": "ready" if running else "dead", "experts": [], "shadows": [], "load": {},
+                        "started_at": process_started_at(pid) if running else 0.0})
     if frontend is not None:
-        workers.append({"id": frontend["id"], "role": "frontend", "pid": frontend.get("pid", os.getpid()),
+        pid = frontend.get("pid", os.getpid())
+        workers.append({"id": frontend["id"], "role": "frontend", "pid": pid,
                         "host": frontend.get("host", "127.0.0.1"), "incarnation": 0, "state": "ready",
-                        "experts": [], "shadows": [], "load": dict(frontend.get("load", {}))})
+                        "experts": [], "shadows": [], "load": dict(frontend.get("load", {})),
+                        "started_at": process_started_at(pid)})
     events = [] if state is None else [
         {"time": e.time, "kind": e.kind, "worker": e.worker, "detail": e.detail} for e in state.events
     ]
