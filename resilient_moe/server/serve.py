@@ -52,10 +52,13 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def watch_startup(address: str, say: Callable[[str], None], stop: threading.Event) -> None:
-    """Report each worker's progress (registered -> loading weights -> ready) until `stop` is set."""
+def watch_startup(address: str, say: Callable[[str], None], stop: threading.Event,
+                  progress_every_s: float = 1.0) -> None:
+    """Report each worker's progress (registered -> loading weights, with the bytes read so far, at
+    most every `progress_every_s` -> ready) until `stop` is set."""
     client = ControllerClient(address)
     seen: dict[str, int] = {}
+    loaded: dict[tuple[str, int], tuple[float, float]] = {}  # incarnation -> (bytes read last reported, when)
     began = time.monotonic()
     try:
         while True:
@@ -67,6 +70,11 @@ def watch_startup(address: str, say: Callable[[str], None], stop: threading.Even
                     return
                 continue
             for w in state.workers:
+                done = w.load.get("loaded_bytes", 0.0) if w.state == pb.STARTING else 0.0
+                reported, when = loaded.get((w.name, w.incarnation), (0.0, 0.0))
+                if done > reported and time.monotonic() - when >= progress_every_s:
+                    loaded[(w.name, w.incarnation)] = (done, time.monotonic())
+                    say(f"  {time.monotonic() - began:6.1f}s  {w.name:<10} loading weights: {done / 1e6:,.1f} MB read")
                 if seen.get(w.name) == w.state:
                     continue
                 seen[w.name] = w.state

@@ -33,6 +33,7 @@ from resilient_moe.datapath.frames import FrameHeader, FrameKind, worker_number
 from resilient_moe.datapath.link import Link, LinkClosed, PeerInfo, listen
 from resilient_moe.datapath.poller import Poller
 from resilient_moe.engine.engine import LLMEngine
+from resilient_moe.model.checkpoint import Checkpoint
 from resilient_moe.engine.sequence import TokenEvent
 from resilient_moe.errors import ConfigError, RequestError
 from resilient_moe.proto import controller_pb2 as pb
@@ -259,9 +260,10 @@ def main(config: WorkerConfig) -> int:
                             probe_misses=dep.probe_misses,
                             on_suspect=lambda name, incarnation, reason: reports.put((name, incarnation, reason)))
     server: AttentionServer | None = None
+    checkpoint = Checkpoint(dep.model)  # its bytes_read is the progress heartbeats report while loading
 
     def stats() -> dict[str, float]:
-        return server.stats() if server is not None else {"loading": 1.0}
+        return server.stats() if server is not None else {"loading": 1.0, "loaded_bytes": float(checkpoint.bytes_read)}
 
     def on_fenced() -> None:
         log.warning("%s incarnation %d was fenced by the controller; stopping", config.name, reply.incarnation)
@@ -278,7 +280,7 @@ def main(config: WorkerConfig) -> int:
     client.start_heartbeats(config.name, reply.incarnation, dep.heartbeat_interval_s, stats, on_fenced)
     with yield_cpu_while_loading(reply.state):
         engine = LLMEngine(dep.model, dataclasses.replace(dep.engine, micro_batches=dep.micro_batches),
-                           experts=experts)
+                           experts=experts, checkpoint=checkpoint)
     server = AttentionServer(engine, experts, poller, listener, wakeup)
     server.crash_on_lost_expert = not dep.resilience
     server.checkpointer = start_checkpointer(config, engine, reply.state, reply.incarnation)
