@@ -67,7 +67,8 @@ def loop_time(cls, tokenizer, ids: list[int], stops: list[str]) -> float:
 def bench_text(model_dir: Path, before: str | None) -> list[dict]:
     tokenizer = TextTokenizer.from_dir(model_dir)
     invalid = [byte_level_id(tokenizer, 0x80)] * TOKENS  # a continuation byte with nothing to continue
-    ordinary = (tokenizer.encode("the experts answer every request and the workers keep going ", False) * TOKENS)[:TOKENS]
+    sentence = tokenizer.encode("the experts answer every request and the workers keep going ", False)
+    ordinary = (sentence * TOKENS)[:TOKENS]
     classes = [("now", TextStream)] + ([(before, old_text_stream(before))] if before else [])
     rows = []
     for name, ids in (("invalid UTF-8 bytes", invalid), ("ordinary text", ordinary)):

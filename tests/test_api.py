@@ -264,7 +264,8 @@ def test_admin_needs_the_token(stack):
     roles = sorted(w["role"] for w in cluster["workers"])
     assert roles.count("frontend") == 1 and roles.count("attention") == 2 and roles.count("expert") == 2
     for w in cluster["workers"]:
-        assert set(w) == {"id", "role", "pid", "host", "incarnation", "state", "experts", "shadows", "load", "started_at"}
+        assert set(w) == {"id", "role", "pid", "host", "incarnation", "state", "experts", "shadows", "load",
+                          "started_at"}
         assert 0 < time.time() - w["started_at"] < 3600, w
     assert cluster["ert"]["epoch"] >= 1 and cluster["ert"]["entries"]
     assert {"time", "kind", "worker", "detail"} == set(cluster["events"][0])
@@ -281,8 +282,13 @@ def api_schema(stack):
 schema = schemathesis.pytest.from_fixture("api_schema")
 
 
+# Examples per endpoint: a few in the suite; CI's own step runs RESILIENT_MOE_FUZZ_EXAMPLES=200 (.ci/run).
+FUZZ_EXAMPLES = int(os.environ.get("RESILIENT_MOE_FUZZ_EXAMPLES") or 12)
+
+
 @schema.parametrize()
-@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck),
+          derandomize=FUZZ_EXAMPLES <= 12)
 def test_fuzz_no_server_errors(case):
     """Whatever schemathesis sends (valid or not), the answer is never a 5xx. Valid output lengths are
     capped so the run stays short; the default length (the rest of the context) is still exercised."""
@@ -471,7 +477,8 @@ def test_top_logprobs_match_the_engine(stack, client, engine):
         assert len(content) == 6
         for item, (token, logprob, top) in zip(content, expected):
             assert item.token == text(token) and item.logprob == pytest.approx(logprob, abs=1e-5)
-            assert [(a.token, a.bytes) for a in item.top_logprobs] == [(text(t), list(text(t).encode())) for t, _ in top]
+            want = [(text(t), list(text(t).encode())) for t, _ in top]
+            assert [(a.token, a.bytes) for a in item.top_logprobs] == want
             assert [a.logprob for a in item.top_logprobs] == pytest.approx([v for _, v in top], abs=1e-5)
     refused = httpx.post(f"{stack.url}/v1/chat/completions", json={"messages": messages, "top_logprobs": 2})
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "top_logprobs"

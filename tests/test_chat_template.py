@@ -20,7 +20,8 @@ SYSTEM_AND_RAISE = (
     "{{- raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
     "{%- endif %}"
     "{%- if message['role'] == 'user' %}"
-    "{%- if loop.first and system is defined %}[INST] <<SYS>>\n{{ system }}\n<</SYS>>\n\n{{ message['content'] | trim }}"
+    "{%- if loop.first and system is defined %}[INST] <<SYS>>\n{{ system }}\n<</SYS>>\n\n"
+    "{{ message['content'] | trim }}"
     " [/INST]{%- else %}[INST] {{ message['content'] | trim }} [/INST]{%- endif %}"
     "{%- else %} {{ message['content'] | trim }}{{ eos_token }}{%- endif %}"
     "{%- endfor %}"
@@ -31,7 +32,8 @@ HELPERS = """{%- set ns = namespace(turns=0, names=[]) -%}
 {% for m in messages %}
   {% if m['role'] == 'tool' %}{% continue %}{% endif %}
   {% set ns.turns = ns.turns + 1 %}
-<|{{ m['role'] }}|>{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}{% endgeneration %}{% else %}{{ m['content'] }}{% endif %}{{ eos_token }}
+<|{{ m['role'] }}|>{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}{% endgeneration %}
+{%- else %}{{ m['content'] }}{% endif %}{{ eos_token }}
   {% if ns.turns >= 4 %}{% break %}{% endif %}
 {% endfor %}
 {{ {'turns': ns.turns, 'quote': 'é <b>&</b>'} | tojson(indent=2, sort_keys=true) }}

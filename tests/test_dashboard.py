@@ -80,6 +80,7 @@ def test_dashboard_shows_a_killed_worker_and_its_recovery(stack, tmp_path):
     assert "ew-1 dead" in re.search(r'id="itl-chart"[^>]*data-markers="([^"]*)"', dom).group(1)
     metrics = httpx.get(f"{stack.url}/metrics", timeout=10).text
     for name, key in (("detection", "detection_s"), ("stall_max", "stall_max_s")):
-        gauge = re.search(rf'^resilient_moe_last_fault_{name}_seconds\{{role="expert",worker="ew-1"\}} (\S+)$', metrics, re.M)
+        gauge = re.search(rf'^resilient_moe_last_fault_{name}_seconds\{{role="expert",worker="ew-1"\}} (\S+)$',
+                          metrics, re.M)
         assert gauge and float(gauge.group(1)) == pytest.approx(fault[key]), (name, metrics[-3000:])
     assert re.search(r"^resilient_moe_failover_stall_seconds_count [1-9]", metrics, re.M)

@@ -104,7 +104,8 @@ class _Server:
     """Everything the routes share."""
 
     def __init__(self, frontend: Frontend, cluster: ClusterSource, tokenizer: TextTokenizer | None,
-                 settings: ServerSettings, admin_token: str, api_keys: tuple[str, ...], metrics: ServingMetrics) -> None:
+                 settings: ServerSettings, admin_token: str, api_keys: tuple[str, ...],
+                 metrics: ServingMetrics) -> None:
         self.frontend = frontend
         self.cluster = cluster
         self.tokenizer = tokenizer
@@ -312,7 +313,8 @@ def create_app(
 
     def _final(gen: Generation, body, chat: bool) -> dict[str, Any]:
         text = gen.text.sent
-        choice: dict[str, Any] = {"index": 0, "finish_reason": gen.finish_reason, "logprobs": _logprobs(gen, body, chat)}
+        choice: dict[str, Any] = {"index": 0, "finish_reason": gen.finish_reason,
+                                  "logprobs": _logprobs(gen, body, chat)}
         if chat:
             choice["message"] = {"role": "assistant", "content": text}
         else:

@@ -294,7 +294,8 @@ class LastFaultCollector:
         ns = NAMESPACE
         families = {
             "detection_s": GaugeMetricFamily(f"{ns}_last_fault_detection_seconds", "The latest fault: from the "
-                                             "worker's last heartbeat to its declared death.", labels=["worker", "role"]),
+                                             "worker's last heartbeat to its declared death.",
+                                             labels=["worker", "role"]),
             "redundancy_restored_s": GaugeMetricFamily(f"{ns}_last_fault_redundancy_restore_seconds", "The latest "
                                                        "fault: from the worker's last heartbeat until redundancy was "
                                                        "restored.", labels=["worker", "role"]),
