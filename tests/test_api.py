@@ -566,3 +566,43 @@ def test_chunked_body_over_the_limit_is_refused_while_read(stack):
         status, body = read_response(sock)
     assert status == 413 and body["error"]["type"] == "invalid_request_error", body
     assert str(limit) in body["error"]["message"]
+
+
+class _Bytes:
+    """A byte-level tokenizer: token i is the byte i; counts the ids it decodes (the work done)."""
+
+    def __init__(self) -> None:
+        self.decoded = 0
+
+    def decode(self, ids, skip_special_tokens=True):
+        self.decoded += len(ids)
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+def test_text_stream_work_is_linear_on_invalid_utf8():
+    """8000 bytes that never form a character (what a confused model emits): each is sent as one
+    U+FFFD, and the work per token stays bounded (it was quadratic: 5 s of event loop)."""
+    tokenizer = _Bytes()
+    stream = TextStream(tokenizer, ["STOP"])
+    out = "".join(stream.add(0x80) for _ in range(8000)) + stream.flush()
+    assert out == "\ufffd" * 8000 and stream.sent == out
+    assert tokenizer.decoded < 40 * 8000
+
+
+def test_text_stream_keeps_characters_whole_after_junk():
+    """A real character split over tokens right after a long invalid run is still sent whole."""
+    ids = [0x80] * 20 + list("é€x".encode())
+    stream = TextStream(_Bytes(), [])
+    assert "".join(stream.add(i) for i in ids) + stream.flush() == "\ufffd" * 20 + "é€x"
+
+
+def test_text_stream_cuts_at_the_earliest_stop_string():
+    class Chunks:
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(["abcd", "xy", "bc"][i] for i in ids)
+
+    stream = TextStream(Chunks(), ["abcd", "bc"])
+    assert stream.add(1) == "xy" and stream.add(0) == "" and stream.stopped  # "abcd" starts before "bc"
+    assert stream.sent == "xy"
+    held = TextStream(Chunks(), ["xyb"])
+    assert held.add(1) == "" and held.add(2) == "" and held.stopped and held.sent == ""

@@ -83,7 +83,7 @@ def _load(worker: dict[str, Any]) -> str:
         return f"{len(worker.get('experts', []))} primary · {len(worker.get('shadows', []))} shadow"
     if worker["role"] == "frontend":
         return f"in flight {load.get('unfinished', 0):.0f}"
-    return " · ".join(f"{k} {v:g}" for k, v in sorted(load.items())[:3])
+    return " · ".join(f"{k} {v:,.0f}" if abs(v) >= 1000 else f"{k} {v:g}" for k, v in sorted(load.items())[:3])
 
 
 def render(snapshot: Snapshot) -> Group:
