@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="text prompt (repeatable)")
     gen.add_argument("--prompt-ids", action="append", default=[], type=_prompt_ids, metavar="1,2,3",
                      help="token-id prompt (repeatable)")
-    gen.add_argument("--max-tokens", type=_positive_int, default=16)
+    gen.add_argument("--max-tokens", type=_positive_int, default=32, help="(default: %(default)s)")
     gen.add_argument("--temperature", type=_float, default=0.0)
     gen.add_argument("--top-p", type=_float, default=1.0)
     gen.add_argument("--top-k", type=_non_negative_int, default=0)
