@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from chaos.latency_proxy import LatencyProxy  # noqa: E402
 from resilient_moe.config import DeploymentConfig, EngineConfig, SamplingParams  # noqa: E402
 from resilient_moe.launch.local import LocalCluster, Zygote  # noqa: E402
-from resilient_moe.model.tiny import demo_model_dir  # noqa: E402
+from resilient_moe.model.demo import demo_model_dir  # noqa: E402
 from resilient_moe.server.frontend import Frontend  # noqa: E402
 
 

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from resilient_moe.config import DeploymentConfig, EngineConfig, SamplingParams  # noqa: E402
 from resilient_moe.launch.local import LocalCluster, Zygote  # noqa: E402
-from resilient_moe.model.tiny import demo_model_dir  # noqa: E402
+from resilient_moe.model.demo import demo_model_dir  # noqa: E402
 from resilient_moe.server.frontend import Frontend  # noqa: E402
 
 FAULTS = {"ew-kill": ("ew-1", signal.SIGKILL), "ew-hang": ("ew-1", signal.SIGSTOP),

@@ -167,7 +167,7 @@ def main() -> None:
     url = args.url
     if url is None:
         from resilient_moe.config import DeploymentConfig
-        from resilient_moe.model.tiny import demo_model_dir
+        from resilient_moe.model.demo import demo_model_dir
         from resilient_moe.server.serve import ServingStack
 
         model = args.model or str(demo_model_dir())

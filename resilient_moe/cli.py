@@ -59,6 +59,13 @@ def _float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
 
 
+def _positive_float(text: str) -> float:
+    value = _float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
 def _non_negative_int(text: str) -> int:
     try:
         value = int(text)
@@ -96,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="text prompt (repeatable)")
     gen.add_argument("--prompt-ids", action="append", default=[], type=_prompt_ids, metavar="1,2,3",
                      help="token-id prompt (repeatable)")
-    gen.add_argument("--max-tokens", type=_positive_int, default=16)
+    gen.add_argument("--max-tokens", type=_positive_int, default=32, help="(default: %(default)s)")
     gen.add_argument("--temperature", type=_float, default=0.0)
     gen.add_argument("--top-p", type=_float, default=1.0)
     gen.add_argument("--top-k", type=_non_negative_int, default=0)
@@ -130,7 +137,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--redis-url", metavar="URL", help="metadata Redis (default: a private one)")
     serve.add_argument("--admin-token", metavar="TOKEN", help="bearer token of /admin/ (default: "
                        "$RESILIENT_MOE_ADMIN_TOKEN, else generated and printed)")
+    serve.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                       help="/v1/* needs 'Authorization: Bearer KEY' (repeatable; also the comma-separated "
+                            "$RESILIENT_MOE_API_KEYS; default: none, /v1 is open)")
     serve.add_argument("--log-dir", metavar="DIR", help="worker logs (default: a temporary directory)")
+
+    status = sub.add_parser("status", help="show a running server's cluster in the terminal")
+    status.add_argument("--url", default="http://127.0.0.1:8000", help="the server (default: %(default)s)")
+    status.add_argument("--token", metavar="TOKEN", help="its admin token (default: $RESILIENT_MOE_ADMIN_TOKEN)")
+    status.add_argument("--watch", action="store_true", help="redraw until Ctrl-C")
+    status.add_argument("--interval", type=_positive_float, default=2.0, metavar="S",
+                        help="seconds between redraws with --watch (default: %(default)s)")
     return parser
 
 
@@ -158,7 +175,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from resilient_moe.config import EngineConfig, ModelConfig
     from resilient_moe.engine.engine import LLMEngine
     from resilient_moe.engine.tokenizer import TextTokenizer
-    from resilient_moe.model.tiny import demo_model_dir
+    from resilient_moe.model.demo import demo_model_dir
 
     if not args.prompt and not args.prompt_ids:
         raise CliError("give at least one --prompt TEXT or --prompt-ids 1,2,3")
@@ -231,14 +248,11 @@ def _generate_disaggregated(args, model_dir: Path, engine_config, prompts: list[
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from resilient_moe.config import EngineConfig, ModelConfig
-    from resilient_moe.model.tiny import demo_model_dir
+    from resilient_moe.model.demo import demo_model_dir
+    from resilient_moe.server.api import api_keys_from
     from resilient_moe.server.serve import ServingStack, run
 
-    if args.model:
-        model_dir = Path(args.model)
-    else:
-        print("preparing the built-in demo checkpoint (generated once, then cached) ...", flush=True)
-        model_dir = demo_model_dir()
+    model_dir = Path(args.model) if args.model else demo_model_dir()
     ModelConfig.from_pretrained(model_dir)  # a bad model directory fails here, before anything starts
     if args.config is None:
         args.attention_workers = args.attention_workers or 2
@@ -250,12 +264,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     stack = ServingStack(
         deployment, host=args.host, port=args.port, admin_token=args.admin_token,
         model_name=args.served_model_name, max_waiting=args.max_waiting_requests, redis_url=args.redis_url,
-        log_dir=args.log_dir, progress=lambda text: print(text, flush=True),
+        log_dir=args.log_dir, progress=lambda text: print(text, flush=True), api_keys=api_keys_from(args.api_key),
     )
     return run(stack, say=lambda text: print(text, flush=True))
 
 
-COMMANDS = {"make-tiny-model": cmd_make_tiny_model, "generate": cmd_generate, "serve": cmd_serve}
+def cmd_status(args: argparse.Namespace) -> int:
+    import os
+
+    from resilient_moe.server.serve import ADMIN_TOKEN_ENV
+    from resilient_moe.server.status import show
+
+    token = args.token or os.environ.get(ADMIN_TOKEN_ENV)
+    if not token:
+        raise CliError(f"give the server's admin token: --token TOKEN or ${ADMIN_TOKEN_ENV} (serve prints it)")
+    show(args.url, token, watch=args.watch, interval_s=args.interval)
+    return 0
+
+
+COMMANDS = {"make-tiny-model": cmd_make_tiny_model, "generate": cmd_generate, "serve": cmd_serve,
+            "status": cmd_status}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -24,7 +25,8 @@ from conftest import pid_alive, wait_until
 from resilient_moe.config import EngineConfig, SamplingParams
 from resilient_moe.engine.engine import LLMEngine
 from resilient_moe.engine.tokenizer import TextTokenizer
-from resilient_moe.server.api import Admission, TextStream
+from resilient_moe.server.generation import Admission
+from resilient_moe.server.textstream import TextStream
 from resilient_moe.server.protocol import ApiError
 from serving import admin_headers, serving_stack, stream_completion, streams_through_kill
 
@@ -262,7 +264,9 @@ def test_admin_needs_the_token(stack):
     roles = sorted(w["role"] for w in cluster["workers"])
     assert roles.count("frontend") == 1 and roles.count("attention") == 2 and roles.count("expert") == 2
     for w in cluster["workers"]:
-        assert set(w) == {"id", "role", "pid", "host", "incarnation", "state", "experts", "shadows", "load"}
+        assert set(w) == {"id", "role", "pid", "host", "incarnation", "state", "experts", "shadows", "load",
+                          "started_at"}
+        assert 0 < time.time() - w["started_at"] < 3600, w
     assert cluster["ert"]["epoch"] >= 1 and cluster["ert"]["entries"]
     assert {"time", "kind", "worker", "detail"} == set(cluster["events"][0])
 
@@ -278,8 +282,13 @@ def api_schema(stack):
 schema = schemathesis.pytest.from_fixture("api_schema")
 
 
+# Examples per endpoint: a few in the suite; CI's own step runs RESILIENT_MOE_FUZZ_EXAMPLES=200 (.ci/run).
+FUZZ_EXAMPLES = int(os.environ.get("RESILIENT_MOE_FUZZ_EXAMPLES") or 12)
+
+
 @schema.parametrize()
-@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck),
+          derandomize=FUZZ_EXAMPLES <= 12)
 def test_fuzz_no_server_errors(case):
     """Whatever schemathesis sends (valid or not), the answer is never a 5xx. Valid output lengths are
     capped so the run stays short; the default length (the rest of the context) is still exercised."""
@@ -422,3 +431,178 @@ def test_sse_chunks_are_json(stack):
     assert lines[-1] == "data: [DONE]"
     for line in lines[:-1]:
         assert json.loads(line.removeprefix("data: "))["object"] == "chat.completion.chunk"
+
+
+# ---- top logprobs ----------------------------------------------------------------------------
+
+
+def engine_tops(engine: LLMEngine, prompt_ids: list[int], max_tokens: int, k: int) -> list[tuple[int, float, tuple]]:
+    """(token, logprob, top-k alternatives) per position, as the colocated engine computes them."""
+    engine.add_request("tops", prompt_ids, SamplingParams(max_tokens=max_tokens, logprobs=k, ignore_eos=True))
+    events = []
+    while engine.has_unfinished():
+        events += [e for e in engine.step() if e.request_id == "tops"]
+    return [(e.token_id, e.logprob, e.top_logprobs) for e in events]
+
+
+def test_top_logprobs_match_the_engine(stack, client, engine):
+    """logprobs: 3 (completions) and top_logprobs: 3 (chat), streamed and not: three alternatives per
+    token, the engine's own, carried from the attention worker."""
+    tokenizer = engine.tokenizer
+    text = lambda t: tokenizer.decode([t], skip_special_tokens=False)  # noqa: E731
+    expected = engine_tops(engine, PROMPTS[1], 6, 3)
+    assert all(len(top) == 3 for _, _, top in expected)
+    common = dict(model=stack.model_name, max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
+
+    whole = client.completions.create(prompt=PROMPTS[1], logprobs=3, **common).choices[0].logprobs
+    chunks = list(client.completions.create(prompt=PROMPTS[1], logprobs=3, stream=True, **common))
+    streamed = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
+    for got in (whole.top_logprobs, [d for part in streamed for d in part.top_logprobs]):
+        assert len(got) == 6
+        for position, (token, logprob, top) in zip(got, expected):
+            want = {text(t): v for t, v in top}
+            want.setdefault(text(token), logprob)  # the sampled token is always listed
+            assert position.keys() == want.keys()
+            assert list(position.values()) == pytest.approx(list(want.values()), abs=1e-5)
+    assert whole.token_logprobs == pytest.approx([lp for _, lp, _ in expected], abs=1e-5)
+
+    messages = [{"role": "user", "content": "Hello world!"}]
+    chat_ids = tokenizer.encode(tokenizer.apply_chat_template(messages))
+    expected = engine_tops(engine, chat_ids, 6, 3)
+    whole = client.chat.completions.create(messages=messages, logprobs=True, top_logprobs=3, **common)
+    stream = list(client.chat.completions.create(messages=messages, logprobs=True, top_logprobs=3, stream=True,
+                                                 **common))
+    streamed = [item for c in stream if c.choices and c.choices[0].logprobs for item in c.choices[0].logprobs.content]
+    for content in (whole.choices[0].logprobs.content, streamed):
+        assert len(content) == 6
+        for item, (token, logprob, top) in zip(content, expected):
+            assert item.token == text(token) and item.logprob == pytest.approx(logprob, abs=1e-5)
+            want = [(text(t), list(text(t).encode())) for t, _ in top]
+            assert [(a.token, a.bytes) for a in item.top_logprobs] == want
+            assert [a.logprob for a in item.top_logprobs] == pytest.approx([v for _, v in top], abs=1e-5)
+    refused = httpx.post(f"{stack.url}/v1/chat/completions", json={"messages": messages, "top_logprobs": 2})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "top_logprobs"
+
+
+# ---- input limits ----------------------------------------------------------------------------
+
+
+def http_exchange(sock, request: bytes) -> tuple[int, dict]:
+    """Send one HTTP/1.1 request on an open socket and read one response."""
+    sock.sendall(request)
+    return read_response(sock)
+
+
+def read_response(sock) -> tuple[int, dict]:
+    """One HTTP/1.1 response with a JSON body (Content-Length framed)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536) or b""
+    head, body = data.split(b"\r\n\r\n", 1)
+    length = int(re.search(rb"(?i)content-length: (\d+)", head).group(1))
+    while len(body) < length:
+        body += sock.recv(65536)
+    return int(head.split()[1]), json.loads(body[:length])
+
+
+def post(path: str, payload: str) -> bytes:
+    raw = payload.encode("utf-8")
+    return (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(raw)}\r\n\r\n").encode() + raw
+
+
+@pytest.mark.parametrize("path,payload,param", [
+    ("/v1/completions", '{"prompt": "abc\\ud800def", "max_tokens": 2}', "prompt"),
+    ("/v1/completions", '{"prompt": ["\\udfff"], "max_tokens": 2}', "prompt"),
+    ("/v1/completions", '{"prompt": "hi", "stop": ["\\ud83d"], "max_tokens": 2}', "stop"),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "x\\ud800"}], "max_tokens": 2}', "messages"),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\ud800"}]}]}',
+     "messages"),
+], ids=["prompt", "prompt-list", "stop", "chat", "chat-part"])
+def test_lone_surrogates_are_400_and_keep_the_connection(stack, path, payload, param):
+    """JSON can carry lone UTF-16 surrogates; they get a 400 naming the field, and the keep-alive
+    connection goes on serving (no 500, no reset)."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", stack.port), timeout=30) as sock:
+        status, body = http_exchange(sock, post(path, payload))
+        assert status == 400, body
+        assert body["error"]["param"] == param and "surrogate" in body["error"]["message"]
+        assert set(body["error"]) == {"message", "type", "param", "code"}
+        status, body = http_exchange(sock, post("/v1/completions", '{"prompt": [1, 2, 3], "max_tokens": 2}'))
+        assert status == 200 and body["usage"]["completion_tokens"] >= 1
+
+
+def test_stop_strings_and_prompt_characters_are_bounded(stack):
+    def error(body, path="/v1/completions"):
+        response = httpx.post(f"{stack.url}{path}", json=body, timeout=30)
+        assert response.status_code == 400, response.text
+        return response.json()["error"]
+
+    many = error({"prompt": "hi", "stop": [f"s{i}" for i in range(17)]})
+    assert many["param"] == "stop" and "at most 16 stop sequences" in many["message"]
+    long = error({"prompt": "hi", "stop": "x" * 257})
+    assert long["param"] == "stop" and "at most 256 characters" in long["message"]
+    chars = stack.app.state.server.settings.prompt_chars  # 16 characters per token of context
+    huge = error({"prompt": "a" * (chars + 1)})
+    assert huge["param"] == "prompt" and huge["code"] == "context_length_exceeded" and str(chars) in huge["message"]
+    chat = error({"messages": [{"role": "user", "content": "a" * (chars + 1)}]}, "/v1/chat/completions")
+    assert chat["param"] == "messages" and chat["code"] == "context_length_exceeded"
+    assert httpx.post(f"{stack.url}/v1/completions", json={"prompt": "hi", "stop": ["x" * 256] * 16, "max_tokens": 2},
+                      timeout=30).status_code == 200
+
+
+def test_chunked_body_over_the_limit_is_refused_while_read(stack):
+    """No Content-Length: the limit applies as the body arrives, and the 413 comes before the end."""
+    import socket
+
+    limit = stack.app.state.server.settings.max_body_bytes
+    with socket.create_connection(("127.0.0.1", stack.port), timeout=30) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n")
+        chunk = b" " * (256 << 10)
+        for _ in range(limit // len(chunk) + 2):  # just past the limit, never the end of the body
+            sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        status, body = read_response(sock)
+    assert status == 413 and body["error"]["type"] == "invalid_request_error", body
+    assert str(limit) in body["error"]["message"]
+
+
+class _Bytes:
+    """A byte-level tokenizer: token i is the byte i; counts the ids it decodes (the work done)."""
+
+    def __init__(self) -> None:
+        self.decoded = 0
+
+    def decode(self, ids, skip_special_tokens=True):
+        self.decoded += len(ids)
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+def test_text_stream_work_is_linear_on_invalid_utf8():
+    """8000 bytes that never form a character (what a confused model emits): each is sent as one
+    U+FFFD, and the work per token stays bounded (it was quadratic: 5 s of event loop)."""
+    tokenizer = _Bytes()
+    stream = TextStream(tokenizer, ["STOP"])
+    out = "".join(stream.add(0x80) for _ in range(8000)) + stream.flush()
+    assert out == "\ufffd" * 8000 and stream.sent == out
+    assert tokenizer.decoded < 40 * 8000
+
+
+def test_text_stream_keeps_characters_whole_after_junk():
+    """A real character split over tokens right after a long invalid run is still sent whole."""
+    ids = [0x80] * 20 + list("é€x".encode())
+    stream = TextStream(_Bytes(), [])
+    assert "".join(stream.add(i) for i in ids) + stream.flush() == "\ufffd" * 20 + "é€x"
+
+
+def test_text_stream_cuts_at_the_earliest_stop_string():
+    class Chunks:
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(["abcd", "xy", "bc"][i] for i in ids)
+
+    stream = TextStream(Chunks(), ["abcd", "bc"])
+    assert stream.add(1) == "xy" and stream.add(0) == "" and stream.stopped  # "abcd" starts before "bc"
+    assert stream.sent == "xy"
+    held = TextStream(Chunks(), ["xyb"])
+    assert held.add(1) == "" and held.add(2) == "" and held.stopped and held.sent == ""

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from conftest import wait_until
-from serving import ADMIN_TOKEN, admin_headers, serving_stack
+from serving import ADMIN_TOKEN, admin_headers, serving_stack, streams_through_kill
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium missing (Debian package; .ci/run installs it)")
@@ -57,15 +57,30 @@ def test_dashboard_without_token_asks_for_it(stack, tmp_path):
     assert workers_shown(dom) == {}
 
 
-def test_dashboard_shows_a_killed_worker(stack, tmp_path):
-    victim = stack.cluster.pids["ew-1"]
-    os.kill(victim, signal.SIGKILL)
+def test_dashboard_shows_a_killed_worker_and_its_recovery(stack, tmp_path):
+    """SIGKILL an expert worker while requests stream: the event log, the recovery table (detection
+    time, stall) and the latency chart's markers show the fault, and /metrics has the same figures."""
+    results = streams_through_kill(stack, "ew-1", [[1, 45, 393, 84], [1, 17, 230, 99, 12]], max_tokens=40)
+    assert all(r.done and r.error is None for r in results)
 
-    def death_reported():
-        events = httpx.get(f"{stack.url}/admin/cluster", headers=admin_headers(), timeout=10).json()["events"]
-        return any(e["kind"] == "dead" and e["worker"] == "ew-1" for e in events)
+    def fault_recorded():
+        faults = httpx.get(f"{stack.url}/admin/recovery", headers=admin_headers(), timeout=10).json()["faults"]
+        return next((f for f in faults if f["worker"] == "ew-1" and f["stall_max_s"] is not None), None)
 
-    wait_until(death_reported, 15, "the controller to declare ew-1 dead")
+    fault = wait_until(fault_recorded, 15, "the recovery table to hold ew-1's fault with its stall")
+    assert fault["detection_s"] is not None and fault["requests"] == 2
     dom = render(f"{stack.url}/dashboard#token={ADMIN_TOKEN}", tmp_path / "profile")
     assert re.search(r'class="event" data-kind="dead" data-worker="ew-1"', dom), dom[-3000:]
     assert "ew-1" in workers_shown(dom)  # still listed: dead, or already replaced
+    row = re.search(r'<tr class="fault" data-worker="ew-1" data-detection="([0-9.e-]+)" data-stall-max="([0-9.e-]+)"',
+                    dom)
+    assert row, dom.split('id="recovery"', 1)[-1][:2000]
+    assert float(row.group(1)) == pytest.approx(fault["detection_s"])
+    assert float(row.group(2)) == pytest.approx(fault["stall_max_s"])
+    assert "ew-1 dead" in re.search(r'id="itl-chart"[^>]*data-markers="([^"]*)"', dom).group(1)
+    metrics = httpx.get(f"{stack.url}/metrics", timeout=10).text
+    for name, key in (("detection", "detection_s"), ("stall_max", "stall_max_s")):
+        gauge = re.search(rf'^resilient_moe_last_fault_{name}_seconds\{{role="expert",worker="ew-1"\}} (\S+)$',
+                          metrics, re.M)
+        assert gauge and float(gauge.group(1)) == pytest.approx(fault[key]), (name, metrics[-3000:])
+    assert re.search(r"^resilient_moe_failover_stall_seconds_count [1-9]", metrics, re.M)

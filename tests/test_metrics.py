@@ -16,7 +16,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import wait_until
 from resilient_moe.proto import controller_pb2 as pb
-from resilient_moe.server.metrics import STALL_SETTLE_S, ServingMetrics, failure_kind
+from resilient_moe.server.metrics import ServingMetrics
+from resilient_moe.server.recovery import failure_kind
 from serving import serving_stack
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -125,7 +126,9 @@ def test_dashboard_queries_only_exported_metrics(stack):
     # the dashboard covers latency, throughput, per-worker state and failures
     for needed in ("resilient_moe_time_to_first_token_seconds_bucket", "resilient_moe_inter_token_latency_seconds_bucket",
                    "resilient_moe_generation_tokens_total", "resilient_moe_worker_up",
-                   "resilient_moe_failures_detected_total", "resilient_moe_failover_stall_seconds_bucket"):
+                   "resilient_moe_failures_detected_total", "resilient_moe_failover_stall_seconds_bucket",
+                   "resilient_moe_fault_detection_seconds_bucket", "resilient_moe_redundancy_restore_seconds_bucket",
+                   "resilient_moe_last_fault_detection_seconds", "resilient_moe_last_fault_stall_max_seconds"):
         assert needed in queried
 
 
@@ -146,21 +149,42 @@ def test_failure_kinds_from_controller_details():
     assert failure_kind("incarnation 3: 3 probes unanswered (reported by aw-1)") == "probe_timeout"
 
 
-def test_failover_stall_is_the_gap_around_a_failure():
+def test_recovery_figures_per_fault():
+    """A worker's last heartbeat, its declared death, a replacement: detection, restore time and the
+    stalls of the requests in flight, in /metrics and in the recovery table."""
     metrics = ServingMetrics()
-    now = time.time()
-    # a request streaming every 10 ms, with a 300 ms gap while a worker died at now - 1.0
-    arrivals = [now - 2.0 + 0.01 * i for i in range(80)]  # until now - 1.21
-    arrivals += [now - 0.91 + 0.01 * i for i in range(50)]
-    metrics.finished(2.0, "length", arrivals)
-    metrics.finished(0.1, "length", [now - 60.0, now - 59.9])  # long before the failure: not stalled
-    state = pb.ClusterState(workers=[pb.WorkerInfo(name="ew-1", role=pb.EXPERT, state=pb.DEAD)],
-                            events=[pb.Event(time=now - 1.0, kind="dead", worker="ew-1",
-                                             detail="incarnation 2: link-closed (reported by aw-0; process gone)")])
-    metrics.update_cluster(state, [], 0)
-    metrics.update_cluster(state, [], 0)  # the same event twice counts once
-    metrics._settle_stalls(time.time() + STALL_SETTLE_S + 1)
+    t = time.time() - 30.0
+
+    def snapshot(received: float, incarnation: int, state, age: float, events=(), unprotected=0):
+        worker = pb.WorkerInfo(name="ew-1", role=pb.EXPERT, state=state, incarnation=incarnation, heartbeat_age_s=age)
+        pairs = [pb.ExpertRef(layer=0, expert=e) for e in range(unprotected)]
+        metrics.update_cluster(pb.ClusterState(workers=[worker], events=list(events), unprotected=pairs), [], 0,
+                               now=received)
+
+    dead = pb.Event(time=t + 1.25, kind="dead", worker="ew-1",
+                    detail="incarnation 2: link-closed (reported by aw-0; process gone)")
+    snapshot(t + 0.5, 2, pb.READY, 0.01)
+    # the request started before the fault; its tokens come every 10 ms, then a 300 ms gap across it
+    arrivals = [t + 0.6 + 0.01 * i for i in range(60)] + [t + 1.5 + 0.01 * i for i in range(10)]  # gap 1.19 -> 1.5
+    metrics.finished(1.0, "length", t + 0.55, arrivals)  # finished before the death is seen: still counted
+    metrics.finished(0.1, "length", t - 20.0, [t - 19.9, t - 19.8])  # long before: not in flight
+    snapshot(t + 1.3, 2, pb.DEAD, 0.1, events=[dead], unprotected=4)  # pushed as it is declared: last beat at t+1.2
+    snapshot(t + 1.8, 2, pb.DEAD, 0.6, events=[dead], unprotected=4)  # the same event again counts once
+    snapshot(t + 3.0, 3, pb.STARTING, 0.0, events=[dead], unprotected=4)
+    snapshot(t + 4.2, 3, pb.READY, 0.0, events=[dead], unprotected=0)
+    [fault] = metrics.recovery.table()
+    assert fault["worker"] == "ew-1" and fault["role"] == "expert" and fault["kind"] == "link_closed"
+    assert fault["detection_s"] == pytest.approx(0.05, abs=1e-6)
+    assert fault["redundancy_restored_s"] == pytest.approx(3.0, abs=1e-6)
+    assert fault["requests"] == 1 and fault["stall_max_s"] == pytest.approx(0.31, abs=1e-6)
     text = metrics.render().decode()
     assert value(text, "resilient_moe_failures_detected_total", role="expert", kind="link_closed") == 1.0
+    assert value(text, "resilient_moe_fault_detection_seconds_count", role="expert") == 1.0
+    assert value(text, "resilient_moe_fault_detection_seconds_sum", role="expert") == pytest.approx(0.05, abs=1e-6)
+    assert value(text, "resilient_moe_redundancy_restore_seconds_sum", role="expert") == pytest.approx(3.0, abs=1e-6)
     assert value(text, "resilient_moe_failover_stall_seconds_count") == 1.0
-    assert value(text, "resilient_moe_failover_stall_seconds_sum") == pytest.approx(0.30, abs=0.005)
+    assert value(text, "resilient_moe_failover_stall_seconds_sum") == pytest.approx(0.31, abs=1e-6)
+    assert value(text, "resilient_moe_last_fault_stall_max_seconds", worker="ew-1", role="expert") == \
+        pytest.approx(0.31, abs=1e-6)
+    assert value(text, "resilient_moe_last_fault_detection_seconds", worker="ew-1", role="expert") == \
+        pytest.approx(0.05, abs=1e-6)

@@ -53,11 +53,12 @@ class LLMEngine:
         model_dir: str | Path,
         config: EngineConfig | None = None,
         experts: ExpertExecutor | None = None,
+        checkpoint: Checkpoint | None = None,
     ) -> None:
         self.config = config or EngineConfig()
         torch.set_num_threads(self.config.torch_threads)
         self.model_dir = Path(model_dir)
-        self.checkpoint = Checkpoint(self.model_dir)
+        self.checkpoint = checkpoint or Checkpoint(self.model_dir)  # a caller's, to follow the load's progress
         self.model_config: ModelConfig = self.checkpoint.cfg
         self.dtype = torch_dtype(self.config.dtype)
         self.device = resolve_device(self.config.device)

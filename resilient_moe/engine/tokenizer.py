@@ -1,4 +1,4 @@
-"""The checkpoint's tokenizer (tokenizer.json through the `tokenizers` library), plus chat templates."""
+"""The checkpoint's tokenizer (tokenizer.json through the `tokenizers` library), plus its chat template."""
 
 from __future__ import annotations
 
@@ -8,7 +8,12 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
-from resilient_moe.errors import CheckpointError, RequestError
+from resilient_moe.engine.chat_template import ChatTemplate
+from resilient_moe.errors import CheckpointError
+
+
+# The special tokens a chat template sees by name, as in HF's tokenizers.
+SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 
 
 class TextTokenizer:
@@ -18,6 +23,7 @@ class TextTokenizer:
         self._tok = tokenizer
         self.chat_template = chat_template
         self.special = special  # e.g. {"bos_token": "<s>", "eos_token": "</s>"}
+        self._template = ChatTemplate(chat_template, special) if chat_template is not None else None
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> "TextTokenizer | None":
@@ -39,8 +45,11 @@ class TextTokenizer:
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise CheckpointError(f"{config_file}: not valid JSON ({e})") from None
             template = config.get("chat_template")
+            if isinstance(template, list):  # named templates, as HF stores several: the "default" one
+                template = next((t.get("template") for t in template
+                                 if isinstance(t, dict) and t.get("name") == "default"), None)
             chat_template = template if isinstance(template, str) else None
-            for key in ("bos_token", "eos_token"):
+            for key in SPECIAL_TOKEN_KEYS:
                 value = config.get(key)
                 if isinstance(value, dict):
                     value = value.get("content")
@@ -59,38 +68,9 @@ class TextTokenizer:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
-        """Render messages to a prompt: the checkpoint's Jinja template if it has one, else a plain format."""
-        if self.chat_template is None:
+        """Render messages to a prompt: the checkpoint's template (compiled once, rendered as HF renders
+        it; see chat_template.py) if it has one, else a plain "role: content" format."""
+        if self._template is None:
             lines = [f"{m['role']}: {m['content']}" for m in messages]
             return "\n".join(lines) + "\nassistant:"
-        try:
-            import jinja2
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
-        except ImportError as e:  # pragma: no cover - jinja2 is a dependency
-            raise RequestError("chat templates need the jinja2 package") from e
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        try:
-            template = env.from_string(self.chat_template)
-            return template.render(messages=messages, add_generation_prompt=True, **self.special)
-        except jinja2.TemplateError as e:
-            raise RequestError(f"the checkpoint's chat template failed to render: {e}") from None
-
-
-class IncrementalDetokenizer:
-    """Turns a growing list of token ids into text deltas without splitting multi-byte characters."""
-
-    def __init__(self, tokenizer: TextTokenizer | None) -> None:
-        self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.text = ""
-
-    def add(self, token_ids: list[int]) -> str:
-        if self.tokenizer is None:
-            return ""
-        self.ids.extend(token_ids)
-        full = self.tokenizer.decode(self.ids)
-        if full.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
-            return ""
-        delta = full[len(self.text) :] if full.startswith(self.text) else full
-        self.text = full
-        return delta
+        return self._template.render(messages, add_generation_prompt=True)

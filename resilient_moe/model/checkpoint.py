@@ -255,6 +255,7 @@ class Checkpoint:
         self.cfg = cfg or ModelConfig.from_pretrained(self.path)
         self.names = TensorNames(self.cfg)
         self._file_of = self._index_files()
+        self.bytes_read = 0  # tensor bytes read so far: a loading worker reports it as its progress
         self._validate()
 
     def _index_files(self) -> dict[str, Path]:
@@ -339,6 +340,7 @@ class Checkpoint:
                         out[name] = f.get_tensor(name) if row is None else f.get_slice(name)[row]
             except Exception as e:
                 raise CheckpointError(f"{file}: cannot read tensor data ({e})") from None
+        self.bytes_read += sum(t.nbytes for t in out.values())
         return out
 
     def load_expert(self, names: ExpertTensorNames, dtype: torch.dtype, device: torch.device | str = "cpu") -> ExpertWeights:

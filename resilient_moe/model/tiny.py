@@ -1,4 +1,4 @@
-"""Small random-weight checkpoints in real Hugging Face on-disk format, for tests and the demo.
+"""Small random-weight checkpoints in real Hugging Face on-disk format, for tests.
 
 `make_tiny_model` writes config.json, generation_config.json, model.safetensors (expert tensor
 names and layouts exactly as each family stores them; GPT-OSS experts in MXFP4, as released), and a
@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +31,7 @@ CHAT_TEMPLATE = (
 )
 
 # Training text for the tokenizer: any prose works; this one is about the system itself.
-_CORPUS = """
+BUILTIN_TEXT = """
 A mixture of experts model sends every token to a few experts chosen by a router. The attention
 workers keep the key and value cache of every request, and the expert workers keep the experts.
 When an expert worker dies, its experts still live as shadow copies on other workers, so the
@@ -177,7 +176,8 @@ def random_weights(cfg: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _train_tokenizer(vocab_size: int):
+def train_tokenizer(vocab_size: int, texts=None):
+    """A byte-level BPE tokenizer with our special tokens, trained on `texts` (default: a built-in text)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tokenizer = Tokenizer(models.BPE())
@@ -189,7 +189,7 @@ def _train_tokenizer(vocab_size: int):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    tokenizer.train_from_iterator([BUILTIN_TEXT] * 4 if texts is None else texts, trainer=trainer)
     tokenizer.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", BOS_ID)]
     )
@@ -207,30 +207,19 @@ def make_tiny_model(out_dir: str | os.PathLike[str], family: str, seed: int = 0,
     generation = {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "do_sample": False}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     save_file(random_weights(cfg, seed), str(out / "model.safetensors"), metadata={"format": "pt"})
-    _train_tokenizer(size.vocab_size).save(str(out / "tokenizer.json"))
+    write_tokenizer(out, train_tokenizer(size.vocab_size), size.max_position_embeddings)
+    return out
+
+
+def write_tokenizer(out: Path, tokenizer, model_max_length: int) -> None:
+    """tokenizer.json and a tokenizer_config.json with our special tokens and chat template."""
+    tokenizer.save(str(out / "tokenizer.json"))
     tokenizer_config = {
         "bos_token": "<s>",
         "eos_token": "</s>",
         "pad_token": "<pad>",
         "chat_template": CHAT_TEMPLATE,
-        "model_max_length": size.max_position_embeddings,
+        "model_max_length": model_max_length,
         "tokenizer_class": "PreTrainedTokenizerFast",
     }
     (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
-    return out
-
-
-def demo_model_dir(family: str = "mixtral") -> Path:
-    """The built-in demo checkpoint, generated once into the user's cache and reused."""
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "resilient-moe"
-    path = cache / f"demo-{family}-v1"
-    if not (path / "model.safetensors").is_file():
-        # Write aside and rename, so a concurrent or interrupted first run never leaves half a model.
-        tmp = cache / f".demo-{family}-{os.getpid()}"
-        make_tiny_model(tmp, family, seed=0)
-        shutil.rmtree(path, ignore_errors=True)
-        try:
-            tmp.rename(path)
-        except OSError:  # another process finished first
-            shutil.rmtree(tmp, ignore_errors=True)
-    return path

@@ -1,12 +1,13 @@
 """What the API knows about the cluster: the controller's latest snapshot plus the launcher's processes.
 
 `ClusterMonitor` polls the controller on a thread of its own (heartbeat loads only reach us through
-GetState) and feeds the metrics; `/ready`, `/admin/cluster` and the dashboard read its snapshot.
+GetState) and feeds the metrics; `/ready`, `/admin/cluster` and the dashboard read its snapshot. It
+also takes the snapshots the controller pushes on every change, so a death is seen as it is declared.
 `cluster_json` and `readiness` are pure functions of that snapshot, tested without processes.
 
 /admin/cluster is a contract (the chaos tool finds its targets through it):
 
-    {"workers": [{"id", "role", "pid", "host", "incarnation", "state", "experts", "shadows", "load"}],
+    {"workers": [{"id", "role", "pid", "host", "incarnation", "state", "experts", "shadows", "load", "started_at"}],
      "ert": {"epoch", "entries": [{"layer", "expert", "workers": [primary, shadow...]}]},
      "events": [{"time", "kind", "worker", "detail"}],
      "unprotected": [[layer, expert], ...]}
@@ -14,7 +15,8 @@ GetState) and feeds the metrics; `/ready`, `/admin/cluster` and the dashboard re
 `role` is one of attention, expert, controller, kv_store, redis, frontend; `state` one of starting,
 ready, suspect, dead, stopped (a process the controller does not track: ready while it runs, else
 dead); `experts` are the (layer, expert) pairs a worker serves as first choice in the routing table,
-`shadows` the other copies it holds.
+`shadows` the other copies it holds; `started_at` is the unix time the incarnation registered (or the
+process started, for one the controller does not track; 0 when unknown).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import threading
 import time
 from typing import Any, Callable, Mapping, Protocol
 
+from resilient_moe.controller.client import ControllerClient
 from resilient_moe.procs import process_alive
 from resilient_moe.proto import controller_pb2 as pb
 from resilient_moe.server.metrics import ROLE_NAMES, STATE_NAMES
@@ -39,6 +42,18 @@ class ClusterSource(Protocol):
 
     def state(self) -> pb.ClusterState:
         """The controller's current view (raises when it is unreachable)."""
+
+
+def process_started_at(pid: int) -> float:
+    """Unix time `pid` started on this host (0.0 when it cannot be read)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: start time, clock ticks after boot
+        with open("/proc/stat", encoding="ascii") as f:
+            boot = next(float(line.split()[1]) for line in f if line.startswith("btime "))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return 0.0
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
 
 
 def role_of(name: str) -> str:
@@ -82,7 +97,7 @@ def cluster_json(
                 "id": w.name, "role": ROLE_NAMES.get(w.role, "unknown"), "pid": w.pid, "host": w.host,
                 "incarnation": w.incarnation, "state": STATE_NAMES.get(w.state, "unknown"),
                 "experts": first, "shadows": [p for p in held if tuple(p) not in first_set],
-                "load": dict(w.load),
+                "load": dict(w.load), "started_at": w.started_at,
             })
     tracked = {w["id"] for w in workers}
     for name, pid in sorted(pids.items()):
@@ -92,11 +107,14 @@ def cluster_json(
         if name == "controller" and state is None:
             running = False  # alive or not, it does not answer
         workers.append({"id": name, "role": role_of(name), "pid": pid, "host": "127.0.0.1", "incarnation": 0,
-                        "state": "ready" if running else "dead", "experts": [], "shadows": [], "load": {}})
+                        "state": "ready" if running else "dead", "experts": [], "shadows": [], "load": {},
+                        "started_at": process_started_at(pid) if running else 0.0})
     if frontend is not None:
-        workers.append({"id": frontend["id"], "role": "frontend", "pid": frontend.get("pid", os.getpid()),
+        pid = frontend.get("pid", os.getpid())
+        workers.append({"id": frontend["id"], "role": "frontend", "pid": pid,
                         "host": frontend.get("host", "127.0.0.1"), "incarnation": 0, "state": "ready",
-                        "experts": [], "shadows": [], "load": dict(frontend.get("load", {}))})
+                        "experts": [], "shadows": [], "load": dict(frontend.get("load", {})),
+                        "started_at": process_started_at(pid)})
     events = [] if state is None else [
         {"time": e.time, "kind": e.kind, "worker": e.worker, "detail": e.detail} for e in state.events
     ]
@@ -139,13 +157,16 @@ def readiness(state: pb.ClusterState | None, pids: Mapping[str, int],
 
 class ClusterMonitor:
     """Polls the controller every `interval_s`, keeps the latest snapshot, and calls `on_update` with it
-    (None while the controller does not answer)."""
+    (None while the controller does not answer); with `on_pushed`, also calls it with each snapshot
+    the controller pushes on a change (when the source has a `controller_address`)."""
 
     def __init__(self, source: ClusterSource, on_update: Callable[[pb.ClusterState | None], None],
-                 interval_s: float = 0.5) -> None:
+                 interval_s: float = 0.5, on_pushed: Callable[[pb.ClusterState], None] | None = None) -> None:
         self.source = source
         self.on_update = on_update
+        self.on_pushed = on_pushed
         self.interval_s = interval_s
+        self._watch: ControllerClient | None = None
         self.state: pb.ClusterState | None = None
         self.fetched_at = 0.0  # time.monotonic() of the last answer
         self.error = ""
@@ -155,6 +176,10 @@ class ClusterMonitor:
     def start(self) -> "ClusterMonitor":
         self.poll()
         self._thread.start()
+        address = getattr(self.source, "controller_address", None)
+        if self.on_pushed is not None and address:
+            self._watch = ControllerClient(address)
+            self._watch.start_watch("api-monitor", self.on_pushed)
         return self
 
     def poll(self) -> pb.ClusterState | None:
@@ -182,5 +207,7 @@ class ClusterMonitor:
 
     def stop(self) -> None:
         self._stop.set()
+        if self._watch is not None:
+            self._watch.close()
         if self._thread.is_alive():
             self._thread.join(5)

@@ -10,10 +10,9 @@ Names follow Prometheus conventions (`resilient_moe_` prefix, `_seconds`, `_tota
 set where one exists (time to first token, inter-token latency, e2e latency, queue time, running and
 waiting requests, KV cache usage, prompt and generation tokens).
 
-Failover stall: when the controller reports a worker dead, every request that was streaming around
-that moment is examined once it finishes; its longest token gap overlapping the window
-[failure - STALL_LOOKBACK_S, failure] is observed in `failover_stall_seconds`. (A dead worker is
-declared after its peers already noticed and replayed, so the stall itself precedes the event.)
+Failures and recovery (recovery.py defines the figures): per declared death, its detection time and
+its time until redundancy was restored (histograms by role, and gauges for the latest fault), and
+each affected request's stall (`failover_stall_seconds`).
 """
 
 from __future__ import annotations
@@ -21,45 +20,26 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from resilient_moe.proto import controller_pb2 as pb
+from resilient_moe.server.recovery import Changes, RecoveryTracker
 
 NAMESPACE = "resilient_moe"
-STALL_LOOKBACK_S = 2.0
-STALL_SETTLE_S = 3.0
-SAMPLE_INTERVAL_S = 1.0  # the dashboard's series: one point per second  # wait this long after a request ends for the controller's failure events
+SAMPLE_INTERVAL_S = 1.0  # the dashboard's series: one point per second
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
                    80.0, 160.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5,
                0.75, 1.0, 2.5, 5.0, 10.0)
 STALL_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0)
+RESTORE_BUCKETS = (0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 
 STATE_NAMES = {pb.STARTING: "starting", pb.READY: "ready", pb.SUSPECT: "suspect", pb.DEAD: "dead",
                pb.STOPPED: "stopped"}
 ROLE_NAMES = {pb.ATTENTION: "attention", pb.EXPERT: "expert", pb.FRONTEND: "frontend", pb.KV_STORE: "kv_store"}
-
-
-def failure_kind(detail: str) -> str:
-    """How a death was detected, from the controller's event detail."""
-    text = detail.lower()
-    if "no heartbeat" in text:
-        return "heartbeat_timeout"
-    if "probe" in text:
-        return "probe_timeout"
-    if "link" in text:
-        return "link_closed"
-    return "reported"
-
-
-@dataclass
-class _PendingStall:
-    ended: float  # unix time of the last token
-    arrivals: list[float]  # unix times of the request's token deliveries
 
 
 class ServingMetrics:
@@ -78,8 +58,15 @@ class ServingMetrics:
                                     "Time a request waited for admission before reaching an attention worker.",
                                     namespace=ns, registry=r, buckets=LATENCY_BUCKETS)
         self.stall = Histogram("failover_stall_seconds",
-                               "Longest token gap of a request streaming when a worker failure was detected.",
+                               "Longest wait for a token of a request in flight when a worker was declared dead "
+                               "(overlapping the span from its last heartbeat to the declaration).",
                                namespace=ns, registry=r, buckets=STALL_BUCKETS)
+        self.detection = Histogram("fault_detection_seconds", "From a dead worker's last heartbeat to the "
+                                   "controller declaring it dead.", ["role"], namespace=ns, registry=r,
+                                   buckets=STALL_BUCKETS)
+        self.restore = Histogram("redundancy_restore_seconds", "From a dead worker's last heartbeat until a "
+                                 "replacement is ready and no more experts are unprotected than before.", ["role"],
+                                 namespace=ns, registry=r, buckets=RESTORE_BUCKETS)
         self.prompt_tokens = Counter("prompt_tokens", "Prompt tokens of admitted requests.", namespace=ns, registry=r)
         self.generation_tokens = Counter("generation_tokens", "Tokens generated and delivered to clients.",
                                          namespace=ns, registry=r)
@@ -91,10 +78,10 @@ class ServingMetrics:
                                          ["role", "kind"], namespace=ns, registry=r)
         self.cluster = ClusterCollector()
         self.registry.register(self.cluster)
+        self.recovery = RecoveryTracker()
+        self.registry.register(LastFaultCollector(self.recovery))
         self._lock = threading.Lock()
-        self._seen_events: set[tuple[float, str, str, str]] = set()
-        self._failure_times: deque[float] = deque(maxlen=256)
-        self._pending: deque[_PendingStall] = deque(maxlen=10_000)
+        self._cluster_lock = threading.Lock()  # snapshots arrive from the monitor's poll and its watch stream
         # plain running totals for the dashboard's series (the histograms keep theirs privately)
         self._tokens = 0
         self._itl_sum = 0.0
@@ -126,56 +113,40 @@ class ServingMetrics:
         if gap_s is not None:
             self.itl.observe(gap_s)
 
-    def finished(self, e2e_s: float, reason: str, arrivals: list[float]) -> None:
-        """A request ended normally; `arrivals` are the unix times its tokens were delivered."""
+    def finished(self, e2e_s: float, reason: str, started: float, arrivals: list[float]) -> None:
+        """A request ended normally; `started` and `arrivals` (its tokens' deliveries) are unix times."""
         self.e2e.observe(e2e_s)
         self.success.labels(finished_reason=reason).inc()
-        self._remember(arrivals)
+        self._apply(self.recovery.request_done(started, arrivals, time.time()))
 
-    def failed(self, kind: str, arrivals: list[float] = ()) -> None:
+    def failed(self, kind: str, started: float, arrivals: list[float] = ()) -> None:
         self.failure.labels(kind=kind).inc()
-        self._remember(list(arrivals))
+        self._apply(self.recovery.request_done(started, list(arrivals), time.time()))
 
-    def _remember(self, arrivals: list[float]) -> None:
-        if len(arrivals) >= 2:
-            with self._lock:
-                self._pending.append(_PendingStall(arrivals[-1], arrivals))
+    def _apply(self, changes: Changes) -> None:
+        for fault in changes.new:
+            self.failures_detected.labels(role=fault.role, kind=fault.kind).inc()
+            if fault.detection_s is not None:
+                self.detection.labels(role=fault.role).observe(fault.detection_s)
+        for fault in changes.restored:
+            self.restore.labels(role=fault.role).observe(fault.restored_s)
+        for stall in changes.stalls:
+            self.stall.observe(stall)
 
     # ---- cluster side (the monitor thread) --------------------------------------------------
 
-    def update_cluster(self, state: pb.ClusterState | None, workers: list[dict], api_waiting: int) -> None:
-        """Take a new controller snapshot (None: unreachable) and the /admin/cluster worker list built
-        from it (every process, controller and frontend included): count newly declared deaths, settle
-        stalls, sample the dashboard's series."""
-        if state is not None:
-            roles = {w.name: ROLE_NAMES.get(w.role, "unknown") for w in state.workers}
-            current = set()
-            for e in state.events:
-                key = (e.time, e.kind, e.worker, e.detail)
-                current.add(key)
-                if e.kind == "dead" and key not in self._seen_events:
-                    self.failures_detected.labels(role=roles.get(e.worker, "unknown"), kind=failure_kind(e.detail)).inc()
-                    with self._lock:
-                        self._failure_times.append(e.time)
-            self._seen_events = current  # the controller keeps a bounded window; so do we
-        self.cluster.update(state, workers, api_waiting)
-        self._settle_stalls(time.time())
-        self._sample()
-
-    def _settle_stalls(self, now: float) -> None:
-        with self._lock:
-            ready = []
-            while self._pending and now - self._pending[0].ended >= STALL_SETTLE_S:
-                ready.append(self._pending.popleft())
-            failures = list(self._failure_times)
-        for pending in ready:
-            for failure in failures:
-                if not pending.arrivals[0] - STALL_LOOKBACK_S <= failure <= pending.ended + STALL_LOOKBACK_S:
-                    continue
-                gaps = [b - a for a, b in zip(pending.arrivals, pending.arrivals[1:])
-                        if b >= failure - STALL_LOOKBACK_S and a <= failure]
-                if gaps:
-                    self.stall.observe(max(gaps))
+    def update_cluster(self, state: pb.ClusterState | None, workers: list[dict] | None, api_waiting: int,
+                       now: float | None = None) -> None:
+        """Take a new controller snapshot (None: unreachable, `now`: when it was received) and the
+        /admin/cluster worker list built from it (every process, controller and frontend included;
+        None: keep the last one): note newly declared deaths and recoveries, sample the series."""
+        with self._cluster_lock:
+            if state is not None:
+                roles = {w.name: ROLE_NAMES.get(w.role, "unknown") for w in state.workers}
+                self._apply(self.recovery.observe(state, time.time() if now is None else now, roles))
+            if workers is not None:
+                self.cluster.update(state, workers, api_waiting)
+                self._sample()
 
     def _sample(self) -> None:
         now = time.time()
@@ -310,3 +281,33 @@ class ClusterCollector:
             restored, recomputed, recomputed_tokens,
         ]
         return metrics
+
+
+class LastFaultCollector:
+    """Gauges of the most recent fault: its detection time, its time until redundancy was restored,
+    and its affected requests' stall (p50, max); absent until the figure is known."""
+
+    def __init__(self, recovery: RecoveryTracker) -> None:
+        self.recovery = recovery
+
+    def collect(self) -> list[Metric]:
+        ns = NAMESPACE
+        families = {
+            "detection_s": GaugeMetricFamily(f"{ns}_last_fault_detection_seconds", "The latest fault: from the "
+                                             "worker's last heartbeat to its declared death.",
+                                             labels=["worker", "role"]),
+            "redundancy_restored_s": GaugeMetricFamily(f"{ns}_last_fault_redundancy_restore_seconds", "The latest "
+                                                       "fault: from the worker's last heartbeat until redundancy was "
+                                                       "restored.", labels=["worker", "role"]),
+            "stall_p50_s": GaugeMetricFamily(f"{ns}_last_fault_stall_p50_seconds", "The latest fault: median stall "
+                                             "of the requests in flight.", labels=["worker", "role"]),
+            "stall_max_s": GaugeMetricFamily(f"{ns}_last_fault_stall_max_seconds", "The latest fault: longest stall "
+                                             "of the requests in flight.", labels=["worker", "role"]),
+        }
+        table = self.recovery.table()
+        if table:
+            latest = table[0]
+            for key, family in families.items():
+                if latest[key] is not None:
+                    family.add_metric([latest["worker"], latest["role"]], latest[key])
+        return list(families.values())

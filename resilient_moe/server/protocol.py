@@ -11,9 +11,12 @@ with the HTTP status in `ApiError.status`.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+
+MAX_STOP_SEQUENCES = 16
+MAX_STOP_CHARS = 256
 
 # OpenAI's error "type" for each status we send.
 ERROR_TYPES = {
@@ -75,8 +78,19 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+def _unicode(text: str) -> str:
+    """JSON may carry lone UTF-16 surrogates ("\\ud800"); they are not text, and no tokenizer takes them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"contains the lone surrogate U+{ord(text[e.start]):04X} at character {e.start}, "
+                         "which is not valid Unicode text") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
 # A stop sequence: text, or (our extension, like vLLM's stop_token_ids) a token id.
-Stop = str | list[str | int] | None
+Stop = Text | list[Text | int] | None
 
 
 class _SamplingFields(BaseModel):
@@ -84,13 +98,14 @@ class _SamplingFields(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    model: str | None = Field(None, description="Served model name (GET /v1/models); default: the only one")
+    model: Text | None = Field(None, description="Served model name (GET /v1/models); default: the only one")
     max_tokens: int | None = Field(None, ge=1, description="Tokens to generate at most")
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 is greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=-1, description="Extension: keep the k most likely tokens (0 or -1: off)")
     seed: int | None = Field(None, ge=0, lt=2**63, description="Same seed, same tokens, failover or not")
-    stop: Stop = Field(None, description="Up to 16 stop strings (or token ids)")
+    stop: Stop = Field(None, description=f"Up to {MAX_STOP_SEQUENCES} stop strings of at most {MAX_STOP_CHARS} "
+                                         "characters (or token ids)")
     stop_token_ids: list[int] | None = Field(None, description="Extension: stop on these token ids")
     n: int = Field(1, ge=1, description="Only 1 is supported")
     stream: bool = False
@@ -100,33 +115,46 @@ class _SamplingFields(BaseModel):
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Only 0 is supported")
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Only 0 is supported")
     logit_bias: dict[str, float] | None = Field(None, description="Not supported (must be empty)")
-    user: str | None = None
+    user: Text | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_limits(cls, stop: Stop) -> Stop:
+        """Bounded, so that matching them costs the event loop little per token."""
+        items = [stop] if isinstance(stop, str) else stop or []
+        if len(items) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences, got {len(items)}")
+        longest = max((len(s) for s in items if isinstance(s, str)), default=0)
+        if longest > MAX_STOP_CHARS:
+            raise ValueError(f"a stop string has at most {MAX_STOP_CHARS} characters, got one of {longest}")
+        return stop
 
 
 class CompletionRequest(_SamplingFields):
     """POST /v1/completions."""
 
-    prompt: str | list[int] | list[str] | list[list[int]] = Field(
+    prompt: Text | list[int] | list[Text] | list[list[int]] = Field(
         ..., description="Text, or token ids; a list of several prompts is not supported"
     )
     max_tokens: int | None = Field(16, ge=1, description="Tokens to generate at most")
-    logprobs: int | None = Field(None, ge=0, le=20, description="Log probability of each generated token")
+    logprobs: int | None = Field(None, ge=0, le=20, description="Log probability of each generated token, and "
+                                 "(N > 0) the N most likely tokens at each position")
     echo: bool = Field(False, description="Not supported")
-    suffix: str | None = Field(None, description="Not supported")
+    suffix: Text | None = Field(None, description="Not supported")
     best_of: int | None = Field(None, ge=1, description="Only 1 is supported")
 
 
 class TextPart(BaseModel):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
+    content: Text | list[TextPart] | None = None
+    name: Text | None = None
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -134,5 +162,6 @@ class ChatCompletionRequest(_SamplingFields):
 
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, description="Alias of max_tokens")
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    logprobs: bool = Field(False, description="Log probability of each generated token")
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="With logprobs: the N most likely tokens at "
+                                     "each position")

@@ -52,10 +52,13 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def watch_startup(address: str, say: Callable[[str], None], stop: threading.Event) -> None:
-    """Report each worker's progress (registered -> loading weights -> ready) until `stop` is set."""
+def watch_startup(address: str, say: Callable[[str], None], stop: threading.Event,
+                  progress_every_s: float = 1.0) -> None:
+    """Report each worker's progress (registered -> loading weights, with the bytes read so far, at
+    most every `progress_every_s` -> ready) until `stop` is set."""
     client = ControllerClient(address)
     seen: dict[str, int] = {}
+    loaded: dict[tuple[str, int], tuple[float, float]] = {}  # incarnation -> (bytes read last reported, when)
     began = time.monotonic()
     try:
         while True:
@@ -67,6 +70,11 @@ def watch_startup(address: str, say: Callable[[str], None], stop: threading.Even
                     return
                 continue
             for w in state.workers:
+                done = w.load.get("loaded_bytes", 0.0) if w.state == pb.STARTING else 0.0
+                reported, when = loaded.get((w.name, w.incarnation), (0.0, 0.0))
+                if done > reported and time.monotonic() - when >= progress_every_s:
+                    loaded[(w.name, w.incarnation)] = (done, time.monotonic())
+                    say(f"  {time.monotonic() - began:6.1f}s  {w.name:<10} loading weights: {done / 1e6:,.1f} MB read")
                 if seen.get(w.name) == w.state:
                     continue
                 seen[w.name] = w.state
@@ -97,9 +105,11 @@ class ServingStack:
         zygote: Zygote | None = None,
         log_dir: str | os.PathLike[str] | None = None,
         progress: Callable[[str], None] | None = None,
+        api_keys: tuple[str, ...] = (),
     ) -> None:
         """`admin_token` None: take RESILIENT_MOE_ADMIN_TOKEN, else generate one. `port` 0: any free port.
-        `redis_url` goes to the deployment when it has such a setting (kept here until then)."""
+        `redis_url` goes to the deployment when it has such a setting (kept here until then).
+        `api_keys`: /v1/* needs one of them (none: /v1 is open)."""
         if redis_url is not None and "redis_url" in DeploymentConfig.__dataclass_fields__:
             deployment = dataclasses.replace(deployment, redis_url=redis_url)
         self.deployment = deployment
@@ -115,6 +125,7 @@ class ServingStack:
         self.zygote = zygote
         self.log_dir = log_dir
         self.say = progress or (lambda text: None)
+        self.api_keys = tuple(api_keys)
         self.cluster: LocalCluster | None = None
         self.frontend: Frontend | None = None
         self.metrics = ServingMetrics()
@@ -161,7 +172,7 @@ class ServingStack:
                 host=self.host,
             )
             self.app = app = create_app(self.frontend, self.cluster, tokenizer, self.model_name, self.admin_token,
-                             settings=settings, metrics=self.metrics)
+                                        settings=settings, metrics=self.metrics, api_keys=self.api_keys)
             config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=3,
                                     access_log=False)
             self._server = uvicorn.Server(config)
@@ -213,6 +224,8 @@ class ServingStack:
         lines = [
             f"resilient-moe is serving {self.model_name!r}",
             f"  OpenAI API    {self.url}/v1   (e.g. POST {self.url}/v1/completions)",
+            f"  API keys      {len(self.api_keys)} (send 'Authorization: Bearer <key>')" if self.api_keys
+            else "  API keys      none: /v1 is open to anyone who reaches this address",
             f"  health        {self.url}/health   readiness {self.url}/ready",
             f"  metrics       {self.url}/metrics",
             f"  API schema    {self.url}/docs",

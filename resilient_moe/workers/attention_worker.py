@@ -41,6 +41,7 @@ from resilient_moe.engine.sequence import Sequence, TokenEvent
 from resilient_moe.errors import ConfigError, RequestError
 from resilient_moe.kvstore.checkpoint import KVCheckpointer
 from resilient_moe.kvstore.store import layout_for
+from resilient_moe.model.checkpoint import Checkpoint
 from resilient_moe.proto import controller_pb2 as pb
 from resilient_moe.workers.common import configure_process, yield_cpu_while_loading
 
@@ -317,9 +318,10 @@ def main(config: WorkerConfig) -> int:
                           probe_misses=dep.probe_misses, deadlines=DeadlineModel(floor_s=dep.part_deadline_s),
                           on_suspect=lambda name, incarnation, reason: reports.put((name, incarnation, reason)))
     server: AttentionServer | None = None
+    checkpoint = Checkpoint(dep.model)  # its bytes_read is the progress heartbeats report while loading
 
     def stats() -> dict[str, float]:
-        return server.stats() if server is not None else {"loading": 1.0}
+        return server.stats() if server is not None else {"loading": 1.0, "loaded_bytes": float(checkpoint.bytes_read)}
 
     def on_fenced() -> None:
         log.warning("%s incarnation %d was fenced by the controller; stopping", config.name, reply.incarnation)
@@ -336,7 +338,7 @@ def main(config: WorkerConfig) -> int:
     client.start_heartbeats(config.name, reply.incarnation, dep.heartbeat_interval_s, stats, on_fenced)
     with yield_cpu_while_loading(reply.state):
         engine = LLMEngine(dep.model, dataclasses.replace(dep.engine, micro_batches=dep.micro_batches),
-                           experts=RemoteExperts(forwarder))
+                           experts=RemoteExperts(forwarder), checkpoint=checkpoint)
     server = AttentionServer(engine, forwarder, poller, listener, wakeup)
     server.crash_on_lost_expert = not dep.resilience
     server.checkpointer = start_checkpointer(config, engine, reply.incarnation, wakeup.ring)

@@ -253,9 +253,10 @@ def main(config: WorkerConfig) -> int:
     poller.add_fd(listener.fileno())
     server: ExpertServer | None = None
     wakeup = Wakeup(poller)
+    checkpoint = Checkpoint(dep.model)  # its bytes_read is the progress heartbeats report while loading
 
     def stats() -> dict[str, float]:
-        return server.stats() if server is not None else {"loading": 1.0}
+        return server.stats() if server is not None else {"loading": 1.0, "loaded_bytes": float(checkpoint.bytes_read)}
 
     def on_fenced() -> None:
         log.warning("%s incarnation %d was fenced by the controller; stopping", config.name, reply.incarnation)
@@ -267,7 +268,7 @@ def main(config: WorkerConfig) -> int:
     # Heartbeats start before the weights load, so a slow load is never taken for a death.
     client.start_heartbeats(config.name, reply.incarnation, dep.heartbeat_interval_s, stats, on_fenced)
     with yield_cpu_while_loading(reply.state):
-        experts = ExpertSide(Checkpoint(dep.model), [(x.layer, x.expert) for x in reply.load_experts],
+        experts = ExpertSide(checkpoint, [(x.layer, x.expert) for x in reply.load_experts],
                              torch_dtype(dep.engine.dtype))
     server = ExpertServer(experts, poller, identity)
 
