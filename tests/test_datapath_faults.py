@@ -200,3 +200,41 @@ def test_result_checks_name_what_does_not_match():
     assert check_result(result(torch.zeros(2, 8), torch.tensor([0], dtype=torch.int32)), 4, 0, 8) == (0, 2)
     assert check_result(result(torch.zeros(2, 8), torch.tensor([2], dtype=torch.int32)), 4, 2, 8) == (2, 2)
     assert "rows [3, 5)" in check_result(result(torch.zeros(2, 8), torch.tensor([3], dtype=torch.int32)), 4, 2, 8)
+
+
+def test_a_result_larger_than_the_link_takes_back_arrives_in_pieces(tiny_model):
+    """The attention worker's end of a TCP link takes frames of at most 2 KiB: a DISPATCH of 16 rows
+    (hidden 64: 4 KiB of results) goes out whole, and the expert worker answers it in pieces that
+    reassemble, by their row offsets, into exactly the rows a whole answer would carry."""
+    ew_poller, aw_poller = Poller(), Poller()
+    ew_id, aw_id = PeerInfo("ew-0", 1, 1, 1), PeerInfo("aw-0", 2, 2, 2)
+    experts = ExpertSide(Checkpoint(tiny_model))
+    server = ExpertServer(experts, ew_poller, ew_id)
+    listener = listen("tcp:127.0.0.1:0", ew_id, ew_poller)
+    connecting = concurrent.futures.ThreadPoolExecutor(1).submit(connect, listener.address, aw_id, aw_poller,
+                                                                 max_frame=2048)
+    server.add_link(wait_until(listener.accept, 5, "the link"))
+    link = connecting.result(5)
+    try:
+        rows = torch.randn(16, experts.checkpoint.cfg.hidden_size)
+        ids = torch.arange(16, dtype=torch.int32) % experts.checkpoint.cfg.num_experts
+        link.send(FrameHeader(FrameKind.DISPATCH, seq=1, layer=0), aux=ids, tensor=rows)
+        out, received = torch.empty_like(rows), 0
+        deadline = time.monotonic() + 10
+        pieces = 0
+        while received < 16 and time.monotonic() < deadline:
+            server.poll_once(0.01)
+            aw_poller.wait(0.01)
+            while (frame := link.recv()) is not None:
+                placed = check_result(frame, 16, received, rows.shape[1])
+                assert not isinstance(placed, str), placed
+                offset, count = placed
+                out[offset:offset + count] = frame.tensor
+                received += count
+                pieces += 1
+        assert received == 16 and pieces > 1 and server.counters["replies_split"] == 1
+        assert torch.equal(out, experts.forward(0, rows, ids.long()))
+    finally:
+        link.close()
+        server.close()
+        listener.close()
