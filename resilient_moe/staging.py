@@ -15,11 +15,9 @@ import torch
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A host tensor on `device`: pinned, then copied without blocking the host (the copy is ordered
     before any later work on the device's current stream, so kernels that use the result wait for it)."""
-    if t.device == device:
-        return t
     if device.type == "cuda" and t.device.type == "cpu":
         return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
+    return t.to(device)  # the tensor itself when it is there already
 
 
 def to_host(t: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,11 @@ numerics), `torch` (plain torch ops: fastest to write, NOT batch-invariant), `tr
 on a CPU only through Triton's interpreter, `TRITON_INTERPRET=1`, which is slow and meant for tests,
 and correct for float32 and float16 only: it computes bfloat16 wrongly without saying so).
 
+Triton reads TRITON_INTERPRET once, when it is imported: its own library (tl.sum, tl.max, ...) is
+decorated for the interpreter or for the compiler then, and the two cannot mix in one process. So the
+variable must be set before the process starts (tests run the interpreted kernels in child processes),
+and `resolve_kernels` checks what the imported library is, not the variable.
+
 This module imports neither torch nor triton, so configuration can check a choice cheaply.
 """
 
@@ -32,13 +37,13 @@ KERNEL_CHOICES = ("auto", "native", "torch", "triton")
 TRITON_INSTALL_HINT = "pip install 'resilient-moe[gpu]' (or pip install triton)"
 
 
-def interpreter_enabled() -> bool:
-    """Whether Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1), as Triton reads it."""
-    try:
-        from triton import knobs
-    except ImportError:
-        return False
-    return bool(knobs.runtime.interpret)
+def interpreted() -> bool:
+    """Whether the Triton imported in this process runs kernels through its CPU interpreter (it was
+    imported with TRITON_INTERPRET=1). Imports triton; call it only when triton is wanted."""
+    import triton
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(triton.language.standard.sum, InterpretedFunction)
 
 
 def resolve_kernels(choice: str, device_type: str, dtype: str = "float32") -> str:
@@ -58,9 +63,13 @@ def resolve_kernels(choice: str, device_type: str, dtype: str = "float32") -> st
     except ImportError:
         raise ConfigError(f"kernels: triton needs the triton package, which is not installed ({TRITON_INSTALL_HINT}); "
                           "or choose kernels native or torch") from None
-    if device_type == "cpu" and not interpreter_enabled():
+    if device_type == "cpu" and not interpreted():
         raise ConfigError("kernels: triton on a CPU runs only through Triton's interpreter: set TRITON_INTERPRET=1 "
-                          "(slow, for tests; float32 and float16 only), or use a CUDA device, or kernels native")
+                          "before the process starts (slow, for tests; float32 and float16 only), or use a CUDA "
+                          "device, or kernels native")
+    if device_type == "cuda" and interpreted():
+        raise ConfigError("kernels: triton on CUDA, but this process imported Triton with TRITON_INTERPRET=1, which "
+                          "would run every kernel on the CPU; unset it")
     if device_type == "cpu" and dtype == "bfloat16":
         raise ConfigError("kernels: triton on a CPU (Triton's interpreter) computes bfloat16 wrongly without an "
                           "error; use dtype float32 there, or kernels native")

@@ -7,8 +7,8 @@ block (rows of one expert) and a BLOCK_N slice of the outputs.
 
 Why a row's bits cannot depend on what else is in the batch:
 
-* One pinned configuration (`MOE_CONFIG`) for every number of rows and experts: the same kernel,
-  the same tiles.
+* One pinned configuration (`moe_config`, per dtype) for every number of rows and experts: the
+  same kernel, the same tiles. The row count is not specialised on, so no batch compiles another.
 * Each output element is reduced by one program, over K in fixed BLOCK_K steps from 0: no split-K,
   no atomics. The rows sharing a block only add rows to the same dot.
 * Padding rows are loaded as zeros and never stored; a block's row count changes nothing for the
@@ -25,37 +25,24 @@ Shape letters: N rows, D hidden, F expert width, E experts held, P padded rows, 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 import triton
 import triton.language as tl
 
-from resilient_moe.kernels.jit import kernel
-from resilient_moe.kernels.matmul import dot_precision
+from resilient_moe.kernels.matmul import TileConfig, dot_precision
 
 SILU, CLAMPED_SWIGLU = 0, 1
 ACTIVATIONS = {"silu": SILU, "clamped_swiglu": CLAMPED_SWIGLU}
 
 
-@dataclass(frozen=True)
-class MoeConfig:
-    """Tile shape and launch options of the grouped GEMMs."""
-
-    block_m: int
-    block_n: int
-    block_k: int
-    num_warps: int = 4
-    num_stages: int = 3
-
-
-def moe_config(dtype: torch.dtype) -> MoeConfig:
+def moe_config(dtype: torch.dtype) -> TileConfig:
     """The pinned configuration: one per dtype, never per number of rows. BLOCK_M is small because a
     decode step gives each expert few rows (batch x top-k / experts)."""
     if dtype == torch.float32:
-        return MoeConfig(block_m=16, block_n=32, block_k=32, num_warps=4, num_stages=2)
-    return MoeConfig(block_m=16, block_n=64, block_k=64, num_warps=4, num_stages=3)
+        return TileConfig(block_m=16, block_n=32, block_k=32, num_warps=4, num_stages=2)
+    return TileConfig(block_m=16, block_n=64, block_k=64, num_warps=4, num_stages=3)
 
 
 class ExpertTensors(Protocol):
@@ -68,7 +55,7 @@ class ExpertTensors(Protocol):
     down_bias: torch.Tensor | None
 
 
-@kernel
+@triton.jit(do_not_specialize=["N"])
 def _gate_up_kernel(
     x_ptr, w_ptr, b_ptr, rows_ptr, block_slot_ptr, h_ptr,
     N, D, F, stride_x, stride_we, stride_wn, stride_be, stride_h, alpha, limit,
@@ -101,7 +88,7 @@ def _gate_up_kernel(
     # The projections are rounded to the model dtype, as the unfused gate_up projection returns them.
     gate = acc_gate.to(h_ptr.dtype.element_ty).to(tl.float32)
     up = acc_up.to(h_ptr.dtype.element_ty).to(tl.float32)
-    if ACTIVATION == 0:  # SwiGLU: silu(gate) * up
+    if ACTIVATION == 0:  # SILU: silu(gate) * up
         h = gate * tl.sigmoid(gate) * up
     else:  # GPT-OSS: (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g), g = min(gate, limit)
         gate = tl.minimum(gate, limit)
@@ -111,7 +98,7 @@ def _gate_up_kernel(
              mask=valid[:, None] & (cols[None, :] < F))
 
 
-@kernel
+@triton.jit(do_not_specialize=["N"])
 def _down_kernel(
     h_ptr, w_ptr, b_ptr, rows_ptr, block_slot_ptr, y_ptr,
     N, D, F, stride_h, stride_we, stride_wn, stride_be, stride_y,
@@ -175,7 +162,7 @@ def fused_moe(
     activation: str = "silu",
     alpha: float = 1.702,
     limit: float = 7.0,
-    config: MoeConfig | None = None,
+    config: TileConfig | None = None,
 ) -> torch.Tensor:
     """Row i of x [N, D] through expert slots[i]: gate_up [E, 2F, D], down [E, D, F], biases [E, 2F]
     and [E, D] (optional). Returns [N, D] in x's dtype."""

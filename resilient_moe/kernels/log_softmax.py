@@ -15,12 +15,10 @@ import torch
 import triton
 import triton.language as tl
 
-from resilient_moe.kernels.jit import kernel
-
 BLOCK = 1024  # vocabulary entries per step (fewer for a narrower row)
 
 
-@kernel
+@triton.jit
 def _log_softmax_kernel(x_ptr, y_ptr, V, stride_x, stride_y, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)

@@ -24,12 +24,10 @@ import torch
 import triton
 import triton.language as tl
 
-from resilient_moe.kernels.jit import kernel
-
 
 @dataclass(frozen=True)
-class MatmulConfig:
-    """Tile shape and launch options of one weight shape."""
+class TileConfig:
+    """Tile shape and launch options of a GEMM kernel (one per weight shape; never per number of rows)."""
 
     block_m: int
     block_n: int
@@ -38,7 +36,7 @@ class MatmulConfig:
     num_stages: int = 3
 
 
-def matmul_config(n: int, k: int, dtype: torch.dtype) -> MatmulConfig:
+def matmul_config(n: int, k: int, dtype: torch.dtype) -> TileConfig:
     """The one configuration for a weight [n, k] of `dtype`: a pure function of the weight, so every
     process (colocated engine, attention worker, expert worker) runs the same reduction order.
 
@@ -47,12 +45,12 @@ def matmul_config(n: int, k: int, dtype: torch.dtype) -> MatmulConfig:
     cores (IEEE products, as transformers computes in float32), in smaller tiles.
     """
     if dtype == torch.float32:
-        return MatmulConfig(block_m=32, block_n=32, block_k=32, num_warps=4, num_stages=2)
+        return TileConfig(block_m=32, block_n=32, block_k=32, num_warps=4, num_stages=2)
     block_n = 64 if n >= 16384 else 32
-    return MatmulConfig(block_m=64, block_n=block_n, block_k=128 if k >= 128 else 64, num_warps=4, num_stages=3)
+    return TileConfig(block_m=64, block_n=block_n, block_k=128 if k >= 128 else 64, num_warps=4, num_stages=3)
 
 
-@kernel(do_not_specialize=["M"])
+@triton.jit(do_not_specialize=["M"])
 def _matmul_kernel(
     x_ptr, w_ptr, bias_ptr, y_ptr,
     M, N, K, stride_xm, stride_wn, stride_ym, num_programs,
@@ -92,7 +90,7 @@ def program_count(tiles: int, device: torch.device) -> int:
     return max(1, min(tiles, torch.cuda.get_device_properties(device).multi_processor_count))
 
 
-def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: MatmulConfig) -> torch.Tensor:
+def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: TileConfig) -> torch.Tensor:
     """x [M, K] @ weight [N, K].T (+ bias [N]) -> [M, N] in x's dtype, accumulated in float32."""
     M, K = x.shape
     N = weight.shape[0]

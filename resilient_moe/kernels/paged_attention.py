@@ -31,13 +31,12 @@ import torch
 import triton
 import triton.language as tl
 
-from resilient_moe.kernels.jit import kernel
 from resilient_moe.kernels.matmul import dot_precision
 
 KEY_SPLIT = 256  # keys per split: the fixed split size
 
 
-@kernel(do_not_specialize=["window"])
+@triton.jit(do_not_specialize=["window"])
 def _split_kernel(
     q_ptr, k_ptr, v_ptr, slots_ptr, row_seq_ptr, pos_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
     D, DV, window, scale,
@@ -93,7 +92,7 @@ def _split_kernel(
              mask=(r[:, None] < R) & (dv[None, :] < DV))
 
 
-@kernel(do_not_specialize=["window"])
+@triton.jit(do_not_specialize=["window"])
 def _fold_kernel(
     part_m_ptr, part_l_ptr, part_acc_ptr, pos_ptr, sinks_ptr, o_ptr,
     DV, window, stride_pt, stride_ph, stride_ps, stride_at, stride_ah, stride_as, stride_ot, stride_oh,

@@ -18,12 +18,10 @@ import torch
 import triton
 import triton.language as tl
 
-from resilient_moe.kernels.jit import kernel
-
 MAX_BLOCK = 4096  # widest chunk of a row one step loads
 
 
-@kernel
+@triton.jit
 def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, D, stride_x, stride_y, eps,
                      BLOCK: tl.constexpr, ONE_CHUNK: tl.constexpr):
     row = tl.program_id(0)

@@ -14,14 +14,18 @@ grouped GEMM (kernels/fused_moe.py). Experts may live on a GPU while the rows co
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 import torch
 
 from resilient_moe import staging
 from resilient_moe.errors import ExpertUnavailableError
 from resilient_moe.model import ops
-from resilient_moe.model.checkpoint import Checkpoint
+from resilient_moe.model.checkpoint import Checkpoint, ExpertWeights
 from resilient_moe.model.kernel_set import KernelSet
+
+if TYPE_CHECKING:
+    from resilient_moe.kernels.fused_moe import ExpertBank
 
 ExpertKey = tuple[int, int]  # (layer, expert)
 
@@ -41,10 +45,9 @@ class ExpertSide:
         self.dtype = dtype
         self.device = torch.device(device)
         self.kernels = kernels or KernelSet()
-        # Per-expert kernels: (gate_up [2F, D], down [D, F]) linear layers. Grouped kernels: one bank per
-        # layer, and the value here is that bank.
-        self._weights: dict[ExpertKey, tuple[ops.Linear, ops.Linear]] = {}
-        self._banks: dict[int, object] = {}  # layer -> ExpertBank (grouped kernels)
+        # Per-expert kernels: (gate_up [2F, D], down [D, F]) linear layers. Grouped kernels: the layer's bank.
+        self._weights: dict[ExpertKey, tuple[ops.Linear, ops.Linear] | ExpertBank] = {}
+        self._banks: dict[int, ExpertBank] = {}  # layer -> its experts stacked (grouped kernels)
         self.experts = checkpoint.cfg.experts
         self.load(checkpoint.names.expert_shapes if experts is None else experts)
 
@@ -62,7 +65,7 @@ class ExpertSide:
             linear = self.kernels.linear
             self._weights[(layer, expert)] = (linear(w.gate_up, w.gate_up_bias), linear(w.down, w.down_bias))
 
-    def _read(self, layer: int, expert: int):
+    def _read(self, layer: int, expert: int) -> ExpertWeights:
         return self.checkpoint.load_expert(self.checkpoint.names.expert(layer, expert), self.dtype, self.device)
 
     def _load_banks(self, wanted: list[ExpertKey]) -> None:
@@ -110,7 +113,7 @@ class ExpertSide:
         """x [N, D], expert_ids [N] -> y [N, D], row i computed by expert expert_ids[i] of `layer`.
         `between` is called after each expert's rows (an expert worker answers probes there), or after
         the grouped kernels. y is on x's device: rows from the host come back to the host."""
-        if x.device != self.device:
+        if x.device.type != self.device.type:
             y = self.forward(layer, staging.to_device(x, self.device), expert_ids.to(self.device), between)
             return staging.to_host(y)
         if self.kernels.grouped_experts:

@@ -16,7 +16,9 @@ row the same bits whatever else shares its batch:
   An attention sink (GPT-OSS) goes in front of the keys, so the real logits keep fixed positions and
   only -inf padding follows them.
 
-`tests/test_batch_invariance.py` re-checks these facts on the machine it runs on.
+`tests/test_batch_invariance.py` re-checks these facts on the machine it runs on. These are the
+`native` kernels; on GPUs the `triton` kernels (resilient_moe/kernels/) are invariant by construction,
+and model/kernel_set.py chooses between them.
 
 Shape letters: T tokens, D hidden, H query heads, G kv heads, R = H // G, d head dim, L keys.
 """
