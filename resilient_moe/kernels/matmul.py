@@ -18,6 +18,7 @@ Shape letters: M rows, N output features, K input features.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -87,7 +88,12 @@ def program_count(tiles: int, device: torch.device) -> int:
     """Persistent programs: one per SM on a GPU (at most one per tile); every tile its own under the interpreter."""
     if device.type != "cuda":
         return max(tiles, 1)
-    return max(1, min(tiles, torch.cuda.get_device_properties(device).multi_processor_count))
+    return max(1, min(tiles, _sm_count(device.index)))
+
+
+@functools.cache
+def _sm_count(index: int | None) -> int:
+    return torch.cuda.get_device_properties(index if index is not None else torch.cuda.current_device()).multi_processor_count
 
 
 def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: TileConfig) -> torch.Tensor:

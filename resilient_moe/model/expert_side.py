@@ -138,10 +138,13 @@ class ExpertSide:
     def _forward_grouped(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor,
                          between: Callable[[], None] | None) -> torch.Tensor:
         bank = self._banks.get(layer)
-        slots = bank.slot_of[expert_ids] if bank is not None else torch.full_like(expert_ids, -1)  # [N]
-        missing = expert_ids[slots < 0]
-        if missing.numel():  # one host sync per call, to name the expert
-            raise ExpertUnavailableError(f"expert {int(missing[0])} of layer {layer} is not held here")
+        if bank is None:
+            raise ExpertUnavailableError(f"expert {int(expert_ids[0])} of layer {layer} is not held here")
+        slots = bank.slot_of[expert_ids]  # [N]
+        if len(bank.experts) < self.checkpoint.cfg.num_experts:  # some live elsewhere: name one a row wants
+            missing = expert_ids[slots < 0]  # (a host sync; a layer held whole, as colocated, needs none)
+            if missing.numel():
+                raise ExpertUnavailableError(f"expert {int(missing[0])} of layer {layer} is not held here")
         y = bank(x, slots)  # [N, D]
         if between is not None:
             between()
