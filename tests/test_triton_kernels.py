@@ -39,7 +39,7 @@ def run_cases(name: str) -> None:
     """Run tests/interpreter/`name` in a child pytest with the interpreter on; its report shows on failure."""
     result = subprocess.run(
         [sys.executable, "-m", "pytest", f"tests/interpreter/{name}", "-q", "-p", "no:cacheprovider", "-rf"],
-        cwd=ROOT, env=interpreted_env(), capture_output=True, text=True, timeout=900,
+        cwd=ROOT, env=interpreted_env(), capture_output=True, text=True, timeout=540,
     )
     assert result.returncode == 0, f"{name} under TRITON_INTERPRET=1:\n{result.stdout[-20000:]}\n{result.stderr[-5000:]}"
 

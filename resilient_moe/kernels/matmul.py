@@ -51,7 +51,7 @@ def matmul_config(n: int, k: int, dtype: torch.dtype) -> TileConfig:
     return TileConfig(block_m=64, block_n=block_n, block_k=128 if k >= 128 else 64, num_warps=4, num_stages=3)
 
 
-@triton.jit(do_not_specialize=["M"])
+@triton.jit(do_not_specialize=["M", "num_programs"])
 def _matmul_kernel(
     x_ptr, w_ptr, bias_ptr, y_ptr,
     M, N, K, stride_xm, stride_wn, stride_ym, num_programs,
