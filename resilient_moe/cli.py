@@ -11,6 +11,10 @@ from typing import Any
 
 from resilient_moe.config import SUPPORTED_DTYPES, SUPPORTED_FAMILIES, SamplingParams
 from resilient_moe.errors import ConfigError, RequestError, ResilientMoeError
+from resilient_moe.kernels import KERNEL_CHOICES
+
+KERNELS_HELP = ("auto (default: native on CPU, triton on CUDA), native, torch (plain torch ops, not batch-invariant) "
+                "or triton (batch-invariant Triton kernels; on a CPU only with TRITON_INTERPRET=1, for tests)")
 
 
 class CliError(ResilientMoeError):
@@ -111,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
     gen.add_argument("--dtype", choices=SUPPORTED_DTYPES, default="float32")
     gen.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda[:N]")
+    gen.add_argument("--kernels", choices=KERNEL_CHOICES, help=KERNELS_HELP)
     gen.add_argument("--json", action="store_true", help="print JSON instead of text")
     cluster = gen.add_argument_group("disaggregated run (launches a local cluster for this run)")
     cluster.add_argument("--config", metavar="YAML", help="deployment config (configs/*.yaml); flags override it")
@@ -130,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--micro-batches", type=_positive_int, metavar="M")
     serve.add_argument("--transport", choices=("shm", "tcp"))
     serve.add_argument("--max-model-len", type=_positive_int, metavar="N", help="context length limit per request")
+    serve.add_argument("--kernels", choices=KERNEL_CHOICES, help=KERNELS_HELP)
     serve.add_argument("--max-waiting-requests", type=_non_negative_int, default=256, metavar="N",
                        help="requests queued for admission before new ones get HTTP 429 (default: %(default)s)")
     serve.add_argument("--served-model-name", metavar="NAME", help="model name in the API (default: the "
@@ -189,7 +195,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             raise CliError(f"{model_dir} has no tokenizer.json, so text prompts cannot be encoded; use --prompt-ids")
         prompts.extend(tokenizer.encode(text) for text in args.prompt)
     prompts.extend(args.prompt_ids)
-    engine_config = EngineConfig(dtype=args.dtype, device=args.device)
+    engine_config = EngineConfig(dtype=args.dtype, device=args.device, kernels=args.kernels or "auto")
     if _wants_cluster(args):
         outputs = _generate_disaggregated(args, model_dir, engine_config, prompts, params)
     else:
@@ -207,6 +213,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_kernels(engine) -> None:
+    """Fail before anything starts when the engine's kernels cannot run on this host (every worker of a
+    local cluster runs here)."""
+    from resilient_moe.engine.engine import resolve_device
+    from resilient_moe.kernels import resolve_kernels
+
+    resolve_kernels(engine.kernels, resolve_device(engine.device).type, engine.dtype)
+
+
 def _wants_cluster(args: argparse.Namespace) -> bool:
     return any(v is not None for v in (args.config, args.attention_workers, args.expert_workers, args.micro_batches,
                                        args.transport))
@@ -222,7 +237,10 @@ def deployment_from_args(args: argparse.Namespace, model_dir: Path, engine_confi
     )
     if args.config:
         dep = DeploymentConfig.from_yaml(args.config, **overrides)
-        return dataclasses.replace(dep, engine=dataclasses.replace(dep.engine, dtype=engine_config.dtype))
+        engine = dataclasses.replace(dep.engine, dtype=engine_config.dtype)
+        if args.kernels is not None:  # the flag wins over the file; without it the file's setting stands
+            engine = dataclasses.replace(engine, kernels=args.kernels)
+        return dataclasses.replace(dep, engine=engine)
     return DeploymentConfig.from_dict({}, source="command line", engine=engine_config, **overrides)
 
 
@@ -231,6 +249,7 @@ def _generate_disaggregated(args, model_dir: Path, engine_config, prompts: list[
     from resilient_moe.server.frontend import Frontend, RequestFailed
 
     deployment = deployment_from_args(args, model_dir, engine_config)
+    check_kernels(deployment.engine)
     with LocalCluster(deployment) as cluster:
         frontend = Frontend(cluster.controller_address).start()
         try:
@@ -257,10 +276,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.config is None:
         args.attention_workers = args.attention_workers or 2
         args.expert_workers = args.expert_workers or 3
-    deployment = deployment_from_args(args, model_dir, EngineConfig())
+    deployment = deployment_from_args(args, model_dir, EngineConfig(kernels=args.kernels or "auto"))
     if args.max_model_len is not None:
         deployment = dataclasses.replace(
             deployment, engine=dataclasses.replace(deployment.engine, max_model_len=args.max_model_len))
+    check_kernels(deployment.engine)
     stack = ServingStack(
         deployment, host=args.host, port=args.port, admin_token=args.admin_token,
         model_name=args.served_model_name, max_waiting=args.max_waiting_requests, redis_url=args.redis_url,

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from resilient_moe.errors import ConfigError
+from resilient_moe.kernels import KERNEL_CHOICES
 from resilient_moe.model.families import (
     DEFAULT_ROPE_THETA,
     FAMILY_PARSERS,
@@ -261,6 +262,8 @@ class EngineConfig:
     max_model_len: int | None = None  # defaults to the checkpoint's max_position_embeddings
     micro_batches: int = 1
     torch_threads: int = 1
+    # auto: native on CPU, triton on CUDA; native | torch (not batch-invariant) | triton (see resilient_moe/kernels)
+    kernels: str = "auto"
 
     def __post_init__(self) -> None:
         if self.dtype not in SUPPORTED_DTYPES:
@@ -278,6 +281,8 @@ class EngineConfig:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if not 1 <= self.micro_batches <= 8:
             raise ConfigError(f"micro_batches must be between 1 and 8, got {self.micro_batches!r}")
+        if self.kernels not in KERNEL_CHOICES:
+            raise ConfigError(f"kernels must be one of {', '.join(KERNEL_CHOICES)}, got {self.kernels!r}")
 
 
 # ---- helpers ---------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from resilient_moe.errors import RequestError
 from resilient_moe.model.attention_side import AttentionSide
 from resilient_moe.model.checkpoint import Checkpoint, torch_dtype
 from resilient_moe.model.expert_side import ExpertSide
+from resilient_moe.model.kernel_set import KernelSet
 
 
 def resolve_device(name: str) -> torch.device:
@@ -66,15 +67,18 @@ class LLMEngine:
             self.config.max_model_len or self.model_config.max_position_embeddings,
             self.model_config.max_position_embeddings,
         )
-        self.attention = AttentionSide(self.checkpoint, self.dtype, self.device, max_positions=self.max_model_len)
+        self.kernels = KernelSet.for_device(self.config.kernels, self.device, self.dtype)
+        self.attention = AttentionSide(self.checkpoint, self.dtype, self.device, max_positions=self.max_model_len,
+                                       kernels=self.kernels)
         num_blocks = cache_blocks(self.model_config, self.config, self.dtype)
         self.cache = new_kv_cache(self.model_config, num_blocks, self.config.block_size, self.dtype, self.device)
         self.allocator = BlockAllocator(num_blocks)
         self.scheduler = Scheduler(
-            self.config, self.allocator, self.config.block_size, self.model_config.eos_token_ids, self.max_model_len
+            self.config, self.allocator, self.config.block_size, self.model_config.eos_token_ids, self.max_model_len,
+            self.kernels.sampling_log_softmax,
         )
         if experts is None:
-            experts = LocalExperts(ExpertSide(self.checkpoint, None, self.dtype, self.device))
+            experts = LocalExperts(ExpertSide(self.checkpoint, None, self.dtype, self.device, self.kernels))
         self.runner = ModelRunner(self.attention, self.cache, self.config.block_size, experts)
         self.tokenizer = TextTokenizer.from_dir(self.model_dir)
         self.step_count = 0

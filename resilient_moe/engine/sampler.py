@@ -6,11 +6,16 @@ tokens are the same alone or in any batch, and after a failover to another worke
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from resilient_moe.config import SamplingParams
 
 _MASK64 = (1 << 64) - 1
+
+# A kernel's log-softmax over rows [S, V] -> float32 [S, V] (the triton kernels'); None: torch's.
+LogSoftmax = Callable[[torch.Tensor], torch.Tensor]
 
 
 def _splitmix64(x: int) -> int:
@@ -41,11 +46,13 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return scaled
 
 
-def sample_row(logits: torch.Tensor, params: SamplingParams, seed: int, position: int) -> int:
+def sample_row(logits: torch.Tensor, params: SamplingParams, seed: int, position: int,
+               log_softmax: LogSoftmax | None = None) -> int:
     """Pick the token for output `position` from one row of float32 logits [V]."""
     if params.temperature == 0.0:
         return int(torch.argmax(logits))
-    probs = torch.softmax(filter_logits(logits, params), dim=-1)
+    filtered = filter_logits(logits, params)
+    probs = torch.softmax(filtered, dim=-1) if log_softmax is None else log_softmax(filtered[None])[0].exp()
     generator = torch.Generator(device="cpu")
     generator.manual_seed(stream_seed(seed, position))
     # Exponential race: argmax(p / E) with E ~ Exp(1) draws index i with probability p_i.
@@ -53,18 +60,20 @@ def sample_row(logits: torch.Tensor, params: SamplingParams, seed: int, position
     return int(torch.argmax(probs.cpu() / race))
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int], positions: list[int]) -> list[int]:
+def sample(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int], positions: list[int],
+           log_softmax: LogSoftmax | None = None) -> list[int]:
     """One token per row of float32 logits [S, V]; greedy rows share one argmax."""
     greedy = torch.argmax(logits, dim=-1).tolist()
     return [
-        greedy[i] if p.temperature == 0.0 else sample_row(logits[i], p, seeds[i], positions[i])
+        greedy[i] if p.temperature == 0.0 else sample_row(logits[i], p, seeds[i], positions[i], log_softmax)
         for i, p in enumerate(params)
     ]
 
 
-def logprobs_of(logits: torch.Tensor, token: int, top: int) -> tuple[float, tuple[tuple[int, float], ...]]:
+def logprobs_of(logits: torch.Tensor, token: int, top: int,
+                log_softmax: LogSoftmax | None = None) -> tuple[float, tuple[tuple[int, float], ...]]:
     """Log-probability of `token` under the unmodified distribution, and the `top` most likely tokens."""
-    logp = torch.log_softmax(logits, dim=-1)
+    logp = torch.log_softmax(logits, dim=-1) if log_softmax is None else log_softmax(logits[None])[0]
     chosen = float(logp[token])
     if top <= 0:
         return chosen, ()

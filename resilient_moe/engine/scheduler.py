@@ -15,7 +15,7 @@ import torch
 
 from resilient_moe.config import EngineConfig
 from resilient_moe.engine.kv_cache import BlockAllocator
-from resilient_moe.engine.sampler import logprobs_of, sample
+from resilient_moe.engine.sampler import LogSoftmax, logprobs_of, sample
 from resilient_moe.engine.sequence import Sequence, SequenceStatus, TokenEvent
 
 
@@ -33,8 +33,10 @@ class ScheduledBatch:
 class Scheduler:
     """Waiting queue, running set and KV block accounting of one engine."""
 
-    def __init__(self, engine: EngineConfig, allocator: BlockAllocator, block_size: int, eos_token_ids: tuple[int, ...], max_model_len: int) -> None:
+    def __init__(self, engine: EngineConfig, allocator: BlockAllocator, block_size: int, eos_token_ids: tuple[int, ...], max_model_len: int,
+                 log_softmax: LogSoftmax | None = None) -> None:
         self.config = engine
+        self.log_softmax = log_softmax  # the kernels' (triton), or None for torch's
         self.allocator = allocator
         self.block_size = block_size
         self.eos_token_ids = frozenset(eos_token_ids)
@@ -151,14 +153,15 @@ class Scheduler:
         seqs = [batch.seqs[row] for row in done]
         if not seqs:
             return []
-        tokens = sample(logits, [s.params for s in seqs], [s.seed for s in seqs], [len(s.output_ids) for s in seqs])
+        tokens = sample(logits, [s.params for s in seqs], [s.seed for s in seqs], [len(s.output_ids) for s in seqs],
+                        self.log_softmax)
         events = []
         for row, (seq, token) in enumerate(zip(seqs, tokens)):
             position = len(seq.output_ids)
             seq.output_ids.append(token)
             logprob = top = None
             if seq.params.logprobs is not None:
-                logprob, top = logprobs_of(logits[row], token, seq.params.logprobs)
+                logprob, top = logprobs_of(logits[row], token, seq.params.logprobs, self.log_softmax)
             reason = self._stop_reason(seq, token)
             if reason is not None:
                 self.running.remove(seq)

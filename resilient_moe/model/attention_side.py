@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from resilient_moe.config import ModelConfig
 from resilient_moe.model import ops, routing
 from resilient_moe.model.checkpoint import Checkpoint, TensorNames
+from resilient_moe.model.kernel_set import KernelSet
 from resilient_moe.model.mla import LatentAttentionLayer, softmax_scale
 from resilient_moe.model.rope import RotaryTable
 
@@ -72,6 +73,24 @@ class AttentionBatch:
             self._masks[key] = _invisible(query_pos, key_pos, window)
         return self._masks[key]
 
+    def paged_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(slot_table [S, L]: cache slots of each sequence's keys, decode sequences first, then prefill
+        spans; row_seq [T]: the sequence of each row), for attention kernels that read the cache in place."""
+        key = ("paged",)
+        if key not in self._masks:
+            B = self.decode_rows.shape[0]
+            device = self.positions.device
+            length = max([self.decode_key_slots.shape[1], *(span.key_slots.shape[0] for span in self.prefills)])
+            table = torch.zeros((B + len(self.prefills), length), dtype=torch.long, device=device)
+            table[:B, : self.decode_key_slots.shape[1]] = self.decode_key_slots
+            row_seq = torch.empty(self.num_tokens, dtype=torch.long, device=device)
+            row_seq[self.decode_rows] = torch.arange(B, device=device)
+            for i, span in enumerate(self.prefills):
+                table[B + i, : span.key_slots.shape[0]] = span.key_slots
+                row_seq[span.start : span.start + span.length] = B + i
+            self._masks[key] = (table, row_seq)
+        return self._masks[key]
+
     def prefill_mask(self, index: int, window: int | None) -> torch.Tensor:
         """[n, L] True where key j is not visible to new token i of prefill span `index`."""
         key = ("prefill", index, window)
@@ -105,16 +124,18 @@ class KVCacheView:
 class _Layer:
     """Weights of one decoder layer on the attention side (names follow the HF checkpoint)."""
 
-    def __init__(self, cfg: ModelConfig, names: dict[str, torch.Tensor], layer: int, tensor_names: TensorNames) -> None:
+    def __init__(self, cfg: ModelConfig, names: dict[str, torch.Tensor], layer: int, tensor_names: TensorNames,
+                 kernels: KernelSet) -> None:
         p = f"model.layers.{layer}"
         get = names.get
+        linear = kernels.linear
         self.input_norm = names[f"{p}.input_layernorm.weight"]
         self.post_norm = names[f"{p}.post_attention_layernorm.weight"]
-        self.latent = LatentAttentionLayer(cfg, names, p) if cfg.mla is not None else None
+        self.latent = LatentAttentionLayer(cfg, names, p, kernels) if cfg.mla is not None else None
         if self.latent is None:
             attn = f"{p}.self_attn"
             self.q, self.k, self.v, self.o = (
-                ops.Linear(names[f"{attn}.{proj}.weight"], get(f"{attn}.{proj}.bias"))
+                linear(names[f"{attn}.{proj}.weight"], get(f"{attn}.{proj}.bias"))
                 for proj in ("q_proj", "k_proj", "v_proj", "o_proj")
             )
         self.q_norm = get(f"{p}.self_attn.q_norm.weight")
@@ -130,19 +151,19 @@ class _Layer:
         self.shared_down = None
         self.shared_gate = None
         if not self.sparse:
-            self.dense_gate_up = ops.Linear(torch.cat([names[f"{p}.mlp.gate_proj.weight"], names[f"{p}.mlp.up_proj.weight"]]))
-            self.dense_down = ops.Linear(names[f"{p}.mlp.down_proj.weight"])
+            self.dense_gate_up = linear(torch.cat([names[f"{p}.mlp.gate_proj.weight"], names[f"{p}.mlp.up_proj.weight"]]))
+            self.dense_down = linear(names[f"{p}.mlp.down_proj.weight"])
             return
         router_bias = tensor_names.router_bias(layer)
-        self.router = ops.Linear(names[tensor_names.router(layer)], None if router_bias is None else names[router_bias])
+        self.router = linear(names[tensor_names.router(layer)], None if router_bias is None else names[router_bias])
         correction = tensor_names.correction_bias(layer)
         self.correction_bias = None if correction is None else names[correction]  # [E]
         shared = tensor_names.shared_expert(layer)
         if shared is not None:
             s = shared.prefix
-            self.shared_gate_up = ops.Linear(torch.cat([names[f"{s}.gate_proj.weight"], names[f"{s}.up_proj.weight"]]))
-            self.shared_down = ops.Linear(names[f"{s}.down_proj.weight"])
-            self.shared_gate = None if shared.gate is None else ops.Linear(names[shared.gate])
+            self.shared_gate_up = linear(torch.cat([names[f"{s}.gate_proj.weight"], names[f"{s}.up_proj.weight"]]))
+            self.shared_down = linear(names[f"{s}.down_proj.weight"])
+            self.shared_gate = None if shared.gate is None else linear(names[shared.gate])
 
 
 class AttentionSide:
@@ -154,8 +175,10 @@ class AttentionSide:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         max_positions: int | None = None,
+        kernels: KernelSet | None = None,
     ) -> None:
         cfg = checkpoint.cfg
+        self.kernels = kernels or KernelSet()
         self.cfg = cfg
         self.dtype = dtype
         self.device = torch.device(device)
@@ -165,8 +188,8 @@ class AttentionSide:
         names.update(checkpoint.load(sorted(float32), torch.float32, self.device))
         self.embed_tokens = names["model.embed_tokens.weight"]
         self.final_norm = names["model.norm.weight"]
-        self.lm_head = ops.Linear(self.embed_tokens if cfg.tie_word_embeddings else names["lm_head.weight"])
-        self.layers = [_Layer(cfg, names, i, tensor_names) for i in range(cfg.num_layers)]
+        self.lm_head = self.kernels.linear(self.embed_tokens if cfg.tie_word_embeddings else names["lm_head.weight"])
+        self.layers = [_Layer(cfg, names, i, tensor_names, self.kernels) for i in range(cfg.num_layers)]
         self.rotary = RotaryTable(cfg.rope, cfg.head_dim, max_positions or cfg.max_position_embeddings, dtype, self.device)
         self.scale = softmax_scale(cfg.mla, cfg.rope) if cfg.mla is not None else cfg.head_dim**-0.5
         self.eps = cfg.rms_norm_eps
@@ -186,34 +209,34 @@ class AttentionSide:
         """h [T, D] -> (h + attention(norm(h)), post-attention-normed h), writing this batch's K/V."""
         cfg, w = self.cfg, self.layers[layer]
         T = h.shape[0]
-        a = ops.rms_norm(h, w.input_norm, self.eps)
+        a = self.kernels.rms_norm(h, w.input_norm, self.eps)
         if w.latent is not None:
             q, rows = w.latent.project(a, batch.cos, batch.sin)  # [T, H, C + r], [T, C + r]
             cache.keys[layer].index_copy_(1, batch.slot_mapping, rows.unsqueeze(0))
             o = self._paged_attention(q, cache.keys[layer], cache.values[layer], batch, w.window, None)  # [T, H, C]
             h = h + w.latent.output(o)
-            return h, ops.rms_norm(h, w.post_norm, self.eps)
+            return h, self.kernels.rms_norm(h, w.post_norm, self.eps)
         q = w.q(a)  # [T, H*d]
         k = w.k(a)  # [T, G*d]
         v = w.v(a)  # [T, G*d]
         if cfg.qk_norm == "full":
-            q = ops.rms_norm(q, w.q_norm, self.eps)
-            k = ops.rms_norm(k, w.k_norm, self.eps)
+            q = self.kernels.rms_norm(q, w.q_norm, self.eps)
+            k = self.kernels.rms_norm(k, w.k_norm, self.eps)
         if cfg.clip_qkv is not None:
             q, k, v = (t.clamp(-cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
         q = q.view(T, cfg.num_heads, cfg.head_dim)
         k = k.view(T, cfg.num_kv_heads, cfg.head_dim)
         v = v.view(T, cfg.num_kv_heads, cfg.head_dim)
         if cfg.qk_norm == "head":
-            q = ops.rms_norm(q, w.q_norm, self.eps)
-            k = ops.rms_norm(k, w.k_norm, self.eps)
+            q = self.kernels.rms_norm(q, w.q_norm, self.eps)
+            k = self.kernels.rms_norm(k, w.k_norm, self.eps)
         q = ops.apply_rotary(q, batch.cos, batch.sin)
         k = ops.apply_rotary(k, batch.cos, batch.sin)
         cache.keys[layer].index_copy_(1, batch.slot_mapping, k.transpose(0, 1))
         cache.values[layer].index_copy_(1, batch.slot_mapping, v.transpose(0, 1))
         o = self._paged_attention(q, cache.keys[layer], cache.values[layer], batch, w.window, w.sinks)  # [T, H, d]
         h = h + w.o(o.reshape(T, -1))
-        return h, ops.rms_norm(h, w.post_norm, self.eps)
+        return h, self.kernels.rms_norm(h, w.post_norm, self.eps)
 
     def _paged_attention(
         self,
@@ -225,6 +248,10 @@ class AttentionSide:
         sinks: torch.Tensor | None,
     ) -> torch.Tensor:
         """q [T, H, d] over cached keys [G, slots, d] and values [G, slots, dv] -> [T, H, dv]; sinks [H] or None."""
+        if self.kernels.paged:  # one kernel over every row, decode and prefill alike, reading the cache in place
+            slot_table, row_seq = batch.paged_rows()
+            return self.kernels.paged_attention(q, k_cache, v_cache, slot_table, row_seq, batch.positions, self.scale,
+                                                window, sinks)
         T, H, d = q.shape
         G, dv = k_cache.shape[0], v_cache.shape[2]
         R = H // G
@@ -239,7 +266,7 @@ class AttentionSide:
             flat = slots.reshape(-1)  # index_select is ~4x faster than advanced indexing here
             keys = k_cache.index_select(1, flat).view(G, B, -1, d)  # [G, B, L, d]
             values = v_cache.index_select(1, flat).view(G, B, -1, dv)
-            o = ops.attention(qd, keys, values, masked, self.scale, group_sinks)  # [G, B, R, dv]
+            o = self.kernels.attention(qd, keys, values, masked, self.scale, group_sinks)  # [G, B, R, dv]
             out[rows] = o.transpose(0, 1).reshape(B, G * R, dv)
         for index, span in enumerate(batch.prefills):
             keys = k_cache.index_select(1, span.key_slots).unsqueeze(1)  # [G, 1, L, d]
@@ -251,7 +278,7 @@ class AttentionSide:
                 qp = q[span.start + lo : span.start + hi].view(n, G, R, d).transpose(0, 1).reshape(G, 1, n * R, d)
                 masked = mask[lo:hi].repeat_interleave(R, dim=0).unsqueeze(0)  # [1, n*R, L]
                 span_sinks = None if group_sinks is None else group_sinks.repeat(1, 1, n)  # [G, 1, n*R]
-                o = ops.attention(qp, keys, values, masked, self.scale, span_sinks)  # [G, 1, n*R, dv]
+                o = self.kernels.attention(qp, keys, values, masked, self.scale, span_sinks)  # [G, 1, n*R, dv]
                 out[span.start + lo : span.start + hi] = o.view(G, n, R, dv).transpose(0, 1).reshape(n, G * R, dv)
         return out
 
@@ -308,4 +335,4 @@ class AttentionSide:
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """h [S, D] of each sequence's last token -> float32 logits [S, V]."""
-        return self.lm_head(ops.rms_norm(h, self.final_norm, self.eps)).float()
+        return self.lm_head(self.kernels.rms_norm(h, self.final_norm, self.eps)).float()

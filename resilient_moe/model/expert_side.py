@@ -4,17 +4,28 @@ An expert worker holds one of these. It keeps no state across calls (DESIGN.md: 
 idempotent), so the same rows sent to any holder of an expert give the same bits back. Everything an
 expert computes lives here (biases, GPT-OSS's clamped SwiGLU), so a disaggregated expert worker and
 the colocated engine run the same code; the router's weights are applied on the attention side.
+
+With the native and torch kernels each expert is its own pair of linear layers, run one expert at a
+time; with the triton kernels a layer's experts are stacked in one `ExpertBank` and run as one
+grouped GEMM (kernels/fused_moe.py). Experts may live on a GPU while the rows come from the host
+(frames are host memory): `forward` then stages them through pinned memory both ways.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 import torch
 
+from resilient_moe import staging
 from resilient_moe.errors import ExpertUnavailableError
 from resilient_moe.model import ops
-from resilient_moe.model.checkpoint import Checkpoint
+from resilient_moe.model.checkpoint import Checkpoint, ExpertWeights
+from resilient_moe.model.kernel_set import KernelSet
+
+if TYPE_CHECKING:
+    from resilient_moe.kernels.fused_moe import ExpertBank
 
 ExpertKey = tuple[int, int]  # (layer, expert)
 
@@ -28,11 +39,15 @@ class ExpertSide:
         experts: Iterable[ExpertKey] | None = None,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        kernels: KernelSet | None = None,
     ) -> None:
         self.checkpoint = checkpoint
         self.dtype = dtype
         self.device = torch.device(device)
-        self._weights: dict[ExpertKey, tuple[ops.Linear, ops.Linear]] = {}  # gate_up [2F, D], down [D, F]
+        self.kernels = kernels or KernelSet()
+        # Per-expert kernels: (gate_up [2F, D], down [D, F]) linear layers. Grouped kernels: the layer's bank.
+        self._weights: dict[ExpertKey, tuple[ops.Linear, ops.Linear] | ExpertBank] = {}
+        self._banks: dict[int, ExpertBank] = {}  # layer -> its experts stacked (grouped kernels)
         self.experts = checkpoint.cfg.experts
         self.load(checkpoint.names.expert_shapes if experts is None else experts)
 
@@ -42,13 +57,38 @@ class ExpertSide:
         for key in wanted:
             if key not in self.checkpoint.names.expert_shapes:
                 raise ExpertUnavailableError(f"expert {key[1]} of layer {key[0]} does not exist in this model")
+        if self.kernels.grouped_experts:
+            self._load_banks(wanted)
+            return
         for layer, expert in wanted:
-            w = self.checkpoint.load_expert(self.checkpoint.names.expert(layer, expert), self.dtype, self.device)
-            self._weights[(layer, expert)] = (ops.Linear(w.gate_up, w.gate_up_bias), ops.Linear(w.down, w.down_bias))
+            w = self._read(layer, expert)
+            linear = self.kernels.linear
+            self._weights[(layer, expert)] = (linear(w.gate_up, w.gate_up_bias), linear(w.down, w.down_bias))
+
+    def _read(self, layer: int, expert: int) -> ExpertWeights:
+        return self.checkpoint.load_expert(self.checkpoint.names.expert(layer, expert), self.dtype, self.device)
+
+    def _load_banks(self, wanted: list[ExpertKey]) -> None:
+        """Stack the wanted experts into their layers' banks, a layer at a time (one restack per layer)."""
+        by_layer: dict[int, list[int]] = {}
+        for layer, expert in wanted:
+            by_layer.setdefault(layer, []).append(expert)
+        cfg = self.checkpoint.cfg
+        for layer, experts in by_layer.items():
+            bank = self._banks.get(layer)
+            if bank is None:
+                bank = self._banks[layer] = self.kernels.expert_bank(
+                    cfg.num_experts, self.experts.activation, self.experts.swiglu_alpha, self.experts.swiglu_limit,
+                    self.device)
+            bank.add({expert: self._read(layer, expert) for expert in experts})
+            for expert in experts:
+                self._weights[(layer, expert)] = bank
 
     def drop(self, experts: Iterable[ExpertKey]) -> None:
         for key in experts:
-            self._weights.pop(key, None)
+            held = self._weights.pop(key, None)
+            if held is not None and self.kernels.grouped_experts:
+                held.remove([key[1]])
 
     def holds(self, layer: int, expert: int) -> bool:
         return (layer, expert) in self._weights
@@ -59,6 +99,8 @@ class ExpertSide:
 
     @property
     def nbytes(self) -> int:
+        if self.kernels.grouped_experts:
+            return sum(bank.nbytes for bank in self._banks.values())
         return sum(gate_up.nbytes + down.nbytes for gate_up, down in self._weights.values())
 
     @property
@@ -69,7 +111,13 @@ class ExpertSide:
     def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor,
                 between: Callable[[], None] | None = None) -> torch.Tensor:
         """x [N, D], expert_ids [N] -> y [N, D], row i computed by expert expert_ids[i] of `layer`.
-        `between` is called after each expert's rows (an expert worker answers probes there)."""
+        `between` is called after each expert's rows (an expert worker answers probes there), or after
+        the grouped kernels. y is on x's device: rows from the host come back to the host."""
+        if x.device.type != self.device.type:
+            y = self.forward(layer, staging.to_device(x, self.device), expert_ids.to(self.device), between)
+            return staging.to_host(y)
+        if self.kernels.grouped_experts:
+            return self._forward_grouped(layer, x, expert_ids, between)
         order = torch.argsort(expert_ids, stable=True)  # [N]
         grouped_ids, counts = torch.unique_consecutive(expert_ids[order], return_counts=True)
         xs = x[order]  # [N, D] grouped by expert
@@ -85,6 +133,21 @@ class ExpertSide:
                 between()
         y = torch.empty_like(x)
         y[order] = ys
+        return y
+
+    def _forward_grouped(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor,
+                         between: Callable[[], None] | None) -> torch.Tensor:
+        bank = self._banks.get(layer)
+        if bank is None:
+            raise ExpertUnavailableError(f"expert {int(expert_ids[0])} of layer {layer} is not held here")
+        slots = bank.slot_of[expert_ids]  # [N]
+        if len(bank.experts) < self.checkpoint.cfg.num_experts:  # some live elsewhere: name one a row wants
+            missing = expert_ids[slots < 0]  # (a host sync; a layer held whole, as colocated, needs none)
+            if missing.numel():
+                raise ExpertUnavailableError(f"expert {int(missing[0])} of layer {layer} is not held here")
+        y = bank(x, slots)  # [N, D]
+        if between is not None:
+            between()
         return y
 
     def _mlp(self, x: torch.Tensor, gate_up: ops.Linear, down: ops.Linear) -> torch.Tensor:

@@ -23,6 +23,7 @@ import torch
 from resilient_moe.config import ModelConfig, RopeConfig
 from resilient_moe.model import ops
 from resilient_moe.model.families import LatentAttentionConfig
+from resilient_moe.model.kernel_set import KernelSet
 from resilient_moe.model.rope import yarn_mscale
 
 # transformers builds q_a_layernorm and kv_a_layernorm with this eps, not the config's rms_norm_eps.
@@ -50,10 +51,11 @@ def _deinterleave_rope(weight: torch.Tensor, rope_dim: int) -> torch.Tensor:
 class LatentAttentionLayer:
     """One layer's MLA weights (HF names under `prefix`.self_attn), prepared for the absorbed form."""
 
-    def __init__(self, cfg: ModelConfig, names: dict[str, torch.Tensor], prefix: str) -> None:
+    def __init__(self, cfg: ModelConfig, names: dict[str, torch.Tensor], prefix: str, kernels: KernelSet) -> None:
         mla = cfg.mla
         assert mla is not None
         self.mla = mla
+        self.kernels = kernels
         self.num_heads = H = cfg.num_heads
         a = f"{prefix}.self_attn"
         n, r, C = mla.qk_nope_head_dim, mla.qk_rope_head_dim, mla.kv_lora_rank
@@ -66,21 +68,21 @@ class LatentAttentionLayer:
         self.q = self.q_a = self.q_b = None
         self.q_a_norm = None
         if mla.q_lora_rank is None:
-            self.q = ops.Linear(rope_ordered(names[f"{a}.q_proj.weight"], H))  # [H*(n+r), D]
+            self.q = kernels.linear(rope_ordered(names[f"{a}.q_proj.weight"], H))  # [H*(n+r), D]
         else:
-            self.q_a = ops.Linear(names[f"{a}.q_a_proj.weight"], names.get(f"{a}.q_a_proj.bias"))  # [q_lora, D]
+            self.q_a = kernels.linear(names[f"{a}.q_a_proj.weight"], names.get(f"{a}.q_a_proj.bias"))  # [q_lora, D]
             self.q_a_norm = names[f"{a}.q_a_layernorm.weight"]
-            self.q_b = ops.Linear(rope_ordered(names[f"{a}.q_b_proj.weight"], H))  # [H*(n+r), q_lora]
+            self.q_b = kernels.linear(rope_ordered(names[f"{a}.q_b_proj.weight"], H))  # [H*(n+r), q_lora]
         kv_a_bias = names.get(f"{a}.kv_a_proj_with_mqa.bias")
-        self.kv_a = ops.Linear(  # [C + r, D]
+        self.kv_a = kernels.linear(  # [C + r, D]
             rope_ordered(names[f"{a}.kv_a_proj_with_mqa.weight"], 1),
             None if kv_a_bias is None else rope_ordered(kv_a_bias, 1),
         )
         self.kv_a_norm = names[f"{a}.kv_a_layernorm.weight"]
         kv_b = names[f"{a}.kv_b_proj.weight"].view(H, n + mla.v_head_dim, C)
-        self.absorb_k = ops.HeadwiseLinear(kv_b[:, :n].transpose(1, 2))  # per head [C, n]: q_nope -> latent space
-        self.absorb_v = ops.HeadwiseLinear(kv_b[:, n:])  # per head [v, C]: latent -> value space
-        self.o = ops.Linear(names[f"{a}.o_proj.weight"], names.get(f"{a}.o_proj.bias"))  # [D, H*v]
+        self.absorb_k = ops.HeadwiseLinear(kv_b[:, :n].transpose(1, 2), kernels.linear)  # per head [C, n]: q_nope -> latent space
+        self.absorb_v = ops.HeadwiseLinear(kv_b[:, n:], kernels.linear)  # per head [v, C]: latent -> value space
+        self.o = kernels.linear(names[f"{a}.o_proj.weight"], names.get(f"{a}.o_proj.bias"))  # [D, H*v]
 
     def project(self, a: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Normed hidden a [T, D] -> (queries [T, H, C + r] in latent space, cache rows [T, C + r])."""
@@ -89,10 +91,10 @@ class LatentAttentionLayer:
         if self.q is not None:
             q = self.q(a)  # [T, H*(n+r)]
         else:
-            q = self.q_b(ops.rms_norm(self.q_a(a), self.q_a_norm, LATENT_NORM_EPS))
+            q = self.q_b(self.kernels.rms_norm(self.q_a(a), self.q_a_norm, LATENT_NORM_EPS))
         q = q.view(T, self.num_heads, mla.qk_head_dim)  # [T, H, n+r]
         kv = self.kv_a(a)  # [T, C + r]
-        latent = ops.rms_norm(kv[:, :C], self.kv_a_norm, LATENT_NORM_EPS)  # [T, C]
+        latent = self.kernels.rms_norm(kv[:, :C], self.kv_a_norm, LATENT_NORM_EPS)  # [T, C]
         k_rope = ops.apply_rotary(kv[:, None, C:], cos, sin)[:, 0]  # [T, r]
         q_rope = ops.apply_rotary(q[..., n:], cos, sin)  # [T, H, r]
         q_latent = self.absorb_k(q[..., :n])  # [T, H, C]

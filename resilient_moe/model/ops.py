@@ -16,7 +16,9 @@ row the same bits whatever else shares its batch:
   An attention sink (GPT-OSS) goes in front of the keys, so the real logits keep fixed positions and
   only -inf padding follows them.
 
-`tests/test_batch_invariance.py` re-checks these facts on the machine it runs on.
+`tests/test_batch_invariance.py` re-checks these facts on the machine it runs on. These are the
+`native` kernels; on GPUs the `triton` kernels (resilient_moe/kernels/) are invariant by construction,
+and model/kernel_set.py chooses between them.
 
 Shape letters: T tokens, D hidden, H query heads, G kv heads, R = H // G, d head dim, L keys.
 """
@@ -83,11 +85,12 @@ class Linear:
 class HeadwiseLinear:
     """One weight per head: x [T, H, K] -> [T, H, N] with head h computed as ``x[:, h] @ weight[h].T``.
 
-    Each head is its own `Linear`, so every row stays batch-invariant (MLA's absorbed projections).
+    Each head is its own linear layer (`make_linear`, the kernel set's), so every row stays
+    batch-invariant (MLA's absorbed projections).
     """
 
-    def __init__(self, weight: torch.Tensor) -> None:
-        self.heads = [Linear(w) for w in weight]  # weight [H, N, K]
+    def __init__(self, weight: torch.Tensor, make_linear=Linear) -> None:
+        self.heads = [make_linear(w) for w in weight]  # weight [H, N, K]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return torch.stack([head(x[:, h]) for h, head in enumerate(self.heads)], dim=1)  # [T, H, N]
@@ -159,24 +162,26 @@ def attention(
     masked: torch.Tensor,
     scale: float,
     sinks: torch.Tensor | None = None,
+    batched_matmul=bmm,
 ) -> torch.Tensor:
     """Scaled dot-product attention over gathered, padded keys, kv-head-major.
 
     q [G, B, M, d] (the M query rows of each kv group: heads x tokens), keys [G, B, L, d] and values
     [G, B, L, dv] with L a multiple of KEY_PAD, masked [B, M, L] (True = not visible). sinks [G, 1, M]
     (optional): one more logit per query row that takes part in the softmax but has no value.
+    `batched_matmul` is `bmm` (rows padded: batch-invariant) or plain torch.bmm (the torch kernels).
     Returns [G, B, M, dv].
     """
     groups, batch, rows, dim = q.shape
     length, value_dim = keys.shape[2], values.shape[3]
     k = keys.reshape(groups * batch, length, dim)  # [G*B, L, d]
     v = values.reshape(groups * batch, length, value_dim)  # [G*B, L, dv]
-    scores = bmm(q.reshape(groups * batch, rows, dim), k.transpose(1, 2)) * scale  # [G*B, M, L]
+    scores = batched_matmul(q.reshape(groups * batch, rows, dim), k.transpose(1, 2)) * scale  # [G*B, M, L]
     scores = scores.view(groups, batch, rows, length).masked_fill(masked.unsqueeze(0), float("-inf"))
     if sinks is None:
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     else:
         sink = sinks.to(scores.dtype).unsqueeze(-1).expand(groups, batch, rows, 1)  # [G, B, M, 1]
         probs = torch.softmax(torch.cat([sink, scores], dim=-1), dim=-1, dtype=torch.float32)[..., 1:].to(q.dtype)
-    out = bmm(probs.reshape(groups * batch, rows, length), v)  # [G*B, M, dv]
+    out = batched_matmul(probs.reshape(groups * batch, rows, length), v)  # [G*B, M, dv]
     return out.view(groups, batch, rows, value_dim)

@@ -359,7 +359,7 @@ def main(config: WorkerConfig) -> int:
     client.start_watch(config.name, on_state)
     signal.signal(signal.SIGTERM, lambda *_: (server.stopping.set(), forwarder.cancel(), wakeup.ring()))
     client.ready(config.name, reply.incarnation, data_address=listener.address)
-    log.info("%s ready, serving frontends on %s", config.name, listener.address)
+    log.info("%s ready (%s kernels), serving frontends on %s", config.name, engine.kernels.name, listener.address)
     try:
         server.serve_forever()
     finally:

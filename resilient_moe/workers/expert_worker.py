@@ -18,15 +18,17 @@ from dataclasses import dataclass
 
 import torch
 
-from resilient_moe.config import WorkerConfig
+from resilient_moe.config import DeploymentConfig, WorkerConfig
 from resilient_moe.controller.client import ControllerClient, worker_info
 from resilient_moe.datapath.frames import Frame, FrameFlags, FrameHeader, FrameKind, worker_number
 from resilient_moe.datapath.link import FrameTooLarge, Link, LinkClosed, Outbox, PeerInfo, listen
 from resilient_moe.datapath.parts import check_dispatch, rows_per_part
 from resilient_moe.datapath.poller import Poller, Wakeup
+from resilient_moe.engine.engine import resolve_device
 from resilient_moe.errors import ExpertUnavailableError
 from resilient_moe.model.checkpoint import Checkpoint, torch_dtype
-from resilient_moe.model.expert_side import ExpertSide
+from resilient_moe.model.expert_side import ExpertKey, ExpertSide
+from resilient_moe.model.kernel_set import KernelSet
 from resilient_moe.proto import controller_pb2 as pb
 from resilient_moe.workers.common import configure_process, link_address, yield_cpu_while_loading
 
@@ -240,6 +242,14 @@ class ExpertServer:
             self.drop_link(link, "expert worker stopping")
 
 
+def load_experts(dep: DeploymentConfig, checkpoint: Checkpoint, experts: list[ExpertKey]) -> ExpertSide:
+    """This worker's experts (and shadows) on the deployment's device, run by its kernels. Frames arrive
+    in host memory; on a GPU the expert side stages rows in and results out through pinned memory."""
+    device = resolve_device(dep.engine.device)
+    dtype = torch_dtype(dep.engine.dtype)
+    return ExpertSide(checkpoint, experts, dtype, device, KernelSet.for_device(dep.engine.kernels, device, dtype))
+
+
 def main(config: WorkerConfig) -> int:
     """Run an expert worker until SIGTERM, or until the controller fences this incarnation."""
     dep = config.deployment
@@ -268,8 +278,7 @@ def main(config: WorkerConfig) -> int:
     # Heartbeats start before the weights load, so a slow load is never taken for a death.
     client.start_heartbeats(config.name, reply.incarnation, dep.heartbeat_interval_s, stats, on_fenced)
     with yield_cpu_while_loading(reply.state):
-        experts = ExpertSide(checkpoint, [(x.layer, x.expert) for x in reply.load_experts],
-                             torch_dtype(dep.engine.dtype))
+        experts = load_experts(dep, checkpoint, [(x.layer, x.expert) for x in reply.load_experts])
     server = ExpertServer(experts, poller, identity)
 
     def on_state(state: pb.ClusterState) -> None:
@@ -281,7 +290,8 @@ def main(config: WorkerConfig) -> int:
     client.start_watch(config.name, on_state)
     signal.signal(signal.SIGTERM, lambda *_: (server.stopping.set(), wakeup.ring()))
     client.ready(config.name, reply.incarnation, experts.held, listener.address)
-    log.info("%s ready: %d experts, listening on %s", config.name, len(experts.held), listener.address)
+    log.info("%s ready: %d experts on %s (%s kernels), listening on %s", config.name, len(experts.held),
+             experts.device, experts.kernels.name, listener.address)
     try:
         while not server.stopping.is_set():
             server.poll_once(0.5)
