@@ -370,7 +370,7 @@ def test_serve_command_serves_then_stops_cleanly(tiny_model, tmp_path, stop_sign
     """`resilient-moe serve` as users run it: progress and URLs printed, OpenAI client works, and Ctrl-C
     or SIGTERM stops every process it started."""
     config = tmp_path / "deployment.yaml"  # generous heartbeats: CI machines are shared (see serving.py)
-    config.write_text("attention_workers: 1\nexpert_workers: 3\nheartbeat_timeout_s: 5.0\n")
+    config.write_text("attention_workers: 1\nexpert_workers: 3\n")
     proc = subprocess.Popen(
         [sys.executable, "-m", "resilient_moe.cli", "serve", "--model", str(tiny_model), "--port", "0",
          "--config", str(config), "--expert-workers", "2", "--log-dir", str(tmp_path)],

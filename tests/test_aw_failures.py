@@ -59,6 +59,9 @@ def test_attention_worker_loss_moves_its_requests(tiny_model, reference, zygote,
                     os.kill(victim, signal.SIGCONT)
             assert tokens == reference
             assert all(h.moves >= 1 for h in on_victim)
+            if sig == signal.SIGSTOP:  # found by the frontend's probes and fenced at once, not by heartbeats
+                deaths = [e.detail for e in cluster.state().events if e.kind == "dead" and e.worker == "aw-0"]
+                assert deaths and "probes unanswered" in deaths[0] and "process stopped" in deaths[0], deaths
             if resilience:
                 assert all(h.duplicates == 0 for h in handles), "resumed from the token log, not from scratch"
                 # The adopter restored KV from the store instead of recomputing it all. (How much depends

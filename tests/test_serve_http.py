@@ -68,7 +68,7 @@ def descendants(pid: int) -> set[int]:
 def served(tiny_model, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve-http")
     config = tmp / "deployment.yaml"  # generous heartbeats: CI machines are shared
-    config.write_text("attention_workers: 1\nexpert_workers: 2\nheartbeat_timeout_s: 5.0\n")
+    config.write_text("attention_workers: 1\nexpert_workers: 2\n")
     env = {**os.environ, "RESILIENT_MOE_ADMIN_TOKEN": ADMIN, "RESILIENT_MOE_API_KEYS": " , ".join(ENV_KEYS)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "resilient_moe.cli", "serve", "--model", str(tiny_model), "--port", "0", "--config",

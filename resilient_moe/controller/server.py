@@ -20,7 +20,7 @@ import grpc
 from resilient_moe.config import ModelConfig, WorkerConfig
 from resilient_moe.controller.state import ClusterModel, ModelShape, WorkerRecord
 from resilient_moe.datapath.faults import LinkFault
-from resilient_moe.procs import GONE, process_state
+from resilient_moe.procs import GONE, STOPPED, process_state
 from resilient_moe.proto import controller_pb2 as pb
 from resilient_moe.proto import controller_pb2_grpc as pb_grpc
 
@@ -112,7 +112,9 @@ class ControllerService(pb_grpc.ControllerServicer):
     def ReportFailure(self, request, context):
         with self.lock:
             record = self.model.workers.get(request.suspect)
-            gone = record is not None and process_state(record.pid, record.host) == GONE
+            # The second path of detection: a report of silence is acted on at once when the process is
+            # gone, or stopped (it runs again only if someone resumes it); otherwise it is only suspect.
+            gone = record is not None and process_state(record.pid, record.host) in (GONE, STOPPED)
             before = self.model.version
             self.model.report_failure(request.reporter, request.suspect, request.suspect_incarnation, request.reason, gone)
             if self.model.version != before:

@@ -24,6 +24,7 @@ from resilient_moe.controller.client import ControllerClient
 from resilient_moe.datapath.frames import FrameHeader, FrameKind, worker_number
 from resilient_moe.datapath.link import FrameTooLarge, Link, LinkClosed, Outbox, PeerInfo, connect
 from resilient_moe.datapath.poller import Poller, Wakeup
+from resilient_moe.procs import GONE, STOPPED, process_state
 from resilient_moe.proto import controller_pb2 as pb
 
 log = logging.getLogger("resilient_moe.frontend")
@@ -158,6 +159,21 @@ class RequestHandle:
             self._done.set()
 
 
+@dataclass
+class _AttentionLink:
+    """This frontend's link to one attention worker, and what it has heard from it."""
+
+    incarnation: int
+    outbox: Outbox
+    last_heard: float = field(default_factory=time.monotonic)
+    probes_sent: int = 0  # unanswered probes since it was last heard from
+    reported: bool = False  # its silence was reported to the controller
+
+    @property
+    def link(self) -> Link:
+        return self.outbox.link
+
+
 class Frontend:
     """Submits requests to attention workers of one cluster and streams their tokens back.
 
@@ -170,22 +186,27 @@ class Frontend:
     _ids = itertools.count()
 
     def __init__(self, controller_address: str, name: str | None = None, max_unfinished: int = 1024,
-                 park_timeout_s: float = 120.0, max_losses: int = 2) -> None:
+                 park_timeout_s: float = 120.0, max_losses: int = 2, probe_interval_s: float = 0.010,
+                 probe_misses: int = 3) -> None:
         """`max_unfinished` bounds the requests in flight through this frontend (memory and AW queues);
         `submit` beyond it raises Overloaded rather than queueing without limit. A request whose
         attention worker fails `max_losses` times in its first step there is failed rather than moved again:
         it may be what makes them fail (a poison request), and must not take the next one down (see
-        `_lost` for how a failure is pinned on a request)."""
+        `_lost` for how a failure is pinned on a request). An attention worker that owes tokens and
+        has been silent is probed every `probe_interval_s` (see `_probe`)."""
         self.name = name or f"frontend-{os.getpid()}-{next(self._ids)}"
         self.identity = PeerInfo(self.name, worker_number("frontend", 0), secrets.randbits(32), os.getpid())
         self.client = ControllerClient(controller_address)
         self.poller = Poller()
         self.wakeup = Wakeup(self.poller)
-        self.links: dict[str, tuple[int, Outbox]] = {}  # aw name -> (incarnation, outbox of its link)
+        self.links: dict[str, _AttentionLink] = {}  # aw name -> the link to its current incarnation
         self.requests: dict[str, RequestHandle] = {}  # unfinished, plus finished ones not yet read to the end
         self._lock = threading.Lock()  # guards `requests`
         self.max_unfinished = max_unfinished
         self.max_losses = max_losses
+        self.probe_interval_s = probe_interval_s
+        self.probe_misses = probe_misses
+        self.probes = 0
         self._released: "queue.SimpleQueue[str]" = queue.SimpleQueue()
         self._outbox: "queue.Queue[tuple[RequestHandle, messages.Message]]" = queue.Queue()
         self._parked: list[tuple[RequestHandle, messages.Submit, float]] = []  # moved, waiting for a worker
@@ -272,8 +293,8 @@ class Frontend:
         self.wakeup.ring()
         if self._thread.is_alive():
             self._thread.join(5)
-        for _, outbox in self.links.values():
-            outbox.link.close()
+        for entry in self.links.values():
+            entry.link.close()
         self.client.close()
 
     # ---- I/O thread -------------------------------------------------------------------------
@@ -285,11 +306,12 @@ class Frontend:
                 self._apply_states()
                 self._flush_outbox()
                 self._flush_links()
-                backlog = any(len(o) or o.link.backlogged for _, o in self.links.values())
-                self.poller.wait(0.001 if backlog else 0.2)
+                owing = self._probe()
+                backlog = any(len(e.outbox) or e.link.backlogged for e in self.links.values())
+                self.poller.wait(0.001 if backlog else self.probe_interval_s if owing else 0.2)
                 self.wakeup.drain()
-                for name, (_, outbox) in list(self.links.items()):
-                    self._drain(name, outbox.link)
+                for name, entry in list(self.links.items()):
+                    self._drain(name, entry)
             except Exception:  # one bad pass must never stop the loop
                 log.exception("frontend loop error")
 
@@ -301,13 +323,16 @@ class Frontend:
                 if w.role != pb.ATTENTION:
                     continue
                 current = self.links.get(w.name)
-                if w.state == pb.READY and w.data_address and (current is None or current[0] != w.incarnation):
+                if w.state == pb.READY and w.data_address and (current is None or current.incarnation != w.incarnation):
+                    if current is not None:  # the fence itself may not have been seen (states coalesce)
+                        self._lost(w.name, f"replaced by incarnation {w.incarnation}", fenced=True)
                     try:
                         link = connect(w.data_address, self.identity, self.poller)
-                        self.links[w.name] = (w.incarnation, Outbox(link))
+                        self.links[w.name] = _AttentionLink(w.incarnation, Outbox(link))
                     except (OSError, ConnectionError) as e:
                         log.warning("cannot reach %s: %s", w.name, e)
-                elif current is not None and ((w.name, w.incarnation) in fenced or w.state == pb.DEAD):
+                elif current is not None and ((w.name, w.incarnation) in fenced or w.state == pb.DEAD) \
+                        and current.incarnation == w.incarnation:
                     self._lost(w.name, "fenced by the controller", fenced=True)
             self.resilience = state.resilience
             if self.links:
@@ -376,26 +401,59 @@ class Frontend:
             elif submit:
                 handle._fail(RequestFailed("no attention worker is available", "unavailable"))
             return
-        _, outbox = self.links[name]
         try:
-            outbox.send(FrameHeader(FrameKind.CONTROL), body=messages.encode(message))
+            self.links[name].outbox.send(FrameHeader(FrameKind.CONTROL), body=messages.encode(message))
         except LinkClosed:
             self._lost(name, "link closed on send")  # moves a submitted request on; an abort is moot
         except FrameTooLarge as e:
             handle._fail(RequestFailed(f"request is too large for the link to {name}: {e}", "invalid_request"))
 
     def _flush_links(self) -> None:
-        for name, (_, outbox) in list(self.links.items()):
+        for name, entry in list(self.links.items()):
             try:
-                outbox.flush()
+                entry.outbox.flush()
             except LinkClosed as e:
                 self._lost(name, f"link closed on send: {e}")
 
-    def _drain(self, name: str, link: Link) -> None:
+    def _probe(self) -> bool:
+        """Probe attention workers that owe tokens and have gone quiet (as attention workers probe
+        expert workers); returns whether any owes tokens. After `probe_misses` unanswered probes the
+        worker's process is looked at (the second path, procs.py): one that is stopped or gone is
+        reported to the controller, which confirms it the same way and fences it at once; one that is
+        runnable is busy (a long step, a starved machine) and one asleep is left to the heartbeats."""
+        owing = {h.worker for h in self._handles() if not h.done and h.worker}
+        now = time.monotonic()
+        for name, entry in list(self.links.items()):
+            if name not in owing:
+                entry.probes_sent = 0
+                continue
+            quiet = now - entry.last_heard
+            if quiet < self.probe_interval_s * (min(entry.probes_sent, self.probe_misses) + 1):
+                continue
+            if entry.probes_sent < self.probe_misses:
+                try:
+                    if entry.link.try_send(FrameHeader(FrameKind.PROBE)):
+                        entry.probes_sent += 1
+                        self.probes += 1
+                except LinkClosed as e:
+                    self._lost(name, f"link closed on probe: {e}")
+                continue
+            state = process_state(entry.link.peer.pid, entry.link.peer.host)
+            if state in (STOPPED, GONE) and not entry.reported:
+                entry.reported = True
+                log.warning("%s: %d probes unanswered for %.0f ms, process %s", name, entry.probes_sent,
+                            1000 * quiet, state)
+                self.client.report_failure(self.name, name, entry.incarnation, f"{entry.probes_sent} probes "
+                                           f"unanswered for {1000 * quiet:.0f} ms (process {state})", wait=False)
+        return bool(owing)
+
+    def _drain(self, name: str, entry: _AttentionLink) -> None:
+        link = entry.link
         try:
             got = False
             while (frame := link.recv()) is not None:
                 got = True
+                entry.last_heard, entry.probes_sent = time.monotonic(), 0
                 if frame.header.kind == FrameKind.CONTROL:
                     try:
                         self._on_message(name, messages.decode(frame.body))
@@ -438,11 +496,11 @@ class Frontend:
         entry = self.links.pop(name, None)
         if entry is None:
             return
-        self.poller.remove(entry[1].link)
-        entry[1].link.close()
+        self.poller.remove(entry.link)
+        entry.link.close()
         log.warning("lost attention worker %s: %s", name, reason)
         if not fenced:  # tell the controller at once rather than after its heartbeat timeout
-            self.client.report_failure(self.name, name, entry[0], reason, wait=False)
+            self.client.report_failure(self.name, name, entry.incarnation, reason, wait=False)
         for handle in self._handles():
             if handle.worker != name or handle.done:
                 continue

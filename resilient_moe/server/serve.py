@@ -164,7 +164,8 @@ class ServingStack:
             max_model_len = min(engine.max_model_len or model_config.max_position_embeddings,
                                 model_config.max_position_embeddings)
             max_running = dep.attention_workers * engine.max_num_seqs
-            self.frontend = Frontend(self.cluster.controller_address, max_unfinished=max_running).start(
+            self.frontend = Frontend(self.cluster.controller_address, max_unfinished=max_running,
+                                     probe_interval_s=dep.probe_interval_s, probe_misses=dep.probe_misses).start(
                 timeout_s=dep.startup_timeout_s)
             settings = ServerSettings(
                 model_name=self.model_name, max_model_len=max_model_len, vocab_size=model_config.vocab_size,

@@ -104,6 +104,8 @@ class AttentionServer:
                             self.commands.append((link, messages.decode(frame.body)))
                         except messages.MessageError as e:
                             log.error("bad message from %s: %s", link.peer.name, e)
+                    elif frame.header.kind == FrameKind.PROBE:  # answered at once, even in the middle of a step
+                        outbox.send(FrameHeader(FrameKind.PROBE_ACK, step=frame.header.step))
                 if got:
                     link.release()
             except (LinkClosed, FrameTooLarge) as e:
