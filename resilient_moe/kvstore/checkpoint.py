@@ -53,22 +53,20 @@ log = logging.getLogger("resilient_moe.kv_checkpoint")
 
 MAX_PENDING = 256  # snapshots waiting for the background thread (the commit buffer bound)
 
-# Commit only if the record is absent or ours: KEYS = commit key, request key; ARGV = owner,
-# incarnation, ttl, then field/value pairs for the commit record, then "|", then the request record.
+# Commit only if the record is absent or ours: KEYS = commit key, tokens key; ARGV = owner,
+# incarnation, ttl, position of the first new token, then field/value pairs of the commit record,
+# then "|", then the new tokens (appended only where the list ends at that position).
 COMMIT_SCRIPT = """
 local owner = redis.call('HGET', KEYS[1], 'owner')
 local inc = redis.call('HGET', KEYS[1], 'incarnation')
 if owner and (owner ~= ARGV[1] or inc ~= ARGV[2]) then return 0 end
-local i = 4
-local target = KEYS[1]
-while i <= #ARGV do
-  if ARGV[i] == '|' then
-    target = KEYS[2]
-    i = i + 1
-  else
-    redis.call('HSET', target, ARGV[i], ARGV[i + 1])
-    i = i + 2
-  end
+local i = 5
+while i <= #ARGV and ARGV[i] ~= '|' do
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  i = i + 2
+end
+if i < #ARGV and redis.call('LLEN', KEYS[2]) == tonumber(ARGV[4]) then
+  redis.call('RPUSH', KEYS[2], unpack(ARGV, i + 1, #ARGV))
 end
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
 redis.call('EXPIRE', KEYS[2], tonumber(ARGV[3]))
@@ -81,6 +79,7 @@ class _Tracked:
     committed: int = 0  # positions [0, committed) are snapshotted (and will be committed in order)
     blocks: list[int] = field(default_factory=list)  # store block of each logical block
     gens: list[int] = field(default_factory=list)  # generation each block is stamped with once written
+    tokens: int = 0  # output tokens already in the tokens list (commits send only the ones after)
     broken: bool = False  # stopped checkpointing (store full or a dropped snapshot)
 
 
@@ -91,7 +90,8 @@ class _Write:
     data: torch.Tensor  # [L, m, W]
     blocks: torch.Tensor  # [k] store blocks the rows fill (whole blocks)
     gens: torch.Tensor  # [k] their generations (even: written)
-    commits: list[tuple[str, int, list[int], list[int], list[int]]]  # (request id, n, blocks, gens, output ids)
+    # (request id, n, blocks, gens, position of the first new output token, the new output tokens)
+    commits: list[tuple[str, int, list[int], list[int], int, list[int]]]
 
 
 @dataclass
@@ -168,7 +168,7 @@ class KVCheckpointer:
             self._pinned.clear()
             self._cond.notify()
         for t in self.tracked.values():
-            t.committed, t.blocks, t.gens, t.broken = 0, [], [], False
+            t.committed, t.blocks, t.gens, t.broken = 0, [], [], False  # its tokens list stays valid
         if replacing:
             log.warning("KV store replaced (incarnation %d): checkpointing %d requests again from their start",
                         store_incarnation, len(self.tracked))
@@ -208,8 +208,8 @@ class KVCheckpointer:
             t.gens.extend(gens)
             new_blocks.extend(t.blocks[first:last])
             new_gens.extend(gens)
-            commits.append((seq.request_id, n, list(t.blocks), list(t.gens), list(seq.output_ids)))
-            t.committed = n
+            commits.append((seq.request_id, n, list(t.blocks), list(t.gens), t.tokens, seq.output_ids[t.tokens:]))
+            t.committed, t.tokens = n, len(seq.output_ids)
         if not commits:
             return
         item = _Write(self.store_incarnation, torch.cat(dst_parts), self.cache.gather(torch.cat(src_parts)),
@@ -294,7 +294,7 @@ class KVCheckpointer:
             elif isinstance(item, _Release):
                 pipe = pipe or self.redis.pipeline(transaction=False)
                 pipe.delete(keys.commit_key(self.cluster_id, item.request_id),
-                            keys.request_key(self.cluster_id, item.request_id))
+                            keys.tokens_key(self.cluster_id, item.request_id))
                 with self._lock:
                     self._free.extend(b for b in item.blocks if b in self.region)
         if restores:
@@ -350,13 +350,14 @@ class KVCheckpointer:
         return True
 
     def _queue_commits(self, pipe, item: _Write) -> None:
-        for request_id, n, blocks, gens, output_ids in item.commits:
+        for request_id, n, blocks, gens, first, new_tokens in item.commits:
             record = ["n", str(n), "blocks", json.dumps(blocks), "gens", json.dumps(gens), "block_size", str(self.bs),
                       "store", str(item.store), "time", f"{time.time():.3f}", "owner", self.owner,
-                      "incarnation", str(self.incarnation), "|", "output_ids", json.dumps(output_ids), "aw", self.owner]
+                      "incarnation", str(self.incarnation), "|", *map(str, new_tokens)]
             self._commit(keys=[keys.commit_key(self.cluster_id, request_id),
-                               keys.request_key(self.cluster_id, request_id)],
-                         args=[self.owner, str(self.incarnation), str(keys.COMMIT_TTL_S), *record], client=pipe)
+                               keys.tokens_key(self.cluster_id, request_id)],
+                         args=[self.owner, str(self.incarnation), str(keys.COMMIT_TTL_S), str(first), *record],
+                         client=pipe)
 
     def _execute(self, pipe) -> None:
         try:
@@ -402,8 +403,9 @@ class KVCheckpointer:
         # Take the records over now, so a woken predecessor can no longer commit to them.
         takeover = {"owner": self.owner, "incarnation": str(self.incarnation), "n": "0", "blocks": "[]", "gens": "[]"}
         pipe = self.redis.pipeline(transaction=False)
-        for key in commit_keys:
+        for seq, key in zip(seqs, commit_keys):
             pipe.hset(key, mapping=takeover)
+            pipe.delete(keys.tokens_key(self.cluster_id, seq.request_id))  # this worker's commits rebuild it
         try:
             pipe.execute()
         except Exception as e:  # noqa: BLE001

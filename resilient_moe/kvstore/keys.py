@@ -3,17 +3,18 @@
     rmoe:{cluster}:commit:{request_id}   hash, written by the attention worker that owns the request
         n            positions [0, n) of the request's KV are complete in the store
         blocks       JSON list: store block of each logical block of the request (block_size rows each)
+        gens         JSON list: the generation each of those blocks is stamped with (kvstore/store.py)
         block_size   rows per store block
         store        incarnation of the KV store process that holds the blocks
-        owner        attention worker name; incarnation: its incarnation
+        owner        attention worker name; incarnation: its incarnation (the blocks' writer)
         time         unix time of the commit
       Expires COMMIT_TTL_S after the last commit, so an abandoned record cannot pin store memory forever.
 
-    rmoe:{cluster}:request:{request_id}  hash, the request record, written at admission and per commit
-        prompt_ids   JSON list;  params: JSON object (sampling parameters);  seed: integer
-        output_ids   JSON list of the tokens generated up to the last commit
-        aw           attention worker serving it
-      Same expiry as the commit record; both are deleted when the request finishes or is aborted.
+    rmoe:{cluster}:tokens:{request_id}   list, the request's output tokens in position order, up to its
+      last commit. Each commit appends only the tokens generated since the one before (a delta, so a
+      long request costs linear bytes, not quadratic), and only onto a list whose length is the delta's
+      first position (a repeated or out-of-order commit changes nothing). Written with the commit
+      record, in the same script; same expiry; both are deleted when the request finishes or is aborted.
 
     rmoe:{cluster}:controller            string, JSON: the controller's state after its latest change
         epoch, next_incarnation, fenced [[name, incarnation]], workers [{name, role, index,
@@ -31,8 +32,8 @@ def commit_key(cluster_id: str, request_id: str) -> str:
     return f"rmoe:{cluster_id}:commit:{request_id}"
 
 
-def request_key(cluster_id: str, request_id: str) -> str:
-    return f"rmoe:{cluster_id}:request:{request_id}"
+def tokens_key(cluster_id: str, request_id: str) -> str:
+    return f"rmoe:{cluster_id}:tokens:{request_id}"
 
 
 def commit_pattern(cluster_id: str) -> str:
