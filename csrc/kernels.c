@@ -14,12 +14,16 @@
  *     whatever M, N or tiling, and the portable path (fmaf, the same single rounding) follows the
  *     same chain, so every machine gives the same bits for a row, alone or in any batch.
  *
- * Single-threaded (workers run one torch thread each); releases the GIL while computing.
+ * Releases the GIL while computing; a process that owns several cores splits big products over
+ * threads by output columns (set_threads, below).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
 #include <math.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -146,6 +150,106 @@ __attribute__((target("avx2,fma"))) static void linear_avx2(const float *x, int6
 
 static int have_avx2_fma;
 
+/* Output columns [n0, n1) (whole panels) of every row, on the best path this CPU has. */
+static void linear_columns(const float *x, int64_t ldx, const float *packed, const float *bias, float *y,
+                           int64_t ldy, int64_t M, int64_t N, int64_t K, int64_t n0, int64_t n1) {
+    const float *p = packed + (n0 / PANEL) * K * PANEL;
+    const float *b = bias ? bias + n0 : NULL;
+    int64_t cols = (n1 < N ? n1 : N) - n0;
+#if defined(__x86_64__)
+    if (have_avx2_fma) {
+        linear_avx2(x, ldx, p, b, y + n0, ldy, M, cols, K);
+        return;
+    }
+#endif
+    linear_portable(x, ldx, p, b, y + n0, ldy, M, cols, K);
+}
+
+/* ---- threads ---------------------------------------------------------------------------------
+ *
+ * A process that owns several cores splits a product by output columns, never by K: every output
+ * element is still one thread's single fma chain over K, so the bits do not depend on the thread
+ * count either. The split is dynamic: threads (the caller too) take chunks of panels from a shared
+ * counter until none is left, and the call returns once every chunk is done. A helper the scheduler
+ * does not run (a busy machine) takes no chunk and the others do its share, so a product is never
+ * slower than on one thread by more than the chunk a stalled helper holds. The counter carries the
+ * job's generation in its high bits, so a helper that wakes late can never take a chunk of the next
+ * job with the previous job's arguments. */
+#define MAX_THREADS 64
+#define PARALLEL_MIN_FLOPS (1 << 22) /* smaller products are not worth waking anyone */
+
+static struct {
+    pthread_mutex_t mu;
+    pthread_cond_t start;
+    int threads; /* helpers running (the caller makes one more) */
+    uint32_t generation;
+    const float *x, *packed, *bias;
+    float *y;
+    int64_t ldx, ldy, M, N, K, chunks, panels_per_chunk;
+    _Atomic uint64_t next;  /* (generation << 32) | next chunk */
+    _Atomic int64_t done;   /* chunks finished of the current job */
+} pool = {.mu = PTHREAD_MUTEX_INITIALIZER, .start = PTHREAD_COND_INITIALIZER};
+
+static void run_chunks(uint32_t generation) {
+    for (;;) {
+        uint64_t v = atomic_load(&pool.next);
+        if ((uint32_t)(v >> 32) != generation || (int64_t)(v & 0xffffffffu) >= pool.chunks) return;
+        if (!atomic_compare_exchange_weak(&pool.next, &v, v + 1)) continue;
+        int64_t n0 = (int64_t)(v & 0xffffffffu) * pool.panels_per_chunk * PANEL;
+        linear_columns(pool.x, pool.ldx, pool.packed, pool.bias, pool.y, pool.ldy, pool.M, pool.N, pool.K, n0,
+                       n0 + pool.panels_per_chunk * PANEL);
+        atomic_fetch_add(&pool.done, 1);
+    }
+}
+
+static void *helper(void *arg) {
+    uint32_t seen = 0;
+    for (;;) {
+        pthread_mutex_lock(&pool.mu);
+        while (pool.generation == seen) pthread_cond_wait(&pool.start, &pool.mu);
+        seen = pool.generation;
+        pthread_mutex_unlock(&pool.mu);
+        run_chunks(seen);
+    }
+    return NULL;
+}
+
+static void linear_threaded(const float *x, int64_t ldx, const float *packed, const float *bias, float *y,
+                            int64_t ldy, int64_t M, int64_t N, int64_t K) {
+    int64_t panels = (N + PANEL - 1) / PANEL;
+    int64_t per = panels / (4 * (pool.threads + 1));  /* ~4 chunks per thread: slack for stragglers */
+    pthread_mutex_lock(&pool.mu);
+    pool.x = x; pool.ldx = ldx; pool.packed = packed; pool.bias = bias; pool.y = y; pool.ldy = ldy;
+    pool.M = M; pool.N = N; pool.K = K;
+    pool.panels_per_chunk = per > 0 ? per : 1;
+    pool.chunks = (panels + pool.panels_per_chunk - 1) / pool.panels_per_chunk;
+    uint32_t generation = ++pool.generation;
+    atomic_store(&pool.done, 0);
+    atomic_store(&pool.next, (uint64_t)generation << 32);
+    pthread_cond_broadcast(&pool.start);
+    pthread_mutex_unlock(&pool.mu);
+    run_chunks(generation);
+    while (atomic_load(&pool.done) < pool.chunks) sched_yield();  /* only chunks already taken are left */
+}
+
+static PyObject *py_set_threads(PyObject *self, PyObject *arg) {
+    long n = PyLong_AsLong(arg);
+    if (n == -1 && PyErr_Occurred()) return NULL;
+    if (n < 1 || n > MAX_THREADS) {
+        PyErr_Format(PyExc_ValueError, "threads must be between 1 and %d, got %ld", MAX_THREADS, n);
+        return NULL;
+    }
+    pthread_mutex_lock(&pool.mu);
+    while (pool.threads < n - 1) {  /* helpers are started once and kept; fewer are never needed again */
+        pthread_t t;
+        if (pthread_create(&t, NULL, helper, NULL) != 0) break;
+        pthread_detach(t);
+        pool.threads++;
+    }
+    pthread_mutex_unlock(&pool.mu);
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_linear(PyObject *self, PyObject *args) {
     unsigned long long xp, pp, bp, yp;
     long long M, N, K, ldx, ldy;
@@ -158,12 +262,10 @@ static PyObject *py_linear(PyObject *self, PyObject *args) {
     const float *bias = bp ? (const float *)(uintptr_t)bp : NULL;
     float *y = (float *)(uintptr_t)yp;
     Py_BEGIN_ALLOW_THREADS
-#if defined(__x86_64__)
-    if (have_avx2_fma)
-        linear_avx2(x, ldx, packed, bias, y, ldy, M, N, K);
+    if (pool.threads > 0 && 2 * M * N * K >= PARALLEL_MIN_FLOPS && N > PANEL)
+        linear_threaded(x, ldx, packed, bias, y, ldy, M, N, K);
     else
-#endif
-        linear_portable(x, ldx, packed, bias, y, ldy, M, N, K);
+        linear_columns(x, ldx, packed, bias, y, ldy, M, N, K, 0, N);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -185,6 +287,8 @@ static PyMethodDef methods[] = {
      "linear(x_ptr, packed_ptr, bias_ptr_or_0, y_ptr, M, N, K, ldx, ldy): y = x @ w.T (+ bias), w packed in "
      "16-column panels [N16/16, K, 16]; batch-invariant float32."},
     {"set_portable", py_set_portable, METH_O, "set_portable(flag): force (or stop forcing) the portable path."},
+    {"set_threads", py_set_threads, METH_O,
+     "set_threads(n): compute big products on n threads, split by output columns (results unchanged)."},
     {"vector_path", py_vector_path, METH_NOARGS, "vector_path() -> bool: whether the AVX2+FMA path is in use."},
     {NULL, NULL, 0, NULL},
 };

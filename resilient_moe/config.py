@@ -509,6 +509,9 @@ class DeploymentConfig:
     kv_store_bytes: int = 256 << 20  # host memory of the KV store (allocated as it is written)
     redis_url: str = ""  # "": the launcher starts a private redis-server when checkpointing is on
     log_level: str = "INFO"
+    # "auto": each attention and expert worker runs on cores of its own (launch/cpus.py) with as many
+    # torch and native GEMM threads as it has cores; "none": no pinning, engine.torch_threads threads.
+    cpu_affinity: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("attention_workers", "expert_workers", "probe_misses"):
@@ -549,6 +552,8 @@ class DeploymentConfig:
         for name in ("resilience", "kv_checkpoint"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.cpu_affinity not in ("auto", "none"):
+            raise ConfigError(f"cpu_affinity must be auto or none, got {self.cpu_affinity!r}")
         if self.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"log_level must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}")
 
@@ -615,10 +620,17 @@ class WorkerConfig:
     cluster_id: str
     controller_address: str
     deployment: DeploymentConfig
+    cpus: tuple[int, ...] = ()  # the cores it is pinned to (launch/cpus.py); () = not pinned
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
             raise ConfigError(f"role must be one of {', '.join(ROLES)}, got {self.role!r}")
+        object.__setattr__(self, "cpus", tuple(self.cpus))
+
+    @property
+    def threads(self) -> int:
+        """Torch and native GEMM threads: one per pinned core, else the engine's setting."""
+        return len(self.cpus) if self.cpus else self.deployment.engine.torch_threads
 
     def to_json(self) -> str:
         import dataclasses

@@ -22,6 +22,7 @@ from resilient_moe.engine.scheduler import ScheduledBatch, Scheduler
 from resilient_moe.engine.sequence import Sequence, TokenEvent
 from resilient_moe.engine.tokenizer import TextTokenizer
 from resilient_moe.errors import RequestError
+from resilient_moe.model import ops
 from resilient_moe.model.attention_side import AttentionSide
 from resilient_moe.model.checkpoint import Checkpoint, torch_dtype
 from resilient_moe.model.expert_side import ExpertSide
@@ -58,6 +59,7 @@ class LLMEngine:
     ) -> None:
         self.config = config or EngineConfig()
         torch.set_num_threads(self.config.torch_threads)
+        ops.set_threads(self.config.torch_threads)
         self.model_dir = Path(model_dir)
         self.checkpoint = checkpoint or Checkpoint(self.model_dir)  # a caller's, to follow the load's progress
         self.model_config: ModelConfig = self.checkpoint.cfg

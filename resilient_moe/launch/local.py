@@ -27,6 +27,7 @@ from pathlib import Path
 
 from resilient_moe.config import DeploymentConfig, WorkerConfig
 from resilient_moe.controller.client import ControllerClient
+from resilient_moe.launch.cpus import cpu_plan
 from resilient_moe.errors import ResilientMoeError
 from resilient_moe.procs import process_alive
 from resilient_moe.proto import controller_pb2 as pb
@@ -149,6 +150,10 @@ class LocalCluster:
         self.log_dir = Path(log_dir).resolve()  # absolute: redis-server changes its directory
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.pids: dict[str, int] = {}
+        names = [f"aw-{i}" for i in range(deployment.attention_workers)] + \
+                [f"ew-{i}" for i in range(deployment.expert_workers)]
+        # worker -> the cores it is pinned to (a replacement gets its predecessor's; none: not pinned)
+        self.cpus = cpu_plan(sorted(os.sched_getaffinity(0)), names) if deployment.cpu_affinity == "auto" else {}
         self.retired: list[int] = []  # processes replaced by a new incarnation (a hung one may linger)
         self.zygote: Zygote | None = zygote
         self._exits_seen = 0
@@ -223,7 +228,8 @@ class LocalCluster:
                 log.error("%s", e)
 
     def worker_config(self, name: str, role: str, index: int) -> WorkerConfig:
-        return WorkerConfig(name, role, index, self.cluster_id, self.controller_address, self.deployment)
+        return WorkerConfig(name, role, index, self.cluster_id, self.controller_address, self.deployment,
+                            cpus=self.cpus.get(name, ()))
 
     def spawn(self, name: str, role: str, index: int, cold: bool = False) -> int:
         assert self.zygote is not None

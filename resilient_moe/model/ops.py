@@ -96,6 +96,13 @@ class HeadwiseLinear:
         return torch.stack([head(x[:, h]) for h, head in enumerate(self.heads)], dim=1)  # [T, H, N]
 
 
+def set_threads(threads: int) -> None:
+    """Threads the native GEMM may use for big products (it splits them by output columns, so the
+    results do not depend on the count); the process should own that many cores."""
+    if _kernels is not None and threads > 1:
+        _kernels.set_threads(threads)
+
+
 def _torch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``F.linear`` with rows padded to MIN_GEMM_ROWS, so a row does not depend on its batch."""
     rows = x.shape[0]

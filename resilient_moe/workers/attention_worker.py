@@ -24,6 +24,7 @@ from collections import deque
 from collections.abc import Callable
 
 import redis
+import torch
 
 from resilient_moe import messages
 from resilient_moe.config import SamplingParams, WorkerConfig
@@ -276,6 +277,7 @@ class AttentionServer:
         allocator = self.engine.allocator
         extra["kv_cache_usage_perc"] = 1.0 - allocator.num_free / allocator.num_blocks
         return extra | {"running": float(len(scheduler.running)), "waiting": float(len(scheduler.waiting)),
+                        "threads": float(torch.get_num_threads()),
                         "restoring": float(len(self.restoring)), "steps": float(self.engine.step_count),
                         "step_s": self.step_s, "uptime_s": time.monotonic() - self.started, **self.forwarder.stats()}
 
@@ -339,7 +341,8 @@ def main(config: WorkerConfig) -> int:
     # Heartbeats start before the weights load, so a slow load is never taken for a death.
     client.start_heartbeats(config.name, reply.incarnation, dep.heartbeat_interval_s, stats, on_fenced)
     with yield_cpu_while_loading(reply.state):
-        engine = LLMEngine(dep.model, dataclasses.replace(dep.engine, micro_batches=dep.micro_batches),
+        engine = LLMEngine(dep.model, dataclasses.replace(dep.engine, micro_batches=dep.micro_batches,
+                                                          torch_threads=config.threads),
                            experts=RemoteExperts(forwarder), checkpoint=checkpoint)
     server = AttentionServer(engine, forwarder, poller, listener, wakeup)
     server.crash_on_lost_expert = not dep.resilience

@@ -10,12 +10,16 @@ import sys
 import torch
 
 from resilient_moe.config import DeploymentConfig, WorkerConfig
+from resilient_moe.model import ops
 from resilient_moe.proto import controller_pb2 as pb
 
 
 def configure_process(config: WorkerConfig) -> None:
-    """One torch thread per worker (workers share the host's cores), and tagged log lines."""
-    torch.set_num_threads(config.deployment.engine.torch_threads)
+    """Pin the process to its cores, one torch and native GEMM thread per core, and tagged log lines."""
+    if config.cpus:
+        os.sched_setaffinity(0, config.cpus)
+    torch.set_num_threads(config.threads)
+    ops.set_threads(config.threads)
     logging.basicConfig(
         level=config.deployment.log_level,
         format=f"%(asctime)s {config.name} %(levelname)s %(name)s: %(message)s",

@@ -235,6 +235,7 @@ class ExpertServer:
         rejected = sum(link.rejected for link in self.links)
         return {k: float(v) for k, v in self.counters.items()} | {
             "links": float(len(self.links)), "busy_s": self.busy_s, "uptime_s": time.monotonic() - self.started,
+            "threads": float(torch.get_num_threads()),
             "frames_corrupt": float(rejected), "replies_waiting": float(sum(len(o) for o in self._outboxes.values()))}
 
     def close(self) -> None:
