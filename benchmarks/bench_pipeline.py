@@ -1,13 +1,19 @@
-"""Decode throughput and per-step latency: colocated engine vs disaggregated (1 AW + 2 EW), m = 1..3.
+"""Decode throughput and per-step latency: colocated engine vs disaggregated (1 AW + E EW), m = 1..3.
+
+The ping-pong claim (MegaScale-Infer): with m >= 2 micro-batches, attention of one overlaps the experts
+of another, so with attention and expert workers each on a core of their own (cpu_affinity auto) and
+T_a ~ T_e, decode throughput approaches (T_a + T_e + T_c) / max(T_a, T_e) times that of m = 1.
 
 For each batch size and micro-batch count it runs a steady decode load and reports, from counters
 the workers publish in their heartbeats:
   T_a  attention-side time per micro-batch per sparse layer (AW step time not spent waiting),
   T_e  expert time per frame on an expert worker (compute + reply),
   T_c  transfer: mean frame round trip minus T_e,
-  idle fractions of the AW (waiting for experts) and of the EWs (nothing to do).
+  idle fractions of the AW (waiting for experts) and of the EWs (nothing to do),
+and whether every m gave the same tokens. The overlap condition of DESIGN.md is T_a ~ T_e,
+T_c < max(T_a, T_e) and m >= 2 (1 + T_c / max(T_a, T_e)) (column "m needed").
 
-    python benchmarks/bench_pipeline.py [--batch-sizes 32,64] [--micro-batches 1,2,3] [--json out.json]
+    python benchmarks/bench_pipeline.py [--batch-sizes 32,64] [--micro-batches 1,2,3] [--expert-workers 1] [--json out.json]
 """
 
 from __future__ import annotations
@@ -54,9 +60,11 @@ def _load(state, name: str) -> dict[str, float]:
     return next(dict(w.load) for w in state.workers if w.name == name)
 
 
-def disaggregated(model: Path, prompts: list[list[int]], new_tokens: int, m: int, zygote: Zygote) -> dict:
-    dep = DeploymentConfig(model=str(model), attention_workers=1, expert_workers=2, micro_batches=m,
-                           engine=EngineConfig(max_num_seqs=len(prompts)), heartbeat_interval_s=0.05)
+def disaggregated(model: Path, prompts: list[list[int]], new_tokens: int, m: int, zygote: Zygote,
+                  expert_workers: int) -> dict:
+    dep = DeploymentConfig(model=str(model), attention_workers=1, expert_workers=expert_workers, micro_batches=m,
+                           engine=EngineConfig(max_num_seqs=len(prompts)), heartbeat_interval_s=0.05,
+                           kv_checkpoint=False)
     with LocalCluster(dep, zygote=zygote) as cluster:
         frontend = Frontend(cluster.controller_address).start()
         try:
@@ -85,8 +93,8 @@ def disaggregated(model: Path, prompts: list[list[int]], new_tokens: int, m: int
     step_s, wait_s = delta("aw-0", "step_s"), delta("aw-0", "expert_wait_s")
     calls = max(1.0, delta("aw-0", "expert_calls"))
     frames = max(1.0, delta("aw-0", "frames_answered"))
-    ew_frames = sum(delta(f"ew-{i}", "frames") for i in range(2))
-    ew_busy = [delta(f"ew-{i}", "busy_s") for i in range(2)]
+    ew_frames = sum(delta(f"ew-{i}", "frames") for i in range(expert_workers))
+    ew_busy = [delta(f"ew-{i}", "busy_s") for i in range(expert_workers)]
     t_e = sum(ew_busy) / max(1.0, ew_frames)
     rtt = delta("aw-0", "round_trip_s") / frames
     return {
@@ -97,6 +105,7 @@ def disaggregated(model: Path, prompts: list[list[int]], new_tokens: int, m: int
         "T_c_ms": 1000 * max(0.0, rtt - t_e),
         "aw_idle": wait_s / wall,
         "ew_idle": 1 - statistics.mean(ew_busy) / wall,
+        "tokens": [h.token_ids for h in handles],
     }
 
 
@@ -108,13 +117,16 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--hidden-size", type=int, default=256)
     parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--intermediate-size", type=int, default=0, help="expert width (default: 2 x hidden)")
+    parser.add_argument("--expert-workers", type=int, default=1)
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
 
     tmp = tempfile.TemporaryDirectory()
     model = make_tiny_model(Path(tmp.name) / "model", "mixtral", seed=0, size=TinySize(
         hidden_size=args.hidden_size, num_layers=args.layers, num_heads=8, num_kv_heads=4, num_experts=8, top_k=2,
-        intermediate_size=2 * args.hidden_size, vocab_size=4096, max_position_embeddings=4096))
+        intermediate_size=args.intermediate_size or 2 * args.hidden_size, vocab_size=4096,
+        max_position_embeddings=4096))
     torch.set_num_threads(1)
     zygote = Zygote()
     zygote.wait_hello(120)
@@ -124,26 +136,33 @@ def main() -> None:
             prompts = prompts_for(batch, args.prompt_len)
             base = colocated(model, prompts, args.new_tokens)
             rows.append({"batch": batch, "mode": "colocated", **base})
+            first = None
             for m in [int(x) for x in args.micro_batches.split(",")]:
-                result = disaggregated(model, prompts, args.new_tokens, m, zygote)
-                rows.append({"batch": batch, "mode": f"1AW+2EW m={m}", **result,
+                result = disaggregated(model, prompts, args.new_tokens, m, zygote, args.expert_workers)
+                first = first or result
+                result["same_tokens"] = result["tokens"] == first["tokens"]
+                result["vs_m1"] = result["tokens_per_s"] / first["tokens_per_s"]
+                longest = max(result["T_a_ms"], result["T_e_ms"])
+                result["m_needed"] = 2 * (1 + result["T_c_ms"] / longest) if longest else float("nan")
+                rows.append({"batch": batch, "mode": f"1AW+{args.expert_workers}EW m={m}", **result,
                              "vs_colocated": result["tokens_per_s"] / base["tokens_per_s"]})
     finally:
         zygote.shutdown()
 
     print(f"decode, mixtral hidden {args.hidden_size}, {args.layers} layers, 8 experts top-2, float32, "
-          f"{args.new_tokens} new tokens; times per micro-batch per sparse layer")
-    print(f"{'batch':>5} {'mode':<14} {'tok/s':>8} {'step ms':>8} {'ratio':>6} {'T_a ms':>7} {'T_e ms':>7} "
-          f"{'T_c ms':>7} {'AW idle':>8} {'EW idle':>8}")
+          f"{args.new_tokens} new tokens; workers pinned to cores of their own; times per micro-batch per sparse layer")
+    print(f"{'batch':>5} {'mode':<14} {'tok/s':>8} {'step ms':>8} {'vs col':>6} {'vs m=1':>6} {'T_a ms':>7} "
+          f"{'T_e ms':>7} {'T_c ms':>7} {'AW idle':>8} {'EW idle':>8} {'m needed':>8} {'same tokens':>11}")
     for r in rows:
         if r["mode"] == "colocated":
             print(f"{r['batch']:>5} {r['mode']:<14} {r['tokens_per_s']:>8.1f} {r['step_ms']:>8.2f} {'1.00':>6}")
         else:
             print(f"{r['batch']:>5} {r['mode']:<14} {r['tokens_per_s']:>8.1f} {r['step_ms']:>8.2f} "
-                  f"{r['vs_colocated']:>6.2f} {r['T_a_ms']:>7.2f} {r['T_e_ms']:>7.2f} {r['T_c_ms']:>7.2f} "
-                  f"{r['aw_idle']:>8.0%} {r['ew_idle']:>8.0%}")
+                  f"{r['vs_colocated']:>6.2f} {r['vs_m1']:>6.2f} {r['T_a_ms']:>7.2f} {r['T_e_ms']:>7.2f} "
+                  f"{r['T_c_ms']:>7.2f} {r['aw_idle']:>8.0%} {r['ew_idle']:>8.0%} {r['m_needed']:>8.1f} "
+                  f"{str(r['same_tokens']):>11}")
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+        Path(args.json).write_text(json.dumps([{k: v for k, v in r.items() if k != "tokens"} for r in rows], indent=2))
 
 
 if __name__ == "__main__":

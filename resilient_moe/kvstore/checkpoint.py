@@ -517,11 +517,11 @@ class KVCheckpointer:
 
     def stop(self, fenced: bool = False) -> None:
         """Stop at once (this worker was fenced or is leaving): pending snapshots are not written. A
-        fenced worker's are refused (counted and logged): its successor may own those blocks now."""
+        fenced worker's are refused, and so is anything it snapshots later (counted and logged)."""
         with self._cond:
             self._stop = True
             writes = sum(isinstance(p, _Write) for p in self._pending)
             self._pending.clear()
             self._cond.notify()
-        if fenced and writes:
-            self._refuse(f"this incarnation was fenced with {writes} snapshots not yet written")
+        if fenced:  # its successor may own those blocks now: nothing it snapshots is written any more
+            self._refuse(f"this incarnation was fenced ({writes} snapshots were not yet written)")
