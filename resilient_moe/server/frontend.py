@@ -211,7 +211,7 @@ class Frontend:
         self._outbox: "queue.Queue[tuple[RequestHandle, messages.Message]]" = queue.Queue()
         self._parked: list[tuple[RequestHandle, messages.Submit, float]] = []  # moved, waiting for a worker
         self.park_timeout_s = park_timeout_s
-        self.resilience = True  # from the cluster state: resume from the token log, or start over
+        self.resilience = True  # from the cluster state (off: the restart-everything baseline, no poison rule)
         self._states: "queue.Queue[pb.ClusterState]" = queue.Queue()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"{self.name}-io", daemon=True)
@@ -485,8 +485,9 @@ class Frontend:
 
         With resilience, a request resumes from its token log (the tokens it already delivered); the
         adopting worker restores the KV cache it can from the checkpoint store and recomputes the
-        rest. In the restart-everything baseline it starts over from its prompt, and the position
-        numbering drops the tokens it repeats. Requests wait (parked) while no worker is reachable.
+        rest. In the restart-everything baseline it resumes from its token log too (the fair baseline:
+        its prompt and delivered tokens are computed again in one prefill), with no KV to restore.
+        Requests wait (parked) while no worker is reachable.
         A request is a suspect of the failure when the worker died in its first step there (the
         worker announces the requests each step starts, before running it: `Started`): it is sent on
         marked, so the next worker admits it alone in its step. A request that has been a suspect
@@ -516,9 +517,8 @@ class Frontend:
                     f"them died; it is not moved to another worker, in case it is what makes them fail", "poison"))
                 continue
             handle.moves += 1
-            output_ids = handle.token_ids if self.resilience else []
             self._outbox.put((handle, messages.Submit(
                 handle.request_id, handle.prompt_ids, handle.params.to_dict(), handle.seed,
-                output_ids=output_ids, resume=True, suspect=bool(handle.lost_on),
+                output_ids=handle.token_ids, resume=True, suspect=bool(handle.lost_on),
             )))
         self.wakeup.ring()
