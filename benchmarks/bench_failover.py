@@ -11,14 +11,21 @@ worker. Every token's arrival time is recorded at the frontend.
   unaffected AW faults only: the stall of requests on the other attention worker (nan for EW faults,
              where every request is affected)
 
-The same fault then runs with `--resilience off` (any death fences and restarts every worker in a
-fresh interpreter and re-runs in-flight requests from scratch), and the ratio of the stalls is
-printed. A last pair of failure-free runs compares throughput with shadow experts loaded and
+The same fault then runs with `--resilience off` (the fair baseline: any death fences and restarts
+every worker, and in-flight requests resume from their token logs with one re-prefill, no KV
+restore), and the ratio of the stalls is printed. A last pair of failure-free runs compares throughput with shadow experts loaded and
 without (shadow budget 0). A PNG of throughput over time, fault marked, goes to --plot.
+
+With --serving it measures what a served client sees instead: `serve`'s stack (2 attention + 3 expert
+workers, in-process, the demo model), 16 greedy streams over HTTP, the fault injected --kills times
+(each after the last one's replacement is ready), the stall of every stream at every fault (its
+largest inter-token gap, as its client saw it), and where the time went: detection (the controller's
+first event), the replacement's start (registered to ready).
 
     python benchmarks/bench_failover.py --fault ew-kill [--requests 32] [--plot failover.png]
     python benchmarks/bench_failover.py --fault ew-hang
     python benchmarks/bench_failover.py --fault aw-kill
+    python benchmarks/bench_failover.py --serving --fault ew-kill --kills 10
 """
 
 from __future__ import annotations
@@ -149,6 +156,107 @@ def plot(results: dict[str, dict], fault: str, path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def stream(url: str, prompt: list[int], max_tokens: int, out: dict) -> None:
+    """One greedy streaming completion over HTTP: its request id, tokens and arrival times."""
+    import json
+
+    import httpx
+
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "stream": True, "ignore_eos": True,
+            "return_token_ids": True}
+    out.update(id="", tokens=[], arrivals=[], error="")
+    with httpx.Client(timeout=120) as http, http.stream("POST", f"{url}/v1/completions", json=body) as response:
+        for line in response.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                out["error"] = chunk["error"]["message"]
+                return
+            out["id"] = chunk["id"]
+            now = time.monotonic()
+            for choice in chunk["choices"]:
+                out["tokens"] += choice.get("token_ids", [])
+                out["arrivals"] += [now] * len(choice.get("token_ids", []))
+
+
+def serving(fault: str, kills: int, streams: int, max_tokens: int, warm_tokens: int) -> int:
+    """The fault `kills` times against `serve` (2 + 3 workers), `streams` HTTP streams each time."""
+    import threading
+
+    from resilient_moe.proto import controller_pb2 as pb
+    from resilient_moe.server.serve import ServingStack
+
+    name, sig = FAULTS[fault]
+    prompts, _ = workload(streams, max_tokens)
+    dep = DeploymentConfig(model=str(demo_model_dir()), attention_workers=2, expert_workers=3, micro_batches=2,
+                           engine=EngineConfig(max_num_seqs=streams))
+    stack = ServingStack(dep, port=0, admin_token="bench")
+    stalls, unaffected, steady, detects, starts, identical = [], [], [], [], [], True
+    try:
+        stack.start()
+        reference = []
+        for p in prompts:
+            out: dict = {}
+            stream(stack.url, p, max_tokens, out)
+            reference.append(out["tokens"])
+        for _ in range(kills):
+            outs = [dict() for _ in prompts]
+            threads = [threading.Thread(target=stream, args=(stack.url, p, max_tokens, o)) for p, o in zip(prompts, outs)]
+            for t in threads:
+                t.start()
+            deadline = time.monotonic() + 60
+            while min(len(o.get("tokens", [])) for o in outs) < warm_tokens and time.monotonic() < deadline:
+                time.sleep(0.002)
+            on_victim = {o["id"] for o in outs if (h := stack.frontend.requests.get(o["id"])) and h.worker == name}
+            victim = stack.cluster.pids[name]
+            fault_at, fault_wall = time.monotonic(), time.time()
+            os.kill(victim, sig)
+            for t in threads:
+                t.join(300)
+            if sig == signal.SIGSTOP:
+                os.kill(victim, signal.SIGCONT)
+            identical &= [o["tokens"] for o in outs] == reference
+            for o in outs:
+                arr = sorted(set(o["arrivals"]))  # tokens that came in one SSE chunk arrived together: one gap
+                before = [b - a for a, b in zip(arr, arr[1:]) if b < fault_at]
+                after = [b - a for a, b in zip(arr, arr[1:]) if b >= fault_at]
+                steady += before
+                affected = name.startswith("ew") or o["id"] in on_victim
+                (stalls if affected else unaffected).append(max(after, default=0.0))
+            for _ in range(3000):  # the replacement is ready before the next fault
+                state = stack.cluster.state()
+                current = next((w for w in state.workers if w.name == name), None)
+                if current is not None and current.state == pb.READY and current.pid != victim:
+                    break
+                time.sleep(0.01)
+            events = [(e.time, e.kind, e.worker, e.detail) for e in state.events if e.time >= fault_wall]
+            detected = [t for t, kind, worker, _ in events if worker == name and kind in ("suspect", "dead", "fenced")]
+            registered = [t for t, kind, worker, _ in events if worker == name and kind == "registered"]
+            ready = [t for t, kind, worker, _ in events if worker == name and kind == "ready"]
+            if detected:
+                detects.append(min(detected) - fault_wall)
+            if registered and ready:
+                starts.append(max(ready) - min(registered))
+    finally:
+        stack.stop()
+    p50 = statistics.median(steady)
+    print(f"serving path, {fault} x {kills}: {streams} HTTP streams x {max_tokens} tokens, 2 attention + 3 expert "
+          f"workers (demo model), fault after {warm_tokens} tokens")
+    print(f"  steady inter-token gap p50 {1000 * p50:.1f} ms; every stream token-identical: {identical}")
+    print(f"  largest gap of affected streams: p50 {1000 * percentile(stalls, 50):.1f} ms, p99 "
+          f"{1000 * percentile(stalls, 99):.1f} ms, max {1000 * max(stalls):.1f} ms ({max(stalls) / p50:.1f}x steady p50)")
+    if unaffected:
+        print(f"  largest gap of unaffected streams: p50 {1000 * percentile(unaffected, 50):.1f} ms, max "
+              f"{1000 * max(unaffected):.1f} ms ({max(unaffected) / p50:.1f}x steady p50)")
+    if detects:
+        print(f"  detection (fault to the controller's first event): p50 {1000 * percentile(detects, 50):.1f} ms, "
+              f"max {1000 * max(detects):.1f} ms")
+    if starts:
+        print(f"  replacement start (registered to ready): p50 {1000 * percentile(starts, 50):.0f} ms")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--fault", choices=sorted(FAULTS), default="ew-kill")
@@ -157,8 +265,12 @@ def main() -> int:
     parser.add_argument("--warm-tokens", type=int, default=24, help="tokens every request has before the fault")
     parser.add_argument("--plot", default="failover.png")
     parser.add_argument("--throughput-runs", type=int, default=3, help="failure-free runs each, shadows on/off")
+    parser.add_argument("--serving", action="store_true", help="over HTTP against serve's stack (see above)")
+    parser.add_argument("--kills", type=int, default=10, help="faults injected with --serving")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.serving:
+        return serving(args.fault, args.kills, 16, args.max_tokens, args.warm_tokens)
     model = demo_model_dir()
     prompts, params = workload(args.requests, args.max_tokens)
     zygote = Zygote()
