@@ -178,13 +178,26 @@ def _sampling(args: argparse.Namespace) -> SamplingParams:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    if not args.prompt and not args.prompt_ids:
+        raise CliError("give at least one --prompt TEXT or --prompt-ids 1,2,3")
+    zygote = None
+    if _wants_cluster(args):  # the fork server imports torch while this process does: start it first
+        from resilient_moe.launch.local import Zygote
+
+        zygote = Zygote()
+    try:
+        return _generate(args, zygote)
+    finally:
+        if zygote is not None:
+            zygote.shutdown()
+
+
+def _generate(args: argparse.Namespace, zygote) -> int:
     from resilient_moe.config import EngineConfig, ModelConfig
     from resilient_moe.engine.engine import LLMEngine
     from resilient_moe.engine.tokenizer import TextTokenizer
     from resilient_moe.model.demo import demo_model_dir
 
-    if not args.prompt and not args.prompt_ids:
-        raise CliError("give at least one --prompt TEXT or --prompt-ids 1,2,3")
     params = _sampling(args)
     model_dir = Path(args.model) if args.model else demo_model_dir()
     ModelConfig.from_pretrained(model_dir)  # a bad model directory fails here, before anything starts
@@ -196,8 +209,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         prompts.extend(tokenizer.encode(text) for text in args.prompt)
     prompts.extend(args.prompt_ids)
     engine_config = EngineConfig(dtype=args.dtype, device=args.device, kernels=args.kernels or "auto")
-    if _wants_cluster(args):
-        outputs = _generate_disaggregated(args, model_dir, engine_config, prompts, params)
+    if zygote is not None:
+        outputs = _generate_disaggregated(args, model_dir, engine_config, prompts, params, zygote)
     else:
         engine = LLMEngine(model_dir, engine_config)
         outputs = [r.token_ids for r in engine.generate(prompts, params)]
@@ -244,13 +257,14 @@ def deployment_from_args(args: argparse.Namespace, model_dir: Path, engine_confi
     return DeploymentConfig.from_dict({}, source="command line", engine=engine_config, **overrides)
 
 
-def _generate_disaggregated(args, model_dir: Path, engine_config, prompts: list[list[int]], params) -> list[list[int]]:
+def _generate_disaggregated(args, model_dir: Path, engine_config, prompts: list[list[int]], params,
+                            zygote) -> list[list[int]]:
     from resilient_moe.launch.local import LocalCluster
     from resilient_moe.server.frontend import Frontend, RequestFailed
 
     deployment = deployment_from_args(args, model_dir, engine_config)
     check_kernels(deployment.engine)
-    with LocalCluster(deployment) as cluster:
+    with LocalCluster(deployment, zygote=zygote) as cluster:
         frontend = Frontend(cluster.controller_address).start()
         try:
             handles = [frontend.submit(p, params) for p in prompts]

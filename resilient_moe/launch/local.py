@@ -434,13 +434,15 @@ class LocalCluster:
             self.spawn("controller", "controller", 0)
             self.client = ControllerClient(self.controller_address)
             self._wait(lambda s: True, deadline, "controller")
+            # The KV store and the expert workers start together; attention workers once the experts serve
+            # (a request they take at once must find every expert).
+            experts = [f"ew-{i}" for i in range(dep.expert_workers)]
             if self.checkpointing:
                 self.spawn("kv-store", "kv_store", 0)
-                self._wait(lambda s: self._all_ready(s, ["kv-store"]), deadline, "the KV store")
-            experts = [f"ew-{i}" for i in range(dep.expert_workers)]
             for i, name in enumerate(experts):
                 self.spawn(name, "expert", i)
-            self._wait(lambda s: self._all_ready(s, experts), deadline, "expert workers")
+            store = ["kv-store"] if self.checkpointing else []
+            self._wait(lambda s: self._all_ready(s, experts + store), deadline, "expert workers and the KV store")
             attention = [f"aw-{i}" for i in range(dep.attention_workers)]
             for i, name in enumerate(attention):
                 self.spawn(name, "attention", i)
@@ -476,7 +478,7 @@ class LocalCluster:
                 pass
             if time.monotonic() > deadline:
                 raise ClusterError(f"timed out starting {what}; logs in {self.log_dir}")
-            time.sleep(0.05)
+            time.sleep(0.01)
 
     def log_tail(self, name: str, lines: int = 30) -> str:
         path = self.log_dir / f"{name}.log"
