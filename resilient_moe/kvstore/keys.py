@@ -4,6 +4,8 @@
         n            positions [0, n) of the request's KV are complete in the store
         blocks       JSON list: store block of each logical block of the request (block_size rows each)
         block_size   rows per store block
+        gaps         JSON list of [start, end) position spans whose sliding-window layers' rows were not
+                     written (already outside the window; engine/kv_cache.py, LayerWindows)
         store        incarnation of the KV store process that holds the blocks
         owner        attention worker name; incarnation: its incarnation
         time         unix time of the commit
