@@ -36,7 +36,8 @@ def workload(n: int, max_tokens: int, seed: int):
     rng = random.Random(seed)
     prompts = [[1] + [rng.randrange(3, VOCAB) for _ in range(rng.randint(2, 40))] for _ in range(n)]
     params = [SamplingParams(max_tokens=max_tokens, ignore_eos=True) for _ in range(n - 2)]
-    params += [SamplingParams(max_tokens=max_tokens, temperature=0.8, top_k=20, seed=s, ignore_eos=True) for s in (3, 4)]
+    params += [SamplingParams(max_tokens=max_tokens, temperature=0.8, top_k=20, seed=s, ignore_eos=True)
+               for s in (3, 4)]
     return prompts, params
 
 
@@ -105,8 +106,9 @@ def test_attention_and_expert_worker_kills_during_16_streams(checkpoints, zygote
             assert all(h.moves >= 1 for h in moved) and all(h.duplicates == 0 for h in handles)
             # The adopter restored KV from the store (latent rows for DeepSeek, the window for GPT-OSS's
             # sliding layers), and read exactly that many bytes: for DeepSeek L * (C + r) * 4 per token.
-            wait_until(lambda: worker_load(cluster, "aw-1", "ckpt_restored") + worker_load(cluster, "aw-1", "ckpt_restore_misses")
-                       >= len(moved), 10, "aw-1 to report every restore")
+            answered = ("ckpt_restored", "ckpt_restore_misses")
+            wait_until(lambda: sum(worker_load(cluster, "aw-1", k) for k in answered) >= len(moved), 10,
+                       "aw-1 to report every restore")
             restored = worker_load(cluster, "aw-1", "ckpt_restored")
             restored_tokens = worker_load(cluster, "aw-1", "ckpt_restored_tokens")
             restored_bytes = worker_load(cluster, "aw-1", "ckpt_restored_bytes")
@@ -114,7 +116,8 @@ def test_attention_and_expert_worker_kills_during_16_streams(checkpoints, zygote
             assert restored_bytes == expected_restore_bytes(cfg, restored, restored_tokens)
             if family == "deepseek_v3":
                 mla = cfg.mla
-                assert restored_bytes == restored_tokens * cfg.num_layers * (mla.kv_lora_rank + mla.qk_rope_head_dim) * 4
+                latent = mla.kv_lora_rank + mla.qk_rope_head_dim
+                assert restored_bytes == restored_tokens * cfg.num_layers * latent * 4
                 full_kv = cfg.num_heads * (mla.qk_nope_head_dim + mla.qk_rope_head_dim + mla.v_head_dim)
                 assert restored_bytes < restored_tokens * cfg.num_layers * full_kv * 4 / 3, "latent, not K and V"
             else:

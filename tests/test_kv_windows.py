@@ -22,7 +22,7 @@ from conftest import wait_until
 from test_parity_families import family_config, save_family_model
 from resilient_moe.config import EngineConfig, ModelConfig, SamplingParams
 from resilient_moe.engine.engine import LLMEngine
-from resilient_moe.engine.kv_cache import LayerWindows, RestoredRows, new_kv_cache
+from resilient_moe.engine.kv_cache import MAX_GAPS, LayerWindows, RestoredRows, new_kv_cache
 from resilient_moe.kvstore import keys
 from resilient_moe.kvstore.checkpoint import KVCheckpointer
 from resilient_moe.kvstore.store import StoreLayout, map_store
@@ -59,6 +59,17 @@ def test_restorable_steps_back_past_gaps_to_a_written_window():
     assert wide.restorable(64, [(0, 0)]) == 64 and wide.gap(16, 64) is None
 
 
+def test_a_long_request_keeps_a_bounded_list_of_gaps():
+    w = LayerWindows(full=(1,), windowed=(0,), window=6)
+    gaps: list[tuple[int, int]] = []
+    for start in range(0, 640, 16):  # 40 blocks written one by one, each skipping its first 11 rows
+        gaps = w.add_gap(gaps, start, start + 16)
+    assert len(gaps) == MAX_GAPS
+    assert gaps[0] == (0, 395) and gaps[1:] == [(s, s + 11) for s in range(400, 640, 16)], "the oldest merged"
+    assert w.restorable(640, gaps) == 640 and w.restorable(400, gaps) == 400
+    assert w.restorable(384, gaps) == 0, "inside the merged span: steps back to its start, never onto a gap"
+
+
 @pytest.mark.parametrize("family", ["gpt_oss", "deepseek_v3"])
 def test_gather_and_scatter_any_set_of_layers(family):
     cfg = ModelConfig.from_hf_dict(family_config(family).to_dict())
@@ -86,7 +97,8 @@ def test_gather_and_scatter_any_set_of_layers(family):
         start = restored.first if layer in windows.windowed else 0
         assert torch.equal(got[layer, start:], table[layer, rows[start:]])
         assert not got[layer, :start].any(), "rows outside the window are never read"
-    assert restored.nbytes == (len(windows.full) * 4 + len(windows.windowed) * (4 - restored.first)) * cache.row_width * 4
+    rows_read = len(windows.full) * 4 + len(windows.windowed) * (4 - restored.first)
+    assert restored.nbytes == rows_read * cache.row_width * 4
 
 
 # ---- a real checkpointer ----------------------------------------------------------------------

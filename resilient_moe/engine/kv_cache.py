@@ -20,6 +20,7 @@ from resilient_moe.errors import ConfigError
 from resilient_moe.model.attention_side import KVCacheView
 
 DEFAULT_KV_CACHE_TOKENS = 32768
+MAX_GAPS = 16  # skipped spans a request's checkpoint keeps apart (LayerWindows.add_gap)
 
 
 def cache_blocks(model: ModelConfig, engine: EngineConfig, dtype: torch.dtype) -> int:
@@ -86,6 +87,18 @@ class LayerWindows:
         """The positions of a write of [committed, n) whose sliding-layer rows it skips, if any."""
         first = self.first_needed(n)
         return (committed, first) if first > committed else None
+
+    def add_gap(self, gaps: list[tuple[int, int]], committed: int, n: int) -> list[tuple[int, int]]:
+        """`gaps` after a write of [committed, n), at most MAX_GAPS of them (a record stays small however
+        long the request): the two oldest merge, as if the rows between them had been skipped too, so a
+        restore may step back further than it had to, never onto rows that are not there."""
+        gap = self.gap(committed, n)
+        if gap is None:
+            return gaps
+        gaps = [*gaps, gap]
+        if len(gaps) > MAX_GAPS:
+            gaps[:2] = [(gaps[0][0], gaps[1][1])]
+        return gaps
 
     def restorable(self, n: int, gaps: Sequence[Sequence[int]]) -> int:
         """The longest prefix p <= n whose window [first_needed(p), p) overlaps none of `gaps` (the

@@ -84,13 +84,14 @@ class _Tracked:
     blocks: list[int] = field(default_factory=list)  # store block of each logical block
     gens: list[int] = field(default_factory=list)  # generation each block is stamped with once written
     broken: bool = False  # stopped checkpointing (store full or a dropped snapshot)
-    gaps: list[tuple[int, int]] = field(default_factory=list)  # positions whose sliding-layer rows were skipped
+    gaps: list[tuple[int, int]] = field(default_factory=list)  # spans whose sliding-layer rows were skipped
 
 
 @dataclass
 class _Write:
     store: int  # incarnation of the store it was staged for
-    parts: list[tuple[tuple[int, ...], torch.Tensor, torch.Tensor]]  # (layers, store rows [m], their rows [layers, m, W])
+    # (layers, store rows [m], their KV rows [len(layers), m, W]): sliding layers' parts hold fewer rows
+    parts: list[tuple[tuple[int, ...], torch.Tensor, torch.Tensor]]
     blocks: torch.Tensor  # [k] store blocks the rows fill (whole blocks)
     gens: torch.Tensor  # [k] their generations (even: written)
     commits: list[tuple[str, int, list[int], list[int], list[int]]]  # (request id, n, blocks, gens, output ids)
@@ -150,7 +151,8 @@ class KVCheckpointer:
         self._mapped_store = 0
         self._ready_store = 0  # the store whose region is claimed and pinned: snapshots may start
         self.counters = {"commits": 0, "commit_errors": 0, "dropped": 0, "store_full": 0, "restored": 0,
-                         "restored_tokens": 0, "restored_bytes": 0, "restore_misses": 0, "restore_stamp_mismatches": 0,
+                         "restored_tokens": 0, "restored_bytes": 0, "restore_misses": 0,
+                         "restore_stamp_mismatches": 0,
                          "pinned_blocks": 0, "writes_refused": 0, "store_attaches": 0}
         self._commit = redis_client.register_script(COMMIT_SCRIPT)
         self._thread = threading.Thread(target=self._run, name="kv-checkpoint", daemon=True)
@@ -208,8 +210,7 @@ class KVCheckpointer:
             src_parts.append(table[positions // self.bs] * self.bs + positions % self.bs)
             dst_parts.append(blocks[positions // self.bs] * self.bs + positions % self.bs)
             recent_parts.append(positions >= self.windows.first_needed(n))  # sliding layers write these only
-            if (gap := self.windows.gap(t.committed, n)) is not None:
-                t.gaps.append(gap)
+            t.gaps = self.windows.add_gap(t.gaps, t.committed, n)
             gens = list(range(self._next_gen, self._next_gen + 2 * (last - first), 2))
             self._next_gen += 2 * (last - first)
             t.gens.extend(gens)
@@ -438,7 +439,7 @@ class KVCheckpointer:
         good = self._stamped_prefix(store_blocks, expected)
         data = None
         while True:  # n only shrinks: at most once more per block found rewritten during the copy
-            n = self.windows.restorable(min(n, good * self.bs), gaps)  # a shorter prefix needs an earlier window
+            n = self.windows.restorable(min(n, good * self.bs), gaps)  # a shorter prefix: an earlier window
             if n <= 0:
                 break
             positions = torch.arange(n)
@@ -461,8 +462,8 @@ class KVCheckpointer:
         return int(bad[0]) if bad.numel() else blocks.numel()
 
     def _usable(self, record: dict, seq: Sequence) -> tuple[int, list[int], list[int], int, list[tuple[int, int]]]:
-        """(n, blocks, gens, writer incarnation, gaps) of a commit record that fits this request and this
-        store; n = 0 otherwise."""
+        """(n, blocks, gens, writer incarnation, gaps) of a commit record that fits this request and
+        this store; n = 0 otherwise."""
         if not record:
             return 0, [], [], 0, []
         try:
