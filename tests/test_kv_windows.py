@@ -44,6 +44,9 @@ def test_layer_windows_of_each_kind_of_model():
     # A query at n reads keys in (n - 6, n]: positions n - 5 .. n - 1 of the cache.
     assert [oss.first_needed(n) for n in (0, 3, 5, 6, 48)] == [0, 0, 0, 1, 43]
     assert oss.gap(0, 48) == (0, 43) and oss.gap(48, 64) == (48, 59) and oss.gap(60, 64) is None
+    # With a block of slack, a write keeps the window of its commit point less 16 as well.
+    slack = LayerWindows.of(ModelConfig.from_hf_dict(family_config("gpt_oss").to_dict()), slack=16)
+    assert slack.gap(0, 48) == (0, 27) and slack.gap(48, 64) is None and slack.first_needed(48) == 43
 
 
 def test_restorable_steps_back_past_gaps_to_a_written_window():
@@ -167,22 +170,23 @@ def test_checkpoint_writes_and_restores_only_the_window_of_sliding_layers(store,
             return {k.decode(): v.decode() for k, v in db.hgetall(keys.commit_key("test", request_id)).items()}
 
         wait_until(lambda: all(record(r).get("n") == "112" for r in prompts), 10, "the commits of 112 positions")
-        gaps = json.loads(record("r0")["gaps"])
-        assert gaps == [[0, 43], [48, 91], [96, 107]], "sliding rows outside the window were never written"
         windows = writer.ckpt.windows
-        # r1's block of positions [64, 80) is rewritten after its commit (as a fenced writer would): its
-        # restore can use [0, 64) only, and r1's prompt was written in chunks too (sharing the steps'
-        # 48 prompt tokens with r0), so [59, 64) of its sliding layers lies in a gap: the restore steps
-        # back to the start of that write.
-        r1_gaps = json.loads(record("r1")["gaps"])
-        stepped_back = windows.restorable(64, r1_gaps)
-        assert 0 < stepped_back < 64 and stepped_back in [start for start, _ in r1_gaps]
+        assert windows.slack == 16
+        # Writes of [0, 48), [48, 96) and [96, 112) kept the sliding rows from the window of 32, 80, 96 on.
+        gaps = json.loads(record("r0")["gaps"])
+        assert gaps == [[0, 27], [48, 75]], "sliding rows outside the window were never written"
+        # r0's block of positions [64, 80) is rewritten after its commit (as a fenced writer would): its
+        # restore can use [0, 64) only, and [59, 64) of its sliding layers lies in the second gap: the
+        # restore steps back to 48, where that write began.
         mapping = map_store(address)
         _, stamps, _ = layout.views(mapping)
-        stamps[json.loads(record("r1")["blocks"])[4], 1] += 2
+        stamps[json.loads(record("r0")["blocks"])[4], 1] += 2
         del stamps
         mapping.close()
-        moved = {r: reader.engine.new_sequence(r, prompts[r], params, output_ids=writer.tokens[r]) for r in prompts}
+        # r1's frontend had seen only 12 of its 20 tokens: it resumes at 111 positions, one short of
+        # the commit, whose window [106, 111) the last write kept (the block of slack).
+        seen = {"r0": writer.tokens["r0"], "r1": writer.tokens["r1"][:12]}
+        moved = {r: reader.engine.new_sequence(r, prompts[r], params, output_ids=seen[r]) for r in prompts}
         writer.close()
         for seq in moved.values():
             reader.ckpt.request_restore(seq)
@@ -191,15 +195,15 @@ def test_checkpoint_writes_and_restores_only_the_window_of_sliding_layers(store,
                    or len(ready) == 2, 10, "the restores")
         _, rows0, n0 = ready["r0"]
         _, rows1, n1 = ready["r1"]
-        assert (n0, n1) == (112, stepped_back)
-        assert (rows0.first, rows1.first) == (107, stepped_back - 5)
+        assert (n0, n1) == (48, 111)
+        assert (rows0.first, rows1.first) == (43, 106)
         width = cfg.kv_row_width * 4
-        assert rows0.nbytes == (len(windows.full) * 112 + len(windows.windowed) * 5) * width
+        assert rows1.nbytes == (len(windows.full) * 111 + len(windows.windowed) * 5) * width
         assert reader.ckpt.counters["restored_bytes"] == rows0.nbytes + rows1.nbytes
         assert reader.ckpt.counters["restore_stamp_mismatches"] == 1
         for request_id, (seq, rows, n) in ready.items():
             assert reader.engine.resume(seq, rows, n) == n
-            reader.tokens[request_id] = list(writer.tokens[request_id])
+            reader.tokens[request_id] = list(seen[request_id])
         reader.run()
         assert reader.tokens == reference
     finally:

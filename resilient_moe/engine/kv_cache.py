@@ -55,12 +55,14 @@ class LayerWindows:
         the store and written into the cache (GPT-OSS: half its layers; at 4k context with a window of
         128, the restore moves about half the bytes);
       - checkpoint: a write that commits positions [c, n) writes the sliding layers' rows from
-        first_needed(n) on only. Rows already out of the window when their block is written (a long
-        prompt's, committed in one go) are never gathered nor written; decode-time blocks are always
-        inside it. The spans skipped are the request's `gaps`, kept in its commit record, so that a
-        restore at a shorter prefix (a block found rewritten, or fewer tokens delivered than committed)
-        moves back to the longest prefix whose window was written (`restorable`) instead of reading
-        rows that are not there.
+        `first_written(n)` on only: the window of n - slack, where slack (a block) lets a restore a few
+        positions short of the commit (the frontend had not seen the last tokens yet) still find its
+        window. Rows already out of the window when their block is written (a long prompt's,
+        committed in one go) are never gathered nor written; decode-time blocks are always inside it.
+        The spans skipped are the request's `gaps`, kept in its commit record, so that a restore at a
+        shorter prefix (a block found rewritten, or many fewer tokens delivered than committed) moves
+        back to the longest prefix whose window was written (`restorable`) instead of reading rows
+        that are not there.
 
     Not done, and what it costs: the store still reserves a row for every layer of every position (its
     layout is [L, rows, W]), so a windowed model fits no more tokens in it; reclaiming the sliding
@@ -71,21 +73,26 @@ class LayerWindows:
     full: tuple[int, ...]  # layers that read every position
     windowed: tuple[int, ...]  # sliding-window layers
     window: int | None  # the largest window among them (None: no sliding layer)
+    slack: int = 0  # positions short of a commit at which a restore still finds the window written
 
     @classmethod
-    def of(cls, model: ModelConfig) -> "LayerWindows":
+    def of(cls, model: ModelConfig, slack: int = 0) -> "LayerWindows":
         windows = model.sliding_windows
         windowed = tuple(i for i, w in enumerate(windows) if w is not None)
         return cls(tuple(i for i, w in enumerate(windows) if w is None), windowed,
-                   max((windows[i] for i in windowed), default=None))
+                   max((windows[i] for i in windowed), default=None), slack)
 
     def first_needed(self, n: int) -> int:
         """First position sliding layers still read once positions [0, n) are cached."""
         return 0 if self.window is None else max(0, n - self.window + 1)
 
+    def first_written(self, n: int) -> int:
+        """First position whose sliding-layer rows a write committing n keeps."""
+        return self.first_needed(max(0, n - self.slack))
+
     def gap(self, committed: int, n: int) -> tuple[int, int] | None:
         """The positions of a write of [committed, n) whose sliding-layer rows it skips, if any."""
-        first = self.first_needed(n)
+        first = self.first_written(n)
         return (committed, first) if first > committed else None
 
     def add_gap(self, gaps: list[tuple[int, int]], committed: int, n: int) -> list[tuple[int, int]]:
@@ -190,7 +197,7 @@ class KVCache(KVCacheView):
         self.num_layers = model.num_layers
         self.dtype = dtype
         self.row_width = 2 * model.num_kv_heads * model.head_dim
-        self.windows = LayerWindows.of(model)
+        self.windows = LayerWindows.of(model, slack=block_size)
 
     @property
     def nbytes(self) -> int:
@@ -237,7 +244,7 @@ class LatentKVCache(KVCacheView):
         self.num_layers = model.num_layers
         self.dtype = dtype
         self.row_width = model.mla.latent_width
-        self.windows = LayerWindows.of(model)
+        self.windows = LayerWindows.of(model, slack=block_size)
 
     @property
     def nbytes(self) -> int:

@@ -209,7 +209,7 @@ class KVCheckpointer:
             blocks = torch.tensor(t.blocks, dtype=torch.long)
             src_parts.append(table[positions // self.bs] * self.bs + positions % self.bs)
             dst_parts.append(blocks[positions // self.bs] * self.bs + positions % self.bs)
-            recent_parts.append(positions >= self.windows.first_needed(n))  # sliding layers write these only
+            recent_parts.append(positions >= self.windows.first_written(n))  # sliding layers write these only
             t.gaps = self.windows.add_gap(t.gaps, t.committed, n)
             gens = list(range(self._next_gen, self._next_gen + 2 * (last - first), 2))
             self._next_gen += 2 * (last - first)
