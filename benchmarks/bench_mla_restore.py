@@ -195,7 +195,8 @@ def main() -> int:
     rows = [(name, str(r["kv_row_width"]), str(r["kv_bytes_per_token_fp32"]), str(r["kv_bytes_per_token_bf16"]),
              f"{r['restored_bytes_per_position']:.0f}", f"{1e3 * r['restore_read_s']:.1f}",
              f"{1e3 * r['restore_scatter_s']:.1f}", f"{1e3 * r['restore_tail_s']:.1f}", f"{1e3 * r['restore_s']:.1f}",
-             f"{1e3 * r['reprefill_s']:.0f}", f"{r['reprefill_s'] / r['restore_s']:.0f}x") for name, r in results.items()]
+             f"{1e3 * r['reprefill_s']:.0f}", f"{r['reprefill_s'] / r['restore_s']:.0f}x")
+            for name, r in results.items()]
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
     for line in (header, *rows):
         print("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths))))
