@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from resilient_moe.config import EngineConfig, ModelConfig, SamplingParams
-from resilient_moe.engine.kv_cache import BlockAllocator, cache_blocks, new_kv_cache
+from resilient_moe.engine.kv_cache import BlockAllocator, RestoredRows, cache_blocks, new_kv_cache
 from resilient_moe.engine.model_runner import ModelRunner
 from resilient_moe.engine.pipeline import ExpertExecutor, LocalExperts
 from resilient_moe.engine.scheduler import ScheduledBatch, Scheduler
@@ -134,10 +134,10 @@ class LLMEngine:
         self.scheduler.add(seq)
         return seq
 
-    def resume(self, seq: Sequence, rows: torch.Tensor | None = None, n: int = 0) -> int:
-        """Queue a sequence moved here from another worker, with the KV rows [L, n, W] of its first `n`
-        positions when they were restored (only the rest is then computed); returns the positions
-        restored (0 when the cache has no room for it now: everything is recomputed)."""
+    def resume(self, seq: Sequence, rows: RestoredRows | None = None, n: int = 0) -> int:
+        """Queue a sequence moved here from another worker, with the KV rows of its first `n` positions
+        when they were restored (only the rest is then computed); returns the positions restored (0
+        when the cache has no room for it now: everything is recomputed)."""
         if n > 0 and rows is not None:
             need = self.scheduler.blocks_for(seq.num_tokens)
             if self.allocator.num_free >= need:
@@ -145,7 +145,7 @@ class LLMEngine:
                 seq.block_table = self.allocator.allocate(need)
                 positions = torch.arange(n)
                 table = torch.tensor(seq.block_table, dtype=torch.long)
-                self.cache.scatter((table[positions // bs] * bs + positions % bs).to(self.device), rows.to(self.device))
+                rows.scatter_into(self.cache, (table[positions // bs] * bs + positions % bs).to(self.device))
                 seq.num_cached = n
             else:
                 n = 0

@@ -1,13 +1,17 @@
 """Paged KV cache: fixed-size blocks of token slots, handed out to sequences by a block allocator.
 
-Two cache types share one contract (`row_width`, `gather`, `scatter`, `num_layers`, `dtype`, `nbytes`,
-`num_blocks`, `block_size`): `KVCache` holds K and V per token and layer; `LatentKVCache` holds
-DeepSeek's latent attention row (latent + rotary key) instead. `new_kv_cache` picks the model's.
+Two cache types share one contract (`row_width`, `gather`, `scatter`, `windows`, `num_layers`, `dtype`,
+`nbytes`, `num_blocks`, `block_size`): `KVCache` holds K and V per token and layer; `LatentKVCache`
+holds DeepSeek's latent attention row (latent + rotary key) instead. `new_kv_cache` picks the model's.
+`LayerWindows` says which cached positions each layer can still read (sliding-window layers only
+their window), and `RestoredRows` is a request's KV read back from a checkpoint in that form.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -16,6 +20,7 @@ from resilient_moe.errors import ConfigError
 from resilient_moe.model.attention_side import KVCacheView
 
 DEFAULT_KV_CACHE_TOKENS = 32768
+MAX_GAPS = 16  # skipped spans a request's checkpoint keeps apart (LayerWindows.add_gap)
 
 
 def cache_blocks(model: ModelConfig, engine: EngineConfig, dtype: torch.dtype) -> int:
@@ -34,6 +39,122 @@ def cache_blocks(model: ModelConfig, engine: EngineConfig, dtype: torch.dtype) -
             f"each token needs {bytes_per_token} bytes"
         )
     return blocks
+
+
+@dataclass(frozen=True)
+class LayerWindows:
+    """Which cached positions of a request each layer can still read: what a KV checkpoint must keep.
+
+    A full-attention layer reads every earlier position. A sliding-window layer of window w lets a query
+    at position q read keys in (q - w, q] only, so once positions [0, n) are cached, no later query (at
+    n or after) reads its rows before `first_needed(n)` = n - w + 1. In the checkpoint (rows [L, n, W]
+    per token, kvstore/checkpoint.py) that means:
+
+      - restore: a request restored at n gets every position of the full layers and only the window
+        [first_needed(n), n) of the sliding ones: w - 1 rows per sliding layer instead of n, read from
+        the store and written into the cache (GPT-OSS: half its layers; at 4k context with a window of
+        128, the restore moves about half the bytes);
+      - checkpoint: a write that commits positions [c, n) writes the sliding layers' rows from
+        `first_written(n)` on only: the window of n - slack, where slack (a block) lets a restore a few
+        positions short of the commit (the frontend had not seen the last tokens yet) still find its
+        window. Rows already out of the window when their block is written (a long prompt's,
+        committed in one go) are never gathered nor written; decode-time blocks are always inside it.
+        The spans skipped are the request's `gaps`, kept in its commit record, so that a restore at a
+        shorter prefix (a block found rewritten, or many fewer tokens delivered than committed) moves
+        back to the longest prefix whose window was written (`restorable`) instead of reading rows
+        that are not there.
+
+    Not done, and what it costs: the store still reserves a row for every layer of every position (its
+    layout is [L, rows, W]), so a windowed model fits no more tokens in it; reclaiming the sliding
+    layers' old rows would need a second, recycled region of the store for them. Layers with different
+    windows are treated alike with the largest (GPT-OSS has one), reading a few rows more than needed.
+    """
+
+    full: tuple[int, ...]  # layers that read every position
+    windowed: tuple[int, ...]  # sliding-window layers
+    window: int | None  # the largest window among them (None: no sliding layer)
+    slack: int = 0  # positions short of a commit at which a restore still finds the window written
+
+    @classmethod
+    def of(cls, model: ModelConfig, slack: int = 0) -> "LayerWindows":
+        windows = model.sliding_windows
+        windowed = tuple(i for i, w in enumerate(windows) if w is not None)
+        return cls(tuple(i for i, w in enumerate(windows) if w is None), windowed,
+                   max((windows[i] for i in windowed), default=None), slack)
+
+    def first_needed(self, n: int) -> int:
+        """First position sliding layers still read once positions [0, n) are cached."""
+        return 0 if self.window is None else max(0, n - self.window + 1)
+
+    def first_written(self, n: int) -> int:
+        """First position whose sliding-layer rows a write committing n keeps."""
+        return self.first_needed(max(0, n - self.slack))
+
+    def gap(self, committed: int, n: int) -> tuple[int, int] | None:
+        """The positions of a write of [committed, n) whose sliding-layer rows it skips, if any."""
+        first = self.first_written(n)
+        return (committed, first) if first > committed else None
+
+    def add_gap(self, gaps: list[tuple[int, int]], committed: int, n: int) -> list[tuple[int, int]]:
+        """`gaps` after a write of [committed, n), at most MAX_GAPS of them (a record stays small however
+        long the request): the two oldest merge, as if the rows between them had been skipped too, so a
+        restore may step back further than it had to, never onto rows that are not there."""
+        gap = self.gap(committed, n)
+        if gap is None:
+            return gaps
+        gaps = [*gaps, gap]
+        if len(gaps) > MAX_GAPS:
+            gaps[:2] = [(gaps[0][0], gaps[1][1])]
+        return gaps
+
+    def restorable(self, n: int, gaps: Sequence[Sequence[int]]) -> int:
+        """The longest prefix p <= n whose window [first_needed(p), p) overlaps none of `gaps` (the
+        [start, end) spans whose sliding rows were skipped). A gap's start is where its write began, a
+        commit point whose window the writes before it covered, so stepping back to it always ends."""
+        if self.window is None:
+            return n  # nothing is ever skipped
+        for start, end in sorted(gaps, reverse=True):
+            if start < n and self.first_needed(n) < end:
+                n = start
+        return n
+
+
+@dataclass
+class RestoredRows:
+    """A request's checkpointed KV read back for a restore, in `LayerWindows` form (rows as `gather`
+    returns them): every position [0, n) of the full layers, and [first, n) of the sliding layers."""
+
+    windows: LayerWindows
+    n: int
+    first: int
+    full: torch.Tensor  # [len(windows.full), n, W]
+    windowed: torch.Tensor  # [len(windows.windowed), n - first, W]
+
+    @classmethod
+    def read(cls, table: torch.Tensor, windows: LayerWindows, rows: torch.Tensor) -> "RestoredRows":
+        """From `table` [L, R, W] (the store's rows), `rows` [n]: the rows of positions [0, n) in order."""
+        n = rows.shape[0]
+        first = windows.first_needed(n)
+        return cls(windows, n, first, select_rows(table, windows.full, rows),
+                   select_rows(table, windows.windowed, rows[first:]))
+
+    @property
+    def nbytes(self) -> int:
+        return self.full.nbytes + self.windowed.nbytes
+
+    def scatter_into(self, cache: "KVCache | LatentKVCache", slots: torch.Tensor) -> None:
+        """Write into the cache slots [n] of positions [0, n); sliding layers' older slots are left as
+        they are (masked out for every query that can still come)."""
+        cache.scatter(slots, self.full.to(slots.device), self.windows.full)
+        cache.scatter(slots[self.first :], self.windowed.to(slots.device), self.windows.windowed)
+
+
+def select_rows(table: torch.Tensor, layers: Sequence[int], rows: torch.Tensor) -> torch.Tensor:
+    """table [L, R, W] -> [len(layers), n, W]: rows `rows` [n] of each of `layers`."""
+    out = table.new_empty((len(layers), rows.shape[0], table.shape[2]))
+    for i, layer in enumerate(layers):
+        torch.index_select(table[layer], 0, rows, out=out[i])
+    return out
 
 
 class BlockAllocator:
@@ -60,8 +181,9 @@ class KVCache(KVCacheView):
     """K and V slot tensors for every layer: [G, num_blocks * block_size, d] each.
 
     Whatever a cache holds per token, it moves rows through one contract (what the KV checkpoint
-    store uses, for every cache type): `gather(slots)` -> [L, n, row_width] and its inverse `scatter`,
-    where a row is everything one token keeps in one layer (here its K then its V, head-major).
+    store uses, for every cache type): `gather(slots, layers)` -> [len(layers), n, row_width] and its
+    inverse `scatter`, where a row is everything one token keeps in one layer (here its K then its V,
+    head-major); `layers` defaults to all of them, and `windows` says which rows each layer still needs.
     """
 
     def __init__(self, model: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device):
@@ -75,30 +197,33 @@ class KVCache(KVCacheView):
         self.num_layers = model.num_layers
         self.dtype = dtype
         self.row_width = 2 * model.num_kv_heads * model.head_dim
+        self.windows = LayerWindows.of(model, slack=block_size)
 
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.keys) + sum(t.nbytes for t in self.values)
 
-    def gather(self, slots: torch.Tensor) -> torch.Tensor:
-        """Rows of `slots` [n] from every layer, as a new tensor [L, n, row_width]."""
+    def gather(self, slots: torch.Tensor, layers: Sequence[int] | None = None) -> torch.Tensor:
+        """Rows of `slots` [n] from `layers` (default: all), as a new tensor [len(layers), n, row_width]."""
+        layers = range(self.num_layers) if layers is None else layers
         n = slots.shape[0]
-        out = torch.empty((self.num_layers, n, self.row_width), dtype=self.dtype, device=self.keys[0].device)
+        out = torch.empty((len(layers), n, self.row_width), dtype=self.dtype, device=self.keys[0].device)
         half = self.row_width // 2
-        for layer in range(self.num_layers):
+        for i, layer in enumerate(layers):
             # [G, n, d] -> [n, G, d] -> [n, G*d]
-            out[layer, :, :half] = self.keys[layer].index_select(1, slots).transpose(0, 1).reshape(n, half)
-            out[layer, :, half:] = self.values[layer].index_select(1, slots).transpose(0, 1).reshape(n, half)
+            out[i, :, :half] = self.keys[layer].index_select(1, slots).transpose(0, 1).reshape(n, half)
+            out[i, :, half:] = self.values[layer].index_select(1, slots).transpose(0, 1).reshape(n, half)
         return out
 
-    def scatter(self, slots: torch.Tensor, data: torch.Tensor) -> None:
-        """Write rows `data` [L, n, row_width] (as `gather` returns them) into `slots` [n]."""
+    def scatter(self, slots: torch.Tensor, data: torch.Tensor, layers: Sequence[int] | None = None) -> None:
+        """Write rows `data` [len(layers), n, row_width] (as `gather` returns them) into `slots` [n]."""
+        layers = range(self.num_layers) if layers is None else layers
         n = slots.shape[0]
         groups, _, dim = self.keys[0].shape
         half = self.row_width // 2
-        for layer in range(self.num_layers):
-            self.keys[layer].index_copy_(1, slots, data[layer, :, :half].reshape(n, groups, dim).transpose(0, 1))
-            self.values[layer].index_copy_(1, slots, data[layer, :, half:].reshape(n, groups, dim).transpose(0, 1))
+        for i, layer in enumerate(layers):
+            self.keys[layer].index_copy_(1, slots, data[i, :, :half].reshape(n, groups, dim).transpose(0, 1))
+            self.values[layer].index_copy_(1, slots, data[i, :, half:].reshape(n, groups, dim).transpose(0, 1))
 
 
 class LatentKVCache(KVCacheView):
@@ -119,19 +244,25 @@ class LatentKVCache(KVCacheView):
         self.num_layers = model.num_layers
         self.dtype = dtype
         self.row_width = model.mla.latent_width
+        self.windows = LayerWindows.of(model, slack=block_size)
 
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.keys)  # the values are views into the same rows
 
-    def gather(self, slots: torch.Tensor) -> torch.Tensor:
-        """Rows of `slots` [n] from every layer, as a new tensor [L, n, row_width]."""
-        return torch.stack([rows[0].index_select(0, slots) for rows in self.keys])
+    def gather(self, slots: torch.Tensor, layers: Sequence[int] | None = None) -> torch.Tensor:
+        """Rows of `slots` [n] from `layers` (default: all), as a new tensor [len(layers), n, row_width]."""
+        layers = range(self.num_layers) if layers is None else layers
+        out = torch.empty((len(layers), slots.shape[0], self.row_width), dtype=self.dtype, device=self.keys[0].device)
+        for i, layer in enumerate(layers):
+            torch.index_select(self.keys[layer][0], 0, slots, out=out[i])
+        return out
 
-    def scatter(self, slots: torch.Tensor, data: torch.Tensor) -> None:
-        """Write rows `data` [L, n, row_width] (as `gather` returns them) into `slots` [n]."""
-        for layer, rows in enumerate(self.keys):
-            rows[0].index_copy_(0, slots, data[layer])
+    def scatter(self, slots: torch.Tensor, data: torch.Tensor, layers: Sequence[int] | None = None) -> None:
+        """Write rows `data` [len(layers), n, row_width] (as `gather` returns them) into `slots` [n]."""
+        layers = range(self.num_layers) if layers is None else layers
+        for i, layer in enumerate(layers):
+            self.keys[layer][0].index_copy_(0, slots, data[i])
 
 
 def new_kv_cache(

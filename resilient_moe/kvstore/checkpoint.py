@@ -10,7 +10,8 @@ on one background thread, so neither a slow Redis nor a big restore ever holds u
     store's ownership protocol (store.py: region owner word, per-block stamps), then commits every
     staged snapshot in one pipelined Redis round trip: `n` (positions [0, n) complete), the store
     blocks and their generations, the writer's incarnation. A request's commits are ordered, so a
-    commit record never claims rows that are not in the store yet.
+    commit record never claims rows that are not in the store yet. Sliding-window layers are written
+    only inside their window, and restored only there (engine/kv_cache.py, `LayerWindows`).
   - restores (a request moved here from a failed worker): the thread reads the commit record, checks
     each block's stamp against it before and after copying the rows out, and hands back the
     verified prefix; the engine thread copies it into the KV cache and recomputes only the rest.
@@ -45,6 +46,7 @@ from dataclasses import dataclass, field
 import torch
 
 from resilient_moe.engine.engine import LLMEngine
+from resilient_moe.engine.kv_cache import RestoredRows
 from resilient_moe.engine.sequence import Sequence
 from resilient_moe.kvstore import keys
 from resilient_moe.kvstore.store import StoreLayout, map_store
@@ -81,17 +83,19 @@ class _Tracked:
     gens: list[int] = field(default_factory=list)  # generation each block is stamped with once written
     tokens: int = 0  # output tokens already in the tokens list (commits send only the ones after)
     broken: bool = False  # stopped checkpointing (store full or a dropped snapshot)
+    gaps: list[tuple[int, int]] = field(default_factory=list)  # spans whose sliding-layer rows were skipped
 
 
 @dataclass
 class _Write:
     store: int  # incarnation of the store it was staged for
-    rows: torch.Tensor  # [m] store rows
-    data: torch.Tensor  # [L, m, W]
+    # (layers, store rows [m], their KV rows [len(layers), m, W]): sliding layers' parts hold fewer rows
+    parts: list[tuple[tuple[int, ...], torch.Tensor, torch.Tensor]]
     blocks: torch.Tensor  # [k] store blocks the rows fill (whole blocks)
     gens: torch.Tensor  # [k] their generations (even: written)
     # (request id, n, blocks, gens, position of the first new output token, the new output tokens)
     commits: list[tuple[str, int, list[int], list[int], int, list[int]]]
+    gaps: dict[str, list[tuple[int, int]]]  # request id -> its skipped sliding-layer spans so far
 
 
 @dataclass
@@ -119,6 +123,7 @@ class KVCheckpointer:
         """`index`: the worker's region; `wake` is called (from the thread) when a restore is ready."""
         self.engine = engine
         self.cache = engine.cache
+        self.windows = engine.cache.windows
         self.layout = layout
         self.index = index
         self.region = layout.region(index)
@@ -146,7 +151,8 @@ class KVCheckpointer:
         self._mapped_store = 0
         self._ready_store = 0  # the store whose region is claimed and pinned: snapshots may start
         self.counters = {"commits": 0, "commit_errors": 0, "dropped": 0, "store_full": 0, "restored": 0,
-                         "restored_tokens": 0, "restore_misses": 0, "restore_stamp_mismatches": 0,
+                         "restored_tokens": 0, "restored_bytes": 0, "restore_misses": 0,
+                         "restore_stamp_mismatches": 0,
                          "pinned_blocks": 0, "writes_refused": 0, "store_attaches": 0}
         self._commit = redis_client.register_script(COMMIT_SCRIPT)
         self._thread = threading.Thread(target=self._run, name="kv-checkpoint", daemon=True)
@@ -168,7 +174,7 @@ class KVCheckpointer:
             self._pinned.clear()
             self._cond.notify()
         for t in self.tracked.values():
-            t.committed, t.blocks, t.gens, t.broken = 0, [], [], False  # its tokens list stays valid
+            t.committed, t.blocks, t.gens, t.broken, t.gaps = 0, [], [], False, []  # its tokens list stays valid
         if replacing:
             log.warning("KV store replaced (incarnation %d): checkpointing %d requests again from their start",
                         store_incarnation, len(self.tracked))
@@ -183,7 +189,7 @@ class KVCheckpointer:
             live.setdefault(s.request_id, s)
         for request_id in [r for r in self.tracked if r not in live]:
             self._release(request_id)
-        src_parts, dst_parts, new_blocks, new_gens, commits = [], [], [], [], []
+        src_parts, dst_parts, recent_parts, new_blocks, new_gens, commits = [], [], [], [], [], []
         for seq in scheduler.running:
             t = self.tracked.get(seq.request_id)
             if t is None:
@@ -203,6 +209,8 @@ class KVCheckpointer:
             blocks = torch.tensor(t.blocks, dtype=torch.long)
             src_parts.append(table[positions // self.bs] * self.bs + positions % self.bs)
             dst_parts.append(blocks[positions // self.bs] * self.bs + positions % self.bs)
+            recent_parts.append(positions >= self.windows.first_written(n))  # sliding layers write these only
+            t.gaps = self.windows.add_gap(t.gaps, t.committed, n)
             gens = list(range(self._next_gen, self._next_gen + 2 * (last - first), 2))
             self._next_gen += 2 * (last - first)
             t.gens.extend(gens)
@@ -212,8 +220,13 @@ class KVCheckpointer:
             t.committed, t.tokens = n, len(seq.output_ids)
         if not commits:
             return
-        item = _Write(self.store_incarnation, torch.cat(dst_parts), self.cache.gather(torch.cat(src_parts)),
-                      torch.tensor(new_blocks, dtype=torch.long), torch.tensor(new_gens, dtype=torch.long), commits)
+        src, dst, recent = torch.cat(src_parts), torch.cat(dst_parts), torch.cat(recent_parts)
+        parts = [(self.windows.full, dst, self.cache.gather(src, self.windows.full))]
+        if self.windows.windowed:
+            parts.append((self.windows.windowed, dst[recent], self.cache.gather(src[recent], self.windows.windowed)))
+        item = _Write(self.store_incarnation, parts, torch.tensor(new_blocks, dtype=torch.long),
+                      torch.tensor(new_gens, dtype=torch.long), commits,
+                      {request_id: list(self.tracked[request_id].gaps) for request_id, *_ in commits})
         with self._cond:
             if sum(isinstance(p, _Write) for p in self._pending) >= MAX_PENDING:
                 self.counters["dropped"] += 1
@@ -246,8 +259,8 @@ class KVCheckpointer:
             self._pending.append(_Restore(seq))
             self._cond.notify()
 
-    def finished_restores(self) -> list[tuple[Sequence, torch.Tensor | None, int]]:
-        """(seq, rows [L, n, W] or None, n) of restores that are ready: positions [0, n) are verified."""
+    def finished_restores(self) -> list[tuple[Sequence, RestoredRows | None, int]]:
+        """(seq, rows or None, n) of restores that are ready: positions [0, n) are verified."""
         out = []
         while self._restored:
             out.append(self._restored.popleft())
@@ -345,13 +358,16 @@ class KVCheckpointer:
             return False
         self._stamps[item.blocks, 0] = self.incarnation
         self._stamps[item.blocks, 1] = item.gens - 1  # odd: being written
-        self._rows.index_copy_(1, item.rows, item.data)  # into shared memory: one-sided
+        for layers, rows, data in item.parts:  # into shared memory: one-sided
+            for i, layer in enumerate(layers):
+                self._rows[layer].index_copy_(0, rows, data[i])
         self._stamps[item.blocks, 1] = item.gens
         return True
 
     def _queue_commits(self, pipe, item: _Write) -> None:
         for request_id, n, blocks, gens, first, new_tokens in item.commits:
-            record = ["n", str(n), "blocks", json.dumps(blocks), "gens", json.dumps(gens), "block_size", str(self.bs),
+            record = ["n", str(n), "gaps", json.dumps(item.gaps[request_id]), "blocks", json.dumps(blocks),
+                      "gens", json.dumps(gens), "block_size", str(self.bs),
                       "store", str(item.store), "time", f"{time.time():.3f}", "owner", self.owner,
                       "incarnation", str(self.incarnation), "|", *map(str, new_tokens)]
             self._commit(keys=[keys.commit_key(self.cluster_id, request_id),
@@ -377,7 +393,7 @@ class KVCheckpointer:
     def _restore(self, seqs: list[Sequence]) -> None:
         """Read the commit records of `seqs` and the verified prefix of their blocks; hand back what is
         usable (nothing, to recompute, when Redis fails or is slower than its timeout)."""
-        results: list[tuple[torch.Tensor | None, int]] = [(None, 0)] * len(seqs)
+        results: list[tuple[RestoredRows | None, int]] = [(None, 0)] * len(seqs)
         try:
             results = self._read_checkpoints(seqs)
         except Exception as e:  # noqa: BLE001 (Redis down or slow: recompute from the token log)
@@ -387,12 +403,13 @@ class KVCheckpointer:
             if n > 0:
                 self.counters["restored"] += 1
                 self.counters["restored_tokens"] += n
+                self.counters["restored_bytes"] += data.nbytes  # what was read back from the store
             else:
                 self.counters["restore_misses"] += 1
             self._restored.append((seq, data, n))
         self.wake()
 
-    def _read_checkpoints(self, seqs: list[Sequence]) -> list[tuple[torch.Tensor | None, int]]:
+    def _read_checkpoints(self, seqs: list[Sequence]) -> list[tuple[RestoredRows | None, int]]:
         if time.monotonic() < self._redis_down_until or self._rows is None:
             return [(None, 0)] * len(seqs)  # Redis failed a moment ago (do not wait on it again), or no store
         commit_keys = [keys.commit_key(self.cluster_id, seq.request_id) for seq in seqs]
@@ -412,25 +429,33 @@ class KVCheckpointer:
             log.warning("could not take over the commit records of %d restored requests: %s", len(seqs), e)
         return results
 
-    def _read_blocks(self, seq: Sequence, record: dict) -> tuple[torch.Tensor | None, int]:
-        """The rows [L, n, W] of the blocks `record` names that carry the stamps it names, checked
-        before and after the copy, and n."""
-        n, blocks, gens, writer = self._usable(record, seq)
+    def _read_blocks(self, seq: Sequence, record: dict) -> tuple[RestoredRows | None, int]:
+        """The rows of the blocks `record` names that carry the stamps it names, checked before and
+        after the copy (sliding layers' within their window only), and n."""
+        n, blocks, gens, writer, gaps = self._usable(record, seq)
         if n <= 0:
             return None, 0
         count = -(-n // self.bs)
         store_blocks = torch.tensor(blocks[:count], dtype=torch.long)
         expected = torch.tensor([[writer, g] for g in gens[:count]], dtype=torch.long)  # [count, 2]
         good = self._stamped_prefix(store_blocks, expected)
-        positions = torch.arange(min(n, good * self.bs))
-        data = self._rows.index_select(1, store_blocks[positions // self.bs] * self.bs + positions % self.bs)
-        good = min(good, self._stamped_prefix(store_blocks, expected))  # unchanged while we copied?
-        n = min(n, good * self.bs)
+        data = None
+        while True:  # n only shrinks: at most once more per block found rewritten during the copy
+            n = self.windows.restorable(min(n, good * self.bs), gaps)  # a shorter prefix: an earlier window
+            if n <= 0:
+                break
+            positions = torch.arange(n)
+            data = RestoredRows.read(self._rows, self.windows,
+                                     store_blocks[positions // self.bs] * self.bs + positions % self.bs)
+            checked = self._stamped_prefix(store_blocks, expected)  # unchanged while we copied?
+            if checked * self.bs >= n:
+                break
+            good = checked
         if good < count:
             self.counters["restore_stamp_mismatches"] += 1
             log.warning("%s: store block %d was rewritten after its commit (a fenced writer?); restoring %d "
-                        "positions, recomputing the rest", seq.request_id, blocks[good], n)
-        return (data[:, :n], n) if n > 0 else (None, 0)
+                        "positions, recomputing the rest", seq.request_id, blocks[good], max(n, 0))
+        return (data, n) if n > 0 else (None, 0)
 
     def _stamped_prefix(self, blocks: torch.Tensor, expected: torch.Tensor) -> int:
         """How many leading blocks carry exactly the stamps their record names."""
@@ -438,11 +463,11 @@ class KVCheckpointer:
         bad = (~ok).nonzero()
         return int(bad[0]) if bad.numel() else blocks.numel()
 
-    def _usable(self, record: dict, seq: Sequence) -> tuple[int, list[int], list[int], int]:
-        """(n, blocks, gens, writer incarnation) of a commit record that fits this request and this
-        store; n = 0 otherwise."""
+    def _usable(self, record: dict, seq: Sequence) -> tuple[int, list[int], list[int], int, list[tuple[int, int]]]:
+        """(n, blocks, gens, writer incarnation, gaps) of a commit record that fits this request and
+        this store; n = 0 otherwise."""
         if not record:
-            return 0, [], [], 0
+            return 0, [], [], 0, []
         try:
             fields = {k.decode() if isinstance(k, bytes) else k: v.decode() if isinstance(v, bytes) else v
                       for k, v in record.items()}
@@ -450,17 +475,18 @@ class KVCheckpointer:
             blocks = [int(b) for b in json.loads(fields["blocks"])]
             gens = [int(g) for g in json.loads(fields["gens"])]
             writer = int(fields["incarnation"])
+            gaps = [(int(start), int(end)) for start, end in json.loads(fields.get("gaps", "[]"))]
             if int(fields["store"]) != self._mapped_store or int(fields["block_size"]) != self.bs:
-                return 0, [], [], 0  # written into a store that is gone, or with another layout
+                return 0, [], [], 0, []  # written into a store that is gone, or with another layout
         except (KeyError, ValueError, TypeError) as e:
             log.warning("malformed commit record for %s (%s); recomputing", seq.request_id, e)
-            return 0, [], [], 0
+            return 0, [], [], 0, []
         n = min(n, seq.num_tokens - 1)  # at least one position is computed, for the next token's logits
         count = -(-n // self.bs) if n > 0 else 0
         if n <= 0 or len(blocks) < count or len(gens) < count or \
                 any(not 0 <= b < self.layout.num_blocks for b in blocks[:count]):
-            return 0, [], [], 0
-        return n, blocks, gens, writer
+            return 0, [], [], 0, []
+        return n, blocks, gens, writer, gaps
 
     def _pin_predecessor_blocks(self) -> None:
         """Blocks of this region still named by a predecessor's commit records are not ours yet."""

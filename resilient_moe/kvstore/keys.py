@@ -5,6 +5,8 @@
         blocks       JSON list: store block of each logical block of the request (block_size rows each)
         gens         JSON list: the generation each of those blocks is stamped with (kvstore/store.py)
         block_size   rows per store block
+        gaps         JSON list of [start, end) position spans whose sliding-window layers' rows were not
+                     written (already outside the window; engine/kv_cache.py, LayerWindows)
         store        incarnation of the KV store process that holds the blocks
         owner        attention worker name; incarnation: its incarnation (the blocks' writer)
         time         unix time of the commit

@@ -196,10 +196,12 @@ def train_tokenizer(vocab_size: int, texts=None):
     return tokenizer
 
 
-def make_tiny_model(out_dir: str | os.PathLike[str], family: str, seed: int = 0, size: TinySize | None = None) -> Path:
-    """Write a random-weight checkpoint of `family` to `out_dir` (created if needed)."""
+def make_tiny_model(out_dir: str | os.PathLike[str], family: str, seed: int = 0, size: TinySize | None = None,
+                    overrides: dict | None = None) -> Path:
+    """Write a random-weight checkpoint of `family` to `out_dir` (created if needed); `overrides` replace
+    config.json fields (e.g. DeepSeek-V3's own attention widths), validated as any checkpoint's are."""
     size = size or TinySize()
-    raw = hf_config(family, size)
+    raw = {**hf_config(family, size), **(overrides or {})}
     cfg = ModelConfig.from_hf_dict(raw)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
