@@ -92,6 +92,8 @@ class _Peer:
     last_heard: float = field(default_factory=time.monotonic)
     probes_sent: int = 0  # unanswered probes since it was last heard from
     suspect: bool = False  # silent, late or malformed: routed around until it answers again
+    busy: bool = False  # its process was runnable when last looked at (busy_checked_at)
+    busy_checked_at: float = 0.0
     fenced: bool = False  # declared dead by the controller: never routed to again
 
     @property
@@ -458,8 +460,10 @@ class Forwarder:
                 continue
             if not peer.routable:
                 continue
+            # Silence counts from when it should have answered (the expert time of what it owes, as
+            # measured), so a worker busy with a big part is not probed, only one that runs late.
             oldest = min(part.sent_at for part in peer.outstanding.values())
-            quiet = now - max(peer.last_heard, oldest)
+            quiet = now - max(peer.last_heard, oldest + self.deadlines.s_per_row * peer.inflight_rows)
             if quiet < self.probe_interval_s * (min(peer.probes_sent, self.probe_misses) + 1):
                 continue
             if peer.probes_sent >= self.probe_misses:
@@ -474,11 +478,15 @@ class Forwarder:
                 self.peer_failed(peer.name, f"link closed on probe: {e}")
 
     def _busy(self, peer: _Peer, waited_s: float) -> bool:
-        """Is the peer's process runnable on this host (busy, or starved of CPU) and not yet past the grace?"""
+        """Is the peer's process runnable on this host (busy, or starved of CPU) and not yet past the grace?
+        (Looked up at most once a probe interval: it reads /proc.)"""
         if waited_s > self.busy_grace_s:
             return False
-        info = peer.link.peer
-        return process_state(info.pid, info.host) == RUNNABLE
+        now = time.monotonic()
+        if now - peer.busy_checked_at >= self.probe_interval_s:
+            info = peer.link.peer
+            peer.busy_checked_at, peer.busy = now, process_state(info.pid, info.host) == RUNNABLE
+        return peer.busy
 
     def suspect(self, name: str, reason: str, force: bool = False) -> None:
         """Route around a silent, late or misbehaving worker now and resend what it owes; the
