@@ -19,6 +19,7 @@ imports again: what a restart-everything system pays on every restart, used by t
 from __future__ import annotations
 
 import ctypes
+import gc
 import json
 import os
 import select
@@ -84,6 +85,10 @@ def _run_child(role_main, config_json: str, log_path: str, zygote_pid: int, sock
 def serve(sock: socket.socket, launcher_pid: int) -> None:
     mains = _role_mains()
     import torch  # noqa: F401  (imported here so every child inherits it)
+
+    # Everything imported so far lives as long as the workers: out of the garbage collector's sight,
+    # a full collection in a worker (which stops its datapath) walks only what the worker made itself.
+    gc.freeze()
 
     children: dict[int, str] = {}
     wake_r, wake_w = os.pipe()

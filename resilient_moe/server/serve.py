@@ -8,6 +8,7 @@ SIGTERM, then shut everything down (API, frontend, workers, controller) so no pr
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import os
 import secrets
@@ -188,6 +189,9 @@ class ServingStack:
         except BaseException:
             self.stop()
             raise
+        # What start-up made (torch, the app, the tokenizer) lives as long as the server: out of the
+        # garbage collector's sight, a full collection (which stalls every stream) walks only requests.
+        gc.freeze()
         return self
 
     @property
