@@ -138,6 +138,7 @@ class KVCheckpointer:
         self._pending: deque[_Write | _Release | _Restore | _Attach] = deque()
         self._restored: deque[tuple[Sequence, torch.Tensor | None, int]] = deque()
         self._stop = False
+        self._busy = False  # the thread is carrying out a batch it took
         self._refused = False
         self._redis_down_until = 0.0
         # The store's memory, touched by the thread only.
@@ -246,6 +247,12 @@ class KVCheckpointer:
             self._pending.append(_Restore(seq))
             self._cond.notify()
 
+    def settled(self) -> bool:
+        """Is every snapshot staged so far written and its commit sent (a draining worker hands its
+        requests over once it is)?"""
+        with self._lock:
+            return not self._pending and not self._busy
+
     def finished_restores(self) -> list[tuple[Sequence, torch.Tensor | None, int]]:
         """(seq, rows [L, n, W] or None, n) of restores that are ready: positions [0, n) are verified."""
         out = []
@@ -266,6 +273,7 @@ class KVCheckpointer:
                     return
                 batch = list(self._pending)
                 self._pending.clear()
+                self._busy = True
             try:
                 self._process(batch)
                 if self._pinned and time.monotonic() - last_pin_check > 1.0:
@@ -273,6 +281,9 @@ class KVCheckpointer:
                     self._check_pins()
             except Exception:
                 log.exception("checkpoint thread error")
+            finally:
+                with self._lock:
+                    self._busy = False
 
     def _process(self, batch: list) -> None:
         """Carry out a batch in order, with one Redis round trip for all its commits and deletes, and
