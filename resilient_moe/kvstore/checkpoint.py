@@ -174,8 +174,10 @@ class KVCheckpointer:
             log.warning("KV store replaced (incarnation %d): checkpointing %d requests again from their start",
                         store_incarnation, len(self.tracked))
 
-    def after_step(self) -> None:
-        """Snapshot the rows every request completed since its last commit; release finished ones."""
+    def after_step(self, final: bool = False) -> None:
+        """Snapshot the rows every request completed since its last commit; release finished ones.
+        `final`: the last snapshot of a draining worker, which writes no block again: the partial last
+        block too, so the adopter restores every position instead of recomputing the tail."""
         if self._ready_store != self.store_incarnation or self.store_incarnation == 0 or self._refused:
             return  # no store yet, or it is being mapped (its predecessor's blocks are not pinned yet)
         scheduler = self.engine.scheduler
@@ -189,7 +191,8 @@ class KVCheckpointer:
             t = self.tracked.get(seq.request_id)
             if t is None:
                 t = self.tracked[seq.request_id] = _Tracked()
-            n = seq.num_cached // self.bs * self.bs  # whole blocks only: the tail is recomputed on restore
+            # Whole blocks only (a block is never written twice): the tail is recomputed on restore.
+            n = seq.num_cached if final else seq.num_cached // self.bs * self.bs
             if t.broken or n <= t.committed:
                 continue
             if not self._ensure_blocks(t, n):
@@ -198,7 +201,7 @@ class KVCheckpointer:
                 log.warning("KV store region full: no longer checkpointing %s beyond %d tokens", seq.request_id,
                             t.committed)
                 continue
-            first, last = t.committed // self.bs, n // self.bs
+            first, last = t.committed // self.bs, -(-n // self.bs)
             positions = torch.arange(t.committed, n)
             table = torch.tensor(seq.block_table, dtype=torch.long)
             blocks = torch.tensor(t.blocks, dtype=torch.long)

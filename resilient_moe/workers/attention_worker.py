@@ -8,9 +8,10 @@ steps and also while a step waits on expert workers, so a step whose experts hav
 replacement's link and routing table as soon as they exist.
 
 SIGTERM drains it (planned removal): the controller hears it is draining (frontends send it no new
-requests), it runs no more steps, waits until its KV checkpoints are written and committed, then hands
-every request over (`handover`): the frontends move them to other workers, which restore their KV
-from the store and recompute only the positions after the last committed block. SIGKILL is a failure.
+requests), it runs no more steps, checkpoints every computed position (the partial last blocks too)
+and waits until that is written and committed, then hands every request over (`handover`): the
+frontends move them to other workers, which restore their KV from the store and compute only the
+newest position again. SIGKILL is a failure.
 
 Placement note (issue: "shared experts and dense layers where traffic is lowest"): shared experts and
 dense MLP layers run here, on the AW. Every token needs them, so on an expert worker they would put
@@ -285,6 +286,7 @@ class AttentionServer:
         (at most `bound_s`), tell each frontend to move its requests elsewhere, and flush."""
         deadline = time.monotonic() + bound_s
         if self.checkpointer is not None:
+            self.checkpointer.after_step(final=True)
             while not self.checkpointer.settled() and time.monotonic() < deadline:
                 time.sleep(0.005)
             self.checkpointer.stop()  # nothing more is written, and no record is released
