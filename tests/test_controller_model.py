@@ -492,3 +492,40 @@ def test_cluster_view_answers_every_role_from_one_snapshot():
     assert [w.name for w in view.of_role("attention") if w.takes_requests] == ["aw-0"]
     assert view.draining("aw-1") and view.reachable(view.workers["aw-1"])
     assert view.routing is not None and view.routing.epoch == model.epoch
+
+
+@pytest.mark.parametrize("settings,message", [
+    ({"rebalance_interval_s": 30.0}, "rebalance_interval_s (30.0) needs shadow_policy: load_aware"),
+    ({"rebalance_interval_s": -1}, "rebalance_interval_s must be a number of seconds >= 0"),
+    ({"expert_wait_s": 0}, "expert_wait_s must be a positive number of seconds"),
+    ({"drain_timeout_s": "soon"}, "drain_timeout_s must be a positive number of seconds"),
+    ({"load_half_life_s": -2.0}, "load_half_life_s must be a positive number of seconds"),
+    ({"attention_workers": 3, "max_attention_workers": 2}, "max_attention_workers must be an integer >= attention_workers"),
+])
+def test_deployment_settings_of_the_reconcile_loop_are_checked(settings, message):
+    from resilient_moe.config import DeploymentConfig
+    from resilient_moe.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        DeploymentConfig.from_dict(settings, source="test.yaml")
+    ok = DeploymentConfig(shadow_policy="load_aware", rebalance_interval_s=30.0, attention_workers=2,
+                          max_attention_workers=4)
+    assert ok.attention_regions == 4 and DeploymentConfig(attention_workers=2).attention_regions == 2
+
+
+def test_periodic_rebalance_moves_experts_only_when_it_pays():
+    model = make_model(experts=3, num_experts=6, layers=(0,), shadow_policy="load_aware", rebalance_interval_s=5.0)
+    for i in range(3):
+        start(model, f"ew-{i}", 10 + i)
+    model.clock.now += 6.0
+    model.reconcile()
+    assert not model.rebalancing, "no load observed yet"
+    model.heartbeat("ew-0", 1, {}, expert_tokens=[(0, e, 10.0) for e in range(6)])
+    model.clock.now += 6.0
+    model.reconcile()
+    assert not model.rebalancing, "even load: spread is already balanced enough"
+    model.heartbeat("ew-0", 1, {}, expert_tokens=[(0, 0, 5000.0)])
+    model.clock.now += 6.0
+    model.reconcile()
+    assert model.rebalancing and len(model.target.copies[(0, 0)]) == 3
+    assert [e.kind for e in model.events][-1] == "rebalance"

@@ -24,6 +24,7 @@ from serving import admin_headers, serving_stack, streams_through
 
 NUM_EXPERTS = 8
 HOT = 0
+STREAM_TOKENS = 96
 
 
 def save_hot_expert_model(path):
@@ -76,7 +77,7 @@ def test_load_aware_rebalancing_spreads_a_hot_expert_while_streams_run(zygote, t
     model_dir = save_hot_expert_model(tmp_path / "hot")
     rng = random.Random(17)
     prompts = [[1] + [rng.randrange(3, 300) for _ in range(rng.randint(2, 20))] for _ in range(16)]
-    params = SamplingParams(max_tokens=48, ignore_eos=True)
+    params = SamplingParams(max_tokens=STREAM_TOKENS, ignore_eos=True)
     reference = [r.token_ids for r in LLMEngine(model_dir, EngineConfig()).generate(prompts, params)]
     probe, probe_params = prompts[:8], SamplingParams(max_tokens=16, ignore_eos=True)
     probe_reference = [r.token_ids for r in LLMEngine(model_dir, EngineConfig()).generate(probe, probe_params)]
@@ -106,7 +107,7 @@ def test_load_aware_rebalancing_spreads_a_hot_expert_while_streams_run(zygote, t
             switched["state"] = wait_until(done, 30, "the new placement to serve")
             switched["in_flight"] = stack.frontend.unfinished()
 
-        results = streams_through(stack, rebalance, prompts, max_tokens=48)
+        results = streams_through(stack, rebalance, prompts, max_tokens=STREAM_TOKENS, after_tokens=2)
         assert [r.token_ids for r in results] == reference
         assert all(r.finish_reason == "length" and r.done for r in results)
         assert switched["in_flight"] > 0, "the routing table switched while streams were running"

@@ -9,7 +9,10 @@ counts of ready workers after each step.
 
 from __future__ import annotations
 
+import json
 import random
+import subprocess
+import sys
 import threading
 
 import httpx
@@ -19,9 +22,9 @@ from conftest import wait_until, worker_load
 from resilient_moe.config import EngineConfig, SamplingParams
 from resilient_moe.engine.engine import LLMEngine
 from resilient_moe.proto import controller_pb2 as pb
-from serving import StreamResult, admin_headers, serving_stack, stream_completion
+from serving import ADMIN_TOKEN, StreamResult, admin_headers, serving_stack, stream_completion
 
-MAX_TOKENS = 96
+MAX_TOKENS = 120
 
 
 def prompts_for_scaling():
@@ -80,10 +83,26 @@ def test_scaling_expert_and_attention_workers_while_16_streams_run(tiny_model, r
                 ready_counts(stack.url) == {"attention": attention, "expert": expert}
         return check
 
-    with serving_stack(tiny_model, zygote, tmp_path, attention_workers=2, expert_workers=3,
+    def cli(*args: str) -> dict:
+        out = subprocess.run([sys.executable, "-m", "resilient_moe.cli", "admin", *args, "--url", stack.url,
+                              "--token", ADMIN_TOKEN], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+    with serving_stack(tiny_model, zygote, tmp_path, attention_workers=2, expert_workers=3, max_model_len=160,
                        deployment_options={"max_attention_workers": 3}) as stack:
-        bad = httpx.post(f"{stack.url}/admin/scale", json={"attention_workers": 4}, headers=admin_headers(), timeout=10)
-        assert bad.status_code == 400 and "max_attention_workers" in bad.json()["error"]["message"]
+        for body, status, words in [({"attention_workers": 4}, 400, "max_attention_workers"),
+                                    ({"expert_workers": 9}, 400, "the model's 8 experts"),
+                                    ({}, 400, "give attention_workers, expert_workers or both"),
+                                    ({"expert_workers": 0}, 400, "expert_workers"),
+                                    ({"expert_workers": "many"}, 400, "expert_workers"),
+                                    ({"workers": 2}, 400, "workers")]:
+            bad = httpx.post(f"{stack.url}/admin/scale", json=body, headers=admin_headers(), timeout=10)
+            assert bad.status_code == status and words in bad.json()["error"]["message"], (body, bad.text)
+        assert httpx.post(f"{stack.url}/admin/scale", json={"expert_workers": 2}, timeout=10).status_code == 401
+        spread = cli("rebalance")
+        assert not spread["started"] and "spread" in spread["detail"], "nothing to rebalance under spread"
+        assert cli("scale", "--attention-workers", "2")["desired"] == {"attention_workers": 2, "expert_workers": 3}
         launch(range(8))
         wait_until(lambda: min(progress[:8]) >= 3, 60, "the first streams to be generating")
         scale(expert_workers=4)
