@@ -120,13 +120,14 @@ class ControllerClient:
 
         self._spawn(loop, f"heartbeat-{name}")
 
-    def start_watch(self, name: str, on_state: Callable[[pb.ClusterState], None]) -> None:
-        """Stream cluster states to `on_state` on a daemon thread, reconnecting when the stream breaks."""
+    def start_watch(self, name: str, on_state: Callable[[pb.ClusterState], None], refresh_s: float = 0.0) -> None:
+        """Stream cluster states to `on_state` on a daemon thread, reconnecting when the stream breaks:
+        one on every change, and with `refresh_s` at least that often (for the loads workers report)."""
 
         def loop() -> None:
             while not self._stop.is_set():
                 try:
-                    for state in self.stub.Watch(pb.WatchRequest(name=name), wait_for_ready=True):
+                    for state in self.stub.Watch(pb.WatchRequest(name=name, refresh_s=refresh_s), wait_for_ready=True):
                         if self._stop.is_set():
                             return
                         on_state(state)

@@ -27,9 +27,6 @@ from resilient_moe.proto import controller_pb2_grpc as pb_grpc
 
 log = logging.getLogger("resilient_moe.controller")
 
-WATCH_REFRESH_S = 1.0  # watchers get a snapshot at least this often (heartbeat loads change without events)
-
-
 def controller_key(cluster_id: str) -> str:
     """Redis key of the controller's state (documented with the others in kvstore/keys.py)."""
     return f"rmoe:{cluster_id}:controller"
@@ -154,13 +151,15 @@ class ControllerService(pb_grpc.ControllerServicer):
             return self.snapshot()
 
     def Watch(self, request, context):
+        """A snapshot on every change, and at least every `refresh_s` when the watcher asks for that."""
         seen = -1
         sent_at = 0.0
+        refresh = request.refresh_s if request.refresh_s > 0 else float("inf")
         while context.is_active() and not self.stopping.is_set():
             with self.lock:
                 if self.model.version == seen:
-                    self.lock.wait(timeout=0.5)
-                if self.model.version == seen and time.monotonic() - sent_at < WATCH_REFRESH_S:
+                    self.lock.wait(timeout=min(0.5, refresh))
+                if self.model.version == seen and time.monotonic() - sent_at < refresh:
                     continue
                 seen = self.model.version
                 state = self.snapshot()

@@ -9,7 +9,8 @@ into a view and asks it; none keeps its own copy of fences or states.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 
 from resilient_moe.controller.state import ENDED, SERVING, WorkerState
 from resilient_moe.datapath.ert import RoutingTable
@@ -56,11 +57,11 @@ class ClusterView:
     """Live peers, fences, the routing epoch and table, injected faults: one snapshot, read-only."""
 
     epoch: int
-    routing: RoutingTable | None
     fenced: frozenset[tuple[str, int]]
     workers: Mapping[str, PeerView]
     resilience: bool = True
     faults: tuple[LinkFault, ...] = ()
+    ert: pb.RoutingTable = field(default_factory=pb.RoutingTable, repr=False)
 
     @classmethod
     def from_proto(cls, state: pb.ClusterState) -> "ClusterView":
@@ -69,9 +70,17 @@ class ClusterView:
                              w.pid, w.host, dict(w.load))
             for w in state.workers
         }
-        routing = RoutingTable.from_proto(state.ert) if state.ert.num_layers else None
-        return cls(state.epoch, routing, frozenset((f.name, f.incarnation) for f in state.fenced), workers,
-                   state.resilience, tuple(LinkFault.from_proto(f) for f in state.faults))
+        return cls(state.epoch, frozenset((f.name, f.incarnation) for f in state.fenced), workers, state.resilience,
+                   tuple(LinkFault.from_proto(f) for f in state.faults), state.ert)
+
+    @property
+    def routing_epoch(self) -> int:
+        return self.ert.epoch
+
+    @cached_property
+    def routing(self) -> RoutingTable | None:
+        """The routing table (read from the snapshot when first asked: most views leave it unread)."""
+        return RoutingTable.from_proto(self.ert) if self.ert.num_layers else None
 
     def of_role(self, role: str) -> list[PeerView]:
         return sorted((w for w in self.workers.values() if w.role == role), key=lambda w: w.name)

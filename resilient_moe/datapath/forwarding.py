@@ -24,6 +24,8 @@ Shape letters: T tokens, K experts per token, D hidden, n rows of one part.
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -150,6 +152,8 @@ class Forwarder:
         self.busy_grace_s = busy_grace_s  # longest a busy (runnable) peer is waited for before acting anyway
         self.expert_wait_s = expert_wait_s
         self._held: list[_Held] = []
+        self._connecting: set[tuple[str, int]] = set()  # links being opened in the background
+        self._opened: "queue.SimpleQueue[tuple[str, int, Link | None]]" = queue.SimpleQueue()
         self.peers: dict[str, _Peer] = {}
         self.zombies: list[_Peer] = []  # fenced or replaced incarnations, kept open only to drop their late frames
         self.ert: RoutingTable | None = None
@@ -174,20 +178,67 @@ class Forwarder:
         old = self.peers.get(name)
         if old is not None and old.incarnation == incarnation and old.link.alive:
             return
-        if old is not None:
-            self._retire(old, "replaced by a new incarnation")
+        self._install(name, incarnation, self._open(name, address, incarnation))
+
+    def connect_soon(self, name: str, address: str, incarnation: int) -> None:
+        """Open the link on a thread of its own (setting up a link takes tens of milliseconds, which a
+        step must not wait for); it joins from the next `drain`. Failures are logged, and the next
+        cluster view asks again."""
+        old = self.peers.get(name)
+        if (old is not None and old.incarnation == incarnation and old.link.alive) or \
+                (name, incarnation) in self._connecting:
+            return
+        self._connecting.add((name, incarnation))
+
+        def open_link() -> None:
+            try:
+                self._opened.put((name, incarnation, self._open(name, address, incarnation)))
+            except (OSError, ConnectionError, ValueError) as e:
+                log.warning("cannot link to %s at %s: %s", name, address, e)
+                self._opened.put((name, incarnation, None))
+
+        threading.Thread(target=open_link, name=f"link-{name}", daemon=True).start()
+
+    def _open(self, name: str, address: str, incarnation: int) -> Link:
+        """A link to `name` at `address`, checked to be `incarnation` (no poller yet: any thread)."""
         options = {"ring_size": self.ring_bytes} if address.startswith("shm:") else {}
-        link = connect(address, self.identity, self.poller, **options)
+        link = connect(address, self.identity, None, **options)
         if link.peer.incarnation != incarnation:
             link.close()
             raise ConnectionError(f"{address} answered as {link.peer.name} incarnation {link.peer.incarnation}, "
                                   f"expected {name} incarnation {incarnation}")
+        return link
+
+    def _install(self, name: str, incarnation: int, link: Link) -> None:
+        old = self.peers.get(name)
+        if old is not None and old.incarnation >= incarnation and old.link.alive:
+            link.close()  # a link to this incarnation (or a newer one) is there already
+            return
+        if old is not None:
+            self._retire(old, "replaced by a new incarnation")
+        self.poller.add(link)
         peer = _Peer(name, incarnation, link)
         self.peers[name] = peer
         self._wrap_faulty(peer)
         self.unavailable.discard(name)
         self._reroute()
-        log.info("linked to %s incarnation %d at %s", name, incarnation, address)
+        log.info("linked to %s incarnation %d", name, incarnation)
+
+    def settle_links(self, timeout_s: float) -> None:
+        """Wait until every link being opened has joined or failed, at most `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        while self._connecting and time.monotonic() < deadline:
+            self._install_opened()
+            time.sleep(0.002)
+        self._install_opened()
+
+    def _install_opened(self) -> None:
+        """Links opened in the background since the last call join (on the thread that owns the poller)."""
+        while not self._opened.empty():
+            name, incarnation, link = self._opened.get()
+            self._connecting.discard((name, incarnation))
+            if link is not None:
+                self._install(name, incarnation, link)
 
     def disconnect(self, name: str, reason: str) -> list[_Part]:
         """Forget an expert worker; returns its parts that were still unanswered."""
@@ -399,7 +450,8 @@ class Forwarder:
     # ---- replies ----------------------------------------------------------------------------
 
     def drain(self) -> None:
-        """Take every frame that has arrived on every expert link."""
+        """Take every frame that has arrived on every expert link (and add links opened meanwhile)."""
+        self._install_opened()
         for peer in [*self.peers.values(), *self.zombies]:
             try:
                 got = False

@@ -33,6 +33,8 @@ from resilient_moe.proto import controller_pb2 as pb
 
 log = logging.getLogger("resilient_moe.frontend")
 
+LOAD_REFRESH_S = 1.0  # a fresh cluster view at least this often: the attention workers' loads place requests
+
 
 class RequestFailed(RuntimeError):
     """A request could not complete; `kind` is "invalid_request", "expert_unavailable" or "error"."""
@@ -204,7 +206,7 @@ class Frontend:
 
     def start(self, timeout_s: float = 30.0) -> "Frontend":
         self._states.put(self.client.get_state(timeout_s=timeout_s))
-        self.client.start_watch(self.name, self._on_state)
+        self.client.start_watch(self.name, self._on_state, refresh_s=LOAD_REFRESH_S)
         self._thread.start()
         if not self._ready.wait(timeout_s):
             raise ConnectionError("no attention worker is reachable")

@@ -189,12 +189,10 @@ class AttentionServer:
             if view.ended(w.name, w.incarnation):
                 self.forwarder.fence(w.name, w.incarnation)
             elif w.serving and w.data_address and (peer is None or peer.incarnation != w.incarnation):
-                try:
-                    self.forwarder.connect(w.name, w.data_address, w.incarnation)
-                except (OSError, ConnectionError) as e:
-                    log.warning("cannot link to %s at %s: %s", w.name, w.data_address, e)
-        if view.routing is not None and (self.forwarder.ert is None or view.routing.epoch > self.forwarder.ert.epoch):
-            self.forwarder.set_routing(view.routing)
+                self.forwarder.connect_soon(w.name, w.data_address, w.incarnation)
+        if self.forwarder.ert is None or view.routing_epoch > self.forwarder.ert.epoch:
+            if view.routing is not None:
+                self.forwarder.set_routing(view.routing)
         self.forwarder.set_faults(list(view.faults))  # chaos testing; usually none
         self.poison_tokens = {f.token_id for f in view.faults
                               if f.kind == "poison" and f.source in ("", self.forwarder.identity.name)}
@@ -386,6 +384,7 @@ def main(config: WorkerConfig) -> int:
     server.crash_on_lost_expert = not dep.resilience
     server.checkpointer = start_checkpointer(config, engine, reply.incarnation, wakeup.ring)
     server.apply_view(ClusterView.from_proto(reply.state))
+    forwarder.settle_links(5.0)  # linked to the expert workers before the first request
 
     def on_state(state: pb.ClusterState) -> None:
         view = ClusterView.from_proto(state)
