@@ -285,6 +285,9 @@ def test_load_aware_replicates_hot_experts_and_balances_the_workers():
     spread = spread_placement(8, workers, [0], shadow_slots=4)
     plan = load_aware_placement(load, 8, workers, [0], capacity=3 + 4)
     assert len(plan.copies[(0, 0)]) == 3, "the hottest expert gets a copy on every worker"
+    assert all(s > 0 for s in plan.shares[(0, 0)]), "and every one takes a share of its tokens"
+    assert all(sum(s > 0 for s in plan.shares[(0, e)]) == 1 for e in range(1, 8)), \
+        "a cold expert's rows are not cut up: one copy takes them, the others stand by for failures"
     assert all(len(set(ws)) == len(ws) >= 2 for ws in plan.copies.values()), "two copies, on distinct workers"
     assert all(abs(sum(s) - 1.0) < 1e-9 for s in plan.shares.values())
     assert imbalance(spread, load) > 2.0 and imbalance(plan, load) < 1.1

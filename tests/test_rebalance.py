@@ -3,8 +3,9 @@
 The checkpoint is built so that expert 0 is hot: its router always picks it first, so it takes half of
 every layer's routed rows. Before any load is observed the controller places with spread (one copy
 of each expert takes its tokens, shadows stand by); POST /admin/rebalance while 16 greedy streams run
-places by the observed load (EPLB): the hot expert gets a copy on every expert worker and its tokens
-are split between them. Every stream is token-identical to the colocated engine, and the imbalance
+places by the observed load (EPLB): the hot expert gets as many copies taking its tokens as its load
+needs (two here: it alone carries as much as one and a half workers should), and its tokens are split
+between them. Every stream is token-identical to the colocated engine, and the imbalance
 between expert workers, measured from the rows they report computing, drops.
 """
 
@@ -115,8 +116,7 @@ def test_load_aware_rebalancing_spreads_a_hot_expert_while_streams_run(zygote, t
         state = switched["state"]
         for layer in (0, 1):
             entry = state.ert.entries[layer * NUM_EXPERTS + HOT]
-            assert len(entry.workers) == 3 and all(s > 0 for s in entry.shares), \
-                "the hot expert has a copy on every expert worker, and each takes a share of its tokens"
+            assert sum(s > 0 for s in entry.shares) >= 2, "the hot expert has two copies that share its tokens"
 
         def dropped():  # old copies go once every attention worker routes by the new table
             s = stack.cluster.state()

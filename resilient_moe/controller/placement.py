@@ -149,31 +149,40 @@ def load_aware_placement(
 ) -> Placement:
     """EPLB-style: replicate hot experts, then pack the copies so each worker's load is even.
 
-    Per sparse layer, `capacity` copies fit on each worker. Step 1 decides how many copies each
-    expert gets: `min_copies` for every expert while room lasts (redundancy first), then every
-    remaining slot to the expert with the most load per copy. Step 2 places the copies of the experts
-    with the most copies first (heaviest first among equals), each on the worker with the least load so
-    far that has room and holds no copy of that expert yet (copies of one expert on distinct workers,
-    so a loss leaves the others). A copy that
-    `current` already has on a worker stays there unless that costs more than STAY_BONUS of its
-    load, so a rebalance moves few experts. Every copy takes an equal share of its expert's tokens.
-    A layer with no observed load weighs all its experts the same."""
+    Per sparse layer, `capacity` copies fit on each worker. Step 1: active copies, those that take
+    tokens: an expert gets as many as its load needs for no copy to carry more than an even share of
+    one worker's load (a cold expert keeps one, so its rows are not cut into smaller GEMMs for nothing).
+    Step 2: standby copies, for failures only: up to `min_copies` copies of every expert while room
+    lasts, then every remaining slot to the expert with the most load per copy. Step 3: pack the
+    active copies heaviest first, each on the worker with the least load so far that has room and
+    holds no copy of that expert yet (copies of one expert on distinct workers), then the standby
+    copies on the freest such worker. A copy that `current` already has on a worker stays there
+    unless that costs more than STAY_BONUS of its load, so a rebalance moves few experts. Active
+    copies share their expert's tokens equally (the first is its primary); standby copies take none
+    until the active ones are lost. A layer with no observed load weighs all its experts the same."""
     if num_experts > capacity * len(workers):
         raise ValueError(f"{len(workers)} expert workers with room for {capacity} experts each cannot hold "
                          f"{num_experts} experts")
     order = {w: i for i, w in enumerate(workers)}
+    room_total = capacity * len(workers)
     copies: dict[ExpertKey, tuple[str, ...]] = {}
     shares: dict[ExpertKey, tuple[float, ...]] = {}
     for layer in sparse_layers:
         weight = [max(0.0, float(load.get((layer, e), 0.0))) for e in range(num_experts)]
         if sum(weight) <= 0:
             weight = [1.0] * num_experts
-        # Step 1: how many copies of each expert.
-        count = [1] * num_experts
-        room = capacity * len(workers) - num_experts
+        total = sum(weight)
+        # Step 1: active copies.
+        active = [min(len(workers), max(1, math.ceil(weight[e] * len(workers) / total - 1e-9)))
+                  for e in range(num_experts)]
+        while sum(active) > room_total:  # not enough room: the least loaded copies go first
+            e = min((e for e in range(num_experts) if active[e] > 1), key=lambda e: (weight[e] / active[e], e))
+            active[e] -= 1
+        # Step 2: standby copies.
+        count = list(active)
+        room = room_total - sum(count)
         for e in sorted(range(num_experts), key=lambda e: (-weight[e], e)):
-            extra = min(min_copies, len(workers)) - count[e]
-            take = max(0, min(extra, room))
+            take = max(0, min(min(min_copies, len(workers)) - count[e], room))
             count[e] += take
             room -= take
         while room > 0:
@@ -183,26 +192,32 @@ def load_aware_placement(
             hottest = max(growable, key=lambda e: (weight[e] / count[e], -e))
             count[hottest] += 1
             room -= 1
-        # Step 2: pack. Experts with the most copies go first (an expert on every worker fits only while
-        # every worker has room), heaviest copies first among equals.
-        items = sorted(((count[e], weight[e] / count[e], e) for e in range(num_experts) for _ in range(count[e])),
-                       key=lambda item: (-item[0], -item[1], item[2]))
+        # Step 3: pack, active copies first (experts with the most first, heaviest first among equals).
         worker_load = dict.fromkeys(workers, 0.0)
         free = dict.fromkeys(workers, capacity)
         holders: dict[int, list[str]] = {e: [] for e in range(num_experts)}
-        for _, w_copy, e in items:
+        taking: dict[int, int] = dict.fromkeys(range(num_experts), 0)  # active copies placed
+        items = sorted(((active[e], weight[e] / active[e], e) for e in range(num_experts) for _ in range(active[e])),
+                       key=lambda item: (-item[0], -item[1], item[2]))
+        items += sorted(((0, 0.0, e) for e in range(num_experts) for _ in range(count[e] - active[e])),
+                        key=lambda item: (-weight[item[2]], item[2]))
+        for n_active, w_copy, e in items:
             options = [w for w in workers if free[w] > 0 and w not in holders[e]]
             if not options:
                 continue  # no room left that keeps copies apart: this expert gets one copy fewer
             before = set(current.copies.get((layer, e), ())) if current is not None else set()
-            choice = min(options, key=lambda w: (worker_load[w] - (STAY_BONUS * w_copy if w in before else 0.0),
-                                                 -free[w], order[w]))
+            if n_active:
+                choice = min(options, key=lambda w: (worker_load[w] - (STAY_BONUS * w_copy if w in before else 0.0),
+                                                     -free[w], order[w]))
+                taking[e] += 1
+            else:
+                choice = min(options, key=lambda w: (w not in before, -free[w], order[w]))
             holders[e].append(choice)
             free[choice] -= 1
             worker_load[choice] += w_copy
         for e in range(num_experts):
             copies[(layer, e)] = tuple(holders[e])
-            shares[(layer, e)] = tuple(1.0 / len(holders[e]) for _ in holders[e])
+            shares[(layer, e)] = tuple(1.0 / taking[e] if i < taking[e] else 0.0 for i in range(len(holders[e])))
     return Placement(tuple(workers), copies, shares)
 
 
