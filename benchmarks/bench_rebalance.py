@@ -4,13 +4,14 @@ The model is a random Mixtral (make-tiny-model, larger than the test one) whose 
 one expert first (a constant feature in every token's hidden state that only that expert's router
 row reads), so that expert takes half of every layer's routed rows: a hot expert.
 
-Part 1, per placement policy (spread, load_aware), on one cluster each:
-  before     a measured run after a warm-up run (the controller has observed the load by then);
-             both policies still place with spread here (load_aware needs observed load to plan)
-  rebalance  the same load again, with a rebalance asked for once every request is decoding
-  after      a measured run once the new placement serves and old copies are dropped
-  imbalance  max over mean of the rows each expert worker computed in the run (its counters)
-  tok/s      generated tokens per second of the run (requests submitted at once, all to completion)
+Part 1, a cluster per placement policy (spread, load_aware), both running, measured in turns:
+  before     after a warm-up run (the controller has observed the load by then); both policies still
+             place with spread here (load_aware needs observed load to plan)
+  rebalance  one run with a rebalance asked for once every request is decoding
+  after      once the new placement serves and old copies are dropped
+  imbalance  max over mean of the rows each expert worker computed in a run (its counters)
+  tok/s      generated tokens per second of a run (requests submitted at once, all to completion);
+             before and after: medians of --repeats runs, alternating between the two clusters
 
 Part 2, one load_aware cluster: expert workers 3 -> 4 -> 2, then attention workers 2 -> 3 -> 1,
 each step taken while a fresh load is decoding.
@@ -46,6 +47,7 @@ from resilient_moe.proto import controller_pb2 as pb  # noqa: E402
 from resilient_moe.server.frontend import Frontend  # noqa: E402
 
 HOT = 0
+POLICIES = ("spread", "load_aware")
 
 
 def skewed_model(out: Path, experts: int) -> Path:
@@ -160,33 +162,54 @@ def deployment(model: Path, policy: str, attention: int, experts: int, **extra) 
                             heartbeat_timeout_s=5.0, **extra)
 
 
-def placement_runs(model: Path, zygote: Zygote, policy: str, args, reference: list) -> list[dict]:
+def placement_runs(model: Path, zygote: Zygote, args, reference: list) -> list[dict]:
+    """Both policies' clusters run at once (one idles while the other is measured) and their runs
+    alternate, so a machine that gets busier or quieter meanwhile weighs on both alike."""
     prompts, params = workload(args.requests, args.max_tokens, seed=1)
-    rows = []
-    with LocalCluster(deployment(model, policy, args.attention_workers, args.expert_workers), zygote=zygote) as cluster:
-        frontend = Frontend(cluster.controller_address).start()
-        try:
-            run(frontend, prompts, params)  # warm-up: the controller observes the load
-            for phase in ("before", "rebalance", "after"):
-                before = expert_rows(cluster)
-                if phase == "rebalance":
-                    def rebalance() -> None:
-                        reply = cluster.client.stub.Rebalance(pb.Empty(), timeout=10)
-                        if reply.started:
-                            wait_for(lambda: settled(cluster), 120, "the new placement to serve")
-                        rows.append({"policy": policy, "phase": "rebalance asked", "detail": reply.detail})
-                    result = run(frontend, prompts, params, change=rebalance)
-                else:
-                    result = run(frontend, prompts, params)
-                row = {"policy": policy, "phase": phase, "imbalance": imbalance(before, expert_rows(cluster)),
-                       "tokens_per_s": result["generated"] / result["seconds"],
-                       "identical": result["tokens"] == reference}
-                if phase == "rebalance":
-                    row.update(stall(result))
-                rows.append(row)
-        finally:
+    rows: list[dict] = []
+    clusters = {p: LocalCluster(deployment(model, p, args.attention_workers, args.expert_workers), zygote=zygote)
+                for p in POLICIES}
+    frontends: dict[str, Frontend] = {}
+    try:
+        for policy, cluster in clusters.items():
+            cluster.start()
+            frontends[policy] = Frontend(cluster.controller_address).start()
+            run(frontends[policy], prompts, params)  # warm-up: the controller observes the load
+
+        def measure(phase: str) -> None:
+            samples: dict[str, list[tuple[float, float, bool]]] = {p: [] for p in POLICIES}
+            for _ in range(args.repeats):
+                for policy, cluster in clusters.items():
+                    before = expert_rows(cluster)
+                    result = run(frontends[policy], prompts, params)
+                    samples[policy].append((imbalance(before, expert_rows(cluster)),
+                                            result["generated"] / result["seconds"], result["tokens"] == reference))
+            for policy in POLICIES:
+                rows.append({"policy": policy, "phase": phase,
+                             "imbalance": statistics.median(x[0] for x in samples[policy]),
+                             "tokens_per_s": statistics.median(x[1] for x in samples[policy]),
+                             "identical": all(x[2] for x in samples[policy])})
+
+        measure("before")
+        for policy, cluster in clusters.items():
+            def rebalance(cluster=cluster, policy=policy) -> None:
+                reply = cluster.client.stub.Rebalance(pb.Empty(), timeout=10)
+                if reply.started:
+                    wait_for(lambda: settled(cluster), 120, "the new placement to serve")
+                rows.append({"policy": policy, "phase": "rebalance asked", "detail": reply.detail})
+            before = expert_rows(cluster)
+            result = run(frontends[policy], prompts, params, change=rebalance)
+            rows.append({"policy": policy, "phase": "rebalance", "imbalance": imbalance(before, expert_rows(cluster)),
+                         "tokens_per_s": result["generated"] / result["seconds"],
+                         "identical": result["tokens"] == reference, **stall(result)})
+        measure("after")
+    finally:
+        for frontend in frontends.values():
             frontend.close()
-    return rows
+        for cluster in clusters.values():
+            cluster.stop()
+    order = {"before": 0, "rebalance": 1, "after": 2}
+    return sorted(rows, key=lambda r: (POLICIES.index(r["policy"]), order.get(r["phase"], 3)))
 
 
 def scale_runs(model: Path, zygote: Zygote, args, reference: list) -> list[dict]:
@@ -224,6 +247,7 @@ def main() -> int:
     parser.add_argument("--experts", type=int, default=16)
     parser.add_argument("--attention-workers", type=int, default=1)
     parser.add_argument("--expert-workers", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3, help="measured runs per policy and phase (medians)")
     parser.add_argument("--json", help="write every row as JSON here")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -240,8 +264,7 @@ def main() -> int:
                 reference = run(frontend, prompts, params)["tokens"]
             finally:
                 frontend.close()
-        placement = placement_runs(model, zygote, "spread", args, reference) + \
-            placement_runs(model, zygote, "load_aware", args, reference)
+        placement = placement_runs(model, zygote, args, reference)
         scaling = scale_runs(model, zygote, args, reference)
     finally:
         zygote.shutdown()

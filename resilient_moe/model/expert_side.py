@@ -28,6 +28,9 @@ if TYPE_CHECKING:
     from resilient_moe.kernels.fused_moe import ExpertBank
 
 ExpertKey = tuple[int, int]  # (layer, expert)
+# An expert read for `install`: packed linear layers (gate_up, down) for per-expert kernels, the raw
+# weights for grouped kernels (stacked into the layer's bank when installed).
+Prepared = tuple[ops.Linear, ops.Linear] | ExpertWeights
 
 
 class ExpertSide:
@@ -55,24 +58,29 @@ class ExpertSide:
         """Read the given experts' tensors from the checkpoint and hold them (skips ones already held)."""
         self.install(self.read(experts))
 
-    def read(self, experts: Iterable[ExpertKey]) -> dict[ExpertKey, ExpertWeights]:
-        """The tensors of the given experts not held yet, from the checkpoint. Changes nothing here, so an
-        expert worker reads new experts on another thread while this side computes."""
+    def read(self, experts: Iterable[ExpertKey]) -> dict[ExpertKey, Prepared]:
+        """The given experts not held yet, read from the checkpoint and prepared for the kernels (per-
+        expert kernels: packed linear layers). Changes nothing here, so an expert worker reads new
+        experts on another thread while this side computes."""
         wanted = [key for key in dict.fromkeys(experts) if key not in self._weights]
         for key in wanted:
             if key not in self.checkpoint.names.expert_shapes:
                 raise ExpertUnavailableError(f"expert {key[1]} of layer {key[0]} does not exist in this model")
-        return {(layer, expert): self._read(layer, expert) for layer, expert in wanted}
-
-    def install(self, weights: dict[ExpertKey, ExpertWeights]) -> None:
-        """Hold experts that `read` returned (on the thread that computes: grouped kernels restack)."""
-        fresh = {key: w for key, w in weights.items() if key not in self._weights}
-        if self.kernels.grouped_experts:
-            self._add_to_banks(fresh)
-            return
-        for key, w in fresh.items():
+        out: dict[ExpertKey, Prepared] = {}
+        for layer, expert in wanted:
+            w = self._read(layer, expert)
             linear = self.kernels.linear
-            self._weights[key] = (linear(w.gate_up, w.gate_up_bias), linear(w.down, w.down_bias))
+            out[(layer, expert)] = w if self.kernels.grouped_experts else \
+                (linear(w.gate_up, w.gate_up_bias), linear(w.down, w.down_bias))
+        return out
+
+    def install(self, prepared: dict[ExpertKey, Prepared]) -> None:
+        """Hold experts that `read` returned (on the thread that computes: grouped kernels restack)."""
+        fresh = {key: p for key, p in prepared.items() if key not in self._weights}
+        if self.kernels.grouped_experts:
+            self._add_to_banks(fresh)  # type: ignore[arg-type]
+        else:
+            self._weights.update(fresh)  # type: ignore[arg-type]
 
     def _read(self, layer: int, expert: int) -> ExpertWeights:
         return self.checkpoint.load_expert(self.checkpoint.names.expert(layer, expert), self.dtype, self.device)

@@ -35,8 +35,8 @@ from resilient_moe.datapath.parts import check_dispatch, rows_per_part
 from resilient_moe.datapath.poller import Poller, Wakeup
 from resilient_moe.engine.engine import resolve_device
 from resilient_moe.errors import ExpertUnavailableError
-from resilient_moe.model.checkpoint import Checkpoint, ExpertWeights, torch_dtype
-from resilient_moe.model.expert_side import ExpertKey, ExpertSide
+from resilient_moe.model.checkpoint import Checkpoint, torch_dtype
+from resilient_moe.model.expert_side import ExpertKey, ExpertSide, Prepared
 from resilient_moe.model.kernel_set import KernelSet
 from resilient_moe.proto import controller_pb2 as pb
 from resilient_moe.workers.common import configure_process, link_address, yield_cpu_while_loading
@@ -87,7 +87,7 @@ class ExpertServer:
         # Rows computed per (layer, expert) since start (this thread writes; heartbeats read deltas).
         self.expert_rows = torch.zeros((self.num_layers, self.num_experts), dtype=torch.long)
         self.held = (0, list(experts.held))  # (version, experts held): replaced whole when it changes
-        self._installs: "queue.SimpleQueue[dict[ExpertKey, ExpertWeights]]" = queue.SimpleQueue()
+        self._installs: "queue.SimpleQueue[dict[ExpertKey, Prepared]]" = queue.SimpleQueue()
         self._drops: "queue.SimpleQueue[list[ExpertKey]]" = queue.SimpleQueue()
 
     def add_link(self, link: Link) -> None:
@@ -253,7 +253,7 @@ class ExpertServer:
 
     # ---- experts held: loads and drops the controller orders ---------------------------------
 
-    def install_later(self, weights: dict[ExpertKey, ExpertWeights]) -> None:
+    def install_later(self, weights: dict[ExpertKey, Prepared]) -> None:
         """Hold these experts from the next round on (any thread)."""
         self._installs.put(weights)
 
@@ -332,6 +332,10 @@ class ControllerOrders:
 
     def _load(self, keys: list[ExpertKey]) -> None:
         began = time.monotonic()
+        try:  # the serving thread first: this one at the lowest CPU priority (it ends, so nothing to restore)
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        except OSError:
+            pass
         try:
             weights = self.server.experts.read(keys)
             self.server.install_later(weights)
