@@ -532,3 +532,16 @@ def test_periodic_rebalance_moves_experts_only_when_it_pays():
     model.reconcile()
     assert model.rebalancing and len(model.target.copies[(0, 0)]) == 3
     assert [e.kind for e in model.events][-1] == "rebalance"
+
+
+def test_one_failing_reconcile_step_never_stops_the_others(monkeypatch):
+    model = make_model(experts=2)
+    for i in range(2):
+        start(model, f"ew-{i}", 10 + i)
+
+    def broken(now):
+        raise RuntimeError("a bug in placement")
+    monkeypatch.setattr(model, "_reconcile_placement", broken)
+    model.declare_dead("ew-1", "test")
+    model.reconcile()
+    assert [(o.action, o.worker) for o in model.orders.values()] == [("start", "ew-1")]

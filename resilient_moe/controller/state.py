@@ -30,6 +30,7 @@ or sockets; placement decisions are the pure functions of placement.py.
 from __future__ import annotations
 
 import enum
+import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -40,6 +41,8 @@ from resilient_moe.controller import placement
 from resilient_moe.controller.placement import ExpertKey, Placement
 from resilient_moe.datapath.ert import RoutingTable
 from resilient_moe.datapath.faults import LinkFault
+
+log = logging.getLogger("resilient_moe.controller")
 
 BUSY_GRACE = 10  # heartbeat timeouts a silent worker whose process still runs gets before it is declared dead
 PERIODIC_GAIN = 0.9  # a periodic rebalance moves experts only if it cuts the expected imbalance by 10%
@@ -495,15 +498,18 @@ class ClusterModel:
     # ---- the reconcile pass -----------------------------------------------------------------
 
     def reconcile(self) -> None:
-        """Compare desired and observed state; issue what closes the gap (see the module docstring)."""
+        """Compare desired and observed state; issue what closes the gap (see the module docstring).
+        Each part runs on its own: one that raises is logged and never keeps the others from running."""
         now = self.clock()
-        self._complete_orders()
-        self._expire_orders()
-        self._decay_load(now)
-        self._reconcile_roster(now)
+        parts = [self._complete_orders, self._expire_orders, lambda: self._decay_load(now),
+                 lambda: self._reconcile_roster(now), lambda: self._reconcile_placement(now)]
         if not self.resilience:
-            self._reconcile_restart_all()
-        self._reconcile_placement(now)
+            parts.insert(4, self._reconcile_restart_all)
+        for part in parts:
+            try:
+                part()
+            except Exception:
+                log.exception("a reconcile step failed; the others went on")
 
     def _order(self, action: str, worker: str, pid: int, generation: int = 0) -> Order:
         """Issue an order unless the same one is outstanding."""
