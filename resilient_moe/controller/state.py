@@ -69,6 +69,8 @@ REPLACED_ROLES = ("expert", "attention", "kv_store")
 
 @dataclass
 class WorkerRecord:
+    """The controller's book on one worker name: its current incarnation and what it reported."""
+
     name: str
     role: str  # "attention", "expert", "frontend", "kv_store"
     index: int
@@ -156,6 +158,9 @@ class ControllerSettings:
 
 @dataclass(frozen=True)
 class HeartbeatAnswer:
+    """What a heartbeat hears back: whether its incarnation still counts, and (expert workers) which
+    experts to load and which copies to drop."""
+
     alive: bool
     load_experts: list[ExpertKey] = field(default_factory=list)
     drop_experts: list[ExpertKey] = field(default_factory=list)

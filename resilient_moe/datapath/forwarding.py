@@ -193,7 +193,7 @@ class Forwarder:
         def open_link() -> None:
             try:
                 self._opened.put((name, incarnation, self._open(name, address, incarnation)))
-            except (OSError, ConnectionError, ValueError) as e:
+            except Exception as e:  # noqa: BLE001 (refused, gone, a bad handshake: asked again by the next view)
                 log.warning("cannot link to %s at %s: %s", name, address, e)
                 self._opened.put((name, incarnation, None))
 
