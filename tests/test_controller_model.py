@@ -545,3 +545,17 @@ def test_one_failing_reconcile_step_never_stops_the_others(monkeypatch):
     model.declare_dead("ew-1", "test")
     model.reconcile()
     assert [(o.action, o.worker) for o in model.orders.values()] == [("start", "ew-1")]
+
+
+def test_requests_go_to_the_least_loaded_attention_worker_and_moved_ones_spread():
+    from resilient_moe.controller.placement import AttentionLoad, choose_attention_worker
+
+    assert choose_attention_worker({}) is None
+    loads = {"aw-0": AttentionLoad(4, 0.9), "aw-1": AttentionLoad(2, 0.1), "aw-2": AttentionLoad(2, 0.6)}
+    assert choose_attention_worker(loads) == "aw-2", "fewest requests, then the most free KV cache"
+    placed = []
+    for _ in range(6):  # a dead worker's requests, moved one by one, each counted where it went
+        name = choose_attention_worker(loads)
+        placed.append(name)
+        loads[name] = AttentionLoad(loads[name].requests + 1, loads[name].kv_free)
+    assert placed.count("aw-0") == 1 and placed.count("aw-1") == 2 and placed.count("aw-2") == 3

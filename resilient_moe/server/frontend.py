@@ -313,6 +313,7 @@ class Frontend:
                     except (OSError, ConnectionError) as e:
                         log.warning("cannot reach %s: %s", w.name, e)
                 elif current is not None and view.ended(w.name, current[0]):
+                    self._drain(w.name, current[1].link)  # what it sent before it left (tokens, a handover) first
                     self._lost(w.name, f"{w.state.value} (controller)", report=False)
             self.resilience = view.resilience
             if self.links:
