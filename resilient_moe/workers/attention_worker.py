@@ -112,13 +112,24 @@ class AttentionServer:
                     got = True
                     if frame.header.kind == FrameKind.CONTROL:
                         try:
-                            self.commands.append((link, messages.decode(frame.body)))
+                            message = messages.decode(frame.body)
                         except messages.MessageError as e:
                             log.error("bad message from %s: %s", link.peer.name, e)
+                            continue
+                        if self._restores_now(message):
+                            self._submit(link, message)  # the store is read while the step runs
+                        else:
+                            self.commands.append((link, message))
                 if got:
                     link.release()
             except (LinkClosed, FrameTooLarge) as e:
                 self._drop_frontend(link, str(e))
+
+    def _restores_now(self, message: messages.Message) -> bool:
+        """A request moved here with checkpointed KV: reading it touches no engine state, so it starts
+        as soon as it arrives, even mid-step (the engine takes the request between steps, once read)."""
+        return isinstance(message, messages.Submit) and message.resume and self.checkpointer is not None \
+            and not self.draining.is_set()
 
     def _drop_frontend(self, link: Link, reason: str) -> None:
         if self.frontends.pop(link, None) is None:
