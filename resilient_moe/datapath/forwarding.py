@@ -40,7 +40,7 @@ from resilient_moe.datapath.link import FrameTooLarge, Link, LinkClosed, PeerInf
 from resilient_moe.datapath.parts import DeadlineModel, check_result, rows_per_part
 from resilient_moe.datapath.poller import Poller
 from resilient_moe.errors import ExpertUnavailableError
-from resilient_moe.procs import RUNNABLE, process_state
+from resilient_moe.procs import RUNNABLE, background_thread, process_state
 
 log = logging.getLogger("resilient_moe.forwarding")
 
@@ -191,6 +191,7 @@ class Forwarder:
         self._connecting.add((name, incarnation))
 
         def open_link() -> None:
+            background_thread()
             try:
                 self._opened.put((name, incarnation, self._open(name, address, incarnation)))
             except Exception as e:  # noqa: BLE001 (refused, gone, a bad handshake: asked again by the next view)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import select
 import signal
 import threading
 import time
@@ -38,6 +39,7 @@ from resilient_moe.errors import ExpertUnavailableError
 from resilient_moe.model.checkpoint import Checkpoint, torch_dtype
 from resilient_moe.model.expert_side import ExpertKey, ExpertSide, Prepared
 from resilient_moe.model.kernel_set import KernelSet
+from resilient_moe.procs import background_thread
 from resilient_moe.proto import controller_pb2 as pb
 from resilient_moe.workers.common import configure_process, link_address, yield_cpu_while_loading
 
@@ -332,10 +334,7 @@ class ControllerOrders:
 
     def _load(self, keys: list[ExpertKey]) -> None:
         began = time.monotonic()
-        try:  # the serving thread first: this one at the lowest CPU priority (it ends, so nothing to restore)
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-        except OSError:
-            pass
+        background_thread()
         try:
             weights = self.server.experts.read(keys)
             self.server.install_later(weights)
@@ -367,8 +366,10 @@ def main(config: WorkerConfig) -> int:
                             timeout_s=dep.startup_timeout_s)
     identity = PeerInfo(config.name, worker_number("expert", config.index), reply.incarnation, os.getpid(), dep.host)
     poller = Poller()
-    listener = listen(link_address(dep, config.cluster_id, config.name, reply.incarnation), identity, poller)
-    poller.add_fd(listener.fileno())
+    # Links are accepted on a thread of their own (mapping a link's rings takes tens of milliseconds, which
+    # the attention workers already served must not wait for) and join the poller from the serving loop.
+    listener = listen(link_address(dep, config.cluster_id, config.name, reply.incarnation), identity)
+    accepted: "queue.SimpleQueue[Link]" = queue.SimpleQueue()
     server: ExpertServer | None = None
     orders: ControllerOrders | None = None
     wakeup = Wakeup(poller)
@@ -401,8 +402,21 @@ def main(config: WorkerConfig) -> int:
         if view.is_fenced(config.name, reply.incarnation):
             on_fenced()
 
+    def accept_forever() -> None:
+        background_thread()
+        while not server.stopping.is_set():
+            select.select([listener.fileno()], [], [], 0.2)
+            try:
+                while (link := listener.accept()) is not None:
+                    accepted.put(link)
+                    wakeup.ring()
+            except ValueError:
+                return  # the listener closed: the worker is stopping
+
     client.start_watch(config.name, on_state)
     signal.signal(signal.SIGTERM, lambda *_: (draining.set(), server.stopping.set(), wakeup.ring()))
+    acceptor = threading.Thread(target=accept_forever, name="accept-links", daemon=True)
+    acceptor.start()
     client.ready(config.name, reply.incarnation, experts.held, listener.address)
     log.info("%s ready: %d experts on %s (%s kernels), listening on %s", config.name, len(experts.held),
              experts.device, experts.kernels.name, listener.address)
@@ -411,7 +425,9 @@ def main(config: WorkerConfig) -> int:
         while not server.stopping.is_set():
             server.poll_once(0.5)
             wakeup.drain()
-            while (link := listener.accept()) is not None:
+            while not accepted.empty():
+                link = accepted.get()
+                poller.add(link)
                 server.add_link(link)
         fenced = (config.name, reply.incarnation) in server.fenced
         if draining.is_set() and not fenced:
@@ -421,6 +437,9 @@ def main(config: WorkerConfig) -> int:
         if not fenced:
             client.deregister(config.name, reply.incarnation)
         server.close()
+        acceptor.join(1.0)
         listener.close()
+        while not accepted.empty():
+            accepted.get().close()
         client.close()
     return 3 if fenced else 0
