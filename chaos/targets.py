@@ -36,7 +36,7 @@ class Worker:
     pid: int
     host: str
     incarnation: int
-    state: str  # READY, SUSPECT, DEAD, STARTING, STOPPED
+    state: str  # the WorkerState, upper case: STARTING, LOADING, READY, SUSPECT, DRAINING, FENCED, GONE
 
     @property
     def live(self) -> bool:

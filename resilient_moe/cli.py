@@ -147,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="/v1/* needs 'Authorization: Bearer KEY' (repeatable; also the comma-separated "
                             "$RESILIENT_MOE_API_KEYS; default: none, /v1 is open)")
     serve.add_argument("--log-dir", metavar="DIR", help="worker logs (default: a temporary directory)")
+    serve.add_argument("--drain-timeout", type=_positive_float, metavar="S",
+                       help="on SIGTERM, how long requests in flight get to finish (new ones get 503) before "
+                            "everything stops (default: drain_timeout_s of the config, 30)")
 
     status = sub.add_parser("status", help="show a running server's cluster in the terminal")
     status.add_argument("--url", default="http://127.0.0.1:8000", help="the server (default: %(default)s)")
@@ -154,6 +157,17 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--watch", action="store_true", help="redraw until Ctrl-C")
     status.add_argument("--interval", type=_positive_float, default=2.0, metavar="S",
                         help="seconds between redraws with --watch (default: %(default)s)")
+
+    admin = sub.add_parser("admin", help="change a running server's cluster (needs its admin token)")
+    actions = admin.add_subparsers(dest="action", metavar="ACTION")
+    actions.required = True
+    scale = actions.add_parser("scale", help="change how many attention and expert workers run, while serving")
+    rebalance = actions.add_parser("rebalance", help="place the experts by the load observed so far (load_aware)")
+    for p in (scale, rebalance):
+        p.add_argument("--url", default="http://127.0.0.1:8000", help="the server (default: %(default)s)")
+        p.add_argument("--token", metavar="TOKEN", help="its admin token (default: $RESILIENT_MOE_ADMIN_TOKEN)")
+    scale.add_argument("--attention-workers", type=_positive_int, metavar="N")
+    scale.add_argument("--expert-workers", type=_positive_int, metavar="M")
     return parser
 
 
@@ -294,6 +308,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.max_model_len is not None:
         deployment = dataclasses.replace(
             deployment, engine=dataclasses.replace(deployment.engine, max_model_len=args.max_model_len))
+    if args.drain_timeout is not None:
+        deployment = dataclasses.replace(deployment, drain_timeout_s=args.drain_timeout)
     check_kernels(deployment.engine)
     stack = ServingStack(
         deployment, host=args.host, port=args.port, admin_token=args.admin_token,
@@ -303,21 +319,54 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return run(stack, say=lambda text: print(text, flush=True))
 
 
-def cmd_status(args: argparse.Namespace) -> int:
+def _admin_token(args: argparse.Namespace) -> str:
     import os
 
     from resilient_moe.server.serve import ADMIN_TOKEN_ENV
-    from resilient_moe.server.status import show
 
     token = args.token or os.environ.get(ADMIN_TOKEN_ENV)
     if not token:
         raise CliError(f"give the server's admin token: --token TOKEN or ${ADMIN_TOKEN_ENV} (serve prints it)")
-    show(args.url, token, watch=args.watch, interval_s=args.interval)
+    return token
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from resilient_moe.server.status import show
+
+    show(args.url, _admin_token(args), watch=args.watch, interval_s=args.interval)
+    return 0
+
+
+def cmd_admin(args: argparse.Namespace) -> int:
+    """POST /admin/scale or /admin/rebalance and print the answer."""
+    import httpx
+
+    token = _admin_token(args)
+    if args.action == "scale":
+        if args.attention_workers is None and args.expert_workers is None:
+            raise CliError("give --attention-workers N, --expert-workers M or both")
+        body = {k: v for k, v in (("attention_workers", args.attention_workers),
+                                  ("expert_workers", args.expert_workers)) if v is not None}
+    else:
+        body = {}
+    url = f"{args.url.rstrip('/')}/admin/{args.action}"
+    try:
+        response = httpx.post(url, json=body, headers={"Authorization": f"Bearer {token}"}, timeout=10.0)
+    except httpx.HTTPError as e:
+        raise ResilientMoeError(f"cannot reach {url}: {e}") from None
+    try:
+        answer = response.json()
+    except ValueError:
+        answer = {"error": {"message": response.text[:200]}}
+    if response.status_code != 200:
+        message = (answer.get("error") or {}).get("message", response.text[:200]) if isinstance(answer, dict) else answer
+        raise ResilientMoeError(f"{url}: HTTP {response.status_code}: {message}")
+    print(json.dumps(answer))
     return 0
 
 
 COMMANDS = {"make-tiny-model": cmd_make_tiny_model, "generate": cmd_generate, "serve": cmd_serve,
-            "status": cmd_status}
+            "status": cmd_status, "admin": cmd_admin}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -504,7 +504,12 @@ class DeploymentConfig:
     startup_timeout_s: float = 120.0
     resilience: bool = True  # False: the restart-everything baseline (no shadows; any death restarts all)
     shadow_budget_bytes: int | None = None  # spare memory per expert worker for shadows; None: one copy of each
-    shadow_policy: str = "spread"  # or "load_aware" (EPLB-style: hot experts get more copies)
+    shadow_policy: str = "spread"  # or "load_aware" (EPLB-style: hot experts get more copies, copies share tokens)
+    rebalance_interval_s: float = 0.0  # load_aware: re-place experts by observed load this often (0: on demand only)
+    load_half_life_s: float = 30.0  # half-life of the controller's decayed per-expert load estimate
+    expert_wait_s: float = 15.0  # longest a micro-batch waits for a replacement when an expert has no live copy
+    max_attention_workers: int | None = None  # most attention workers scaling may reach (KV store regions); None: as many as attention_workers
+    drain_timeout_s: float = 30.0  # longest a draining worker (or server) takes to finish or hand over its requests
     kv_checkpoint: bool = True  # checkpoint attention workers' KV into the KV store (needs Redis)
     kv_store_bytes: int = 256 << 20  # host memory of the KV store (allocated as it is written)
     redis_url: str = ""  # "": the launcher starts a private redis-server when checkpointing is on
@@ -540,6 +545,21 @@ class DeploymentConfig:
             raise ConfigError(f"host must be a non-empty string, got {self.host!r}")
         if self.shadow_policy not in ("spread", "load_aware"):
             raise ConfigError(f"shadow_policy must be spread or load_aware, got {self.shadow_policy!r}")
+        for name in ("load_half_life_s", "expert_wait_s", "drain_timeout_s"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
+        value = self.rebalance_interval_s
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+            raise ConfigError(f"rebalance_interval_s must be a number of seconds >= 0, got {value!r}")
+        if value > 0 and self.shadow_policy != "load_aware":
+            raise ConfigError(f"rebalance_interval_s ({value}) needs shadow_policy: load_aware; the spread placement "
+                              "does not depend on load, so there is nothing to rebalance")
+        value = self.max_attention_workers
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                  or value < self.attention_workers):
+            raise ConfigError(f"max_attention_workers must be an integer >= attention_workers "
+                              f"({self.attention_workers}), got {value!r}")
         if self.shadow_budget_bytes is not None and (
             not isinstance(self.shadow_budget_bytes, int) or self.shadow_budget_bytes < 0
         ):
@@ -605,6 +625,11 @@ class DeploymentConfig:
         import dataclasses
 
         return dataclasses.asdict(self)
+
+    @property
+    def attention_regions(self) -> int:
+        """Attention workers the KV store keeps a region for: as many as scaling may ever start."""
+        return self.max_attention_workers or self.attention_workers
 
 
 ROLES = ("controller", "attention", "expert", "kv_store")

@@ -10,6 +10,8 @@ field's type and names the first bad one, so a malformed message is rejected, no
     failed     AW -> frontend   a request cannot complete here (bad input, no live expert replica...)
     started    AW -> frontend   these requests are in the step about to run, their first one here
                                 (sent before it runs: if the worker dies in it, they are suspects)
+    handover   AW -> frontend   this worker is draining: move these requests to another worker; their
+                                KV is committed in the KV store, where the adopter restores it from
 """
 
 from __future__ import annotations
@@ -62,8 +64,15 @@ class Started:
     type: str = "started"
 
 
-Message = Submit | Abort | Tokens | Failed | Started
-_TYPES = {"submit": Submit, "abort": Abort, "tokens": Tokens, "failed": Failed, "started": Started}
+@dataclass(frozen=True)
+class Handover:
+    request_ids: list[str]
+    type: str = "handover"
+
+
+Message = Submit | Abort | Tokens | Failed | Started | Handover
+_TYPES = {"submit": Submit, "abort": Abort, "tokens": Tokens, "failed": Failed, "started": Started,
+          "handover": Handover}
 
 
 def encode(message: Message) -> bytes:
@@ -128,7 +137,7 @@ def _check(kind: str, raw: dict[str, Any]) -> None:
              "[token, logprob] pairs)")
     elif kind == "failed":
         need("message", isinstance(raw.get("message"), str), "a string")
-    elif kind == "started":
+    elif kind in ("started", "handover"):
         ids = raw.get("request_ids")
         need("request_ids", isinstance(ids, list) and all(isinstance(r, str) and 0 < len(r) <= 256 for r in ids),
              "a list of request ids")

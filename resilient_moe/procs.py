@@ -9,6 +9,7 @@ at; for others the answer is UNKNOWN and callers fall back to their timeouts.
 from __future__ import annotations
 
 import os
+import threading
 
 GONE = "gone"  # exited, or a zombie not yet reaped
 STOPPED = "stopped"  # SIGSTOP or traced: runs again only if someone resumes it
@@ -53,3 +54,13 @@ def process_state(pid: int, host: str = "127.0.0.1") -> str:
 def process_alive(pid: int) -> bool:
     """True while `pid` runs on this host; a zombie (exited, not yet reaped) counts as gone."""
     return _STATES.get(_code(f"/proc/{pid}/stat") or "X", RUNNABLE) != GONE if pid > 0 else False
+
+
+def background_thread() -> None:
+    """Run the calling thread at the lowest CPU priority (Linux nice values are per thread), so that
+    background work (loading experts, setting up links) never takes a core from serving. Meant for
+    threads that end: the priority is not raised again (that would need CAP_SYS_NICE)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except OSError:
+        pass

@@ -1,9 +1,10 @@
 """Helpers for tests that talk HTTP to a real serving stack (cluster processes + frontend + uvicorn).
 
 `serving_stack` starts one in-process on a free port and stops it even when the test fails, then
-checks that no worker survived. `stream_completion` reads one SSE completion; `streams_through_kill`
-SIGKILLs a worker while several completions stream and returns what each client received, so a
-failover test (an expert worker here, an attention worker later) is a few lines.
+checks that no worker survived. `stream_completion` reads one SSE completion; `streams_through`
+runs an action (a scale step, a rebalance) while several completions stream and returns what each
+client received; `streams_through_kill` SIGKILLs a worker that way, so a failover test (an expert
+worker here, an attention worker later) is a few lines.
 """
 
 from __future__ import annotations
@@ -27,12 +28,14 @@ ADMIN_TOKEN = "test-admin-token"
 
 @contextmanager
 def serving_stack(model_dir, zygote, log_dir, attention_workers: int = 2, expert_workers: int = 2,
-                  max_model_len: int = 128, **stack_options):
+                  max_model_len: int = 128, deployment_options: dict | None = None, **stack_options):
     """A started ServingStack on 127.0.0.1:<free port>; every process it started is gone afterwards.
     Detection runs on its defaults: a starved machine must not make healthy workers look dead (the
-    second path of detection, procs.py, sees they still run)."""
+    second path of detection, procs.py, sees they still run). `deployment_options`: more
+    DeploymentConfig settings."""
     dep = DeploymentConfig(model=str(model_dir), attention_workers=attention_workers,
-                           expert_workers=expert_workers, engine=EngineConfig(max_model_len=max_model_len))
+                           expert_workers=expert_workers, engine=EngineConfig(max_model_len=max_model_len),
+                           **(deployment_options or {}))
     stack = ServingStack(dep, port=0, admin_token=ADMIN_TOKEN, zygote=zygote, log_dir=log_dir, **stack_options)
     pids: list[int] = []
     try:
@@ -105,13 +108,22 @@ def streams_through_kill(stack: ServingStack, victim: str, prompts: list[list[in
                          kill_after_tokens: int = 3, timeout_s: float = 60.0, **extra) -> list[StreamResult]:
     """Stream one completion per prompt; SIGKILL worker `victim` once every stream has received at
     least `kill_after_tokens` tokens; return what each client got (ignore_eos, so lengths are known)."""
+    return streams_through(stack, lambda: os.kill(stack.cluster.pids[victim], signal.SIGKILL), prompts, max_tokens,
+                           kill_after_tokens, timeout_s, **extra)
+
+
+def streams_through(stack: ServingStack, action, prompts: list[list[int]], max_tokens: int,
+                    after_tokens: int = 3, timeout_s: float = 60.0, **extra) -> list[StreamResult]:
+    """Stream one completion per prompt; call `action()` once every stream has received at least
+    `after_tokens` tokens (and none has finished); return what each client got (ignore_eos, so
+    lengths are known)."""
     results = [StreamResult() for _ in prompts]
     started = [threading.Event() for _ in prompts]
     errors: list[BaseException] = []
 
     def client(i: int) -> None:
         def on_chunk(result: StreamResult) -> None:
-            if len(result.token_ids) >= kill_after_tokens:
+            if len(result.token_ids) >= after_tokens:
                 started[i].set()
 
         try:
@@ -133,10 +145,10 @@ def streams_through_kill(stack: ServingStack, victim: str, prompts: list[list[in
     for event in started:
         assert event.wait(max(0.1, deadline - time.monotonic())), "streams did not start"
     assert not errors, errors
-    assert all(not r.done for r in results), "a stream finished before the kill: raise max_tokens"
-    os.kill(stack.cluster.pids[victim], signal.SIGKILL)
+    assert all(not r.done for r in results), "a stream finished before the action: raise max_tokens"
+    action()
     for t in threads:
         t.join(max(0.1, deadline - time.monotonic()))
-    assert not any(t.is_alive() for t in threads), "a stream did not finish after the kill"
+    assert not any(t.is_alive() for t in threads), "a stream did not finish after the action"
     assert not errors, errors
     return results

@@ -175,6 +175,8 @@ def save_routing_model(path):
 
 
 def test_an_expert_with_no_replica_left_fails_only_its_requests(zygote, tmp_path):
+    """Past expert_wait_s (short here, so it passes before the replacement can load), only the requests
+    whose tokens need the lost experts fail, naming them; the rest complete."""
     model_dir = save_routing_model(tmp_path / "routing")
     prompts = [[r + 8 * k for k in range(1, 2 + i)] for r in range(NUM_EXPERTS) for i in range(2)]
     params = SamplingParams(max_tokens=40, ignore_eos=True)
@@ -182,7 +184,7 @@ def test_an_expert_with_no_replica_left_fails_only_its_requests(zygote, tmp_path
     assert all(set(t) == {16 + p[0] % NUM_EXPERTS} for p, t in zip(prompts, reference)), "routing is as designed"
 
     dep = DeploymentConfig(model=str(model_dir), attention_workers=1, expert_workers=3, micro_batches=2,
-                           shadow_budget_bytes=0)
+                           shadow_budget_bytes=0, expert_wait_s=0.02)
     with LocalCluster(dep, log_dir=tmp_path / "logs", zygote=zygote) as cluster:
         frontend = start(cluster)
         try:

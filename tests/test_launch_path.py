@@ -11,7 +11,7 @@ import signal
 import grpc
 import pytest
 
-from conftest import pid_alive, wait_until
+from conftest import pid_alive, wait_until, worker_load
 from resilient_moe.config import DeploymentConfig, EngineConfig, SamplingParams
 from resilient_moe.engine.engine import LLMEngine
 from resilient_moe.launch.local import LocalCluster
@@ -90,6 +90,11 @@ def test_sigterm_to_an_attention_worker_replaces_it_and_its_requests_finish(tiny
             os.kill(old, signal.SIGTERM)
             assert [h.wait(120).token_ids for h in handles] == reference
             assert all(h.moves >= 1 for h in on_victim)
+            # A planned drain, not a failure: its requests moved with their KV (each adopter computed only
+            # each request's newest position again) and no death was declared.
+            wait_until(lambda: worker_load(cluster, "aw-1", "ckpt_restored") >= len(on_victim), 10, "restores")
+            assert worker_load(cluster, "aw-1", "recomputed_tokens") == len(on_victim)
+            assert ("dead", "aw-0") not in [(e.kind, e.worker) for e in cluster.state().events]
             wait_until(lambda: not pid_alive(old), 15, "the old aw-0 to exit")
             wait_until(lambda: ready_again(cluster, ["aw-0"], {"aw-0": old}), 30, "a replacement aw-0")
             later = [frontend.submit(p, params) for p in prompts[:4]]

@@ -88,7 +88,7 @@ def test_cluster_gauges_cover_every_process(stack):
     text = wait_until(every_process_up, 10, "worker_up for every process")
     assert value(text, "resilient_moe_worker_up", worker="controller", role="controller") == 1.0
     assert value(text, "resilient_moe_worker_state", worker="aw-0", role="attention", state="ready") == 1.0
-    assert value(text, "resilient_moe_worker_state", worker="aw-0", role="attention", state="dead") == 0.0
+    assert value(text, "resilient_moe_worker_state", worker="aw-0", role="attention", state="fenced") == 0.0
     assert value(text, "resilient_moe_ert_epoch") >= 1
     assert value(text, "resilient_moe_shadow_experts_active") > 0  # two expert workers shadow each other
 
@@ -168,9 +168,9 @@ def test_recovery_figures_per_fault():
     arrivals = [t + 0.6 + 0.01 * i for i in range(60)] + [t + 1.5 + 0.01 * i for i in range(10)]  # gap 1.19 -> 1.5
     metrics.finished(1.0, "length", t + 0.55, arrivals)  # finished before the death is seen: still counted
     metrics.finished(0.1, "length", t - 20.0, [t - 19.9, t - 19.8])  # long before: not in flight
-    snapshot(t + 1.3, 2, pb.DEAD, 0.1, events=[dead], unprotected=4)  # pushed as it is declared: last beat at t+1.2
-    snapshot(t + 1.8, 2, pb.DEAD, 0.6, events=[dead], unprotected=4)  # the same event again counts once
-    snapshot(t + 3.0, 3, pb.STARTING, 0.0, events=[dead], unprotected=4)
+    snapshot(t + 1.3, 2, pb.FENCED, 0.1, events=[dead], unprotected=4)  # pushed as it is declared: last beat at t+1.2
+    snapshot(t + 1.8, 2, pb.FENCED, 0.6, events=[dead], unprotected=4)  # the same event again counts once
+    snapshot(t + 3.0, 3, pb.LOADING, 0.0, events=[dead], unprotected=4)
     snapshot(t + 4.2, 3, pb.READY, 0.0, events=[dead], unprotected=0)
     [fault] = metrics.recovery.table()
     assert fault["worker"] == "ew-1" and fault["role"] == "expert" and fault["kind"] == "link_closed"

@@ -59,6 +59,15 @@ class ControllerClient:
         except grpc.RpcError:
             pass  # leaving anyway; the controller will notice the missing heartbeats
 
+    def drain(self, name: str, incarnation: int) -> int | None:
+        """Tell the controller this worker is leaving in a planned way; the routing epoch that no
+        longer sends it new work where another copy can (None: the controller did not answer)."""
+        try:
+            return self.stub.Drain(pb.Fence(name=name, incarnation=incarnation), timeout=RPC_TIMEOUT_S).epoch
+        except grpc.RpcError as e:
+            log.warning("could not tell the controller that %s drains (%s); draining anyway", name, e.code().name)
+            return None
+
     def report_failure(self, reporter: str, suspect: str, incarnation: int, reason: str, wait: bool = True) -> None:
         """Best effort and quick: a report that cannot be delivered is logged, never retried inline.
         `wait=False` returns at once (for I/O threads); the outcome is then only logged."""
@@ -85,16 +94,19 @@ class ControllerClient:
         interval_s: float,
         load: Callable[[], dict[str, float]],
         on_fenced: Callable[[], None],
+        fill: Callable[[pb.HeartbeatRequest], Callable[[pb.HeartbeatReply], None] | None] | None = None,
     ) -> None:
-        """Send heartbeats every `interval_s` on a daemon thread; call `on_fenced` once if fenced."""
+        """Send heartbeats every `interval_s` on a daemon thread; call `on_fenced` once if fenced.
+        `fill` adds what an expert worker reports (expert token counts, the experts it holds) to each
+        request and returns what to call with the reply once it arrives (None: nothing)."""
 
         def loop() -> None:
             fenced_reported = False
             while not self._stop.wait(interval_s):
                 try:
-                    reply = self.stub.Heartbeat(
-                        pb.HeartbeatRequest(name=name, incarnation=incarnation, load=load()), timeout=RPC_TIMEOUT_S
-                    )
+                    request = pb.HeartbeatRequest(name=name, incarnation=incarnation, load=load())
+                    on_reply = fill(request) if fill is not None else None
+                    reply = self.stub.Heartbeat(request, timeout=RPC_TIMEOUT_S)
                 except grpc.RpcError:
                     continue  # controller down or restarting: keep serving, keep trying
                 except Exception:
@@ -103,16 +115,19 @@ class ControllerClient:
                 if reply.fenced and not fenced_reported:
                     fenced_reported = True
                     on_fenced()
+                elif not reply.fenced and on_reply is not None:
+                    on_reply(reply)
 
         self._spawn(loop, f"heartbeat-{name}")
 
-    def start_watch(self, name: str, on_state: Callable[[pb.ClusterState], None]) -> None:
-        """Stream cluster states to `on_state` on a daemon thread, reconnecting when the stream breaks."""
+    def start_watch(self, name: str, on_state: Callable[[pb.ClusterState], None], refresh_s: float = 0.0) -> None:
+        """Stream cluster states to `on_state` on a daemon thread, reconnecting when the stream breaks:
+        one on every change, and with `refresh_s` at least that often (for the loads workers report)."""
 
         def loop() -> None:
             while not self._stop.is_set():
                 try:
-                    for state in self.stub.Watch(pb.WatchRequest(name=name), wait_for_ready=True):
+                    for state in self.stub.Watch(pb.WatchRequest(name=name, refresh_s=refresh_s), wait_for_ready=True):
                         if self._stop.is_set():
                             return
                         on_state(state)

@@ -1,16 +1,16 @@
-"""The controller process: a gRPC server around the ClusterModel, and a reconcile loop.
+"""The controller process: a gRPC server around the ClusterModel, and its reconcile loop.
 
-The reconcile loop runs every heartbeat interval: it declares dead the workers whose heartbeats
-stopped, fences them, and asks the launcher (through its command stream) for replacements. Each
-pass is wrapped so that one exception never halts the loop.
+The loop runs every heartbeat interval (and after every change an RPC makes): it declares dead the
+workers whose heartbeats stopped and reconciles desired with observed state (state.py), which issues
+orders. Orders live in the model, are persisted with it in Redis, and reach the launcher through its
+command stream, every outstanding one on each (re)connection: so an order survives a controller that
+dies before the launcher took it. Each pass is wrapped so that one exception never halts the loop.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import queue
 import threading
 import time
 from concurrent import futures
@@ -18,7 +18,8 @@ from concurrent import futures
 import grpc
 
 from resilient_moe.config import ModelConfig, WorkerConfig
-from resilient_moe.controller.state import ClusterModel, ModelShape, WorkerRecord
+from resilient_moe.controller.state import ClusterModel, ControllerSettings, ModelShape, Order, WorkerRecord
+from resilient_moe.controller.view import state_to_pb
 from resilient_moe.datapath.faults import LinkFault
 from resilient_moe.procs import GONE, STOPPED, process_state
 from resilient_moe.proto import controller_pb2 as pb
@@ -26,23 +27,32 @@ from resilient_moe.proto import controller_pb2_grpc as pb_grpc
 
 log = logging.getLogger("resilient_moe.controller")
 
-
 def controller_key(cluster_id: str) -> str:
     """Redis key of the controller's state (documented with the others in kvstore/keys.py)."""
     return f"rmoe:{cluster_id}:controller"
 
+
 ROLE_TO_PB = {"attention": pb.ATTENTION, "expert": pb.EXPERT, "frontend": pb.FRONTEND, "kv_store": pb.KV_STORE}
 PB_TO_ROLE = {v: k for k, v in ROLE_TO_PB.items()}
-STATE_TO_PB = {"STARTING": pb.STARTING, "READY": pb.READY, "SUSPECT": pb.SUSPECT, "DEAD": pb.DEAD, "STOPPED": pb.STOPPED}
 
 
 def worker_to_pb(record: WorkerRecord, now: float) -> pb.WorkerInfo:
     return pb.WorkerInfo(
         name=record.name, role=ROLE_TO_PB.get(record.role, pb.ROLE_UNSPECIFIED), index=record.index,
         incarnation=record.incarnation, pid=record.pid, host=record.host, data_address=record.data_address,
-        state=STATE_TO_PB[record.state], experts=[pb.ExpertRef(layer=l, expert=e) for l, e in record.experts],
-        heartbeat_age_s=max(0.0, now - record.last_heartbeat), load=record.load, started_at=record.started_at,
+        state=state_to_pb(record.state), experts=[pb.ExpertRef(layer=l, expert=e) for l, e in record.experts],
+        heartbeat_age_s=max(0.0, now - record.last_heartbeat) if record.incarnation else 0.0, load=record.load,
+        started_at=record.started_at,
     )
+
+
+def order_to_pb(order: Order) -> pb.LauncherCommand:
+    return pb.LauncherCommand(action=order.action, worker=order.worker, pid=order.pid, id=order.id,
+                              generation=order.generation, issued_at=order.issued_at, resumed=order.resumed)
+
+
+def _refs(keys) -> list[pb.ExpertRef]:
+    return [pb.ExpertRef(layer=l, expert=e) for l, e in keys]
 
 
 class ControllerService(pb_grpc.ControllerServicer):
@@ -53,7 +63,6 @@ class ControllerService(pb_grpc.ControllerServicer):
         self.cluster_id = cluster_id
         self.tick_interval_s = tick_interval_s
         self.lock = threading.Condition()
-        self.launcher_commands: "queue.Queue[pb.LauncherCommand]" = queue.Queue()
         self.stopping = threading.Event()
 
     # ---- snapshots --------------------------------------------------------------------------
@@ -68,12 +77,20 @@ class ControllerService(pb_grpc.ControllerServicer):
             fenced=[pb.Fence(name=n, incarnation=i) for n, i in sorted(m.fenced)],
             events=[pb.Event(time=e.time, kind=e.kind, worker=e.worker, detail=e.detail) for e in m.events],
             cluster_id=self.cluster_id,
-            unprotected=[pb.ExpertRef(layer=l, expert=e) for l, e in m.unprotected()],
+            unprotected=_refs(m.unprotected()),
             resilience=m.resilience,
             faults=[f.to_proto(pb) for f in m.active_faults()],
+            orders=[order_to_pb(o) for o in sorted(m.orders.values(), key=lambda o: o.id)],
+            desired=pb.Roster(attention_workers=m.desired.attention_workers, expert_workers=m.desired.expert_workers),
+            expert_load=[pb.ExpertCount(layer=l, expert=e, tokens=v) for (l, e), v in sorted(m.load.items())],
+            counters={k: float(v) for k, v in m.counters.items()},
+            placement_policy=m.settings.shadow_policy,
+            rebalancing=m.rebalancing,
         )
 
     def _changed(self) -> None:
+        """Reconcile after a change an RPC made (orders go out now, not at the next tick); wake watchers."""
+        self.model.reconcile()
         self.lock.notify_all()
 
     # ---- RPCs -------------------------------------------------------------------------------
@@ -85,29 +102,39 @@ class ControllerService(pb_grpc.ControllerServicer):
             load = self.model.experts_for(w.name) if record.role == "expert" else []
             self._changed()
             log.info("registered %s incarnation %d pid %d", w.name, record.incarnation, w.pid)
-            return pb.RegisterReply(
-                incarnation=record.incarnation,
-                load_experts=[pb.ExpertRef(layer=l, expert=e) for l, e in load],
-                state=self.snapshot(),
-            )
+            return pb.RegisterReply(incarnation=record.incarnation, load_experts=_refs(load), state=self.snapshot())
 
     def Ready(self, request, context):
         with self.lock:
             experts = [(x.layer, x.expert) for x in request.experts]
             if self.model.ready(request.name, request.incarnation, experts, request.data_address):
-                self._after_change()
+                self._changed()
         return pb.Empty()
 
     def Heartbeat(self, request, context):
         with self.lock:
-            alive = self.model.heartbeat(request.name, request.incarnation, dict(request.load))
-            return pb.HeartbeatReply(fenced=not alive, epoch=self.model.epoch)
+            before = self.model.version
+            answer = self.model.heartbeat(
+                request.name, request.incarnation, dict(request.load),
+                [(c.layer, c.expert, c.tokens) for c in request.expert_tokens],
+                [(x.layer, x.expert) for x in request.experts] if request.reports_experts else None)
+            if self.model.version != before:
+                self._changed()
+            return pb.HeartbeatReply(fenced=not answer.alive, epoch=self.model.epoch,
+                                     load_experts=_refs(answer.load_experts), drop_experts=_refs(answer.drop_experts))
 
     def Deregister(self, request, context):
         with self.lock:
             self.model.deregister(request.name, request.incarnation)
-            self._after_change()  # a worker that left is replaced: its order goes out now
+            self._changed()  # a worker that left is replaced: its order goes out now
         return pb.Empty()
+
+    def Drain(self, request, context):
+        with self.lock:
+            epoch = self.model.drain(request.name, request.incarnation)
+            self._changed()
+        log.info("%s incarnation %d is draining", request.name, request.incarnation)
+        return pb.DrainReply(epoch=epoch)
 
     def ReportFailure(self, request, context):
         with self.lock:
@@ -118,7 +145,7 @@ class ControllerService(pb_grpc.ControllerServicer):
             before = self.model.version
             self.model.report_failure(request.reporter, request.suspect, request.suspect_incarnation, request.reason, gone)
             if self.model.version != before:
-                self._after_change()
+                self._changed()
         return pb.Empty()
 
     def GetState(self, request, context):
@@ -126,23 +153,36 @@ class ControllerService(pb_grpc.ControllerServicer):
             return self.snapshot()
 
     def Watch(self, request, context):
+        """A snapshot on every change, and at least every `refresh_s` when the watcher asks for that."""
         seen = -1
+        sent_at = 0.0
+        refresh = request.refresh_s if request.refresh_s > 0 else float("inf")
         while context.is_active() and not self.stopping.is_set():
             with self.lock:
                 if self.model.version == seen:
-                    self.lock.wait(timeout=0.5)
-                if self.model.version == seen:
+                    self.lock.wait(timeout=min(0.5, refresh))
+                if self.model.version == seen and time.monotonic() - sent_at < refresh:
                     continue
                 seen = self.model.version
                 state = self.snapshot()
+            sent_at = time.monotonic()
             yield state
 
     def LauncherCommands(self, request, context):
+        """Every outstanding order, then each new one (all of them again on a new stream: the
+        launcher knows which it carried out)."""
+        sent: set[int] = set()
         while context.is_active() and not self.stopping.is_set():
-            try:
-                yield self.launcher_commands.get(timeout=0.5)
-            except queue.Empty:
-                continue
+            with self.lock:
+                pending = [o for o in sorted(self.model.orders.values(), key=lambda o: o.id) if o.id not in sent]
+                if not pending:
+                    self.lock.wait(timeout=0.5)
+                    continue
+            for order in pending:
+                sent.add(order.id)
+                log.info("order %d to the launcher: %s %s (pid %d)%s", order.id, order.action, order.worker,
+                         order.pid, " (resumed)" if order.resumed else "")
+                yield order_to_pb(order)
 
     def SetFaults(self, request, context):
         """Chaos testing: switch injected datapath faults on or off (datapath/faults.py)."""
@@ -156,15 +196,29 @@ class ControllerService(pb_grpc.ControllerServicer):
         log.warning("injected datapath faults in force: %s", ", ".join(f"{f.kind} {f.link}" for f in faults) or "none")
         return pb.FaultList(faults=[f.to_proto(pb) for f in faults])
 
-    # ---- reconcile loop ---------------------------------------------------------------------
+    def Scale(self, request, context):
+        """Admin: change the roster; INVALID_ARGUMENT names what is not possible."""
+        try:
+            with self.lock:
+                before = self.model.desired
+                desired = self.model.scale(request.attention_workers, request.expert_workers)
+                self._changed()
+        except ValueError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        detail = "unchanged" if desired == before else "scaling"
+        log.warning("scale: %s -> %s", before, desired)
+        return pb.ScaleReply(desired=pb.Roster(attention_workers=desired.attention_workers,
+                                               expert_workers=desired.expert_workers), detail=detail)
 
-    def _after_change(self) -> None:
-        """Hand the model's requests for new processes to the launcher, and wake every watcher."""
-        for action, worker, pid in self.model.launcher_commands:
-            log.info("asking the launcher to %s %s (in place of pid %d)", action, worker, pid)
-            self.launcher_commands.put(pb.LauncherCommand(action=action, worker=worker, pid=pid))
-        self.model.launcher_commands.clear()
-        self._changed()
+    def Rebalance(self, request, context):
+        """Admin: place the experts by the load observed so far."""
+        with self.lock:
+            started, detail = self.model.rebalance("asked by an operator")
+            self._changed()
+        log.warning("rebalance: %s", detail)
+        return pb.RebalanceReply(started=started, detail=detail)
+
+    # ---- loops ------------------------------------------------------------------------------
 
     def persist_forever(self, redis_client, key: str) -> None:
         """Write the model's snapshot to Redis after each change, off the RPC threads (the newest
@@ -176,7 +230,8 @@ class ControllerService(pb_grpc.ControllerServicer):
             with self.lock:
                 if self.model.version == written:
                     self.lock.wait(1.0)
-                # Unchanged state is rewritten every few seconds too: a restarted (empty) Redis gets it back.
+                # Unchanged state is rewritten every few seconds too: a restarted (empty) Redis gets it back,
+                # and the load estimate (which changes without a version bump) stays fresh.
                 if self.model.version == written and time.monotonic() - written_at < 3.0:
                     continue
                 version = self.model.version
@@ -195,10 +250,12 @@ class ControllerService(pb_grpc.ControllerServicer):
         while not self.stopping.wait(self.tick_interval_s):
             try:
                 with self.lock:
+                    before = self.model.version
                     newly_dead = self.model.tick()
                     if newly_dead:
                         log.warning("declared dead: %s", ", ".join(newly_dead))
-                        self._after_change()
+                    if self.model.version != before:
+                        self.lock.notify_all()
             except Exception:  # one bad pass must never stop the loop
                 log.exception("reconcile pass failed")
 
@@ -208,17 +265,15 @@ def serve(config: WorkerConfig, ready: threading.Event | None = None) -> None:
     dep = config.deployment
     model_cfg = ModelConfig.from_pretrained(dep.model)
     shape = ModelShape(model_cfg.num_layers, model_cfg.num_experts, model_cfg.sparse_layer_ids)
-    expert_names = [f"ew-{i}" for i in range(dep.expert_workers)]
     slots = None
     if dep.shadow_budget_bytes is not None:
         dtype_bytes = 2 if dep.engine.dtype == "bfloat16" else 4
         slots = dep.shadow_budget_bytes // (model_cfg.expert_bytes(dtype_bytes) * max(1, len(shape.sparse_layers)))
-    model = ClusterModel(shape, expert_names, dep.placement, dep.heartbeat_timeout_s, shadow_slots=slots,
-                         shadow_policy=dep.shadow_policy, resilience=dep.resilience,
-                         tick_interval_s=dep.heartbeat_interval_s)
-    if model.plan.unprotected and dep.resilience:
+    model = ClusterModel(shape, ControllerSettings.from_deployment(dep, slots))
+    unprotected = model.active.unprotected
+    if unprotected and dep.resilience:
         log.warning("shadow budget too small: %d (layer, expert) pairs have no shadow and die with their primary: %s",
-                    len(model.plan.unprotected), ", ".join(f"{l}/{e}" for l, e in model.plan.unprotected))
+                    len(unprotected), ", ".join(f"{l}/{e}" for l, e in unprotected))
     persistence = None
     if dep.resilience and dep.redis_url:
         import redis
@@ -232,8 +287,8 @@ def serve(config: WorkerConfig, ready: threading.Event | None = None) -> None:
             log.warning("cannot read a previous controller's state from Redis (%s): starting empty", e)
         if saved:
             model.restore(json.loads(saved))
-            log.warning("recovered the state of a previous controller: %d workers, routing epoch %d",
-                        len(model.workers), model.epoch)
+            log.warning("recovered the state of a previous controller: %d workers, routing epoch %d, %d outstanding "
+                        "orders (sent again)", len(model.workers), model.epoch, len(model.orders))
     service = ControllerService(model, config.cluster_id, dep.heartbeat_interval_s)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="controller"))
     pb_grpc.add_ControllerServicer_to_server(service, server)

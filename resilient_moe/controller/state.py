@@ -1,12 +1,36 @@
-"""The controller's model of the cluster: membership, incarnations, fences, the ERT and its epoch.
+"""The controller's model of the cluster, as a reconcile loop over desired and observed state.
 
-Plain Python with an injectable clock, so tests drive it without processes or sockets. The gRPC
-server (server.py) wraps one instance behind a lock. Decisions about placement are delegated to the
-pure functions of placement.py.
+Desired state: the roster (how many attention and expert workers; from the DeploymentConfig, then
+changed by `scale`), the expert placement the workers should hold (`target`), and for the
+restart-everything baseline the restart generation. Observed state: one `WorkerRecord` per worker
+name, whose `WorkerState` moves only as below, with membership, incarnations, fences, the expert
+load the workers report and the placement the routing table serves from (`active`).
+
+    STARTING --register--> LOADING --ready--> READY <--heartbeats resume-- SUSPECT
+        (ordered, or the       |                |  \\--missed heartbeats, a peer's report--^
+         initial roster)       |                |
+                               +---- drain / removed from the roster ----> DRAINING --left--> GONE
+    any live state --declared dead (silence, a process gone)--> FENCED
+    FENCED or GONE --a new incarnation registers--> LOADING
+
+Each `reconcile` pass compares the two and issues orders: `Order`s to the launcher (start a worker,
+stop one that was removed, restart everything in the baseline), and to expert workers (load the
+experts of the target placement, then drop the copies it no longer needs; sent in heartbeat
+replies). Orders are idempotent (the same need never issues a second order while one is
+outstanding, and carrying one out twice changes nothing) and part of the persisted snapshot, so a
+controller that dies right after issuing one is succeeded by one that sends it again. An order is
+done when the observed state shows it (a new registration, a worker gone, every worker restarted).
+
+A rebalance loads new copies first, switches the routing table to the new placement (a new epoch)
+once every worker holds its part of it, and drops the old copies only after every attention worker
+routes by that epoch. Plain Python with an injectable clock, so tests drive it without processes
+or sockets; placement decisions are the pure functions of placement.py.
 """
 
 from __future__ import annotations
 
+import enum
+import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -14,29 +38,52 @@ from typing import Callable
 
 from resilient_moe import procs
 from resilient_moe.controller import placement
+from resilient_moe.controller.placement import ExpertKey, Placement
 from resilient_moe.datapath.ert import RoutingTable
 from resilient_moe.datapath.faults import LinkFault
 
-ExpertKey = tuple[int, int]
+log = logging.getLogger("resilient_moe.controller")
 
-STARTING, READY, SUSPECT, DEAD, STOPPED = "STARTING", "READY", "SUSPECT", "DEAD", "STOPPED"
 BUSY_GRACE = 10  # heartbeat timeouts a silent worker whose process still runs gets before it is declared dead
+PERIODIC_GAIN = 0.9  # a periodic rebalance moves experts only if it cuts the expected imbalance by 10%
+COUNTERS = ("orders_issued", "orders_completed", "orders_resumed", "orders_expired", "rebalances", "scale_events",
+            "drains")
+
+
+class WorkerState(enum.Enum):
+    """Where a worker is in its life, as the controller sees it (the module docstring has the transitions)."""
+
+    STARTING = "starting"  # ordered (or part of the initial roster); not registered yet
+    LOADING = "loading"  # registered, loading weights
+    READY = "ready"  # serving
+    SUSPECT = "suspect"  # missed heartbeats or reported by a peer; still routed to
+    DRAINING = "draining"  # planned removal: no new work, finishes or hands over what it has, then leaves
+    FENCED = "fenced"  # declared dead: its incarnation's frames are dropped everywhere
+    GONE = "gone"  # left in an orderly way
+
+
+SERVING = frozenset({WorkerState.READY, WorkerState.SUSPECT})
+ENDED = frozenset({WorkerState.FENCED, WorkerState.GONE})
+REPLACED_ROLES = ("expert", "attention", "kv_store")
 
 
 @dataclass
 class WorkerRecord:
+    """The controller's book on one worker name: its current incarnation and what it reported."""
+
     name: str
     role: str  # "attention", "expert", "frontend", "kv_store"
     index: int
-    incarnation: int
+    incarnation: int  # 0: no incarnation registered yet
     pid: int
     host: str
     data_address: str = ""
-    state: str = STARTING
-    experts: list[ExpertKey] = field(default_factory=list)
+    state: WorkerState = WorkerState.STARTING
+    experts: list[ExpertKey] = field(default_factory=list)  # expert worker: what it reports holding
     last_heartbeat: float = 0.0
     load: dict[str, float] = field(default_factory=dict)
     started_at: float = field(default_factory=time.time)
+    since: float = 0.0  # clock time it entered its state
 
 
 @dataclass(frozen=True)
@@ -54,81 +101,224 @@ class ModelShape:
     sparse_layers: tuple[int, ...]
 
 
+@dataclass(frozen=True)
+class Roster:
+    """The desired number of workers of each role (names aw-0.., ew-0..)."""
+
+    attention_workers: int
+    expert_workers: int
+
+
+@dataclass
+class Order:
+    """An order to the launcher; see the module docstring for when it is done."""
+
+    id: int
+    action: str  # "start", "stop", "restart-all"
+    worker: str  # "" for restart-all
+    pid: int  # start: the process it replaces (0: none); stop: the process to stop
+    issued_at: float  # unix time
+    generation: int = 0  # restart-all: the restart generation
+    floor: int = 0  # restart-all: incarnations from this one on count as restarted
+    resumed: bool = False  # recovered from a predecessor's snapshot and sent again
+
+    def key(self) -> tuple[str, str, int, int]:
+        return self.action, self.worker, self.pid, self.generation
+
+
+@dataclass(frozen=True)
+class ControllerSettings:
+    """What the controller takes from the deployment (see DeploymentConfig for each setting)."""
+
+    attention_workers: int
+    expert_workers: int
+    kv_store: bool = False  # the roster has a KV store process (checkpointing on)
+    primary_policy: str = "contiguous"
+    shadow_policy: str = "spread"
+    shadow_slots: int | None = None  # per expert worker per sparse layer; None: one shadow of every expert
+    resilience: bool = True
+    heartbeat_timeout_s: float = 1.0
+    tick_interval_s: float = 0.05
+    startup_timeout_s: float = 120.0
+    max_attention_workers: int | None = None  # None: attention_workers
+    load_half_life_s: float = 30.0
+    rebalance_interval_s: float = 0.0  # 0: rebalance on demand only
+
+    @classmethod
+    def from_deployment(cls, dep, shadow_slots: int | None) -> "ControllerSettings":
+        return cls(
+            attention_workers=dep.attention_workers, expert_workers=dep.expert_workers,
+            kv_store=dep.resilience and dep.kv_checkpoint and bool(dep.redis_url), primary_policy=dep.placement,
+            shadow_policy=dep.shadow_policy, shadow_slots=shadow_slots, resilience=dep.resilience,
+            heartbeat_timeout_s=dep.heartbeat_timeout_s, tick_interval_s=dep.heartbeat_interval_s,
+            startup_timeout_s=dep.startup_timeout_s, max_attention_workers=dep.max_attention_workers,
+            load_half_life_s=dep.load_half_life_s, rebalance_interval_s=dep.rebalance_interval_s,
+        )
+
+
+@dataclass(frozen=True)
+class HeartbeatAnswer:
+    """What a heartbeat hears back: whether its incarnation still counts, and (expert workers) which
+    experts to load and which copies to drop."""
+
+    alive: bool
+    load_experts: list[ExpertKey] = field(default_factory=list)
+    drop_experts: list[ExpertKey] = field(default_factory=list)
+
+
 class ClusterModel:
-    """Membership and routing state; every mutation bumps `version` so watchers can wait on it."""
+    """Desired and observed state and the reconcile pass between them; every mutation bumps `version`
+    so watchers can wait on it."""
 
     def __init__(
         self,
         shape: ModelShape,
-        expert_workers: list[str],
-        policy: str = "contiguous",
-        heartbeat_timeout_s: float = 1.0,
+        settings: ControllerSettings,
         clock: Callable[[], float] = time.monotonic,
-        shadow_slots: int | None = None,
-        shadow_policy: str = "spread",
-        resilience: bool = True,
         liveness: Callable[[WorkerRecord], str] = lambda r: procs.process_state(r.pid, r.host),
-        tick_interval_s: float = 0.05,
+        wall: Callable[[], float] = time.time,
     ) -> None:
-        """`shadow_slots`: shadow experts each expert worker holds per sparse layer (None: enough for one
-        copy of every expert; ignored without resilience, which keeps no shadows)."""
         self.shape = shape
+        self.settings = settings
         self.clock = clock
-        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.wall = wall
         self.liveness = liveness
-        self.tick_interval_s = tick_interval_s
         self._last_tick: float | None = None
-        self.resilience = resilience
-        self.expert_names = list(expert_workers)
-        self.primaries = placement.primary_placement(shape.num_experts, self.expert_names, policy)
-        if not resilience or len(self.expert_names) < 2:
-            shadow_slots = 0
-        elif shadow_slots is None:
-            shadow_slots = -(-shape.num_experts // (len(self.expert_names) - 1))
-        self.shadow_slots = shadow_slots
-        self.shadow_policy = shadow_policy
-        self.plan = placement.shadow_placement(
-            self.primaries, self.expert_names, list(shape.sparse_layers), shadow_slots,
-            policy="spread" if shadow_policy == "load_aware" else shadow_policy,  # no load observed yet
-        )
+        self.resilience = settings.resilience
+        self.desired = Roster(settings.attention_workers, settings.expert_workers)
+        self.restart_generation = 0
         self.epoch = 1
         self.workers: dict[str, WorkerRecord] = {}
         self.fenced: set[tuple[str, int]] = set()
         self.events: deque[ClusterEvent] = deque(maxlen=500)
         self.next_incarnation = 1
         self.version = 0
-        # (action, worker, pid of the process it is about) for the launcher to carry out
-        self.launcher_commands: list[tuple[str, str, int]] = []
-        self.restart_pending = False  # baseline: a restart-all was asked for and is not complete yet
+        self.orders: dict[int, Order] = {}
+        self.next_order = 1
+        self.counters = dict.fromkeys(COUNTERS, 0)
         self.faults: dict[str, LinkFault] = {}  # injected datapath faults by id (chaos testing)
+        self.load: dict[ExpertKey, float] = {}  # decayed tokens per (layer, expert), all copies together
+        self._load_at = clock()
+        self.last_rebalance = clock()
+        self.active = self._plan(self.expert_names(), None, None)  # nothing observed yet: spread
+        self.target = self.active
+        self.switch_epoch = 1
+        now = clock()
+        for name, (role, index) in self.roster().items():  # the launcher starts the initial roster
+            self.workers[name] = WorkerRecord(name, role, index, 0, 0, "", since=now)
         self.ert = self._build_ert()
-        if self.plan.unprotected and resilience:
-            self._event("unprotected", "", f"{len(self.plan.unprotected)} (layer, expert) pairs have no shadow: "
-                        + ", ".join(f"{l}/{e}" for l, e in self.plan.unprotected[:16]))
+        if self.active.unprotected and self.resilience:
+            self._event("unprotected", "", f"{len(self.active.unprotected)} (layer, expert) pairs have no shadow: "
+                        + ", ".join(f"{l}/{e}" for l, e in self.active.unprotected[:16]))
+
+    # ---- desired state ----------------------------------------------------------------------
+
+    def roster(self) -> dict[str, tuple[str, int]]:
+        """name -> (role, index) of every worker the desired state asks for."""
+        names: dict[str, tuple[str, int]] = {}
+        if self.settings.kv_store:
+            names["kv-store"] = ("kv_store", 0)
+        names.update({f"ew-{i}": ("expert", i) for i in range(self.desired.expert_workers)})
+        names.update({f"aw-{i}": ("attention", i) for i in range(self.desired.attention_workers)})
+        return names
+
+    def expert_names(self) -> list[str]:
+        return [f"ew-{i}" for i in range(self.desired.expert_workers)]
+
+    @property
+    def max_attention_workers(self) -> int:
+        return self.settings.max_attention_workers or self.settings.attention_workers
+
+    def scale(self, attention_workers: int = 0, expert_workers: int = 0) -> Roster:
+        """Change the roster (0: unchanged); raises ValueError naming what is not possible."""
+        attention = attention_workers or self.desired.attention_workers
+        experts = expert_workers or self.desired.expert_workers
+        if not 1 <= attention <= self.max_attention_workers:
+            raise ValueError(f"attention_workers must be between 1 and max_attention_workers "
+                             f"({self.max_attention_workers}: the KV store has a region for that many), got {attention}")
+        if not 1 <= experts <= self.shape.num_experts:
+            raise ValueError(f"expert_workers must be between 1 and the model's {self.shape.num_experts} experts, "
+                             f"got {experts}")
+        if any(o.action == "restart-all" for o in self.orders.values()):
+            raise ValueError("a restart of every worker is under way; scale once it is done")
+        before = self.desired
+        if (attention, experts) == (before.attention_workers, before.expert_workers):
+            return before
+        self.desired = Roster(attention, experts)
+        self.counters["scale_events"] += 1
+        self._event("scale", "", f"attention workers {before.attention_workers} -> {attention}, expert workers "
+                    f"{before.expert_workers} -> {experts}")
+        return self.desired
+
+    def _plan(self, workers: list[str], load: dict[ExpertKey, float] | None,
+              current: Placement | None) -> Placement:
+        slots = self.settings.shadow_slots
+        if slots is None:
+            slots = placement.default_shadow_slots(self.shape.num_experts, len(workers), self.resilience)
+        if not self.resilience:
+            slots = 0
+        return placement.plan_placement(self.settings.shadow_policy, self.shape.num_experts, workers,
+                                        list(self.shape.sparse_layers), slots, self.settings.primary_policy, load,
+                                        current, self.resilience)
+
+    def observed_load(self) -> dict[ExpertKey, float] | None:
+        """The decayed per-expert load, or None before any token was reported."""
+        return dict(self.load) if any(v > 0 for v in self.load.values()) else None
+
+    def rebalance(self, reason: str, min_gain: float | None = None) -> tuple[bool, str]:
+        """Plan the placement again from the observed load; (started, what happened). With `min_gain`,
+        only if the plan's expected imbalance is below `min_gain` times the current one."""
+        if self.rebalancing:
+            return False, "a rebalance is already under way"
+        self.last_rebalance = self.clock()
+        load = self.observed_load()
+        if self.settings.shadow_policy == "spread":
+            return False, "shadow_policy is spread: placement does not depend on load (set load_aware)"
+        if load is None:
+            return False, "no expert load has been reported yet"
+        plan = self._plan(self.expert_names(), load, self.active)
+        if plan.copies == self.active.copies and plan.shares == self.active.shares:
+            return False, "the placement already fits the observed load"
+        before, after = placement.imbalance(self.active, load), placement.imbalance(plan, load)
+        if min_gain is not None and after >= min_gain * before:
+            return False, f"expected imbalance {before:.2f} -> {after:.2f}: not worth moving experts"
+        self.target = plan
+        moved = sum(len(set(plan.held_by(w)) - set(self.active.held_by(w))) for w in plan.workers)
+        detail = (f"{reason}: loading {moved} expert copies; expected imbalance (max/mean per expert worker) "
+                  f"{before:.2f} -> {after:.2f}")
+        self._event("rebalance", "", detail)
+        return True, detail
+
+    @property
+    def rebalancing(self) -> bool:
+        return self.target is not self.active
 
     # ---- routing ----------------------------------------------------------------------------
 
     def _build_ert(self) -> RoutingTable:
-        """Primary then shadows, leaving out expert workers that are not serving (dead or replaced and
-        still loading): their shadows are promoted."""
-        serving = {r.name for r in self.workers.values() if r.role == "expert" and r.state in (READY, SUSPECT)}
-        absent = {name for name in self.expert_names if name not in serving}
+        """The active placement, leaving out expert workers that are not serving (dead, or replaced and
+        still loading: their shadows are promoted) and draining ones where another copy is left."""
+        serving = {r.name for r in self.workers.values() if r.role == "expert"
+                   and (r.state in SERVING or r.state == WorkerState.DRAINING)}
+        draining = {r.name for r in self.workers.values() if r.role == "expert" and r.state == WorkerState.DRAINING}
         return placement.routing_table(
             self.epoch, list(self.shape.sparse_layers), self.shape.num_layers, self.shape.num_experts,
-            self.primaries, self.plan.shadows, dead=absent,
+            self.active, dead=set(self.active.workers) - serving, draining=draining,
         )
 
     def _publish_routing(self, reason: str) -> None:
         ert = self._build_ert()
-        if ert.candidates != self.ert.candidates:
+        if ert.candidates != self.ert.candidates or ert.shares != self.ert.shares:
             self.epoch += 1
             self.ert = self._build_ert()
             self._event("epoch", "", f"routing table epoch {self.epoch}: {reason}")
 
     def experts_for(self, name: str) -> list[ExpertKey]:
-        """Every (layer, expert) this expert worker is asked to hold: its primaries and its shadows."""
-        primaries = [(layer, e) for layer in self.shape.sparse_layers for e, w in self.primaries.items() if w == name]
-        return sorted(set(primaries) | set(self.plan.held_by(name)))
+        """Every (layer, expert) this expert worker is asked to hold: its part of the active placement
+        and of the target one (during a rebalance both)."""
+        if name not in self.roster():
+            return []
+        return sorted(set(self.active.held_by(name)) | set(self.target.held_by(name)))
 
     def unprotected(self) -> list[ExpertKey]:
         """(layer, expert) pairs that have a single live copy right now (or none)."""
@@ -141,19 +331,23 @@ class ClusterModel:
     # ---- membership -------------------------------------------------------------------------
 
     def _event(self, kind: str, worker: str, detail: str = "") -> None:
-        self.events.append(ClusterEvent(time.time(), kind, worker, detail))
+        self.events.append(ClusterEvent(self.wall(), kind, worker, detail))
         self.version += 1
+
+    def _set_state(self, record: WorkerRecord, state: WorkerState) -> None:
+        record.state = state
+        record.since = self.clock()
 
     def register(self, name: str, role: str, index: int, pid: int, host: str, data_address: str = "") -> WorkerRecord:
         """A worker process announces itself; it gets a fresh incarnation. A previous incarnation
         under the same name that is still alive in our books is fenced: the new one replaces it."""
         old = self.workers.get(name)
-        if old is not None and old.state not in (DEAD, STOPPED):
-            old.state = DEAD
+        if old is not None and old.incarnation and old.state not in ENDED:
+            self._set_state(old, WorkerState.FENCED)
             self.fenced.add((old.name, old.incarnation))
             self._event("fenced", name, f"incarnation {old.incarnation} replaced by a new registration")
         record = WorkerRecord(name, role, index, self.next_incarnation, pid, host, data_address,
-                              last_heartbeat=self.clock())
+                              state=WorkerState.LOADING, last_heartbeat=self.clock(), since=self.clock())
         self.next_incarnation += 1
         self.workers[name] = record
         self._event("registered", name, f"incarnation {record.incarnation}, pid {pid}")
@@ -165,48 +359,69 @@ class ClusterModel:
         record = self._current(name, incarnation)
         if record is None:
             return False
-        record.state = READY
+        if record.state == WorkerState.LOADING:
+            self._set_state(record, WorkerState.READY)
         record.experts = sorted(experts)
         if data_address:
             record.data_address = data_address
         record.last_heartbeat = self.clock()
         self._event("ready", name, f"incarnation {incarnation}")
-        if self.restart_pending and all(r.state == READY for r in self.workers.values()
-                                        if r.role in ("expert", "attention")):
-            self.restart_pending = False  # the restart-all is complete: the next death needs a new one
         if record.role == "expert":
             self._publish_routing(f"{name} serving")
         return True
 
-    def heartbeat(self, name: str, incarnation: int, load: dict[str, float]) -> bool:
-        """Record a heartbeat; returns False when that incarnation is fenced (it must stop)."""
+    def heartbeat(self, name: str, incarnation: int, load: dict[str, float],
+                  expert_tokens: list[tuple[int, int, float]] = (),
+                  experts: list[ExpertKey] | None = None) -> HeartbeatAnswer:
+        """Record a heartbeat (its load, the expert tokens counted since the last one, and the experts
+        held when they changed); not alive when that incarnation is fenced (it must stop). An expert
+        worker hears which experts to load and which copies to drop."""
         if (name, incarnation) in self.fenced:
-            return False
+            return HeartbeatAnswer(False)
         record = self._current(name, incarnation)
         if record is None:
-            return False
+            return HeartbeatAnswer(False)
         record.last_heartbeat = self.clock()
         record.load = dict(load)
-        if record.state == SUSPECT:
-            record.state = READY
+        for layer, expert, tokens in expert_tokens:
+            if layer in self.shape.sparse_layers and 0 <= expert < self.shape.num_experts and tokens > 0:
+                self.load[(layer, expert)] = self.load.get((layer, expert), 0.0) + float(tokens)
+        if experts is not None and sorted(experts) != record.experts:
+            record.experts = sorted(experts)
+            self.version += 1
+        if record.state == WorkerState.SUSPECT:
+            self._set_state(record, WorkerState.READY)
             self._event("recovered", name, "heartbeats resumed")
-        return True
+        if record.role != "expert" or record.state not in SERVING:
+            return HeartbeatAnswer(True)
+        held = set(record.experts)
+        wanted = set(self.experts_for(name))
+        drop = sorted(held - wanted) if self._settled() else []
+        return HeartbeatAnswer(True, sorted(wanted - held), drop)
+
+    def drain(self, name: str, incarnation: int) -> int:
+        """A worker leaves in a planned way (SIGTERM): no new work for it from now on. Returns the
+        routing epoch once it is out of the routing table where another copy can serve."""
+        record = self._current(name, incarnation)
+        if record is not None and record.state in SERVING | {WorkerState.LOADING}:
+            self._set_state(record, WorkerState.DRAINING)
+            self.counters["drains"] += 1
+            self._event("draining", name, f"incarnation {incarnation}: no new work; finishing what it has")
+            if record.role == "expert":
+                self._publish_routing(f"{name} draining")
+        return self.epoch
 
     def deregister(self, name: str, incarnation: int) -> None:
         record = self._current(name, incarnation)
-        if record is not None:
-            record.state = STOPPED
+        if record is not None and record.state not in ENDED:
+            self._set_state(record, WorkerState.GONE)
             self._event("stopped", name, f"incarnation {incarnation} left")
             if record.role == "expert":
                 self._publish_routing(f"{name} left")
-            # A worker that leaves on its own (SIGTERM from an operator or a node drain) is replaced like a
-            # dead one, so redundancy comes back; a launcher that is shutting down ignores the request.
-            if self.resilience and record.role in ("expert", "attention", "kv_store"):
-                self.launcher_commands.append(("start", name, record.pid))
 
     def _current(self, name: str, incarnation: int) -> WorkerRecord | None:
         record = self.workers.get(name)
-        if record is None or record.incarnation != incarnation or (name, incarnation) in self.fenced:
+        if record is None or not incarnation or record.incarnation != incarnation or (name, incarnation) in self.fenced:
             return None
         return record
 
@@ -214,20 +429,24 @@ class ClusterModel:
 
     def report_failure(self, reporter: str, suspect: str, incarnation: int, reason: str, process_gone: bool) -> None:
         """A peer saw a broken link or unanswered probes. A process known to be gone is declared dead
-        at once; otherwise it becomes SUSPECT and the heartbeat timeout decides."""
+        at once (one that was draining has simply left); otherwise it becomes SUSPECT and the
+        heartbeat timeout decides."""
         record = self.workers.get(suspect)
-        if record is None or record.state in (DEAD, STOPPED):
+        if record is None or record.state in ENDED or not record.incarnation:
             return
         if incarnation and record.incarnation != incarnation:
             return  # about an incarnation that is already gone
-        if process_gone:
+        if process_gone and record.state == WorkerState.DRAINING:
+            self.deregister(suspect, record.incarnation)
+        elif process_gone:
             self.declare_dead(suspect, f"{reason} (reported by {reporter}; process gone)")
-        elif record.state == READY:
-            record.state = SUSPECT
+        elif record.state == WorkerState.READY:
+            self._set_state(record, WorkerState.SUSPECT)
             self._event("suspect", suspect, f"{reason} (reported by {reporter})")
 
     def tick(self) -> list[str]:
-        """Declare dead every worker whose heartbeats stopped; returns their names.
+        """One pass of the loop: declare dead every worker whose heartbeats stopped (returns their
+        names), then reconcile.
 
         Silence alone is not enough on a busy host: a worker whose process is still there and not
         stopped (`liveness`, procs.py) is only late, starved of CPU like everyone else, and gets up to
@@ -237,75 +456,233 @@ class ClusterModel:
         now = self.clock()
         gap = now - self._last_tick if self._last_tick is not None else 0.0
         self._last_tick = now
-        if gap > 3 * self.tick_interval_s:
+        if gap > 3 * self.settings.tick_interval_s:
             for record in self.workers.values():
-                record.last_heartbeat += gap - self.tick_interval_s
+                record.last_heartbeat += gap - self.settings.tick_interval_s
         dead = []
+        timeout = self.settings.heartbeat_timeout_s
         for record in list(self.workers.values()):
-            if record.state in (DEAD, STOPPED):
+            if record.state in ENDED or record.state == WorkerState.STARTING:
                 continue
             silent = now - record.last_heartbeat
-            if silent <= self.heartbeat_timeout_s:
+            if silent <= timeout:
                 continue
             state = self.liveness(record)
-            if state in (procs.RUNNABLE, procs.SLEEPING) and silent <= BUSY_GRACE * self.heartbeat_timeout_s:
+            if state in (procs.RUNNABLE, procs.SLEEPING) and silent <= BUSY_GRACE * timeout:
                 continue
             self.declare_dead(record.name, f"no heartbeat for {silent:.2f}s (process {state})")
             dead.append(record.name)
+        self.reconcile()
         return dead
 
     def declare_dead(self, name: str, reason: str) -> None:
         record = self.workers.get(name)
-        if record is None or record.state in (DEAD, STOPPED):
+        if record is None or record.state in ENDED or not record.incarnation:
             return
         self._fence(record, reason)
 
     def _fence(self, record: WorkerRecord, reason: str) -> None:
         """Declare an incarnation dead: its frames are dropped everywhere from now on (the epoch
-        changes with it), its shadows take over, and the launcher is asked for a replacement."""
-        record.state = DEAD
+        changes with it), its shadows take over; `reconcile` asks the launcher for a replacement."""
+        self._set_state(record, WorkerState.FENCED)
         self.fenced.add((record.name, record.incarnation))
         self.epoch += 1
         self.ert = self._build_ert()
         self._event("dead", record.name, f"incarnation {record.incarnation}: {reason}")
         self._event("fenced", record.name, f"incarnation {record.incarnation}, routing epoch {self.epoch}")
-        if not self.resilience:
+        if not self.resilience and record.role in ("expert", "attention"):
             # The restart-everything baseline: one death takes every worker down with it.
             for other in self.live():
                 if other.role in ("expert", "attention"):
-                    other.state = DEAD
+                    self._set_state(other, WorkerState.FENCED)
                     self.fenced.add((other.name, other.incarnation))
                     self._event("fenced", other.name, f"incarnation {other.incarnation}: restart-all after "
                                 f"{record.name} died")
             self.ert = self._build_ert()
-            # One restart at a time: deaths while it runs (the launcher kills the old processes itself,
-            # or one dies while starting, which the launcher sees and retries) need no second one.
-            if not self.restart_pending:
-                self.restart_pending = True
-                self.launcher_commands.append(("restart-all", record.name, record.pid))
-        elif record.role in ("expert", "attention", "kv_store"):
-            self.launcher_commands.append(("start", record.name, record.pid))
+
+    # ---- the reconcile pass -----------------------------------------------------------------
+
+    def reconcile(self) -> None:
+        """Compare desired and observed state; issue what closes the gap (see the module docstring).
+        Each part runs on its own: one that raises is logged and never keeps the others from running."""
+        now = self.clock()
+        parts = [self._complete_orders, self._expire_orders, lambda: self._decay_load(now),
+                 lambda: self._reconcile_roster(now), lambda: self._reconcile_placement(now)]
+        if not self.resilience:
+            parts.insert(4, self._reconcile_restart_all)
+        for part in parts:
+            try:
+                part()
+            except Exception:
+                log.exception("a reconcile step failed; the others went on")
+
+    def _order(self, action: str, worker: str, pid: int, generation: int = 0) -> Order:
+        """Issue an order unless the same one is outstanding."""
+        for order in self.orders.values():
+            if order.key() == (action, worker, pid, generation):
+                return order
+        order = Order(self.next_order, action, worker, pid, self.wall(), generation, self.next_incarnation)
+        self.next_order += 1
+        self.orders[order.id] = order
+        self.counters["orders_issued"] += 1
+        what = {"start": f"start {worker}" + (f" in place of pid {pid}" if pid else ""),
+                "stop": f"drain and stop {worker} (pid {pid})",
+                "restart-all": f"restart every worker (generation {generation})"}[action]
+        self._event("order", worker, f"order {order.id}: {what}")
+        return order
+
+    def _order_done(self, order: Order) -> bool:
+        record = self.workers.get(order.worker)
+        roster = self.roster()
+        if order.action == "start":
+            return order.worker not in roster or (record is not None and record.incarnation > 0
+                                                  and record.pid != order.pid)
+        if order.action == "stop":
+            return record is None or record.state in ENDED or record.pid != order.pid
+        workers = [self.workers.get(n) for n, (role, _) in roster.items() if role in ("expert", "attention")]
+        return all(r is not None and r.incarnation >= order.floor and r.state in SERVING for r in workers)
+
+    def _complete_orders(self) -> None:
+        for order in list(self.orders.values()):
+            if self._order_done(order):
+                del self.orders[order.id]
+                self.counters["orders_completed"] += 1
+                self.version += 1
+
+    def _expire_orders(self) -> None:
+        """An order not seen done within the startup timeout is forgotten; the next pass issues it
+        again if it is still needed (the launcher may have failed to carry it out)."""
+        now = self.wall()
+        for order in list(self.orders.values()):
+            if now - order.issued_at > self.settings.startup_timeout_s:
+                del self.orders[order.id]
+                self.counters["orders_expired"] += 1
+                self._event("order", order.worker, f"order {order.id} ({order.action}) not done after "
+                            f"{self.settings.startup_timeout_s:.0f}s; issuing it again if still needed")
+
+    def _starting_order(self, name: str) -> bool:
+        return any(o.action == "start" and o.worker == name for o in self.orders.values())
+
+    def _reconcile_roster(self, now: float) -> None:
+        roster = self.roster()
+        for name, (role, index) in roster.items():
+            record = self.workers.get(name)
+            if record is None:  # added by `scale`
+                self.workers[name] = WorkerRecord(name, role, index, 0, 0, "", since=now)
+                self._event("starting", name, "added to the roster")
+                self._order("start", name, 0)
+            elif record.state == WorkerState.STARTING:
+                if not self._starting_order(name) and now - record.since > self.settings.startup_timeout_s:
+                    self._order("start", name, 0)  # never registered: whatever was to start it failed
+            elif record.state in ENDED and (self.resilience or role == "kv_store") and role in REPLACED_ROLES:
+                self._order("start", name, record.pid)
+        for record in list(self.workers.values()):
+            if record.name in roster or record.state in ENDED or record.role not in ("expert", "attention"):
+                continue
+            if not record.incarnation:  # removed before it ever registered
+                self._set_state(record, WorkerState.GONE)
+                self._event("stopped", record.name, "removed from the roster before it started")
+                continue
+            if record.state != WorkerState.DRAINING:
+                self._set_state(record, WorkerState.DRAINING)
+                self.counters["drains"] += 1
+                self._event("draining", record.name, "removed from the roster")
+                if record.role == "expert":
+                    self._publish_routing(f"{record.name} draining")
+            # An attention worker hands its requests over at once; an expert worker stops once no
+            # routing table any attention worker uses names it.
+            if record.role == "attention" or (record.name not in self.active.workers
+                                              and self._adopted(self.switch_epoch)):
+                self._order("stop", record.name, record.pid)
+
+    def _reconcile_restart_all(self) -> None:
+        """The baseline: a death bumps the restart generation (unless a restart is under way), and the
+        launcher restarts every worker for it."""
+        if any(o.action == "restart-all" for o in self.orders.values()):
+            return
+        roster = self.roster()
+        if any(r.state == WorkerState.FENCED and r.name in roster for r in self.workers.values()
+               if r.role in ("expert", "attention")):
+            self.restart_generation += 1
+            self._order("restart-all", "", 0, self.restart_generation)
+
+    def _adopted(self, epoch: int) -> bool:
+        """Does every attention worker that may still send frames route by `epoch` or a later table?"""
+        return all(r.load.get("ert_epoch", 0.0) >= epoch for r in self.workers.values()
+                   if r.role == "attention" and (r.state in SERVING or r.state == WorkerState.DRAINING))
+
+    def _settled(self) -> bool:
+        """No rebalance is under way and every attention worker routes by the active placement."""
+        return not self.rebalancing and self._adopted(self.switch_epoch)
+
+    def _reconcile_placement(self, now: float) -> None:
+        experts = self.expert_names()
+        if tuple(experts) != self.target.workers:  # the roster changed: plan for the new one
+            self.target = self._plan(experts, self.observed_load(), self.active)
+            if self.target.copies == self.active.copies and self.target.shares == self.active.shares \
+                    and self.target.workers == self.active.workers:
+                self.target = self.active
+            else:
+                self._event("rebalance", "", f"placing experts on {len(experts)} expert workers; loading copies")
+        if self.rebalancing:
+            ready = all(
+                (r := self.workers.get(w)) is not None and r.state in SERVING
+                and set(self.target.held_by(w)) <= set(r.experts)
+                for w in self.target.workers
+            )
+            if ready:
+                self.active = self.target
+                self.counters["rebalances"] += 1
+                self.epoch += 1
+                self.ert = self._build_ert()
+                self.switch_epoch = self.epoch
+                self._event("epoch", "", f"routing table epoch {self.epoch}: the new placement serves "
+                            f"({len(self.active.unprotected)} experts unprotected)")
+        elif self.settings.rebalance_interval_s > 0 and now - self.last_rebalance >= self.settings.rebalance_interval_s:
+            self.rebalance("periodic", min_gain=PERIODIC_GAIN)
+
+    def _decay_load(self, now: float) -> None:
+        dt = now - self._load_at
+        if dt <= 0:
+            return
+        self._load_at = now
+        factor = 0.5 ** (dt / self.settings.load_half_life_s)
+        self.load = {k: v * factor for k, v in self.load.items() if v * factor > 1e-3}
 
     # ---- persistence (Redis) ----------------------------------------------------------------
 
     def to_snapshot(self) -> dict:
-        """What a restarted controller needs to carry on: membership, incarnations, fences, epoch.
-        (Placement and shadows are pure functions of the deployment, recomputed on restart.)"""
+        """Everything a restarted controller needs to carry on: desired state (roster, placements,
+        restart generation), observed state (membership, incarnations, fences, epoch, load) and the
+        outstanding orders."""
         return {
             "epoch": self.epoch,
             "next_incarnation": self.next_incarnation,
             "fenced": sorted([name, inc] for name, inc in self.fenced),
             "workers": [
                 {"name": r.name, "role": r.role, "index": r.index, "incarnation": r.incarnation, "pid": r.pid,
-                 "host": r.host, "data_address": r.data_address, "state": r.state,
-                 "experts": [list(e) for e in r.experts], "started_at": r.started_at}
+                 "host": r.host, "data_address": r.data_address, "state": r.state.value,
+                 "experts": [list(e) for e in r.experts], "started_at": r.started_at,
+                 "ert_epoch": r.load.get("ert_epoch", 0.0)}
                 for r in self.workers.values()
             ],
             "events": [[e.time, e.kind, e.worker, e.detail] for e in list(self.events)[-100:]],
+            "desired": {"attention_workers": self.desired.attention_workers,
+                        "expert_workers": self.desired.expert_workers},
+            "restart_generation": self.restart_generation,
+            "orders": [{"id": o.id, "action": o.action, "worker": o.worker, "pid": o.pid, "issued_at": o.issued_at,
+                        "generation": o.generation, "floor": o.floor} for o in self.orders.values()],
+            "next_order": self.next_order,
+            "counters": dict(self.counters),
+            "load": [[layer, expert, value] for (layer, expert), value in sorted(self.load.items())],
+            "active": self.active.to_json(),
+            "target": None if not self.rebalancing else self.target.to_json(),
+            "switch_epoch": self.switch_epoch,
         }
 
     def restore(self, snapshot: dict) -> None:
-        """Adopt a predecessor's snapshot; every live worker gets a fresh heartbeat deadline."""
+        """Adopt a predecessor's snapshot; every live worker gets a fresh heartbeat deadline, and every
+        outstanding order is sent again (counted as resumed)."""
         now = self.clock()
         self.epoch = int(snapshot["epoch"])
         self.next_incarnation = int(snapshot["next_incarnation"])
@@ -313,23 +690,30 @@ class ClusterModel:
         self.workers = {}
         for w in snapshot["workers"]:
             record = WorkerRecord(str(w["name"]), str(w["role"]), int(w["index"]), int(w["incarnation"]),
-                                  int(w["pid"]), str(w["host"]), str(w["data_address"]), str(w["state"]),
+                                  int(w["pid"]), str(w["host"]), str(w["data_address"]), WorkerState(w["state"]),
                                   [tuple(e) for e in w["experts"]], last_heartbeat=now,
-                                  started_at=float(w["started_at"]))
+                                  load={"ert_epoch": float(w["ert_epoch"])}, started_at=float(w["started_at"]),
+                                  since=now)
             self.workers[record.name] = record
         self.events.extend(ClusterEvent(float(t), str(k), str(w), str(d)) for t, k, w, d in snapshot["events"])
+        self.desired = Roster(int(snapshot["desired"]["attention_workers"]), int(snapshot["desired"]["expert_workers"]))
+        self.restart_generation = int(snapshot["restart_generation"])
+        self.orders = {int(o["id"]): Order(int(o["id"]), str(o["action"]), str(o["worker"]), int(o["pid"]),
+                                           float(o["issued_at"]), int(o["generation"]), int(o["floor"]), resumed=True)
+                       for o in snapshot["orders"]}
+        self.next_order = int(snapshot["next_order"])
+        self.counters.update({k: int(v) for k, v in snapshot["counters"].items() if k in self.counters})
+        self.counters["orders_resumed"] += len(self.orders)
+        self.load = {(int(layer), int(expert)): float(v) for layer, expert, v in snapshot["load"]}
+        self.active = Placement.from_json(snapshot["active"])
+        self.target = self.active if snapshot["target"] is None else Placement.from_json(snapshot["target"])
+        self.switch_epoch = int(snapshot["switch_epoch"])
         self.ert = self._build_ert()
-        self._event("controller", "controller", f"restarted; recovered {len(self.workers)} workers and routing "
-                    f"epoch {self.epoch} from Redis")
+        self._event("controller", "controller", f"restarted; recovered {len(self.workers)} workers, routing epoch "
+                    f"{self.epoch} and {len(self.orders)} outstanding orders from Redis")
 
     def live(self, role: str | None = None) -> list[WorkerRecord]:
-        return [
-            r for r in self.workers.values()
-            if r.state in (READY, SUSPECT) and (role is None or r.role == role)
-        ]
-
-    def dead_expert_workers(self) -> set[str]:
-        return {r.name for r in self.workers.values() if r.role == "expert" and r.state in (DEAD, STOPPED)}
+        return [r for r in self.workers.values() if r.state in SERVING and (role is None or r.role == role)]
 
     # ---- injected faults (chaos testing) ----------------------------------------------------
 

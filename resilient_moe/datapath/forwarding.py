@@ -1,15 +1,19 @@
 """The attention worker's forwarding engine: routed-expert calls as frames to expert workers.
 
 For each micro-batch call it groups the (token, k) pairs by destination expert worker through the
-ERT and cuts each worker's rows into parts that fit the link (parts.py), one DISPATCH frame each.
+ERT (the rows of an expert with several active copies are split between them by their shares) and
+cuts each worker's rows into parts that fit the link (parts.py), one DISPATCH frame each.
 RESULT frames are assembled back into [T*K, D] by (micro-batch, part). Every outstanding part is
 kept until answered, so it can be resent elsewhere, and has a deadline. A part goes to another
 candidate holding the same experts when its worker dies (closed link), goes silent (unanswered
 probes), misses the deadline, or answers with something other than what was asked. Replies are
 accepted only from the incarnation a part was sent to, for a part still outstanding, with the
 epoch, micro-batch and rows it was sent with: late duplicates and anything malformed are dropped
-and counted. Nothing a peer does can raise out of here except ExpertUnavailableError (no live
-copy of an expert is left) and StepCancelled (this worker is stopping).
+and counted. Rows of an expert with no live copy left are held, not failed: they go out as soon as
+a routing table or a new link gives the expert a copy again (a replacement loaded it), and only
+past `expert_wait_s` does their call fail. Nothing a peer does can raise out of here except
+ExpertUnavailableError (an expert had no live copy for that long) and StepCancelled (this worker is
+stopping).
 
 Sends never block: a part waits in its worker's outbox while the link has no room or the worker
 already holds a window of unanswered bytes, and goes out from `wait`, which drains replies first.
@@ -20,6 +24,8 @@ Shape letters: T tokens, K experts per token, D hidden, n rows of one part.
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -27,14 +33,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from resilient_moe.datapath.ert import RoutingTable
+from resilient_moe.datapath.ert import Routes, RoutingTable
 from resilient_moe.datapath.faults import LINK_KINDS, FaultPlan, FaultyLink, LinkFault
 from resilient_moe.datapath.frames import Frame, FrameFlags, FrameHeader, FrameKind
 from resilient_moe.datapath.link import FrameTooLarge, Link, LinkClosed, PeerInfo, connect
 from resilient_moe.datapath.parts import DeadlineModel, check_result, rows_per_part
 from resilient_moe.datapath.poller import Poller
 from resilient_moe.errors import ExpertUnavailableError
-from resilient_moe.procs import RUNNABLE, process_state
+from resilient_moe.procs import RUNNABLE, background_thread, process_state
 
 log = logging.getLogger("resilient_moe.forwarding")
 
@@ -74,6 +80,19 @@ class _Part:
     @property
     def nbytes(self) -> int:
         return self.rows.nbytes + self.experts.nbytes
+
+
+@dataclass
+class _Held:
+    """Rows of a call whose experts have no live copy, waiting for one (until `deadline`)."""
+
+    call: _Call
+    pair_index: torch.Tensor  # [n]
+    experts: torch.Tensor  # [n]
+    rows: torch.Tensor  # [n, D] one per pair
+    excluded: frozenset[str]
+    deadline: float
+    error: ExpertUnavailableError  # what the call fails with past the deadline
 
 
 @dataclass
@@ -119,9 +138,11 @@ class Forwarder:
         on_suspect: Callable[[str, int, str], None] = lambda name, incarnation, reason: None,
         deadlines: DeadlineModel | None = None,
         busy_grace_s: float = 5.0,
+        expert_wait_s: float = 15.0,
     ) -> None:
         """`on_suspect(name, incarnation, reason)` is told (and must not block) when this AW stops
-        routing to a worker on its own, before the controller has decided anything."""
+        routing to a worker on its own, before the controller has decided anything. `expert_wait_s`:
+        how long rows of an expert with no live copy wait for one (0: their call fails at once)."""
         self.identity = identity
         self.poller = poller
         self.ring_bytes = ring_bytes
@@ -131,13 +152,17 @@ class Forwarder:
         self.on_suspect = on_suspect
         self.deadlines = deadlines or DeadlineModel()
         self.busy_grace_s = busy_grace_s  # longest a busy (runnable) peer is waited for before acting anyway
+        self.expert_wait_s = expert_wait_s
+        self._held: list[_Held] = []
+        self._connecting: set[tuple[str, int]] = set()  # links being opened in the background
+        self._opened: "queue.SimpleQueue[tuple[str, int, Link | None]]" = queue.SimpleQueue()
         self.peers: dict[str, _Peer] = {}
         self.zombies: list[_Peer] = []  # fenced or replaced incarnations, kept open only to drop their late frames
         self.ert: RoutingTable | None = None
         self.cancelled = False
         self.unavailable: set[str] = set()  # expert workers not to route to (not connected, dead)
         self._workers: list[str] = []
-        self._route: torch.Tensor | None = None  # [L, E] index into _workers, -1 = no live candidate
+        self._routes: Routes | None = None  # where each expert's rows go, as indices into _workers
         self._calls: dict[int, _Call] = {}
         self.step = 0
         self.faults: FaultPlan | None = None  # injected faults (chaos testing, faults.py); None: off
@@ -146,7 +171,7 @@ class Forwarder:
         self.counters = dict.fromkeys(
             ("expert_calls", "frames_sent", "frames_answered", "stale_replies", "replayed_frames", "suspicions",
              "probes", "deadline_misses", "deadline_extensions", "malformed_replies", "error_replies",
-             "split_parts"), 0)
+             "split_parts", "held_parts", "held_expired"), 0)
 
     # ---- membership and routing -------------------------------------------------------------
 
@@ -155,20 +180,68 @@ class Forwarder:
         old = self.peers.get(name)
         if old is not None and old.incarnation == incarnation and old.link.alive:
             return
-        if old is not None:
-            self._retire(old, "replaced by a new incarnation")
+        self._install(name, incarnation, self._open(name, address, incarnation))
+
+    def connect_soon(self, name: str, address: str, incarnation: int) -> None:
+        """Open the link on a thread of its own (setting up a link takes tens of milliseconds, which a
+        step must not wait for); it joins from the next `drain`. Failures are logged, and the next
+        cluster view asks again."""
+        old = self.peers.get(name)
+        if (old is not None and old.incarnation == incarnation and old.link.alive) or \
+                (name, incarnation) in self._connecting:
+            return
+        self._connecting.add((name, incarnation))
+
+        def open_link() -> None:
+            background_thread()
+            try:
+                self._opened.put((name, incarnation, self._open(name, address, incarnation)))
+            except Exception as e:  # noqa: BLE001 (refused, gone, a bad handshake: asked again by the next view)
+                log.warning("cannot link to %s at %s: %s", name, address, e)
+                self._opened.put((name, incarnation, None))
+
+        threading.Thread(target=open_link, name=f"link-{name}", daemon=True).start()
+
+    def _open(self, name: str, address: str, incarnation: int) -> Link:
+        """A link to `name` at `address`, checked to be `incarnation` (no poller yet: any thread)."""
         options = {"ring_size": self.ring_bytes} if address.startswith("shm:") else {}
-        link = connect(address, self.identity, self.poller, **options)
+        link = connect(address, self.identity, None, **options)
         if link.peer.incarnation != incarnation:
             link.close()
             raise ConnectionError(f"{address} answered as {link.peer.name} incarnation {link.peer.incarnation}, "
                                   f"expected {name} incarnation {incarnation}")
+        return link
+
+    def _install(self, name: str, incarnation: int, link: Link) -> None:
+        old = self.peers.get(name)
+        if old is not None and old.incarnation >= incarnation and old.link.alive:
+            link.close()  # a link to this incarnation (or a newer one) is there already
+            return
+        if old is not None:
+            self._retire(old, "replaced by a new incarnation")
+        self.poller.add(link)
         peer = _Peer(name, incarnation, link)
         self.peers[name] = peer
         self._wrap_faulty(peer)
         self.unavailable.discard(name)
         self._reroute()
-        log.info("linked to %s incarnation %d at %s", name, incarnation, address)
+        log.info("linked to %s incarnation %d", name, incarnation)
+
+    def settle_links(self, timeout_s: float) -> None:
+        """Wait until every link being opened has joined or failed, at most `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        while self._connecting and time.monotonic() < deadline:
+            self._install_opened()
+            time.sleep(0.002)
+        self._install_opened()
+
+    def _install_opened(self) -> None:
+        """Links opened in the background since the last call join (on the thread that owns the poller)."""
+        while not self._opened.empty():
+            name, incarnation, link = self._opened.get()
+            self._connecting.discard((name, incarnation))
+            if link is not None:
+                self._install(name, incarnation, link)
 
     def disconnect(self, name: str, reason: str) -> list[_Part]:
         """Forget an expert worker; returns its parts that were still unanswered."""
@@ -190,18 +263,20 @@ class Forwarder:
         if self.ert is None:
             return
         self._workers = self.ert.workers
-        self._route = self._lookup(frozenset())
+        self._routes = self._lookup(frozenset())
+        if self._held:
+            self._retry_held()
 
-    def _lookup(self, excluded: frozenset[str]) -> torch.Tensor:
-        """[L, E] index into `self._workers` of each expert's first usable candidate, -1 where none.
-        A suspect is only silent or late (perhaps slow, not dead): when it is an expert's last copy,
-        keep sending to it rather than fail requests; the controller decides whether it is dead."""
+    def _lookup(self, excluded: frozenset[str]) -> Routes:
+        """Where each expert's rows go among its usable candidates. A suspect is only silent or late
+        (perhaps slow, not dead): when it is an expert's last copy, keep sending to it rather than hold
+        the rows; the controller decides whether it is dead."""
         gone = self.unavailable | excluded | {w for w in self._workers if w not in self.peers or self.peers[w].fenced}
         suspects = {w for w in self._workers if w in self.peers and self.peers[w].suspect}
-        route = self.ert.route_lookup(self._workers, gone | suspects)
+        routes = self.ert.routes(self._workers, gone | suspects)
         if suspects:
-            route = torch.where(route < 0, self.ert.route_lookup(self._workers, gone), route)
-        return route
+            routes = routes.merged(self.ert.routes(self._workers, gone))
+        return routes
 
     def _retire(self, peer: _Peer, reason: str) -> None:
         """Stop using an incarnation but keep its link open: whatever it still sends is counted and dropped."""
@@ -226,6 +301,7 @@ class Forwarder:
         self.step = step
         if self._calls:  # calls of micro-batches that failed last step: forget them and their parts
             self._calls.clear()
+            self._held.clear()
             for peer in self.peers.values():
                 self._take_parts(peer)
 
@@ -264,6 +340,8 @@ class Forwarder:
         self.drain()
         self.pump()
         self.check_overdue()
+        if self._held and time.monotonic() >= min(h.deadline for h in self._held):
+            self._retry_held()
         others = [link for link in links if link.peer.name not in self.peers]
         if others or fds:
             self.on_other(others, fds)
@@ -271,6 +349,8 @@ class Forwarder:
     def _wait_timeout(self) -> float:
         timeout = self.probe_interval_s
         now = time.monotonic()
+        if self._held:
+            timeout = min(timeout, max(0.0, min(h.deadline for h in self._held) - now))
         for peer in self.peers.values():
             if peer.outbox or peer.link.backlogged:
                 return 0.001  # room may open at any moment: look again soon
@@ -281,18 +361,35 @@ class Forwarder:
     # ---- sending ----------------------------------------------------------------------------
 
     def _dispatch(self, call: _Call, pair_index: torch.Tensor, experts: torch.Tensor, x: torch.Tensor,
-                  by_token: bool = False, excluded: frozenset[str] = frozenset()) -> None:
+                  by_token: bool = False, excluded: frozenset[str] = frozenset(),
+                  deadline: float | None = None) -> None:
         """Queue pairs (positions `pair_index` [n] in the call, expert ids `experts` [n]) as parts to
-        the first usable candidate of each expert, and send what the links take now. `x` holds one
-        row per token of the call (`by_token`: pair p uses row p // K) or one row per pair."""
-        assert self._route is not None, "no routing table yet"
-        route = self._route if not excluded else self._lookup(excluded)
-        destination = route[call.layer][experts.long()]  # [n] index into self._workers
-        if bool((destination < 0).any()):
-            missing = destination < 0
+        the usable candidates of each expert, and send what the links take now. `x` holds one row per
+        token of the call (`by_token`: pair p uses row p // K) or one row per pair. Pairs of experts
+        with no usable candidate are held until `deadline` (from now + expert_wait_s when new)."""
+        assert self._routes is not None, "no routing table yet"
+        routes = self._routes if not excluded else self._lookup(excluded)
+        destination = routes.destinations(call.layer, experts)  # [n] index into self._workers
+        missing = destination < 0  # [n]
+        if bool(missing.any()):
             lost = sorted({int(e) for e in experts[missing]})
             tokens = {int(t) for t in (pair_index[missing] // call.top_k).tolist()}
-            raise ExpertUnavailableError(f"no live expert worker holds expert(s) {lost} of layer {call.layer}", tokens)
+            error = ExpertUnavailableError(f"no live expert worker holds expert(s) {lost} of layer {call.layer}", tokens)
+            now = time.monotonic()
+            deadline = now + self.expert_wait_s if deadline is None else deadline
+            if now >= deadline:
+                self.counters["held_expired"] += 1
+                raise error
+            rows = x[pair_index[missing] // call.top_k] if by_token else x[missing]  # [m, D]
+            self._held.append(_Held(call, pair_index[missing], experts[missing], rows, excluded, deadline, error))
+            call.remaining += 1
+            self.counters["held_parts"] += 1
+            log.warning("%s; holding %d rows for up to %.1fs until a copy is back", error, rows.shape[0],
+                        deadline - now)
+            keep = ~missing
+            pair_index, experts, destination = pair_index[keep], experts[keep], destination[keep]
+            if not by_token:
+                x = x[keep]
         width = x.shape[1]
         workers = self._workers
         for worker in torch.unique(destination).tolist():
@@ -356,7 +453,8 @@ class Forwarder:
     # ---- replies ----------------------------------------------------------------------------
 
     def drain(self) -> None:
-        """Take every frame that has arrived on every expert link."""
+        """Take every frame that has arrived on every expert link (and add links opened meanwhile)."""
+        self._install_opened()
         for peer in [*self.peers.values(), *self.zombies]:
             try:
                 got = False
@@ -518,6 +616,20 @@ class Forwarder:
         peer.inflight_bytes = peer.inflight_rows = 0
         return parts
 
+    def _retry_held(self) -> None:
+        """Send held rows whose experts have a live copy again; fail the calls of those past their deadline."""
+        held, self._held = self._held, []
+        for h in held:
+            call = h.call
+            if self._calls.get(call.micro_batch) is not call or call.error is not None:
+                continue
+            call.remaining -= 1
+            try:
+                self._dispatch(call, h.pair_index, h.experts, h.rows, excluded=h.excluded, deadline=h.deadline)
+            except ExpertUnavailableError as e:
+                log.error("%s: waited %.1fs for a copy; failing the requests that need it", e, self.expert_wait_s)
+                call.error = e
+
     def _resend(self, parts: list[_Part], exclude: str | None = None) -> None:
         """Send parts again to the next usable candidate of each expert, marked REPLAY (served first)."""
         self.counters["replayed_frames"] += len(parts)
@@ -569,7 +681,7 @@ class Forwarder:
 
     @property
     def outstanding(self) -> int:
-        return sum(len(p.outstanding) + len(p.outbox) for p in self.peers.values())
+        return sum(len(p.outstanding) + len(p.outbox) for p in self.peers.values()) + len(self._held)
 
     def close(self) -> None:
         for name in list(self.peers):

@@ -143,6 +143,7 @@ class KVCheckpointer:
         self._pending: deque[_Write | _Release | _Restore | _Attach] = deque()
         self._restored: deque[tuple[Sequence, torch.Tensor | None, int]] = deque()
         self._stop = False
+        self._busy = False  # the thread is carrying out a batch it took
         self._refused = False
         self._redis_down_until = 0.0
         # The store's memory, touched by the thread only.
@@ -179,8 +180,10 @@ class KVCheckpointer:
             log.warning("KV store replaced (incarnation %d): checkpointing %d requests again from their start",
                         store_incarnation, len(self.tracked))
 
-    def after_step(self) -> None:
-        """Snapshot the rows every request completed since its last commit; release finished ones."""
+    def after_step(self, final: bool = False) -> None:
+        """Snapshot the rows every request completed since its last commit; release finished ones.
+        `final`: the last snapshot of a draining worker, which writes no block again: the partial last
+        block too, so the adopter restores every position instead of recomputing the tail."""
         if self._ready_store != self.store_incarnation or self.store_incarnation == 0 or self._refused:
             return  # no store yet, or it is being mapped (its predecessor's blocks are not pinned yet)
         scheduler = self.engine.scheduler
@@ -194,7 +197,8 @@ class KVCheckpointer:
             t = self.tracked.get(seq.request_id)
             if t is None:
                 t = self.tracked[seq.request_id] = _Tracked()
-            n = seq.num_cached // self.bs * self.bs  # whole blocks only: the tail is recomputed on restore
+            # Whole blocks only (a block is never written twice): the tail is recomputed on restore.
+            n = seq.num_cached if final else seq.num_cached // self.bs * self.bs
             if t.broken or n <= t.committed:
                 continue
             if not self._ensure_blocks(t, n):
@@ -203,7 +207,7 @@ class KVCheckpointer:
                 log.warning("KV store region full: no longer checkpointing %s beyond %d tokens", seq.request_id,
                             t.committed)
                 continue
-            first, last = t.committed // self.bs, n // self.bs
+            first, last = t.committed // self.bs, -(-n // self.bs)
             positions = torch.arange(t.committed, n)
             table = torch.tensor(seq.block_table, dtype=torch.long)
             blocks = torch.tensor(t.blocks, dtype=torch.long)
@@ -259,6 +263,12 @@ class KVCheckpointer:
             self._pending.append(_Restore(seq))
             self._cond.notify()
 
+    def settled(self) -> bool:
+        """Is every snapshot staged so far written and its commit sent (a draining worker hands its
+        requests over once it is)?"""
+        with self._lock:
+            return not self._pending and not self._busy
+
     def finished_restores(self) -> list[tuple[Sequence, RestoredRows | None, int]]:
         """(seq, rows or None, n) of restores that are ready: positions [0, n) are verified."""
         out = []
@@ -279,6 +289,7 @@ class KVCheckpointer:
                     return
                 batch = list(self._pending)
                 self._pending.clear()
+                self._busy = True
             try:
                 self._process(batch)
                 if self._pinned and time.monotonic() - last_pin_check > 1.0:
@@ -286,6 +297,9 @@ class KVCheckpointer:
                     self._check_pins()
             except Exception:
                 log.exception("checkpoint thread error")
+            finally:
+                with self._lock:
+                    self._busy = False
 
     def _process(self, batch: list) -> None:
         """Carry out a batch in order, with one Redis round trip for all its commits and deletes, and

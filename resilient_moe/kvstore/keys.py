@@ -19,10 +19,18 @@
       record, in the same script; same expiry; both are deleted when the request finishes or is aborted.
 
     rmoe:{cluster}:controller            string, JSON: the controller's state after its latest change
-        epoch, next_incarnation, fenced [[name, incarnation]], workers [{name, role, index,
-        incarnation, pid, host, data_address, state, experts, started_at}], events (last 100)
-      A restarted controller loads it and carries on with the same incarnations and epoch; placement
-      and shadows are recomputed (pure functions of the deployment). No expiry; deleted with Redis.
+        desired state: desired {attention_workers, expert_workers} (the roster, changed by /admin/scale),
+          restart_generation (the restart-everything baseline), active and target placements
+          ({workers, entries [[layer, expert, [holder...], [share...]]]}; target null unless a rebalance
+          is under way), switch_epoch (the routing epoch the active placement took over at)
+        observed state: epoch, next_incarnation, fenced [[name, incarnation]], workers [{name, role,
+          index, incarnation, pid, host, data_address, state (controller/state.py WorkerState), experts,
+          started_at, ert_epoch}], load [[layer, expert, decayed tokens]], events (last 100)
+        orders [{id, action, worker, pid, issued_at, generation, floor}] not yet seen carried out, and
+          next_order; counters {orders_issued, orders_completed, orders_resumed, orders_expired,
+          rebalances, scale_events, drains}
+      A restarted controller loads it, carries on with the same incarnations, epoch, roster and
+      placement, and sends the outstanding orders again. No expiry; deleted with Redis.
 """
 
 from __future__ import annotations

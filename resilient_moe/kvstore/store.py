@@ -10,7 +10,8 @@ model and the deployment, so every worker computes the same one:
     OWNERS_BYTES aligned     stamps  uint64 [num_blocks, 2]     (writer incarnation, generation) per block
     header_bytes             rows    dtype  [L, rows, W]        every layer's KV rows (W = model.kv_row_width)
 
-Attention worker i owns blocks [i * per_worker, (i+1) * per_worker). Because writes are one-sided,
+Attention worker i owns blocks [i * per_worker, (i+1) * per_worker); there is a region for every
+attention worker the deployment may run (`max_attention_workers`, for scaling), used or not. Because writes are one-sided,
 ownership is enforced by the writers and verified by the readers: a worker claims its region by
 writing its incarnation into `owners[i]` and checks it before every write (a fenced predecessor that
 wakes up sees its successor's incarnation and stops); each block's stamp is set to (incarnation,
@@ -118,4 +119,4 @@ def map_store(address: str) -> mmap.mmap:
 def layout_for(config: WorkerConfig) -> StoreLayout:
     dep = config.deployment
     return StoreLayout.for_deployment(ModelConfig.from_pretrained(dep.model), dep.kv_store_bytes,
-                                      dep.engine.block_size, torch_dtype(dep.engine.dtype), dep.attention_workers)
+                                      dep.engine.block_size, torch_dtype(dep.engine.dtype), dep.attention_regions)

@@ -160,8 +160,13 @@ class LocalCluster:
         self._commands: threading.Thread | None = None
         self._stopping = threading.Event()
         self._spawn_lock = threading.Lock()
-        self._restarting = False
-        self._restart_again = False
+        self._restarting = False  # a restart-all order is being carried out (exits are then expected)
+        self._restarted_generation = 0  # the newest restart-all generation carried out
+        # Orders carried out, by (id, action, worker, pid, generation): a new stream sends outstanding ones again.
+        self._orders_done: set[tuple] = set()
+        # While set, the launcher takes no orders (they wait, persisted, at the controller): an operator's
+        # maintenance switch, and how tests make an order the controller issued go untaken.
+        self.hold_orders = threading.Event()
         self._supervisor: threading.Thread | None = None
         # worker -> (time.monotonic() its replacement may start, pid it replaces); only the supervisor spawns
         self._respawn_due: dict[str, tuple[float, int]] = {}
@@ -259,17 +264,30 @@ class LocalCluster:
         return {"ew": "expert", "aw": "attention"}[prefix], int(index)
 
     def _follow_commands(self) -> None:
-        """Carry out the controller's requests: replacement workers, or (baseline) restart everything."""
+        """Carry out the controller's orders: start a worker (a replacement, or one the roster gained),
+        drain and stop one it lost, or (baseline) restart everything. A (re)connected stream sends every
+        outstanding order again, so each is carried out at most once, by id."""
         assert self.client is not None
         while not self._stopping.is_set():
+            if self.hold_orders.is_set():
+                self._stopping.wait(0.05)
+                continue
             try:
-                for command in self.client.stub.LauncherCommands(pb.WatchRequest(name="launcher"), wait_for_ready=True):
+                stream = self.client.stub.LauncherCommands(pb.WatchRequest(name="launcher"), wait_for_ready=True)
+                for command in stream:
                     if self._stopping.is_set():
                         return
+                    if self.hold_orders.is_set():
+                        stream.cancel()  # untaken: the controller sends it again once orders are followed
+                        break
+                    key = (command.id, command.action, command.worker, command.pid, command.generation)
+                    if key in self._orders_done:
+                        continue
+                    self._orders_done.add(key)
                     try:
                         self._carry_out(command)
                     except Exception:
-                        log.exception("launcher command %s %s failed", command.action, command.worker)
+                        log.exception("launcher order %d (%s %s) failed", command.id, command.action, command.worker)
             except Exception:
                 if self._stopping.wait(0.05):
                     return
@@ -352,26 +370,43 @@ class LocalCluster:
             log.error("the cluster cannot recover: %s", reason)
 
     def _carry_out(self, command: pb.LauncherCommand) -> None:
+        """One order. Each is idempotent: a start for a process that was already replaced, a stop for
+        one that is already gone, and a restart generation already carried out change nothing."""
         if command.action == "start":  # the supervisor thread spawns it, unless it was replaced meanwhile
             self._respawn_due.setdefault(command.worker, (time.monotonic(), command.pid))
+        elif command.action == "stop":
+            self._stop_worker(command.worker, command.pid)
         elif command.action == "restart-all":
-            if self._restarting:
-                self._restart_again = True  # a death during a restart: restart once more after it
+            if command.generation <= self._restarted_generation:
                 return
             self._restarting = True
             try:
-                self._restart_again = True
                 for _ in range(5):  # bounded: a cluster that cannot come back is left for an operator
-                    if not self._restart_again or self._stopping.is_set():
+                    if self._stopping.is_set():
                         break
-                    self._restart_again = False
                     try:
-                        self.restart_all(reason=f"{command.worker} died")
-                    except ClusterError as e:
+                        self.restart_all(reason=f"restart generation {command.generation}")
+                        break
+                    except ClusterError as e:  # a worker died while starting again: once more
                         log.error("restart-all failed (%s); trying again", e)
-                        self._restart_again = True
+                self._restarted_generation = command.generation
             finally:
                 self._restarting = False
+        else:
+            log.error("unknown launcher order %r for %s; ignored", command.action, command.worker)
+
+    def _stop_worker(self, name: str, pid: int) -> None:
+        """The roster lost `name`: it is no longer supervised (its exit is not replaced), and SIGTERM
+        makes it drain (an attention worker hands its requests over; an expert worker finishes its
+        parts) and leave. Killed at `stop` if it is still there then."""
+        with self._spawn_lock:
+            if self.pids.get(name) != pid:
+                return  # replaced or stopped already
+            del self.pids[name]
+            self._respawn_due.pop(name, None)
+            self.retired.append(pid)
+        log.info("stopping %s (pid %d): removed from the roster", name, pid)
+        _signal(pid, signal.SIGTERM)
 
     def restart_all(self, reason: str) -> None:
         """The restart-everything baseline: kill every worker, start them all again as fresh processes

@@ -28,6 +28,9 @@ if TYPE_CHECKING:
     from resilient_moe.kernels.fused_moe import ExpertBank
 
 ExpertKey = tuple[int, int]  # (layer, expert)
+# An expert read for `install`: packed linear layers (gate_up, down) for per-expert kernels, the raw
+# weights for grouped kernels (stacked into the layer's bank when installed).
+Prepared = tuple[ops.Linear, ops.Linear] | ExpertWeights
 
 
 class ExpertSide:
@@ -52,27 +55,41 @@ class ExpertSide:
         self.load(checkpoint.names.expert_shapes if experts is None else experts)
 
     def load(self, experts: Iterable[ExpertKey]) -> None:
-        """Read the given experts' tensors from the checkpoint (only those; skips ones already held)."""
-        wanted = [key for key in experts if key not in self._weights]
+        """Read the given experts' tensors from the checkpoint and hold them (skips ones already held)."""
+        self.install(self.read(experts))
+
+    def read(self, experts: Iterable[ExpertKey]) -> dict[ExpertKey, Prepared]:
+        """The given experts not held yet, read from the checkpoint and prepared for the kernels (per-
+        expert kernels: packed linear layers). Changes nothing here, so an expert worker reads new
+        experts on another thread while this side computes."""
+        wanted = [key for key in dict.fromkeys(experts) if key not in self._weights]
         for key in wanted:
             if key not in self.checkpoint.names.expert_shapes:
                 raise ExpertUnavailableError(f"expert {key[1]} of layer {key[0]} does not exist in this model")
-        if self.kernels.grouped_experts:
-            self._load_banks(wanted)
-            return
+        out: dict[ExpertKey, Prepared] = {}
         for layer, expert in wanted:
             w = self._read(layer, expert)
             linear = self.kernels.linear
-            self._weights[(layer, expert)] = (linear(w.gate_up, w.gate_up_bias), linear(w.down, w.down_bias))
+            out[(layer, expert)] = w if self.kernels.grouped_experts else \
+                (linear(w.gate_up, w.gate_up_bias), linear(w.down, w.down_bias))
+        return out
+
+    def install(self, prepared: dict[ExpertKey, Prepared]) -> None:
+        """Hold experts that `read` returned (on the thread that computes: grouped kernels restack)."""
+        fresh = {key: p for key, p in prepared.items() if key not in self._weights}
+        if self.kernels.grouped_experts:
+            self._add_to_banks(fresh)  # type: ignore[arg-type]
+        else:
+            self._weights.update(fresh)  # type: ignore[arg-type]
 
     def _read(self, layer: int, expert: int) -> ExpertWeights:
         return self.checkpoint.load_expert(self.checkpoint.names.expert(layer, expert), self.dtype, self.device)
 
-    def _load_banks(self, wanted: list[ExpertKey]) -> None:
-        """Stack the wanted experts into their layers' banks, a layer at a time (one restack per layer)."""
-        by_layer: dict[int, list[int]] = {}
-        for layer, expert in wanted:
-            by_layer.setdefault(layer, []).append(expert)
+    def _add_to_banks(self, weights: dict[ExpertKey, ExpertWeights]) -> None:
+        """Stack the experts into their layers' banks, a layer at a time (one restack per layer)."""
+        by_layer: dict[int, dict[int, ExpertWeights]] = {}
+        for (layer, expert), w in weights.items():
+            by_layer.setdefault(layer, {})[expert] = w
         cfg = self.checkpoint.cfg
         for layer, experts in by_layer.items():
             bank = self._banks.get(layer)
@@ -80,7 +97,7 @@ class ExpertSide:
                 bank = self._banks[layer] = self.kernels.expert_bank(
                     cfg.num_experts, self.experts.activation, self.experts.swiglu_alpha, self.experts.swiglu_limit,
                     self.device)
-            bank.add({expert: self._read(layer, expert) for expert in experts})
+            bank.add(experts)
             for expert in experts:
                 self._weights[(layer, expert)] = bank
 

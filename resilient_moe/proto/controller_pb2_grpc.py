@@ -79,6 +79,21 @@ class ControllerStub:
                 request_serializer=resilient__moe_dot_proto_dot_controller__pb2.FaultUpdate.SerializeToString,
                 response_deserializer=resilient__moe_dot_proto_dot_controller__pb2.FaultList.FromString,
                 _registered_method=True)
+        self.Drain = channel.unary_unary(
+                '/resilient_moe.Controller/Drain',
+                request_serializer=resilient__moe_dot_proto_dot_controller__pb2.Fence.SerializeToString,
+                response_deserializer=resilient__moe_dot_proto_dot_controller__pb2.DrainReply.FromString,
+                _registered_method=True)
+        self.Scale = channel.unary_unary(
+                '/resilient_moe.Controller/Scale',
+                request_serializer=resilient__moe_dot_proto_dot_controller__pb2.ScaleRequest.SerializeToString,
+                response_deserializer=resilient__moe_dot_proto_dot_controller__pb2.ScaleReply.FromString,
+                _registered_method=True)
+        self.Rebalance = channel.unary_unary(
+                '/resilient_moe.Controller/Rebalance',
+                request_serializer=resilient__moe_dot_proto_dot_controller__pb2.Empty.SerializeToString,
+                response_deserializer=resilient__moe_dot_proto_dot_controller__pb2.RebalanceReply.FromString,
+                _registered_method=True)
 
 
 class ControllerServicer:
@@ -140,6 +155,27 @@ class ControllerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Drain(self, request, context):
+        """a worker leaves in a planned way
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Scale(self, request, context):
+        """admin: change the roster
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Rebalance(self, request, context):
+        """admin: place experts by load now
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControllerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -187,6 +223,21 @@ def add_ControllerServicer_to_server(servicer, server):
                     servicer.SetFaults,
                     request_deserializer=resilient__moe_dot_proto_dot_controller__pb2.FaultUpdate.FromString,
                     response_serializer=resilient__moe_dot_proto_dot_controller__pb2.FaultList.SerializeToString,
+            ),
+            'Drain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Drain,
+                    request_deserializer=resilient__moe_dot_proto_dot_controller__pb2.Fence.FromString,
+                    response_serializer=resilient__moe_dot_proto_dot_controller__pb2.DrainReply.SerializeToString,
+            ),
+            'Scale': grpc.unary_unary_rpc_method_handler(
+                    servicer.Scale,
+                    request_deserializer=resilient__moe_dot_proto_dot_controller__pb2.ScaleRequest.FromString,
+                    response_serializer=resilient__moe_dot_proto_dot_controller__pb2.ScaleReply.SerializeToString,
+            ),
+            'Rebalance': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rebalance,
+                    request_deserializer=resilient__moe_dot_proto_dot_controller__pb2.Empty.FromString,
+                    response_serializer=resilient__moe_dot_proto_dot_controller__pb2.RebalanceReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -432,6 +483,87 @@ class Controller:
             '/resilient_moe.Controller/SetFaults',
             resilient__moe_dot_proto_dot_controller__pb2.FaultUpdate.SerializeToString,
             resilient__moe_dot_proto_dot_controller__pb2.FaultList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Drain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/resilient_moe.Controller/Drain',
+            resilient__moe_dot_proto_dot_controller__pb2.Fence.SerializeToString,
+            resilient__moe_dot_proto_dot_controller__pb2.DrainReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Scale(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/resilient_moe.Controller/Scale',
+            resilient__moe_dot_proto_dot_controller__pb2.ScaleRequest.SerializeToString,
+            resilient__moe_dot_proto_dot_controller__pb2.ScaleReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rebalance(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/resilient_moe.Controller/Rebalance',
+            resilient__moe_dot_proto_dot_controller__pb2.Empty.SerializeToString,
+            resilient__moe_dot_proto_dot_controller__pb2.RebalanceReply.FromString,
             options,
             channel_credentials,
             insecure,

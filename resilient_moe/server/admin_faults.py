@@ -18,7 +18,6 @@ import secrets
 import time
 from typing import Any, Literal, Sequence
 
-import grpc
 from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field
@@ -27,6 +26,7 @@ from resilient_moe.controller.client import ControllerClient
 from resilient_moe.datapath.faults import LinkFault
 from resilient_moe.errors import ConfigError
 from resilient_moe.proto import controller_pb2 as pb
+from resilient_moe.server.admin_cluster import call_controller
 from resilient_moe.server.protocol import ERROR_RESPONSES, ApiError
 
 
@@ -83,12 +83,7 @@ def faults_router(controller: ControllerClient | str, dependencies: Sequence[Any
     router = APIRouter(prefix="/admin", tags=["admin"], dependencies=list(dependencies))
 
     def call(method: str, request):
-        try:
-            return getattr(client.stub, method)(request, timeout=5.0)
-        except grpc.RpcError as e:
-            if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                raise ApiError(400, e.details() or "invalid fault", param="add") from None
-            raise ApiError(503, f"the controller is unreachable ({e.code().name}); faults are unchanged") from None
+        return call_controller(client, method, request, param="add")
 
     @router.get("/faults", responses=ERROR_RESPONSES)
     async def list_faults() -> dict[str, Any]:

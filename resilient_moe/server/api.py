@@ -5,6 +5,7 @@
     GET  /health, /ready, /metrics, /openapi.json, /dashboard
     GET  /admin/cluster, /admin/timeseries, /admin/recovery   (Authorization: Bearer <admin token>)
     GET, POST /admin/faults                      (injected datapath faults; admin_faults.py)
+    POST /admin/scale, /admin/rebalance          (roster and expert placement; admin_cluster.py)
 
 The pieces a request goes through each have a module: limits.py (body size), prompts.py (text to
 token ids, bounded and off the event loop), validation.py (checks against the model and deployment),
@@ -35,8 +36,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from resilient_moe.engine.tokenizer import TextTokenizer
 from resilient_moe.errors import ConfigError
 from resilient_moe.server import validation
+from resilient_moe.server.admin_cluster import cluster_router
 from resilient_moe.server.admin_faults import faults_router
-from resilient_moe.server.cluster_view import ClusterMonitor, ClusterSource, cluster_json, readiness
+from resilient_moe.server.cluster_monitor import ClusterMonitor, ClusterSource, cluster_json, readiness
 from resilient_moe.server.frontend import Frontend
 from resilient_moe.server.generation import Admission, ClientGone, ClientWatch, Delta, Generation
 from resilient_moe.server.limits import BodyLimit
@@ -118,6 +120,16 @@ class _Server:
                                      settings.tokenize_concurrency)
         self.monitor = ClusterMonitor(cluster, self._on_cluster, on_pushed=self._on_pushed)
         self.created = int(time.time())
+        self.draining: str | None = None  # why the server drains (SIGTERM), None while it serves
+
+    def start_draining(self, reason: str) -> None:
+        """New requests get 503 and /ready answers 503; requests in flight go on."""
+        self.draining = reason
+        self.admission.close(reason)
+
+    def in_flight(self) -> int:
+        """Requests admitted or waiting for admission."""
+        return self.admission.running + self.admission.waiting
 
     def _on_cluster(self, state) -> None:
         workers = cluster_json(state, dict(self.cluster.pids), self.frontend_entry())["workers"]
@@ -389,6 +401,9 @@ def create_app(
     @app.get("/ready", tags=["operations"])
     async def ready():
         """200 only when every worker of the cluster is up (and this frontend reaches an attention worker)."""
+        if server.draining is not None:
+            return JSONResponse({"status": "draining", "problems": [f"{server.draining}: draining"]},
+                                status_code=503)
         state = await run_in_threadpool(server.monitor.poll)
         problems = readiness(state, dict(cluster_info_provider.pids))
         if not frontend.links:
@@ -422,8 +437,9 @@ def create_app(
 
     controller = getattr(cluster_info_provider, "client", None) or getattr(cluster_info_provider,
                                                                            "controller_address", None)
-    if controller is not None:  # datapath fault injection for chaos tests (admin_faults.py)
+    if controller is not None:  # datapath fault injection for chaos tests (admin_faults.py); scale, rebalance
         app.include_router(faults_router(controller, [Depends(require_admin)]))
+        app.include_router(cluster_router(controller, [Depends(require_admin)]))
 
     @app.get("/dashboard", tags=["admin"], response_class=HTMLResponse)
     async def dashboard() -> HTMLResponse:

@@ -2,7 +2,10 @@
 
 Tokens are numbered by position in the request's output. The log accepts exactly the next position;
 an earlier one (a duplicate after a failover) is dropped, so a caller sees every token exactly once.
-When an attention worker is lost, its requests move to the others (see `Frontend._lost`).
+When an attention worker is lost, its requests move to the others (see `Frontend._lost`); a draining
+one hands its requests over (`handover`) and they move the same way, restored from their KV
+checkpoints. Where a request goes is the controller's policy (`choose_attention_worker`) over the
+loads the attention workers report, and the frontend's own count of what it sent.
 The frontend's link I/O runs on one thread; callers submit from any thread.
 """
 
@@ -21,6 +24,8 @@ from typing import Callable
 from resilient_moe import messages
 from resilient_moe.config import SamplingParams
 from resilient_moe.controller.client import ControllerClient
+from resilient_moe.controller.placement import AttentionLoad, choose_attention_worker
+from resilient_moe.controller.view import ClusterView
 from resilient_moe.datapath.frames import FrameHeader, FrameKind, worker_number
 from resilient_moe.datapath.link import FrameTooLarge, Link, LinkClosed, Outbox, PeerInfo, connect
 from resilient_moe.datapath.poller import Poller, Wakeup
@@ -28,6 +33,8 @@ from resilient_moe.procs import GONE, STOPPED, process_state
 from resilient_moe.proto import controller_pb2 as pb
 
 log = logging.getLogger("resilient_moe.frontend")
+
+LOAD_REFRESH_S = 1.0  # a fresh cluster view at least this often: the attention workers' loads place requests
 
 
 class RequestFailed(RuntimeError):
@@ -212,6 +219,7 @@ class Frontend:
         self._parked: list[tuple[RequestHandle, messages.Submit, float]] = []  # moved, waiting for a worker
         self.park_timeout_s = park_timeout_s
         self.resilience = True  # from the cluster state (off: the restart-everything baseline, no poison rule)
+        self.view: ClusterView | None = None  # the controller's latest snapshot
         self._states: "queue.Queue[pb.ClusterState]" = queue.Queue()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"{self.name}-io", daemon=True)
@@ -219,7 +227,7 @@ class Frontend:
 
     def start(self, timeout_s: float = 30.0) -> "Frontend":
         self._states.put(self.client.get_state(timeout_s=timeout_s))
-        self.client.start_watch(self.name, self._on_state)
+        self.client.start_watch(self.name, self._on_state, refresh_s=LOAD_REFRESH_S)
         self._thread.start()
         if not self._ready.wait(timeout_s):
             raise ConnectionError("no attention worker is reachable")
@@ -317,24 +325,21 @@ class Frontend:
 
     def _apply_states(self) -> None:
         while not self._states.empty():
-            state = self._states.get_nowait()
-            fenced = {(f.name, f.incarnation) for f in state.fenced}
-            for w in state.workers:
-                if w.role != pb.ATTENTION:
-                    continue
+            view = self.view = ClusterView.from_proto(self._states.get_nowait())
+            for w in view.of_role("attention"):
                 current = self.links.get(w.name)
-                if w.state == pb.READY and w.data_address and (current is None or current.incarnation != w.incarnation):
+                if w.takes_requests and (current is None or current.incarnation != w.incarnation):
                     if current is not None:  # the fence itself may not have been seen (states coalesce)
-                        self._lost(w.name, f"replaced by incarnation {w.incarnation}", fenced=True)
+                        self._lost(w.name, f"replaced by incarnation {w.incarnation}", report=False)
                     try:
                         link = connect(w.data_address, self.identity, self.poller)
                         self.links[w.name] = _AttentionLink(w.incarnation, Outbox(link))
                     except (OSError, ConnectionError) as e:
                         log.warning("cannot reach %s: %s", w.name, e)
-                elif current is not None and ((w.name, w.incarnation) in fenced or w.state == pb.DEAD) \
-                        and current.incarnation == w.incarnation:
-                    self._lost(w.name, "fenced by the controller", fenced=True)
-            self.resilience = state.resilience
+                elif current is not None and view.ended(w.name, current.incarnation):
+                    self._drain(w.name, current)  # what it sent before it left (tokens, a handover) first
+                    self._lost(w.name, f"{w.state.value} (controller)", report=False)
+            self.resilience = view.resilience
             if self.links:
                 self._ready.set()
         self._unpark()
@@ -348,7 +353,7 @@ class Frontend:
         for handle, message, since in parked:
             if handle.done:
                 continue
-            if self.links:
+            if self._targets():
                 self._outbox.put((handle, message))
             elif now - since > self.park_timeout_s:
                 handle._fail(RequestFailed(
@@ -368,15 +373,25 @@ class Frontend:
                 if handle is not None and handle.done:
                     del self.requests[request_id]
 
+    def _targets(self) -> list[str]:
+        """Linked attention workers that take new requests (not draining)."""
+        return [n for n in self.links if self.view is None or not self.view.draining(n)]
+
     def _pick_worker(self) -> str | None:
-        """Least-loaded attention worker by requests in flight from this frontend."""
-        if not self.links:
-            return None
-        load = {name: 0 for name in self.links}
+        """The controller's placement policy over the linked attention workers that take requests: the
+        load each reports (running, waiting, free KV), at least what this frontend has in flight there."""
+        targets = self._targets()
+        ours = dict.fromkeys(targets, 0)
         for h in self._handles():
-            if not h.done and h.worker in load:
-                load[h.worker] += 1
-        return min(sorted(load), key=lambda n: load[n])
+            if not h.done and h.worker in ours:
+                ours[h.worker] += 1
+        loads = {}
+        for name in targets:
+            peer = self.view.workers.get(name) if self.view is not None else None
+            load = peer.load if peer is not None else {}
+            reported = load.get("running", 0.0) + load.get("waiting", 0.0) + load.get("restoring", 0.0)
+            loads[name] = AttentionLoad(max(reported, float(ours[name])), 1.0 - load.get("kv_cache_usage_perc", 0.0))
+        return choose_attention_worker(loads)
 
     def _flush_outbox(self) -> None:
         """Hand every message callers queued to its link; a message that cannot go fails its request."""
@@ -479,8 +494,26 @@ class Frontend:
                     handle.started_on, handle.tokens_at_start = worker, len(handle.tokens)
         elif isinstance(message, messages.Failed) and (handle := requests.get(message.request_id)) is not None:
             handle._fail(RequestFailed(message.message, message.kind))
+        elif isinstance(message, messages.Handover):
+            moved = [requests[r] for r in message.request_ids if r in requests and requests[r].worker == worker]
+            for handle in moved:
+                if not handle.done:
+                    handle.started_on = ""
+                    self._move(handle)
+            log.info("%s is draining: moved %d requests to other attention workers", worker, len(moved))
 
-    def _lost(self, name: str, reason: str, fenced: bool = False) -> None:
+    def _move(self, handle: RequestHandle) -> None:
+        """Send a request to another attention worker, resuming from its token log (the fair baseline
+        does too: one re-prefill); its KV is restored there from the checkpoint store if it has one."""
+        handle.worker = ""
+        handle.moves += 1
+        self._outbox.put((handle, messages.Submit(
+            handle.request_id, handle.prompt_ids, handle.params.to_dict(), handle.seed,
+            output_ids=handle.token_ids, resume=True, suspect=bool(handle.lost_on),
+        )))
+        self.wakeup.ring()
+
+    def _lost(self, name: str, reason: str, report: bool = True) -> None:
         """An attention worker is gone: move its unfinished requests to the others.
 
         With resilience, a request resumes from its token log (the tokens it already delivered); the
@@ -500,12 +533,11 @@ class Frontend:
         self.poller.remove(entry.link)
         entry.link.close()
         log.warning("lost attention worker %s: %s", name, reason)
-        if not fenced:  # tell the controller at once rather than after its heartbeat timeout
+        if report:  # tell the controller at once rather than after its heartbeat timeout
             self.client.report_failure(self.name, name, entry.incarnation, reason, wait=False)
         for handle in self._handles():
             if handle.worker != name or handle.done:
                 continue
-            handle.worker = ""
             if handle.started_on == name and len(handle.tokens) == handle.tokens_at_start:
                 handle.lost_on.append(name)  # it died in this request's first step there: a suspect
             handle.started_on = ""
@@ -516,9 +548,5 @@ class Frontend:
                     f"request {handle.request_id} was starting on {' and then on '.join(handle.lost_on)} when each of "
                     f"them died; it is not moved to another worker, in case it is what makes them fail", "poison"))
                 continue
-            handle.moves += 1
-            self._outbox.put((handle, messages.Submit(
-                handle.request_id, handle.prompt_ids, handle.params.to_dict(), handle.seed,
-                output_ids=handle.token_ids, resume=True, suspect=bool(handle.lost_on),
-            )))
+            self._move(handle)
         self.wakeup.ring()

@@ -35,10 +35,18 @@ class Admission:
         self.max_waiting = max_waiting
         self.running = 0
         self.waiting = 0
+        self.closed: str | None = None  # why new requests are refused (the server drains), None while open
         self._slots: asyncio.Semaphore | None = None  # made on first use, inside the server's loop
 
+    def close(self, reason: str) -> None:
+        """Refuse new requests from now on (503 with `reason`); those admitted or queued go on."""
+        self.closed = reason
+
     async def enter(self) -> float:
-        """Wait for a slot; returns the seconds waited. Raises ApiError 429 when the queue is full."""
+        """Wait for a slot; returns the seconds waited. Raises ApiError 429 when the queue is full, 503
+        once admission is closed."""
+        if self.closed is not None:
+            raise ApiError(503, f"{self.closed}; not taking new requests", code="draining")
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.max_running)
         if self._slots.locked() and self.waiting >= self.max_waiting:

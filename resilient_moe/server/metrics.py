@@ -13,6 +13,11 @@ waiting requests, KV cache usage, prompt and generation tokens).
 Failures and recovery (recovery.py defines the figures): per declared death, its detection time and
 its time until redundancy was restored (histograms by role, and gauges for the latest fault), and
 each affected request's stall (`failover_stall_seconds`).
+
+The controller's reconcile loop: the decayed load per expert (`expert_load_tokens`, what load_aware
+placement plans from), the imbalance between expert workers (max over mean of their measured rows per
+second), the desired roster, and its counters: rebalances (placement switches), scale events, drains,
+and orders to the launcher issued, completed, resumed by a restarted controller, or expired.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from collections import deque
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from resilient_moe.controller.state import WorkerState
+from resilient_moe.controller.view import ROLES, state_to_pb
 from resilient_moe.proto import controller_pb2 as pb
 from resilient_moe.server.recovery import Changes, RecoveryTracker
 
@@ -37,9 +44,8 @@ ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05,
 STALL_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0)
 RESTORE_BUCKETS = (0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 
-STATE_NAMES = {pb.STARTING: "starting", pb.READY: "ready", pb.SUSPECT: "suspect", pb.DEAD: "dead",
-               pb.STOPPED: "stopped"}
-ROLE_NAMES = {pb.ATTENTION: "attention", pb.EXPERT: "expert", pb.FRONTEND: "frontend", pb.KV_STORE: "kv_store"}
+STATE_NAMES = {state_to_pb(s): s.value for s in WorkerState}  # controller_pb2.WorkerState -> "ready", ...
+ROLE_NAMES = ROLES
 
 
 class ServingMetrics:
@@ -239,7 +245,7 @@ class ClusterCollector:
             up, states, age, kv, load,
         ]
         for w in workers:
-            up.add_metric([w["id"], w["role"]], 1.0 if w["state"] in ("ready", "suspect") else 0.0)
+            up.add_metric([w["id"], w["role"]], 1.0 if w["state"] in ("ready", "suspect", "draining") else 0.0)
             for name in STATE_NAMES.values():
                 states.add_metric([w["id"], w["role"], name], 1.0 if w["state"] == name else 0.0)
         restored = CounterMetricFamily(f"{ns}_requests_restored", "Requests an attention worker adopted from a "
@@ -269,6 +275,7 @@ class ClusterCollector:
                     recomputed_tokens.add_metric([w.name], load_.get("recomputed_tokens", 0.0))
             for name, value in sorted(expert_rows.items()):
                 load.add_metric([name], value)
+        metrics += self._controller_metrics(state, expert_rows)
         metrics += [
             GaugeMetricFamily(f"{ns}_ert_epoch", "Epoch of the expert routing table.", value=epoch),
             GaugeMetricFamily(f"{ns}_shadow_experts_active",
@@ -281,6 +288,38 @@ class ClusterCollector:
             restored, recomputed, recomputed_tokens,
         ]
         return metrics
+
+
+    @staticmethod
+    def _controller_metrics(state: pb.ClusterState | None, expert_rows: dict[str, float]) -> list[Metric]:
+        ns = NAMESPACE
+        expert_load = GaugeMetricFamily(f"{ns}_expert_load_tokens", "The controller's decayed estimate of the tokens "
+                                        "routed to each expert (all its copies), which load_aware placement plans "
+                                        "from.", labels=["layer", "expert"])
+        imbalance = GaugeMetricFamily(f"{ns}_expert_worker_imbalance", "Max over mean of the rows per second the "
+                                      "live expert workers compute (1: even).")
+        desired = GaugeMetricFamily(f"{ns}_desired_workers", "Workers of each role the controller reconciles "
+                                    "towards.", labels=["role"])
+        orders = CounterMetricFamily(f"{ns}_controller_orders", "Orders the controller gave the launcher, by what "
+                                     "became of them (resumed: sent again by a restarted controller).", labels=["event"])
+        families: list[Metric] = [expert_load, imbalance, desired, orders]
+        rates = list(expert_rows.values())
+        if rates and sum(rates) > 0:
+            imbalance.add_metric([], max(rates) / (sum(rates) / len(rates)))
+        if state is None:
+            return families
+        for c in state.expert_load:
+            expert_load.add_metric([str(c.layer), str(c.expert)], c.tokens)
+        desired.add_metric(["attention"], float(state.desired.attention_workers))
+        desired.add_metric(["expert"], float(state.desired.expert_workers))
+        counters = dict(state.counters)
+        for event in ("issued", "completed", "resumed", "expired"):
+            orders.add_metric([event], counters.get(f"orders_{event}", 0.0))
+        for key, help_text in (("rebalances", "Expert placements the routing table switched to (a rebalance or a "
+                                "scale step)."), ("scale_events", "Roster changes asked through /admin/scale."),
+                               ("drains", "Workers that began a planned drain (SIGTERM, or removed by scaling).")):
+            families.append(CounterMetricFamily(f"{ns}_{key}", help_text, value=counters.get(key, 0.0)))
+        return families
 
 
 class LastFaultCollector:

@@ -2,7 +2,9 @@
 
 `ServingStack` is the whole thing as an object (tests start it in-process with a shared zygote);
 `run` is the command's body: start with progress, print where everything is, serve until Ctrl-C or
-SIGTERM, then shut everything down (API, frontend, workers, controller) so no process is left.
+SIGTERM, drain (new requests get 503 and /ready answers 503, requests in flight finish, within the
+deployment's drain_timeout_s), then shut everything down (API, frontend, workers, controller) so no
+process is left. A second signal stops at once.
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ def watch_startup(address: str, say: Callable[[str], None], stop: threading.Even
                     return
                 continue
             for w in state.workers:
-                done = w.load.get("loaded_bytes", 0.0) if w.state == pb.STARTING else 0.0
+                done = w.load.get("loaded_bytes", 0.0) if w.state == pb.LOADING else 0.0
                 reported, when = loaded.get((w.name, w.incarnation), (0.0, 0.0))
                 if done > reported and time.monotonic() - when >= progress_every_s:
                     loaded[(w.name, w.incarnation)] = (done, time.monotonic())
@@ -79,7 +81,9 @@ def watch_startup(address: str, say: Callable[[str], None], stop: threading.Even
                 if seen.get(w.name) == w.state:
                     continue
                 seen[w.name] = w.state
-                what = {pb.STARTING: f"registered (pid {w.pid}), loading weights", pb.READY: "ready"}.get(
+                if w.state == pb.STARTING:
+                    continue  # not started yet: the launcher's own progress comes first
+                what = {pb.LOADING: f"registered (pid {w.pid}), loading weights", pb.READY: "ready"}.get(
                     w.state, STATE_NAMES.get(w.state, "?"))
                 if w.role == pb.EXPERT and w.state == pb.READY:
                     what += f" ({len(w.experts)} experts held)"
@@ -198,6 +202,22 @@ class ServingStack:
     def serving(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    def drain(self, timeout_s: float | None = None, stop: threading.Event | None = None) -> bool:
+        """Stop admitting (new requests and /ready get 503) and wait until every request in flight has
+        finished, at most `timeout_s` (the deployment's drain_timeout_s) or until `stop` is set; True
+        when none is left."""
+        if self.app is None or self.frontend is None:
+            return True
+        timeout_s = self.deployment.drain_timeout_s if timeout_s is None else timeout_s
+        server = self.app.state.server
+        server.start_draining("the server is shutting down")
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and not (stop is not None and stop.is_set()):
+            if not server.in_flight() and not self.frontend.unfinished():
+                return True
+            time.sleep(0.05)
+        return not server.in_flight() and not self.frontend.unfinished()
+
     def stop(self) -> None:
         """Stop the API (open streams get a few seconds), then the frontend, then every worker."""
         if self._server is not None:
@@ -248,9 +268,12 @@ class ServingStack:
 def run(stack: ServingStack, say: Callable[[str], None] = print) -> int:
     """Start `stack`, serve until SIGINT/SIGTERM, stop it. Returns the exit status."""
     stop = threading.Event()
+    now = threading.Event()  # a second signal: stop without draining
     serving = threading.Event()
 
     def on_signal(signum, frame) -> None:
+        if stop.is_set():
+            now.set()
         stop.set()
         if not serving.is_set():
             raise KeyboardInterrupt  # still starting: unwind start(), which stops what it began
@@ -271,6 +294,13 @@ def run(stack: ServingStack, say: Callable[[str], None] = print) -> int:
             if stack.cluster is not None and stack.cluster.fatal:
                 say(f"error: the cluster cannot recover: {stack.cluster.fatal}\nshutting down")
                 return 1
+        timeout = stack.deployment.drain_timeout_s
+        say(f"draining: new requests get 503; waiting up to {timeout:g}s for the requests in flight "
+            "(signal again to stop now) ...")
+        began = time.monotonic()
+        drained = stack.drain(timeout, stop=now)
+        say(f"drained in {time.monotonic() - began:.1f}s" if drained else
+            "stopping with requests still in flight")
         say("shutting down ...")
         return 0
     finally:

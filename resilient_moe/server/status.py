@@ -20,7 +20,8 @@ from rich.text import Text
 from resilient_moe.errors import ResilientMoeError
 
 ROLE_ORDER = ("controller", "redis", "kv_store", "frontend", "attention", "expert")
-STATE_STYLE = {"ready": "green", "starting": "yellow", "suspect": "yellow", "dead": "bold red", "stopped": "dim"}
+STATE_STYLE = {"ready": "green", "starting": "yellow", "loading": "yellow", "suspect": "yellow", "draining": "yellow",
+               "fenced": "bold red", "gone": "dim"}
 EVENT_STYLE = {"dead": "red", "fenced": "red", "suspect": "yellow", "ready": "green", "recovered": "green",
                "epoch": "blue"}
 
@@ -110,7 +111,7 @@ def render(snapshot: Snapshot) -> Group:
         death = deaths.get(w["id"])
         failure = f"{_duration(now - death['time'])} ago: {death['detail']}" if death else ""
         table.add_row(w["role"], w["host"], w["id"], Text(w["state"], style=STATE_STYLE.get(w["state"], "")),
-                      str(w["pid"]), _duration(now - started) if started and w["state"] != "dead" else "–",
+                      str(w["pid"]), _duration(now - started) if started and w["state"] != "fenced" else "–",
                       _load(w), failure)
 
     parts: list[Any] = [header, table]

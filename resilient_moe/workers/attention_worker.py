@@ -3,7 +3,15 @@ the paged KV cache, driving remote expert workers through the forwarding engine.
 
 It serves requests from frontends over links of its own: `submit`/`abort` in, `tokens`/`failed` out
 (messages.py). Commands that arrive while a step runs are queued and applied between steps, so the
-engine is only ever touched by the main loop.
+engine is only ever touched by the main loop. Cluster views (controller/view.py) are applied between
+steps and also while a step waits on expert workers, so a step whose experts have no live copy sees a
+replacement's link and routing table as soon as they exist.
+
+SIGTERM drains it (planned removal): the controller hears it is draining (frontends send it no new
+requests), it runs no more steps, checkpoints every computed position (the partial last blocks too)
+and waits until that is written and committed, then hands every request over (`handover`): the
+frontends move them to other workers, which restore their KV from the store and compute only the
+newest position again. SIGKILL is a failure.
 
 Placement note (issue: "shared experts and dense layers where traffic is lowest"): shared experts and
 dense MLP layers run here, on the AW. Every token needs them, so on an expert worker they would put
@@ -29,8 +37,7 @@ import torch
 from resilient_moe import messages
 from resilient_moe.config import SamplingParams, WorkerConfig
 from resilient_moe.controller.client import ControllerClient, worker_info
-from resilient_moe.datapath.ert import RoutingTable
-from resilient_moe.datapath.faults import LinkFault
+from resilient_moe.controller.view import ClusterView
 from resilient_moe.datapath.forwarding import Forwarder, StepCancelled
 from resilient_moe.datapath.frames import FrameHeader, FrameKind, worker_number
 from resilient_moe.datapath.link import FrameTooLarge, Link, LinkClosed, Outbox, PeerInfo, listen
@@ -73,8 +80,10 @@ class AttentionServer:
         self.begun: set[str] = set()  # requests whose first step here has run (their frontends know)
         self.poison_tokens: set[int] = set()  # chaos testing: prompt tokens that take this worker down
         self.commands: deque[tuple[Link, messages.Message]] = deque()
-        self.cluster_updates: deque[pb.ClusterState] = deque()
+        self.cluster_updates: deque[ClusterView] = deque()
         self.stopping = threading.Event()
+        self.draining = threading.Event()  # SIGTERM: hand every request over, then stop
+        self.handed_over = 0  # requests moved to other workers by a drain
         self.fenced = False
         self.step_s = 0.0  # time inside engine steps (attention compute + waiting for experts)
         self.started = time.monotonic()
@@ -90,8 +99,10 @@ class AttentionServer:
     # ---- inputs -----------------------------------------------------------------------------
 
     def on_other(self, links: list[Link], fds: list[int]) -> None:
-        """Frontend traffic, new links and wake-ups seen while waiting (possibly mid-step): queue only."""
+        """Frontend traffic, new links and wake-ups seen while waiting (possibly mid-step): commands are
+        queued; cluster views are applied (a held step may be waiting for a replacement expert worker)."""
         self.wakeup.drain()
+        self.apply_views()
         while (link := self.listener.accept()) is not None:
             self.frontends[link] = Outbox(link)
         for link, outbox in list(self.frontends.items()):
@@ -102,15 +113,26 @@ class AttentionServer:
                     got = True
                     if frame.header.kind == FrameKind.CONTROL:
                         try:
-                            self.commands.append((link, messages.decode(frame.body)))
+                            message = messages.decode(frame.body)
                         except messages.MessageError as e:
                             log.error("bad message from %s: %s", link.peer.name, e)
+                            continue
+                        if self._restores_now(message):
+                            self._submit(link, message)  # the store is read while the step runs
+                        else:
+                            self.commands.append((link, message))
                     elif frame.header.kind == FrameKind.PROBE:  # answered at once, even in the middle of a step
                         outbox.send(FrameHeader(FrameKind.PROBE_ACK, step=frame.header.step))
                 if got:
                     link.release()
             except (LinkClosed, FrameTooLarge) as e:
                 self._drop_frontend(link, str(e))
+
+    def _restores_now(self, message: messages.Message) -> bool:
+        """A request moved here with checkpointed KV: reading it touches no engine state, so it starts
+        as soon as it arrives, even mid-step (the engine takes the request between steps, once read)."""
+        return isinstance(message, messages.Submit) and message.resume and self.checkpointer is not None \
+            and not self.draining.is_set()
 
     def _drop_frontend(self, link: Link, reason: str) -> None:
         if self.frontends.pop(link, None) is None:
@@ -127,12 +149,17 @@ class AttentionServer:
         self.owner.pop(request_id, None)
         self.begun.discard(request_id)
 
-    def apply_commands(self) -> None:
+    def apply_views(self) -> None:
         while self.cluster_updates:
-            self.apply_cluster_state(self.cluster_updates.popleft())
+            self.apply_view(self.cluster_updates.popleft())
+
+    def apply_commands(self) -> None:
+        self.apply_views()
         while self.commands:
             link, message = self.commands.popleft()
-            if isinstance(message, messages.Submit):
+            if isinstance(message, messages.Submit) and self.draining.is_set():
+                self._send(link, messages.Handover([message.request_id]))  # not here: this worker is leaving
+            elif isinstance(message, messages.Submit):
                 self._submit(link, message)
             elif isinstance(message, messages.Abort):
                 self._abort(message.request_id)
@@ -166,28 +193,22 @@ class AttentionServer:
         log.info("adopted %s: %d positions restored from the KV store, %d recomputed", seq.request_id, restored,
                  seq.num_tokens - restored)
 
-    def apply_cluster_state(self, state: pb.ClusterState) -> None:
+    def apply_view(self, view: ClusterView) -> None:
         """Connect to expert workers that became ready; adopt the newest routing table; map a new KV store."""
-        fenced = {(f.name, f.incarnation) for f in state.fenced}
-        for w in state.workers:
-            if w.role == pb.KV_STORE and w.state == pb.READY and self.checkpointer is not None:
-                self.checkpointer.attach(w.data_address, w.incarnation)
-            if w.role != pb.EXPERT:
-                continue
+        store = view.kv_store()
+        if store is not None and self.checkpointer is not None:
+            self.checkpointer.attach(store.data_address, store.incarnation)
+        for w in view.of_role("expert"):
             peer = self.forwarder.peers.get(w.name)
-            if (w.name, w.incarnation) in fenced or w.state == pb.DEAD:
+            if view.ended(w.name, w.incarnation):
                 self.forwarder.fence(w.name, w.incarnation)
-                continue
-            if w.state == pb.READY and w.data_address and (peer is None or peer.incarnation != w.incarnation):
-                try:
-                    self.forwarder.connect(w.name, w.data_address, w.incarnation)
-                except (OSError, ConnectionError) as e:
-                    log.warning("cannot link to %s at %s: %s", w.name, w.data_address, e)
-        if self.forwarder.ert is None or state.ert.epoch > self.forwarder.ert.epoch:
-            self.forwarder.set_routing(RoutingTable.from_proto(state.ert))
-        faults = [LinkFault.from_proto(f) for f in state.faults]  # chaos testing; usually none
-        self.forwarder.set_faults(faults)
-        self.poison_tokens = {f.token_id for f in faults
+            elif w.serving and w.data_address and (peer is None or peer.incarnation != w.incarnation):
+                self.forwarder.connect_soon(w.name, w.data_address, w.incarnation)
+        if self.forwarder.ert is None or view.routing_epoch > self.forwarder.ert.epoch:
+            if view.routing is not None:
+                self.forwarder.set_routing(view.routing)
+        self.forwarder.set_faults(list(view.faults))  # chaos testing; usually none
+        self.poison_tokens = {f.token_id for f in view.faults
                               if f.kind == "poison" and f.source in ("", self.forwarder.identity.name)}
 
     def on_scheduled(self, seqs: list[Sequence]) -> None:
@@ -238,6 +259,9 @@ class AttentionServer:
 
     def run_once(self) -> None:
         self.apply_commands()
+        if self.draining.is_set():
+            self.stopping.set()  # serve_forever hands the requests over next
+            return
         if not self.engine.has_unfinished():
             links, fds = self.poller.wait(0.001 if self._backlogged() else 0.5)
             self.forwarder.drain()
@@ -269,6 +293,31 @@ class AttentionServer:
         while not self.stopping.is_set():
             self.run_once()
 
+    def hand_over(self, bound_s: float) -> None:
+        """Drain: no more steps; once the KV checkpoints of every request are written and committed
+        (at most `bound_s`), tell each frontend to move its requests elsewhere, and flush."""
+        deadline = time.monotonic() + bound_s
+        if self.checkpointer is not None:
+            self.checkpointer.after_step(final=True)
+            while not self.checkpointer.settled() and time.monotonic() < deadline:
+                time.sleep(0.005)
+            self.checkpointer.stop()  # nothing more is written, and no record is released
+        by_link: dict[Link, list[str]] = {}
+        for request_id, link in self.owner.items():
+            by_link.setdefault(link, []).append(request_id)
+        for link, request_ids in by_link.items():
+            self._send(link, messages.Handover(request_ids))
+        self.handed_over = sum(len(ids) for ids in by_link.values())
+        self.owner.clear()
+        while self._backlogged() and time.monotonic() < deadline:
+            for outbox in list(self.frontends.values()):
+                try:
+                    outbox.flush()
+                except (LinkClosed, FrameTooLarge) as e:
+                    self._drop_frontend(outbox.link, str(e))
+            time.sleep(0.001)
+        log.info("drained: handed %d requests over to other attention workers", self.handed_over)
+
     def stats(self) -> dict[str, float]:
         scheduler = self.engine.scheduler
         extra = self.checkpointer.stats() if self.checkpointer is not None else {}
@@ -276,6 +325,7 @@ class AttentionServer:
         extra["requests_recomputed"] = float(self.requests_recomputed)
         allocator = self.engine.allocator
         extra["kv_cache_usage_perc"] = 1.0 - allocator.num_free / allocator.num_blocks
+        extra["ert_epoch"] = float(self.forwarder.ert.epoch) if self.forwarder.ert is not None else 0.0
         return extra | {"running": float(len(scheduler.running)), "waiting": float(len(scheduler.waiting)),
                         "threads": float(torch.get_num_threads()),
                         "restoring": float(len(self.restoring)), "steps": float(self.engine.step_count),
@@ -291,7 +341,7 @@ class AttentionServer:
 def start_checkpointer(config: WorkerConfig, engine: LLMEngine, incarnation: int,
                        wake: Callable[[], None]) -> KVCheckpointer | None:
     """A checkpointer for this worker's region of the KV store (it maps the store once one is ready,
-    see AttentionServer.apply_cluster_state); None when checkpointing is off (recompute on failover)."""
+    see AttentionServer.apply_view); None when checkpointing is off (recompute on failover)."""
     dep = config.deployment
     if not (dep.resilience and dep.kv_checkpoint and dep.redis_url):
         return None
@@ -318,9 +368,11 @@ def main(config: WorkerConfig) -> int:
     listener = listen(f"tcp:{dep.host}:0", identity, poller)
     poller.add_fd(listener.fileno())
     reports: "queue.Queue[tuple[str, int, str]]" = queue.Queue()
+    # Without resilience (the restart-everything baseline) nothing waits for a lost expert: the restart re-runs it.
     forwarder = Forwarder(identity, poller, dep.ring_bytes, probe_interval_s=dep.probe_interval_s,
                           probe_misses=dep.probe_misses, deadlines=DeadlineModel(floor_s=dep.part_deadline_s),
-                          on_suspect=lambda name, incarnation, reason: reports.put((name, incarnation, reason)))
+                          on_suspect=lambda name, incarnation, reason: reports.put((name, incarnation, reason)),
+                          expert_wait_s=dep.expert_wait_s if dep.resilience else 0.0)
     server: AttentionServer | None = None
     checkpoint = Checkpoint(dep.model)  # its bytes_read is the progress heartbeats report while loading
 
@@ -347,12 +399,20 @@ def main(config: WorkerConfig) -> int:
     server = AttentionServer(engine, forwarder, poller, listener, wakeup)
     server.crash_on_lost_expert = not dep.resilience
     server.checkpointer = start_checkpointer(config, engine, reply.incarnation, wakeup.ring)
-    server.apply_cluster_state(reply.state)
+    server.apply_view(ClusterView.from_proto(reply.state))
+    forwarder.settle_links(5.0)  # linked to the expert workers before the first request
 
     def on_state(state: pb.ClusterState) -> None:
-        server.cluster_updates.append(state)
-        if any(f.name == config.name and f.incarnation == reply.incarnation for f in state.fenced):
+        view = ClusterView.from_proto(state)
+        server.cluster_updates.append(view)
+        if view.is_fenced(config.name, reply.incarnation):
             on_fenced()
+        wakeup.ring()
+
+    def on_sigterm(*_) -> None:  # a planned removal: drain (the main loop hands the requests over)
+        server.draining.set()
+        threading.Thread(target=client.drain, args=(config.name, reply.incarnation), name="drain",
+                         daemon=True).start()
         wakeup.ring()
 
     def report_suspects() -> None:  # off the datapath: a slow controller never stalls a step
@@ -362,14 +422,16 @@ def main(config: WorkerConfig) -> int:
 
     threading.Thread(target=report_suspects, name="suspect-reports", daemon=True).start()
     client.start_watch(config.name, on_state)
-    signal.signal(signal.SIGTERM, lambda *_: (server.stopping.set(), forwarder.cancel(), wakeup.ring()))
+    signal.signal(signal.SIGTERM, on_sigterm)
     client.ready(config.name, reply.incarnation, data_address=listener.address)
     log.info("%s ready (%s kernels), serving frontends on %s", config.name, engine.kernels.name, listener.address)
     try:
         server.serve_forever()
+        if server.draining.is_set() and not server.fenced:
+            server.hand_over(dep.drain_timeout_s)
     finally:
-        server.close()
-        if not server.fenced:
+        if not server.fenced:  # before the links close: a frontend that sees them close finds it gone, not dead
             client.deregister(config.name, reply.incarnation)
+        server.close()
         client.close()
     return 3 if server.fenced else 0

@@ -5,12 +5,21 @@ any micro-batch), groups the rows by (layer, expert), computes, and answers each
 waits for a particular AW, so a dead AW cannot stall it; it keeps no state across frames, so a frame
 replayed to another holder of the same expert gets the same answer (batch-invariant kernels).
 Replayed frames are served before fresh ones.
+
+It counts the rows it computes per (layer, expert) and reports them in its heartbeats: the
+controller's load estimate, from which load_aware placement plans. The controller's heartbeat replies
+name experts to load (a rebalance or a scale step) and copies to drop: new experts are read from the
+checkpoint on a thread of their own and installed between rounds, so serving never waits for a load.
+SIGTERM drains it: the controller takes it out of the routing table where another copy serves, it
+answers what still arrives, and leaves once nothing has come for a moment (bounded by drain_timeout_s).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import queue
+import select
 import signal
 import threading
 import time
@@ -20,6 +29,7 @@ import torch
 
 from resilient_moe.config import DeploymentConfig, WorkerConfig
 from resilient_moe.controller.client import ControllerClient, worker_info
+from resilient_moe.controller.view import ClusterView
 from resilient_moe.datapath.frames import Frame, FrameFlags, FrameHeader, FrameKind, worker_number
 from resilient_moe.datapath.link import FrameTooLarge, Link, LinkClosed, Outbox, PeerInfo, listen
 from resilient_moe.datapath.parts import check_dispatch, rows_per_part
@@ -27,8 +37,9 @@ from resilient_moe.datapath.poller import Poller, Wakeup
 from resilient_moe.engine.engine import resolve_device
 from resilient_moe.errors import ExpertUnavailableError
 from resilient_moe.model.checkpoint import Checkpoint, torch_dtype
-from resilient_moe.model.expert_side import ExpertKey, ExpertSide
+from resilient_moe.model.expert_side import ExpertKey, ExpertSide, Prepared
 from resilient_moe.model.kernel_set import KernelSet
+from resilient_moe.procs import background_thread
 from resilient_moe.proto import controller_pb2 as pb
 from resilient_moe.workers.common import configure_process, link_address, yield_cpu_while_loading
 
@@ -36,6 +47,7 @@ log = logging.getLogger("resilient_moe.expert_worker")
 
 
 MAX_QUEUED_REPLIES = 256  # replies waiting for room on one link before its frames are left unread
+DRAIN_QUIET_S = 0.3  # a draining worker leaves once no DISPATCH has come for this long
 
 
 @dataclass
@@ -73,6 +85,12 @@ class ExpertServer:
                                        "probes_answered", "replies_split", "replies_queued"), 0)
         self.busy_s = 0.0  # time computing and answering (the rest of the wall time it sits idle)
         self.started = time.monotonic()
+        self.last_dispatch = time.monotonic()  # when the latest DISPATCH arrived (a draining worker waits for quiet)
+        # Rows computed per (layer, expert) since start (this thread writes; heartbeats read deltas).
+        self.expert_rows = torch.zeros((self.num_layers, self.num_experts), dtype=torch.long)
+        self.held = (0, list(experts.held))  # (version, experts held): replaced whole when it changes
+        self._installs: "queue.SimpleQueue[dict[ExpertKey, Prepared]]" = queue.SimpleQueue()
+        self._drops: "queue.SimpleQueue[list[ExpertKey]]" = queue.SimpleQueue()
 
     def add_link(self, link: Link) -> None:
         self.links.add(link)
@@ -93,9 +111,12 @@ class ExpertServer:
         """Wait for frames, serve every one that has arrived; returns the number of DISPATCH served."""
         backlog = self._pending or any(len(o) for o in self._outboxes.values())
         self.poller.wait(0.001 if backlog else timeout_s)
+        self._apply_changes()
         self._flush_all()
         work, self._pending = self._pending, []
         self._collect_all(work)
+        if work:
+            self.last_dispatch = time.monotonic()
         if not work:
             self._release_all()
             return 0
@@ -174,6 +195,7 @@ class ExpertServer:
     def _compute(self, layer: int, x: torch.Tensor, ids: torch.Tensor, answers: list) -> None:
         try:
             y = self.experts.forward(layer, x, ids, between=self._service)  # [N, D]
+            self.expert_rows[layer] += torch.bincount(ids, minlength=self.num_experts)  # [E]
         except ExpertUnavailableError as e:  # checked already; a race with a drop of experts
             self.counters["errors"] += 1
             for link, header, _ in answers:
@@ -231,6 +253,29 @@ class ExpertServer:
             except (LinkClosed, FrameTooLarge) as e:
                 self.drop_link(link, str(e))
 
+    # ---- experts held: loads and drops the controller orders ---------------------------------
+
+    def install_later(self, weights: dict[ExpertKey, Prepared]) -> None:
+        """Hold these experts from the next round on (any thread)."""
+        self._installs.put(weights)
+
+    def drop_later(self, keys: list[ExpertKey]) -> None:
+        """Drop these copies from the next round on (any thread)."""
+        self._drops.put(keys)
+
+    def _apply_changes(self) -> None:
+        """Between rounds: install experts read meanwhile and drop copies no longer wanted."""
+        changed = False
+        while not self._installs.empty():
+            self.experts.install(self._installs.get())
+            changed = True
+        while not self._drops.empty():
+            self.experts.drop(self._drops.get())
+            changed = True
+        if changed:
+            self.held = (self.held[0] + 1, list(self.experts.held))
+            log.info("now holding %d experts", len(self.held[1]))
+
     def stats(self) -> dict[str, float]:
         rejected = sum(link.rejected for link in self.links)
         return {k: float(v) for k, v in self.counters.items()} | {
@@ -251,8 +296,70 @@ def load_experts(dep: DeploymentConfig, checkpoint: Checkpoint, experts: list[Ex
     return ExpertSide(checkpoint, experts, dtype, device, KernelSet.for_device(dep.engine.kernels, device, dtype))
 
 
+class ControllerOrders:
+    """The expert worker's side of its heartbeats: the rows per (layer, expert) computed since the last
+    one, the experts held when that changed, and the controller's answer (experts to load, on a
+    thread of their own, and copies to drop)."""
+
+    def __init__(self, server: ExpertServer, name: str) -> None:
+        self.server = server
+        self.name = name
+        self._reported_rows = server.expert_rows.clone()
+        self._reported_held = -1
+        self._loading: set[ExpertKey] = set()
+        self._lock = threading.Lock()
+
+    def fill(self, request: pb.HeartbeatRequest):
+        rows = self.server.expert_rows.clone()  # [L, E]
+        delta = rows - self._reported_rows
+        self._reported_rows = rows
+        for layer, expert in delta.nonzero().tolist():
+            request.expert_tokens.add(layer=layer, expert=expert, tokens=float(delta[layer, expert]))
+        version, held = self.server.held
+        if version != self._reported_held:
+            request.reports_experts = True
+            request.experts.extend(pb.ExpertRef(layer=l, expert=e) for l, e in held)
+        return lambda reply: self.on_reply(reply, version)
+
+    def on_reply(self, reply: pb.HeartbeatReply, version: int) -> None:
+        self._reported_held = max(self._reported_held, version)
+        held = set(self.server.held[1])
+        if reply.drop_experts:
+            self.server.drop_later([(x.layer, x.expert) for x in reply.drop_experts])
+        with self._lock:
+            wanted = [(x.layer, x.expert) for x in reply.load_experts]
+            wanted = [k for k in wanted if k not in held and k not in self._loading]
+            self._loading.update(wanted)
+        if wanted:
+            threading.Thread(target=self._load, args=(wanted,), name="expert-loader", daemon=True).start()
+
+    def _load(self, keys: list[ExpertKey]) -> None:
+        began = time.monotonic()
+        background_thread()
+        try:
+            weights = self.server.experts.read(keys)
+            self.server.install_later(weights)
+            log.info("%s loaded %d experts in %.2fs (asked by the controller)", self.name, len(keys),
+                     time.monotonic() - began)
+        except Exception:  # an order that cannot be carried out is logged; the controller asks again
+            log.exception("could not load experts %s", keys)
+        finally:
+            with self._lock:
+                self._loading.difference_update(keys)
+
+
+def drain(server: ExpertServer, client: ControllerClient, name: str, incarnation: int, bound_s: float) -> None:
+    """Planned removal: out of the routing table first, then answer what still comes until it is quiet."""
+    began = time.monotonic()
+    client.drain(name, incarnation)
+    server.last_dispatch = max(server.last_dispatch, time.monotonic())
+    while time.monotonic() - began < bound_s and time.monotonic() - server.last_dispatch < DRAIN_QUIET_S:
+        server.poll_once(0.05)
+    log.info("%s drained in %.2fs", name, time.monotonic() - began)
+
+
 def main(config: WorkerConfig) -> int:
-    """Run an expert worker until SIGTERM, or until the controller fences this incarnation."""
+    """Run an expert worker until SIGTERM (then drain), or until the controller fences this incarnation."""
     dep = config.deployment
     configure_process(config)
     client = ControllerClient(config.controller_address)
@@ -260,14 +367,21 @@ def main(config: WorkerConfig) -> int:
                             timeout_s=dep.startup_timeout_s)
     identity = PeerInfo(config.name, worker_number("expert", config.index), reply.incarnation, os.getpid(), dep.host)
     poller = Poller()
-    listener = listen(link_address(dep, config.cluster_id, config.name, reply.incarnation), identity, poller)
-    poller.add_fd(listener.fileno())
+    # Links are accepted on a thread of their own (mapping a link's rings takes tens of milliseconds, which
+    # the attention workers already served must not wait for) and join the poller from the serving loop.
+    listener = listen(link_address(dep, config.cluster_id, config.name, reply.incarnation), identity)
+    accepted: "queue.SimpleQueue[Link]" = queue.SimpleQueue()
     server: ExpertServer | None = None
+    orders: ControllerOrders | None = None
     wakeup = Wakeup(poller)
     checkpoint = Checkpoint(dep.model)  # its bytes_read is the progress heartbeats report while loading
+    draining = threading.Event()
 
     def stats() -> dict[str, float]:
         return server.stats() if server is not None else {"loading": 1.0, "loaded_bytes": float(checkpoint.bytes_read)}
+
+    def fill(request: pb.HeartbeatRequest):
+        return orders.fill(request) if orders is not None else None
 
     def on_fenced() -> None:
         log.warning("%s incarnation %d was fenced by the controller; stopping", config.name, reply.incarnation)
@@ -277,33 +391,56 @@ def main(config: WorkerConfig) -> int:
         wakeup.ring()
 
     # Heartbeats start before the weights load, so a slow load is never taken for a death.
-    client.start_heartbeats(config.name, reply.incarnation, dep.heartbeat_interval_s, stats, on_fenced)
+    client.start_heartbeats(config.name, reply.incarnation, dep.heartbeat_interval_s, stats, on_fenced, fill)
     with yield_cpu_while_loading(reply.state):
         experts = load_experts(dep, checkpoint, [(x.layer, x.expert) for x in reply.load_experts])
     server = ExpertServer(experts, poller, identity)
+    orders = ControllerOrders(server, config.name)
 
     def on_state(state: pb.ClusterState) -> None:
-        fenced = {(f.name, f.incarnation) for f in state.fenced}
-        server.fenced = fenced  # replaced whole: the loop reads it without a lock
-        if (config.name, reply.incarnation) in fenced:
+        view = ClusterView.from_proto(state)
+        server.fenced = view.fenced  # replaced whole: the loop reads it without a lock
+        if view.is_fenced(config.name, reply.incarnation):
             on_fenced()
 
+    def accept_forever() -> None:
+        background_thread()
+        while not server.stopping.is_set():
+            select.select([listener.fileno()], [], [], 0.2)
+            try:
+                while (link := listener.accept()) is not None:
+                    accepted.put(link)
+                    wakeup.ring()
+            except ValueError:
+                return  # the listener closed: the worker is stopping
+
     client.start_watch(config.name, on_state)
-    signal.signal(signal.SIGTERM, lambda *_: (server.stopping.set(), wakeup.ring()))
+    signal.signal(signal.SIGTERM, lambda *_: (draining.set(), server.stopping.set(), wakeup.ring()))
+    acceptor = threading.Thread(target=accept_forever, name="accept-links", daemon=True)
+    acceptor.start()
     client.ready(config.name, reply.incarnation, experts.held, listener.address)
     log.info("%s ready: %d experts on %s (%s kernels), listening on %s", config.name, len(experts.held),
              experts.device, experts.kernels.name, listener.address)
+    fenced = False
     try:
         while not server.stopping.is_set():
             server.poll_once(0.5)
             wakeup.drain()
-            while (link := listener.accept()) is not None:
+            while not accepted.empty():
+                link = accepted.get()
+                poller.add(link)
                 server.add_link(link)
+        fenced = (config.name, reply.incarnation) in server.fenced
+        if draining.is_set() and not fenced:
+            drain(server, client, config.name, reply.incarnation, dep.drain_timeout_s)
     finally:
         fenced = (config.name, reply.incarnation) in server.fenced
-        server.close()
-        listener.close()
         if not fenced:
             client.deregister(config.name, reply.incarnation)
+        server.close()
+        acceptor.join(1.0)
+        listener.close()
+        while not accepted.empty():
+            accepted.get().close()
         client.close()
     return 3 if fenced else 0

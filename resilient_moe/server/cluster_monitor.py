@@ -12,9 +12,10 @@ also takes the snapshots the controller pushes on every change, so a death is se
      "events": [{"time", "kind", "worker", "detail"}],
      "unprotected": [[layer, expert], ...]}
 
-`role` is one of attention, expert, controller, kv_store, redis, frontend; `state` one of starting,
-ready, suspect, dead, stopped (a process the controller does not track: ready while it runs, else
-dead); `experts` are the (layer, expert) pairs a worker serves as first choice in the routing table,
+`role` is one of attention, expert, controller, kv_store, redis, frontend; `state` is the controller's
+WorkerState (controller/state.py): starting, loading, ready, suspect, draining, fenced or gone (a
+process the controller does not track: ready while it runs, else gone); `experts` are the (layer,
+expert) pairs a worker serves as first choice in the routing table,
 `shadows` the other copies it holds; `started_at` is the unix time the incarnation registered (or the
 process started, for one the controller does not track; 0 when unknown).
 """
@@ -107,7 +108,7 @@ def cluster_json(
         if name == "controller" and state is None:
             running = False  # alive or not, it does not answer
         workers.append({"id": name, "role": role_of(name), "pid": pid, "host": "127.0.0.1", "incarnation": 0,
-                        "state": "ready" if running else "dead", "experts": [], "shadows": [], "load": {},
+                        "state": "ready" if running else "gone", "experts": [], "shadows": [], "load": {},
                         "started_at": process_started_at(pid) if running else 0.0})
     if frontend is not None:
         pid = frontend.get("pid", os.getpid())
@@ -130,13 +131,18 @@ def readiness(state: pb.ClusterState | None, pids: Mapping[str, int],
               alive: Callable[[int], bool] = process_alive) -> list[str]:
     """Why the cluster is not ready to serve; empty when every worker is up.
 
-    Every launcher process must run, and every one the controller tracks must be READY in its
-    current incarnation; with no launcher (`pids` empty), every tracked attention/expert worker."""
+    Every launcher process must run, and every attention and expert worker of the desired roster must
+    be READY in its current incarnation (workers being removed by a scale-down do not count); with no
+    launcher (`pids` empty), every other worker the controller tracks too."""
     if state is None:
         return ["the controller is unreachable"]
     problems = []
     tracked = {w.name: w for w in state.workers}
-    names = list(pids) or [w.name for w in state.workers if w.state != pb.STOPPED]
+    roster = {f"aw-{i}" for i in range(state.desired.attention_workers)} | \
+        {f"ew-{i}" for i in range(state.desired.expert_workers)}
+    others = [n for n in pids if not n.startswith(("aw-", "ew-"))] if pids else \
+        [w.name for w in state.workers if w.role not in (pb.ATTENTION, pb.EXPERT)]
+    names = sorted(set(others) | roster)
     for name in names:
         worker = tracked.get(name)
         if worker is not None:
