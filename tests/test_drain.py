@@ -61,7 +61,7 @@ def start_serve(model_dir, log_dir) -> tuple[subprocess.Popen, str]:
 
 
 def test_sigterm_to_serve_finishes_requests_in_flight_and_refuses_new_ones(tiny_model, tmp_path):
-    prompts, params = workload(8, 64)
+    prompts, params = workload(8, 96)
     reference = [r.token_ids for r in LLMEngine(tiny_model, EngineConfig()).generate(prompts, params)]
     proc, url = start_serve(tiny_model, tmp_path)
     processes: list[int] = []
@@ -74,7 +74,7 @@ def test_sigterm_to_serve_finishes_requests_in_flight_and_refuses_new_ones(tiny_
             def on_chunk(result: StreamResult) -> None:
                 progress[i] = len(result.token_ids)
             try:
-                results[i] = stream_completion(url, prompts[i], 64, timeout_s=120, on_chunk=on_chunk, ignore_eos=True)
+                results[i] = stream_completion(url, prompts[i], 96, timeout_s=120, on_chunk=on_chunk, ignore_eos=True)
             except BaseException as e:  # reported below
                 errors.append(e)
 
@@ -85,11 +85,12 @@ def test_sigterm_to_serve_finishes_requests_in_flight_and_refuses_new_ones(tiny_
         processes = [proc.pid, *descendants(proc.pid)]
         assert len(processes) >= 7, "serve, the fork server, redis, controller, KV store and the workers"
         began = time.monotonic()
+        at_signal = list(progress)
         proc.send_signal(signal.SIGTERM)
         wait_until(lambda: httpx.get(f"{url}/ready", timeout=5).status_code == 503, 10, "/ready to answer 503")
         refused = httpx.post(f"{url}/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 4}, timeout=10)
         assert refused.status_code == 503 and refused.json()["error"]["code"] == "draining", refused.text
-        assert any(p < 64 for p in progress), "the drain began with requests in flight"
+        assert any(p < 96 for p in at_signal), "the drain began with requests in flight"
         for t in threads:
             t.join(120)
         assert not errors, errors

@@ -23,6 +23,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 from resilient_moe.config import DeploymentConfig, WorkerConfig
@@ -233,6 +234,10 @@ class LocalCluster:
                 log.error("%s", e)
 
     def worker_config(self, name: str, role: str, index: int) -> WorkerConfig:
+        if role in ("attention", "expert") and name not in self.cpus and self.deployment.cpu_affinity == "auto":
+            # A worker scaling added: the core fewest workers run on (the others keep theirs).
+            used = Counter(core for cores in self.cpus.values() for core in cores)
+            self.cpus[name] = (min(sorted(os.sched_getaffinity(0)), key=lambda core: used[core]),)
         return WorkerConfig(name, role, index, self.cluster_id, self.controller_address, self.deployment,
                             cpus=self.cpus.get(name, ()))
 
