@@ -1,0 +1,83 @@
+"""Pure logic of resilient_moe.auth: proofs accept the secret's holder and refuse everyone else."""
+
+import os
+import time
+
+import pytest
+
+from resilient_moe import auth
+
+
+@pytest.fixture
+def key():
+    return auth.new_secret()
+
+
+def test_credential_accepted_once(key):
+    verifier = auth.Verifier("link", key=key)
+    cred = auth.Credential.make("link", "aw-0", key=key)
+    verifier.verify(cred, "aw-0")
+    before = auth.REFUSED["link"]
+    with pytest.raises(auth.AuthError, match="replayed"):
+        verifier.verify(cred, "aw-0")
+    assert auth.REFUSED["link"] == before + 1
+
+
+def test_wrong_secret_context_or_purpose_refused(key):
+    verifier = auth.Verifier("link", key=key)
+    with pytest.raises(auth.AuthError, match="wrong credential"):
+        verifier.verify(auth.Credential.make("link", "aw-0", key=auth.new_secret()), "aw-0")
+    with pytest.raises(auth.AuthError, match="wrong credential"):
+        verifier.verify(auth.Credential.make("link", "aw-1", key=key), "aw-0")
+    with pytest.raises(auth.AuthError, match="wrong credential"):
+        verifier.verify(auth.Credential.make("grpc", "aw-0", key=key), "aw-0")
+    with pytest.raises(auth.AuthError, match="no credential"):
+        verifier.verify(None, "aw-0")
+
+
+def test_stale_credential_refused(key):
+    verifier = auth.Verifier("grpc", window_s=5, key=key)
+    cred = auth.Credential.make("grpc", "/m", key=key)
+    old = auth.Credential(cred.ts - 60, cred.nonce, cred.mac)
+    with pytest.raises(auth.AuthError, match="off this clock"):
+        verifier.verify(old, "/m")
+
+
+def test_round_trips_and_malformed(key):
+    cred = auth.Credential.make("grpc", "/m", key=key)
+    assert auth.Credential.from_header(cred.to_header()) == cred
+    assert auth.Credential.from_json(cred.to_json()) == cred
+    for bad in ("", "a:b", "x:y:z"):
+        with pytest.raises(auth.AuthError, match="malformed"):
+            auth.Credential.from_header(bad)
+    for bad in (None, [], {"ts": "1", "nonce": "n", "mac": "m"}, {"ts": True, "nonce": "n", "mac": "m"}):
+        with pytest.raises(auth.AuthError):
+            auth.Credential.from_json(bad)
+
+
+def test_mutual_answer(key):
+    cred = auth.Credential.make("kv-store", "aw-0", key=key)
+    auth.check_answer(cred, auth.answer(cred, "kv-store", "aw-0", key=key), "kv-store", "aw-0", key=key)
+    with pytest.raises(auth.AuthError, match="did not prove"):
+        auth.check_answer(cred, auth.answer(cred, "kv-store", "aw-0", key=auth.new_secret()), "kv-store", "aw-0", key=key)
+    with pytest.raises(auth.AuthError):
+        auth.check_answer(cred, None, "kv-store", "aw-0", key=key)
+
+
+def test_install_exports_to_children_and_forget(monkeypatch):
+    monkeypatch.delenv(auth.SECRET_ENV, raising=False)
+    auth.forget()
+    with pytest.raises(auth.AuthError, match="no cluster secret"):
+        auth.secret()
+    value = auth.install(auth.new_secret())
+    try:
+        assert os.environ[auth.SECRET_ENV] == value.hex()
+        auth._secret = None  # as a child process: only the environment
+        assert auth.secret() == value
+    finally:
+        auth.forget()
+    with pytest.raises(auth.AuthError, match="too short"):
+        auth.install(b"short")
+    with pytest.raises(auth.AuthError, match="not hex"):
+        auth.install("zz" * 20)
+    auth.forget()
