@@ -28,3 +28,43 @@ def to_host(t: torch.Tensor) -> torch.Tensor:
     out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
     out.copy_(t)  # synchronous: waits for the kernels that produce t, then one DMA transfer
     return out
+
+
+class SideCopy:
+    """Device tensors on their way to host memory, copied on a side stream so the caller never waits.
+
+    The engine thread snapshots KV rows after a step and hands them to the checkpoint thread. On a GPU
+    a synchronous copy would stall the engine until every queued kernel had run; instead the copy
+    is queued on a second stream, ordered after the work that produced the rows (the side stream waits
+    on the current one), into pinned memory, and `wait()` on the consuming thread blocks only that
+    thread until the bytes have landed. Host tensors pass through untouched.
+    """
+
+    _streams: dict[torch.device, torch.cuda.Stream] = {}
+
+    def __init__(self, tensors: list[torch.Tensor]) -> None:
+        self._event = None
+        if not tensors or tensors[0].device.type != "cuda":
+            self._host = tensors
+            return
+        device = tensors[0].device
+        stream = SideCopy._streams.get(device)
+        if stream is None:
+            stream = SideCopy._streams[device] = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            self._host = []
+            for t in tensors:
+                out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                out.copy_(t, non_blocking=True)
+                t.record_stream(stream)  # the caching allocator keeps t alive until the copy ran
+                self._host.append(out)
+            self._event = torch.cuda.Event()
+            self._event.record(stream)
+
+    def wait(self) -> list[torch.Tensor]:
+        """The host copies, once they have landed."""
+        if self._event is not None:
+            self._event.synchronize()
+            self._event = None
+        return self._host

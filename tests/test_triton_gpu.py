@@ -114,3 +114,28 @@ def test_triton_engine_on_gpu_matches_transformers_and_is_batch_invariant(hf_che
     alone = bf16.generate(prompts[:1], params)[0].token_ids
     crowd = parity.ragged_prompts(63, 320, seed=7)
     assert bf16.generate(crowd[:30] + prompts[:1] + crowd[30:], params)[30].token_ids == alone
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "deepseek_v3"])
+def test_kv_rows_cross_to_the_host_on_a_side_stream_and_back(family):
+    """A checkpoint's gather on the GPU lands in pinned host memory through staging.SideCopy, equal to the
+    rows; a restore's rows go back (RestoredRows.scatter_into, staging.to_device) into the same slots."""
+    from resilient_moe import staging
+    from resilient_moe.config import ModelConfig
+    from resilient_moe.engine.kv_cache import RestoredRows, new_kv_cache
+    from test_kv_windows import family_config
+
+    cfg = ModelConfig.from_hf_dict(family_config(family).to_dict())
+    cache = new_kv_cache(cfg, num_blocks=8, block_size=4, dtype=torch.float32, device=CUDA)
+    slots = torch.tensor([0, 5, 9, 30])  # host indices, as the block tables give them
+    cache.scatter(slots, torch.randn(cfg.num_layers, 4, cache.row_width, device=CUDA))
+    rows = cache.gather(slots)
+    (host,) = staging.SideCopy([rows]).wait()
+    assert host.device.type == "cpu" and host.is_pinned()
+    assert torch.equal(host, rows.cpu())
+    table = torch.zeros(cfg.num_layers, 8, cache.row_width)  # a store's rows [L, R, W]
+    table[:, [3, 1, 6, 0]] = host
+    other = new_kv_cache(cfg, num_blocks=8, block_size=4, dtype=torch.float32, device=CUDA)
+    RestoredRows.read(table, cache.windows, torch.tensor([3, 1, 6, 0])).scatter_into(other, slots)
+    full = list(cache.windows.full)
+    assert torch.equal(other.gather(slots, full), rows[full])

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from resilient_moe import staging
 from resilient_moe.config import EngineConfig, ModelConfig
 from resilient_moe.errors import ConfigError
 from resilient_moe.model.attention_side import KVCacheView
@@ -145,8 +146,10 @@ class RestoredRows:
     def scatter_into(self, cache: "KVCache | LatentKVCache", slots: torch.Tensor) -> None:
         """Write into the cache slots [n] of positions [0, n); sliding layers' older slots are left as
         they are (masked out for every query that can still come)."""
-        cache.scatter(slots, self.full.to(slots.device), self.windows.full)
-        cache.scatter(slots[self.first :], self.windowed.to(slots.device), self.windows.windowed)
+        device = cache.keys[0].device
+        slots = slots.to(device)
+        cache.scatter(slots, staging.to_device(self.full, device), self.windows.full)
+        cache.scatter(slots[self.first :], staging.to_device(self.windowed, device), self.windows.windowed)
 
 
 def select_rows(table: torch.Tensor, layers: Sequence[int], rows: torch.Tensor) -> torch.Tensor:
@@ -206,6 +209,7 @@ class KVCache(KVCacheView):
     def gather(self, slots: torch.Tensor, layers: Sequence[int] | None = None) -> torch.Tensor:
         """Rows of `slots` [n] from `layers` (default: all), as a new tensor [len(layers), n, row_width]."""
         layers = range(self.num_layers) if layers is None else layers
+        slots = slots.to(self.keys[0].device)  # host indices (the block tables live on the host)
         n = slots.shape[0]
         out = torch.empty((len(layers), n, self.row_width), dtype=self.dtype, device=self.keys[0].device)
         half = self.row_width // 2
@@ -253,6 +257,7 @@ class LatentKVCache(KVCacheView):
     def gather(self, slots: torch.Tensor, layers: Sequence[int] | None = None) -> torch.Tensor:
         """Rows of `slots` [n] from `layers` (default: all), as a new tensor [len(layers), n, row_width]."""
         layers = range(self.num_layers) if layers is None else layers
+        slots = slots.to(self.keys[0].device)
         out = torch.empty((len(layers), slots.shape[0], self.row_width), dtype=self.dtype, device=self.keys[0].device)
         for i, layer in enumerate(layers):
             torch.index_select(self.keys[layer][0], 0, slots, out=out[i])

@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from resilient_moe import staging
 from resilient_moe.engine.engine import LLMEngine
 from resilient_moe.engine.kv_cache import RestoredRows
 from resilient_moe.engine.sequence import Sequence
@@ -96,6 +97,14 @@ class _Write:
     # (request id, n, blocks, gens, position of the first new output token, the new output tokens)
     commits: list[tuple[str, int, list[int], list[int], int, list[int]]]
     gaps: dict[str, list[tuple[int, int]]]  # request id -> its skipped sliding-layer spans so far
+    copy: staging.SideCopy | None = None  # the KV rows on their way to host memory (on a GPU)
+
+    def host_parts(self) -> list[tuple[tuple[int, ...], torch.Tensor, torch.Tensor]]:
+        """`parts` with their rows in host memory: waits (on the checkpoint thread) for the side copy."""
+        if self.copy is not None:
+            self.parts = [(layers, rows, data) for (layers, rows, _), data in zip(self.parts, self.copy.wait())]
+            self.copy = None
+        return self.parts
 
 
 @dataclass
@@ -230,7 +239,8 @@ class KVCheckpointer:
             parts.append((self.windows.windowed, dst[recent], self.cache.gather(src[recent], self.windows.windowed)))
         item = _Write(self.store_incarnation, parts, torch.tensor(new_blocks, dtype=torch.long),
                       torch.tensor(new_gens, dtype=torch.long), commits,
-                      {request_id: list(self.tracked[request_id].gaps) for request_id, *_ in commits})
+                      {request_id: list(self.tracked[request_id].gaps) for request_id, *_ in commits},
+                      staging.SideCopy([data for *_, data in parts]))
         with self._cond:
             if sum(isinstance(p, _Write) for p in self._pending) >= MAX_PENDING:
                 self.counters["dropped"] += 1
@@ -372,7 +382,7 @@ class KVCheckpointer:
             return False
         self._stamps[item.blocks, 0] = self.incarnation
         self._stamps[item.blocks, 1] = item.gens - 1  # odd: being written
-        for layers, rows, data in item.parts:  # into shared memory: one-sided
+        for layers, rows, data in item.host_parts():  # into shared memory: one-sided
             for i, layer in enumerate(layers):
                 self._rows[layer].index_copy_(0, rows, data[i])
         self._stamps[item.blocks, 1] = item.gens
