@@ -503,6 +503,9 @@ class DeploymentConfig:
     part_deadline_s: float = 0.25  # least time an expert worker gets to answer a part before it is resent
     startup_timeout_s: float = 120.0
     resilience: bool = True  # False: the restart-everything baseline (no shadows; any death restarts all)
+    # How the baseline restarts: "warm" (the fair one) every worker at once, forked from the warm fork
+    # server; "cold" (naive, for comparison) fresh interpreters, expert workers first, then attention.
+    baseline_restart: str = "warm"
     shadow_budget_bytes: int | None = None  # spare memory per expert worker for shadows; None: one copy of each
     shadow_policy: str = "spread"  # or "load_aware" (EPLB-style: hot experts get more copies, copies share tokens)
     rebalance_interval_s: float = 0.0  # load_aware: re-place experts by observed load this often (0: on demand only)
@@ -572,6 +575,8 @@ class DeploymentConfig:
         for name in ("resilience", "kv_checkpoint"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.baseline_restart not in ("warm", "cold"):
+            raise ConfigError(f"baseline_restart must be warm or cold, got {self.baseline_restart!r}")
         if self.cpu_affinity not in ("auto", "none"):
             raise ConfigError(f"cpu_affinity must be auto or none, got {self.cpu_affinity!r}")
         if self.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):

@@ -37,12 +37,18 @@ def reference(tiny_model):
     return [r.token_ids for r in LLMEngine(tiny_model, EngineConfig()).generate(prompts, params)]
 
 
-@pytest.mark.parametrize("sig,resilience", [(signal.SIGKILL, True), (signal.SIGSTOP, True), (signal.SIGKILL, False)],
-                         ids=["kill", "hang", "kill-restart-all-baseline"])
-def test_attention_worker_loss_moves_its_requests(tiny_model, reference, zygote, tmp_path, sig, resilience):
+def cmdline(pid: int) -> bytes:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read()
+
+
+@pytest.mark.parametrize("sig,resilience,restart", [(signal.SIGKILL, True, "warm"), (signal.SIGSTOP, True, "warm"),
+                                                   (signal.SIGKILL, False, "warm"), (signal.SIGKILL, False, "cold")],
+                         ids=["kill", "hang", "kill-restart-all-baseline", "kill-restart-all-naive-baseline"])
+def test_attention_worker_loss_moves_its_requests(tiny_model, reference, zygote, tmp_path, sig, resilience, restart):
     prompts, params = workload()
     dep = DeploymentConfig(model=str(tiny_model), attention_workers=2, expert_workers=2, micro_batches=2,
-                           resilience=resilience)
+                           resilience=resilience, baseline_restart=restart)
     with LocalCluster(dep, log_dir=tmp_path, zygote=zygote) as cluster:
         frontend = Frontend(cluster.controller_address).start()
         try:
@@ -74,5 +80,8 @@ def test_attention_worker_loss_moves_its_requests(tiny_model, reference, zygote,
                                    for w in cluster.state().workers), 60, "a new aw-0")
             later = [frontend.submit(p, s) for p, s in zip(prompts[:4], params[:4])]
             assert [h.wait(60).token_ids for h in later] == reference[:4]
+            if not resilience:  # the fair baseline forks warm (a fork shares the fork server's command line)
+                forked = [cmdline(cluster.pids[n]) == cmdline(zygote.proc.pid) for n in ("aw-0", "aw-1", "ew-0")]
+                assert forked == [restart == "warm"] * 3, forked
         finally:
             frontend.close()

@@ -9,7 +9,11 @@ import signal
 import subprocess
 import sys
 
+import pytest
+
 from conftest import pid_alive, wait_until
+from resilient_moe.config import DeploymentConfig
+from resilient_moe.errors import ConfigError
 
 
 def _our_shm_entries() -> set[str]:
@@ -66,3 +70,9 @@ def test_orderly_stop_on_sigterm(tiny_model):
         if launcher.poll() is None:
             launcher.kill()
             launcher.wait()
+
+
+def test_baseline_restart_setting_is_checked():
+    assert DeploymentConfig(baseline_restart="cold").baseline_restart == "cold"
+    with pytest.raises(ConfigError, match="baseline_restart must be warm or cold"):
+        DeploymentConfig(baseline_restart="parallel")

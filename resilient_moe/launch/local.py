@@ -414,11 +414,13 @@ class LocalCluster:
         _signal(pid, signal.SIGTERM)
 
     def restart_all(self, reason: str) -> None:
-        """The restart-everything baseline: kill every worker, start them all again as fresh processes
-        (a new interpreter each, as a restarted deployment pays; not forked warm from the zygote)."""
+        """The restart-everything baseline: kill every worker and start them all again. `baseline_restart`
+        says how: "warm" (the fair baseline) forks every worker at once from the warm fork server, as
+        resilient mode forks its replacements; "cold" starts fresh interpreters, expert workers first
+        and then attention workers, as a naively restarted deployment would."""
         began = time.monotonic()
         self.restarts.append((began, 0.0))  # (began, 0.0) while it runs; (began, ready) once done
-        log.warning("restarting every worker (%s)", reason)
+        log.warning("restarting every worker (%s, %s)", reason, self.deployment.baseline_restart)
         workers = [n for n in self.pids if n.startswith(("ew-", "aw-"))]
         for name in workers:
             _signal(self.pids[name], signal.SIGKILL)
@@ -427,12 +429,11 @@ class LocalCluster:
             time.sleep(0.01)
         experts = sorted(n for n in workers if n.startswith("ew-"))
         attention = sorted(n for n in workers if n.startswith("aw-"))
-        for name in experts:
-            self.spawn(name, *self.role_of(name), cold=True)
-        self._wait_fresh(experts, deadline=time.monotonic() + self.deployment.startup_timeout_s)
-        for name in attention:
-            self.spawn(name, *self.role_of(name), cold=True)
-        self._wait_fresh(attention, deadline=time.monotonic() + self.deployment.startup_timeout_s)
+        cold = self.deployment.baseline_restart == "cold"
+        for group in ([experts, attention] if cold else [experts + attention]):
+            for name in group:
+                self.spawn(name, *self.role_of(name), cold=cold)
+            self._wait_fresh(group, deadline=time.monotonic() + self.deployment.startup_timeout_s)
         self.restarts[-1] = (began, time.monotonic())
         log.warning("restart-all done in %.2fs", self.restarts[-1][1] - began)
 

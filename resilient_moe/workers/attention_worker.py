@@ -355,6 +355,19 @@ def start_checkpointer(config: WorkerConfig, engine: LLMEngine, incarnation: int
     return KVCheckpointer(engine, layout, config.index, client, config.cluster_id, config.name, incarnation, wake)
 
 
+def wait_for_expert_workers(client: ControllerClient, view: ClusterView, count: int, timeout_s: float) -> ClusterView:
+    """The cluster view once `count` expert workers serve (at most `timeout_s`): without resilience a
+    step that finds an expert with no live copy ends the worker, so it must not serve before they do."""
+    deadline = time.monotonic() + timeout_s
+    while sum(p.serving for p in view.of_role("expert")) < count and time.monotonic() < deadline:
+        time.sleep(0.02)
+        try:
+            view = ClusterView.from_proto(client.get_state(timeout_s=1.0))
+        except Exception as e:  # noqa: BLE001 (a slow or restarting controller: ask again)
+            log.debug("waiting for expert workers: %s", e)
+    return view
+
+
 def main(config: WorkerConfig) -> int:
     """Run an attention worker until SIGTERM, or until the controller fences this incarnation."""
     dep = config.deployment
@@ -399,7 +412,10 @@ def main(config: WorkerConfig) -> int:
     server = AttentionServer(engine, forwarder, poller, listener, wakeup)
     server.crash_on_lost_expert = not dep.resilience
     server.checkpointer = start_checkpointer(config, engine, reply.incarnation, wakeup.ring)
-    server.apply_view(ClusterView.from_proto(reply.state))
+    view = ClusterView.from_proto(reply.state)
+    if not dep.resilience:  # the baseline restarts every worker at once: its experts may still be loading
+        view = wait_for_expert_workers(client, view, dep.expert_workers, dep.startup_timeout_s)
+    server.apply_view(view)
     forwarder.settle_links(5.0)  # linked to the expert workers before the first request
 
     def on_state(state: pb.ClusterState) -> None:
