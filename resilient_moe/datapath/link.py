@@ -15,8 +15,17 @@ Unix socket name; `shm:/path` for a socket file) or `tcp:127.0.0.1:5555` (port 0
 listener's `address` says which). The connector sends HELLO and the listener answers HELLO_ACK,
 both frames with a JSON body:
 
-    HELLO      {"protocol": 1, "transport": "shm"|"tcp", "peer": PeerInfo, "ring_size": n (shm)}
-    HELLO_ACK  {"protocol": 1, "peer": PeerInfo}   (ERROR flag: the body is the reason, UTF-8)
+    HELLO      {"protocol": 1, "transport": "shm"|"tcp", "peer": PeerInfo, "ring_size": n (shm),
+                "auth": Credential}
+    HELLO_ACK  {"protocol": 1, "peer": PeerInfo, "auth_answer": str}
+               (ERROR flag: the body is the reason, UTF-8)
+
+Authentication (DESIGN.md: every connection proves the cluster secret). "auth" is an
+`auth.Credential` for purpose "link", bound to the connector's name and incarnation; each listener
+checks it with its own `auth.Verifier` (so a recorded HELLO cannot be replayed) and refuses a
+connector without the secret with an ERROR HELLO_ACK "authentication failed: ...", logged
+(rate-limited) and counted in `auth.REFUSED["link"]`. "auth_answer" is the listener's half of the
+mutual proof (`auth.answer`): the connector drops a listener that cannot give it.
 
 The shm HELLO also carries, as SCM_RIGHTS, the memfd holding both rings and the connector's
 doorbell eventfd; the HELLO_ACK carries the listener's doorbell. After the handshake both ends know
@@ -37,6 +46,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from resilient_moe import auth
 from resilient_moe.datapath.frames import Frame, FrameFlags, FrameHeader, FrameKind, decode, encode
 
 if TYPE_CHECKING:
@@ -224,6 +234,7 @@ class Listener(abc.ABC):
         self._epoll.register(sock.fileno(), select.EPOLLIN)
         self._pending: dict[int, tuple[socket.socket, float, object]] = {}  # fd -> (sock, deadline, state)
         self._closed = False
+        self._verifier = auth.Verifier(LINK_PURPOSE)
 
     def fileno(self) -> int:
         """Readable when accept() can make progress (a new connection or handshake data)."""
@@ -268,6 +279,10 @@ class Listener(abc.ABC):
         conn, _, state = entry
         try:
             link = self._handshake(conn, state)
+        except auth.AuthError as e:
+            auth.log_refusal(log, LINK_PURPOSE, f"listener {self.address}: refused a link: {e}")
+            self._drop(fd)
+            return None
         except Exception as e:  # whatever a peer sends, the owner's loop goes on
             log.error("listener %s: handshake failed: %s: %s", self.address, type(e).__name__, e)
             self._drop(fd)
@@ -307,6 +322,20 @@ class Listener(abc.ABC):
         self._discard(state)
         conn.close()
 
+    def _authenticate(self, conn: socket.socket, peer: PeerInfo, body: dict) -> str:
+        """Check the connector's proof in its HELLO; the answer its HELLO_ACK carries. Raises AuthError
+        (counted) after telling the connector why, with a refusal frame."""
+        context = link_context(peer)
+        try:
+            credential = self._verifier.verify_json(body.get("auth"), context)
+        except auth.AuthError as e:
+            try:
+                conn.send(bytes(refusal_frame(self.identity, f"authentication failed: {e}")))
+            except OSError:
+                pass
+            raise auth.AuthError(f"{peer.name} (pid {peer.pid}): {e}") from None
+        return auth.answer(credential, LINK_PURPOSE, context)
+
     def _new_state(self) -> object:
         """Per-connection handshake state (e.g. a partial-frame reader)."""
         return None
@@ -321,6 +350,27 @@ class Listener(abc.ABC):
     def _handshake(self, conn: socket.socket, state: object) -> Link | None:
         """Advance one connection's handshake: the Link once it completes, None while it waits.
         Raises when it fails; accept() logs why and drops the connection."""
+
+
+LINK_PURPOSE = "link"
+
+
+def link_context(peer: PeerInfo) -> str:
+    """What a link credential is bound to: the connector as it introduces itself."""
+    return f"{peer.name}/{peer.incarnation}"
+
+
+def link_credential(identity: PeerInfo) -> auth.Credential:
+    """The connector's proof for its HELLO (`"auth": credential.to_json()`)."""
+    return auth.Credential.make(LINK_PURPOSE, link_context(identity))
+
+
+def check_listener(credential: auth.Credential, identity: PeerInfo, body: dict, listener: str) -> None:
+    """The connector's check of the HELLO_ACK's answer: the listener holds the secret too."""
+    try:
+        auth.check_answer(credential, body.get("auth_answer"), LINK_PURPOSE, link_context(identity))
+    except auth.AuthError as e:
+        raise auth.AuthError(f"listener {listener}: {e}") from None
 
 
 def hello_frame(kind: FrameKind, identity: PeerInfo, **extra) -> bytearray:
