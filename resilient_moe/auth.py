@@ -68,6 +68,12 @@ def install(secret: bytes | str) -> bytes:
     return value
 
 
+def ensure_secret() -> bytes:
+    """The installed secret, or a new one installed now: what a launcher calls before it starts anything
+    (a process that launches several clusters, such as a test session, gives them all one secret)."""
+    return secret() if has_secret() else install(new_secret())
+
+
 def secret() -> bytes:
     """This process's cluster secret: installed, or inherited through the environment."""
     global _secret

@@ -2,7 +2,8 @@
 
 Registration retries until the controller answers (it may be starting, or restarting). Heartbeats
 and the cluster-state watch run on background threads and reconnect on their own; the datapath
-never waits for them (DESIGN.md: when the controller is down, serving continues).
+never waits for them (DESIGN.md: when the controller is down, serving continues). Every call
+proves the cluster secret (grpc_auth.py); a process without it gets UNAUTHENTICATED.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Callable
 
 import grpc
 
+from resilient_moe.controller.grpc_auth import authenticated_channel
 from resilient_moe.proto import controller_pb2 as pb
 from resilient_moe.proto import controller_pb2_grpc as pb_grpc
 
@@ -28,7 +30,7 @@ class ControllerClient:
 
     def __init__(self, address: str) -> None:
         self.address = address
-        self.channel = grpc.insecure_channel(address)
+        self.channel = authenticated_channel(address)
         self.stub = pb_grpc.ControllerStub(self.channel)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []

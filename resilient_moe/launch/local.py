@@ -5,6 +5,11 @@ reports ready (the controller's view), and tears everything down: SIGTERM, a gra
 Lifetimes are chained by parent-death signals (launcher -> zygote -> workers) and the zygote leads a
 process group of its own, so even a launcher killed with SIGKILL leaves no process behind. Datapath
 shared memory is memfd-based (no names in /dev/shm), so nothing is left there either.
+
+Authentication (DESIGN.md: every connection proves the cluster secret). `start` installs the cluster
+secret in this process (`auth.ensure_secret`: a new one unless the process already holds one) before
+anything starts; each spawn request gives it to the zygote over their socketpair, and the forked
+worker installs it. It is never on a command line.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from resilient_moe import auth
 from resilient_moe.config import DeploymentConfig, WorkerConfig
 from resilient_moe.controller.client import ControllerClient
 from resilient_moe.launch.cpus import cpu_plan
@@ -106,7 +112,7 @@ class Zygote:
             self._spawned.pop(name, None)
         with self._lock:
             self._out.write(json.dumps({"op": "spawn", "name": name, "role": role, "config": config.to_json(),
-                                        "log": log_path, "cold": cold}) + "\n")
+                                        "log": log_path, "cold": cold, "secret": auth.secret().hex()}) + "\n")
             self._out.flush()
         with self._spawn_cond:
             if not self._spawn_cond.wait_for(lambda: name in self._spawned, timeout_s):
@@ -458,6 +464,7 @@ class LocalCluster:
             raise ClusterError(f"cluster {self.cluster_id} is already started")
         dep = self.deployment
         deadline = time.monotonic() + dep.startup_timeout_s
+        auth.ensure_secret()
         try:
             if self.zygote is None:
                 self.zygote = Zygote()
