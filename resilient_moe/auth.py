@@ -180,6 +180,12 @@ def refused(purpose: str) -> None:
         REFUSED[purpose] += 1
 
 
+def refusal_counts(prefix: str = "auth_refused_") -> dict[str, float]:
+    """REFUSED as a load/counter map (`auth_refused_link`: 3.0, ...), for heartbeats and snapshots."""
+    with _refused_lock:
+        return {f"{prefix}{purpose}": float(n) for purpose, n in REFUSED.items()}
+
+
 def log_refusal(logger, purpose: str, message: str) -> None:
     """Log one refused peer (already counted), unless `purpose` was logged less than LOG_INTERVAL_S ago;
     the next line says how many refusals went unlogged meanwhile."""

@@ -85,8 +85,7 @@ class ControllerService(pb_grpc.ControllerServicer):
             orders=[order_to_pb(o) for o in sorted(m.orders.values(), key=lambda o: o.id)],
             desired=pb.Roster(attention_workers=m.desired.attention_workers, expert_workers=m.desired.expert_workers),
             expert_load=[pb.ExpertCount(layer=l, expert=e, tokens=v) for (l, e), v in sorted(m.load.items())],
-            counters={**{k: float(v) for k, v in m.counters.items()},
-                      **{f"auth_refused_{purpose}": float(n) for purpose, n in auth.REFUSED.items()}},
+            counters={**{k: float(v) for k, v in m.counters.items()}, **auth.refusal_counts()},
             placement_policy=m.settings.shadow_policy,
             rebalancing=m.rebalancing,
         )
