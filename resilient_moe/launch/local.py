@@ -183,6 +183,7 @@ class LocalCluster:
         self.client: ControllerClient | None = None
         self.redis: subprocess.Popen | None = None
         self._redis_args: list[str] = []
+        self._redis_config = b""  # redis-server's configuration, given on its stdin
         self._redis_dir: tempfile.TemporaryDirectory | None = None
 
     # ---- start ------------------------------------------------------------------------------
@@ -192,17 +193,23 @@ class LocalCluster:
         return self.deployment.resilience and self.deployment.kv_checkpoint
 
     def start_redis(self, timeout_s: float = 10.0) -> str:
-        """Start a private redis-server, and a thread that starts it again if it dies; returns its URL."""
+        """Start a private redis-server, and a thread that starts it again if it dies; returns its URL.
+        It requires a password derived from the cluster secret (`auth.derived_key("redis")`), which the
+        URL carries to every client; the server reads it with the rest of its configuration from stdin,
+        so it is on no command line."""
         binary = shutil.which("redis-server")
         if binary is None:
             raise ClusterError("redis-server is not installed (apt-get install redis-server), and no redis_url "
                                "was given; or set kv_checkpoint: false")
         self._redis_dir = tempfile.TemporaryDirectory(prefix=f"rmoe-{self.cluster_id}-redis-")
         sock = os.path.join(self._redis_dir.name, "redis.sock")
-        self._redis_args = [binary, "--port", "0", "--unixsocket", sock, "--unixsocketperm", "700", "--save", "",
-                            "--appendonly", "no", "--dir", self._redis_dir.name,
-                            "--logfile", str(self.log_dir / "redis.log")]
-        url = f"unix://{sock}"
+        password = auth.derived_key("redis")
+        self._redis_args = [binary, "-"]  # "-": the configuration comes from stdin
+        self._redis_config = "\n".join([
+            "port 0", f"unixsocket {sock}", "unixsocketperm 700", 'save ""', "appendonly no",
+            f"dir {self._redis_dir.name}", f"logfile {self.log_dir / 'redis.log'}", f"requirepass {password}", "",
+        ]).encode()
+        url = f"unix://:{password}@{sock}"
         self._launch_redis(url, timeout_s)
         threading.Thread(target=self._watch_redis, args=(url,), name="redis-watch", daemon=True).start()
         return url
@@ -210,8 +217,13 @@ class LocalCluster:
     def _launch_redis(self, url: str, timeout_s: float) -> None:
         import redis
 
-        self.redis = subprocess.Popen(self._redis_args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        self.redis = subprocess.Popen(self._redis_args, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                       stderr=subprocess.DEVNULL, preexec_fn=_die_with_launcher)
+        try:
+            self.redis.stdin.write(self._redis_config)
+            self.redis.stdin.close()
+        except OSError:
+            pass  # it exited at once: the wait below says so
         self.pids["redis"] = self.redis.pid
         client = redis.Redis.from_url(url, socket_timeout=0.5)
         deadline = time.monotonic() + timeout_s
