@@ -207,7 +207,10 @@ class Verifier:
         self.purpose = purpose
         self.window_s = window_s
         self._key = key
-        self._seen: dict[str, float] = {}  # nonce -> when it expires
+        # Nonces seen within the window, and when each may be forgotten, oldest first: pruning is O(1)
+        # per credential however many are remembered (a controller verifies every heartbeat).
+        self._seen: set[str] = set()
+        self._expiry: collections.deque[tuple[float, str]] = collections.deque()
         self._lock = threading.Lock()
 
     def verify(self, credential: Credential | None, context: str = "") -> None:
@@ -247,8 +250,9 @@ class Verifier:
         if not hmac.compare_digest(expected, credential.mac):
             raise AuthError(f"{self.purpose}: wrong credential (the peer does not hold the cluster secret)")
         with self._lock:
-            if len(self._seen) > 4096:
-                self._seen = {n: t for n, t in self._seen.items() if t > now}
-            if self._seen.get(credential.nonce, 0.0) > now:
+            while self._expiry and self._expiry[0][0] <= now:
+                self._seen.discard(self._expiry.popleft()[1])
+            if credential.nonce in self._seen:
                 raise AuthError(f"{self.purpose}: credential replayed")
-            self._seen[credential.nonce] = now + 2 * self.window_s
+            self._seen.add(credential.nonce)
+            self._expiry.append((now + 2 * self.window_s, credential.nonce))

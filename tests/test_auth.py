@@ -90,3 +90,15 @@ def _install_and_forget():
     with pytest.raises(auth.AuthError, match="not hex"):
         auth.install("zz" * 20)
     auth.forget()
+
+
+def test_verifier_forgets_nonces_once_they_cannot_be_replayed(key, monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr(auth.time, "time", lambda: now[0])
+    verifier = auth.Verifier("grpc", window_s=5, key=key)
+    for i in range(100):
+        verifier.verify(auth.Credential.make("grpc", "/m", key=key), "/m")
+    assert len(verifier._seen) == 100
+    now[0] += 11  # past 2 windows: every one of them is stale now, so none needs remembering
+    verifier.verify(auth.Credential.make("grpc", "/m", key=key), "/m")
+    assert len(verifier._seen) == len(verifier._expiry) == 1
