@@ -1,10 +1,11 @@
 """A process that tries what an intruder would against a running local cluster (tests/test_auth_cluster.py).
 
-    python tests/auth_probe.py MODE < {"controller": ..., "link": ..., "kv_store": ...}
+    python tests/auth_probe.py MODE < {"controller": ..., "link": ..., "aw_link": ..., "kv_store": ...}
 
 MODE "right" holds the cluster secret (inherited) and should get everything; "wrong" holds another
 secret; "none" holds none and sends no credential at all. Prints one JSON object: for each attempt
-(register, admin, link, kv_store) "ok" or the error it got.
+(register, admin, link to an expert worker, aw_link to an attention worker as a frontend would, kv_store)
+"ok" or the error it got.
 """
 
 from __future__ import annotations
@@ -49,15 +50,22 @@ def admin(where: dict, mode: str) -> None:
     stub(where, mode).SetFaults(update, timeout=5)
 
 
-def link(where: dict, mode: str) -> None:
-    if mode == "none":  # a HELLO without "auth"
-        blank = auth.Credential(0.0, "", "")
-        for module in (shm, tcp):
-            make = module.hello_frame
-            module.link_credential = lambda identity: blank
-            module.hello_frame = lambda *a, _make=make, **kw: _make(*a, **{k: v for k, v in kw.items() if k != "auth"})
+def send_no_link_credential() -> None:
+    """Make every HELLO this process sends go without "auth"."""
+    blank = auth.Credential(0.0, "", "")
+    for module in (shm, tcp):
+        make = module.hello_frame
+        module.link_credential = lambda identity: blank
+        module.hello_frame = lambda *a, _make=make, **kw: _make(*a, **{k: v for k, v in kw.items() if k != "auth"})
+
+
+def link(where: dict, mode: str, key: str = "link") -> None:
     identity = PeerInfo(PROBE, worker_number("frontend", 99), 1, os.getpid())
-    connect(where["link"], identity, timeout=5).close()
+    connect(where[key], identity, timeout=5).close()
+
+
+def aw_link(where: dict, mode: str) -> None:
+    link(where, mode, "aw_link")
 
 
 def kv_store(where: dict, mode: str) -> None:
@@ -95,10 +103,12 @@ def main() -> int:
     where = json.loads(sys.stdin.read())
     if mode == "wrong":
         auth.install(auth.new_secret())
-    elif mode == "none" and auth.has_secret():
-        raise SystemExit("mode none must run without the cluster secret in its environment")
+    elif mode == "none":
+        if auth.has_secret():
+            raise SystemExit("mode none must run without the cluster secret in its environment")
+        send_no_link_credential()
     result = {name: attempt(action, where, mode) for name, action in
-              (("register", register), ("admin", admin), ("link", link), ("kv_store", kv_store))}
+              (("register", register), ("admin", admin), ("link", link), ("aw_link", aw_link), ("kv_store", kv_store))}
     print(json.dumps(result), flush=True)
     return 0
 

@@ -22,7 +22,7 @@ from resilient_moe.proto import controller_pb2 as pb
 from resilient_moe.server.metrics import ServingMetrics
 
 PROBE = Path(__file__).with_name("auth_probe.py")
-ATTEMPTS = ("register", "admin", "link", "kv_store")
+ATTEMPTS = ("register", "admin", "link", "aw_link", "kv_store")
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +37,7 @@ def probe(cluster: LocalCluster, mode: str) -> dict[str, str]:
     state = cluster.state()
     where = {"controller": cluster.controller_address,
              "link": next(w.data_address for w in state.workers if w.name == "ew-0"),
+             "aw_link": next(w.data_address for w in state.workers if w.name == "aw-0"),
              "kv_store": next(w.data_address for w in state.workers if w.name == "kv-store")}
     env = {k: v for k, v in os.environ.items() if k != auth.SECRET_ENV}
     if mode == "right":
@@ -57,11 +58,13 @@ def test_a_process_without_the_secret_is_refused_and_counted(cluster, mode):
     aw0 = next(w for w in before.workers if w.name == "aw-0")
     base = {"grpc": before.counters.get("auth_refused_grpc", 0.0),
             "link": worker_load(cluster, "ew-0", "auth_refused_link"),
+            "aw-link": worker_load(cluster, "aw-0", "auth_refused_link"),
             "kv-store": worker_load(cluster, "kv-store", "auth_refused_kv-store")}
     result = probe(cluster, mode)
     for what in ("register", "admin"):
         assert result[what].startswith("UNAUTHENTICATED: authentication failed"), result
     assert "authentication failed" in result["link"], result
+    assert "authentication failed" in result["aw_link"], result
     assert "authentication failed" in result["kv_store"], result
     # Nothing it asked for happened: aw-0 was not fenced, no fault is in force.
     after = cluster.state()
@@ -71,6 +74,8 @@ def test_a_process_without_the_secret_is_refused_and_counted(cluster, mode):
     assert after.counters["auth_refused_grpc"] >= base["grpc"] + 2
     wait_until(lambda: worker_load(cluster, "ew-0", "auth_refused_link") >= base["link"] + 1, 10,
                "the expert worker to report the refused link")
+    wait_until(lambda: worker_load(cluster, "aw-0", "auth_refused_link") >= base["aw-link"] + 1, 10,
+               "the attention worker to report the refused link")
     wait_until(lambda: worker_load(cluster, "kv-store", "auth_refused_kv-store") >= base["kv-store"] + 1, 10,
                "the KV store to report the refused hand-over")
     # ... and exported by the frontend process's /metrics.
