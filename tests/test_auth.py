@@ -102,3 +102,21 @@ def test_verifier_forgets_nonces_once_they_cannot_be_replayed(key, monkeypatch):
     now[0] += 11  # past 2 windows: every one of them is stale now, so none needs remembering
     verifier.verify(auth.Credential.make("grpc", "/m", key=key), "/m")
     assert len(verifier._seen) == len(verifier._expiry) == 1
+
+
+def test_refusals_are_logged_at_most_once_per_interval(monkeypatch, caplog):
+    import logging
+
+    now = [5000.0]
+    monkeypatch.setattr(auth.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(auth, "_last_logged", {})
+    logger = logging.getLogger("test-auth")
+    with caplog.at_level(logging.WARNING, logger="test-auth"):
+        for _ in range(5):
+            auth.refused("probe")
+            auth.log_refusal(logger, "probe", "refused a probe")
+        assert caplog.text.count("refused a probe") == 1
+        now[0] += auth.LOG_INTERVAL_S
+        auth.refused("probe")
+        auth.log_refusal(logger, "probe", "refused a probe")
+    assert caplog.text.count("refused a probe") == 2 and "4 more probe refusals" in caplog.text

@@ -30,6 +30,7 @@ class ControllerClient:
     """A gRPC channel to the controller with the calls workers make."""
 
     def __init__(self, address: str) -> None:
+        auth.secret()  # without the cluster secret every call would be refused: fail here, saying why
         self.address = address
         self.channel = authenticated_channel(address)
         self.stub = pb_grpc.ControllerStub(self.channel)
