@@ -55,17 +55,17 @@ def send_no_link_credential() -> None:
     blank = auth.Credential(0.0, "", "")
     for module in (shm, tcp):
         make = module.hello_frame
-        module.link_credential = lambda identity: blank
+        module.link_credential = lambda identity, to: blank
         module.hello_frame = lambda *a, _make=make, **kw: _make(*a, **{k: v for k, v in kw.items() if k != "auth"})
 
 
-def link(where: dict, mode: str, key: str = "link") -> None:
+def link(where: dict, mode: str, key: str = "link", to: str = "ew-0") -> None:
     identity = PeerInfo(PROBE, worker_number("frontend", 99), 1, os.getpid())
-    connect(where[key], identity, timeout=5).close()
+    connect(where[key], identity, timeout=5, to=to).close()
 
 
 def aw_link(where: dict, mode: str) -> None:
-    link(where, mode, "aw_link")
+    link(where, mode, "aw_link", "aw-0")
 
 
 def kv_store(where: dict, mode: str) -> None:

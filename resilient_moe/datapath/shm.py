@@ -302,6 +302,7 @@ def connect_shm(
     poller: Poller | None = None,
     *,
     timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+    to: str = "",
     ring_size: int = DEFAULT_RING_SIZE,
     spin_us: float = DEFAULT_SEND_SPIN_US,
 ) -> ShmLink:
@@ -314,8 +315,9 @@ def connect_shm(
         sock.connect(_unix_address(name))
         segment = _native.shm_segment(ring_size)
         doorbell, private = _doorbell_for(poller)
-        credential = link_credential(identity)
-        hello = hello_frame(FrameKind.HELLO, identity, transport="shm", ring_size=ring_size, auth=credential.to_json())
+        credential = link_credential(identity, to)
+        hello = hello_frame(FrameKind.HELLO, identity, transport="shm", ring_size=ring_size, to=to,
+                            auth=credential.to_json())
         socket.send_fds(sock, [hello], [segment, doorbell])
         data, fds, _, _ = socket.recv_fds(sock, 1 << 16, 1, socket.MSG_CMSG_CLOEXEC)
         peer_doorbell = fds[0] if fds else None
@@ -324,7 +326,7 @@ def connect_shm(
         if not data:
             raise LinkClosed(f"listener {name} closed the connection during the handshake")
         peer, body = parse_hello(data, FrameKind.HELLO_ACK)
-        check_listener(credential, identity, body, name)
+        check_listener(credential, identity, to, body, name)
         if peer_doorbell is None:
             raise ValueError("HELLO_ACK carried no doorbell fd")
         sock.setblocking(False)

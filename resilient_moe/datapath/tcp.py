@@ -442,6 +442,7 @@ def connect_tcp(
     poller: Poller | None = None,
     *,
     timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+    to: str = "",
     max_frame: int = DEFAULT_MAX_FRAME,
 ) -> TcpLink:
     """Connect to the TcpListener at 'host:port'; see link.connect."""
@@ -450,13 +451,13 @@ def connect_tcp(
     sock = socket.create_connection((host, port), timeout=timeout)
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        credential = link_credential(identity)
-        sock.sendall(hello_frame(FrameKind.HELLO, identity, transport="tcp", max_frame=max_frame,
+        credential = link_credential(identity, to)
+        sock.sendall(hello_frame(FrameKind.HELLO, identity, transport="tcp", max_frame=max_frame, to=to,
                                  auth=credential.to_json()))
         sock.setblocking(False)
         reader = FrameReader(max_frame)
         peer, body = parse_hello(_blocking_read_frame(sock, reader, deadline), FrameKind.HELLO_ACK)
-        check_listener(credential, identity, body, rest)
+        check_listener(credential, identity, to, body, rest)
         link = TcpLink(sock, identity, peer, reader, _peer_max_frame(body))
     except BaseException:
         sock.close()
