@@ -3,7 +3,7 @@ checks it.
 
 Each call (unary or streaming) carries the metadata `METADATA_KEY`: an `auth.Credential` for purpose
 "grpc", bound to the full method name, so a proof made for GetState cannot be replayed for
-InjectFault. The controller refuses a call without a valid one with UNAUTHENTICATED and says why,
+SetFaults. The controller refuses a call without a valid one with UNAUTHENTICATED and says why,
 counts it in `auth.REFUSED["grpc"]` and logs it (rate-limited). The call never reaches the servicer.
 """
 
