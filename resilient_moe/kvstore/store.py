@@ -52,7 +52,8 @@ log = logging.getLogger(__name__)
 
 _PAGE = 4096
 PURPOSE = "kv-store"
-HANDOFF_TIMEOUT_S = 5.0  # a requester (or the store) that takes longer to answer is dropped
+HANDOFF_TIMEOUT_S = 5.0  # a requester waits this long for the store's answer
+REQUEST_TIMEOUT_S = 1.0  # the store waits this long for a request (one silent peer holds up the others)
 _MAX_MESSAGE = 1 << 14
 
 
@@ -161,7 +162,7 @@ class StoreServer:
                 return  # closed
             with conn:
                 try:
-                    conn.settimeout(HANDOFF_TIMEOUT_S)
+                    conn.settimeout(REQUEST_TIMEOUT_S)
                     self._hand_over(conn)
                 except Exception as e:  # whatever a requester does, the store goes on
                     log.warning("KV store hand-over failed: %s: %s", type(e).__name__, e)
