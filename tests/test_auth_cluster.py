@@ -78,6 +78,10 @@ def test_a_process_without_the_secret_is_refused_and_counted(cluster, mode):
                "the attention worker to report the refused link")
     wait_until(lambda: worker_load(cluster, "kv-store", "auth_refused_kv-store") >= base["kv-store"] + 1, 10,
                "the KV store to report the refused hand-over")
+    # Logged where refused (at most a line per kind per 10 s: a later test may find only the first).
+    for process, line in (("controller", "refused a gRPC call to /"), ("ew-0", "refused a link"),
+                          ("aw-0", "refused a link"), ("kv-store", "refused the KV store")):
+        assert line in cluster.log_tail(process, 400), f"{process} did not log the refusal"
     # ... and exported by the frontend process's /metrics.
     metrics = ServingMetrics()
     metrics.update_cluster(cluster.state(), [], 0)
