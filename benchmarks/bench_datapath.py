@@ -375,6 +375,9 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown transports {sorted(unknown)}")
     trips, rounds, stream_bytes, budget_s = (300, 3, 32 * MiB, 1.0) if args.quick else (3000, 6, 256 * MiB, 6.0)
+    from resilient_moe import auth
+
+    auth.ensure_secret()  # links prove it at handshake; the server processes inherit it
     pin_cpu = not args.no_pin
     if pin_cpu:
         pin(0)

@@ -43,7 +43,8 @@ from resilient_moe.config import EngineConfig, ModelConfig, SamplingParams  # no
 from resilient_moe.engine.engine import LLMEngine  # noqa: E402
 from resilient_moe.kvstore.checkpoint import KVCheckpointer  # noqa: E402
 from resilient_moe.kvstore.keys import commit_key  # noqa: E402
-from resilient_moe.kvstore.store import StoreLayout  # noqa: E402
+from resilient_moe import auth  # noqa: E402
+from resilient_moe.kvstore.store import StoreLayout, StoreServer  # noqa: E402
 from resilient_moe.model.tiny import TinySize, make_tiny_model  # noqa: E402
 
 # DeepSeek-V3's latent attention widths (its config.json).
@@ -126,7 +127,8 @@ def measure(model: Path, context: int, db) -> dict:
     layout = StoreLayout.for_deployment(cfg, 4 * (context + 256) * per_token + (1 << 20), 16, torch.float32, 2)
     fd = os.memfd_create("rmoe-bench-kv-store")
     os.ftruncate(fd, layout.nbytes)
-    address = f"memfd:{os.getpid()}:{fd}:{layout.nbytes}"
+    server = StoreServer(fd, layout.nbytes, f"@rmoe-bench-kv-{os.getpid()}")
+    address = server.address
     rng = random.Random(0)
     prompt = [rng.randrange(3, cfg.vocab_size) for _ in range(context)]
     params = SamplingParams(max_tokens=64, ignore_eos=True)
@@ -165,6 +167,7 @@ def measure(model: Path, context: int, db) -> dict:
         second.ckpt.stop()
         restored_bytes = second.ckpt.counters["restored_bytes"]
     finally:
+        server.close()
         os.close(fd)
     return {
         "kv_row_width": cfg.kv_row_width, "layers": cfg.num_layers, "kv_bytes_per_token_fp32": per_token,
@@ -183,6 +186,7 @@ def main() -> int:
     if args.context < 64 or args.layers < 1:
         parser.error("--context must be at least 64 and --layers at least 1")
     torch.set_num_threads(1)
+    auth.ensure_secret()  # the store hands its memory only to holders of a cluster secret
     results = {}
     with tempfile.TemporaryDirectory(prefix="rmoe-bench-mla-") as tmp, private_redis() as db:
         for name, model in build_models(Path(tmp), args.layers, args.context).items():

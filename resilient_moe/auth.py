@@ -19,7 +19,11 @@ recorded handshake cannot be replayed. Where the two sides talk in turns, `answe
 half of a mutual proof: the listener's HMAC over the prover's nonce.
 
 Refusals raise `AuthError` with the reason, and are counted in `REFUSED` (by purpose) so that every
-process can report them as a metric.
+process can report them as a metric; `log_refusal` logs them at most once per `LOG_INTERVAL_S` per
+purpose, so a peer retrying without the secret cannot flood a log.
+
+Derived keys. A service that takes a password rather than a proof (the private Redis) gets
+`derived_key(purpose)`: an HMAC of the secret, so the secret itself is never handed to it.
 """
 
 from __future__ import annotations
@@ -38,9 +42,11 @@ from resilient_moe.errors import ResilientMoeError
 SECRET_ENV = "RESILIENT_MOE_CLUSTER_SECRET"
 SECRET_BYTES = 32
 DEFAULT_WINDOW_S = 60.0  # how far a credential's clock may be from ours (nodes' clocks differ a little)
+LOG_INTERVAL_S = 10.0  # at most one refusal log line per purpose this often
 
 REFUSED: collections.Counter[str] = collections.Counter()  # refusals in this process, by purpose
 _refused_lock = threading.Lock()
+_last_logged: dict[str, tuple[float, int]] = {}  # purpose -> (when a refusal was last logged, REFUSED then)
 
 _secret: bytes | None = None
 
@@ -60,6 +66,12 @@ def install(secret: bytes | str) -> bytes:
     _secret = value
     os.environ[SECRET_ENV] = value.hex()
     return value
+
+
+def ensure_secret() -> bytes:
+    """The installed secret, or a new one installed now: what a launcher calls before it starts anything
+    (a process that launches several clusters, such as a test session, gives them all one secret)."""
+    return secret() if has_secret() else install(new_secret())
 
 
 def secret() -> bytes:
@@ -82,6 +94,11 @@ def forget() -> None:
     global _secret
     _secret = None
     os.environ.pop(SECRET_ENV, None)
+
+
+def derived_key(purpose: str) -> str:
+    """A key for `purpose` derived from the cluster secret (hex), e.g. the private Redis's password."""
+    return _mac(secret(), "derived", purpose)
 
 
 def _parse(value: bytes | str) -> bytes:
@@ -163,6 +180,26 @@ def refused(purpose: str) -> None:
         REFUSED[purpose] += 1
 
 
+def refusal_counts(prefix: str = "auth_refused_") -> dict[str, float]:
+    """REFUSED as a load/counter map (`auth_refused_link`: 3.0, ...), for heartbeats and snapshots."""
+    with _refused_lock:
+        return {f"{prefix}{purpose}": float(n) for purpose, n in REFUSED.items()}
+
+
+def log_refusal(logger, purpose: str, message: str) -> None:
+    """Log one refused peer (already counted), unless `purpose` was logged less than LOG_INTERVAL_S ago;
+    the next line says how many refusals went unlogged meanwhile."""
+    now = time.monotonic()
+    with _refused_lock:
+        last, count_then = _last_logged.get(purpose, (-LOG_INTERVAL_S, 0))
+        if now - last < LOG_INTERVAL_S:
+            return
+        count = REFUSED[purpose]
+        _last_logged[purpose] = (now, count)
+    unlogged = max(0, count - count_then - 1) if last >= 0 else 0
+    logger.warning("%s%s", message, f" ({unlogged} more {purpose} refusals since the last report)" if unlogged else "")
+
+
 class Verifier:
     """Checks credentials for one purpose; refuses stale, replayed and forged ones. Thread-safe."""
 
@@ -170,7 +207,10 @@ class Verifier:
         self.purpose = purpose
         self.window_s = window_s
         self._key = key
-        self._seen: dict[str, float] = {}  # nonce -> when it expires
+        # Nonces seen within the window, and when each may be forgotten, oldest first: pruning is O(1)
+        # per credential however many are remembered (a controller verifies every heartbeat).
+        self._seen: set[str] = set()
+        self._expiry: collections.deque[tuple[float, str]] = collections.deque()
         self._lock = threading.Lock()
 
     def verify(self, credential: Credential | None, context: str = "") -> None:
@@ -179,6 +219,25 @@ class Verifier:
         except AuthError:
             refused(self.purpose)
             raise
+
+    def verify_json(self, data: object, context: str = "") -> Credential:
+        """Parse a credential from a handshake's JSON (None: absent) and verify it; every failure counts."""
+        return self._parse_and_verify(Credential.from_json, data, context)
+
+    def verify_header(self, text: str | None, context: str = "") -> Credential:
+        """The same for a credential sent as a header value (gRPC metadata)."""
+        return self._parse_and_verify(Credential.from_header, text, context)
+
+    def _parse_and_verify(self, parse, raw: object, context: str) -> Credential:
+        if raw is None:
+            self.verify(None, context)
+        try:
+            credential = parse(raw)
+        except AuthError:
+            refused(self.purpose)
+            raise
+        self.verify(credential, context)
+        return credential
 
     def _verify(self, credential: Credential | None, context: str) -> None:
         if credential is None:
@@ -191,8 +250,9 @@ class Verifier:
         if not hmac.compare_digest(expected, credential.mac):
             raise AuthError(f"{self.purpose}: wrong credential (the peer does not hold the cluster secret)")
         with self._lock:
-            if len(self._seen) > 4096:
-                self._seen = {n: t for n, t in self._seen.items() if t > now}
-            if self._seen.get(credential.nonce, 0.0) > now:
+            while self._expiry and self._expiry[0][0] <= now:
+                self._seen.discard(self._expiry.popleft()[1])
+            if credential.nonce in self._seen:
                 raise AuthError(f"{self.purpose}: credential replayed")
-            self._seen[credential.nonce] = now + 2 * self.window_s
+            self._seen.add(credential.nonce)
+            self._expiry.append((now + 2 * self.window_s, credential.nonce))

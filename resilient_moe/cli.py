@@ -196,8 +196,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise CliError("give at least one --prompt TEXT or --prompt-ids 1,2,3")
     zygote = None
     if _wants_cluster(args):  # the fork server imports torch while this process does: start it first
+        from resilient_moe import auth
         from resilient_moe.launch.local import Zygote
 
+        auth.install(auth.new_secret())  # this cluster's secret, before anything of it starts
         zygote = Zygote()
     try:
         return _generate(args, zygote)
@@ -311,6 +313,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.drain_timeout is not None:
         deployment = dataclasses.replace(deployment, drain_timeout_s=args.drain_timeout)
     check_kernels(deployment.engine)
+    from resilient_moe import auth
+
+    auth.install(auth.new_secret())  # this cluster's secret, before anything of it starts
     stack = ServingStack(
         deployment, host=args.host, port=args.port, admin_token=args.admin_token,
         model_name=args.served_model_name, max_waiting=args.max_waiting_requests, redis_url=args.redis_url,

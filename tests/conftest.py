@@ -80,6 +80,12 @@ def tiny_model(tiny_models):
 
 def pytest_configure(config):
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # One cluster secret for the session, as a launcher would install it: links, gRPC and KV-store
+    # handshakes made in this process (and the zygote's workers, which inherit it) prove it.
+    from resilient_moe import auth
+
+    if not auth.has_secret():
+        auth.install(auth.new_secret())
 
 
 @pytest.fixture(scope="session")

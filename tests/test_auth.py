@@ -65,8 +65,17 @@ def test_mutual_answer(key):
 
 
 def test_install_exports_to_children_and_forget(monkeypatch):
+    session = auth.secret() if auth.has_secret() else None  # conftest's, for the tests after this one
     monkeypatch.delenv(auth.SECRET_ENV, raising=False)
     auth.forget()
+    try:
+        _install_and_forget()
+    finally:
+        if session is not None:
+            auth.install(session)
+
+
+def _install_and_forget():
     with pytest.raises(auth.AuthError, match="no cluster secret"):
         auth.secret()
     value = auth.install(auth.new_secret())
@@ -81,3 +90,33 @@ def test_install_exports_to_children_and_forget(monkeypatch):
     with pytest.raises(auth.AuthError, match="not hex"):
         auth.install("zz" * 20)
     auth.forget()
+
+
+def test_verifier_forgets_nonces_once_they_cannot_be_replayed(key, monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr(auth.time, "time", lambda: now[0])
+    verifier = auth.Verifier("grpc", window_s=5, key=key)
+    for i in range(100):
+        verifier.verify(auth.Credential.make("grpc", "/m", key=key), "/m")
+    assert len(verifier._seen) == 100
+    now[0] += 11  # past 2 windows: every one of them is stale now, so none needs remembering
+    verifier.verify(auth.Credential.make("grpc", "/m", key=key), "/m")
+    assert len(verifier._seen) == len(verifier._expiry) == 1
+
+
+def test_refusals_are_logged_at_most_once_per_interval(monkeypatch, caplog):
+    import logging
+
+    now = [5000.0]
+    monkeypatch.setattr(auth.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(auth, "_last_logged", {})
+    logger = logging.getLogger("test-auth")
+    with caplog.at_level(logging.WARNING, logger="test-auth"):
+        for _ in range(5):
+            auth.refused("probe")
+            auth.log_refusal(logger, "probe", "refused a probe")
+        assert caplog.text.count("refused a probe") == 1
+        now[0] += auth.LOG_INTERVAL_S
+        auth.refused("probe")
+        auth.log_refusal(logger, "probe", "refused a probe")
+    assert caplog.text.count("refused a probe") == 2 and "4 more probe refusals" in caplog.text

@@ -509,6 +509,76 @@ def test_handshake_refusals_and_slow_clients() -> None:
             lst.close()
 
 
+def _dial_in_thread(lst, poller: Poller, to: str = "") -> dict:
+    """Connect to `lst` from a thread while this one accepts; {"link": ...} or {"error": ...}, and "accepted"."""
+    out: dict = {}
+
+    def dial() -> None:
+        try:
+            out["link"] = connect(lst.address, me(), None, timeout=HANG, to=to)
+        except Exception as e:  # noqa: BLE001 (the test looks at what it was)
+            out["error"] = e
+
+    thread = threading.Thread(target=dial)
+    thread.start()
+    deadline = time.monotonic() + HANG
+    while thread.is_alive() and time.monotonic() < deadline:
+        select.select([lst.fileno()], [], [], 0.05)
+        link = lst.accept()
+        if link is not None:
+            out["accepted"] = link
+    thread.join(HANG)
+    return out
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_connector_without_the_secret_is_refused_and_counted(transport: str, monkeypatch) -> None:
+    from resilient_moe import auth
+    from resilient_moe.datapath import shm, tcp
+    from resilient_moe.datapath.link import link_context
+
+    other = auth.new_secret()
+    for module in (shm, tcp):
+        monkeypatch.setattr(module, "link_credential",
+                            lambda identity, to: auth.Credential.make("link", link_context(identity, to), key=other))
+    before = auth.REFUSED["link"]
+    with Poller() as poller:
+        with listen(addresses_for(transport)[0], PeerInfo("ew-1", 2 << 24, 1, os.getpid()), poller) as lst:
+            out = _dial_in_thread(lst, poller)
+    assert "accepted" not in out and "link" not in out
+    assert isinstance(out["error"], LinkClosed) and "authentication failed: link: wrong credential" in str(out["error"])
+    assert auth.REFUSED["link"] == before + 1
+
+
+def test_a_hello_meant_for_another_worker_is_refused() -> None:
+    from resilient_moe import auth
+
+    before = auth.REFUSED["link"]
+    with Poller() as poller:
+        with listen(addresses_for("shm")[0], PeerInfo("ew-1", 2 << 24, 1, os.getpid()), poller) as lst:
+            out = _dial_in_thread(lst, poller, to="ew-7")  # as a HELLO recorded on its way to ew-7 would be
+            assert "meant for 'ew-7'" in str(out["error"]) and auth.REFUSED["link"] == before + 1
+            out = _dial_in_thread(lst, poller, to="ew-1")
+            assert "link" in out and "accepted" in out
+            out["link"].close()
+            out["accepted"].close()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_listener_without_the_secret_is_dropped_by_the_connector(transport: str, monkeypatch) -> None:
+    from resilient_moe import auth
+    from resilient_moe.datapath.link import Listener
+
+    monkeypatch.setattr(Listener, "_authenticate", lambda self, conn, peer, body: "0" * 64)  # accepts anyone
+    with Poller() as poller:
+        with listen(addresses_for(transport)[0], PeerInfo("ew-1", 2 << 24, 1, os.getpid()), poller) as lst:
+            out = _dial_in_thread(lst, poller)
+            if "accepted" in out:
+                out["accepted"].close()
+    assert "link" not in out
+    assert isinstance(out["error"], auth.AuthError) and "did not prove the cluster secret" in str(out["error"])
+
+
 def test_poller_sleeps_and_wakes_on_a_frame_and_on_an_fd() -> None:
     """A link made without a poller (its own doorbell) joins one later; a sleeping wait wakes up."""
     with Poller() as pb:

@@ -2,7 +2,8 @@
 
 Registration retries until the controller answers (it may be starting, or restarting). Heartbeats
 and the cluster-state watch run on background threads and reconnect on their own; the datapath
-never waits for them (DESIGN.md: when the controller is down, serving continues).
+never waits for them (DESIGN.md: when the controller is down, serving continues). Every call
+proves the cluster secret (grpc_auth.py); a process without it gets UNAUTHENTICATED.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Callable
 
 import grpc
 
+from resilient_moe import auth
+from resilient_moe.controller.grpc_auth import authenticated_channel
 from resilient_moe.proto import controller_pb2 as pb
 from resilient_moe.proto import controller_pb2_grpc as pb_grpc
 
@@ -27,8 +30,9 @@ class ControllerClient:
     """A gRPC channel to the controller with the calls workers make."""
 
     def __init__(self, address: str) -> None:
+        auth.secret()  # without the cluster secret every call would be refused: fail here, saying why
         self.address = address
-        self.channel = grpc.insecure_channel(address)
+        self.channel = authenticated_channel(address)
         self.stub = pb_grpc.ControllerStub(self.channel)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -96,7 +100,8 @@ class ControllerClient:
         on_fenced: Callable[[], None],
         fill: Callable[[pb.HeartbeatRequest], Callable[[pb.HeartbeatReply], None] | None] | None = None,
     ) -> None:
-        """Send heartbeats every `interval_s` on a daemon thread; call `on_fenced` once if fenced.
+        """Send heartbeats every `interval_s` on a daemon thread; call `on_fenced` once if fenced. The
+        load map also carries this process's authentication refusals (`auth_refused_<purpose>`).
         `fill` adds what an expert worker reports (expert token counts, the experts it holds) to each
         request and returns what to call with the reply once it arrives (None: nothing)."""
 
@@ -104,7 +109,8 @@ class ControllerClient:
             fenced_reported = False
             while not self._stop.wait(interval_s):
                 try:
-                    request = pb.HeartbeatRequest(name=name, incarnation=incarnation, load=load())
+                    request = pb.HeartbeatRequest(name=name, incarnation=incarnation,
+                                                  load={**load(), **auth.refusal_counts()})
                     on_reply = fill(request) if fill is not None else None
                     reply = self.stub.Heartbeat(request, timeout=RPC_TIMEOUT_S)
                 except grpc.RpcError:

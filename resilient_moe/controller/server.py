@@ -17,7 +17,9 @@ from concurrent import futures
 
 import grpc
 
+from resilient_moe import auth
 from resilient_moe.config import ModelConfig, WorkerConfig
+from resilient_moe.controller.grpc_auth import ServerAuth
 from resilient_moe.controller.state import ClusterModel, ControllerSettings, ModelShape, Order, WorkerRecord
 from resilient_moe.controller.view import state_to_pb
 from resilient_moe.datapath.faults import LinkFault
@@ -83,7 +85,7 @@ class ControllerService(pb_grpc.ControllerServicer):
             orders=[order_to_pb(o) for o in sorted(m.orders.values(), key=lambda o: o.id)],
             desired=pb.Roster(attention_workers=m.desired.attention_workers, expert_workers=m.desired.expert_workers),
             expert_load=[pb.ExpertCount(layer=l, expert=e, tokens=v) for (l, e), v in sorted(m.load.items())],
-            counters={k: float(v) for k, v in m.counters.items()},
+            counters={**{k: float(v) for k, v in m.counters.items()}, **auth.refusal_counts()},
             placement_policy=m.settings.shadow_policy,
             rebalancing=m.rebalancing,
         )
@@ -290,7 +292,9 @@ def serve(config: WorkerConfig, ready: threading.Event | None = None) -> None:
             log.warning("recovered the state of a previous controller: %d workers, routing epoch %d, %d outstanding "
                         "orders (sent again)", len(model.workers), model.epoch, len(model.orders))
     service = ControllerService(model, config.cluster_id, dep.heartbeat_interval_s)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="controller"))
+    auth.secret()  # fails now, naming the problem, rather than refusing every call
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="controller"),
+                         interceptors=[ServerAuth()])
     pb_grpc.add_ControllerServicer_to_server(service, server)
     if server.add_insecure_port(config.controller_address) == 0:
         raise RuntimeError(f"controller cannot bind {config.controller_address}")

@@ -205,7 +205,7 @@ class Forwarder:
     def _open(self, name: str, address: str, incarnation: int) -> Link:
         """A link to `name` at `address`, checked to be `incarnation` (no poller yet: any thread)."""
         options = {"ring_size": self.ring_bytes} if address.startswith("shm:") else {}
-        link = connect(address, self.identity, None, **options)
+        link = connect(address, self.identity, None, to=name, **options)
         if link.peer.incarnation != incarnation:
             link.close()
             raise ConnectionError(f"{address} answered as {link.peer.name} incarnation {link.peer.incarnation}, "

@@ -15,8 +15,19 @@ Unix socket name; `shm:/path` for a socket file) or `tcp:127.0.0.1:5555` (port 0
 listener's `address` says which). The connector sends HELLO and the listener answers HELLO_ACK,
 both frames with a JSON body:
 
-    HELLO      {"protocol": 1, "transport": "shm"|"tcp", "peer": PeerInfo, "ring_size": n (shm)}
-    HELLO_ACK  {"protocol": 1, "peer": PeerInfo}   (ERROR flag: the body is the reason, UTF-8)
+    HELLO      {"protocol": 1, "transport": "shm"|"tcp", "peer": PeerInfo, "ring_size": n (shm),
+                "to": listener name or "", "auth": Credential}
+    HELLO_ACK  {"protocol": 1, "peer": PeerInfo, "auth_answer": str}
+               (ERROR flag: the body is the reason, UTF-8)
+
+Authentication (DESIGN.md: every connection proves the cluster secret). "auth" is an
+`auth.Credential` for purpose "link", bound to the connector's name and incarnation and to "to", the
+worker the connector means to reach (`connect(..., to=name)`; a listener refuses a HELLO meant for
+another name, so a HELLO recorded on the wire cannot be replayed to another worker); each listener
+checks it with its own `auth.Verifier` (so it cannot be replayed to the same one) and refuses a
+connector without the secret with an ERROR HELLO_ACK "authentication failed: ...", logged
+(rate-limited) and counted in `auth.REFUSED["link"]`. "auth_answer" is the listener's half of the
+mutual proof (`auth.answer`): the connector drops a listener that cannot give it.
 
 The shm HELLO also carries, as SCM_RIGHTS, the memfd holding both rings and the connector's
 doorbell eventfd; the HELLO_ACK carries the listener's doorbell. After the handshake both ends know
@@ -37,6 +48,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from resilient_moe import auth
 from resilient_moe.datapath.frames import Frame, FrameFlags, FrameHeader, FrameKind, decode, encode
 
 if TYPE_CHECKING:
@@ -224,6 +236,7 @@ class Listener(abc.ABC):
         self._epoll.register(sock.fileno(), select.EPOLLIN)
         self._pending: dict[int, tuple[socket.socket, float, object]] = {}  # fd -> (sock, deadline, state)
         self._closed = False
+        self._verifier = auth.Verifier(LINK_PURPOSE)
 
     def fileno(self) -> int:
         """Readable when accept() can make progress (a new connection or handshake data)."""
@@ -268,6 +281,10 @@ class Listener(abc.ABC):
         conn, _, state = entry
         try:
             link = self._handshake(conn, state)
+        except auth.AuthError as e:
+            auth.log_refusal(log, LINK_PURPOSE, f"listener {self.address}: refused a link: {e}")
+            self._drop(fd)
+            return None
         except Exception as e:  # whatever a peer sends, the owner's loop goes on
             log.error("listener %s: handshake failed: %s: %s", self.address, type(e).__name__, e)
             self._drop(fd)
@@ -307,6 +324,23 @@ class Listener(abc.ABC):
         self._discard(state)
         conn.close()
 
+    def _authenticate(self, conn: socket.socket, peer: PeerInfo, body: dict) -> str:
+        """Check the connector's proof in its HELLO; the answer its HELLO_ACK carries. Raises AuthError
+        (counted) after telling the connector why, with a refusal frame."""
+        to = body.get("to", "")
+        try:
+            if not isinstance(to, str) or to not in ("", self.identity.name):
+                auth.refused(LINK_PURPOSE)
+                raise auth.AuthError(f"link: the HELLO is meant for {to!r}, this is {self.identity.name!r}")
+            credential = self._verifier.verify_json(body.get("auth"), link_context(peer, to))
+        except auth.AuthError as e:
+            try:
+                conn.send(bytes(refusal_frame(self.identity, f"authentication failed: {e}")))
+            except OSError:
+                pass
+            raise auth.AuthError(f"{peer.name} (pid {peer.pid}): {e}") from None
+        return auth.answer(credential, LINK_PURPOSE, link_context(peer, to))
+
     def _new_state(self) -> object:
         """Per-connection handshake state (e.g. a partial-frame reader)."""
         return None
@@ -321,6 +355,27 @@ class Listener(abc.ABC):
     def _handshake(self, conn: socket.socket, state: object) -> Link | None:
         """Advance one connection's handshake: the Link once it completes, None while it waits.
         Raises when it fails; accept() logs why and drops the connection."""
+
+
+LINK_PURPOSE = "link"
+
+
+def link_context(peer: PeerInfo, to: str) -> str:
+    """What a link credential is bound to: the connector as it introduces itself, and whom it dials."""
+    return f"{peer.name}/{peer.incarnation}>{to}"
+
+
+def link_credential(identity: PeerInfo, to: str) -> auth.Credential:
+    """The connector's proof for its HELLO (`"to": to, "auth": credential.to_json()`)."""
+    return auth.Credential.make(LINK_PURPOSE, link_context(identity, to))
+
+
+def check_listener(credential: auth.Credential, identity: PeerInfo, to: str, body: dict, listener: str) -> None:
+    """The connector's check of the HELLO_ACK's answer: the listener holds the secret too."""
+    try:
+        auth.check_answer(credential, body.get("auth_answer"), LINK_PURPOSE, link_context(identity, to))
+    except auth.AuthError as e:
+        raise auth.AuthError(f"listener {listener}: {e}") from None
 
 
 def hello_frame(kind: FrameKind, identity: PeerInfo, **extra) -> bytearray:
@@ -362,10 +417,11 @@ def split_address(address: str) -> tuple[str, str]:
 
 
 def connect(address: str, identity: PeerInfo, poller: Poller | None = None, *,
-            timeout: float = DEFAULT_HANDSHAKE_TIMEOUT, **options) -> Link:
+            timeout: float = DEFAULT_HANDSHAKE_TIMEOUT, to: str = "", **options) -> Link:
     """Open a link to the listener at `address`, blocking at most `timeout` for the handshake.
 
-    The link is added to `poller` (whose doorbell the peer will ring). Options: shm `ring_size`
+    The link is added to `poller` (whose doorbell the peer will ring). `to`: the name of the worker
+    expected at `address`, which the credential is bound to (see the module docstring). Options: shm `ring_size`
     (bytes per direction) and `spin_us` (spin before sleeping while the ring is full); tcp
     `max_frame`.
     """
@@ -373,10 +429,10 @@ def connect(address: str, identity: PeerInfo, poller: Poller | None = None, *,
     if scheme == "shm":
         from resilient_moe.datapath.shm import connect_shm
 
-        return connect_shm(rest, identity, poller, timeout=timeout, **options)
+        return connect_shm(rest, identity, poller, timeout=timeout, to=to, **options)
     from resilient_moe.datapath.tcp import connect_tcp
 
-    return connect_tcp(rest, identity, poller, timeout=timeout, **options)
+    return connect_tcp(rest, identity, poller, timeout=timeout, to=to, **options)
 
 
 def listen(address: str, identity: PeerInfo, poller: Poller | None = None, **options) -> Listener:

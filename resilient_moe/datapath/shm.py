@@ -34,7 +34,9 @@ from resilient_moe.datapath.link import (
     LinkTimeout,
     Listener,
     PeerInfo,
+    check_listener,
     hello_frame,
+    link_credential,
     parse_hello,
     refusal_frame,
 )
@@ -300,6 +302,7 @@ def connect_shm(
     poller: Poller | None = None,
     *,
     timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+    to: str = "",
     ring_size: int = DEFAULT_RING_SIZE,
     spin_us: float = DEFAULT_SEND_SPIN_US,
 ) -> ShmLink:
@@ -312,7 +315,9 @@ def connect_shm(
         sock.connect(_unix_address(name))
         segment = _native.shm_segment(ring_size)
         doorbell, private = _doorbell_for(poller)
-        hello = hello_frame(FrameKind.HELLO, identity, transport="shm", ring_size=ring_size)
+        credential = link_credential(identity, to)
+        hello = hello_frame(FrameKind.HELLO, identity, transport="shm", ring_size=ring_size, to=to,
+                            auth=credential.to_json())
         socket.send_fds(sock, [hello], [segment, doorbell])
         data, fds, _, _ = socket.recv_fds(sock, 1 << 16, 1, socket.MSG_CMSG_CLOEXEC)
         peer_doorbell = fds[0] if fds else None
@@ -320,7 +325,8 @@ def connect_shm(
             os.close(extra)
         if not data:
             raise LinkClosed(f"listener {name} closed the connection during the handshake")
-        peer, _ = parse_hello(data, FrameKind.HELLO_ACK)
+        peer, body = parse_hello(data, FrameKind.HELLO_ACK)
+        check_listener(credential, identity, to, body, name)
         if peer_doorbell is None:
             raise ValueError("HELLO_ACK carried no doorbell fd")
         sock.setblocking(False)
@@ -375,6 +381,7 @@ class ShmListener(Listener):
             if not data:
                 raise LinkClosed("peer hung up during the handshake")
             peer, body = parse_hello(data, FrameKind.HELLO)
+            proof = self._authenticate(conn, peer, body)
             ring_size = body.get("ring_size")
             if body.get("transport") != "shm" or len(fds) != 2:
                 raise ValueError(f"HELLO from {peer.name} is not a shm HELLO with 2 fds ({len(fds)} fds)")
@@ -387,7 +394,7 @@ class ShmListener(Listener):
             link = ShmLink(conn, self.identity, peer, segment, ring_size, 1, peer_doorbell, self.poller, private,
                            self.spin_us)
             fds, private = [segment], None  # the link owns the doorbells now
-            socket.send_fds(conn, [hello_frame(FrameKind.HELLO_ACK, self.identity)], [doorbell])
+            socket.send_fds(conn, [hello_frame(FrameKind.HELLO_ACK, self.identity, auth_answer=proof)], [doorbell])
             return link
         except BaseException:
             if link is not None:

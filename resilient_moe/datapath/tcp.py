@@ -42,7 +42,9 @@ from resilient_moe.datapath.link import (
     LinkTimeout,
     Listener,
     PeerInfo,
+    check_listener,
     hello_frame,
+    link_credential,
     parse_hello,
 )
 
@@ -440,6 +442,7 @@ def connect_tcp(
     poller: Poller | None = None,
     *,
     timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+    to: str = "",
     max_frame: int = DEFAULT_MAX_FRAME,
 ) -> TcpLink:
     """Connect to the TcpListener at 'host:port'; see link.connect."""
@@ -448,10 +451,13 @@ def connect_tcp(
     sock = socket.create_connection((host, port), timeout=timeout)
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.sendall(hello_frame(FrameKind.HELLO, identity, transport="tcp", max_frame=max_frame))
+        credential = link_credential(identity, to)
+        sock.sendall(hello_frame(FrameKind.HELLO, identity, transport="tcp", max_frame=max_frame, to=to,
+                                 auth=credential.to_json()))
         sock.setblocking(False)
         reader = FrameReader(max_frame)
         peer, body = parse_hello(_blocking_read_frame(sock, reader, deadline), FrameKind.HELLO_ACK)
+        check_listener(credential, identity, to, body, rest)
         link = TcpLink(sock, identity, peer, reader, _peer_max_frame(body))
     except BaseException:
         sock.close()
@@ -507,8 +513,9 @@ class TcpListener(Listener):
         else:
             return None
         peer, body = parse_hello(frame, FrameKind.HELLO)
+        proof = self._authenticate(conn, peer, body)
         if body.get("transport") != "tcp":
             raise ValueError(f"HELLO from {peer.name} is not a tcp HELLO")
         conn.settimeout(self.handshake_timeout)
-        conn.sendall(hello_frame(FrameKind.HELLO_ACK, self.identity, max_frame=self.max_frame))
+        conn.sendall(hello_frame(FrameKind.HELLO_ACK, self.identity, max_frame=self.max_frame, auth_answer=proof))
         return TcpLink(conn, self.identity, peer, reader, _peer_max_frame(body))

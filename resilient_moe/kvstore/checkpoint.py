@@ -347,7 +347,7 @@ class KVCheckpointer:
             self._mapping = None
         self._mapped_store = self._ready_store = 0
         try:
-            mapping = map_store(item.address)
+            mapping = map_store(item.address, who=f"{self.owner}/{self.incarnation}")
             owners, stamps, rows = self.layout.views(mapping)
         except (OSError, ValueError) as e:
             log.warning("cannot map the KV store at %s (%s): not checkpointing until a store can be used",

@@ -1,10 +1,11 @@
 """The KV checkpoint store's memory: its layout, its ownership words, and how attention workers map it.
 
 The store process (workers/kv_store.py) creates one anonymous shared-memory file (memfd: it vanishes
-with the last process that maps it, so nothing can leak in /dev/shm) and publishes where to find it
-through the controller as `memfd:{pid}:{fd}:{bytes}`. Attention workers map it and write into it
-directly: one-sided, no request to the store process per write. The layout is a pure function of the
-model and the deployment, so every worker computes the same one:
+with the last process that maps it, so nothing can leak in /dev/shm) and hands it out through a
+`StoreServer`, whose address it publishes through the controller: `memfd:@{socket}:{bytes}`, an
+abstract Unix socket name and the memory's size. Attention workers get the fd there (`map_store`),
+map it and write into it directly: one-sided, no request to the store process per write. The layout
+is a pure function of the model and the deployment, so every worker computes the same one:
 
     offset 0                 owners  uint64 [attention_workers]  incarnation owning each region (0: none)
     OWNERS_BYTES aligned     stamps  uint64 [num_blocks, 2]     (writer incarnation, generation) per block
@@ -18,21 +19,42 @@ wakes up sees its successor's incarnation and stops); each block's stamp is set 
 odd generation) before its rows are written and to the next even generation after, and a restore
 accepts a block only if the stamp equals what the commit record names, before and after its copy.
 So a late write by a fenced worker into a block its successor reused is always detected.
+
+Handing the fd over proves the cluster secret both ways (DESIGN.md: every KV-store connection is
+authenticated), on a SOCK_SEQPACKET connection, one message each way:
+
+    request  {"who": name, "auth": Credential("kv-store", context=who)}           (JSON)
+    reply    {"auth_answer": auth.answer(...)} + the memfd as SCM_RIGHTS           (JSON)
+             or {"error": "authentication failed: ..."} and no fd
+
+A requester without the secret gets no fd (counted in `auth.REFUSED["kv-store"]`, logged
+rate-limited); a requester checks the answer before it maps anything.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import mmap
 import os
+import socket
+import threading
 from dataclasses import dataclass
 
 import torch
 
+from resilient_moe import auth
 from resilient_moe.config import ModelConfig, WorkerConfig
 from resilient_moe.errors import ConfigError
 from resilient_moe.model.checkpoint import torch_dtype
 
+log = logging.getLogger(__name__)
+
 _PAGE = 4096
+PURPOSE = "kv-store"
+HANDOFF_TIMEOUT_S = 5.0  # a requester waits this long for the store's answer
+REQUEST_TIMEOUT_S = 1.0  # the store waits this long for a request (one silent peer holds up the others)
+_MAX_MESSAGE = 1 << 14
 
 
 @dataclass(frozen=True)
@@ -95,22 +117,120 @@ def _header_bytes(attention_workers: int, num_blocks: int) -> int:
     return -(-(_owners_bytes(attention_workers) + 16 * max(0, num_blocks)) // _PAGE) * _PAGE
 
 
-def parse_address(address: str) -> tuple[int, int, int]:
-    """`memfd:{pid}:{fd}:{bytes}` -> (pid, fd, bytes); ValueError naming the problem otherwise."""
-    parts = address.split(":")
-    if len(parts) != 4 or parts[0] != "memfd" or not all(p.isdigit() for p in parts[1:]):
-        raise ValueError(f"not a KV store address (memfd:PID:FD:BYTES): {address!r}")
-    return int(parts[1]), int(parts[2]), int(parts[3])
+def parse_address(address: str) -> tuple[str, int]:
+    """`memfd:@{socket}:{bytes}` -> ('@socket', bytes); ValueError naming the problem otherwise."""
+    scheme, _, rest = address.partition(":")
+    name, _, size = rest.rpartition(":")
+    if scheme != "memfd" or not name.startswith("@") or len(name) < 2 or not size.isdigit():
+        raise ValueError(f"not a KV store address (memfd:@SOCKET:BYTES): {address!r}")
+    return name, int(size)
 
 
-def map_store(address: str) -> mmap.mmap:
-    """Map a store published at `address` (same host, same user)."""
-    pid, fd, size = parse_address(address)
-    path = f"/proc/{pid}/fd/{fd}"
-    handle = os.open(path, os.O_RDWR)
+def _abstract(name: str) -> str:
+    return "\0" + name[1:]
+
+
+class StoreServer:
+    """Hands the store's memfd to requesters that prove the cluster secret (see the module docstring),
+    on an abstract Unix socket, from a daemon thread. `address` is what the store publishes."""
+
+    def __init__(self, fd: int, nbytes: int, name: str) -> None:
+        if not name.startswith("@"):
+            raise ValueError(f"KV store socket name must be abstract ('@name'), got {name!r}")
+        self.fd = fd
+        self.address = f"memfd:{name}:{nbytes}"
+        self._verifier = auth.Verifier(PURPOSE)
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            self._sock.bind(_abstract(name))
+            self._sock.listen(64)
+            self._sock.settimeout(0.5)  # how often the thread looks at `_stop`
+        except BaseException:
+            self._sock.close()
+            raise
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="kv-store-handoff", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except (TimeoutError, socket.timeout):
+                continue
+            except OSError:
+                return  # closed
+            with conn:
+                try:
+                    conn.settimeout(REQUEST_TIMEOUT_S)
+                    self._hand_over(conn)
+                except Exception as e:  # whatever a requester does, the store goes on
+                    log.warning("KV store hand-over failed: %s: %s", type(e).__name__, e)
+
+    def _hand_over(self, conn: socket.socket) -> None:
+        data = conn.recv(_MAX_MESSAGE)
+        try:
+            request = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            request = None
+        who = request.get("who") if isinstance(request, dict) else None
+        who = who if isinstance(who, str) else ""
+        try:
+            credential = self._verifier.verify_json(request.get("auth") if isinstance(request, dict) else None, who)
+        except auth.AuthError as e:
+            auth.log_refusal(log, PURPOSE, f"refused the KV store to {who or 'an unnamed requester'}: {e}")
+            conn.send(json.dumps({"error": f"authentication failed: {e}"}).encode())
+            return
+        reply = json.dumps({"auth_answer": auth.answer(credential, PURPOSE, who)}).encode()
+        socket.send_fds(conn, [reply], [self.fd])
+
+    def close(self) -> None:
+        self._stop.set()
+        self._sock.close()
+        self._thread.join(2)
+
+    def __enter__(self) -> "StoreServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def fetch_store_fd(address: str, who: str, timeout_s: float = HANDOFF_TIMEOUT_S) -> tuple[int, int]:
+    """(fd, bytes) of the store at `address`, after both sides proved the cluster secret. Raises
+    AuthError (this process lacks the secret, or the store does), OSError or ValueError naming the problem."""
+    name, size = parse_address(address)
+    credential = auth.Credential.make(PURPOSE, who)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as sock:
+        sock.settimeout(timeout_s)
+        sock.connect(_abstract(name))
+        sock.send(json.dumps({"who": who, "auth": credential.to_json()}).encode())
+        data, fds, _, _ = socket.recv_fds(sock, _MAX_MESSAGE, 1, socket.MSG_CMSG_CLOEXEC)
+    try:
+        try:
+            reply = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            reply = None
+        if not isinstance(reply, dict):
+            raise ValueError(f"KV store at {address} sent no valid reply ({len(data)} bytes)")
+        if "error" in reply:
+            raise auth.AuthError(f"KV store at {address} refused: {reply['error']}")
+        auth.check_answer(credential, reply.get("auth_answer"), PURPOSE, who)
+        if len(fds) != 1:
+            raise ValueError(f"KV store at {address} sent {len(fds)} fds, expected 1")
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return fds[0], size
+
+
+def map_store(address: str, who: str = "") -> mmap.mmap:
+    """Map the store published at `address` (same host), fetched from its StoreServer."""
+    handle, size = fetch_store_fd(address, who or f"pid-{os.getpid()}")
     try:
         if os.fstat(handle).st_size < size:
-            raise ValueError(f"{path} is smaller than the {size} bytes the store announced")
+            raise ValueError(f"the KV store at {address} is smaller than the {size} bytes it announced")
         return mmap.mmap(handle, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
     finally:
         os.close(handle)

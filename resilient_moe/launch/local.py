@@ -5,6 +5,11 @@ reports ready (the controller's view), and tears everything down: SIGTERM, a gra
 Lifetimes are chained by parent-death signals (launcher -> zygote -> workers) and the zygote leads a
 process group of its own, so even a launcher killed with SIGKILL leaves no process behind. Datapath
 shared memory is memfd-based (no names in /dev/shm), so nothing is left there either.
+
+Authentication (DESIGN.md: every connection proves the cluster secret). `start` installs the cluster
+secret in this process (`auth.ensure_secret`: a new one unless the process already holds one) before
+anything starts; each spawn request gives it to the zygote over their socketpair, and the forked
+worker installs it. It is never on a command line.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from resilient_moe import auth
 from resilient_moe.config import DeploymentConfig, WorkerConfig
 from resilient_moe.controller.client import ControllerClient
 from resilient_moe.launch.cpus import cpu_plan
@@ -106,7 +112,7 @@ class Zygote:
             self._spawned.pop(name, None)
         with self._lock:
             self._out.write(json.dumps({"op": "spawn", "name": name, "role": role, "config": config.to_json(),
-                                        "log": log_path, "cold": cold}) + "\n")
+                                        "log": log_path, "cold": cold, "secret": auth.secret().hex()}) + "\n")
             self._out.flush()
         with self._spawn_cond:
             if not self._spawn_cond.wait_for(lambda: name in self._spawned, timeout_s):
@@ -177,6 +183,7 @@ class LocalCluster:
         self.client: ControllerClient | None = None
         self.redis: subprocess.Popen | None = None
         self._redis_args: list[str] = []
+        self._redis_config = b""  # redis-server's configuration, given on its stdin
         self._redis_dir: tempfile.TemporaryDirectory | None = None
 
     # ---- start ------------------------------------------------------------------------------
@@ -186,17 +193,23 @@ class LocalCluster:
         return self.deployment.resilience and self.deployment.kv_checkpoint
 
     def start_redis(self, timeout_s: float = 10.0) -> str:
-        """Start a private redis-server, and a thread that starts it again if it dies; returns its URL."""
+        """Start a private redis-server, and a thread that starts it again if it dies; returns its URL.
+        It requires a password derived from the cluster secret (`auth.derived_key("redis")`), which the
+        URL carries to every client; the server reads it with the rest of its configuration from stdin,
+        so it is on no command line."""
         binary = shutil.which("redis-server")
         if binary is None:
             raise ClusterError("redis-server is not installed (apt-get install redis-server), and no redis_url "
                                "was given; or set kv_checkpoint: false")
         self._redis_dir = tempfile.TemporaryDirectory(prefix=f"rmoe-{self.cluster_id}-redis-")
         sock = os.path.join(self._redis_dir.name, "redis.sock")
-        self._redis_args = [binary, "--port", "0", "--unixsocket", sock, "--unixsocketperm", "700", "--save", "",
-                            "--appendonly", "no", "--dir", self._redis_dir.name,
-                            "--logfile", str(self.log_dir / "redis.log")]
-        url = f"unix://{sock}"
+        password = auth.derived_key("redis")
+        self._redis_args = [binary, "-"]  # "-": the configuration comes from stdin
+        self._redis_config = "\n".join([
+            "port 0", f"unixsocket {sock}", "unixsocketperm 700", 'save ""', "appendonly no",
+            f"dir {self._redis_dir.name}", f"logfile {self.log_dir / 'redis.log'}", f"requirepass {password}", "",
+        ]).encode()
+        url = f"unix://:{password}@{sock}"
         self._launch_redis(url, timeout_s)
         threading.Thread(target=self._watch_redis, args=(url,), name="redis-watch", daemon=True).start()
         return url
@@ -204,8 +217,13 @@ class LocalCluster:
     def _launch_redis(self, url: str, timeout_s: float) -> None:
         import redis
 
-        self.redis = subprocess.Popen(self._redis_args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        self.redis = subprocess.Popen(self._redis_args, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                       stderr=subprocess.DEVNULL, preexec_fn=_die_with_launcher)
+        try:
+            self.redis.stdin.write(self._redis_config)
+            self.redis.stdin.close()
+        except OSError:
+            pass  # it exited at once: the wait below says so
         self.pids["redis"] = self.redis.pid
         client = redis.Redis.from_url(url, socket_timeout=0.5)
         deadline = time.monotonic() + timeout_s
@@ -459,6 +477,7 @@ class LocalCluster:
             raise ClusterError(f"cluster {self.cluster_id} is already started")
         dep = self.deployment
         deadline = time.monotonic() + dep.startup_timeout_s
+        auth.ensure_secret()
         try:
             if self.zygote is None:
                 self.zygote = Zygote()

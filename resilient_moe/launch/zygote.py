@@ -6,7 +6,7 @@ after a failure) starts in milliseconds plus weight loading. It never runs torch
 gRPC itself, so forking it is safe.
 
 Protocol: JSON lines over a socketpair with the launcher.
-    launcher -> zygote  {"op": "spawn", "name", "role", "config", "log", "cold"} | {"op": "shutdown"}
+    launcher -> zygote  {"op": "spawn", "name", "role", "config", "log", "cold", "secret"} | {"op": "shutdown"}
     zygote -> launcher  {"op": "hello", "pid"} | {"op": "spawned", "name", "pid"} |
                         {"op": "exited", "name", "pid", "code"}
 Lifetime: the zygote dies with the launcher (parent-death signal) and every worker dies with the
@@ -14,6 +14,11 @@ zygote, so a launcher killed with SIGKILL leaves nothing behind.
 
 A "cold" spawn execs a fresh interpreter in the forked child (parent-death signal kept), paying the
 imports again: what a restart-everything system pays on every restart, used by that baseline.
+
+Nothing secret or large goes on a command line (any local user can read /proc/PID/cmdline): the
+cluster secret ("secret", hex) reaches the child through the socketpair and `auth.install`, which
+exports it in the environment a cold child inherits; a cold child reads its WorkerConfig JSON from an
+inherited memfd whose number is all its command line says (`--cold ROLE --config-fd N`).
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ def _role_mains() -> dict:
 
 
 def _run_child(role_main, config_json: str, log_path: str, zygote_pid: int, sock: socket.socket,
-               cold_role: str = "") -> None:
+               cold_role: str = "", secret: str = "") -> None:
     """In the forked child: become the worker. Never returns."""
     code = 1
     try:
@@ -63,9 +68,14 @@ def _run_child(role_main, config_json: str, log_path: str, zygote_pid: int, sock
             os.dup2(fd, 1)
             os.dup2(fd, 2)
             os.close(fd)
+        if secret:
+            from resilient_moe import auth
+
+            auth.install(secret)
         if cold_role:
+            config_fd = _config_memfd(config_json)
             os.execv(sys.executable, [sys.executable, "-m", "resilient_moe.launch.zygote", "--cold", cold_role,
-                                      config_json])
+                                      "--config-fd", str(config_fd)])
         from resilient_moe.config import WorkerConfig
 
         code = role_main(WorkerConfig.from_json(config_json)) or 0
@@ -80,6 +90,24 @@ def _run_child(role_main, config_json: str, log_path: str, zygote_pid: int, sock
             sys.stderr.flush()
         finally:
             os._exit(code)
+
+
+def _config_memfd(config_json: str) -> int:
+    """An inheritable memfd holding the config, read from the start (no size limit, unlike a pipe
+    that must be drained while it is written)."""
+    fd = os.memfd_create("rmoe-worker-config", 0)  # no MFD_CLOEXEC: the exec'd interpreter inherits it
+    data = config_json.encode()
+    for _ in range(len(data) + 1):
+        if not data:
+            break
+        data = data[os.write(fd, data):]
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
+
+def _read_config_fd(fd: int) -> str:
+    with os.fdopen(fd, "rb") as f:
+        return f.read().decode()
 
 
 def serve(sock: socket.socket, launcher_pid: int) -> None:
@@ -137,7 +165,7 @@ def serve(sock: socket.socket, launcher_pid: int) -> None:
             pid = os.fork()
             if pid == 0:
                 _run_child(mains[request["role"]], request["config"], request.get("log", ""), zygote_pid, sock,
-                           cold_role=request["role"] if request.get("cold") else "")
+                           cold_role=request["role"] if request.get("cold") else "", secret=request.get("secret", ""))
             children[pid] = request["name"]
             send({"op": "spawned", "name": request["name"], "pid": pid})
     for pid in list(children):
@@ -160,7 +188,9 @@ def _cold_main(role: str, config_json: str) -> int:
 
 def main() -> None:
     if sys.argv[1] == "--cold":
-        sys.exit(_cold_main(sys.argv[2], sys.argv[3]))
+        if len(sys.argv) != 5 or sys.argv[3] != "--config-fd" or not sys.argv[4].isdigit():
+            sys.exit("usage: python -m resilient_moe.launch.zygote --cold ROLE --config-fd FD")
+        sys.exit(_cold_main(sys.argv[2], _read_config_fd(int(sys.argv[4]))))
     fd = int(sys.argv[1])
     launcher_pid = int(sys.argv[2])
     die_with_parent(launcher_pid)

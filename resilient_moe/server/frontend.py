@@ -332,7 +332,7 @@ class Frontend:
                     if current is not None:  # the fence itself may not have been seen (states coalesce)
                         self._lost(w.name, f"replaced by incarnation {w.incarnation}", report=False)
                     try:
-                        link = connect(w.data_address, self.identity, self.poller)
+                        link = connect(w.data_address, self.identity, self.poller, to=w.name)
                         self.links[w.name] = _AttentionLink(w.incarnation, Outbox(link))
                     except (OSError, ConnectionError) as e:
                         log.warning("cannot reach %s: %s", w.name, e)

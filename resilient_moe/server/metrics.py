@@ -18,6 +18,10 @@ The controller's reconcile loop: the decayed load per expert (`expert_load_token
 placement plans from), the imbalance between expert workers (max over mean of their measured rows per
 second), the desired roster, and its counters: rebalances (placement switches), scale events, drains,
 and orders to the launcher issued, completed, resumed by a restarted controller, or expired.
+
+Authentication: `auth_refused_total{process, purpose}` counts peers refused for not proving the
+cluster secret, in this (frontend) process, the controller (its snapshot's counters) and every
+worker (its heartbeat's load map).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from collections import deque
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from resilient_moe import auth
 from resilient_moe.controller.state import WorkerState
 from resilient_moe.controller.view import ROLES, state_to_pb
 from resilient_moe.proto import controller_pb2 as pb
@@ -276,6 +281,7 @@ class ClusterCollector:
             for name, value in sorted(expert_rows.items()):
                 load.add_metric([name], value)
         metrics += self._controller_metrics(state, expert_rows)
+        metrics.append(self._auth_metrics(state))
         metrics += [
             GaugeMetricFamily(f"{ns}_ert_epoch", "Epoch of the expert routing table.", value=epoch),
             GaugeMetricFamily(f"{ns}_shadow_experts_active",
@@ -289,6 +295,22 @@ class ClusterCollector:
         ]
         return metrics
 
+
+    @staticmethod
+    def _auth_metrics(state: pb.ClusterState | None) -> Metric:
+        refused = CounterMetricFamily(f"{NAMESPACE}_auth_refused", "Peers refused for not proving the cluster "
+                                      "secret, by the process that refused them and the kind of connection "
+                                      "(link, grpc, kv-store).", labels=["process", "purpose"])
+        prefix = "auth_refused_"
+        sources = [("frontend", auth.refusal_counts(prefix))]
+        if state is not None:
+            sources.append(("controller", dict(state.counters)))
+            sources += [(w.name, dict(w.load)) for w in state.workers]
+        for process, counts in sources:
+            for key, value in sorted(counts.items()):
+                if key.startswith(prefix):
+                    refused.add_metric([process, key[len(prefix):]], value)
+        return refused
 
     @staticmethod
     def _controller_metrics(state: pb.ClusterState | None, expert_rows: dict[str, float]) -> list[Metric]:

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from resilient_moe import auth
 from resilient_moe.config import DeploymentConfig, ModelConfig
 from resilient_moe.controller.client import ControllerClient
 from resilient_moe.engine.tokenizer import TextTokenizer
@@ -156,6 +157,7 @@ class ServingStack:
             self.say(f"starting a cluster of {dep.attention_workers} attention and {dep.expert_workers} expert "
                      f"workers ({dep.transport}, {dep.micro_batches} micro-batches) for {self.model_dir}")
             self.cluster = LocalCluster(dep, log_dir=self.log_dir, zygote=self.zygote)
+            auth.ensure_secret()  # before the startup watcher's first call to the controller
             done = threading.Event()
             watcher = threading.Thread(target=watch_startup, args=(self.cluster.controller_address, self.say, done),
                                        name="startup-progress", daemon=True)

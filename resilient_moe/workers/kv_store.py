@@ -1,9 +1,10 @@
 """The KV checkpoint store process: it owns the host memory that attention workers checkpoint their KV
 cache into (kvstore/store.py has the layout), so that the checkpoints outlive any attention worker.
 
-It only creates the memory, publishes its address and heartbeats: attention workers write and read
-it directly. If it dies, the launcher starts a new one; attention workers map the new store (and let
-go of the old memory) and checkpoint every running request again from its start.
+It only creates the memory, hands it to attention workers that prove the cluster secret (a
+`StoreServer`), publishes its address and heartbeats: attention workers write and read it directly.
+If it dies, the launcher starts a new one; attention workers map the new store (and let go of the
+old memory) and checkpoint every running request again from its start.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import threading
 
 from resilient_moe.config import WorkerConfig
 from resilient_moe.controller.client import ControllerClient, worker_info
-from resilient_moe.kvstore.store import layout_for
+from resilient_moe.kvstore.store import StoreServer, layout_for
 from resilient_moe.proto import controller_pb2 as pb
 from resilient_moe.workers.common import configure_process
 
@@ -45,7 +46,8 @@ def main(config: WorkerConfig) -> int:
 
     client.start_heartbeats(config.name, reply.incarnation, dep.heartbeat_interval_s, stats, on_fenced)
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    address = f"memfd:{os.getpid()}:{fd}:{layout.nbytes}"
+    server = StoreServer(fd, layout.nbytes, f"@rmoe-{config.cluster_id}-kv-store-{reply.incarnation}")
+    address = server.address
     client.ready(config.name, reply.incarnation, data_address=address)
     log.info("%s ready: %d blocks of %d tokens (%.1f MiB) at %s", config.name, layout.num_blocks, layout.block_size,
              layout.nbytes / 2**20, address)
@@ -56,5 +58,6 @@ def main(config: WorkerConfig) -> int:
         if not fenced.is_set():
             client.deregister(config.name, reply.incarnation)
         client.close()
+        server.close()
         os.close(fd)
     return 3 if fenced.is_set() else 0
