@@ -90,6 +90,12 @@ def frame(op: int, body: bytes | bytearray | memoryview = b"", status: int = OK)
     return HEADER.pack(MAGIC, op, status, 0, len(body)) + bytes(body)
 
 
+def send(sock: socket.socket, data) -> None:
+    """sendall without SIGPIPE: workers run with its default action (death), and a peer that died
+    must cost an error, not the process."""
+    sock.sendall(data, socket.MSG_NOSIGNAL)
+
+
 def recv_exact(sock: socket.socket, n: int) -> bytearray:
     buf = bytearray(n)
     view = memoryview(buf)
@@ -280,9 +286,9 @@ class StoreServer:
                     continue
                 except _Refused as e:
                     self.counters["writes_refused"] += 1
-                    conn.sendall(frame(op, str(e).encode(), ERROR))
+                    send(conn, frame(op, str(e).encode(), ERROR))
                     continue
-                conn.sendall(frame(op, reply))
+                send(conn, frame(op, reply))
         except (ConnectionError, OSError):
             pass  # the peer went away
         except Exception:  # noqa: BLE001 (never let a peer take the store down)
@@ -316,7 +322,7 @@ class StoreServer:
             return None
         reply = {"answer": auth.answer(credential, PURPOSE, hello["client"]), "store": self.name,
                  "incarnation": self.incarnation}
-        conn.sendall(frame(Op.HELLO, json.dumps(reply).encode()))
+        send(conn, frame(Op.HELLO, json.dumps(reply).encode()))
         return hello["client"]
 
     def _error(self, conn: socket.socket, message: str, count: bool = True) -> None:
@@ -324,7 +330,7 @@ class StoreServer:
             self.counters["bad_frames"] += 1
             log.warning("%s", message)
         try:
-            conn.sendall(frame(Op.HELLO, message.encode(), ERROR))
+            send(conn, frame(Op.HELLO, message.encode(), ERROR))
         except OSError:
             pass
 
@@ -408,9 +414,9 @@ class RemoteStore:
 
     def _call(self, op: int, body: list) -> bytearray:
         try:
-            self.sock.sendall(HEADER.pack(MAGIC, op, OK, 0, sum(len(b) for b in body)))
+            send(self.sock, HEADER.pack(MAGIC, op, OK, 0, sum(len(b) for b in body)))
             for part in body:
-                self.sock.sendall(part)
+                send(self.sock, part)
             rop, status, reply = read_frame(self.sock)
         except (OSError, ProtocolError) as e:
             raise RemoteStoreError(f"KV store at {self.address}: {type(e).__name__}: {e}") from None
