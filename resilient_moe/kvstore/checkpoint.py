@@ -65,6 +65,7 @@ from resilient_moe.kvstore.store import StoreLayout, claim_region, map_store, wr
 log = logging.getLogger("resilient_moe.kv_checkpoint")
 
 MAX_PENDING = 256  # snapshots waiting for the background thread (the commit buffer bound)
+REPLICA_RETRY_S = 2.0  # a replica given up while its store still serves is tried again this often
 
 # Commit only if the record is absent or ours: KEYS = commit key, tokens key; ARGV = owner,
 # incarnation, ttl, position of the first new token, then field/value pairs of the commit record,
@@ -191,6 +192,8 @@ class KVCheckpointer:
         # Replicas (engine thread: the incarnations asked for; the thread: their shippers and what they hold).
         self.replica_stores: tuple[int, ...] = ()
         self.live_stores: dict[int, str] = {}  # incarnation -> TCP address of every live store (restores)
+        self._replica_refs: list[StoreRef] = []
+        self._replica_retry_at = 0.0
         self._shippers: dict[int, ReplicaShipper] = {}
         self._held: dict[int, dict[str, int]] = {}  # replica incarnation -> request id -> leading blocks it holds
         self._readers: dict[int, RemoteStore] = {}  # TCP connections restores read through
@@ -227,14 +230,16 @@ class KVCheckpointer:
             log.warning("KV store replaced (incarnation %d): checkpointing %d requests again from their start",
                         store_incarnation, len(self.tracked))
 
-    def use_replicas(self, stores: list[StoreRef], live: list[StoreRef]) -> None:
+    def use_replicas(self, stores: list[StoreRef], live: list[StoreRef] | None = None) -> None:
         """Ship every write to `stores` from now on (a new one first gets every live block again);
-        `live`: every store that serves now, which restores may read."""
-        self.live_stores = {s.incarnation: s.tcp for s in live if s.tcp}
+        `live`: every store that serves now, which restores may read (None: unchanged)."""
+        if live is not None:
+            self.live_stores = {s.incarnation: s.tcp for s in live if s.tcp}
         wanted = tuple(sorted(s.incarnation for s in stores))
         if wanted == self.replica_stores:
             return
         self.replica_stores = wanted
+        self._replica_refs = list(stores)
         current = self._ready_store == self.store_incarnation != 0
         live_blocks = {r: (t.blocks[:-(-t.committed // self.bs)], t.gens[:-(-t.committed // self.bs)])
                        for r, t in self.tracked.items() if t.committed > 0 and not t.broken} if current else {}
@@ -248,6 +253,10 @@ class KVCheckpointer:
         block too, so the adopter restores every position instead of recomputing the tail."""
         if self._ready_store != self.store_incarnation or self.store_incarnation == 0 or self._refused:
             return  # no store yet, or it is being mapped (its predecessor's blocks are not pinned yet)
+        if any(s.failed for s in list(self._shippers.values())) and time.monotonic() >= self._replica_retry_at:
+            self._replica_retry_at = time.monotonic() + REPLICA_RETRY_S  # a transient failure: try it again
+            self.replica_stores = ()
+            self.use_replicas(self._replica_refs)
         scheduler = self.engine.scheduler
         live = {s.request_id: s for s in scheduler.running}
         for s in scheduler.waiting:
@@ -456,6 +465,8 @@ class KVCheckpointer:
         for incarnation in [i for i in self._shippers if i not in wanted]:
             self._close_shipper(incarnation)
         for incarnation, store in wanted.items():
+            if incarnation in self._shippers and self._shippers[incarnation].failed:
+                self._close_shipper(incarnation)  # tried again: from a new connection, with every live block
             if incarnation in self._shippers:
                 continue
             self._shippers[incarnation] = ReplicaShipper(store, self.layout, self.index, self.incarnation, self.owner,
