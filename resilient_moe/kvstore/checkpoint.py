@@ -253,7 +253,8 @@ class KVCheckpointer:
         block too, so the adopter restores every position instead of recomputing the tail."""
         if self._ready_store != self.store_incarnation or self.store_incarnation == 0 or self._refused:
             return  # no store yet, or it is being mapped (its predecessor's blocks are not pinned yet)
-        if any(s.failed for s in list(self._shippers.values())) and time.monotonic() >= self._replica_retry_at:
+        if any(s.failed and not s.fenced for s in list(self._shippers.values())) \
+                and time.monotonic() >= self._replica_retry_at:
             self._replica_retry_at = time.monotonic() + REPLICA_RETRY_S  # a transient failure: try it again
             self.replica_stores = ()
             self.use_replicas(self._replica_refs)
@@ -603,8 +604,8 @@ class KVCheckpointer:
         best: tuple[RestoredRows | None, int, str] = (None, 0, "")
         for store, held, source in holders:
             count = min(-(-n // self.bs), held)
-            if count <= 0:
-                continue
+            if count <= 0 or (store != self._mapped_store and store not in self.live_stores):
+                continue  # nothing there, or that store is gone
             store_blocks = torch.tensor(blocks[:count], dtype=torch.long)
             expected = torch.tensor([[writer, g] for g in gens[:count]], dtype=torch.long)  # [count, 2]
             try:
@@ -625,7 +626,7 @@ class KVCheckpointer:
                    gaps: list[tuple[int, int]]) -> tuple[RestoredRows | None, int]:
         """Rows of `store_blocks` in store `store` that carry the stamps `expected`, checked before and
         after the copy (sliding layers' within their window only), and n; mapped when it is this
-        worker's primary, over TCP otherwise. Raises ResilientMoeError when the store is gone."""
+        worker's primary, over TCP otherwise (RemoteStoreError when that fails); nothing from a store that is gone."""
         count = store_blocks.numel()
         if store == self._mapped_store and self._rows is not None:
             good = self._stamped_prefix(store_blocks, expected)
@@ -649,7 +650,7 @@ class KVCheckpointer:
             n = self.windows.restorable(min(n, good * self.bs), gaps)
             data = RestoredRows.read(rows, self.windows, torch.arange(n)) if n > 0 else None
         else:
-            raise ResilientMoeError("that store is not alive")
+            return None, 0
         if good < count:
             self.counters["restore_stamp_mismatches"] += 1
             log.warning("%s: store block %d was rewritten after its commit (a fenced writer?); restoring %d "

@@ -92,6 +92,7 @@ class ReplicaShipper:
         self.on_acked = on_acked
         self.timeout_s = timeout_s
         self.failed = ""  # why this replica was given up ("" while it works)
+        self.fenced = False  # the store refused this writer (a successor owns the region): never again
         self.counters = {"writes": 0, "blocks": 0, "bytes": 0, "errors": 0, "dropped": 0}
         self._queue: deque[ReplicaWrite] = deque()
         self._cond = threading.Condition()
@@ -141,6 +142,7 @@ class ReplicaShipper:
                 self.on_acked(self.store.incarnation, [a for item in batch for a in item.acks])
             except (ResilientMoeError, OSError) as e:
                 self.counters["errors"] += 1
+                self.fenced = "fenced:" in str(e)
                 with self._cond:
                     self._fail(str(e))
                 self._close_conn()
