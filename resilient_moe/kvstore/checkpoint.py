@@ -87,14 +87,20 @@ redis.call('EXPIRE', KEYS[2], tonumber(ARGV[3]))
 return 1
 """
 
-# Record which blocks a replica holds, only on a record that is still this incarnation's: KEYS = commit
-# key; ARGV = owner, incarnation, then field/value pairs.
+# Record how many blocks a replica holds, on each record that is still this incarnation's: KEYS = commit
+# keys; ARGV = owner, incarnation, field, then one value per key. Returns {records changed} (a list, so
+# that `_execute` never counts it as a commit).
 REPLICA_SCRIPT = """
-local owner = redis.call('HGET', KEYS[1], 'owner')
-local inc = redis.call('HGET', KEYS[1], 'incarnation')
-if not owner or owner ~= ARGV[1] or inc ~= ARGV[2] then return 0 end
-for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
-return 1
+local changed = 0
+for k = 1, #KEYS do
+  local owner = redis.call('HGET', KEYS[k], 'owner')
+  local inc = redis.call('HGET', KEYS[k], 'incarnation')
+  if owner and owner == ARGV[1] and inc == ARGV[2] then
+    redis.call('HSET', KEYS[k], ARGV[3], ARGV[3 + k])
+    changed = changed + 1
+  end
+end
+return {changed}
 """
 
 SOURCES = ("local", "replica")  # where a restore's rows came from: the primary's copy, or a replica's
@@ -511,10 +517,10 @@ class KVCheckpointer:
             if first <= held.get(request_id, 0) < end:  # contiguous: it holds every block before
                 held[request_id] = end
                 changed.add(request_id)
-        for request_id in changed:
-            self._replica_commit(keys=[keys.commit_key(self.cluster_id, request_id)],
+        if changed:  # one script call for all of them
+            self._replica_commit(keys=[keys.commit_key(self.cluster_id, r) for r in changed],
                                  args=[self.owner, str(self.incarnation), f"replica:{item.store}",
-                                       str(held[request_id])], client=pipe)
+                                       *(str(held[r]) for r in changed)], client=pipe)
         self.counters["replica_acks"] += len(changed)
 
     def _close_shipper(self, incarnation: int) -> None:

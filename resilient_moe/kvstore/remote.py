@@ -162,7 +162,7 @@ def encode_write(region: int, incarnation: int, blocks: torch.Tensor, gens: torc
     out: list = [_WRITE_HEAD.pack(region, incarnation, blocks.numel(), len(parts)),
                  _raw(blocks.to(torch.int64)), _raw(gens.to(torch.int64))]
     for layers, rows, data in parts:
-        out += [_PART_HEAD.pack(len(layers), rows.numel()), _raw(torch.tensor(layers, dtype=torch.int32)),
+        out += [_PART_HEAD.pack(len(layers), rows.numel()) + struct.pack(f"<{len(layers)}i", *layers),
                 _raw(rows.to(torch.int64)), _raw(data)]
     return out
 
@@ -180,28 +180,31 @@ def decode_write(body: bytearray, layout: StoreLayout):
     blocks = r.tensor(torch.int64, k, "blocks")
     gens = r.tensor(torch.int64, k, "gens")
     own = layout.region(region)
-    if bool(((blocks < own.start) | (blocks >= own.stop)).any()):
+    listed = blocks.tolist()
+    if min(listed) < own.start or max(listed) >= own.stop:
         raise ProtocolError(f"a block outside region {region} [{own.start}, {own.stop})")
-    if blocks.unique().numel() != k:
+    if len(set(listed)) != k:
         raise ProtocolError("a block appears twice in one write")
-    if bool(((gens <= 0) | (gens % 2 != 0)).any()):
+    if any(g <= 0 or g % 2 for g in gens.tolist()):
         raise ProtocolError("generations must be even and positive")
     if nparts > MAX_PARTS:
         raise ProtocolError(f"{nparts} parts in one write (at most {MAX_PARTS})")
-    allowed = (blocks[:, None] * layout.block_size + torch.arange(layout.block_size)).reshape(-1)
+    stamped = torch.zeros(layout.num_blocks + 1, dtype=torch.bool)  # the last: rows out of range
+    stamped[blocks] = True
     parts = []
     for _ in range(nparts):
         nl, m = r.struct(_PART_HEAD, "a part header")
-        if not 0 < nl <= layout.num_layers or m > allowed.numel():
-            raise ProtocolError(f"a part of {nl} layers and {m} rows (at most {layout.num_layers} and {allowed.numel()})")
-        layers = r.tensor(torch.int32, nl, "layer ids")
-        if bool(((layers < 0) | (layers >= layout.num_layers)).any()) or layers.unique().numel() != nl:
+        if not 0 < nl <= layout.num_layers or m > k * layout.block_size:
+            raise ProtocolError(f"a part of {nl} layers and {m} rows (at most {layout.num_layers} and "
+                                f"{k * layout.block_size})")
+        layers = r.tensor(torch.int32, nl, "layer ids").tolist()
+        if min(layers) < 0 or max(layers) >= layout.num_layers or len(set(layers)) != nl:
             raise ProtocolError(f"layer ids must be distinct and in [0, {layout.num_layers})")
         rows = r.tensor(torch.int64, m, "store rows")
-        if m and not bool(torch.isin(rows, allowed).all()):
+        if m and not bool(stamped[(rows // layout.block_size).clamp(0, layout.num_blocks)].all()):
             raise ProtocolError("a row outside the blocks the write stamps")
         data = r.tensor(layout.dtype, nl * m * layout.row_width, "rows").view(nl, m, layout.row_width)
-        parts.append((tuple(int(x) for x in layers), rows, data))
+        parts.append((tuple(layers), rows, data))
     r.end()
     return region, incarnation, blocks, gens, parts
 
