@@ -68,8 +68,20 @@ def slow_redis(delay_ms: float):
             server.wait()
 
 
-def throughput(model: Path, zygote: Zygote, mode: str, n: int, tokens: int, slow_ms: float = 0.0, **extra) -> float:
-    """Decode tok/s with checkpointing "off", "on", or on with a "slow" Redis."""
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time process `pid` has used (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def throughput(model: Path, zygote: Zygote, mode: str, n: int, tokens: int, slow_ms: float = 0.0,
+               cpu: dict[str, float] | None = None, **extra) -> float:
+    """Decode tok/s with checkpointing "off", "on", or on with a "slow" Redis. `cpu`: filled with the
+    CPU seconds each of the cluster's processes used during the run, by name."""
     g = torch.Generator().manual_seed(1)
     prompts = torch.randint(3, 500, (n, 24), generator=g).tolist()
     params = SamplingParams(max_tokens=tokens, ignore_eos=True)
@@ -79,10 +91,14 @@ def throughput(model: Path, zygote: Zygote, mode: str, n: int, tokens: int, slow
                                                    zygote=zygote))
         frontend = Frontend(cluster.controller_address).start()
         try:
+            used = {name: cpu_seconds(pid) for name, pid in cluster.pids.items()}
             start = time.monotonic()
             for h in [frontend.submit(p, params) for p in prompts]:
                 h.wait(300)
-            return n * tokens / (time.monotonic() - start)
+            rate = n * tokens / (time.monotonic() - start)
+            if cpu is not None:
+                cpu.update({name: cpu_seconds(pid) - used.get(name, 0.0) for name, pid in cluster.pids.items()})
+            return rate
         finally:
             frontend.close()
 

@@ -2,7 +2,8 @@
 
 Part 1, failure-free decode throughput with two KV stores and kv_replicas 0 vs 1 (every write also
 shipped over TCP to the other store), alternating runs so machine drift hits both alike; the ratio is
-what replication costs (target: >= 0.97).
+what replication costs (target: >= 0.97). Next to it, the CPU seconds the cluster's processes spent per
+1000 tokens, by kind: on a host whose cores are shared, the steadier measure of the same cost.
 
 Part 2, for each context length: one long request decodes on an attention worker next to a few short
 ones, and the worker is SIGKILLed. The long request's stall (its last token before the kill to its
@@ -52,10 +53,12 @@ def main() -> int:
     try:
         zygote.wait_hello(120)
         rates: dict[int, list[float]] = {0: [], 1: []}
+        cpus: dict[int, list[dict[str, float]]] = {0: [], 1: []}
         for _ in range(args.runs):
             for replicas in rates:
+                cpus[replicas].append({})
                 rates[replicas].append(throughput(model, zygote, "on", args.requests, args.tokens, kv_stores=2,
-                                                  kv_replicas=replicas))
+                                                  kv_replicas=replicas, cpu=cpus[replicas][-1]))
         stalls = {}
         for context in contexts:
             for mode, (checkpoint, node_loss, extra) in MODES.items():
@@ -70,6 +73,16 @@ def main() -> int:
     print(f"  kv_replicas=0 {off:.0f} tok/s, kv_replicas=1 {on:.0f} tok/s, ratio {on / off:.3f} "
           f"(cost {100 * (1 - on / off):.1f}%)")
     print(f"  runs: replicas=0 {', '.join(f'{r:.0f}' for r in rates[0])}; replicas=1 {', '.join(f'{r:.0f}' for r in rates[1])}")
+    # CPU seconds per 1000 tokens, by kind of process: what replication costs on a host short of cores
+    # (wall-clock throughput there swings with whatever else runs)
+    tokens = args.requests * args.tokens / 1000
+    groups = {"attention": "aw-", "kv stores": "kv-store", "redis": "redis", "expert": "ew-"}
+    print(f"  CPU s per 1000 tokens, median: {'':>4}" + "".join(f"{g:>11}" for g in groups) + f"{'total':>9}")
+    for replicas in (0, 1):
+        per = {g: statistics.median(sum(v for k, v in run.items() if k.startswith(prefix)) / tokens
+                                    for run in cpus[replicas]) for g, prefix in groups.items()}
+        total = statistics.median(sum(run.values()) / tokens for run in cpus[replicas])
+        print(f"    kv_replicas={replicas}{'':>23}" + "".join(f"{v:>11.3f}" for v in per.values()) + f"{total:>9.3f}")
     print(f"{'context':>8}{'source':>11}{'stall ms':>10}{'identical':>11}   survivors' restores (local/replica/recompute)")
     for context in contexts:
         for mode in MODES:
