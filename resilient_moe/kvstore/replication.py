@@ -78,6 +78,24 @@ class ReplicaWrite:
     def nbytes(self) -> int:
         return sum(data.nbytes for _, _, data in self.parts)
 
+    def split(self, max_bytes: int, block_size: int) -> list["ReplicaWrite"]:
+        """Writes of whole blocks of about `max_bytes` each that together are this one (a long prompt's
+        rows must not make one frame over the store's limit); the acks ride on the last, sent last."""
+        k = self.blocks.numel()
+        chunks = min(k, -(-self.nbytes // max_bytes))
+        if chunks <= 1:
+            return [self]
+        out = []
+        for group in torch.arange(k).tensor_split(chunks):
+            blocks = self.blocks[group]
+            parts = []
+            for layers, rows, data in self.parts:
+                keep = torch.isin(rows // block_size, blocks)  # [m]
+                parts.append((layers, rows[keep], data[:, keep]))
+            out.append(ReplicaWrite(blocks, self.gens[group], parts))
+        out[-1].acks = self.acks
+        return out
+
 
 class ReplicaShipper:
     """Ships one attention worker's writes to one replica store (see the module docstring)."""
@@ -156,7 +174,9 @@ class ReplicaShipper:
 
     def _take(self) -> list[ReplicaWrite]:
         """Writes for one frame: in order, no block twice, about MAX_BATCH_BYTES at most."""
-        batch = [self._queue.popleft()]
+        first = self._queue.popleft().split(MAX_BATCH_BYTES, self.layout.block_size)
+        self._queue.extendleft(reversed(first[1:]))
+        batch = [first[0]]
         seen = set(batch[0].blocks.tolist())
         size = batch[0].nbytes
         while self._queue:
