@@ -59,7 +59,7 @@ def write(client: RemoteStore, region: int, incarnation: int, blocks: list[int],
                  [(tuple(range(L)), rows_for(blocks), data_for(blocks, seed))])
 
 
-def test_write_then_read_back_bit_identical_with_stamps(server):
+def test_write_then_read_back_bit_identical_with_stamps(server, monkeypatch):
     client = RemoteStore(server.address, server.layout, "aw-0")
     assert (client.store, client.incarnation) == ("kv-store-1", 7)
     client.claim(0, 5)
@@ -71,6 +71,9 @@ def test_write_then_read_back_bit_identical_with_stamps(server):
     stamps, _ = client.read(torch.tensor([2]))
     assert stamps.tolist() == [[0, 0]]
     assert server.counters["writes"] == 1 and server.counters["blocks_written"] == 2
+    monkeypatch.setattr(remote, "READ_BYTES", 1)  # one block a reply: the same rows
+    stamps, rows = client.read(torch.tensor([1, 3]))
+    assert stamps.tolist() == [[5, 2], [5, 4]] and torch.equal(rows, data_for([1, 3], seed=1))
     client.close()
 
 

@@ -53,6 +53,7 @@ HEADER = struct.Struct("<4sBBHQ")
 MAX_BODY = 1 << 30
 MAX_CONNECTIONS = 64
 MAX_HELLO = 64 << 10
+READ_BYTES = 64 << 20  # rows in one READ reply (a long request's restore takes several)
 MAX_PARTS = 4096  # (layers, rows) parts in one WRITE (a replica batch joins many writes)
 HANDSHAKE_TIMEOUT_S = 5.0
 PURPOSE = "kv-store"
@@ -436,12 +437,20 @@ class RemoteStore:
         self._call(Op.WRITE, encode_write(region, incarnation, blocks, gens, parts))
 
     def read(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(stamps [k, 2], rows [L, k * block_size, W]) of `blocks` (see `read_stamped`)."""
-        reply = self._call(Op.READ, [_COUNT.pack(blocks.numel()), _raw(blocks.to(torch.int64))])
-        try:
-            return decode_read_reply(reply, self.layout, blocks.numel())
-        except ProtocolError as e:
-            raise RemoteStoreError(f"KV store at {self.address} sent a bad READ reply: {e}") from None
+        """(stamps [k, 2], rows [L, k * block_size, W]) of `blocks` (see `read_stamped`), in replies of
+        about READ_BYTES each."""
+        layout = self.layout
+        block_bytes = layout.num_layers * layout.block_size * layout.row_width * layout.dtype.itemsize
+        stamps, rows = [], []
+        for chunk in blocks.to(torch.int64).split(max(1, READ_BYTES // block_bytes)):
+            reply = self._call(Op.READ, [_COUNT.pack(chunk.numel()), _raw(chunk)])
+            try:
+                s, r = decode_read_reply(reply, layout, chunk.numel())
+            except ProtocolError as e:
+                raise RemoteStoreError(f"KV store at {self.address} sent a bad READ reply: {e}") from None
+            stamps.append(s)
+            rows.append(r)
+        return (stamps[0], rows[0]) if len(rows) == 1 else (torch.cat(stamps), torch.cat(rows, dim=1))
 
     def close(self) -> None:
         try:
