@@ -32,6 +32,7 @@ from resilient_moe.kvstore.store import StoreLayout, split_address
 log = logging.getLogger("resilient_moe.kv_replication")
 
 MAX_BATCH_BYTES = 32 << 20  # rows in one WRITE frame
+LINGER_S = 0.005  # a frame waits this long for more writes to join it
 MAX_QUEUED = 256  # writes waiting for one replica before new ones are dropped (that replica stops)
 
 
@@ -150,6 +151,8 @@ class ReplicaShipper:
             with self._cond:
                 while not self._queue and not self._stop:
                     self._cond.wait()
+                if not self._stop and sum(item.nbytes for item in self._queue) < MAX_BATCH_BYTES:
+                    self._cond.wait(LINGER_S)  # let the next writes join this frame (fewer frames and acks)
                 if self._stop:
                     self._close_conn()
                     return
