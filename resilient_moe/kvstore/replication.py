@@ -7,6 +7,14 @@ nodes, reached over TCP (remote.py), so that a node loss leaves a copy. Nodes ar
 launcher: one node) any store other than the primary serves as a replica. Stores are spread: attention
 worker i takes the (i mod n)-th candidate, so no one store carries every worker.
 
+Launchers. `kv_stores` store processes run (workers/kv_store.py, `main(WorkerConfig(name, "kv_store",
+index, ...))`, names from controller/state.py `kv_store_name`: "kv-store", "kv-store-1", ...); the
+controller's roster has them, so a dead one is replaced like any worker. A store listens for TCP on
+its deployment's `host` (port 0) and publishes `memfd:...;tcp:HOST:PORT`: a launcher that spreads
+stores over nodes gives each store a `host` other nodes can reach, and puts one store on every node
+that runs attention workers (their primary must be mappable); `place_stores` then keeps replicas off
+the writer's node by itself.
+
 Shipping (`ReplicaShipper`). One thread per replica store takes the writes the checkpointer thread made
 into the primary, in order, and sends them in batches (one WRITE frame each). A write counts as
 replicated once the store acked it; the checkpointer then records in the commit record which blocks the
