@@ -44,7 +44,7 @@ from resilient_moe.engine.engine import LLMEngine  # noqa: E402
 from resilient_moe.kvstore.checkpoint import KVCheckpointer  # noqa: E402
 from resilient_moe.kvstore.keys import commit_key  # noqa: E402
 from resilient_moe import auth  # noqa: E402
-from resilient_moe.kvstore.store import StoreLayout, StoreServer  # noqa: E402
+from resilient_moe.kvstore.store import MemfdServer, StoreLayout  # noqa: E402
 from resilient_moe.model.tiny import TinySize, make_tiny_model  # noqa: E402
 
 # DeepSeek-V3's latent attention widths (its config.json).
@@ -127,7 +127,7 @@ def measure(model: Path, context: int, db) -> dict:
     layout = StoreLayout.for_deployment(cfg, 4 * (context + 256) * per_token + (1 << 20), 16, torch.float32, 2)
     fd = os.memfd_create("rmoe-bench-kv-store")
     os.ftruncate(fd, layout.nbytes)
-    server = StoreServer(fd, layout.nbytes, f"@rmoe-bench-kv-{os.getpid()}")
+    server = MemfdServer(fd, layout.nbytes, f"@rmoe-bench-kv-{os.getpid()}")
     address = server.address
     rng = random.Random(0)
     prompt = [rng.randrange(3, cfg.vocab_size) for _ in range(context)]

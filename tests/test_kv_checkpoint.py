@@ -122,6 +122,7 @@ def test_store_layout_and_address_validation(tiny_model):
     with pytest.raises(ConfigError, match="fewer than one per attention worker"):
         StoreLayout.for_deployment(model, row * 16, 16, torch.float32, attention_workers=2)
     assert parse_address("memfd:@rmoe-c1-kv-store-3:4096") == ("@rmoe-c1-kv-store-3", 4096)
+    assert parse_address("memfd:@rmoe-c1-kv-store-3:4096;tcp:127.0.0.1:5000") == ("@rmoe-c1-kv-store-3", 4096)
     for bad in ("memfd:12:7:4096", "memfd:@x", "tcp:1:2:3", "memfd:@:4096", "memfd:@a:b"):
         with pytest.raises(ValueError, match="not a KV store address"):
             parse_address(bad)

@@ -25,7 +25,7 @@ from resilient_moe.engine.engine import LLMEngine
 from resilient_moe.engine.kv_cache import MAX_GAPS, LayerWindows, RestoredRows, new_kv_cache
 from resilient_moe.kvstore import keys
 from resilient_moe.kvstore.checkpoint import KVCheckpointer
-from resilient_moe.kvstore.store import StoreLayout, StoreServer, map_store
+from resilient_moe.kvstore.store import MemfdServer, StoreLayout, map_store
 
 CPU = torch.device("cpu")
 
@@ -143,7 +143,7 @@ def store(tmp_path):
     fd = os.memfd_create("test-kv-store")
     os.ftruncate(fd, layout.nbytes)
     try:
-        with StoreServer(fd, layout.nbytes, f"@rmoe-test-kv-{os.getpid()}") as server:
+        with MemfdServer(fd, layout.nbytes, f"@rmoe-test-kv-{os.getpid()}") as server:
             yield model_dir, layout, server.address
     finally:
         os.close(fd)

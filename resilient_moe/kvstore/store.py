@@ -1,11 +1,14 @@
 """The KV checkpoint store's memory: its layout, its ownership words, and how attention workers map it.
 
 The store process (workers/kv_store.py) creates one anonymous shared-memory file (memfd: it vanishes
-with the last process that maps it, so nothing can leak in /dev/shm) and hands it out through a
-`StoreServer`, whose address it publishes through the controller: `memfd:@{socket}:{bytes}`, an
-abstract Unix socket name and the memory's size. Attention workers get the fd there (`map_store`),
-map it and write into it directly: one-sided, no request to the store process per write. The layout
-is a pure function of the model and the deployment, so every worker computes the same one:
+with the last process that maps it, so nothing can leak in /dev/shm) and publishes where to find it
+through the controller as `memfd:@{socket}:{bytes};tcp:{host}:{port}`. Attention workers on its node
+get the fd from a `MemfdServer` on that abstract Unix socket, proving the cluster secret (`map_store`),
+map it and write into it directly: one-sided, no request to the store process per write. The same
+memory is served over TCP (kvstore/remote.py) to attention workers that keep a replica of their
+checkpoints in this store, and to restores that read a replica; the server applies the rules below
+itself (`claim_region`, `write_blocks`, `read_stamped` are the one statement of them, for both paths).
+The layout is a pure function of the model and the deployment, so every worker computes the same one:
 
     offset 0                 owners  uint64 [attention_workers]  incarnation owning each region (0: none)
     OWNERS_BYTES aligned     stamps  uint64 [num_blocks, 2]     (writer incarnation, generation) per block
@@ -117,8 +120,61 @@ def _header_bytes(attention_workers: int, num_blocks: int) -> int:
     return -(-(_owners_bytes(attention_workers) + 16 * max(0, num_blocks)) // _PAGE) * _PAGE
 
 
+def claim_region(owners: torch.Tensor, index: int, incarnation: int) -> str | None:
+    """Make `incarnation` the owner of region `index` unless a newer one owns it; the refusal otherwise."""
+    current = int(owners[index])
+    if current > incarnation:
+        return f"region {index} belongs to incarnation {current}"
+    owners[index] = incarnation  # the predecessor's writes stop here
+    return None
+
+
+def write_blocks(owners: torch.Tensor, stamps: torch.Tensor, table: torch.Tensor, index: int, incarnation: int,
+                 blocks: torch.Tensor, gens: torch.Tensor,
+                 parts: list[tuple[tuple[int, ...], torch.Tensor, torch.Tensor]]) -> str | None:
+    """Write rows of region `index` as `incarnation`, stamps odd while the rows are copied and `gens`
+    (even) after; the refusal when the region is no longer this incarnation's. `parts`: (layers, store
+    rows [m], their KV rows [len(layers), m, W])."""
+    owner = int(owners[index])
+    if owner != incarnation:
+        return f"region {index} now belongs to incarnation {owner}"
+    stamps[blocks, 0] = incarnation
+    stamps[blocks, 1] = gens - 1  # odd: being written
+    for layers, rows, data in parts:
+        for i, layer in enumerate(layers):
+            table[layer].index_copy_(0, rows, data[i])
+    stamps[blocks, 1] = gens
+    return None
+
+
+def read_stamped(stamps: torch.Tensor, table: torch.Tensor, blocks: torch.Tensor,
+                 block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(stamps [k, 2], rows [L, k * block_size, W]) of `blocks` [k]: every layer's rows, and each
+    block's stamp where it was the same before and after the copy ((-1, -1) where it changed)."""
+    before = stamps[blocks].clone()
+    rows = (blocks[:, None] * block_size + torch.arange(block_size)).reshape(-1)  # [k * bs]
+    data = table.index_select(1, rows)
+    changed = (stamps[blocks] != before).any(dim=1)
+    before[changed] = -1
+    return before, data
+
+
+def split_address(address: str) -> tuple[str, str]:
+    """A store's published address -> (its `memfd:` part, its `tcp:` part); either may be ""."""
+    memfd = tcp = ""
+    for part in address.split(";"):
+        if part.startswith("memfd:"):
+            memfd = part
+        elif part.startswith("tcp:"):
+            tcp = part
+    return memfd, tcp
+
+
 def parse_address(address: str) -> tuple[str, int]:
-    """`memfd:@{socket}:{bytes}` -> ('@socket', bytes); ValueError naming the problem otherwise."""
+    """`memfd:@{socket}:{bytes}` (or a store address that has one) -> ('@socket', bytes); ValueError
+    naming the problem otherwise."""
+    if ";" in address:
+        address = split_address(address)[0]
     scheme, _, rest = address.partition(":")
     name, _, size = rest.rpartition(":")
     if scheme != "memfd" or not name.startswith("@") or len(name) < 2 or not size.isdigit():
@@ -130,7 +186,7 @@ def _abstract(name: str) -> str:
     return "\0" + name[1:]
 
 
-class StoreServer:
+class MemfdServer:
     """Hands the store's memfd to requesters that prove the cluster secret (see the module docstring),
     on an abstract Unix socket, from a daemon thread. `address` is what the store publishes."""
 
@@ -189,7 +245,7 @@ class StoreServer:
         self._sock.close()
         self._thread.join(2)
 
-    def __enter__(self) -> "StoreServer":
+    def __enter__(self) -> "MemfdServer":
         return self
 
     def __exit__(self, *exc) -> None:
@@ -226,7 +282,7 @@ def fetch_store_fd(address: str, who: str, timeout_s: float = HANDOFF_TIMEOUT_S)
 
 
 def map_store(address: str, who: str = "") -> mmap.mmap:
-    """Map the store published at `address` (same host), fetched from its StoreServer."""
+    """Map the store published at `address` (same host), fetched from its MemfdServer."""
     handle, size = fetch_store_fd(address, who or f"pid-{os.getpid()}")
     try:
         if os.fstat(handle).st_size < size:
