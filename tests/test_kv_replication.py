@@ -27,7 +27,7 @@ from resilient_moe.kvstore import keys
 from resilient_moe.kvstore.checkpoint import KVCheckpointer
 from resilient_moe.kvstore.remote import RemoteStore, RemoteStoreError
 from resilient_moe.kvstore.replication import StoreRef
-from resilient_moe.kvstore.store import layout_for, split_address
+from resilient_moe.kvstore.store import MemfdServer, layout_for, split_address
 from resilient_moe.launch.local import LocalCluster
 from resilient_moe.proto import controller_pb2 as pb
 from resilient_moe.server.frontend import Frontend
@@ -147,7 +147,8 @@ class Writer:
     def __init__(self, model_dir, layout, db, index: int, store: int, fd: int) -> None:
         self.engine = LLMEngine(model_dir, EngineConfig())
         self.ckpt = KVCheckpointer(self.engine, layout, index, db, "test", f"aw-{index}", 100 + index)
-        self.ckpt.attach(f"memfd:{os.getpid()}:{fd}:{layout.nbytes}", store)
+        self.handoff = MemfdServer(fd, layout.nbytes, f"@rmoe-test-kv-{os.getpid()}-{index}")
+        self.ckpt.attach(self.handoff.address, store)
         wait_until(lambda: self.ckpt.counters["store_attaches"] == 1, 10, f"aw-{index} to map its store")
         wait_until(lambda: self.ckpt.settled() and self.ckpt._ready_store == store, 10, "the region claim")
         self.tokens: dict[str, list[int]] = {}
@@ -190,7 +191,7 @@ def test_writes_reach_the_replica_and_a_restore_reads_it_over_tcp(tiny_model, st
     prompts, params = workload(n=3, max_tokens=60)
     reference = [r.token_ids for r in LLMEngine(tiny_model, EngineConfig()).generate(prompts, params)]
     db = redis.Redis(unix_socket_path=redis_server)
-    replica = StoreRef("kv-store-1", 1, 12, f"memfd:0:0:0;{server.address}", "h")
+    replica = StoreRef("kv-store-1", 1, 12, f"memfd:@none:0;{server.address}", "h")
     writer = Writer(tiny_model, layout, db, 0, 11, fds[0])
     reader = Writer(tiny_model, layout, db, 1, 13, fds[1])
     try:
@@ -236,6 +237,7 @@ def test_writes_reach_the_replica_and_a_restore_reads_it_over_tcp(tiny_model, st
         assert [reader.tokens[r] for r in ids] == reference
         assert server.counters["auth_refused"] == 0 and server.counters["reads"] >= 1
     finally:
-        writer.ckpt.stop()
-        reader.ckpt.stop()
+        for w in (writer, reader):
+            w.ckpt.stop()
+            w.handoff.close()
         db.close()
