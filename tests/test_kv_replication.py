@@ -123,13 +123,19 @@ def test_node_loss_restores_from_the_replica_and_redundancy_comes_back(tiny_mode
             wait_until(lambda: ready_incarnation(cluster, "aw-0") > 0, 60, "a new aw-0")
             wait_until(lambda: worker_load(cluster, "aw-1", "ckpt_replica_pending") == 0
                        and worker_load(cluster, "aw-1", "ckpt_replicas") == 1, 20, "aw-1's replica to catch up")
-            on_second = [h for h in handles if h.worker == "aw-1" and not h.done]
-            if not on_second:
-                pytest.skip("every request finished before the second node loss (machine too fast)")
-
-            # Second node loss: aw-1 and its primary store; the new aw-0 restores from the new kv-store.
-            lose_node(cluster, "aw-1", "kv-store-1")
             assert [h.wait(180).token_ids for h in handles] == reference
+
+            # Second node loss, under a new load: aw-1 and its primary store; the new aw-0 restores
+            # aw-1's requests from the replacement kv-store, which holds aw-1's replicas now.
+            acks = worker_load(cluster, "aw-1", "ckpt_replica_acks")
+            second = [frontend.submit(p, params) for p in prompts]
+            wait_until(lambda: all(len(h.tokens) >= 24 for h in second), 60, "the new requests to be mid-generation")
+            wait_until(lambda: worker_load(cluster, "aw-1", "ckpt_replica_acks") > acks
+                       and worker_load(cluster, "aw-1", "ckpt_replica_pending") == 0, 20, "aw-1's replica to ack")
+            on_second = [h for h in second if h.worker == "aw-1" and not h.done]
+            assert on_second, "the frontend spread the new requests over both attention workers"
+            lose_node(cluster, "aw-1", "kv-store-1")
+            assert [h.wait(180).token_ids for h in second] == reference
             wait_until(lambda: worker_load(cluster, "aw-0", "ckpt_restored_replica") >= len(on_second), 30,
                        "the new aw-0 to restore aw-1's requests from the replica")
             assert worker_load(cluster, "aw-0", "requests_recomputed") == 0
