@@ -313,9 +313,10 @@ def main() -> int:
         if label != "resilient":
             ratio = stats[label]["stall_p99_ms"] / max(stats["resilient"]["stall_p99_ms"], 1e-3)
             print(f"{label} / resilient stall p99: {ratio:.1f}x")
-    on, off = statistics.median(rates["shadows on"]), statistics.median(rates["shadows off"])
-    print(f"failure-free throughput, median of {args.throughput_runs}: shadows on {on:.0f} tok/s, "
-          f"shadows off {off:.0f} tok/s, on/off {on / off:.3f}")
+    if args.throughput_runs > 0:
+        on, off = statistics.median(rates["shadows on"]), statistics.median(rates["shadows off"])
+        print(f"failure-free throughput, median of {args.throughput_runs}: shadows on {on:.0f} tok/s, "
+              f"shadows off {off:.0f} tok/s, on/off {on / off:.3f}")
     plot(results, args.fault, args.plot)
     print(f"plot: {args.plot}")
     return 0
