@@ -477,6 +477,7 @@ class SamplingParams:
 
 TRANSPORTS = ("shm", "tcp")
 PLACEMENTS = ("contiguous", "round_robin")
+LAUNCHERS = ("local", "ray")
 
 
 @dataclass(frozen=True)
@@ -517,6 +518,10 @@ class DeploymentConfig:
     # "auto": each attention and expert worker runs on cores of its own (launch/cpus.py) with as many
     # torch and native GEMM threads as it has cores; "none": no pinning, engine.torch_threads threads.
     cpu_affinity: str = "auto"
+    # "local": every role as a process on this host (launch/local.py); "ray": as Ray actors across the
+    # nodes of a Ray cluster (launch/ray_cluster.py, needs the `ray` extra).
+    launcher: str = "local"
+    ray_address: str = ""  # launcher ray: the cluster to join ("auto", "HOST:PORT"); "": start a local Ray instance
 
     def __post_init__(self) -> None:
         for name in ("attention_workers", "expert_workers", "probe_misses"):
@@ -572,6 +577,10 @@ class DeploymentConfig:
         for name in ("resilience", "kv_checkpoint"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.launcher not in LAUNCHERS:
+            raise ConfigError(f"launcher must be one of {', '.join(LAUNCHERS)}, got {self.launcher!r}")
+        if not isinstance(self.ray_address, str) or (self.ray_address and self.launcher != "ray"):
+            raise ConfigError(f"ray_address ({self.ray_address!r}) needs launcher: ray")
         if self.cpu_affinity not in ("auto", "none"):
             raise ConfigError(f"cpu_affinity must be auto or none, got {self.cpu_affinity!r}")
         if self.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -646,11 +655,16 @@ class WorkerConfig:
     controller_address: str
     deployment: DeploymentConfig
     cpus: tuple[int, ...] = ()  # the cores it is pinned to (launch/cpus.py); () = not pinned
+    node: str = ""  # its failure domain: the Ray node id (hex) on Ray; "": this host (its hostname)
+    # The controller's only: where the launcher puts each worker ((name, node) pairs; empty: one node),
+    # so that shadow copies land on other nodes than their primaries (controller/placement.py).
+    worker_nodes: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
             raise ConfigError(f"role must be one of {', '.join(ROLES)}, got {self.role!r}")
         object.__setattr__(self, "cpus", tuple(self.cpus))
+        object.__setattr__(self, "worker_nodes", tuple((str(w), str(n)) for w, n in self.worker_nodes))
 
     @property
     def threads(self) -> int:

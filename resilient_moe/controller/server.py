@@ -42,7 +42,7 @@ def worker_to_pb(record: WorkerRecord, now: float) -> pb.WorkerInfo:
         incarnation=record.incarnation, pid=record.pid, host=record.host, data_address=record.data_address,
         state=state_to_pb(record.state), experts=[pb.ExpertRef(layer=l, expert=e) for l, e in record.experts],
         heartbeat_age_s=max(0.0, now - record.last_heartbeat) if record.incarnation else 0.0, load=record.load,
-        started_at=record.started_at,
+        started_at=record.started_at, node=record.node,
     )
 
 
@@ -98,7 +98,8 @@ class ControllerService(pb_grpc.ControllerServicer):
     def Register(self, request, context):
         w = request.worker
         with self.lock:
-            record = self.model.register(w.name, PB_TO_ROLE.get(w.role, "frontend"), w.index, w.pid, w.host, w.data_address)
+            record = self.model.register(w.name, PB_TO_ROLE.get(w.role, "frontend"), w.index, w.pid, w.host, w.data_address,
+                                         node=w.node)
             load = self.model.experts_for(w.name) if record.role == "expert" else []
             self._changed()
             log.info("registered %s incarnation %d pid %d", w.name, record.incarnation, w.pid)

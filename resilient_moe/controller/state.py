@@ -84,6 +84,7 @@ class WorkerRecord:
     load: dict[str, float] = field(default_factory=dict)
     started_at: float = field(default_factory=time.time)
     since: float = 0.0  # clock time it entered its state
+    node: str = ""  # its failure domain: the Ray node id (hex) on Ray, the hostname locally
 
 
 @dataclass(frozen=True)
@@ -338,7 +339,8 @@ class ClusterModel:
         record.state = state
         record.since = self.clock()
 
-    def register(self, name: str, role: str, index: int, pid: int, host: str, data_address: str = "") -> WorkerRecord:
+    def register(self, name: str, role: str, index: int, pid: int, host: str, data_address: str = "",
+                 node: str = "") -> WorkerRecord:
         """A worker process announces itself; it gets a fresh incarnation. A previous incarnation
         under the same name that is still alive in our books is fenced: the new one replaces it."""
         old = self.workers.get(name)
@@ -347,7 +349,7 @@ class ClusterModel:
             self.fenced.add((old.name, old.incarnation))
             self._event("fenced", name, f"incarnation {old.incarnation} replaced by a new registration")
         record = WorkerRecord(name, role, index, self.next_incarnation, pid, host, data_address,
-                              state=WorkerState.LOADING, last_heartbeat=self.clock(), since=self.clock())
+                              state=WorkerState.LOADING, last_heartbeat=self.clock(), since=self.clock(), node=node)
         self.next_incarnation += 1
         self.workers[name] = record
         self._event("registered", name, f"incarnation {record.incarnation}, pid {pid}")
@@ -661,7 +663,7 @@ class ClusterModel:
             "fenced": sorted([name, inc] for name, inc in self.fenced),
             "workers": [
                 {"name": r.name, "role": r.role, "index": r.index, "incarnation": r.incarnation, "pid": r.pid,
-                 "host": r.host, "data_address": r.data_address, "state": r.state.value,
+                 "host": r.host, "node": r.node, "data_address": r.data_address, "state": r.state.value,
                  "experts": [list(e) for e in r.experts], "started_at": r.started_at,
                  "ert_epoch": r.load.get("ert_epoch", 0.0)}
                 for r in self.workers.values()
@@ -693,7 +695,7 @@ class ClusterModel:
                                   int(w["pid"]), str(w["host"]), str(w["data_address"]), WorkerState(w["state"]),
                                   [tuple(e) for e in w["experts"]], last_heartbeat=now,
                                   load={"ert_epoch": float(w["ert_epoch"])}, started_at=float(w["started_at"]),
-                                  since=now)
+                                  since=now, node=str(w.get("node", "")))
             self.workers[record.name] = record
         self.events.extend(ClusterEvent(float(t), str(k), str(w), str(d)) for t, k, w, d in snapshot["events"])
         self.desired = Roster(int(snapshot["desired"]["attention_workers"]), int(snapshot["desired"]["expert_workers"]))

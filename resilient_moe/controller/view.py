@@ -41,6 +41,7 @@ class PeerView:
     pid: int
     host: str
     load: Mapping[str, float]
+    node: str = ""  # its failure domain (WorkerInfo.node)
 
     @property
     def serving(self) -> bool:
@@ -67,7 +68,7 @@ class ClusterView:
     def from_proto(cls, state: pb.ClusterState) -> "ClusterView":
         workers = {
             w.name: PeerView(w.name, ROLES.get(w.role, "unknown"), w.incarnation, state_of(w.state), w.data_address,
-                             w.pid, w.host, dict(w.load))
+                             w.pid, w.host, dict(w.load), w.node)
             for w in state.workers
         }
         return cls(state.epoch, frozenset((f.name, f.incarnation) for f in state.fenced), workers, state.resilience,

@@ -28,7 +28,7 @@ def main(config: WorkerConfig) -> int:
     configure_process(config)
     layout = layout_for(config)
     client = ControllerClient(config.controller_address)
-    reply = client.register(worker_info(config.name, pb.KV_STORE, 0, host=dep.host), timeout_s=dep.startup_timeout_s)
+    reply = client.register(worker_info(config.name, pb.KV_STORE, 0, host=dep.host, node=config.node), timeout_s=dep.startup_timeout_s)
     fd = os.memfd_create(f"rmoe-{config.cluster_id}-kv-store", 0)
     os.ftruncate(fd, layout.nbytes)  # zero-filled; pages are allocated as attention workers first write them
     stop = threading.Event()
