@@ -270,11 +270,16 @@ def serve(config: WorkerConfig, ready: threading.Event | None = None) -> None:
     if dep.shadow_budget_bytes is not None:
         dtype_bytes = 2 if dep.engine.dtype == "bfloat16" else 4
         slots = dep.shadow_budget_bytes // (model_cfg.expert_bytes(dtype_bytes) * max(1, len(shape.sparse_layers)))
-    model = ClusterModel(shape, ControllerSettings.from_deployment(dep, slots))
+    model = ClusterModel(shape, ControllerSettings.from_deployment(dep, slots, config.worker_nodes))
     unprotected = model.active.unprotected
     if unprotected and dep.resilience:
         log.warning("shadow budget too small: %d (layer, expert) pairs have no shadow and die with their primary: %s",
                     len(unprotected), ", ".join(f"{l}/{e}" for l, e in unprotected))
+    if config.worker_nodes and dep.resilience:  # nodes as failure domains: what each node's loss would cost
+        for node, keys in sorted(model.unprotected_by_node().items()):
+            if keys:
+                log.warning("losing node %s would leave %d (layer, expert) pairs with no copy (shadow budget too "
+                            "small to place them elsewhere)", node[:12], len(keys))
     persistence = None
     if dep.resilience and dep.redis_url:
         import redis

@@ -144,9 +144,11 @@ class ControllerSettings:
     max_attention_workers: int | None = None  # None: attention_workers
     load_half_life_s: float = 30.0
     rebalance_interval_s: float = 0.0  # 0: rebalance on demand only
+    worker_nodes: tuple[tuple[str, str], ...] = ()  # (worker, node) as the launcher places them; empty: one node
 
     @classmethod
-    def from_deployment(cls, dep, shadow_slots: int | None) -> "ControllerSettings":
+    def from_deployment(cls, dep, shadow_slots: int | None,
+                        worker_nodes: tuple[tuple[str, str], ...] = ()) -> "ControllerSettings":
         return cls(
             attention_workers=dep.attention_workers, expert_workers=dep.expert_workers,
             kv_store=dep.resilience and dep.kv_checkpoint and bool(dep.redis_url), primary_policy=dep.placement,
@@ -154,6 +156,7 @@ class ControllerSettings:
             heartbeat_timeout_s=dep.heartbeat_timeout_s, tick_interval_s=dep.heartbeat_interval_s,
             startup_timeout_s=dep.startup_timeout_s, max_attention_workers=dep.max_attention_workers,
             load_half_life_s=dep.load_half_life_s, rebalance_interval_s=dep.rebalance_interval_s,
+            worker_nodes=tuple(worker_nodes),
         )
 
 
@@ -260,7 +263,21 @@ class ClusterModel:
             slots = 0
         return placement.plan_placement(self.settings.shadow_policy, self.shape.num_experts, workers,
                                         list(self.shape.sparse_layers), slots, self.settings.primary_policy, load,
-                                        current, self.resilience)
+                                        current, self.resilience, node_of=self.node_of())
+
+    def node_of(self) -> dict[str, str]:
+        """worker -> node: where each registered worker reported it runs, else where the launcher
+        planned it (empty on one node)."""
+        nodes = dict(self.settings.worker_nodes)
+        nodes.update({r.name: r.node for r in self.workers.values() if r.node})
+        return nodes
+
+    def unprotected_by_node(self) -> dict[str, list[ExpertKey]]:
+        """node -> the (layer, expert) pairs that its loss would leave with no live copy right now."""
+        num_experts = self.ert.num_experts
+        live = {(i // num_experts, i % num_experts): entry for i, entry in enumerate(self.ert.candidates)
+                if i // num_experts in self.shape.sparse_layers}
+        return placement.unprotected_by_node(live, self.node_of())
 
     def observed_load(self) -> dict[ExpertKey, float] | None:
         """The decayed per-expert load, or None before any token was reported."""

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 
+from resilient_moe.controller import placement
 from resilient_moe.controller.state import ENDED, SERVING, WorkerState
 from resilient_moe.datapath.ert import RoutingTable
 from resilient_moe.datapath.faults import LinkFault
@@ -108,3 +109,11 @@ class ClusterView:
     def draining(self, name: str) -> bool:
         peer = self.workers.get(name)
         return peer is not None and peer.state == WorkerState.DRAINING
+
+
+def unprotected_by_node(state: pb.ClusterState) -> dict[str, list[tuple[int, int]]]:
+    """node -> the (layer, expert) pairs that losing it would leave with no live copy, from a cluster
+    snapshot's routing table and its workers' nodes (controller/placement.py `unprotected_by_node`)."""
+    num_experts = max(1, state.ert.num_experts)
+    copies = {divmod(i, num_experts): tuple(c.workers) for i, c in enumerate(state.ert.entries) if c.workers}
+    return placement.unprotected_by_node(copies, {w.name: w.node for w in state.workers if w.node})
