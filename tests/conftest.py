@@ -179,51 +179,12 @@ def redis_server(tmp_path):
         proc.wait()
 
 
-class RayTestCluster:
-    """`ray.cluster_utils.Cluster` on loopback: a head node and 3 worker nodes, small (this host has few
-    cores), with the driver connected. `worker_nodes` are the node ids (hex) of the worker nodes."""
-
-    def __init__(self, workers: int = 3) -> None:
-        import ray
-        from ray.cluster_utils import Cluster
-
-        self.ray = ray
-        self.cluster = Cluster(initialize_head=True, head_node_args=dict(
-            num_cpus=1, include_dashboard=False, object_store_memory=80 << 20))
-        try:
-            self.handles = [self.add_node() for _ in range(workers)]
-            self.cluster.wait_for_nodes()
-            ray.init(address=self.cluster.address, log_to_driver=False)
-        except BaseException:
-            self.shutdown()
-            raise
-
-    def add_node(self):
-        return self.cluster.add_node(num_cpus=1, object_store_memory=80 << 20)
-
-    @property
-    def worker_nodes(self) -> list[str]:
-        return [h.node_id for h in self.handles]
-
-    def handle_of(self, node_id: str):
-        return next(h for h in self.handles if h.node_id == node_id)
-
-    def remove_node(self, node_id: str) -> None:
-        handle = self.handle_of(node_id)
-        self.handles.remove(handle)
-        self.cluster.remove_node(handle, allow_graceful=False)
-
-    def shutdown(self) -> None:
-        try:
-            self.ray.shutdown()
-        finally:
-            self.cluster.shutdown()
-
-
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One Ray test cluster for the session's Ray tests (starting one takes about 15 s here)."""
     pytest.importorskip("ray")
-    cluster = RayTestCluster()
+    from resilient_moe.launch.ray_local import LoopbackRayCluster
+
+    cluster = LoopbackRayCluster()
     yield cluster
     cluster.shutdown()

@@ -65,5 +65,4 @@ def test_node_loss_loses_no_token_and_replaces_on_surviving_nodes(ray_cluster, t
             finally:
                 frontend.close()
     finally:
-        while len(ray_cluster.handles) < 3:  # the session's cluster keeps 3 worker nodes
-            ray_cluster.handles.append(ray_cluster.add_node())
+        ray_cluster.refill()  # the session's cluster keeps 3 worker nodes

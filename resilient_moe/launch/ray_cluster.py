@@ -505,6 +505,14 @@ class RayCluster:
             for p in workers:
                 self._replacing.add(p.name)
         try:
+            # Actors already lost with their node show it within moments: no worker goes back there.
+            refs = {p.exit_ref: p for p in workers}
+            gone, _ = ray.wait(list(refs), num_returns=len(refs), timeout=0.3)
+            for ref in gone:
+                try:
+                    ray.get(ref, timeout=1)
+                except (RayActorError, GetTimeoutError):
+                    self.lost_nodes.add(refs[ref].node)
             for p in workers:
                 try:
                     ray.kill(p.actor, no_restart=True)
@@ -521,6 +529,7 @@ class RayCluster:
             self._wait_fresh(experts, deadline)
             self._start_all(attention, deadline)
             self._wait_fresh(attention, deadline)
+            self.replaced += [(p.name, p.node, self.placed[p.name]) for p in workers if p.node != self.placed[p.name]]
         finally:
             with self._lock:
                 self._replacing.difference_update(p.name for p in workers)
