@@ -77,15 +77,21 @@ class RoleHost:
             port = s.getsockname()[1]
         return {"node": ray.get_runtime_context().get_node_id(), "ip": ip, "port": port, "actor_pid": os.getpid()}
 
-    def run(self, argv: list[str], log_path: str) -> int:
+    def run(self, argv: list[str], log_path: str, stdin: str = "") -> int:
+        """Start the child; `stdin` is written to its standard input and closed (its configuration)."""
         from resilient_moe.launch.zygote import die_with_parent
 
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
         self.log_path = log_path
         actor_pid = os.getpid()
         with open(log_path, "ab") as out:
-            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT,
                                          preexec_fn=lambda: die_with_parent(actor_pid))
+        try:
+            self.proc.stdin.write(stdin.encode())
+            self.proc.stdin.close()
+        except BrokenPipeError:
+            pass  # it exited at once; wait_exit reports how
         return self.proc.pid
 
     def wait_exit(self) -> int:
@@ -113,6 +119,7 @@ class _Process:
     ip: str
     pid: int
     exit_ref: object  # ObjectRef of wait_exit(): ready once the process (or its actor) is gone
+    exited: bool = False  # its exit was handled (replaced, or left to a restart of everything)
 
 
 class RayCluster:
@@ -197,19 +204,24 @@ class RayCluster:
         alive = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive"))
         return sorted(alive, key=lambda n: n != self.head)
 
-    def _launch(self, name: str, node: str, argv_for, log_name: str | None = None) -> _Process:
-        """Start an actor on `node` and, in it, the child `argv_for(where)` gives; wait until it runs."""
+    def _launch(self, name: str, node: str, argv_for) -> _Process:
+        """Start an actor on `node` and, in it, the child `argv_for(where)` gives (argv, stdin); wait
+        until it runs."""
         actor = ray.remote(RoleHost).options(
             num_cpus=0, max_concurrency=4, max_restarts=0, name=f"rmoe-{self.cluster_id}-{name}-{secrets.token_hex(2)}",
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False),
         ).remote(self.secret.hex())
         try:
             where = ray.get(actor.where.remote(), timeout=ACTOR_START_TIMEOUT_S)
-            pid = ray.get(actor.run.remote(argv_for(where), str(self.log_dir / f"{log_name or name}.log")),
+            argv, stdin = argv_for(where)
+            pid = ray.get(actor.run.remote(argv, str(self.log_dir / f"{name}.log"), stdin),
                           timeout=ACTOR_START_TIMEOUT_S)
         except (GetTimeoutError, RayActorError) as e:
             ray.kill(actor, no_restart=True)
-            raise ClusterError(f"could not start {name} on node {node[:12]}: {type(e).__name__}: {e}") from None
+            if node not in self.alive_nodes() or isinstance(e, RayActorError):
+                self.lost_nodes.add(node)  # no second try there
+            raise ClusterError(f"could not start {name} on node {node[:12]}: {type(e).__name__}: "
+                               f"{str(e).splitlines()[0] if str(e) else ''}") from None
         process = _Process(name, actor, where["node"], where["ip"], pid, actor.wait_exit.remote())
         with self._lock:
             old = self.procs.get(name)
@@ -226,7 +238,7 @@ class RayCluster:
         def argv(where: dict) -> list[str]:
             dep = dataclasses.replace(self.deployment, host=where["ip"])
             config = WorkerConfig(name, role, index, self.cluster_id, self.controller_address, dep, node=where["node"])
-            return [sys.executable, "-m", "resilient_moe.launch.zygote", "--cold", role, config.to_json()]
+            return [sys.executable, "-m", "resilient_moe.launch.child", role], config.to_json()
 
         return self._launch(name, node, argv)
 
@@ -236,14 +248,16 @@ class RayCluster:
         if binary is None:
             raise ClusterError("redis-server is not installed and no redis_url was given; or set kv_checkpoint: false")
         chosen: dict = {}
+        password = secrets.token_hex(16)  # in its configuration on stdin, and in the URL workers get on theirs
 
-        def argv(where: dict) -> list[str]:
+        def argv(where: dict) -> tuple[list[str], str]:
             chosen.update(where)
-            return [binary, "--bind", where["ip"], "--port", str(where["port"]), "--save", "", "--appendonly", "no",
-                    "--protected-mode", "no", "--dir", str(self.log_dir), "--logfile", ""]
+            config = (f"bind {where['ip']}\nport {where['port']}\nrequirepass {password}\nsave \"\"\n"
+                      f"appendonly no\ndir {self.log_dir}\n")
+            return [binary, "-"], config
 
         self._launch("redis", self.head, argv)
-        url = f"redis://{chosen['ip']}:{chosen['port']}/0"
+        url = f"redis://:{password}@{chosen['ip']}:{chosen['port']}/0"
         import redis
 
         client = redis.Redis.from_url(url, socket_timeout=0.5)
@@ -305,7 +319,7 @@ class RayCluster:
             dep = dataclasses.replace(self.deployment, host=where["ip"])
             config = WorkerConfig("controller", "controller", 0, self.cluster_id, self.controller_address, dep,
                                   node=where["node"], worker_nodes=tuple(sorted(self.placed.items())))
-            return [sys.executable, "-m", "resilient_moe.launch.zygote", "--cold", "controller", config.to_json()]
+            return [sys.executable, "-m", "resilient_moe.launch.child", "controller"], config.to_json()
 
         self._launch("controller", self.head, argv)
 
@@ -351,7 +365,8 @@ class RayCluster:
         while not self._stopping.is_set():
             try:
                 with self._lock:
-                    watched = {p.exit_ref: p for p in self.procs.values() if p.name not in self._replacing}
+                    watched = {p.exit_ref: p for p in self.procs.values()
+                               if p.name not in self._replacing and not p.exited}
                 if not watched:
                     self._stopping.wait(0.05)
                     continue
@@ -374,6 +389,7 @@ class RayCluster:
         with self._lock:
             if self._stopping.is_set() or self.procs.get(process.name) is not process or process.name in self._replacing:
                 return
+            process.exited = True
             if node_lost:
                 self.lost_nodes.add(process.node)
             log.warning("%s (pid %d on node %s) %s", process.name, process.pid, process.node[:12], how)
