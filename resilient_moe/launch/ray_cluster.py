@@ -58,6 +58,15 @@ log = logging.getLogger("resilient_moe.launcher.ray")
 ACTOR_START_TIMEOUT_S = 60.0
 
 
+def _reachable(node: dict, timeout_s: float = 0.3) -> bool:
+    """Whether the node's raylet accepts a TCP connection (refused or silent: the node is lost)."""
+    try:
+        socket.create_connection((node["NodeManagerAddress"], int(node["NodeManagerPort"])), timeout_s).close()
+        return True
+    except (OSError, KeyError, ValueError):
+        return False
+
+
 class RoleHost:
     """A Ray actor that runs one process of the cluster (a role, or redis-server) as its child.
 
@@ -65,7 +74,16 @@ class RoleHost:
     exited (the supervisor keeps one call outstanding); the child dies with the actor."""
 
     def __init__(self, secret_hex: str) -> None:
+        from resilient_moe.launch.zygote import die_with_parent
+
         auth.install(secret_hex)  # the child inherits it through the environment, never argv
+        # The actor dies with its node's raylet (its parent) at once, and its child with it: left alone, a
+        # Ray worker notices a dead raylet only some 0.6 s later, serving meanwhile as if its node lived.
+        try:
+            if os.path.basename(os.readlink(f"/proc/{os.getppid()}/exe")) == "raylet":
+                die_with_parent(os.getppid())
+        except OSError:
+            pass
         self.proc: subprocess.Popen | None = None
         self.log_path = ""
 
@@ -200,8 +218,9 @@ class RayCluster:
         self._own_ray = True
 
     def alive_nodes(self) -> list[str]:
-        """Ray's live nodes, in a stable order (the head first)."""
-        alive = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive"))
+        """Ray's live nodes whose raylet still accepts a connection (Ray itself declares a node dead only
+        after missed health checks), in a stable order (the head first)."""
+        alive = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive") and _reachable(n))
         return sorted(alive, key=lambda n: n != self.head)
 
     def _launch(self, name: str, node: str, argv_for) -> _Process:
@@ -218,7 +237,7 @@ class RayCluster:
                           timeout=ACTOR_START_TIMEOUT_S)
         except (GetTimeoutError, RayActorError) as e:
             ray.kill(actor, no_restart=True)
-            if node not in self.alive_nodes() or isinstance(e, RayActorError):
+            if node not in self.alive_nodes():
                 self.lost_nodes.add(node)  # no second try there
             raise ClusterError(f"could not start {name} on node {node[:12]}: {type(e).__name__}: "
                                f"{str(e).splitlines()[0] if str(e) else ''}") from None
@@ -235,7 +254,7 @@ class RayCluster:
     def _start_role(self, name: str, node: str) -> _Process:
         role, index = LocalCluster.role_of(name)
 
-        def argv(where: dict) -> list[str]:
+        def argv(where: dict) -> tuple[list[str], str]:
             dep = dataclasses.replace(self.deployment, host=where["ip"])
             config = WorkerConfig(name, role, index, self.cluster_id, self.controller_address, dep, node=where["node"])
             return [sys.executable, "-m", "resilient_moe.launch.child", role], config.to_json()
@@ -314,8 +333,9 @@ class RayCluster:
         """On the head, listening for gRPC on TCP at a port its actor found free; it plans shadows
         knowing each worker's node."""
 
-        def argv(where: dict) -> list[str]:
-            self.controller_address = f"{where['ip']}:{where['port']}"
+        def argv(where: dict) -> tuple[list[str], str]:
+            # A restarted controller takes its predecessor's address: every client keeps dialling it.
+            self.controller_address = self.controller_address or f"{where['ip']}:{where['port']}"
             dep = dataclasses.replace(self.deployment, host=where["ip"])
             config = WorkerConfig("controller", "controller", 0, self.cluster_id, self.controller_address, dep,
                                   node=where["node"], worker_nodes=tuple(sorted(self.placed.items())))
@@ -393,8 +413,13 @@ class RayCluster:
             if node_lost:
                 self.lost_nodes.add(process.node)
             log.warning("%s (pid %d on node %s) %s", process.name, process.pid, process.node[:12], how)
-            if process.name in ("redis", "controller"):
-                self.fatal = self.fatal or f"{process.name} on the head node {how}"
+            if process.name == "redis" or (process.name == "controller" and not self.checkpointing):
+                self.fatal = self.fatal or (f"{process.name} on the head node {how}; the cluster's metadata is "
+                                            "gone: start the cluster again")
+                return
+            if process.name == "controller":  # it recovers the cluster's state from Redis, at the same address
+                self._replacing.add(process.name)
+                threading.Thread(target=self._replace, args=(process,), daemon=True).start()
                 return
             if self.client is not None:
                 self.client.report_failure("launcher", process.name, 0, f"process {process.pid} {how}", wait=False)
@@ -412,10 +437,14 @@ class RayCluster:
             for attempt in range(3):  # bounded: a node that dies under us while starting is skipped next time
                 if self._stopping.is_set():
                     return
-                node = node_policy.replacement_node(dead.name, self.placed, self.alive_nodes(),
-                                                    self.lost_nodes | {self.head} if self._head_spare() else self.lost_nodes)
+                worker = dead.name.startswith(("aw-", "ew-"))  # the control plane stays on the head
+                off = self.lost_nodes | {self.head} if worker and self._head_spare() else self.lost_nodes
+                node = node_policy.replacement_node(dead.name, self.placed, self.alive_nodes(), off)
                 try:
-                    self._start_role(dead.name, node)
+                    if dead.name == "controller":
+                        self._start_controller()
+                    else:
+                        self._start_role(dead.name, node)
                     self.replaced.append((dead.name, dead.node, node))
                     return
                 except ClusterError as e:
@@ -472,8 +501,11 @@ class RayCluster:
                     self._replacing.add(command.worker)
                     threading.Thread(target=self._start_new, args=(command.worker,), daemon=True).start()
                     return
-            if running:
-                self.kill(command.worker, signal.SIGKILL)  # the supervisor sees it exit and replaces it
+            if running:  # the controller gave up on it (silent): the supervisor sees it exit and replaces it
+                try:
+                    self.kill(command.worker, signal.SIGKILL)
+                except (RayActorError, GetTimeoutError):
+                    pass  # gone already, with its actor
         elif command.action == "stop":
             with self._lock:
                 current = self.procs.get(command.worker)

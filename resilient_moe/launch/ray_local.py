@@ -22,8 +22,8 @@ class LoopbackRayCluster:
         # take many seconds, during which a replacement could still be sent there.
         self.cluster = Cluster(initialize_head=True, head_node_args=dict(
             num_cpus=1, include_dashboard=False, object_store_memory=80 << 20,
-            _system_config={"health_check_initial_delay_ms": 1000, "health_check_period_ms": 250,
-                            "health_check_timeout_ms": 500, "health_check_failure_threshold": 4}))
+            _system_config={"health_check_initial_delay_ms": 1000, "health_check_period_ms": 500,
+                            "health_check_timeout_ms": 1000, "health_check_failure_threshold": 4}))
         try:
             self.handles = [self.add_node() for _ in range(workers)]
             self.cluster.wait_for_nodes()
