@@ -70,3 +70,29 @@ def test_a_replacement_goes_to_a_surviving_node_with_the_fewest_of_its_role():
     assert replacement_node("ew-0", placed, ["n1", "n2", "n3"], lost={"n1"}) == "n3"  # fewest workers overall
     with pytest.raises(ValueError, match="no surviving node"):
         replacement_node("aw-0", placed, ["n1"], lost={"n1"})
+
+
+@pytest.mark.parametrize("settings,message", [
+    ({"launcher": "k8s"}, "launcher must be one of local, ray, got 'k8s'"),
+    ({"ray_address": "auto"}, "ray_address ('auto') needs launcher: ray"),
+])
+def test_launcher_settings_are_checked(settings, message):
+    from resilient_moe.config import DeploymentConfig
+    from resilient_moe.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        DeploymentConfig.from_dict(settings, source="test.yaml")
+    assert DeploymentConfig(launcher="ray", ray_address="auto").ray_address == "auto"
+
+
+def test_the_local_launcher_never_imports_ray():
+    import subprocess
+    import sys
+
+    code = ("import sys; import resilient_moe.cli, resilient_moe.server.serve, resilient_moe.launch.local; "
+            "from resilient_moe.launch import make_cluster; from resilient_moe.config import DeploymentConfig; "
+            "c = make_cluster(DeploymentConfig()); assert type(c).__name__ == 'LocalCluster'; "
+            "print('ray' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "False"
