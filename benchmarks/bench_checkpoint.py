@@ -38,11 +38,12 @@ from resilient_moe.model.demo import demo_model_dir  # noqa: E402
 from resilient_moe.server.frontend import Frontend  # noqa: E402
 
 
-def deployment(model: Path, checkpoint: bool, max_len: int = 8192, redis_url: str = "") -> DeploymentConfig:
+def deployment(model: Path, checkpoint: bool, max_len: int = 8192, redis_url: str = "", **extra) -> DeploymentConfig:
+    """`extra`: more DeploymentConfig fields (bench_kv_replication.py: kv_stores, kv_replicas)."""
     return DeploymentConfig(model=str(model), attention_workers=2, expert_workers=2, micro_batches=2,
                             kv_checkpoint=checkpoint, heartbeat_timeout_s=5.0, redis_url=redis_url,
                             engine=EngineConfig(max_num_seqs=64, max_model_len=max_len, kv_cache_tokens=65536,
-                                                max_num_batched_tokens=8192))
+                                                max_num_batched_tokens=8192), **extra)
 
 
 @contextlib.contextmanager
@@ -67,31 +68,51 @@ def slow_redis(delay_ms: float):
             server.wait()
 
 
-def throughput(model: Path, zygote: Zygote, mode: str, n: int, tokens: int, slow_ms: float) -> float:
-    """Decode tok/s with checkpointing "off", "on", or on with a "slow" Redis."""
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time process `pid` has used (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def throughput(model: Path, zygote: Zygote, mode: str, n: int, tokens: int, slow_ms: float = 0.0,
+               cpu: dict[str, float] | None = None, **extra) -> float:
+    """Decode tok/s with checkpointing "off", "on", or on with a "slow" Redis. `cpu`: filled with the
+    CPU seconds each of the cluster's processes used during the run, by name."""
     g = torch.Generator().manual_seed(1)
     prompts = torch.randint(3, 500, (n, 24), generator=g).tolist()
     params = SamplingParams(max_tokens=tokens, ignore_eos=True)
     with contextlib.ExitStack() as stack:
         url = stack.enter_context(slow_redis(slow_ms)) if mode == "slow" else ""
-        cluster = stack.enter_context(LocalCluster(deployment(model, mode != "off", redis_url=url), zygote=zygote))
+        cluster = stack.enter_context(LocalCluster(deployment(model, mode != "off", redis_url=url, **extra),
+                                                   zygote=zygote))
         frontend = Frontend(cluster.controller_address).start()
         try:
+            used = {name: cpu_seconds(pid) for name, pid in cluster.pids.items()}
             start = time.monotonic()
             for h in [frontend.submit(p, params) for p in prompts]:
                 h.wait(300)
-            return n * tokens / (time.monotonic() - start)
+            rate = n * tokens / (time.monotonic() - start)
+            if cpu is not None:
+                cpu.update({name: cpu_seconds(pid) - used.get(name, 0.0) for name, pid in cluster.pids.items()})
+            return rate
         finally:
             frontend.close()
 
 
-def failover_stall(model: Path, zygote: Zygote, checkpoint: bool, context: int) -> tuple[float, bool]:
-    """(stall of the long request in seconds, its tokens equal to the failure-free run's)."""
+def failover_stall(model: Path, zygote: Zygote, checkpoint: bool, context: int, node_loss: bool = False,
+                   counters: dict[str, float] | None = None, **extra) -> tuple[float, bool]:
+    """(stall of the long request in seconds, its tokens equal to the failure-free run's). `node_loss`:
+    its worker's primary KV store is killed at the same instant; `counters`: filled with the attention
+    workers' restore counters (by source) afterwards; `extra`: more DeploymentConfig fields."""
     g = torch.Generator().manual_seed(context)
     long_prompt = torch.randint(3, 500, (context,), generator=g).tolist()
     short = torch.randint(3, 500, (5, 16), generator=g).tolist()
     params = SamplingParams(max_tokens=24, ignore_eos=True)
-    with LocalCluster(deployment(model, checkpoint), zygote=zygote) as cluster:
+    with LocalCluster(deployment(model, checkpoint, **extra), zygote=zygote) as cluster:
         frontend = Frontend(cluster.controller_address).start()
         try:
             reference = frontend.submit(long_prompt, params).wait(300).token_ids
@@ -100,16 +121,33 @@ def failover_stall(model: Path, zygote: Zygote, checkpoint: bool, context: int) 
             deadline = time.monotonic() + 120
             while (len(victim.tokens) < 8 or not victim.worker) and time.monotonic() < deadline:
                 time.sleep(0.002)
-            os.kill(cluster.pids[victim.worker], signal.SIGKILL)
+            doomed = [cluster.pids[victim.worker]]
+            if node_loss:
+                doomed.append(cluster.pids[primary_store(cluster, victim.worker)])
+            for pid in doomed:
+                os.kill(pid, signal.SIGKILL)
             killed = time.monotonic()
             victim.wait(300)
             for h in handles:
                 h.wait(300)
+            if counters is not None:
+                time.sleep(0.5)  # a heartbeat or more
+                for w in cluster.state().workers:  # the victim's replacement, if it adopted any, too
+                    if w.name.startswith("aw-"):
+                        for key in ("ckpt_restored_local", "ckpt_restored_replica", "requests_recomputed"):
+                            counters[key] = counters.get(key, 0.0) + w.load.get(key, 0.0)
             before = max(t.arrived for t in victim.tokens if t.arrived <= killed)
             after = min(t.arrived for t in victim.tokens if t.arrived > killed)
             return after - before, victim.token_ids == reference
         finally:
             frontend.close()
+
+
+def primary_store(cluster: LocalCluster, worker: str) -> str:
+    """The KV store `worker` checkpoints into (its heartbeats report the store's incarnation)."""
+    workers = cluster.state().workers
+    incarnation = next(w.load.get("ckpt_store", 0.0) for w in workers if w.name == worker)
+    return next(w.name for w in workers if w.name.startswith("kv-store") and w.incarnation == incarnation)
 
 
 def main() -> int:

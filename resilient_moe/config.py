@@ -512,7 +512,13 @@ class DeploymentConfig:
     max_attention_workers: int | None = None  # most attention workers scaling may reach (KV store regions); None: as many as attention_workers
     drain_timeout_s: float = 30.0  # longest a draining worker (or server) takes to finish or hand over its requests
     kv_checkpoint: bool = True  # checkpoint attention workers' KV into the KV store (needs Redis)
-    kv_store_bytes: int = 256 << 20  # host memory of the KV store (allocated as it is written)
+    kv_store_bytes: int = 256 << 20  # host memory of each KV store (allocated as it is written)
+    # KV store processes ("kv-store", "kv-store-1", ...); each serves its memory over TCP too. None: the
+    # launcher's default: 1 locally; under Ray one on each worker node (at least kv_replicas + 1).
+    kv_stores: int | None = None
+    # Copies of each checkpoint in stores other than the writer's primary (another node's). None: the
+    # launcher's default: 0 locally (the one store outlives any worker); 1 under Ray (it outlives a node).
+    kv_replicas: int | None = None
     redis_url: str = ""  # "": the launcher starts a private redis-server when checkpointing is on
     log_level: str = "INFO"
     # "auto": each attention and expert worker runs on cores of its own (launch/cpus.py) with as many
@@ -571,6 +577,18 @@ class DeploymentConfig:
             raise ConfigError(f"shadow_budget_bytes must be an integer >= 0, got {self.shadow_budget_bytes!r}")
         if not isinstance(self.kv_store_bytes, int) or isinstance(self.kv_store_bytes, bool) or self.kv_store_bytes < 1 << 20:
             raise ConfigError(f"kv_store_bytes must be an integer >= 1048576, got {self.kv_store_bytes!r}")
+        if self.kv_replicas is None:
+            object.__setattr__(self, "kv_replicas", 1 if self.launcher == "ray" else 0)
+        if self.kv_stores is None:
+            replicas = self.kv_replicas if isinstance(self.kv_replicas, int) else 0
+            object.__setattr__(self, "kv_stores", replicas + 1 if self.launcher == "ray" else 1)
+        for name, least in (("kv_stores", 1), ("kv_replicas", 0)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ConfigError(f"{name} must be an integer >= {least}, got {value!r}")
+        if self.kv_replicas >= self.kv_stores:
+            raise ConfigError(f"kv_replicas ({self.kv_replicas}) must be below kv_stores ({self.kv_stores}): a replica "
+                              "is never kept in the writer's primary store")
         if not isinstance(self.redis_url, str) or (self.redis_url and not self.redis_url.startswith(
                 ("redis://", "rediss://", "unix://"))):
             raise ConfigError(f"redis_url must be empty or a redis://, rediss:// or unix:// URL, got {self.redis_url!r}")

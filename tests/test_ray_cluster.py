@@ -51,7 +51,9 @@ def test_ray_cluster_spreads_workers_over_nodes_and_serves(cluster, ray_cluster,
     # Every worker reports the Ray node id of the node its actor runs on; the control plane stays on the head.
     for name in ("aw-0", "aw-1", "ew-0", "ew-1", "ew-2"):
         assert node_of[name] == cluster.nodes[name] and node_of[name] in workers, name
-    assert node_of["kv-store"] == cluster.nodes["controller"] == cluster.head not in workers
+    assert cluster.nodes["controller"] == cluster.head not in workers
+    stores = {node_of[w.name] for w in state.workers if w.role == pb.KV_STORE}
+    assert stores == workers, "a KV store on every worker node (replicas go to another node's)"
     assert len({node_of["aw-0"], node_of["aw-1"]}) == 2, "no node holds every attention worker"
     copies = defaultdict(set)
     num_experts = state.ert.num_experts

@@ -1,8 +1,8 @@
 """A whole node lost under load, on a Ray test cluster (head + 3 worker nodes on loopback): the node that
 hosts an attention worker and an expert worker is removed at once (every process on it killed in the
-same instant). Every stream finishes token-identical to a failure-free run, the requests of the lost
-attention worker are restored from the KV checkpoint held off its node (not recomputed), and the
-replacements start on surviving nodes."""
+same instant), its KV store with them. Every stream finishes token-identical to a failure-free run, the
+requests of the lost attention worker are restored from the replica of their KV checkpoint on another
+node (not recomputed), and the replacements start on surviving nodes."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import random
 
 import pytest
 
-from conftest import wait_until
+from conftest import wait_until, worker_load
 from resilient_moe.config import DeploymentConfig, EngineConfig, SamplingParams
 from resilient_moe.engine.engine import LLMEngine
 from resilient_moe.launch import make_cluster
@@ -22,7 +22,8 @@ pytest.importorskip("ray")
 
 def workload(n: int = 16, max_tokens: int = 40):
     rng = random.Random(11)
-    prompts = [[1] + [rng.randrange(3, 500) for _ in range(rng.randint(8, 40))] for _ in range(n)]
+    # At least one whole KV block (16 positions) each: every stream has a checkpoint to restore.
+    prompts = [[1] + [rng.randrange(3, 500) for _ in range(rng.randint(20, 40))] for _ in range(n)]
     return prompts, SamplingParams(max_tokens=max_tokens, ignore_eos=True)
 
 
@@ -45,6 +46,8 @@ def test_node_loss_loses_no_token_and_replaces_on_surviving_nodes(ray_cluster, t
                 assert "aw-0" in on_node and any(n.startswith("ew-") for n in on_node), on_node
                 moved = [h for h in handles if h.worker == "aw-0" and not h.done]
                 assert moved, "some streams run on the attention worker that is lost"
+                wait_until(lambda: worker_load(cluster, "aw-0", "ckpt_replica_acks") > 0
+                           and worker_load(cluster, "aw-0", "ckpt_replicas") == 1, 30, "aw-0's replica to hold blocks")
                 ray_cluster.remove_node(victim)
                 outputs = [h.wait(180).token_ids for h in handles]
                 assert outputs == reference, "a stream differs from the failure-free run"
@@ -57,8 +60,12 @@ def test_node_loss_loses_no_token_and_replaces_on_surviving_nodes(ray_cluster, t
                 assert {(w, dead) for w, dead, _ in cluster.replaced} >= {(n, victim) for n in on_node}
                 wait_until(lambda: all(w.state == pb.READY and w.node != victim for w in cluster.state().workers
                                        if w.name in on_node), 90, "the replacements to be ready")
-                # Restored from the KV checkpoint (held off the lost node), not recomputed from the prompt.
-                assert load_of(cluster, "ckpt_restored") >= len(moved)
+                # Restored from the replica of the KV checkpoint on another node (the primary store died with
+                # the node), not recomputed from the prompt.
+                counters = {w.name: {k: v for k, v in w.load.items() if k.startswith(("ckpt_restore", "requests_re"))}
+                            for w in cluster.state().workers if w.role == pb.ATTENTION}
+                assert load_of(cluster, "ckpt_restored_replica") == len(moved), counters
+                assert load_of(cluster, "ckpt_restored_local") == 0
                 assert load_of(cluster, "requests_recomputed") == 0
                 later = [frontend.submit(p, params) for p in prompts[:4]]
                 assert [h.wait(120).token_ids for h in later] == reference[:4]

@@ -127,13 +127,19 @@ class Order:
         return self.action, self.worker, self.pid, self.generation
 
 
+def kv_store_name(index: int) -> str:
+    """The first KV store keeps the name it had when there was one; the others are numbered."""
+    return "kv-store" if index == 0 else f"kv-store-{index}"
+
+
 @dataclass(frozen=True)
 class ControllerSettings:
     """What the controller takes from the deployment (see DeploymentConfig for each setting)."""
 
     attention_workers: int
     expert_workers: int
-    kv_store: bool = False  # the roster has a KV store process (checkpointing on)
+    kv_store: bool = False  # the roster has KV store processes (checkpointing on)
+    kv_stores: int = 1  # how many
     primary_policy: str = "contiguous"
     shadow_policy: str = "spread"
     shadow_slots: int | None = None  # per expert worker per sparse layer; None: one shadow of every expert
@@ -151,7 +157,8 @@ class ControllerSettings:
                         worker_nodes: tuple[tuple[str, str], ...] = ()) -> "ControllerSettings":
         return cls(
             attention_workers=dep.attention_workers, expert_workers=dep.expert_workers,
-            kv_store=dep.resilience and dep.kv_checkpoint and bool(dep.redis_url), primary_policy=dep.placement,
+            kv_store=dep.resilience and dep.kv_checkpoint and bool(dep.redis_url), kv_stores=dep.kv_stores,
+            primary_policy=dep.placement,
             shadow_policy=dep.shadow_policy, shadow_slots=shadow_slots, resilience=dep.resilience,
             heartbeat_timeout_s=dep.heartbeat_timeout_s, tick_interval_s=dep.heartbeat_interval_s,
             startup_timeout_s=dep.startup_timeout_s, max_attention_workers=dep.max_attention_workers,
@@ -221,7 +228,7 @@ class ClusterModel:
         """name -> (role, index) of every worker the desired state asks for."""
         names: dict[str, tuple[str, int]] = {}
         if self.settings.kv_store:
-            names["kv-store"] = ("kv_store", 0)
+            names.update({kv_store_name(i): ("kv_store", i) for i in range(self.settings.kv_stores)})
         names.update({f"ew-{i}": ("expert", i) for i in range(self.desired.expert_workers)})
         names.update({f"aw-{i}": ("attention", i) for i in range(self.desired.attention_workers)})
         return names

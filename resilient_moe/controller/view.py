@@ -21,6 +21,12 @@ from resilient_moe.proto import controller_pb2 as pb
 ROLES = {pb.ATTENTION: "attention", pb.EXPERT: "expert", pb.FRONTEND: "frontend", pb.KV_STORE: "kv_store"}
 
 
+def node_of(worker) -> str:
+    """The failure domain a worker (a PeerView, a WorkerRecord, a WorkerInfo) runs in: its node where the
+    launcher names one (Ray), else its host."""
+    return getattr(worker, "node", "") or worker.host
+
+
 def state_of(value: int) -> WorkerState:
     """The WorkerState of a controller_pb2.WorkerState value."""
     return WorkerState[pb.WorkerState.Name(value)] if value else WorkerState.STARTING
@@ -42,6 +48,7 @@ class PeerView:
     pid: int
     host: str
     load: Mapping[str, float]
+    index: int = 0
     node: str = ""  # its failure domain (WorkerInfo.node)
 
     @property
@@ -69,7 +76,7 @@ class ClusterView:
     def from_proto(cls, state: pb.ClusterState) -> "ClusterView":
         workers = {
             w.name: PeerView(w.name, ROLES.get(w.role, "unknown"), w.incarnation, state_of(w.state), w.data_address,
-                             w.pid, w.host, dict(w.load), w.node)
+                             w.pid, w.host, dict(w.load), w.index, w.node)
             for w in state.workers
         }
         return cls(state.epoch, frozenset((f.name, f.incarnation) for f in state.fenced), workers, state.resilience,
@@ -102,9 +109,13 @@ class ClusterView:
         return bool(peer.data_address) and (peer.serving or peer.state == WorkerState.DRAINING) \
             and not self.is_fenced(peer.name, peer.incarnation)
 
-    def kv_store(self) -> PeerView | None:
-        """The KV store that serves now, if any."""
-        return next((w for w in self.of_role("kv_store") if w.state == WorkerState.READY and w.data_address), None)
+    def kv_stores(self) -> list[PeerView]:
+        """Every KV store the controller knows of, live or not, by index."""
+        return sorted(self.of_role("kv_store"), key=lambda w: w.index)
+
+    @staticmethod
+    def kv_store_live(store: PeerView) -> bool:
+        return store.state == WorkerState.READY and bool(store.data_address)
 
     def draining(self, name: str) -> bool:
         peer = self.workers.get(name)

@@ -17,6 +17,14 @@ on one background thread, so neither a slow Redis nor a big restore ever holds u
     verified prefix; the engine thread copies it into the KV cache and recomputes only the rest.
   - a new store (the old one died and was restarted): the thread maps it, lets go of the old memory,
     and every running request is checkpointed again from its start.
+  - replicas (`kv_replicas`, kvstore/replication.py): every write made into the primary is handed to
+    one shipper thread per replica store, which sends it over TCP in batches; once a replica acks, the
+    thread records in the commit record which of the request's blocks it holds (`replica:{store}`,
+    keys.py). A replica that fails is given up (the writer carries on with the primary); a replacement
+    store gets the live blocks again, read from the primary (`_Reship`).
+  - restores read the copy the record names in the primary store (mapped, or over TCP when it is
+    another node's) if that store is alive and the stamps check out, else the copy of a replica that
+    holds the most, and recompute only what no copy holds.
 
 Failures never block or corrupt serving:
   - the store region is full: that request stops being checkpointed (counted); its last commit
@@ -48,12 +56,16 @@ import torch
 from resilient_moe.engine.engine import LLMEngine
 from resilient_moe.engine.kv_cache import RestoredRows
 from resilient_moe.engine.sequence import Sequence
+from resilient_moe.errors import ResilientMoeError
 from resilient_moe.kvstore import keys
-from resilient_moe.kvstore.store import StoreLayout, map_store
+from resilient_moe.kvstore.remote import RemoteStore
+from resilient_moe.kvstore.replication import ReplicaShipper, ReplicaWrite, StoreRef
+from resilient_moe.kvstore.store import StoreLayout, claim_region, map_store, write_blocks
 
 log = logging.getLogger("resilient_moe.kv_checkpoint")
 
 MAX_PENDING = 256  # snapshots waiting for the background thread (the commit buffer bound)
+REPLICA_RETRY_S = 2.0  # a replica given up while its store still serves is tried again this often
 
 # Commit only if the record is absent or ours: KEYS = commit key, tokens key; ARGV = owner,
 # incarnation, ttl, position of the first new token, then field/value pairs of the commit record,
@@ -74,6 +86,24 @@ redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
 redis.call('EXPIRE', KEYS[2], tonumber(ARGV[3]))
 return 1
 """
+
+# Record how many blocks a replica holds, on each record that is still this incarnation's: KEYS = commit
+# keys; ARGV = owner, incarnation, field, then one value per key. Returns {records changed} (a list, so
+# that `_execute` never counts it as a commit).
+REPLICA_SCRIPT = """
+local changed = 0
+for k = 1, #KEYS do
+  local owner = redis.call('HGET', KEYS[k], 'owner')
+  local inc = redis.call('HGET', KEYS[k], 'incarnation')
+  if owner and owner == ARGV[1] and inc == ARGV[2] then
+    redis.call('HSET', KEYS[k], ARGV[3], ARGV[3 + k])
+    changed = changed + 1
+  end
+end
+return {changed}
+"""
+
+SOURCES = ("local", "replica")  # where a restore's rows came from: the primary's copy, or a replica's
 
 
 @dataclass
@@ -96,6 +126,7 @@ class _Write:
     # (request id, n, blocks, gens, position of the first new output token, the new output tokens)
     commits: list[tuple[str, int, list[int], list[int], int, list[int]]]
     gaps: dict[str, list[tuple[int, int]]]  # request id -> its skipped sliding-layer spans so far
+    acks: list[tuple[str, int, int]] = field(default_factory=list)  # (request id, first, end block) written
 
 
 @dataclass
@@ -113,6 +144,19 @@ class _Restore:
 class _Attach:
     address: str
     store: int
+
+
+@dataclass
+class _Replicas:
+    stores: list[StoreRef]  # the replica stores to ship to from now on
+    # request id -> (its committed store blocks, their generations): to ship again to a new replica
+    live: dict[str, tuple[list[int], list[int]]]
+
+
+@dataclass
+class _Acked:
+    store: int  # the replica store's incarnation
+    acks: list[tuple[str, int, int]]  # (request id, first block, end block) it now holds
 
 
 class KVCheckpointer:
@@ -140,7 +184,7 @@ class KVCheckpointer:
         self._pinned: dict[int, str] = {}  # store block -> request id of a predecessor's record
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
-        self._pending: deque[_Write | _Release | _Restore | _Attach] = deque()
+        self._pending: deque[_Write | _Release | _Restore | _Attach | _Replicas | _Acked] = deque()
         self._restored: deque[tuple[Sequence, torch.Tensor | None, int]] = deque()
         self._stop = False
         self._busy = False  # the thread is carrying out a batch it took
@@ -151,11 +195,23 @@ class KVCheckpointer:
         self._owners = self._stamps = self._rows = None
         self._mapped_store = 0
         self._ready_store = 0  # the store whose region is claimed and pinned: snapshots may start
+        # Replicas (engine thread: the incarnations asked for; the thread: their shippers and what they hold).
+        self.replica_stores: tuple[int, ...] = ()
+        self.live_stores: dict[int, str] = {}  # incarnation -> TCP address of every live store (restores)
+        self._replica_refs: list[StoreRef] = []
+        self._replica_retry_at = 0.0
+        self._shippers: dict[int, ReplicaShipper] = {}
+        self._held: dict[int, dict[str, int]] = {}  # replica incarnation -> request id -> leading blocks it holds
+        self._readers: dict[int, RemoteStore] = {}  # TCP connections restores read through
+        self._shipped = {"writes": 0, "blocks": 0, "bytes": 0, "errors": 0, "dropped": 0}  # of closed shippers
         self.counters = {"commits": 0, "commit_errors": 0, "dropped": 0, "store_full": 0, "restored": 0,
+                         "restored_local": 0, "restored_replica": 0, "replica_acks": 0, "replica_reships": 0,
+                         "replica_reshipped_blocks": 0, "restore_read_errors": 0,
                          "restored_tokens": 0, "restored_bytes": 0, "restore_misses": 0,
                          "restore_stamp_mismatches": 0,
                          "pinned_blocks": 0, "writes_refused": 0, "store_attaches": 0}
         self._commit = redis_client.register_script(COMMIT_SCRIPT)
+        self._replica_commit = redis_client.register_script(REPLICA_SCRIPT)
         self._thread = threading.Thread(target=self._run, name="kv-checkpoint", daemon=True)
         self._thread.start()
 
@@ -180,19 +236,41 @@ class KVCheckpointer:
             log.warning("KV store replaced (incarnation %d): checkpointing %d requests again from their start",
                         store_incarnation, len(self.tracked))
 
+    def use_replicas(self, stores: list[StoreRef], live: list[StoreRef] | None = None) -> None:
+        """Ship every write to `stores` from now on (a new one first gets every live block again);
+        `live`: every store that serves now, which restores may read (None: unchanged)."""
+        if live is not None:
+            self.live_stores = {s.incarnation: s.tcp for s in live if s.tcp}
+        wanted = tuple(sorted(s.incarnation for s in stores))
+        if wanted == self.replica_stores:
+            return
+        self.replica_stores = wanted
+        self._replica_refs = list(stores)
+        current = self._ready_store == self.store_incarnation != 0
+        live_blocks = {r: (t.blocks[:-(-t.committed // self.bs)], t.gens[:-(-t.committed // self.bs)])
+                       for r, t in self.tracked.items() if t.committed > 0 and not t.broken} if current else {}
+        with self._cond:
+            self._pending.append(_Replicas(list(stores), live_blocks))
+            self._cond.notify()
+
     def after_step(self, final: bool = False) -> None:
         """Snapshot the rows every request completed since its last commit; release finished ones.
         `final`: the last snapshot of a draining worker, which writes no block again: the partial last
         block too, so the adopter restores every position instead of recomputing the tail."""
         if self._ready_store != self.store_incarnation or self.store_incarnation == 0 or self._refused:
             return  # no store yet, or it is being mapped (its predecessor's blocks are not pinned yet)
+        if any(s.failed and not s.fenced for s in list(self._shippers.values())) \
+                and time.monotonic() >= self._replica_retry_at:
+            self._replica_retry_at = time.monotonic() + REPLICA_RETRY_S  # a transient failure: try it again
+            self.replica_stores = ()
+            self.use_replicas(self._replica_refs)
         scheduler = self.engine.scheduler
         live = {s.request_id: s for s in scheduler.running}
         for s in scheduler.waiting:
             live.setdefault(s.request_id, s)
         for request_id in [r for r in self.tracked if r not in live]:
             self._release(request_id)
-        src_parts, dst_parts, recent_parts, new_blocks, new_gens, commits = [], [], [], [], [], []
+        src_parts, dst_parts, recent_parts, new_blocks, new_gens, commits, acks = [], [], [], [], [], [], []
         for seq in scheduler.running:
             t = self.tracked.get(seq.request_id)
             if t is None:
@@ -220,6 +298,7 @@ class KVCheckpointer:
             t.gens.extend(gens)
             new_blocks.extend(t.blocks[first:last])
             new_gens.extend(gens)
+            acks.append((seq.request_id, first, last))
             commits.append((seq.request_id, n, list(t.blocks), list(t.gens), t.tokens, seq.output_ids[t.tokens:]))
             t.committed, t.tokens = n, len(seq.output_ids)
         if not commits:
@@ -230,7 +309,7 @@ class KVCheckpointer:
             parts.append((self.windows.windowed, dst[recent], self.cache.gather(src[recent], self.windows.windowed)))
         item = _Write(self.store_incarnation, parts, torch.tensor(new_blocks, dtype=torch.long),
                       torch.tensor(new_gens, dtype=torch.long), commits,
-                      {request_id: list(self.tracked[request_id].gaps) for request_id, *_ in commits})
+                      {request_id: list(self.tracked[request_id].gaps) for request_id, *_ in commits}, acks)
         with self._cond:
             if sum(isinstance(p, _Write) for p in self._pending) >= MAX_PENDING:
                 self.counters["dropped"] += 1
@@ -318,12 +397,21 @@ class KVCheckpointer:
                 if item.store == self._mapped_store and self._write(item):
                     pipe = pipe or self.redis.pipeline(transaction=False)
                     self._queue_commits(pipe, item)
+                    for shipper in self._shippers.values():
+                        shipper.ship(ReplicaWrite(item.blocks, item.gens, item.parts, item.acks))
             elif isinstance(item, _Release):
                 pipe = pipe or self.redis.pipeline(transaction=False)
                 pipe.delete(keys.commit_key(self.cluster_id, item.request_id),
                             keys.tokens_key(self.cluster_id, item.request_id))
+                for held in self._held.values():
+                    held.pop(item.request_id, None)
                 with self._lock:
                     self._free.extend(b for b in item.blocks if b in self.region)
+            elif isinstance(item, _Replicas):
+                self._set_replicas(item)
+            elif isinstance(item, _Acked):
+                pipe = pipe or self.redis.pipeline(transaction=False)
+                self._queue_replica_commits(pipe, item)
         if restores:
             self._restore(restores)
         if pipe is not None:
@@ -336,6 +424,8 @@ class KVCheckpointer:
             old.close()
             self._mapping = None
         self._mapped_store = self._ready_store = 0
+        for held in self._held.values():
+            held.clear()  # every request is written again from its start, to the replicas too
         try:
             mapping = map_store(item.address)
             owners, stamps, rows = self.layout.views(mapping)
@@ -343,11 +433,10 @@ class KVCheckpointer:
             log.warning("cannot map the KV store at %s (%s): not checkpointing until a store can be used",
                         item.address, e)
             return
-        current = int(owners[self.index])
-        if current > self.incarnation:
-            self._refuse(f"region {self.index} belongs to incarnation {current}")
+        refusal = claim_region(owners, self.index, self.incarnation)
+        if refusal:
+            self._refuse(refusal)
             return
-        owners[self.index] = self.incarnation  # claim the region (the predecessor's writes stop here)
         self._mapping, self._owners, self._stamps, self._rows = mapping, owners, stamps, rows
         self._mapped_store = item.store
         self.counters["store_attaches"] += 1
@@ -366,17 +455,80 @@ class KVCheckpointer:
 
     def _write(self, item: _Write) -> bool:
         """Copy staged rows into the store under the ownership protocol; False if refused."""
-        owner = int(self._owners[self.index])
-        if owner != self.incarnation or self._refused:
-            self._refuse(f"region {self.index} now belongs to incarnation {owner}")
+        refusal = "this incarnation was fenced" if self._refused else \
+            write_blocks(self._owners, self._stamps, self._rows, self.index, self.incarnation, item.blocks, item.gens,
+                         item.parts)  # into shared memory: one-sided
+        if refusal:
+            self._refuse(refusal)
             return False
-        self._stamps[item.blocks, 0] = self.incarnation
-        self._stamps[item.blocks, 1] = item.gens - 1  # odd: being written
-        for layers, rows, data in item.parts:  # into shared memory: one-sided
-            for i, layer in enumerate(layers):
-                self._rows[layer].index_copy_(0, rows, data[i])
-        self._stamps[item.blocks, 1] = item.gens
         return True
+
+    # ---- replicas (the thread) ----------------------------------------------------------------
+
+    def _set_replicas(self, item: _Replicas) -> None:
+        """Ship to `item.stores` from now on; a store new to this worker first gets every live block,
+        read from the primary (what the store it replaces held is lost with it)."""
+        wanted = {s.incarnation: s for s in item.stores}
+        for incarnation in [i for i in self._shippers if i not in wanted]:
+            self._close_shipper(incarnation)
+        for incarnation, store in wanted.items():
+            if incarnation in self._shippers and self._shippers[incarnation].failed:
+                self._close_shipper(incarnation)  # tried again: from a new connection, with every live block
+            if incarnation in self._shippers:
+                continue
+            self._shippers[incarnation] = ReplicaShipper(store, self.layout, self.index, self.incarnation, self.owner,
+                                                         self._on_acked)
+            self._held[incarnation] = {}
+            log.info("replicating KV checkpoints to %s (incarnation %d, %s)", store.name, incarnation, store.tcp)
+            if item.live and self._rows is not None:
+                self._reship(self._shippers[incarnation], item.live)
+
+    def _reship(self, shipper: ReplicaShipper, live: dict[str, tuple[list[int], list[int]]]) -> None:
+        """Ship every live committed block (whose stamp is still as committed) to a new replica."""
+        total = 0
+        for request_id, (blocks, gens) in live.items():
+            store_blocks = torch.tensor(blocks, dtype=torch.long)
+            expected = torch.tensor([[self.incarnation, g] for g in gens], dtype=torch.long).view(-1, 2)
+            good = self._stamped_prefix(store_blocks, expected)
+            if good == 0:
+                continue
+            rows = (store_blocks[:good, None] * self.bs + torch.arange(self.bs)).reshape(-1)
+            layers = tuple(range(self.layout.num_layers))
+            data = self._rows.index_select(1, rows)  # [L, good * bs, W]
+            shipper.ship(ReplicaWrite(store_blocks[:good], expected[:good, 1].clone(), [(layers, rows, data)],
+                                      [(request_id, 0, good)]))
+            total += good
+        self.counters["replica_reships"] += 1
+        self.counters["replica_reshipped_blocks"] += total
+        log.info("shipping %d live blocks of %d requests to the new replica %s", total, len(live), shipper.store.name)
+
+    def _on_acked(self, store: int, acks: list[tuple[str, int, int]]) -> None:
+        """A shipper's thread: the replica holds these blocks now (recorded by the checkpoint thread)."""
+        with self._cond:
+            self._pending.append(_Acked(store, acks))
+            self._cond.notify()
+
+    def _queue_replica_commits(self, pipe, item: _Acked) -> None:
+        held = self._held.get(item.store)
+        if held is None:
+            return  # a replica given up meanwhile
+        changed = set()
+        for request_id, first, end in item.acks:
+            if first <= held.get(request_id, 0) < end:  # contiguous: it holds every block before
+                held[request_id] = end
+                changed.add(request_id)
+        if changed:  # one script call for all of them
+            self._replica_commit(keys=[keys.commit_key(self.cluster_id, r) for r in changed],
+                                 args=[self.owner, str(self.incarnation), f"replica:{item.store}",
+                                       *(str(held[r]) for r in changed)], client=pipe)
+        self.counters["replica_acks"] += len(changed)
+
+    def _close_shipper(self, incarnation: int) -> None:
+        shipper = self._shippers.pop(incarnation)
+        self._held.pop(incarnation, None)
+        shipper.close(wait=False)
+        for k, v in shipper.counters.items():
+            self._shipped[k] += v
 
     def _queue_commits(self, pipe, item: _Write) -> None:
         for request_id, n, blocks, gens, first, new_tokens in item.commits:
@@ -407,15 +559,16 @@ class KVCheckpointer:
     def _restore(self, seqs: list[Sequence]) -> None:
         """Read the commit records of `seqs` and the verified prefix of their blocks; hand back what is
         usable (nothing, to recompute, when Redis fails or is slower than its timeout)."""
-        results: list[tuple[RestoredRows | None, int]] = [(None, 0)] * len(seqs)
+        results: list[tuple[RestoredRows | None, int, str]] = [(None, 0, "")] * len(seqs)
         try:
             results = self._read_checkpoints(seqs)
         except Exception as e:  # noqa: BLE001 (Redis down or slow: recompute from the token log)
             log.warning("cannot restore %d requests from the KV store (%s); recomputing", len(seqs), e)
             self._redis_down_until = time.monotonic() + 1.0
-        for seq, (data, n) in zip(seqs, results):
+        for seq, (data, n, source) in zip(seqs, results):
             if n > 0:
                 self.counters["restored"] += 1
+                self.counters[f"restored_{source}"] += 1
                 self.counters["restored_tokens"] += n
                 self.counters["restored_bytes"] += data.nbytes  # what was read back from the store
             else:
@@ -423,19 +576,23 @@ class KVCheckpointer:
             self._restored.append((seq, data, n))
         self.wake()
 
-    def _read_checkpoints(self, seqs: list[Sequence]) -> list[tuple[RestoredRows | None, int]]:
-        if time.monotonic() < self._redis_down_until or self._rows is None:
-            return [(None, 0)] * len(seqs)  # Redis failed a moment ago (do not wait on it again), or no store
+    def _read_checkpoints(self, seqs: list[Sequence]) -> list[tuple[RestoredRows | None, int, str]]:
+        if time.monotonic() < self._redis_down_until or (self._rows is None and not self.live_stores):
+            return [(None, 0, "")] * len(seqs)  # Redis failed a moment ago (do not wait on it again), or no store
         commit_keys = [keys.commit_key(self.cluster_id, seq.request_id) for seq in seqs]
         pipe = self.redis.pipeline(transaction=False)
         for key in commit_keys:
             pipe.hgetall(key)
-        results = [self._read_blocks(seq, record) for seq, record in zip(seqs, pipe.execute())]
+        records = pipe.execute()
+        results = [self._read_blocks(seq, record) for seq, record in zip(seqs, records)]
         # Take the records over now, so a woken predecessor can no longer commit to them.
         takeover = {"owner": self.owner, "incarnation": str(self.incarnation), "n": "0", "blocks": "[]", "gens": "[]"}
         pipe = self.redis.pipeline(transaction=False)
-        for seq, key in zip(seqs, commit_keys):
+        for seq, key, record in zip(seqs, commit_keys, records):
             pipe.hset(key, mapping=takeover)
+            replicas = [k for k in record if (k.decode() if isinstance(k, bytes) else k).startswith("replica:")]
+            if replicas:
+                pipe.hdel(key, *replicas)  # the predecessor's replicas hold none of this worker's blocks
             pipe.delete(keys.tokens_key(self.cluster_id, seq.request_id))  # this worker's commits rebuild it
         try:
             pipe.execute()
@@ -443,33 +600,79 @@ class KVCheckpointer:
             log.warning("could not take over the commit records of %d restored requests: %s", len(seqs), e)
         return results
 
-    def _read_blocks(self, seq: Sequence, record: dict) -> tuple[RestoredRows | None, int]:
-        """The rows of the blocks `record` names that carry the stamps it names, checked before and
-        after the copy (sliding layers' within their window only), and n."""
-        n, blocks, gens, writer, gaps = self._usable(record, seq)
-        if n <= 0:
+    def _read_blocks(self, seq: Sequence, record: dict) -> tuple[RestoredRows | None, int, str]:
+        """The longest verified prefix any store that `record` names holds: the primary's copy first,
+        then the replicas'; (rows, n, source)."""
+        parsed = self._usable(record, seq)
+        if parsed is None:
+            return None, 0, ""
+        n, blocks, gens, writer, gaps, holders = parsed
+        best: tuple[RestoredRows | None, int, str] = (None, 0, "")
+        for store, held, source in holders:
+            count = min(-(-n // self.bs), held)
+            if count <= 0 or (store != self._mapped_store and store not in self.live_stores):
+                continue  # nothing there, or that store is gone
+            store_blocks = torch.tensor(blocks[:count], dtype=torch.long)
+            expected = torch.tensor([[writer, g] for g in gens[:count]], dtype=torch.long)  # [count, 2]
+            try:
+                data, got = self._read_copy(seq, store, store_blocks, expected, min(n, count * self.bs), gaps)
+            except (ResilientMoeError, OSError) as e:  # that store died or refused: try the next copy
+                self.counters["restore_read_errors"] += 1
+                self._drop_reader(store)
+                log.warning("%s: cannot read its KV from store incarnation %d (%s); trying another copy",
+                            seq.request_id, store, e)
+                continue
+            if got > best[1]:
+                best = (data, got, source)
+            if got >= n:
+                break
+        return best
+
+    def _read_copy(self, seq: Sequence, store: int, store_blocks: torch.Tensor, expected: torch.Tensor, n: int,
+                   gaps: list[tuple[int, int]]) -> tuple[RestoredRows | None, int]:
+        """Rows of `store_blocks` in store `store` that carry the stamps `expected`, checked before and
+        after the copy (sliding layers' within their window only), and n; mapped when it is this
+        worker's primary, over TCP otherwise (RemoteStoreError when that fails); nothing from a store that is gone."""
+        count = store_blocks.numel()
+        if store == self._mapped_store and self._rows is not None:
+            good = self._stamped_prefix(store_blocks, expected)
+            data = None
+            while True:  # n only shrinks: at most once more per block found rewritten during the copy
+                n = self.windows.restorable(min(n, good * self.bs), gaps)  # a shorter prefix: an earlier window
+                if n <= 0:
+                    break
+                positions = torch.arange(n)
+                data = RestoredRows.read(self._rows, self.windows,
+                                         store_blocks[positions // self.bs] * self.bs + positions % self.bs)
+                checked = self._stamped_prefix(store_blocks, expected)  # unchanged while we copied?
+                if checked * self.bs >= n:
+                    break
+                good = checked
+        elif store in self.live_stores:
+            stamps, rows = self._reader(store).read(store_blocks)  # rows: [L, count * bs, W], in block order
+            ok = (stamps == expected).all(dim=1)
+            bad = (~ok).nonzero()
+            good = int(bad[0]) if bad.numel() else count
+            n = self.windows.restorable(min(n, good * self.bs), gaps)
+            data = RestoredRows.read(rows, self.windows, torch.arange(n)) if n > 0 else None
+        else:
             return None, 0
-        count = -(-n // self.bs)
-        store_blocks = torch.tensor(blocks[:count], dtype=torch.long)
-        expected = torch.tensor([[writer, g] for g in gens[:count]], dtype=torch.long)  # [count, 2]
-        good = self._stamped_prefix(store_blocks, expected)
-        data = None
-        while True:  # n only shrinks: at most once more per block found rewritten during the copy
-            n = self.windows.restorable(min(n, good * self.bs), gaps)  # a shorter prefix: an earlier window
-            if n <= 0:
-                break
-            positions = torch.arange(n)
-            data = RestoredRows.read(self._rows, self.windows,
-                                     store_blocks[positions // self.bs] * self.bs + positions % self.bs)
-            checked = self._stamped_prefix(store_blocks, expected)  # unchanged while we copied?
-            if checked * self.bs >= n:
-                break
-            good = checked
         if good < count:
             self.counters["restore_stamp_mismatches"] += 1
             log.warning("%s: store block %d was rewritten after its commit (a fenced writer?); restoring %d "
-                        "positions, recomputing the rest", seq.request_id, blocks[good], max(n, 0))
+                        "positions from store incarnation %d", seq.request_id, int(store_blocks[good]), max(n, 0), store)
         return (data, n) if n > 0 else (None, 0)
+
+    def _reader(self, store: int) -> RemoteStore:
+        reader = self._readers.get(store)
+        if reader is None:
+            reader = self._readers[store] = RemoteStore(self.live_stores[store], self.layout, self.owner)
+        return reader
+
+    def _drop_reader(self, store: int) -> None:
+        reader = self._readers.pop(store, None)
+        if reader is not None:
+            reader.close()
 
     def _stamped_prefix(self, blocks: torch.Tensor, expected: torch.Tensor) -> int:
         """How many leading blocks carry exactly the stamps their record names."""
@@ -477,11 +680,12 @@ class KVCheckpointer:
         bad = (~ok).nonzero()
         return int(bad[0]) if bad.numel() else blocks.numel()
 
-    def _usable(self, record: dict, seq: Sequence) -> tuple[int, list[int], list[int], int, list[tuple[int, int]]]:
-        """(n, blocks, gens, writer incarnation, gaps) of a commit record that fits this request and
-        this store; n = 0 otherwise."""
+    def _usable(self, record: dict, seq: Sequence):
+        """(n, blocks, gens, writer incarnation, gaps, holders) of a commit record that fits this request,
+        holders being (store incarnation, leading blocks it holds, source), the primary first; None
+        when there is nothing to restore."""
         if not record:
-            return 0, [], [], 0, []
+            return None
         try:
             fields = {k.decode() if isinstance(k, bytes) else k: v.decode() if isinstance(v, bytes) else v
                       for k, v in record.items()}
@@ -490,17 +694,20 @@ class KVCheckpointer:
             gens = [int(g) for g in json.loads(fields["gens"])]
             writer = int(fields["incarnation"])
             gaps = [(int(start), int(end)) for start, end in json.loads(fields.get("gaps", "[]"))]
-            if int(fields["store"]) != self._mapped_store or int(fields["block_size"]) != self.bs:
-                return 0, [], [], 0, []  # written into a store that is gone, or with another layout
+            holders = [(int(fields["store"]), len(blocks), "local")]
+            holders += sorted(((int(k.split(":", 1)[1]), int(v), "replica") for k, v in fields.items()
+                               if k.startswith("replica:")), key=lambda h: -h[1])
+            if int(fields["block_size"]) != self.bs:
+                return None  # written with another layout
         except (KeyError, ValueError, TypeError) as e:
             log.warning("malformed commit record for %s (%s); recomputing", seq.request_id, e)
-            return 0, [], [], 0, []
+            return None
         n = min(n, seq.num_tokens - 1)  # at least one position is computed, for the next token's logits
         count = -(-n // self.bs) if n > 0 else 0
         if n <= 0 or len(blocks) < count or len(gens) < count or \
                 any(not 0 <= b < self.layout.num_blocks for b in blocks[:count]):
-            return 0, [], [], 0, []
-        return n, blocks, gens, writer, gaps
+            return None
+        return n, blocks, gens, writer, gaps, holders
 
     def _pin_predecessor_blocks(self) -> None:
         """Blocks of this region still named by a predecessor's commit records are not ours yet."""
@@ -508,10 +715,10 @@ class KVCheckpointer:
             found = list(self.redis.scan_iter(match=keys.commit_pattern(self.cluster_id), count=1000))
             pipe = self.redis.pipeline(transaction=False)
             for key in found:
-                pipe.hmget(key, ["owner", "store", "blocks"])
-            for key, (owner, store, blocks) in zip(found, pipe.execute() if found else []):
-                if owner is None or owner.decode() != self.owner or int(store or 0) != self._mapped_store:
-                    continue
+                pipe.hmget(key, ["owner", "incarnation", "blocks"])
+            for key, (owner, writer, blocks) in zip(found, pipe.execute() if found else []):
+                if owner is None or owner.decode() != self.owner or int(writer or 0) == self.incarnation:
+                    continue  # a predecessor's, in whichever store (a replica holds the same blocks)
                 request_id = key.decode().rsplit(":", 1)[1]
                 for b in json.loads(blocks or b"[]"):
                     if b in self.region:
@@ -551,9 +758,12 @@ class KVCheckpointer:
         with self._lock:
             pending = len(self._pending)
             free = len(self._free)
-        return {f"ckpt_{k}": float(v) for k, v in self.counters.items()} | {
+        shippers = list(self._shippers.values())
+        shipped = {f"ckpt_replica_{k}": float(v + sum(s.counters[k] for s in shippers)) for k, v in self._shipped.items()}
+        return {f"ckpt_{k}": float(v) for k, v in self.counters.items()} | shipped | {
             "ckpt_pending": float(pending), "ckpt_free_blocks": float(free), "ckpt_lag_tokens": float(self.lag_tokens()),
-            "ckpt_store": float(self.store_incarnation)}
+            "ckpt_store": float(self.store_incarnation), "ckpt_replicas": float(sum(not s.failed for s in shippers)),
+            "ckpt_replica_pending": float(sum(s.pending() for s in shippers))}
 
     def stop(self, fenced: bool = False) -> None:
         """Stop at once (this worker was fenced or is leaving): pending snapshots are not written. A
@@ -563,5 +773,7 @@ class KVCheckpointer:
             writes = sum(isinstance(p, _Write) for p in self._pending)
             self._pending.clear()
             self._cond.notify()
+        for shipper in list(self._shippers.values()):
+            shipper.close(wait=False)
         if fenced:  # its successor may own those blocks now: nothing it snapshots is written any more
             self._refuse(f"this incarnation was fenced ({writes} snapshots were not yet written)")

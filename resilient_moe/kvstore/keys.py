@@ -7,7 +7,11 @@
         block_size   rows per store block
         gaps         JSON list of [start, end) position spans whose sliding-window layers' rows were not
                      written (already outside the window; engine/kv_cache.py, LayerWindows)
-        store        incarnation of the KV store process that holds the blocks
+        store        incarnation of the writer's primary KV store, which holds every block named
+        replica:{incarnation}   one field per replica KV store (that store's incarnation): how many
+                     leading blocks of `blocks` it holds, acked by the store before the field was
+                     written (kvstore/replication.py). A restore reads the primary's copy if that store
+                     is alive and the stamps check out, else the replica that holds the most.
         owner        attention worker name; incarnation: its incarnation (the blocks' writer)
         time         unix time of the commit
       Expires COMMIT_TTL_S after the last commit, so an abandoned record cannot pin store memory forever.

@@ -2,8 +2,11 @@
 
 The store process (workers/kv_store.py) creates one anonymous shared-memory file (memfd: it vanishes
 with the last process that maps it, so nothing can leak in /dev/shm) and publishes where to find it
-through the controller as `memfd:{pid}:{fd}:{bytes}`. Attention workers map it and write into it
-directly: one-sided, no request to the store process per write. The layout is a pure function of the
+through the controller as `memfd:{pid}:{fd}:{bytes};tcp:{host}:{port}`. Attention workers on its node map
+it and write into it directly: one-sided, no request to the store process per write. The same memory is
+served over TCP (kvstore/remote.py) to attention workers that keep a replica of their checkpoints in
+this store, and to restores that read a replica; the server applies the rules below itself
+(`claim_region`, `write_blocks`, `read_stamped` are the one statement of them, for both paths). The layout is a pure function of the
 model and the deployment, so every worker computes the same one:
 
     offset 0                 owners  uint64 [attention_workers]  incarnation owning each region (0: none)
@@ -95,8 +98,61 @@ def _header_bytes(attention_workers: int, num_blocks: int) -> int:
     return -(-(_owners_bytes(attention_workers) + 16 * max(0, num_blocks)) // _PAGE) * _PAGE
 
 
+def claim_region(owners: torch.Tensor, index: int, incarnation: int) -> str | None:
+    """Make `incarnation` the owner of region `index` unless a newer one owns it; the refusal otherwise."""
+    current = int(owners[index])
+    if current > incarnation:
+        return f"region {index} belongs to incarnation {current}"
+    owners[index] = incarnation  # the predecessor's writes stop here
+    return None
+
+
+def write_blocks(owners: torch.Tensor, stamps: torch.Tensor, table: torch.Tensor, index: int, incarnation: int,
+                 blocks: torch.Tensor, gens: torch.Tensor,
+                 parts: list[tuple[tuple[int, ...], torch.Tensor, torch.Tensor]]) -> str | None:
+    """Write rows of region `index` as `incarnation`, stamps odd while the rows are copied and `gens`
+    (even) after; the refusal when the region is no longer this incarnation's. `parts`: (layers, store
+    rows [m], their KV rows [len(layers), m, W])."""
+    owner = int(owners[index])
+    if owner != incarnation:
+        return f"region {index} now belongs to incarnation {owner}"
+    stamps[blocks, 0] = incarnation
+    stamps[blocks, 1] = gens - 1  # odd: being written
+    for layers, rows, data in parts:
+        for i, layer in enumerate(layers):
+            table[layer].index_copy_(0, rows, data[i])
+    stamps[blocks, 1] = gens
+    return None
+
+
+def read_stamped(stamps: torch.Tensor, table: torch.Tensor, blocks: torch.Tensor,
+                 block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(stamps [k, 2], rows [L, k * block_size, W]) of `blocks` [k]: every layer's rows, and each
+    block's stamp where it was the same before and after the copy ((-1, -1) where it changed)."""
+    before = stamps[blocks].clone()
+    rows = (blocks[:, None] * block_size + torch.arange(block_size)).reshape(-1)  # [k * bs]
+    data = table.index_select(1, rows)
+    changed = (stamps[blocks] != before).any(dim=1)
+    before[changed] = -1
+    return before, data
+
+
+def split_address(address: str) -> tuple[str, str]:
+    """A store's published address -> (its `memfd:` part, its `tcp:` part); either may be ""."""
+    memfd = tcp = ""
+    for part in address.split(";"):
+        if part.startswith("memfd:"):
+            memfd = part
+        elif part.startswith("tcp:"):
+            tcp = part
+    return memfd, tcp
+
+
 def parse_address(address: str) -> tuple[int, int, int]:
-    """`memfd:{pid}:{fd}:{bytes}` -> (pid, fd, bytes); ValueError naming the problem otherwise."""
+    """`memfd:{pid}:{fd}:{bytes}` (or a store address that has one) -> (pid, fd, bytes); ValueError
+    naming the problem otherwise."""
+    if ";" in address:
+        address = split_address(address)[0]
     parts = address.split(":")
     if len(parts) != 4 or parts[0] != "memfd" or not all(p.isdigit() for p in parts[1:]):
         raise ValueError(f"not a KV store address (memfd:PID:FD:BYTES): {address!r}")

@@ -26,8 +26,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from resilient_moe import auth
 from resilient_moe.config import DeploymentConfig, WorkerConfig
 from resilient_moe.controller.client import ControllerClient
+from resilient_moe.controller.state import kv_store_name
 from resilient_moe.launch.cpus import cpu_plan
 from resilient_moe.errors import ResilientMoeError
 from resilient_moe.procs import process_alive
@@ -50,10 +52,18 @@ def _die_with_launcher() -> None:
     ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
 
 
+def ensure_secret() -> None:
+    """Make a cluster secret for this launcher's processes if none is installed (before any child
+    starts: they inherit it through the environment, auth.py)."""
+    if not auth.has_secret():
+        auth.install(auth.new_secret())
+
+
 class Zygote:
     """The fork server process and the protocol to it."""
 
     def __init__(self) -> None:
+        ensure_secret()
         ours, theirs = socket.socketpair()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "resilient_moe.launch.zygote", str(theirs.fileno()), str(os.getpid())],
@@ -264,8 +274,10 @@ class LocalCluster:
     @staticmethod
     def role_of(name: str) -> tuple[str, int]:
         prefix, _, index = name.partition("-")
-        if name in ("kv-store", "controller"):
-            return name.replace("-", "_"), 0
+        if name == "controller":
+            return name, 0
+        if name == "kv-store" or name.startswith("kv-store-"):
+            return "kv_store", int(name[len("kv-store-"):] or 0)
         return {"ew": "expert", "aw": "attention"}[prefix], int(index)
 
     def _follow_commands(self) -> None:
@@ -477,12 +489,12 @@ class LocalCluster:
             # The KV store and the expert workers start together; attention workers once the experts serve
             # (a request they take at once must find every expert).
             experts = [f"ew-{i}" for i in range(dep.expert_workers)]
-            if self.checkpointing:
-                self.spawn("kv-store", "kv_store", 0)
+            stores = [kv_store_name(i) for i in range(dep.kv_stores)] if self.checkpointing else []
+            for i, name in enumerate(stores):
+                self.spawn(name, "kv_store", i)
             for i, name in enumerate(experts):
                 self.spawn(name, "expert", i)
-            store = ["kv-store"] if self.checkpointing else []
-            self._wait(lambda s: self._all_ready(s, experts + store), deadline, "expert workers and the KV store")
+            self._wait(lambda s: self._all_ready(s, experts + stores), deadline, "expert workers and the KV stores")
             attention = [f"aw-{i}" for i in range(dep.attention_workers)]
             for i, name in enumerate(attention):
                 self.spawn(name, "attention", i)

@@ -5,8 +5,10 @@ under a `RoleHost` actor pinned to one node (node-affinity scheduling, `launch/n
 the actor starts the role's `main(config)` in a child process of its own, which dies with the actor
 (parent-death signal). So a node that is lost, or an actor Ray kills, takes exactly its processes with it.
 
-The control plane (controller, KV store, Redis, and the caller: frontend, HTTP API) stays on the head
-node, the driver's; attention and expert workers go round-robin over the other nodes. The controller
+The control plane (controller, Redis, and the caller: frontend, HTTP API) stays on the head node, the
+driver's; attention and expert workers go round-robin over the other nodes, and each of those nodes
+gets a KV store: an attention worker checkpoints into the store on its node and replicates to
+`kv_replicas` stores on other nodes (default 1 under Ray), so a lost node loses no checkpoint. The controller
 listens for gRPC on TCP; expert workers publish a shm and a TCP address, and each attention worker links
 over shm to the expert workers on its node and over TCP to the others (`link.choose_address`).
 
@@ -19,8 +21,9 @@ process died, else on the surviving node with the fewest workers of its role.
 The cluster secret (resilient_moe.auth) is made here and handed to every actor as an argument; the
 actor installs it (environment of its child), so it never appears on a command line.
 
-What a loss of the head node costs: the frontend and its token logs, the controller, Redis and the
-KV store go with it, so every stream in flight ends; workers on the other nodes keep their processes
+What a loss of the head node costs: the frontend and its token logs, the controller and Redis go with
+it (and with Redis the commit records that say which checkpoint blocks are valid), so every stream in
+flight ends; workers on the other nodes keep their processes
 but have no one to serve until a new head starts the cluster again.
 
 Importing this module imports Ray (the `ray` extra); the local launcher never does.
@@ -49,6 +52,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from resilient_moe import auth
 from resilient_moe.config import DeploymentConfig, WorkerConfig
 from resilient_moe.controller.client import ControllerClient
+from resilient_moe.controller.state import kv_store_name
 from resilient_moe.launch import nodes as node_policy
 from resilient_moe.launch.local import ClusterError, LocalCluster
 from resilient_moe.proto import controller_pb2 as pb
@@ -141,7 +145,8 @@ class _Process:
 
 
 class RayCluster:
-    """A controller, a KV store (with checkpointing), E expert and A attention workers as Ray actors;
+    """A controller, KV stores (with checkpointing: one per worker node), E expert and A attention workers
+    as Ray actors;
     the interface of `LocalCluster` (start, state, kill, restart_all, stop, pids, fatal)."""
 
     def __init__(self, deployment: DeploymentConfig, log_dir: str | os.PathLike[str] | None = None,
@@ -305,17 +310,21 @@ class RayCluster:
             experts = [f"ew-{i}" for i in range(dep.expert_workers)]
             attention = [f"aw-{i}" for i in range(dep.attention_workers)]
             self.placed.update(node_policy.spread_workers(experts + attention, workers_on))
-            if self.checkpointing and not dep.redis_url:
-                self.deployment = dep = dataclasses.replace(dep, redis_url=self._start_redis())
+            stores = []
+            if self.checkpointing:  # a KV store on every worker node: each attention worker's primary is on
+                # its node, its replicas (kv_replicas) on others, so a checkpoint outlives its node
+                count = max(dep.kv_stores, len(workers_on))
+                self.deployment = dep = dataclasses.replace(dep, kv_stores=count)
+                stores = [kv_store_name(i) for i in range(count)]
+                self.placed.update({name: workers_on[i % len(workers_on)] for i, name in enumerate(stores)})
+                if not dep.redis_url:
+                    self.deployment = dep = dataclasses.replace(dep, redis_url=self._start_redis())
             self._start_controller()
             self.client = ControllerClient(self.controller_address)
             self._wait(lambda s: True, deadline, "controller")
-            store = ["kv-store"] if self.checkpointing else []
-            for name in store:  # on the head, with Redis: it outlives any worker node
-                self._start_role(name, self.head)
-            self._start_all(experts, deadline)
-            self._wait(lambda s: LocalCluster._all_ready(s, experts + store), deadline,
-                       "expert workers and the KV store")
+            self._start_all(stores + experts, deadline)
+            self._wait(lambda s: LocalCluster._all_ready(s, experts + stores), deadline,
+                       "expert workers and the KV stores")
             self._start_all(attention, deadline)
             self._wait(lambda s: LocalCluster._all_ready(s, attention), deadline, "attention workers")
             for target, what in ((self._follow_commands, "launcher-commands"), (self._supervise, "launcher-supervisor")):
@@ -437,7 +446,7 @@ class RayCluster:
             for attempt in range(3):  # bounded: a node that dies under us while starting is skipped next time
                 if self._stopping.is_set():
                     return
-                worker = dead.name.startswith(("aw-", "ew-"))  # the control plane stays on the head
+                worker = dead.name not in ("controller", "redis")  # the control plane stays on the head
                 off = self.lost_nodes | {self.head} if worker and self._head_spare() else self.lost_nodes
                 node = node_policy.replacement_node(dead.name, self.placed, self.alive_nodes(), off)
                 try:

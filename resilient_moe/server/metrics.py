@@ -267,6 +267,9 @@ class ClusterCollector:
                                          "dead one by recomputing (no usable KV checkpoint).", labels=["worker"])
         recomputed_tokens = CounterMetricFamily(f"{ns}_recomputed_tokens", "Positions of adopted requests computed "
                                                 "again instead of restored.", labels=["worker"])
+        kv_restores = CounterMetricFamily(f"{ns}_kv_restore", "Requests an attention worker adopted, by where their "
+                                          "KV came from: the primary store's copy (local), a replica store's "
+                                          "copy (replica), or nowhere (recompute).", labels=["worker", "source"])
         epoch = shadows = unprotected = lag = 0.0
         if state is not None:
             epoch = float(state.ert.epoch)
@@ -286,6 +289,9 @@ class ClusterCollector:
                     restored.add_metric([w.name], load_.get("ckpt_restored", 0.0))
                     recomputed.add_metric([w.name], load_.get("requests_recomputed", load_.get("ckpt_restore_misses", 0.0)))
                     recomputed_tokens.add_metric([w.name], load_.get("recomputed_tokens", 0.0))
+                    for source, key in (("local", "ckpt_restored_local"), ("replica", "ckpt_restored_replica"),
+                                        ("recompute", "requests_recomputed")):
+                        kv_restores.add_metric([w.name, source], load_.get(key, 0.0))
             for name, value in sorted(expert_rows.items()):
                 load.add_metric([name], value)
         metrics += self._controller_metrics(state, expert_rows)
@@ -298,7 +304,7 @@ class ClusterCollector:
                               value=unprotected),
             GaugeMetricFamily(f"{ns}_kv_checkpoint_lag_tokens",
                               "Generated tokens whose KV is not yet committed to the checkpoint store.", value=lag),
-            restored, recomputed, recomputed_tokens,
+            restored, recomputed, recomputed_tokens, kv_restores,
         ]
         return metrics
 

@@ -37,7 +37,7 @@ import torch
 from resilient_moe import messages
 from resilient_moe.config import SamplingParams, WorkerConfig
 from resilient_moe.controller.client import ControllerClient, worker_info
-from resilient_moe.controller.view import ClusterView
+from resilient_moe.controller.view import ClusterView, node_of
 from resilient_moe.datapath.forwarding import Forwarder, StepCancelled
 from resilient_moe.datapath.frames import FrameHeader, FrameKind, worker_number
 from resilient_moe.datapath.link import FrameTooLarge, Link, LinkClosed, Outbox, PeerInfo, choose_address, listen
@@ -48,6 +48,7 @@ from resilient_moe.engine.remote import RemoteExperts
 from resilient_moe.engine.sequence import Sequence, TokenEvent
 from resilient_moe.errors import ConfigError, RequestError
 from resilient_moe.kvstore.checkpoint import KVCheckpointer
+from resilient_moe.kvstore.replication import StoreRef, place_stores
 from resilient_moe.kvstore.store import layout_for
 from resilient_moe.model.checkpoint import Checkpoint
 from resilient_moe.proto import controller_pb2 as pb
@@ -94,6 +95,8 @@ class AttentionServer:
         # as a failed collective does in systems without failure domains; the restart re-runs it all.
         self.crash_on_lost_expert = False
         self.checkpointer: KVCheckpointer | None = None  # KV checkpoints into the KV store, when configured
+        self.index = 0  # this worker's index (its region in every KV store)
+        self.kv_replicas = 0  # replica stores each checkpoint is shipped to (deployment kv_replicas)
         forwarder.on_other = self.on_other
         engine.on_scheduled = self.on_scheduled
 
@@ -196,9 +199,8 @@ class AttentionServer:
 
     def apply_view(self, view: ClusterView) -> None:
         """Connect to expert workers that became ready; adopt the newest routing table; map a new KV store."""
-        store = view.kv_store()
-        if store is not None and self.checkpointer is not None:
-            self.checkpointer.attach(store.data_address, store.incarnation)
+        if self.checkpointer is not None:
+            self.use_kv_stores(view)
         for w in view.of_role("expert"):
             peer = self.forwarder.peers.get(w.name)
             if view.ended(w.name, w.incarnation):
@@ -212,6 +214,19 @@ class AttentionServer:
         self.forwarder.set_faults(list(view.faults))  # chaos testing; usually none
         self.poison_tokens = {f.token_id for f in view.faults
                               if f.kind == "poison" and f.source in ("", self.forwarder.identity.name)}
+
+    def use_kv_stores(self, view: ClusterView) -> None:
+        """Checkpoint into the primary store on this node (mapped) and ship to the replica stores
+        (kvstore/replication.py, `place_stores`); a new primary is mapped, a new replica gets every live
+        block, a dead one is left out (the writer carries on with the others)."""
+        me = view.workers.get(self.forwarder.identity.name)
+        node = node_of(me) if me is not None else self.forwarder.identity.host
+        stores = [StoreRef(s.name, s.index, s.incarnation, s.data_address, node_of(s), view.kv_store_live(s))
+                  for s in view.kv_stores()]
+        primary, replicas = place_stores(node, self.index, stores, self.kv_replicas)
+        if primary is not None and primary.live:
+            self.checkpointer.attach(primary.address, primary.incarnation)
+        self.checkpointer.use_replicas([r for r in replicas if r.live], [s for s in stores if s.live])
 
     def on_scheduled(self, seqs: list[Sequence]) -> None:
         """Before a step runs: tell each frontend which of its requests start here with it (if this
@@ -402,6 +417,7 @@ def main(config: WorkerConfig) -> int:
     server.node = config.node or server.node
     server.crash_on_lost_expert = not dep.resilience
     server.checkpointer = start_checkpointer(config, engine, reply.incarnation, wakeup.ring)
+    server.index, server.kv_replicas = config.index, dep.kv_replicas
     server.apply_view(ClusterView.from_proto(reply.state))
     forwarder.settle_links(5.0)  # linked to the expert workers before the first request
 

@@ -1,20 +1,24 @@
 """The KV checkpoint store process: it owns the host memory that attention workers checkpoint their KV
 cache into (kvstore/store.py has the layout), so that the checkpoints outlive any attention worker.
 
-It only creates the memory, publishes its address and heartbeats: attention workers write and read
-it directly. If it dies, the launcher starts a new one; attention workers map the new store (and let
-go of the old memory) and checkpoint every running request again from its start.
+It creates the memory, serves it over TCP (kvstore/remote.py: replicas written by attention workers
+of other nodes, restores that read them), publishes both addresses and heartbeats; attention workers
+of its node write and read the memory directly. If it dies, the launcher starts a new one; attention
+workers whose primary it was map the new store (and let go of the old memory) and checkpoint every
+running request again from its start; those that kept a replica in it ship their live blocks again.
 """
 
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import signal
 import threading
 
 from resilient_moe.config import WorkerConfig
 from resilient_moe.controller.client import ControllerClient, worker_info
+from resilient_moe.kvstore.remote import StoreServer
 from resilient_moe.kvstore.store import layout_for
 from resilient_moe.proto import controller_pb2 as pb
 from resilient_moe.workers.common import configure_process
@@ -28,9 +32,12 @@ def main(config: WorkerConfig) -> int:
     configure_process(config)
     layout = layout_for(config)
     client = ControllerClient(config.controller_address)
-    reply = client.register(worker_info(config.name, pb.KV_STORE, 0, host=dep.host, node=config.node), timeout_s=dep.startup_timeout_s)
-    fd = os.memfd_create(f"rmoe-{config.cluster_id}-kv-store", 0)
+    reply = client.register(worker_info(config.name, pb.KV_STORE, config.index, host=dep.host, node=config.node),
+                            timeout_s=dep.startup_timeout_s)
+    fd = os.memfd_create(f"rmoe-{config.cluster_id}-{config.name}", 0)  # the name has "kv-store" in it
     os.ftruncate(fd, layout.nbytes)  # zero-filled; pages are allocated as attention workers first write them
+    memory = mmap.mmap(fd, layout.nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    server = StoreServer(layout, memory, config.name, reply.incarnation, host=dep.host).start()
     stop = threading.Event()
     fenced = threading.Event()
 
@@ -41,11 +48,11 @@ def main(config: WorkerConfig) -> int:
 
     def stats() -> dict[str, float]:
         return {"bytes": float(layout.nbytes), "blocks": float(layout.num_blocks),
-                "resident_bytes": float(os.fstat(fd).st_blocks * 512)}
+                "resident_bytes": float(os.fstat(fd).st_blocks * 512), **server.stats()}
 
     client.start_heartbeats(config.name, reply.incarnation, dep.heartbeat_interval_s, stats, on_fenced)
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    address = f"memfd:{os.getpid()}:{fd}:{layout.nbytes}"
+    address = f"memfd:{os.getpid()}:{fd}:{layout.nbytes};{server.address}"
     client.ready(config.name, reply.incarnation, data_address=address)
     log.info("%s ready: %d blocks of %d tokens (%.1f MiB) at %s", config.name, layout.num_blocks, layout.block_size,
              layout.nbytes / 2**20, address)
@@ -56,5 +63,6 @@ def main(config: WorkerConfig) -> int:
         if not fenced.is_set():
             client.deregister(config.name, reply.incarnation)
         client.close()
+        server.close()
         os.close(fd)
     return 3 if fenced.is_set() else 0
