@@ -13,8 +13,8 @@ arrival is recorded at the frontend.
   replaced   where the lost node's workers came back (a surviving node each)
 
 The same loss then hits the restart-all baseline (`resilience: false`): any death restarts every
-worker, streams resume from their token logs. Last, failure-free throughput with the KV checkpoint
-replicated off each attention worker's node and without it (the replication cost).
+worker, streams resume from their token logs. Last, failure-free throughput with each KV
+checkpoint replicated to a store on another node (kv_replicas 1, the Ray default) and without (0).
 
     python benchmarks/bench_node_failure.py [--requests 16] [--tokens 64] [--json out.json]
 """
@@ -44,9 +44,7 @@ from resilient_moe.server.frontend import Frontend  # noqa: E402
 
 
 # The failure-free pair whose throughput gives the cost of replicating KV checkpoints off the node.
-REPLICATION = {"kv_replicas 0": {"kv_replicas": 0}, "kv_replicas 1": {"kv_replicas": 1}} \
-    if "kv_replicas" in DeploymentConfig.__dataclass_fields__ else \
-    {"no KV checkpoint": {"kv_checkpoint": False}, "the KV checkpoint on the head node": {}}
+REPLICATION = {"kv_replicas 0": {"kv_replicas": 0}, "kv_replicas 1": {"kv_replicas": 1}}
 
 
 def deployment(model: Path, n: int, **overrides) -> DeploymentConfig:
@@ -98,7 +96,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--warm", type=int, default=8, help="tokens every stream has before the node is lost")
-    parser.add_argument("--repeat", type=int, default=2, help="failure-free runs per setting (throughput)")
+    parser.add_argument("--repeat", type=int, default=3, help="failure-free runs per setting (throughput)")
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args()
 
