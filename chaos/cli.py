@@ -200,8 +200,9 @@ def cmd_list(args: argparse.Namespace) -> int:
         faults = admin.faults()
     finally:
         admin.close()
-    rows = [("ID", "ROLE", "STATE", "PID", "HOST", "INCARNATION")]
-    rows += [(w.id, w.role, w.state.lower(), str(w.pid), w.host, str(w.incarnation)) for w in view.workers]
+    rows = [("ID", "ROLE", "STATE", "PID", "HOST", "NODE", "INCARNATION")]
+    rows += [(w.id, w.role, w.state.lower(), str(w.pid), w.host, w.node[:12], str(w.incarnation))
+             for w in view.workers]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
@@ -210,7 +211,8 @@ def cmd_list(args: argparse.Namespace) -> int:
                 if role in roles]
     print(f"\nrouting table epoch {view.epoch}; {view.unprotected} (layer, expert) pairs without a live shadow")
     print("targets: worker ids above" + (f", {', '.join(services)}" if services else "")
-          + ", random:aw|ew|worker, every:aw|ew|worker; links for delay/drop/partition: aw-0->ew-1 (* = any)")
+          + ", random:aw|ew|worker, every:aw|ew|worker; links for delay/drop/partition: aw-0->ew-1 (* = any); "
+          "node-kill: node:ID (the NODE column) or node-of:aw-0")
     for f in faults:
         left = f.get("expires_at", 0) - time.time()
         print(f"fault in force: {f.get('id')} {f.get('kind')} {f.get('link')}"
