@@ -16,7 +16,7 @@ import torch
 from resilient_moe import auth
 from resilient_moe.kvstore import remote
 from resilient_moe.kvstore.remote import HEADER, MAGIC, Op, RemoteStore, RemoteStoreError, StoreServer
-from resilient_moe.kvstore.replication import StoreRef, place_stores
+from resilient_moe.kvstore.replication import ReplicaWrite, StoreRef, place_stores
 from resilient_moe.kvstore.store import StoreLayout, split_address
 
 L, W, BS = 3, 8, 4
@@ -59,7 +59,7 @@ def write(client: RemoteStore, region: int, incarnation: int, blocks: list[int],
                  [(tuple(range(L)), rows_for(blocks), data_for(blocks, seed))])
 
 
-def test_write_then_read_back_bit_identical_with_stamps(server):
+def test_write_then_read_back_bit_identical_with_stamps(server, monkeypatch):
     client = RemoteStore(server.address, server.layout, "aw-0")
     assert (client.store, client.incarnation) == ("kv-store-1", 7)
     client.claim(0, 5)
@@ -71,6 +71,9 @@ def test_write_then_read_back_bit_identical_with_stamps(server):
     stamps, _ = client.read(torch.tensor([2]))
     assert stamps.tolist() == [[0, 0]]
     assert server.counters["writes"] == 1 and server.counters["blocks_written"] == 2
+    monkeypatch.setattr(remote, "READ_BYTES", 1)  # one block a reply: the same rows
+    stamps, rows = client.read(torch.tensor([1, 3]))
+    assert stamps.tolist() == [[5, 2], [5, 4]] and torch.equal(rows, data_for([1, 3], seed=1))
     client.close()
 
 
@@ -174,7 +177,12 @@ def test_an_unauthenticated_peer_is_refused_and_counted(server, secret):
         assert status == remote.ERROR and body.startswith(b"authentication failed"), body
         assert closed(sock)
         sock.close()
-    assert server.counters["auth_refused"] == 3
+    sock = raw_connection(server)  # a huge HELLO is refused before anything is allocated for it
+    sock.sendall(HEADER.pack(MAGIC, Op.HELLO, 0, 0, remote.MAX_BODY))
+    status, body = reply_of(sock)
+    assert status == remote.ERROR and b"over the limit" in body
+    sock.close()
+    assert server.counters["auth_refused"] == 4
     assert auth.REFUSED["kv-store"] >= refused + 1
     # a credential made for another client name is refused too (the proof is bound to its context)
     sock = raw_connection(server)
@@ -241,3 +249,19 @@ def test_place_stores_puts_replicas_on_other_nodes_and_spreads_them():
         [("kv-0", ["kv-1"]), ("kv-1", ["kv-0"])]
     assert place_stores("h", 0, one[:1], 1) == (one[0], [])
     assert place_stores("z", 0, stores, 0)[0] is None  # no store on its node: no primary
+
+
+def test_a_big_write_is_split_into_frames_of_whole_blocks():
+    blocks, gens = torch.tensor([4, 1, 6, 2]), torch.tensor([2, 4, 6, 8])
+    rows = rows_for([4, 1, 6, 2])
+    windowed = rows[rows % BS >= 2]  # a sliding layer's part holds fewer rows
+    data = data_for([4, 1, 6, 2])
+    item = ReplicaWrite(blocks, gens, [((0, 1), rows, data[:2]), ((2,), windowed, data[2:, rows % BS >= 2])],
+                        [("r", 0, 4)])
+    chunks = item.split(max_bytes=item.nbytes // 3 + 1, block_size=BS)  # three frames
+    assert [c.blocks.tolist() for c in chunks] == [[4, 1], [6], [2]]
+    assert [c.acks for c in chunks] == [[], [], [("r", 0, 4)]]
+    for part in range(2):
+        assert torch.equal(torch.cat([c.parts[part][1] for c in chunks]), item.parts[part][1])
+        assert torch.equal(torch.cat([c.parts[part][2] for c in chunks], dim=1), item.parts[part][2])
+    assert item.split(item.nbytes, BS) == [item]

@@ -2,7 +2,9 @@
 every checkpoint. A simulated node loss (an attention worker and its primary KV store SIGKILLed at the
 same instant) is survived token-identically with every restore read from the replica; the replacement
 store gets the live blocks again, so a second node loss (the other worker and its store) is survived
-the same way."""
+the same way. A store process refuses a TCP client without the cluster secret. Without a cluster: a
+checkpointer's writes reach a replica over TCP, a dropped connection is retried, and a restore reads
+the replica over TCP."""
 
 from __future__ import annotations
 
@@ -18,14 +20,18 @@ import redis
 import torch
 
 from conftest import wait_until, worker_load
+from resilient_moe import auth
 from resilient_moe.config import DeploymentConfig, EngineConfig, SamplingParams
 from resilient_moe.engine.engine import LLMEngine
 from resilient_moe.kvstore import keys
 from resilient_moe.kvstore.checkpoint import KVCheckpointer
+from resilient_moe.kvstore.remote import RemoteStore, RemoteStoreError
 from resilient_moe.kvstore.replication import StoreRef
+from resilient_moe.kvstore.store import layout_for, split_address
 from resilient_moe.launch.local import LocalCluster
 from resilient_moe.proto import controller_pb2 as pb
 from resilient_moe.server.frontend import Frontend
+from resilient_moe.server.metrics import ClusterCollector
 
 
 def workload(n: int = 8, max_tokens: int = 200):
@@ -53,11 +59,41 @@ def lose_node(cluster: LocalCluster, worker: str, store: str) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
+def check_store_authentication(cluster: LocalCluster, name: str) -> None:
+    """A real store process refuses a client without the cluster secret (and counts it), and serves
+    one with it."""
+    store = next(w for w in cluster.state().workers if w.name == name)
+    address = split_address(store.data_address)[1]
+    layout = layout_for(cluster.worker_config("aw-0", "attention", 0))
+    ours = auth.secret()
+    auth.install(auth.new_secret())  # a process that does not hold the cluster's secret
+    try:
+        with pytest.raises(RemoteStoreError, match="authentication failed"):
+            RemoteStore(address, layout, "intruder")
+    finally:
+        auth.install(ours)
+    wait_until(lambda: worker_load(cluster, name, "tcp_auth_refused") == 1, 10, "the store to count the refusal")
+    client = RemoteStore(address, layout, "aw-0")
+    stamps, _ = client.read(torch.tensor([0]))
+    assert stamps.shape == (1, 2)
+    client.close()
+
+
+def restore_metric(cluster: LocalCluster, worker: str) -> dict[str, float]:
+    """resilient_moe_kv_restore_total{worker, source} as /metrics shows it, by source."""
+    collector = ClusterCollector()
+    collector.update(cluster.state(), [], 0)
+    family = next(m for m in collector.collect() if m.name == "resilient_moe_kv_restore")
+    return {s.labels["source"]: s.value for s in family.samples
+            if s.name.endswith("_total") and s.labels["worker"] == worker}
+
+
 def test_node_loss_restores_from_the_replica_and_redundancy_comes_back(tiny_model, reference, zygote, tmp_path):
     prompts, params = workload()
     dep = DeploymentConfig(model=str(tiny_model), attention_workers=2, expert_workers=2, kv_stores=2, kv_replicas=1)
     with LocalCluster(dep, log_dir=tmp_path, zygote=zygote) as cluster:
         assert {"kv-store", "kv-store-1"} <= set(cluster.pids)
+        check_store_authentication(cluster, "kv-store-1")
         frontend = Frontend(cluster.controller_address).start()
         try:
             handles = [frontend.submit(p, params) for p in prompts]
@@ -78,6 +114,7 @@ def test_node_loss_restores_from_the_replica_and_redundancy_comes_back(tiny_mode
             assert worker_load(cluster, "aw-1", "ckpt_restored_local") == 0
             assert worker_load(cluster, "aw-1", "requests_recomputed") == 0
             assert worker_load(cluster, "aw-1", "ckpt_restore_stamp_mismatches") == 0
+            assert restore_metric(cluster, "aw-1") == {"local": 0, "replica": len(on_victim), "recompute": 0}
 
             # Redundancy comes back: the replacement store gets aw-1's live blocks again.
             wait_until(lambda: ready_incarnation(cluster, "kv-store") not in (0, old_store), 60, "a new kv-store")

@@ -103,8 +103,6 @@ end
 return {changed}
 """
 
-SOURCES = ("local", "replica")  # where a restore's rows came from: the primary's copy, or a replica's
-
 
 @dataclass
 class _Tracked:
@@ -584,6 +582,8 @@ class KVCheckpointer:
         for key in commit_keys:
             pipe.hgetall(key)
         records = pipe.execute()
+        for store in [s for s in self._readers if s not in self.live_stores]:
+            self._drop_reader(store)  # that store is gone
         results = [self._read_blocks(seq, record) for seq, record in zip(seqs, records)]
         # Take the records over now, so a woken predecessor can no longer commit to them.
         takeover = {"owner": self.owner, "incarnation": str(self.incarnation), "n": "0", "blocks": "[]", "gens": "[]"}

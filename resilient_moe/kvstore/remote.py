@@ -52,6 +52,8 @@ MAGIC = b"RKV1"
 HEADER = struct.Struct("<4sBBHQ")
 MAX_BODY = 1 << 30
 MAX_CONNECTIONS = 64
+MAX_HELLO = 64 << 10
+READ_BYTES = 64 << 20  # rows in one READ reply (a long request's restore takes several)
 MAX_PARTS = 4096  # (layers, rows) parts in one WRITE (a replica batch joins many writes)
 HANDSHAKE_TIMEOUT_S = 5.0
 PURPOSE = "kv-store"
@@ -108,8 +110,9 @@ def recv_exact(sock: socket.socket, n: int) -> bytearray:
     return buf
 
 
-def read_frame(sock: socket.socket) -> tuple[int, int, bytearray]:
-    """(op, status, body) of the next frame; ProtocolError on a bad header, ConnectionError on EOF."""
+def read_frame(sock: socket.socket, max_body: int = MAX_BODY) -> tuple[int, int, bytearray]:
+    """(op, status, body) of the next frame; ProtocolError on a bad header (a body over `max_body`
+    too: nothing is allocated for it), ConnectionError on EOF."""
     magic, op, status, _, length = HEADER.unpack(recv_exact(sock, HEADER.size))
     if magic != MAGIC:
         raise ProtocolError(f"bad magic {bytes(magic)!r} (not a KV store frame)")
@@ -117,8 +120,8 @@ def read_frame(sock: socket.socket) -> tuple[int, int, bytearray]:
         raise ProtocolError(f"unknown op {op}")
     if status not in (OK, ERROR):
         raise ProtocolError(f"unknown status {status}")
-    if length > MAX_BODY:
-        raise ProtocolError(f"body of {length} bytes is over the limit of {MAX_BODY}")
+    if length > max_body:
+        raise ProtocolError(f"body of {length} bytes is over the limit of {max_body}")
     return op, status, recv_exact(sock, length)
 
 
@@ -303,7 +306,7 @@ class StoreServer:
     def _handshake(self, conn: socket.socket, peer: str) -> str | None:
         """The client's name once it proved the cluster secret; None (answered and counted) otherwise."""
         try:
-            op, _, body = read_frame(conn)
+            op, _, body = read_frame(conn, MAX_HELLO)  # a peer not yet authenticated gets no big buffer
             if op != Op.HELLO:
                 raise auth.AuthError(f"{PURPOSE}: the first frame must be HELLO with a credential, got {Op(op).name}")
             try:
@@ -434,12 +437,20 @@ class RemoteStore:
         self._call(Op.WRITE, encode_write(region, incarnation, blocks, gens, parts))
 
     def read(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(stamps [k, 2], rows [L, k * block_size, W]) of `blocks` (see `read_stamped`)."""
-        reply = self._call(Op.READ, [_COUNT.pack(blocks.numel()), _raw(blocks.to(torch.int64))])
-        try:
-            return decode_read_reply(reply, self.layout, blocks.numel())
-        except ProtocolError as e:
-            raise RemoteStoreError(f"KV store at {self.address} sent a bad READ reply: {e}") from None
+        """(stamps [k, 2], rows [L, k * block_size, W]) of `blocks` (see `read_stamped`), in replies of
+        about READ_BYTES each."""
+        layout = self.layout
+        block_bytes = layout.num_layers * layout.block_size * layout.row_width * layout.dtype.itemsize
+        stamps, rows = [], []
+        for chunk in blocks.to(torch.int64).split(max(1, READ_BYTES // block_bytes)):
+            reply = self._call(Op.READ, [_COUNT.pack(chunk.numel()), _raw(chunk)])
+            try:
+                s, r = decode_read_reply(reply, layout, chunk.numel())
+            except ProtocolError as e:
+                raise RemoteStoreError(f"KV store at {self.address} sent a bad READ reply: {e}") from None
+            stamps.append(s)
+            rows.append(r)
+        return (stamps[0], rows[0]) if len(rows) == 1 else (torch.cat(stamps), torch.cat(rows, dim=1))
 
     def close(self) -> None:
         try:

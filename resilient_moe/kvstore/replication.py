@@ -7,6 +7,14 @@ nodes, reached over TCP (remote.py), so that a node loss leaves a copy. Nodes ar
 launcher: one node) any store other than the primary serves as a replica. Stores are spread: attention
 worker i takes the (i mod n)-th candidate, so no one store carries every worker.
 
+Launchers. `kv_stores` store processes run (workers/kv_store.py, `main(WorkerConfig(name, "kv_store",
+index, ...))`, names from controller/state.py `kv_store_name`: "kv-store", "kv-store-1", ...); the
+controller's roster has them, so a dead one is replaced like any worker. A store listens for TCP on
+its deployment's `host` (port 0) and publishes `memfd:...;tcp:HOST:PORT`: a launcher that spreads
+stores over nodes gives each store a `host` other nodes can reach, and puts one store on every node
+that runs attention workers (their primary must be mappable); `place_stores` then keeps replicas off
+the writer's node by itself.
+
 Shipping (`ReplicaShipper`). One thread per replica store takes the writes the checkpointer thread made
 into the primary, in order, and sends them in batches (one WRITE frame each). A write counts as
 replicated once the store acked it; the checkpointer then records in the commit record which blocks the
@@ -32,6 +40,7 @@ from resilient_moe.kvstore.store import StoreLayout, split_address
 log = logging.getLogger("resilient_moe.kv_replication")
 
 MAX_BATCH_BYTES = 32 << 20  # rows in one WRITE frame
+LINGER_S = 0.005  # a frame waits this long for more writes to join it
 MAX_QUEUED = 256  # writes waiting for one replica before new ones are dropped (that replica stops)
 
 
@@ -77,6 +86,24 @@ class ReplicaWrite:
     @property
     def nbytes(self) -> int:
         return sum(data.nbytes for _, _, data in self.parts)
+
+    def split(self, max_bytes: int, block_size: int) -> list["ReplicaWrite"]:
+        """Writes of whole blocks of about `max_bytes` each that together are this one (a long prompt's
+        rows must not make one frame over the store's limit); the acks ride on the last, sent last."""
+        k = self.blocks.numel()
+        chunks = min(k, -(-self.nbytes // max_bytes))
+        if chunks <= 1:
+            return [self]
+        out = []
+        for group in torch.arange(k).tensor_split(chunks):
+            blocks = self.blocks[group]
+            parts = []
+            for layers, rows, data in self.parts:
+                keep = torch.isin(rows // block_size, blocks)  # [m]
+                parts.append((layers, rows[keep], data[:, keep]))
+            out.append(ReplicaWrite(blocks, self.gens[group], parts))
+        out[-1].acks = self.acks
+        return out
 
 
 class ReplicaShipper:
@@ -132,6 +159,8 @@ class ReplicaShipper:
             with self._cond:
                 while not self._queue and not self._stop:
                     self._cond.wait()
+                if not self._stop and sum(item.nbytes for item in self._queue) < MAX_BATCH_BYTES:
+                    self._cond.wait(LINGER_S)  # let the next writes join this frame (fewer frames and acks)
                 if self._stop:
                     self._close_conn()
                     return
@@ -156,7 +185,9 @@ class ReplicaShipper:
 
     def _take(self) -> list[ReplicaWrite]:
         """Writes for one frame: in order, no block twice, about MAX_BATCH_BYTES at most."""
-        batch = [self._queue.popleft()]
+        first = self._queue.popleft().split(MAX_BATCH_BYTES, self.layout.block_size)
+        self._queue.extendleft(reversed(first[1:]))
+        batch = [first[0]]
         seen = set(batch[0].blocks.tolist())
         size = batch[0].nbytes
         while self._queue:

@@ -97,6 +97,7 @@ class AttentionServer:
         self.checkpointer: KVCheckpointer | None = None  # KV checkpoints into the KV store, when configured
         self.index = 0  # this worker's index (its region in every KV store)
         self.kv_replicas = 0  # replica stores each checkpoint is shipped to (deployment kv_replicas)
+        self.warned_no_store = False
         forwarder.on_other = self.on_other
         engine.on_scheduled = self.on_scheduled
 
@@ -224,6 +225,10 @@ class AttentionServer:
         stores = [StoreRef(s.name, s.index, s.incarnation, s.data_address, node_of(s), view.kv_store_live(s))
                   for s in view.kv_stores()]
         primary, replicas = place_stores(node, self.index, stores, self.kv_replicas)
+        if primary is None and stores and not self.warned_no_store:
+            self.warned_no_store = True
+            log.warning("no KV store runs on this worker's node (%s): not checkpointing (a store is mapped, "
+                        "so the launcher must start one on every node with attention workers)", node)
         if primary is not None and primary.live:
             self.checkpointer.attach(primary.address, primary.incarnation)
         self.checkpointer.use_replicas([r for r in replicas if r.live], [s for s in stores if s.live])
