@@ -1,5 +1,6 @@
-"""A role's process as a Ray actor starts it: `python -m resilient_moe.launch.child ROLE`, with its
-WorkerConfig JSON on stdin. Nothing of the config (Redis URL, addresses) goes on the command line,
+"""A role's process as a Ray actor starts it: `python -m resilient_moe.launch.child ROLE [--background]`,
+with its WorkerConfig JSON on stdin (--background: a replacement, whose imports run at the lowest CPU
+priority). Nothing of the config (Redis URL, addresses) goes on the command line,
 which any local user can read; the cluster secret comes in the environment (`auth.install` in the actor)."""
 
 from __future__ import annotations
@@ -32,13 +33,23 @@ def die_with_actor() -> None:
 
 
 def main() -> int:
-    if len(sys.argv) != 2 or sys.argv[1] not in ROLES:
-        sys.exit(f"usage: python -m resilient_moe.launch.child ROLE (one of {', '.join(ROLES)}), config JSON on stdin")
+    args = sys.argv[1:]
+    background = "--background" in args  # a replacement joining a serving cluster
+    args = [a for a in args if a != "--background"]
+    if len(args) != 1 or args[0] not in ROLES:
+        sys.exit(f"usage: python -m resilient_moe.launch.child ROLE [--background] (ROLE one of {', '.join(ROLES)}), "
+                 "config JSON on stdin")
     die_with_actor()
     config_json = sys.stdin.read()
-    from resilient_moe.launch.zygote import _cold_main
+    if background:  # the imports (torch: seconds of CPU) must not take cores from the survivors' serving
+        os.setpriority(os.PRIO_PROCESS, 0, 19)
+    from resilient_moe.config import WorkerConfig
+    from resilient_moe.launch.zygote import _role_mains
 
-    return _cold_main(sys.argv[1], config_json)
+    role_main = _role_mains()[args[0]]
+    if background and os.geteuid() == 0:  # raising it again needs CAP_SYS_NICE; the role lowers its load itself
+        os.setpriority(os.PRIO_PROCESS, 0, 0)
+    return role_main(WorkerConfig.from_json(config_json)) or 0
 
 
 if __name__ == "__main__":

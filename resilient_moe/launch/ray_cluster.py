@@ -256,13 +256,15 @@ class RayCluster:
         log.info("%s started: pid %d on node %s (%s)", name, pid, where["node"][:12], where["ip"])
         return process
 
-    def _start_role(self, name: str, node: str) -> _Process:
+    def _start_role(self, name: str, node: str, background: bool = False) -> _Process:
+        """`background`: a replacement joining a serving cluster (its start-up yields the CPU)."""
         role, index = LocalCluster.role_of(name)
 
         def argv(where: dict) -> tuple[list[str], str]:
             dep = dataclasses.replace(self.deployment, host=where["ip"])
             config = WorkerConfig(name, role, index, self.cluster_id, self.controller_address, dep, node=where["node"])
-            return [sys.executable, "-m", "resilient_moe.launch.child", role], config.to_json()
+            argv = [sys.executable, "-m", "resilient_moe.launch.child", role]
+            return argv + (["--background"] if background else []), config.to_json()
 
         return self._launch(name, node, argv)
 
@@ -453,7 +455,7 @@ class RayCluster:
                     if dead.name == "controller":
                         self._start_controller()
                     else:
-                        self._start_role(dead.name, node)
+                        self._start_role(dead.name, node, background=True)
                     self.replaced.append((dead.name, dead.node, node))
                     return
                 except ClusterError as e:
@@ -544,7 +546,7 @@ class RayCluster:
 
     def _start_new(self, name: str) -> None:
         try:
-            self._start_role(name, self.placed[name])
+            self._start_role(name, self.placed[name], background=True)
         except ClusterError as e:
             log.error("%s", e)
         finally:
