@@ -94,27 +94,25 @@ def test_the_secret_reaches_every_worker_and_no_command_line(cluster):
 
 ROGUE = r"""
 import json, os, sys
-from resilient_moe.controller.client import ControllerClient, worker_info
+import grpc
+from resilient_moe import auth
+from resilient_moe.controller.client import worker_info
 from resilient_moe.datapath.link import PeerInfo, connect
 from resilient_moe.proto import controller_pb2 as pb
+from resilient_moe.proto import controller_pb2_grpc as pb_grpc
+auth.install(auth.new_secret())  # a secret, but not the cluster's
 controller, link_address = sys.argv[1], sys.argv[2]
 out = {}
-client = ControllerClient(controller)
-try:
-    client.stub.Register(pb.RegisterRequest(worker=worker_info("ew-0", pb.EXPERT, 0)), timeout=3)
-    out["register"] = "accepted"
-except Exception as e:
-    out["register"] = "refused: " + type(e).__name__
-try:
-    client.stub.SetFaults(pb.FaultUpdate(clear=True), timeout=3)
-    out["admin"] = "accepted"
-except Exception as e:
-    out["admin"] = "refused: " + type(e).__name__
-try:
-    connect(link_address, PeerInfo("aw-9", 9, 1, os.getpid()), timeout=3).close()
-    out["link"] = "accepted"
-except Exception as e:
-    out["link"] = "refused: " + type(e).__name__
+def attempt(what, call):
+    try:
+        call()
+        out[what] = "accepted"
+    except Exception as e:
+        out[what] = "refused: " + type(e).__name__
+stub = pb_grpc.ControllerStub(grpc.insecure_channel(controller))
+attempt("register", lambda: stub.Register(pb.RegisterRequest(worker=worker_info("ew-0", pb.EXPERT, 0)), timeout=3))
+attempt("admin", lambda: stub.SetFaults(pb.FaultUpdate(clear=True), timeout=3))
+attempt("link", lambda: connect(link_address, PeerInfo("aw-9", 9, 1, os.getpid()), timeout=3).close())
 print(json.dumps(out))
 """
 
@@ -125,7 +123,7 @@ def test_a_process_without_the_secret_cannot_register_call_the_controller_or_lin
     # Runs last in this module: were it accepted, it would fence ew-0.
     ew = next(w for w in cluster.state().workers if w.name == "ew-1")
     tcp = next(a for a in ew.data_address.split() if a.startswith("tcp:"))
-    env = {k: v for k, v in os.environ.items() if k != auth.SECRET_ENV}
+    env = {k: v for k, v in os.environ.items() if k != auth.SECRET_ENV}  # it installs a wrong one
     done = subprocess.run([sys.executable, "-c", ROGUE, cluster.controller_address, tcp], env=env,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr[-2000:]
