@@ -111,7 +111,9 @@ def sig_is_stop(fault: str | None) -> bool:
     return fault is not None and FAULTS[fault][1] == signal.SIGSTOP
 
 
-def analyse(result: dict) -> dict:
+def stalls_of(result: dict) -> tuple[float, list[float], list[float]]:
+    """(steady p50 gap, stalls of the affected requests, of the others): a request's stall is its largest
+    inter-token gap after the fault minus the steady p50 gap before it."""
     fault_at = result["fault_at"]
     steady = [b - a for arr in result["arrivals"] for a, b in zip(arr, arr[1:]) if b < fault_at]
     p50 = statistics.median(steady)
@@ -119,6 +121,11 @@ def analyse(result: dict) -> dict:
     for arr, affected in zip(result["arrivals"], result["on_victim"]):
         after = [b - a for a, b in zip(arr, arr[1:]) if b >= fault_at]
         (stalls if affected else others).append(max(0.0, max(after, default=0.0) - p50))
+    return p50, stalls, others
+
+
+def analyse(result: dict) -> dict:
+    p50, stalls, others = stalls_of(result)
     # The first failure event after the fault (the baseline may first notice a casualty of the victim).
     detect = [t - result["fault_wall"] for t, kind, worker in result["events"]
               if kind in ("suspect", "dead", "fenced") and t >= result["fault_wall"]]

@@ -71,8 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     inject = sub.add_parser("inject", help="inject one fault now")
     inject.add_argument("fault", choices=FAULTS, metavar="FAULT", help=", ".join(FAULTS))
-    inject.add_argument("target", metavar="TARGET",
-                        help="aw-0, ew-2, controller, kv-store, redis, random:ew, every:aw, or a link aw-0->ew-1")
+    inject.add_argument("target", metavar="TARGET", nargs="?",
+                        help="aw-0, ew-2, controller, kv-store, redis, random:ew, every:aw, or a link aw-0->ew-1; "
+                             "node-kill: node:ID or node-of:aw-0 (or --node ID)")
+    inject.add_argument("--node", metavar="ID", help="node-kill: the node (its id, or the first characters)")
     inject.add_argument("--duration", type=_number(0, inclusive=False), metavar="S", help="hang, slow and datapath faults")
     inject.add_argument("--delay-ms", type=_number(0, inclusive=True), default=0.0)
     inject.add_argument("--jitter-ms", type=_number(0, inclusive=True), default=0.0)
@@ -132,7 +134,14 @@ _FLAGS = {"fault": "FAULT", "target": "TARGET", "duration_s": "--duration", "del
 
 def _spec_from_args(args: argparse.Namespace) -> FaultSpec:
     """Build the fault through the scenario validator, so flags get the same checks as files."""
-    fault: dict = {"at_s": 0, "fault": args.fault, "target": args.target}
+    target = args.target
+    if args.node is not None:
+        if args.fault != "node-kill" or target is not None:
+            raise ScenarioError("--node goes with node-kill, instead of TARGET")
+        target = f"node:{args.node}"
+    if target is None:
+        raise ScenarioError("TARGET: give the fault's target" + (" (or --node ID)" if args.fault == "node-kill" else ""))
+    fault: dict = {"at_s": 0, "fault": args.fault, "target": target}
     values = {"duration_s": args.duration, "drop_rate": args.drop_rate, "count": args.count,
               "interval_s": args.interval, "hogs": args.hogs}
     if args.fault == "delay":
@@ -191,8 +200,9 @@ def cmd_list(args: argparse.Namespace) -> int:
         faults = admin.faults()
     finally:
         admin.close()
-    rows = [("ID", "ROLE", "STATE", "PID", "HOST", "INCARNATION")]
-    rows += [(w.id, w.role, w.state.lower(), str(w.pid), w.host, str(w.incarnation)) for w in view.workers]
+    rows = [("ID", "ROLE", "STATE", "PID", "HOST", "NODE", "INCARNATION")]
+    rows += [(w.id, w.role, w.state.lower(), str(w.pid), w.host, w.node[:12], str(w.incarnation))
+             for w in view.workers]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
@@ -201,7 +211,8 @@ def cmd_list(args: argparse.Namespace) -> int:
                 if role in roles]
     print(f"\nrouting table epoch {view.epoch}; {view.unprotected} (layer, expert) pairs without a live shadow")
     print("targets: worker ids above" + (f", {', '.join(services)}" if services else "")
-          + ", random:aw|ew|worker, every:aw|ew|worker; links for delay/drop/partition: aw-0->ew-1 (* = any)")
+          + ", random:aw|ew|worker, every:aw|ew|worker; links for delay/drop/partition: aw-0->ew-1 (* = any); "
+          "node-kill: node:ID (the NODE column) or node-of:aw-0")
     for f in faults:
         left = f.get("expires_at", 0) - time.time()
         print(f"fault in force: {f.get('id')} {f.get('kind')} {f.get('link')}"

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from chaos.scenario import FaultSpec
-from chaos.targets import (AdminClient, ClusterView, TargetError, Worker, describe_link_fault, local_pid,
+from chaos.targets import (AdminClient, ClusterView, TargetError, Worker, describe_link_fault, local_pid, node_members,
                            pick_link, pick_worker)
 from resilient_moe.errors import ResilientMoeError
 
@@ -98,6 +98,9 @@ class Injector:
                 self._hang(injection)
             elif spec.fault == "crash-loop":
                 self._crash_loop(injection)
+            elif spec.fault == "node-kill":
+                self._node_kill(injection)
+                injection.ended = injection.started
             elif spec.fault == "slow":
                 self._slow(injection)
         except ResilientMoeError as e:
@@ -121,6 +124,23 @@ class Injector:
             injection.targets.append(worker.id)
         injection.killed.append((now, worker.id, pid))
         self.log(f"  {signal.Signals(sig).name} {worker.id} (pid {pid})")
+
+    def _node_kill(self, injection: Injection) -> None:
+        """SIGKILL every process of one node back to back (microseconds apart: the same instant for the
+        cluster), as a lost node or a power cut would."""
+        node, members = node_members(self.view(), injection.spec.target, injection.spec.where)
+        pids = [(w, local_pid(w)) for w in members]  # all checked before the first signal
+        now = time.time()
+        for _, pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        injection.started = injection.started or now
+        for worker, pid in pids:
+            injection.targets.append(worker.id)
+            injection.killed.append((now, worker.id, pid))
+        self.log(f"  node-kill {node[:12]}: SIGKILL {', '.join(f'{w.id} (pid {p})' for w, p in pids)}")
 
     def _hang(self, injection: Injection) -> None:
         spec = injection.spec

@@ -28,13 +28,15 @@ Faults (`fault:`) and the fields each takes besides `at_s` and `target`:
     hang              SIGSTOP, then SIGCONT after duration_s
     crash-loop        kill `count` times, each time its replacement is ready, `interval_s` apart at least
     slow              `hogs` CPU-busy processes pinned to the worker's core for duration_s
+    node-kill         SIGKILL every process of one node in the same instant (a lost node); its target
+                      is `node:ID` (the node's id, or its first characters) or `node-of:aw-0`
     delay             delay_ms (+ jitter_ms) on each frame of the links, for duration_s
     drop              lose drop_rate of the frames (resent after retransmit_ms), for duration_s
     partition         nothing crosses the links for duration_s
 
 Targets: a worker id from the admin API (`aw-0`, `ew-2`), a service (`controller`, `kv-store`, `redis`),
 `random:ew|aw|worker` (picked when injected, seeded), or `every:ew|aw|worker` (each in turn, `interval_s`
-apart). Datapath faults also take a link, `aw-0->ew-1` (`*` for any side); a worker name there means all
+apart), or for a node-kill a node. Datapath faults also take a link, `aw-0->ew-1` (`*` for any side); a worker name there means all
 of its links.
 """
 
@@ -49,7 +51,7 @@ from typing import Any
 
 from resilient_moe.errors import ConfigError
 
-PROCESS_FAULTS = ("kill", "terminate", "hang", "crash-loop", "slow")
+PROCESS_FAULTS = ("kill", "terminate", "hang", "crash-loop", "slow", "node-kill")
 LINK_FAULTS = ("delay", "drop", "partition")
 FAULTS = PROCESS_FAULTS + LINK_FAULTS
 SERVICES = ("controller", "kv-store", "redis")
@@ -59,6 +61,7 @@ _NAME = r"[a-z][a-z0-9_.]*-[0-9]+"
 _SELECTOR = re.compile(r"(random|every):(aw|ew|worker)")
 _LINK = re.compile(rf"({_NAME}|\*)->({_NAME}|\*)")
 _WORKER = re.compile(_NAME)
+_NODE = re.compile(rf"node:[A-Za-z0-9_.-]+|node-of:{_NAME}")
 
 # Extra fields each fault accepts (at_s, fault, target are common), with defaults.
 _FAULT_FIELDS: dict[str, dict[str, Any]] = {
@@ -66,6 +69,7 @@ _FAULT_FIELDS: dict[str, dict[str, Any]] = {
     "terminate": {"interval_s": 5.0},
     "hang": {"duration_s": None, "interval_s": 5.0},
     "crash-loop": {"count": 3, "interval_s": 0.0},
+    "node-kill": {},
     "slow": {"duration_s": None, "hogs": 1, "interval_s": 5.0},
     "delay": {"duration_s": None, "delay_ms": 0.0, "jitter_ms": 0.0, "interval_s": 5.0},
     "drop": {"duration_s": None, "drop_rate": None, "retransmit_ms": 200.0, "interval_s": 5.0},
@@ -275,6 +279,13 @@ def _fault(entry: "_Object", workload: Workload, at_s: float | None = None) -> F
 
 def _check_target(entry: "_Object", kind: str, target: str) -> None:
     selector = _SELECTOR.fullmatch(target)
+    if kind == "node-kill":
+        if _NODE.fullmatch(target):
+            return
+        entry.fail("target", f"a node-kill takes a node: node:ID (a node id, or its first characters) or "
+                             f"node-of:WORKER (the node aw-0 runs on); got {target!r}")
+    if _NODE.fullmatch(target):
+        entry.fail("target", f"only a node-kill takes a node; a {kind} takes a worker")
     if kind in LINK_FAULTS:
         if (selector and selector.group(2) != "worker") or _WORKER.fullmatch(target) or _LINK.fullmatch(target):
             return

@@ -37,6 +37,7 @@ class Worker:
     host: str
     incarnation: int
     state: str  # the WorkerState, upper case: STARTING, LOADING, READY, SUSPECT, DRAINING, FENCED, GONE
+    node: str = ""  # its failure domain (Ray node id, or the hostname)
 
     @property
     def live(self) -> bool:
@@ -67,7 +68,7 @@ class ClusterView:
         try:
             workers = tuple(
                 Worker(str(w["id"]), str(w["role"]), int(w.get("pid") or 0), str(w.get("host") or ""),
-                       int(w.get("incarnation") or 0), str(w.get("state") or "").upper())
+                       int(w.get("incarnation") or 0), str(w.get("state") or "").upper(), str(w.get("node") or ""))
                 for w in data["workers"]
             )
             events = tuple(Event(float(e["time"]), str(e["kind"]), str(e.get("worker") or ""), str(e.get("detail") or ""))
@@ -177,7 +178,9 @@ def check_targets(faults: list[FaultSpec], view: ClusterView) -> None:
                 if name:
                     _need(view, name, f.where, role)
             continue
-        if f.target in SERVICES:
+        if f.fault == "node-kill":
+            node_members(view, f.target, f.where)
+        elif f.target in SERVICES:
             _service(view, f.target, f.where)
         else:
             _need(view, f.target, f.where)
@@ -236,6 +239,32 @@ def _service(view: ClusterView, name: str, where: str) -> Worker:
         raise TargetError(f"{where}: the cluster reports no {name} (roles present: {roles})")
     live = [w for w in found if w.live]
     return (live or found)[0]
+
+
+NODE_KILLED_ROLES = ("attention", "expert", "kv_store", "controller", "redis")
+
+
+def node_members(view: ClusterView, target: str, where: str = "target") -> tuple[str, list[Worker]]:
+    """The node a node-kill target names (`node:ID` or an unambiguous start of it; `node-of:WORKER`)
+    and the processes running on it. The frontend is left out: the tool drives its workload through it."""
+    kind, _, name = target.partition(":")
+    nodes = sorted({w.node for w in view.workers if w.node})
+    if kind == "node-of":
+        worker = _need(view, name, where)
+        if not worker.node:
+            raise TargetError(f"{where}: {name} reports no node (a server without node fields)")
+        node = worker.node
+    else:
+        matches = [n for n in nodes if n == name] or [n for n in nodes if n.startswith(name)]
+        if len(matches) != 1:
+            raise TargetError(f"{where}: {target!r} names {'no' if not matches else 'more than one'} node "
+                              f"(nodes: {', '.join(n[:12] for n in nodes) or 'none'})")
+        node = matches[0]
+    members = [w for w in view.workers if w.node == node and w.role in NODE_KILLED_ROLES and w.state not in
+               ("FENCED", "GONE") and w.pid > 0]
+    if not members:
+        raise TargetError(f"{where}: node {node[:12]} runs no process of the cluster that a node-kill may kill")
+    return node, sorted(members, key=lambda w: w.id)
 
 
 # ---- signalling pids from the admin API ------------------------------------------------------

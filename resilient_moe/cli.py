@@ -123,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--expert-workers", type=_positive_int, metavar="E")
     cluster.add_argument("--micro-batches", type=_positive_int, metavar="M")
     cluster.add_argument("--transport", choices=("shm", "tcp"))
+    _launcher_flags(cluster)
 
     serve = sub.add_parser("serve", help="start a local cluster and serve it over an OpenAI-compatible HTTP API")
     serve.add_argument("--model", metavar="DIR", help="HF checkpoint directory (default: the built-in demo model)")
@@ -134,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--expert-workers", type=_positive_int, metavar="E", help="default 3 (without --config)")
     serve.add_argument("--micro-batches", type=_positive_int, metavar="M")
     serve.add_argument("--transport", choices=("shm", "tcp"))
+    _launcher_flags(serve)
     serve.add_argument("--max-model-len", type=_positive_int, metavar="N", help="context length limit per request")
     serve.add_argument("--kernels", choices=KERNEL_CHOICES, help=KERNELS_HELP)
     serve.add_argument("--max-waiting-requests", type=_non_negative_int, default=256, metavar="N",
@@ -191,15 +193,22 @@ def _sampling(args: argparse.Namespace) -> SamplingParams:
     )
 
 
+def _launcher_flags(parser) -> None:
+    parser.add_argument("--launcher", choices=("local", "ray"),
+                        help="local: every role a process on this host (default); ray: Ray actors across nodes")
+    parser.add_argument("--ray-address", metavar="ADDR",
+                        help="with --launcher ray: the Ray cluster to join (default: start a local Ray instance)")
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     if not args.prompt and not args.prompt_ids:
         raise CliError("give at least one --prompt TEXT or --prompt-ids 1,2,3")
     zygote = None
-    if _wants_cluster(args):  # the fork server imports torch while this process does: start it first
+    if _wants_cluster(args) and args.launcher != "ray":  # the fork server imports torch while this process does
         from resilient_moe import auth
         from resilient_moe.launch.local import Zygote
 
-        auth.install(auth.new_secret())  # this cluster's secret, before anything of it starts
+        auth.install(auth.new_secret())  # this cluster's secret, before anything of it starts (Ray's makes its own)
         zygote = Zygote()
     try:
         return _generate(args, zygote)
@@ -225,7 +234,7 @@ def _generate(args: argparse.Namespace, zygote) -> int:
         prompts.extend(tokenizer.encode(text) for text in args.prompt)
     prompts.extend(args.prompt_ids)
     engine_config = EngineConfig(dtype=args.dtype, device=args.device, kernels=args.kernels or "auto")
-    if zygote is not None:
+    if _wants_cluster(args):
         outputs = _generate_disaggregated(args, model_dir, engine_config, prompts, params, zygote)
     else:
         engine = LLMEngine(model_dir, engine_config)
@@ -253,7 +262,7 @@ def check_kernels(engine) -> None:
 
 def _wants_cluster(args: argparse.Namespace) -> bool:
     return any(v is not None for v in (args.config, args.attention_workers, args.expert_workers, args.micro_batches,
-                                       args.transport))
+                                       args.transport, args.launcher))
 
 
 def deployment_from_args(args: argparse.Namespace, model_dir: Path, engine_config) -> "DeploymentConfig":
@@ -262,7 +271,8 @@ def deployment_from_args(args: argparse.Namespace, model_dir: Path, engine_confi
 
     overrides = dict(
         model=str(model_dir), attention_workers=args.attention_workers, expert_workers=args.expert_workers,
-        micro_batches=args.micro_batches, transport=args.transport,
+        micro_batches=args.micro_batches, transport=args.transport, launcher=args.launcher,
+        ray_address=args.ray_address,
     )
     if args.config:
         dep = DeploymentConfig.from_yaml(args.config, **overrides)
@@ -275,12 +285,12 @@ def deployment_from_args(args: argparse.Namespace, model_dir: Path, engine_confi
 
 def _generate_disaggregated(args, model_dir: Path, engine_config, prompts: list[list[int]], params,
                             zygote) -> list[list[int]]:
-    from resilient_moe.launch.local import LocalCluster
+    from resilient_moe.launch import make_cluster
     from resilient_moe.server.frontend import Frontend, RequestFailed
 
     deployment = deployment_from_args(args, model_dir, engine_config)
     check_kernels(deployment.engine)
-    with LocalCluster(deployment, zygote=zygote) as cluster:
+    with make_cluster(deployment, zygote=zygote) as cluster:
         frontend = Frontend(cluster.controller_address).start()
         try:
             handles = [frontend.submit(p, params) for p in prompts]

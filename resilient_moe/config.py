@@ -477,6 +477,7 @@ class SamplingParams:
 
 TRANSPORTS = ("shm", "tcp")
 PLACEMENTS = ("contiguous", "round_robin")
+LAUNCHERS = ("local", "ray")
 
 
 @dataclass(frozen=True)
@@ -515,13 +516,21 @@ class DeploymentConfig:
     drain_timeout_s: float = 30.0  # longest a draining worker (or server) takes to finish or hand over its requests
     kv_checkpoint: bool = True  # checkpoint attention workers' KV into the KV store (needs Redis)
     kv_store_bytes: int = 256 << 20  # host memory of each KV store (allocated as it is written)
-    kv_stores: int = 1  # KV store processes ("kv-store", "kv-store-1", ...); each serves its memory over TCP too
-    kv_replicas: int = 0  # copies of each checkpoint in stores other than the writer's primary (another node's)
+    # KV store processes ("kv-store", "kv-store-1", ...); each serves its memory over TCP too. None: the
+    # launcher's default: 1 locally; under Ray one on each worker node (at least kv_replicas + 1).
+    kv_stores: int | None = None
+    # Copies of each checkpoint in stores other than the writer's primary (another node's). None: the
+    # launcher's default: 0 locally (the one store outlives any worker); 1 under Ray (it outlives a node).
+    kv_replicas: int | None = None
     redis_url: str = ""  # "": the launcher starts a private redis-server when checkpointing is on
     log_level: str = "INFO"
     # "auto": each attention and expert worker runs on cores of its own (launch/cpus.py) with as many
     # torch and native GEMM threads as it has cores; "none": no pinning, engine.torch_threads threads.
     cpu_affinity: str = "auto"
+    # "local": every role as a process on this host (launch/local.py); "ray": as Ray actors across the
+    # nodes of a Ray cluster (launch/ray_cluster.py, needs the `ray` extra).
+    launcher: str = "local"
+    ray_address: str = ""  # launcher ray: the cluster to join ("auto", "HOST:PORT"); "": start a local Ray instance
 
     def __post_init__(self) -> None:
         for name in ("attention_workers", "expert_workers", "probe_misses"):
@@ -571,6 +580,11 @@ class DeploymentConfig:
             raise ConfigError(f"shadow_budget_bytes must be an integer >= 0, got {self.shadow_budget_bytes!r}")
         if not isinstance(self.kv_store_bytes, int) or isinstance(self.kv_store_bytes, bool) or self.kv_store_bytes < 1 << 20:
             raise ConfigError(f"kv_store_bytes must be an integer >= 1048576, got {self.kv_store_bytes!r}")
+        if self.kv_replicas is None:
+            object.__setattr__(self, "kv_replicas", 1 if self.launcher == "ray" else 0)
+        if self.kv_stores is None:
+            replicas = self.kv_replicas if isinstance(self.kv_replicas, int) else 0
+            object.__setattr__(self, "kv_stores", replicas + 1 if self.launcher == "ray" else 1)
         for name, least in (("kv_stores", 1), ("kv_replicas", 0)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
@@ -586,6 +600,10 @@ class DeploymentConfig:
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.baseline_restart not in ("warm", "cold"):
             raise ConfigError(f"baseline_restart must be warm or cold, got {self.baseline_restart!r}")
+        if self.launcher not in LAUNCHERS:
+            raise ConfigError(f"launcher must be one of {', '.join(LAUNCHERS)}, got {self.launcher!r}")
+        if not isinstance(self.ray_address, str) or (self.ray_address and self.launcher != "ray"):
+            raise ConfigError(f"ray_address ({self.ray_address!r}) needs launcher: ray")
         if self.cpu_affinity not in ("auto", "none"):
             raise ConfigError(f"cpu_affinity must be auto or none, got {self.cpu_affinity!r}")
         if self.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -660,11 +678,16 @@ class WorkerConfig:
     controller_address: str
     deployment: DeploymentConfig
     cpus: tuple[int, ...] = ()  # the cores it is pinned to (launch/cpus.py); () = not pinned
+    node: str = ""  # its failure domain: the Ray node id (hex) on Ray; "": this host (its hostname)
+    # The controller's only: where the launcher puts each worker ((name, node) pairs; empty: one node),
+    # so that shadow copies land on other nodes than their primaries (controller/placement.py).
+    worker_nodes: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
             raise ConfigError(f"role must be one of {', '.join(ROLES)}, got {self.role!r}")
         object.__setattr__(self, "cpus", tuple(self.cpus))
+        object.__setattr__(self, "worker_nodes", tuple((str(w), str(n)) for w, n in self.worker_nodes))
 
     @property
     def threads(self) -> int:

@@ -80,6 +80,8 @@ def tiny_model(tiny_models):
 
 def pytest_configure(config):
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Before Ray is imported anywhere (it reads this at import): Ray test clusters use loopback only.
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     # One cluster secret for the session, as a launcher would install it: links, gRPC and KV-store
     # handshakes made in this process (and the zygote's workers, which inherit it) prove it.
     from resilient_moe import auth
@@ -181,3 +183,14 @@ def redis_server(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One Ray test cluster for the session's Ray tests (starting one takes about 15 s here)."""
+    pytest.importorskip("ray")
+    from resilient_moe.launch.ray_local import LoopbackRayCluster
+
+    cluster = LoopbackRayCluster()
+    yield cluster
+    cluster.shutdown()

@@ -256,7 +256,9 @@ def test_admin_needs_the_token(stack):
     assert wrong.status_code == 403
     assert httpx.get(f"{stack.url}/admin/timeseries").status_code == 401
     cluster = httpx.get(f"{stack.url}/admin/cluster", headers=admin_headers()).json()
-    assert set(cluster) == {"workers", "ert", "events", "unprotected"}
+    assert set(cluster) == {"workers", "ert", "events", "unprotected", "unprotected_by_node"}
+    # One node (this host): its loss is the loss of every copy of every expert.
+    assert list(cluster["unprotected_by_node"]) == [os.uname().nodename]
     by_id = {w["id"]: w for w in cluster["workers"]}
     for name, pid in stack.cluster.pids.items():
         assert by_id[name]["pid"] == pid and by_id[name]["state"] == "ready"
@@ -264,8 +266,9 @@ def test_admin_needs_the_token(stack):
     roles = sorted(w["role"] for w in cluster["workers"])
     assert roles.count("frontend") == 1 and roles.count("attention") == 2 and roles.count("expert") == 2
     for w in cluster["workers"]:
-        assert set(w) == {"id", "role", "pid", "host", "incarnation", "state", "experts", "shadows", "load",
+        assert set(w) == {"id", "role", "pid", "host", "node", "incarnation", "state", "experts", "shadows", "load",
                           "started_at"}
+        assert w["node"] == os.uname().nodename
         assert 0 < time.time() - w["started_at"] < 3600, w
     assert cluster["ert"]["epoch"] >= 1 and cluster["ert"]["entries"]
     assert {"time", "kind", "worker", "detail"} == set(cluster["events"][0])

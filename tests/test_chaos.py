@@ -63,6 +63,8 @@ def with_changes(**changes) -> dict:
     ({"faults__0__fault": "delay", "faults__0__duration_s": 1}, "faults[0].delay_ms: a delay needs"),
     ({"faults__0__interval_s": 3}, "faults[0].interval_s: only applies to an every: target"),
     ({"faults__0__count": 2}, "faults[0].count: unknown field"),
+    ({"faults__0__fault": "node-kill"}, "faults[0].target: a node-kill takes a node: node:ID"),
+    ({"faults__0__target": "node-of:aw-0"}, "faults[0].target: only a node-kill takes a node"),
     ({"faults": "kill ew-1"}, "faults: must be a list"),
 ])
 def test_bad_scenarios_are_rejected_naming_the_field(changes, message):
@@ -100,6 +102,45 @@ def test_cli_reports_bad_input_without_a_traceback(tmp_path):
         assert done.returncode == 2, (args, done.stdout, done.stderr)
         assert message in done.stderr and "Traceback" not in done.stderr, done.stderr
     assert not (tmp_path / "out").exists(), "nothing runs when the scenario is bad"
+
+
+def test_node_kill_kills_every_process_of_one_node_and_nothing_else():
+    """A node-kill resolves its node through the admin view and SIGKILLs that node's processes (never the
+    frontend, never another node's); stand-in processes play the workers."""
+    from chaos.injectors import Injector
+    from chaos.targets import TargetError, node_members
+
+    procs = {name: subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+             for name in ("aw-0", "ew-0", "aw-1", "ew-1")}
+    try:
+        nodes = {"aw-0": "aa11", "ew-0": "aa11", "aw-1": "bb22", "ew-1": "bb22"}
+        workers = [{"id": n, "role": "attention" if n.startswith("aw") else "expert", "pid": p.pid,
+                    "host": "127.0.0.1", "node": nodes[n], "incarnation": 1, "state": "ready"} for n, p in procs.items()]
+        workers.append({"id": "frontend-1", "role": "frontend", "pid": os.getpid(), "host": "127.0.0.1",
+                        "node": "aa11", "state": "ready"})
+        view = ClusterView.from_json({"workers": workers, "ert": {"epoch": 1}}, time.time())
+        assert node_members(view, "node-of:aw-0")[0] == "aa11"
+        assert [w.id for w in node_members(view, "node:bb")[1]] == ["aw-1", "ew-1"]
+        with pytest.raises(TargetError, match="names no node"):
+            node_members(view, "node:cc")
+
+        class Admin:
+            def cluster(self):
+                return view
+
+        spec = scenario.parse({"workload": {"concurrency": 1, "duration_s": 5},
+                               "faults": [{"at_s": 0, "fault": "node-kill", "target": "node-of:ew-0"}]}).faults[0]
+        injection = Injection(0, spec, planned=time.time())
+        Injector(Admin(), None, None, "t").inject(injection)
+        assert injection.error is None and sorted(injection.targets) == ["aw-0", "ew-0"]
+        assert {t for t, _, _ in injection.killed} == {injection.started}, "one instant for the whole node"
+        for name in ("aw-0", "ew-0"):
+            assert procs[name].wait(10) == -signal.SIGKILL
+        assert procs["aw-1"].poll() is None and procs["ew-1"].poll() is None
+    finally:
+        for p in procs.values():
+            p.kill()
+            p.wait()
 
 
 # ---- the datapath fault hook, without processes -------------------------------------------------

@@ -47,6 +47,8 @@ def test_dashboard_shows_workers_and_routing(stack, tmp_path):
     for name in stack.cluster.pids:  # controller, aw-*, ew-*
         assert shown.get(name) == "ready", (name, shown)
     assert shown.get(stack.frontend.name) == "ready"
+    # Grouped by node: the local launcher runs every process on this host, one node named after it.
+    assert re.findall(r'class="node" data-node="([^"]+)"', dom) == [os.uname().nodename]
     assert 'id="ert-table"' in dom and "ew-0" in dom.split('id="ert-table"', 1)[1]
     assert re.search(r'class="event" data-kind="ready" data-worker="aw-0"', dom)
 

@@ -155,6 +155,8 @@ class ControllerClient:
         self.channel.close()
 
 
-def worker_info(name: str, role: int, index: int, data_address: str = "", host: str = "127.0.0.1") -> pb.WorkerInfo:
+def worker_info(name: str, role: int, index: int, data_address: str = "", host: str = "127.0.0.1",
+                node: str = "") -> pb.WorkerInfo:
+    """`node`: the failure domain it runs on (WorkerConfig.node_name); "" means this host's name."""
     return pb.WorkerInfo(name=name, role=role, index=index, pid=os.getpid(), host=host, data_address=data_address,
-                         started_at=time.time())
+                         started_at=time.time(), node=node or os.uname().nodename)

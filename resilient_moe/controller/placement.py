@@ -16,7 +16,7 @@ Names follow EPLB where they match: `experts_of` is phy2log for one worker.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from resilient_moe.datapath.ert import RoutingTable
@@ -115,24 +115,26 @@ def plan_placement(
     load: Mapping[ExpertKey, float] | None = None,
     current: Placement | None = None,
     resilience: bool = True,
+    node_of: Mapping[str, str] | None = None,
 ) -> Placement:
     """The placement of `policy` for `workers`. `shadow_slots`: copies beyond its primaries each worker
     has room for per sparse layer. load_aware without `load` plans with spread (nothing observed yet);
-    `current` lets load_aware keep copies where they are when that costs little balance."""
+    `current` lets load_aware keep copies where they are when that costs little balance. `node_of`
+    (worker -> node): spread puts an expert's copies on different nodes where it can."""
     if policy not in POLICIES:
         raise ValueError(f"unknown shadow policy {policy!r} (spread or load_aware)")
     if policy == "spread" or load is None:
-        return spread_placement(num_experts, workers, sparse_layers, shadow_slots, primary_policy)
+        return spread_placement(num_experts, workers, sparse_layers, shadow_slots, primary_policy, node_of)
     capacity = -(-num_experts // len(workers)) + shadow_slots
     return load_aware_placement(load, num_experts, workers, sparse_layers, capacity,
                                 min_copies=2 if resilience else 1, current=current)
 
 
 def spread_placement(num_experts: int, workers: list[str], sparse_layers: list[int], shadow_slots: int,
-                     primary_policy: str = "contiguous") -> Placement:
+                     primary_policy: str = "contiguous", node_of: Mapping[str, str] | None = None) -> Placement:
     """Primaries by `primary_policy`, shadows by `shadow_placement`; the primary takes every token."""
     primaries = primary_placement(num_experts, workers, primary_policy)
-    plan = shadow_placement(primaries, workers, sparse_layers, shadow_slots)
+    plan = shadow_placement(primaries, workers, sparse_layers, shadow_slots, node_of)
     copies = {key: (primaries[key[1]], *ws) for key, ws in plan.shadows.items()}
     shares = {key: tuple(1.0 if i == 0 else 0.0 for i in range(len(ws))) for key, ws in copies.items()}
     return Placement(tuple(workers), copies, shares)
@@ -267,6 +269,7 @@ def shadow_placement(
     workers: list[str],
     sparse_layers: list[int],
     slots_per_layer: int | dict[str, int],
+    node_of: Mapping[str, str] | None = None,
 ) -> ShadowPlan:
     """Place shadow copies of every (layer, expert) on workers other than its primary (spread).
 
@@ -281,9 +284,18 @@ def shadow_placement(
     Then every remaining slot gives an expert with the fewest copies another one, on the least-filled
     worker that does not hold it yet: surplus slots give every expert a second shadow in turn
     (surviving two losses when the budget allows).
+
+    `node_of` (worker -> node; workers on one node fail together): a copy goes first to a worker on a
+    node that holds no copy of that expert yet, so where the slots allow, losing any one node leaves
+    every expert served (`unprotected_by_node` says what a node's loss would leave without a copy).
     """
     capacity = slots_per_layer if isinstance(slots_per_layer, dict) else {w: slots_per_layer for w in workers}
     order = {w: i for i, w in enumerate(workers)}
+    node = {w: (node_of or {}).get(w, w) for w in workers}  # no node given: every worker its own
+
+    def new_node(w: str, holders: list[str]) -> bool:
+        return all(node[w] != node[h] for h in holders)
+
     shadows: dict[ExpertKey, list[str]] = {}
     for layer in sparse_layers:
         free = {w: capacity.get(w, 0) for w in workers}
@@ -295,7 +307,7 @@ def shadow_placement(
                 shadows[(layer, expert)] = []
                 continue
             distance = {w: (order[w] - order[primary]) % len(workers) for w in options}
-            choice = max(options, key=lambda w: (free[w], -distance[w]))
+            choice = max(options, key=lambda w: (new_node(w, [primary]), free[w], -distance[w]))
             shadows[(layer, expert)] = [choice]
             free[choice] -= 1
 
@@ -309,7 +321,9 @@ def shadow_placement(
             primary = primaries[e]
             allowed = options(e)
             if allowed:
-                choice = max(allowed, key=lambda w: (free[w], -((order[w] - order[primary]) % len(workers))))
+                holders = [primary, *shadows[(layer, e)]]
+                choice = max(allowed, key=lambda w: (new_node(w, holders), free[w],
+                                                     -((order[w] - order[primary]) % len(workers))))
                 shadows[(layer, e)].append(choice)
                 free[choice] -= 1
                 return True
@@ -335,6 +349,21 @@ def shadow_placement(
                 stuck.add(fewest)
     unprotected = sorted(k for k, ws in shadows.items() if not ws)
     return ShadowPlan(shadows, unprotected)
+
+
+def unprotected_by_node(copies: Mapping[ExpertKey, Sequence[str]], node_of: Mapping[str, str]) -> dict[str, list[ExpertKey]]:
+    """node -> the (layer, expert) pairs that losing that node would leave with no copy: those whose
+    every live copy (`copies`, e.g. the routing table's candidates) sits on it. Every node that holds
+    a copy of anything is a key (an empty list: its loss leaves every expert served). A worker missing
+    from `node_of` counts as a node of its own."""
+    out: dict[str, list[ExpertKey]] = {}
+    for key, holders in sorted(copies.items()):
+        nodes = {node_of.get(w, w) for w in holders}
+        for n in nodes:
+            out.setdefault(n, [])
+        if len(nodes) == 1:
+            out[nodes.pop()].append(key)
+    return out
 
 
 def served_after_loss(primaries: dict[int, str], plan: ShadowPlan, lost: set[str]) -> list[ExpertKey]:

@@ -44,7 +44,7 @@ def worker_to_pb(record: WorkerRecord, now: float) -> pb.WorkerInfo:
         incarnation=record.incarnation, pid=record.pid, host=record.host, data_address=record.data_address,
         state=state_to_pb(record.state), experts=[pb.ExpertRef(layer=l, expert=e) for l, e in record.experts],
         heartbeat_age_s=max(0.0, now - record.last_heartbeat) if record.incarnation else 0.0, load=record.load,
-        started_at=record.started_at,
+        started_at=record.started_at, node=record.node,
     )
 
 
@@ -100,7 +100,8 @@ class ControllerService(pb_grpc.ControllerServicer):
     def Register(self, request, context):
         w = request.worker
         with self.lock:
-            record = self.model.register(w.name, PB_TO_ROLE.get(w.role, "frontend"), w.index, w.pid, w.host, w.data_address)
+            record = self.model.register(w.name, PB_TO_ROLE.get(w.role, "frontend"), w.index, w.pid, w.host, w.data_address,
+                                         node=w.node)
             load = self.model.experts_for(w.name) if record.role == "expert" else []
             self._changed()
             log.info("registered %s incarnation %d pid %d", w.name, record.incarnation, w.pid)
@@ -271,11 +272,16 @@ def serve(config: WorkerConfig, ready: threading.Event | None = None) -> None:
     if dep.shadow_budget_bytes is not None:
         dtype_bytes = 2 if dep.engine.dtype == "bfloat16" else 4
         slots = dep.shadow_budget_bytes // (model_cfg.expert_bytes(dtype_bytes) * max(1, len(shape.sparse_layers)))
-    model = ClusterModel(shape, ControllerSettings.from_deployment(dep, slots))
+    model = ClusterModel(shape, ControllerSettings.from_deployment(dep, slots, config.worker_nodes))
     unprotected = model.active.unprotected
     if unprotected and dep.resilience:
         log.warning("shadow budget too small: %d (layer, expert) pairs have no shadow and die with their primary: %s",
                     len(unprotected), ", ".join(f"{l}/{e}" for l, e in unprotected))
+    if config.worker_nodes and dep.resilience:  # nodes as failure domains: what each node's loss would cost
+        for node, keys in sorted(model.unprotected_by_node().items()):
+            if keys:
+                log.warning("losing node %s would leave %d (layer, expert) pairs with no copy (shadow budget too "
+                            "small to place them elsewhere)", node[:12], len(keys))
     persistence = None
     if dep.resilience and dep.redis_url:
         import redis

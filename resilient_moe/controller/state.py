@@ -84,6 +84,7 @@ class WorkerRecord:
     load: dict[str, float] = field(default_factory=dict)
     started_at: float = field(default_factory=time.time)
     since: float = 0.0  # clock time it entered its state
+    node: str = ""  # its failure domain: the Ray node id (hex) on Ray, the hostname locally
 
 
 @dataclass(frozen=True)
@@ -149,9 +150,11 @@ class ControllerSettings:
     max_attention_workers: int | None = None  # None: attention_workers
     load_half_life_s: float = 30.0
     rebalance_interval_s: float = 0.0  # 0: rebalance on demand only
+    worker_nodes: tuple[tuple[str, str], ...] = ()  # (worker, node) as the launcher places them; empty: one node
 
     @classmethod
-    def from_deployment(cls, dep, shadow_slots: int | None) -> "ControllerSettings":
+    def from_deployment(cls, dep, shadow_slots: int | None,
+                        worker_nodes: tuple[tuple[str, str], ...] = ()) -> "ControllerSettings":
         return cls(
             attention_workers=dep.attention_workers, expert_workers=dep.expert_workers,
             kv_store=dep.resilience and dep.kv_checkpoint and bool(dep.redis_url), kv_stores=dep.kv_stores,
@@ -160,6 +163,7 @@ class ControllerSettings:
             heartbeat_timeout_s=dep.heartbeat_timeout_s, tick_interval_s=dep.heartbeat_interval_s,
             startup_timeout_s=dep.startup_timeout_s, max_attention_workers=dep.max_attention_workers,
             load_half_life_s=dep.load_half_life_s, rebalance_interval_s=dep.rebalance_interval_s,
+            worker_nodes=tuple(worker_nodes),
         )
 
 
@@ -266,7 +270,21 @@ class ClusterModel:
             slots = 0
         return placement.plan_placement(self.settings.shadow_policy, self.shape.num_experts, workers,
                                         list(self.shape.sparse_layers), slots, self.settings.primary_policy, load,
-                                        current, self.resilience)
+                                        current, self.resilience, node_of=self.node_of())
+
+    def node_of(self) -> dict[str, str]:
+        """worker -> node: where each registered worker reported it runs, else where the launcher
+        planned it (empty on one node)."""
+        nodes = dict(self.settings.worker_nodes)
+        nodes.update({r.name: r.node for r in self.workers.values() if r.node})
+        return nodes
+
+    def unprotected_by_node(self) -> dict[str, list[ExpertKey]]:
+        """node -> the (layer, expert) pairs that its loss would leave with no live copy right now."""
+        num_experts = self.ert.num_experts
+        live = {(i // num_experts, i % num_experts): entry for i, entry in enumerate(self.ert.candidates)
+                if i // num_experts in self.shape.sparse_layers}
+        return placement.unprotected_by_node(live, self.node_of())
 
     def observed_load(self) -> dict[ExpertKey, float] | None:
         """The decayed per-expert load, or None before any token was reported."""
@@ -345,7 +363,8 @@ class ClusterModel:
         record.state = state
         record.since = self.clock()
 
-    def register(self, name: str, role: str, index: int, pid: int, host: str, data_address: str = "") -> WorkerRecord:
+    def register(self, name: str, role: str, index: int, pid: int, host: str, data_address: str = "",
+                 node: str = "") -> WorkerRecord:
         """A worker process announces itself; it gets a fresh incarnation. A previous incarnation
         under the same name that is still alive in our books is fenced: the new one replaces it."""
         old = self.workers.get(name)
@@ -354,7 +373,7 @@ class ClusterModel:
             self.fenced.add((old.name, old.incarnation))
             self._event("fenced", name, f"incarnation {old.incarnation} replaced by a new registration")
         record = WorkerRecord(name, role, index, self.next_incarnation, pid, host, data_address,
-                              state=WorkerState.LOADING, last_heartbeat=self.clock(), since=self.clock())
+                              state=WorkerState.LOADING, last_heartbeat=self.clock(), since=self.clock(), node=node)
         self.next_incarnation += 1
         self.workers[name] = record
         self._event("registered", name, f"incarnation {record.incarnation}, pid {pid}")
@@ -668,7 +687,7 @@ class ClusterModel:
             "fenced": sorted([name, inc] for name, inc in self.fenced),
             "workers": [
                 {"name": r.name, "role": r.role, "index": r.index, "incarnation": r.incarnation, "pid": r.pid,
-                 "host": r.host, "data_address": r.data_address, "state": r.state.value,
+                 "host": r.host, "node": r.node, "data_address": r.data_address, "state": r.state.value,
                  "experts": [list(e) for e in r.experts], "started_at": r.started_at,
                  "ert_epoch": r.load.get("ert_epoch", 0.0)}
                 for r in self.workers.values()
@@ -700,7 +719,7 @@ class ClusterModel:
                                   int(w["pid"]), str(w["host"]), str(w["data_address"]), WorkerState(w["state"]),
                                   [tuple(e) for e in w["experts"]], last_heartbeat=now,
                                   load={"ert_epoch": float(w["ert_epoch"])}, started_at=float(w["started_at"]),
-                                  since=now)
+                                  since=now, node=str(w.get("node", "")))
             self.workers[record.name] = record
         self.events.extend(ClusterEvent(float(t), str(k), str(w), str(d)) for t, k, w, d in snapshot["events"])
         self.desired = Roster(int(snapshot["desired"]["attention_workers"]), int(snapshot["desired"]["expert_workers"]))

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 
+from resilient_moe.controller import placement
 from resilient_moe.controller.state import ENDED, SERVING, WorkerState
 from resilient_moe.datapath.ert import RoutingTable
 from resilient_moe.datapath.faults import LinkFault
@@ -48,6 +49,7 @@ class PeerView:
     host: str
     load: Mapping[str, float]
     index: int = 0
+    node: str = ""  # its failure domain (WorkerInfo.node)
 
     @property
     def serving(self) -> bool:
@@ -74,7 +76,7 @@ class ClusterView:
     def from_proto(cls, state: pb.ClusterState) -> "ClusterView":
         workers = {
             w.name: PeerView(w.name, ROLES.get(w.role, "unknown"), w.incarnation, state_of(w.state), w.data_address,
-                             w.pid, w.host, dict(w.load), w.index)
+                             w.pid, w.host, dict(w.load), w.index, w.node)
             for w in state.workers
         }
         return cls(state.epoch, frozenset((f.name, f.incarnation) for f in state.fenced), workers, state.resilience,
@@ -118,3 +120,11 @@ class ClusterView:
     def draining(self, name: str) -> bool:
         peer = self.workers.get(name)
         return peer is not None and peer.state == WorkerState.DRAINING
+
+
+def unprotected_by_node(state: pb.ClusterState) -> dict[str, list[tuple[int, int]]]:
+    """node -> the (layer, expert) pairs that losing it would leave with no live copy, from a cluster
+    snapshot's routing table and its workers' nodes (controller/placement.py `unprotected_by_node`)."""
+    num_experts = max(1, state.ert.num_experts)
+    copies = {divmod(i, num_experts): tuple(c.workers) for i, c in enumerate(state.ert.entries) if c.workers}
+    return placement.unprotected_by_node(copies, {w.name: w.node for w in state.workers if w.node})

@@ -675,6 +675,9 @@ class Forwarder:
         out = {k: float(v) for k, v in self.counters.items()}
         out |= {"expert_wait_s": self.wait_s, "round_trip_s": self.round_trip_s,
                 "part_s_per_row": self.deadlines.s_per_row}
+        for transport in ("shm", "tcp"):  # live links by transport (shm within a node, TCP across nodes)
+            out[f"links_{transport}"] = float(sum(1 for p in self.peers.values()
+                                                   if p.link.transport == transport and not p.fenced))
         if self.faults is not None:
             out |= {f"fault_{k}": float(v) for k, v in self.faults.counters.items()}
         return out

@@ -10,7 +10,9 @@ A link notices a dead peer at once when it can (the peer process exited, the soc
 wakes up. Deciding what a dead peer means is left to the caller (resilience logic).
 
 Set-up. One side listens (`listen(address, identity, poller)`), the other connects
-(`connect(address, identity, poller)`). Addresses are strings: `shm:@rmoe-c1-ew-2` (an abstract
+(`connect(address, identity, poller)`). A worker that peers on other nodes may reach listens on
+both transports and publishes both addresses, space-separated; `choose_address` picks one per pair.
+Addresses are strings: `shm:@rmoe-c1-ew-2` (an abstract
 Unix socket name; `shm:/path` for a socket file) or `tcp:127.0.0.1:5555` (port 0 picks one; the
 listener's `address` says which). The connector sends HELLO and the listener answers HELLO_ACK,
 both frames with a JSON body:
@@ -414,6 +416,19 @@ def split_address(address: str) -> tuple[str, str]:
     if not sep or scheme not in ("shm", "tcp") or not rest:
         raise ValueError(f"link address {address!r} is not 'shm:@name', 'shm:/path' or 'tcp:host:port'")
     return scheme, rest
+
+
+def choose_address(addresses: str, same_node: bool) -> str:
+    """The address to connect to among a listener's published ones (space-separated): shared memory
+    when both ends share a node and the listener offers it, else TCP (shm cannot cross nodes); a
+    single address is taken as it is."""
+    options = addresses.split()
+    if not options:
+        raise ValueError("the peer publishes no link address")
+    by_scheme = {address.partition(":")[0]: address for address in options}
+    if same_node and "shm" in by_scheme:
+        return by_scheme["shm"]
+    return by_scheme.get("tcp", options[0])
 
 
 def connect(address: str, identity: PeerInfo, poller: Poller | None = None, *,

@@ -28,7 +28,7 @@
           ({workers, entries [[layer, expert, [holder...], [share...]]]}; target null unless a rebalance
           is under way), switch_epoch (the routing epoch the active placement took over at)
         observed state: epoch, next_incarnation, fenced [[name, incarnation]], workers [{name, role,
-          index, incarnation, pid, host, data_address, state (controller/state.py WorkerState), experts,
+          index, incarnation, pid, host, node, data_address, state (controller/state.py WorkerState), experts,
           started_at, ert_epoch}], load [[layer, expert, decayed tokens]], events (last 100)
         orders [{id, action, worker, pid, issued_at, generation, floor}] not yet seen carried out, and
           next_order; counters {orders_issued, orders_completed, orders_resumed, orders_expired,

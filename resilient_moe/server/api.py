@@ -132,7 +132,8 @@ class _Server:
         return self.admission.running + self.admission.waiting
 
     def _on_cluster(self, state) -> None:
-        workers = cluster_json(state, dict(self.cluster.pids), self.frontend_entry())["workers"]
+        workers = cluster_json(state, dict(self.cluster.pids), self.frontend_entry(),
+                               nodes=getattr(self.cluster, "nodes", None))["workers"]
         self.metrics.update_cluster(state, workers, self.admission.waiting)
 
     def _on_pushed(self, state) -> None:
@@ -422,7 +423,8 @@ def create_app(
     async def admin_cluster() -> dict[str, Any]:
         """Workers (with pids), the expert routing table, recent failure/recovery events."""
         state = await run_in_threadpool(server.monitor.poll)
-        return cluster_json(state, dict(cluster_info_provider.pids), server.frontend_entry())
+        return cluster_json(state, dict(cluster_info_provider.pids), server.frontend_entry(),
+                            nodes=getattr(cluster_info_provider, "nodes", None))
 
     @app.get("/admin/recovery", tags=["admin"], dependencies=[Depends(require_admin)])
     async def admin_recovery() -> dict[str, Any]:

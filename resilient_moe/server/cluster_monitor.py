@@ -7,16 +7,20 @@ also takes the snapshots the controller pushes on every change, so a death is se
 
 /admin/cluster is a contract (the chaos tool finds its targets through it):
 
-    {"workers": [{"id", "role", "pid", "host", "incarnation", "state", "experts", "shadows", "load", "started_at"}],
+    {"workers": [{"id", "role", "pid", "host", "node", "incarnation", "state", "experts", "shadows", "load",
+                  "started_at"}],
      "ert": {"epoch", "entries": [{"layer", "expert", "workers": [primary, shadow...]}]},
      "events": [{"time", "kind", "worker", "detail"}],
-     "unprotected": [[layer, expert], ...]}
+     "unprotected": [[layer, expert], ...],
+     "unprotected_by_node": {node: [[layer, expert], ...]}}
 
 `role` is one of attention, expert, controller, kv_store, redis, frontend; `state` is the controller's
 WorkerState (controller/state.py): starting, loading, ready, suspect, draining, fenced or gone (a
 process the controller does not track: ready while it runs, else gone); `experts` are the (layer,
 expert) pairs a worker serves as first choice in the routing table,
-`shadows` the other copies it holds; `started_at` is the unix time the incarnation registered (or the
+`shadows` the other copies it holds; `node` is its failure domain (the Ray node id in hex under the Ray
+launcher, the hostname under the local one); `unprotected_by_node` says, for every node holding a copy of
+some expert, which (layer, expert) pairs its loss would leave with no live copy; `started_at` is the unix time the incarnation registered (or the
 process started, for one the controller does not track; 0 when unknown).
 """
 
@@ -29,6 +33,7 @@ import time
 from typing import Any, Callable, Mapping, Protocol
 
 from resilient_moe.controller.client import ControllerClient
+from resilient_moe.controller.view import unprotected_by_node
 from resilient_moe.procs import process_alive
 from resilient_moe.proto import controller_pb2 as pb
 from resilient_moe.server.metrics import ROLE_NAMES, STATE_NAMES
@@ -74,11 +79,15 @@ def cluster_json(
     pids: Mapping[str, int],
     frontend: dict[str, Any] | None = None,
     alive: Callable[[int], bool] = process_alive,
+    nodes: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """The /admin/cluster document (see the module docstring) from a snapshot and the launcher's pids.
 
     `state` None means the controller is unreachable: the launcher's processes are still listed.
-    `frontend` is this API process's own entry (id, pid, host, load)."""
+    `frontend` is this API process's own entry (id, pid, host, load). `nodes`: the node of each launcher
+    process (default: this host's name, where the local launcher runs them all)."""
+    here = os.uname().nodename
+    nodes = nodes or {}
     workers: list[dict[str, Any]] = []
     primaries: dict[str, list[list[int]]] = {}
     entries: list[dict[str, Any]] = []
@@ -96,7 +105,7 @@ def cluster_json(
             first_set = {tuple(p) for p in first}
             workers.append({
                 "id": w.name, "role": ROLE_NAMES.get(w.role, "unknown"), "pid": w.pid, "host": w.host,
-                "incarnation": w.incarnation, "state": STATE_NAMES.get(w.state, "unknown"),
+                "node": w.node or nodes.get(w.name, here), "incarnation": w.incarnation, "state": STATE_NAMES.get(w.state, "unknown"),
                 "experts": first, "shadows": [p for p in held if tuple(p) not in first_set],
                 "load": dict(w.load), "started_at": w.started_at,
             })
@@ -107,13 +116,15 @@ def cluster_json(
         running = alive(pid)
         if name == "controller" and state is None:
             running = False  # alive or not, it does not answer
-        workers.append({"id": name, "role": role_of(name), "pid": pid, "host": "127.0.0.1", "incarnation": 0,
+        workers.append({"id": name, "role": role_of(name), "pid": pid, "host": "127.0.0.1",
+                        "node": nodes.get(name, here), "incarnation": 0,
                         "state": "ready" if running else "gone", "experts": [], "shadows": [], "load": {},
                         "started_at": process_started_at(pid) if running else 0.0})
     if frontend is not None:
         pid = frontend.get("pid", os.getpid())
         workers.append({"id": frontend["id"], "role": "frontend", "pid": pid,
-                        "host": frontend.get("host", "127.0.0.1"), "incarnation": 0, "state": "ready",
+                        "host": frontend.get("host", "127.0.0.1"), "node": frontend.get("node", here),
+                        "incarnation": 0, "state": "ready",
                         "experts": [], "shadows": [], "load": dict(frontend.get("load", {})),
                         "started_at": process_started_at(pid)})
     events = [] if state is None else [
@@ -124,7 +135,10 @@ def cluster_json(
         "ert": {"epoch": 0 if state is None else state.ert.epoch, "entries": entries},
         "events": events,
         "unprotected": [] if state is None else _pairs(state.unprotected),
+        "unprotected_by_node": {} if state is None else {
+            node: [list(key) for key in keys] for node, keys in unprotected_by_node(state).items()},
     }
+
 
 
 def readiness(state: pb.ClusterState | None, pids: Mapping[str, int],

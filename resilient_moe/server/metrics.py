@@ -35,7 +35,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from resilient_moe import auth
 from resilient_moe.controller.state import WorkerState
-from resilient_moe.controller.view import ROLES, state_to_pb
+from resilient_moe.controller.view import ROLES, state_to_pb, unprotected_by_node
 from resilient_moe.proto import controller_pb2 as pb
 from resilient_moe.server.recovery import Changes, RecoveryTracker
 
@@ -249,10 +249,23 @@ class ClusterCollector:
                               value=waiting),
             up, states, age, kv, load,
         ]
+        node_up = GaugeMetricFamily(f"{ns}_node_workers_up", "Processes of the cluster serving on each node "
+                                    "(a node is a failure domain: Ray node id, or the hostname).", labels=["node"])
+        node_unprotected = GaugeMetricFamily(f"{ns}_node_loss_unprotected_experts", "(layer, expert) pairs that "
+                                             "losing this node would leave with no live copy.", labels=["node"])
+        metrics += [node_up, node_unprotected]
+        serving_on: dict[str, float] = {}
         for w in workers:
             up.add_metric([w["id"], w["role"]], 1.0 if w["state"] in ("ready", "suspect", "draining") else 0.0)
             for name in STATE_NAMES.values():
                 states.add_metric([w["id"], w["role"], name], 1.0 if w["state"] == name else 0.0)
+            if w.get("node"):
+                serving_on[w["node"]] = serving_on.get(w["node"], 0.0) + (w["state"] in ("ready", "suspect", "draining"))
+        for node, count in sorted(serving_on.items()):
+            node_up.add_metric([node], count)
+        if state is not None:
+            for node, keys in sorted(unprotected_by_node(state).items()):
+                node_unprotected.add_metric([node], float(len(keys)))
         restored = CounterMetricFamily(f"{ns}_requests_restored", "Requests an attention worker adopted from a "
                                        "dead one by restoring their checkpointed KV.", labels=["worker"])
         recomputed = CounterMetricFamily(f"{ns}_requests_recomputed", "Requests an attention worker adopted from a "

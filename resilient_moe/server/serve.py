@@ -26,6 +26,7 @@ from resilient_moe.config import DeploymentConfig, ModelConfig
 from resilient_moe.controller.client import ControllerClient
 from resilient_moe.engine.tokenizer import TextTokenizer
 from resilient_moe.errors import ResilientMoeError
+from resilient_moe.launch import make_cluster
 from resilient_moe.launch.local import LocalCluster, Zygote
 from resilient_moe.proto import controller_pb2 as pb
 from resilient_moe.server.api import ServerSettings, create_app
@@ -96,7 +97,7 @@ def watch_startup(address: str, say: Callable[[str], None], stop: threading.Even
 
 
 class ServingStack:
-    """A `LocalCluster`, a `Frontend` on it and the API served by uvicorn on a thread of this process."""
+    """A cluster (`LocalCluster`, or `RayCluster` with launcher: ray), a `Frontend` on it and the API served by uvicorn on a thread of this process."""
 
     def __init__(
         self,
@@ -132,7 +133,7 @@ class ServingStack:
         self.log_dir = log_dir
         self.say = progress or (lambda text: None)
         self.api_keys = tuple(api_keys)
-        self.cluster: LocalCluster | None = None
+        self.cluster: LocalCluster | None = None  # or a RayCluster (the same interface)
         self.frontend: Frontend | None = None
         self.metrics = ServingMetrics()
         self.app = None  # the FastAPI app, once started
@@ -156,7 +157,7 @@ class ServingStack:
             dep = self.deployment
             self.say(f"starting a cluster of {dep.attention_workers} attention and {dep.expert_workers} expert "
                      f"workers ({dep.transport}, {dep.micro_batches} micro-batches) for {self.model_dir}")
-            self.cluster = LocalCluster(dep, log_dir=self.log_dir, zygote=self.zygote)
+            self.cluster = make_cluster(dep, log_dir=self.log_dir, zygote=self.zygote)
             auth.ensure_secret()  # before the startup watcher's first call to the controller
             done = threading.Event()
             watcher = threading.Thread(target=watch_startup, args=(self.cluster.controller_address, self.say, done),

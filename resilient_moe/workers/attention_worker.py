@@ -40,7 +40,7 @@ from resilient_moe.controller.client import ControllerClient, worker_info
 from resilient_moe.controller.view import ClusterView, node_of
 from resilient_moe.datapath.forwarding import Forwarder, StepCancelled
 from resilient_moe.datapath.frames import FrameHeader, FrameKind, worker_number
-from resilient_moe.datapath.link import FrameTooLarge, Link, LinkClosed, Outbox, PeerInfo, listen
+from resilient_moe.datapath.link import FrameTooLarge, Link, LinkClosed, Outbox, PeerInfo, choose_address, listen
 from resilient_moe.datapath.parts import DeadlineModel
 from resilient_moe.datapath.poller import Poller, Wakeup
 from resilient_moe.engine.engine import LLMEngine
@@ -75,6 +75,7 @@ class AttentionServer:
         self.poller = poller
         self.listener = listener
         self.wakeup = wakeup
+        self.node = os.uname().nodename  # our failure domain (WorkerConfig.node): links to peers on it use shm
         self.frontends: dict[Link, Outbox] = {}
         self.owner: dict[str, Link] = {}  # request id -> frontend link that submitted it
         self.restoring: dict[str, Sequence] = {}  # moved here, waiting for their KV from the store
@@ -206,7 +207,8 @@ class AttentionServer:
             if view.ended(w.name, w.incarnation):
                 self.forwarder.fence(w.name, w.incarnation)
             elif w.serving and w.data_address and (peer is None or peer.incarnation != w.incarnation):
-                self.forwarder.connect_soon(w.name, w.data_address, w.incarnation)
+                same_node = w.node == self.node  # shm within a node, TCP across nodes
+                self.forwarder.connect_soon(w.name, choose_address(w.data_address, same_node), w.incarnation)
         if self.forwarder.ert is None or view.routing_epoch > self.forwarder.ert.epoch:
             if view.routing is not None:
                 self.forwarder.set_routing(view.routing)
@@ -393,7 +395,7 @@ def main(config: WorkerConfig) -> int:
     dep = config.deployment
     configure_process(config)
     client = ControllerClient(config.controller_address)
-    reply = client.register(worker_info(config.name, pb.ATTENTION, config.index, host=dep.host),
+    reply = client.register(worker_info(config.name, pb.ATTENTION, config.index, host=dep.host, node=config.node),
                             timeout_s=dep.startup_timeout_s)
     identity = PeerInfo(config.name, worker_number("attention", config.index), reply.incarnation, os.getpid(), dep.host)
     poller = Poller()
@@ -430,6 +432,7 @@ def main(config: WorkerConfig) -> int:
                                                           torch_threads=config.threads),
                            experts=RemoteExperts(forwarder), checkpoint=checkpoint)
     server = AttentionServer(engine, forwarder, poller, listener, wakeup)
+    server.node = config.node or server.node
     server.crash_on_lost_expert = not dep.resilience
     server.checkpointer = start_checkpointer(config, engine, reply.incarnation, wakeup.ring)
     server.index, server.kv_replicas = config.index, dep.kv_replicas

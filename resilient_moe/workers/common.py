@@ -50,9 +50,11 @@ def yield_cpu_while_loading(state):
             os.setpriority(os.PRIO_PROCESS, 0, 0)
 
 
-def link_address(dep: DeploymentConfig, cluster_id: str, name: str, incarnation: int) -> str:
+def link_addresses(dep: DeploymentConfig, cluster_id: str, name: str, incarnation: int) -> list[str]:
     """Where a worker listens for datapath links. The incarnation is part of a shm name so a
-    replacement never collides with a dying predecessor's socket."""
-    if dep.transport == "shm":
-        return f"shm:@rmoe-{cluster_id}-{name}-{incarnation}"
-    return f"tcp:{dep.host}:0"
+    replacement never collides with a dying predecessor's socket. Under Ray, peers on other nodes
+    need TCP and peers on this node are faster over shm: both (each peer picks, link.choose_address)."""
+    shm, tcp = f"shm:@rmoe-{cluster_id}-{name}-{incarnation}", f"tcp:{dep.host}:0"
+    if dep.launcher == "ray":
+        return [shm, tcp] if dep.transport == "shm" else [tcp]
+    return [shm] if dep.transport == "shm" else [tcp]

@@ -41,7 +41,7 @@ from resilient_moe.model.expert_side import ExpertKey, ExpertSide, Prepared
 from resilient_moe.model.kernel_set import KernelSet
 from resilient_moe.procs import background_thread
 from resilient_moe.proto import controller_pb2 as pb
-from resilient_moe.workers.common import configure_process, link_address, yield_cpu_while_loading
+from resilient_moe.workers.common import configure_process, link_addresses, yield_cpu_while_loading
 
 log = logging.getLogger("resilient_moe.expert_worker")
 
@@ -363,13 +363,14 @@ def main(config: WorkerConfig) -> int:
     dep = config.deployment
     configure_process(config)
     client = ControllerClient(config.controller_address)
-    reply = client.register(worker_info(config.name, pb.EXPERT, config.index, host=dep.host),
+    reply = client.register(worker_info(config.name, pb.EXPERT, config.index, host=dep.host, node=config.node),
                             timeout_s=dep.startup_timeout_s)
     identity = PeerInfo(config.name, worker_number("expert", config.index), reply.incarnation, os.getpid(), dep.host)
     poller = Poller()
     # Links are accepted on a thread of their own (mapping a link's rings takes tens of milliseconds, which
     # the attention workers already served must not wait for) and join the poller from the serving loop.
-    listener = listen(link_address(dep, config.cluster_id, config.name, reply.incarnation), identity)
+    listeners = [listen(address, identity)
+                 for address in link_addresses(dep, config.cluster_id, config.name, reply.incarnation)]
     accepted: "queue.SimpleQueue[Link]" = queue.SimpleQueue()
     server: ExpertServer | None = None
     orders: ControllerOrders | None = None
@@ -406,11 +407,12 @@ def main(config: WorkerConfig) -> int:
     def accept_forever() -> None:
         background_thread()
         while not server.stopping.is_set():
-            select.select([listener.fileno()], [], [], 0.2)
+            select.select([listener.fileno() for listener in listeners], [], [], 0.2)
             try:
-                while (link := listener.accept()) is not None:
-                    accepted.put(link)
-                    wakeup.ring()
+                for listener in listeners:
+                    while (link := listener.accept()) is not None:
+                        accepted.put(link)
+                        wakeup.ring()
             except ValueError:
                 return  # the listener closed: the worker is stopping
 
@@ -418,9 +420,10 @@ def main(config: WorkerConfig) -> int:
     signal.signal(signal.SIGTERM, lambda *_: (draining.set(), server.stopping.set(), wakeup.ring()))
     acceptor = threading.Thread(target=accept_forever, name="accept-links", daemon=True)
     acceptor.start()
-    client.ready(config.name, reply.incarnation, experts.held, listener.address)
+    addresses = " ".join(listener.address for listener in listeners)
+    client.ready(config.name, reply.incarnation, experts.held, addresses)
     log.info("%s ready: %d experts on %s (%s kernels), listening on %s", config.name, len(experts.held),
-             experts.device, experts.kernels.name, listener.address)
+             experts.device, experts.kernels.name, addresses)
     fenced = False
     try:
         while not server.stopping.is_set():
@@ -439,7 +442,8 @@ def main(config: WorkerConfig) -> int:
             client.deregister(config.name, reply.incarnation)
         server.close()
         acceptor.join(1.0)
-        listener.close()
+        for listener in listeners:
+            listener.close()
         while not accepted.empty():
             accepted.get().close()
         client.close()

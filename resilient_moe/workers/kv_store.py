@@ -33,7 +33,7 @@ def main(config: WorkerConfig) -> int:
     configure_process(config)
     layout = layout_for(config)
     client = ControllerClient(config.controller_address)
-    reply = client.register(worker_info(config.name, pb.KV_STORE, config.index, host=dep.host),
+    reply = client.register(worker_info(config.name, pb.KV_STORE, config.index, host=dep.host, node=config.node),
                             timeout_s=dep.startup_timeout_s)
     fd = os.memfd_create(f"rmoe-{config.cluster_id}-{config.name}", 0)  # the name has "kv-store" in it
     os.ftruncate(fd, layout.nbytes)  # zero-filled; pages are allocated as attention workers first write them
