@@ -32,7 +32,11 @@ NEW_TOKENS = 4
 
 
 def interpreted_env() -> dict[str, str]:
-    return dict(os.environ, TRITON_INTERPRET="1")
+    # The interpreter computes each tl.dot tile with numpy, whose OpenBLAS picks a GEMM kernel for the
+    # CPU it runs on; some (Zen, Haswell) give a tile's rows different bits for different tile heights,
+    # which would be the emulator's variance, not the kernel's. One fixed OpenBLAS kernel (plain AVX, on
+    # any x86-64 CPU) makes the interpreted runs compare like for like on every machine.
+    return dict(os.environ, TRITON_INTERPRET="1", OPENBLAS_CORETYPE="Sandybridge")
 
 
 def run_cases(name: str) -> None:
