@@ -14,6 +14,7 @@ class LoopbackRayCluster:
     def __init__(self, workers: int = 3) -> None:
         self.workers = workers
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # loopback only (read when Ray is imported)
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage report leaves this host
         import ray
         from ray.cluster_utils import Cluster
 
