@@ -473,30 +473,10 @@ class RayCluster:
         """Workers stay off the head while another node survives."""
         return any(n != self.head and n not in self.lost_nodes for n in self.alive_nodes())
 
-    def _follow_commands(self) -> None:
-        """The controller's orders, as the local launcher follows them: start (a replacement the
-        controller asked for; the supervisor usually got there first), stop, restart-all."""
-        assert self.client is not None
-        while not self._stopping.is_set():
-            if self.hold_orders.is_set():
-                self._stopping.wait(0.05)
-                continue
-            try:
-                stream = self.client.stub.LauncherCommands(pb.WatchRequest(name="launcher"), wait_for_ready=True)
-                for command in stream:
-                    if self._stopping.is_set():
-                        return
-                    key = (command.id, command.action, command.worker, command.pid, command.generation)
-                    if key in self._orders_done:
-                        continue
-                    self._orders_done.add(key)
-                    try:
-                        self._carry_out(command)
-                    except Exception:
-                        log.exception("launcher order %d (%s %s) failed", command.id, command.action, command.worker)
-            except Exception:
-                if self._stopping.wait(0.05):
-                    return
+    # The controller's orders, followed as the local launcher follows them (each at most once, by id;
+    # held while `hold_orders` is set): start (a replacement; the supervisor usually got there first),
+    # stop, restart-all. Only `_carry_out` differs.
+    _follow_commands = LocalCluster._follow_commands
 
     def _carry_out(self, command: pb.LauncherCommand) -> None:
         if command.action == "start":
