@@ -65,3 +65,30 @@ def test_small_rings_split_frames_of_a_thousand_token_prompt(zygote, tmp_path):
     tokens, split = run_cluster(dep, zygote, tmp_path / "logs", prompts, params)
     assert tokens == expected
     assert split > 0
+
+
+def test_long_prompt_survives_an_attention_and_an_expert_worker_kill(real_width, zygote, tmp_path):
+    """At real width, once the 3000-token prompt has its first token, its attention worker and an
+    expert worker are SIGKILLed at once: the request moves, restores its KV (checkpointed from the
+    prompt's chunks) on the other attention worker, replays on shadows, and still gives HF's tokens."""
+    import os
+    import signal
+
+    model, prompt, hf_tokens = real_width
+    dep = DeploymentConfig(model=str(model), attention_workers=2, expert_workers=3,
+                           engine=EngineConfig(max_model_len=4096))
+    with LocalCluster(dep, log_dir=tmp_path, zygote=zygote) as cluster:
+        frontend = Frontend(cluster.controller_address).start()
+        try:
+            handle = frontend.submit(prompt, GREEDY)
+            wait_until(lambda: len(handle.tokens) >= 1, 300, "the prompt's first token")
+            victim = handle.worker
+            survivor = "aw-1" if victim == "aw-0" else "aw-0"
+            for name in (victim, "ew-1"):
+                os.kill(cluster.pids[name], signal.SIGKILL)
+            assert handle.wait(300).token_ids == hf_tokens
+            assert handle.moves >= 1
+            wait_until(lambda: worker_load(cluster, survivor, "ckpt_restored") >= 1, 20, "the restore to be reported")
+            assert worker_load(cluster, survivor, "ckpt_restored_tokens") > 0, "KV restored, not all recomputed"
+        finally:
+            frontend.close()
