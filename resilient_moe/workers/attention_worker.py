@@ -414,15 +414,19 @@ def main(config: WorkerConfig) -> int:
     def stats() -> dict[str, float]:
         return server.stats() if server is not None else {"loading": 1.0, "loaded_bytes": float(checkpoint.bytes_read)}
 
-    def on_fenced() -> None:
+    fencing = threading.Lock()
+
+    def on_fenced() -> None:  # from the heartbeat and the watch thread: the first call does it all
+        if not fencing.acquire(blocking=False):
+            return
         log.warning("%s incarnation %d was fenced by the controller; stopping", config.name, reply.incarnation)
         if server is None:
             os._exit(3)  # still loading: nothing to wind down
         server.fenced = True
+        if server.checkpointer is not None:  # first: once the main loop sees `stopping` the process may exit
+            server.checkpointer.stop(fenced=True)
         server.stopping.set()
         forwarder.cancel()  # a step waiting on expert workers that now ignore us must not wait forever
-        if server.checkpointer is not None:
-            server.checkpointer.stop(fenced=True)
         wakeup.ring()
 
     # Heartbeats start before the weights load, so a slow load is never taken for a death.
