@@ -206,7 +206,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     zygote = None
     if _wants_cluster(args) and args.launcher != "ray":  # the fork server imports torch while this process does
         from resilient_moe import auth
-        from resilient_moe.launch.local import Zygote
+        from resilient_moe.launch.zygote import Zygote
 
         auth.install(auth.new_secret())  # this cluster's secret, before anything of it starts (Ray's makes its own)
         zygote = Zygote()

@@ -26,3 +26,7 @@ class ExpertUnavailableError(ResilientMoeError):
     def __init__(self, message: str, tokens: set[int] | None = None) -> None:
         super().__init__(message)
         self.tokens = tokens
+
+
+class ClusterError(ResilientMoeError):
+    """The cluster could not start (a worker died or did not become ready); the message has its log."""

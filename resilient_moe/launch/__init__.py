@@ -9,7 +9,7 @@ def make_cluster(deployment, log_dir=None, zygote=None):
         try:
             from resilient_moe.launch.ray_cluster import RayCluster
         except ImportError as e:
-            from resilient_moe.launch.local import ClusterError
+            from resilient_moe.errors import ClusterError
 
             raise ClusterError(f"launcher: ray needs Ray ({e}); install it with pip install 'resilient-moe[ray]'") from None
         return RayCluster(deployment, log_dir=log_dir, zygote=zygote)

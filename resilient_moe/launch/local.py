@@ -22,7 +22,6 @@ import queue
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,8 +34,9 @@ from resilient_moe import auth
 from resilient_moe.config import DeploymentConfig, WorkerConfig
 from resilient_moe.controller.client import ControllerClient
 from resilient_moe.controller.state import kv_store_name
+from resilient_moe.errors import ClusterError
 from resilient_moe.launch.cpus import cpu_plan
-from resilient_moe.errors import ResilientMoeError
+from resilient_moe.launch.zygote import Zygote, die_with_launcher
 from resilient_moe.procs import process_alive
 from resilient_moe.proto import controller_pb2 as pb
 
@@ -45,94 +45,6 @@ log = logging.getLogger("resilient_moe.launcher")
 
 CRASH_LOOP = 10  # spawns of one worker within CRASH_WINDOW_S after which the launcher gives up
 CRASH_WINDOW_S = 60.0
-
-
-class ClusterError(ResilientMoeError):
-    """The cluster could not start (a worker died or did not become ready); the message has its log."""
-
-
-def _die_with_launcher() -> None:
-    import ctypes
-
-    ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-
-
-class Zygote:
-    """The fork server process and the protocol to it."""
-
-    def __init__(self) -> None:
-        ours, theirs = socket.socketpair()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "resilient_moe.launch.zygote", str(theirs.fileno()), str(os.getpid())],
-            pass_fds=[theirs.fileno()],
-            preexec_fn=_die_with_launcher,
-            start_new_session=True,  # its own process group; Ctrl-C in a terminal reaches the launcher only
-        )
-        theirs.close()
-        self.sock = ours
-        self._out = ours.makefile("w", buffering=1)
-        self._inp = ours.makefile("r")
-        self._lock = threading.Lock()
-        self.exits: list[dict] = []
-        self.exit_events: "queue.SimpleQueue[dict]" = queue.SimpleQueue()  # the same, for the supervisor
-        self._spawned: dict[str, int] = {}
-        self._spawn_cond = threading.Condition()
-        self._reader = threading.Thread(target=self._read, name="zygote-reader", daemon=True)
-        self._hello = threading.Event()
-        self._reader.start()
-
-    def _read(self) -> None:
-        for line in self._inp:
-            try:
-                message = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            with self._spawn_cond:
-                if message["op"] == "hello":
-                    self._hello.set()
-                elif message["op"] == "spawned":
-                    self._spawned[message["name"]] = message["pid"]
-                elif message["op"] == "exited":
-                    self.exits.append(message)
-                    self.exit_events.put(message)
-                    log.info("%s (pid %d) exited with code %s", message["name"], message["pid"], message["code"])
-                self._spawn_cond.notify_all()
-
-    @property
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def wait_hello(self, timeout_s: float) -> None:
-        if not self._hello.wait(timeout_s):
-            raise ClusterError(f"the zygote did not start within {timeout_s:.0f}s (exit code {self.proc.poll()})")
-
-    def spawn(self, name: str, role: str, config: WorkerConfig, log_path: str, timeout_s: float = 10.0,
-              cold: bool = False) -> int:
-        """Fork a worker; `cold`: in a fresh interpreter (see the zygote's docstring)."""
-        with self._spawn_cond:
-            self._spawned.pop(name, None)
-        with self._lock:
-            self._out.write(json.dumps({"op": "spawn", "name": name, "role": role, "config": config.to_json(),
-                                        "log": log_path, "cold": cold, "secret": auth.secret().hex()}) + "\n")
-            self._out.flush()
-        with self._spawn_cond:
-            if not self._spawn_cond.wait_for(lambda: name in self._spawned, timeout_s):
-                raise ClusterError(f"the zygote did not fork {name}")
-            return self._spawned[name]
-
-    def shutdown(self, timeout_s: float = 10.0) -> None:
-        try:
-            with self._lock:
-                self._out.write(json.dumps({"op": "shutdown"}) + "\n")
-                self._out.flush()
-        except OSError:
-            pass
-        try:
-            self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.sock.close()
 
 
 class LocalCluster:
@@ -219,7 +131,7 @@ class LocalCluster:
         import redis
 
         self.redis = subprocess.Popen(self._redis_args, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.DEVNULL, preexec_fn=_die_with_launcher)
+                                      stderr=subprocess.DEVNULL, preexec_fn=die_with_launcher)
         try:
             self.redis.stdin.write(self._redis_config)
             self.redis.stdin.close()
@@ -484,9 +396,7 @@ class LocalCluster:
         try:
             if self.zygote is None:
                 self.zygote = Zygote()
-            self.zygote.wait_hello(dep.startup_timeout_s)
-            self._exits_seen = len(self.zygote.exits)
-            if self.checkpointing and not dep.redis_url:
+            if self.checkpointing and not dep.redis_url:  # while the fork server imports
                 if shutil.which("redis-server") is None:
                     log.warning("redis-server is not installed and no redis_url was given: KV checkpointing and "
                                 "controller recovery are OFF (install redis-server, or set kv_checkpoint: false "
@@ -494,6 +404,8 @@ class LocalCluster:
                     self.deployment = dep = dataclasses.replace(dep, kv_checkpoint=False)
                 else:
                     self.deployment = dep = dataclasses.replace(dep, redis_url=self.start_redis())
+            self.zygote.wait_hello(dep.startup_timeout_s)
+            self._exits_seen = len(self.zygote.exits)
             self.spawn("controller", "controller", 0)
             self.client = ControllerClient(self.controller_address)
             self._wait(lambda s: True, deadline, "controller")

@@ -54,7 +54,8 @@ from resilient_moe.config import DeploymentConfig, WorkerConfig
 from resilient_moe.controller.client import ControllerClient
 from resilient_moe.controller.state import kv_store_name
 from resilient_moe.launch import nodes as node_policy
-from resilient_moe.launch.local import ClusterError, LocalCluster
+from resilient_moe.errors import ClusterError
+from resilient_moe.launch.local import LocalCluster
 from resilient_moe.proto import controller_pb2 as pb
 
 log = logging.getLogger("resilient_moe.launcher.ray")

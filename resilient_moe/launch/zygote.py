@@ -19,6 +19,9 @@ Nothing secret or large goes on a command line (any local user can read /proc/PI
 cluster secret ("secret", hex) reaches the child through the socketpair and `auth.install`, which
 exports it in the environment a cold child inherits; a cold child reads its WorkerConfig JSON from an
 inherited memfd whose number is all its command line says (`--cold ROLE --config-fd N`).
+
+Both ends live here: `Zygote` is the launcher's (it imports nothing heavy, so a launcher can start the
+fork server before it imports torch itself, and the two imports overlap), `serve` the fork server's.
 """
 
 from __future__ import annotations
@@ -26,14 +29,28 @@ from __future__ import annotations
 import ctypes
 import gc
 import json
+import logging
 import os
+import queue
 import select
 import signal
 import socket
+import subprocess
 import sys
+import threading
 import traceback
 
+from typing import TYPE_CHECKING
+
+from resilient_moe import auth
+from resilient_moe.errors import ClusterError
+
+if TYPE_CHECKING:
+    from resilient_moe.config import WorkerConfig
+
 PR_SET_PDEATHSIG = 1
+
+log = logging.getLogger("resilient_moe.launcher")
 
 
 def die_with_parent(parent_pid: int, sig: int = signal.SIGKILL) -> None:
@@ -43,6 +60,89 @@ def die_with_parent(parent_pid: int, sig: int = signal.SIGKILL) -> None:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
     if os.getppid() != parent_pid:
         os._exit(1)
+
+
+def die_with_launcher() -> None:
+    """`preexec_fn` for a child of the launcher: it gets SIGKILL when the launcher exits."""
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+class Zygote:
+    """The fork server process and the protocol to it."""
+
+    def __init__(self) -> None:
+        ours, theirs = socket.socketpair()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "resilient_moe.launch.zygote", str(theirs.fileno()), str(os.getpid())],
+            pass_fds=[theirs.fileno()],
+            preexec_fn=die_with_launcher,
+            start_new_session=True,  # its own process group; Ctrl-C in a terminal reaches the launcher only
+        )
+        theirs.close()
+        self.sock = ours
+        self._out = ours.makefile("w", buffering=1)
+        self._inp = ours.makefile("r")
+        self._lock = threading.Lock()
+        self.exits: list[dict] = []
+        self.exit_events: "queue.SimpleQueue[dict]" = queue.SimpleQueue()  # the same, for the supervisor
+        self._spawned: dict[str, int] = {}
+        self._spawn_cond = threading.Condition()
+        self._reader = threading.Thread(target=self._read, name="zygote-reader", daemon=True)
+        self._hello = threading.Event()
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self._inp:
+            try:
+                message = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            with self._spawn_cond:
+                if message["op"] == "hello":
+                    self._hello.set()
+                elif message["op"] == "spawned":
+                    self._spawned[message["name"]] = message["pid"]
+                elif message["op"] == "exited":
+                    self.exits.append(message)
+                    self.exit_events.put(message)
+                    log.info("%s (pid %d) exited with code %s", message["name"], message["pid"], message["code"])
+                self._spawn_cond.notify_all()
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def wait_hello(self, timeout_s: float) -> None:
+        if not self._hello.wait(timeout_s):
+            raise ClusterError(f"the zygote did not start within {timeout_s:.0f}s (exit code {self.proc.poll()})")
+
+    def spawn(self, name: str, role: str, config: WorkerConfig, log_path: str, timeout_s: float = 10.0,
+              cold: bool = False) -> int:
+        """Fork a worker; `cold`: in a fresh interpreter (see the zygote's docstring)."""
+        with self._spawn_cond:
+            self._spawned.pop(name, None)
+        with self._lock:
+            self._out.write(json.dumps({"op": "spawn", "name": name, "role": role, "config": config.to_json(),
+                                        "log": log_path, "cold": cold, "secret": auth.secret().hex()}) + "\n")
+            self._out.flush()
+        with self._spawn_cond:
+            if not self._spawn_cond.wait_for(lambda: name in self._spawned, timeout_s):
+                raise ClusterError(f"the zygote did not fork {name}")
+            return self._spawned[name]
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        try:
+            with self._lock:
+                self._out.write(json.dumps({"op": "shutdown"}) + "\n")
+                self._out.flush()
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.sock.close()
 
 
 def _role_mains() -> dict:
