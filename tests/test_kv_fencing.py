@@ -11,7 +11,7 @@ import signal
 
 import pytest
 
-from conftest import pid_alive, wait_until, worker_load
+from conftest import wait_until, worker_load
 from resilient_moe.config import DeploymentConfig, EngineConfig, SamplingParams
 from resilient_moe.engine.engine import LLMEngine
 from resilient_moe.launch.local import LocalCluster
@@ -73,7 +73,9 @@ def test_a_woken_fenced_worker_cannot_write_into_its_successors_blocks(tiny_mode
                            "the successor to checkpoint blocks of its requests")
             finally:
                 os.kill(old, signal.SIGCONT)
-            wait_until(lambda: not pid_alive(old), 20, "the woken incarnation to exit")
+            [exit_code] = wait_until(lambda: [e["code"] for e in zygote.exits if e["pid"] == old], 20,
+                                     "the woken incarnation to exit")
+            assert exit_code == 3, f"the woken incarnation leaves as a fenced one does, not with code {exit_code}"
             refused = re.search(rf"KV checkpoint writes refused: .*incarnation {incarnation} stops",
                                 (tmp_path / "aw-0.log").read_text())
             assert refused, "the woken incarnation's writes were refused"

@@ -141,3 +141,20 @@ def test_nothing_is_left_behind_after_stop(tiny_model, zygote, tmp_path):
             frontend.close()
     wait_until(lambda: not descendants(zygote.proc.pid), 15, "every worker to be gone")
     assert memfd_holders(cluster.cluster_id) == []
+
+
+def ignores_sigpipe(pid: int) -> bool:
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        mask = next(int(line.split()[1], 16) for line in f if line.startswith("SigIgn:"))
+    return bool(mask & (1 << (signal.SIGPIPE - 1)))
+
+
+def test_every_forked_process_ignores_sigpipe(tiny_model, zygote, tmp_path):
+    """A write to a socket whose peer is gone must raise EPIPE (a closed link), not kill the writer:
+    an attention worker woken after a fence, or one sending tokens to a frontend that just left, died
+    silently by SIGPIPE when forked workers ran with its default action."""
+    dep = DeploymentConfig(model=str(tiny_model), attention_workers=1, expert_workers=1)
+    with LocalCluster(dep, log_dir=tmp_path, zygote=zygote) as cluster:
+        forked = {name: pid for name, pid in cluster.pids.items() if name != "redis"}
+        assert {"controller", "kv-store", "ew-0", "aw-0"} <= set(forked)
+        assert {name for name, pid in forked.items() if not ignores_sigpipe(pid)} == set()

@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from conftest import wait_until
 from resilient_moe.proto import controller_pb2 as pb
 from resilient_moe.server.metrics import ServingMetrics
-from resilient_moe.server.recovery import failure_kind
+from resilient_moe.server.recovery import RecoveryTracker, failure_kind
 from serving import serving_stack
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -188,3 +188,22 @@ def test_recovery_figures_per_fault():
         pytest.approx(0.31, abs=1e-6)
     assert value(text, "resilient_moe_last_fault_detection_seconds", worker="ew-1", role="expert") == \
         pytest.approx(0.05, abs=1e-6)
+
+
+def test_a_request_that_ended_before_the_death_was_declared_still_counts():
+    """The survivors route around a dead expert worker faster than the controller declares it: a
+    request in flight at the failure's onset that ends before the declaration saw the stall too; one
+    that ended before the onset did not."""
+    tracker = RecoveryTracker()
+    t = 1000.0
+    worker = pb.WorkerInfo(name="ew-1", role=pb.EXPERT, state=pb.READY, incarnation=2, heartbeat_age_s=0.0)
+    tracker.observe(pb.ClusterState(workers=[worker]), now=t + 1.0, roles={"ew-1": "expert"})  # last beat: t+1.0
+    carried = [t + 0.5 + 0.01 * i for i in range(50)] + [t + 1.2, t + 1.21]  # a 0.21 s gap at the failure
+    assert tracker.request_done(t + 0.4, carried, t + 1.21).stalls == []  # no fault known yet
+    assert tracker.request_done(t + 0.1, [t + 0.2, t + 0.9], t + 0.9).stalls == []  # over before the onset
+    dead = pb.Event(time=t + 1.5, kind="dead", worker="ew-1", detail="incarnation 2: process exited")
+    fenced = pb.WorkerInfo(name="ew-1", role=pb.EXPERT, state=pb.FENCED, incarnation=2, heartbeat_age_s=0.5)
+    changes = tracker.observe(pb.ClusterState(workers=[fenced], events=[dead]), now=t + 1.5, roles={"ew-1": "expert"})
+    assert [f.worker for f in changes.new] == ["ew-1"]
+    assert changes.stalls == [pytest.approx(0.21)]
+

@@ -292,7 +292,7 @@ class TcpLink(Link):
 
     def _sendmsg(self, views: list[memoryview]) -> int:
         try:
-            return self._sock.sendmsg(views)
+            return self._sock.sendmsg(views, (), socket.MSG_NOSIGNAL)  # a gone peer is EPIPE, never SIGPIPE
         except (BlockingIOError, InterruptedError):
             return 0
         except OSError as e:

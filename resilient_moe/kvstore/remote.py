@@ -93,7 +93,7 @@ def frame(op: int, body: bytes | bytearray | memoryview = b"", status: int = OK)
 
 
 def send(sock: socket.socket, data) -> None:
-    """sendall without SIGPIPE: workers run with its default action (death), and a peer that died
+    """sendall that never raises SIGPIPE, whatever the process's disposition for it: a peer that died
     must cost an error, not the process."""
     sock.sendall(data, socket.MSG_NOSIGNAL)
 

@@ -130,8 +130,10 @@ class LocalCluster:
     def _launch_redis(self, url: str, timeout_s: float) -> None:
         import redis
 
-        self.redis = subprocess.Popen(self._redis_args, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.DEVNULL, preexec_fn=die_with_launcher)
+        log_path = self.log_dir / "redis.log"  # what it says before it opens its logfile (the same) lands there too
+        with open(log_path, "ab") as out:
+            self.redis = subprocess.Popen(self._redis_args, stdin=subprocess.PIPE, stdout=out, stderr=out,
+                                          preexec_fn=die_with_launcher)
         try:
             self.redis.stdin.write(self._redis_config)
             self.redis.stdin.close()
@@ -146,8 +148,10 @@ class LocalCluster:
                     client.ping()
                     return
                 except redis.RedisError:
-                    if self.redis.poll() is not None or time.monotonic() > deadline:
-                        raise ClusterError(f"redis-server did not start; see {self.log_dir / 'redis.log'}") from None
+                    code = self.redis.poll()
+                    if code is not None or time.monotonic() > deadline:
+                        how = f"exited with code {code}" if code is not None else f"not answering after {timeout_s:g}s"
+                        raise ClusterError(f"redis-server did not start ({how}); see {log_path}") from None
                     time.sleep(0.02)
         finally:
             client.close()

@@ -92,21 +92,27 @@ class Zygote:
         self._reader.start()
 
     def _read(self) -> None:
-        for line in self._inp:
-            try:
-                message = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            with self._spawn_cond:
-                if message["op"] == "hello":
-                    self._hello.set()
-                elif message["op"] == "spawned":
-                    self._spawned[message["name"]] = message["pid"]
-                elif message["op"] == "exited":
-                    self.exits.append(message)
-                    self.exit_events.put(message)
-                    log.info("%s (pid %d) exited with code %s", message["name"], message["pid"], message["code"])
-                self._spawn_cond.notify_all()
+        try:
+            for line in self._inp:
+                self._on_message(line)
+        except OSError:  # the fork server died (reset): `alive` says so, and the supervisor starts another
+            pass
+
+    def _on_message(self, line: str) -> None:
+        try:
+            message = json.loads(line)
+        except json.JSONDecodeError:
+            return
+        with self._spawn_cond:
+            if message["op"] == "hello":
+                self._hello.set()
+            elif message["op"] == "spawned":
+                self._spawned[message["name"]] = message["pid"]
+            elif message["op"] == "exited":
+                self.exits.append(message)
+                self.exit_events.put(message)
+                log.info("%s (pid %d) exited with code %s", message["name"], message["pid"], message["code"])
+            self._spawn_cond.notify_all()
 
     @property
     def alive(self) -> bool:
@@ -160,8 +166,12 @@ def _run_child(role_main, config_json: str, log_path: str, zygote_pid: int, sock
     try:
         die_with_parent(zygote_pid)
         sock.close()
-        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGPIPE):
+        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_DFL)
+        # As in every Python process (and a cold child): a write to a socket whose peer is gone raises
+        # EPIPE, which the datapath turns into a closed link. With the default action the process would
+        # die on the spot, silently, e.g. an attention worker sending tokens to a frontend that left.
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
         signal.set_wakeup_fd(-1)
         if log_path:
             fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)

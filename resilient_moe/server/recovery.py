@@ -167,7 +167,10 @@ class RecoveryTracker:
 
     @staticmethod
     def _add_stall(fault: Fault, request: _Request, changes: Changes) -> None:
-        if not request.times[0] <= fault.declared_at <= request.end:
+        # In flight while the worker was failing: started before the death was declared and still
+        # running at its onset. A request the survivors carried to its end before the controller
+        # declared the death (their own detection is faster) was affected too.
+        if not (request.times[0] <= fault.declared_at and request.end >= fault.onset):
             return
         stall = stall_across(request.times, fault.onset, fault.declared_at)
         if stall is not None:
