@@ -57,7 +57,11 @@ def test_a_woken_fenced_worker_cannot_write_into_its_successors_blocks(tiny_mode
             incarnation = next(w.incarnation for w in cluster.state().workers if w.name == "aw-0")
             os.kill(cluster.pids["redis"], signal.SIGSTOP)  # commits wait: snapshots pile up in aw-0
             try:
-                wait_until(lambda: worker_load(cluster, "aw-0", "ckpt_pending") > 0, 10, "aw-0 to have writes waiting")
+                # Its checkpoint thread waits in a commit (not in the middle of copying rows into the
+                # store, where a stop would let one late write through to be caught by the stamps).
+                wait_until(lambda: worker_load(cluster, "aw-0", "ckpt_pending") > 0
+                           and worker_load(cluster, "aw-0", "ckpt_commit_wait_s") > 0.2, 10,
+                           "aw-0 to have writes waiting behind a commit")
                 os.kill(old, signal.SIGSTOP)
             finally:
                 os.kill(cluster.pids["redis"], signal.SIGCONT)

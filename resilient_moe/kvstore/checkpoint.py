@@ -197,6 +197,7 @@ class KVCheckpointer:
         self._busy = False  # the thread is carrying out a batch it took
         self._refused = False
         self._redis_down_until = 0.0
+        self._commit_since: float | None = None  # monotonic start of the commit round trip under way
         # The store's memory, touched by the thread only.
         self._mapping: mmap.mmap | None = None
         self._owners = self._stamps = self._rows = None
@@ -550,6 +551,7 @@ class KVCheckpointer:
                          client=pipe)
 
     def _execute(self, pipe) -> None:
+        self._commit_since = time.monotonic()
         try:
             results = pipe.execute(raise_on_error=False)
             self.counters["commits"] += sum(1 for r in results if r == 1)
@@ -559,6 +561,8 @@ class KVCheckpointer:
             error: Exception | None = e
         else:
             error = None
+        finally:
+            self._commit_since = None
         if failed:
             self.counters["commit_errors"] += failed
             if self.counters["commit_errors"] in (1, 10, 100, 1000):
@@ -769,9 +773,12 @@ class KVCheckpointer:
             pending = len(self._pending)
             free = len(self._free)
         shippers = list(self._shippers.values())
+        since = self._commit_since
         shipped = {f"ckpt_replica_{k}": float(v + sum(s.counters[k] for s in shippers)) for k, v in self._shipped.items()}
         return {f"ckpt_{k}": float(v) for k, v in self.counters.items()} | shipped | {
             "ckpt_pending": float(pending), "ckpt_free_blocks": float(free), "ckpt_lag_tokens": float(self.lag_tokens()),
+            # how long the Redis round trip under way has waited (0: none): a stalled Redis shows here first
+            "ckpt_commit_wait_s": time.monotonic() - since if since is not None else 0.0,
             "ckpt_store": float(self.store_incarnation), "ckpt_replicas": float(sum(not s.failed for s in shippers)),
             "ckpt_replica_pending": float(sum(s.pending() for s in shippers))}
 

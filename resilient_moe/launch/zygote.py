@@ -39,7 +39,6 @@ import subprocess
 import sys
 import threading
 import traceback
-
 from typing import TYPE_CHECKING
 
 from resilient_moe import auth
