@@ -229,14 +229,12 @@ class Verifier:
         return self._parse_and_verify(Credential.from_header, text, context)
 
     def _parse_and_verify(self, parse, raw: object, context: str) -> Credential:
-        if raw is None:
-            self.verify(None, context)
         try:
-            credential = parse(raw)
+            credential = None if raw is None else parse(raw)
         except AuthError:
             refused(self.purpose)
             raise
-        self.verify(credential, context)
+        self.verify(credential, context)  # None: refused as "no credential"
         return credential
 
     def _verify(self, credential: Credential | None, context: str) -> None:

@@ -474,48 +474,14 @@ def test_corrupt_ring_closes_the_link(caplog) -> None:
             b.close()
 
 
-def test_handshake_refusals_and_slow_clients() -> None:
-    with Poller() as poller:
-        lst = listen(addresses_for("shm")[0], me(), poller, max_ring_size=SMALL_RING, handshake_timeout=0.2)
-        try:
-            failure: dict = {}
-
-            def dial_big() -> None:
-                try:
-                    connect(lst.address, me(), None, ring_size=4 * SMALL_RING, timeout=HANG)
-                except LinkClosed as e:
-                    failure["error"] = e
-
-            thread = threading.Thread(target=dial_big)
-            thread.start()
-            deadline = time.monotonic() + HANG
-            while thread.is_alive() and time.monotonic() < deadline:
-                select.select([lst.fileno()], [], [], 0.05)
-                assert lst.accept() is None
-            thread.join(HANG)
-            assert "ring_size" in str(failure["error"])
-            # A client that connects and says nothing is dropped after the handshake timeout.
-            silent = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            silent.connect("\0" + lst.address[len("shm:@"):])
-            try:
-                assert lst.accept() is None
-                time.sleep(0.3)
-                assert lst.accept() is None
-                silent.settimeout(HANG)
-                assert silent.recv(16) == b""  # the listener hung up on it
-            finally:
-                silent.close()
-        finally:
-            lst.close()
-
-
-def _dial_in_thread(lst, poller: Poller, to: str = "") -> dict:
-    """Connect to `lst` from a thread while this one accepts; {"link": ...} or {"error": ...}, and "accepted"."""
+def _dial_in_thread(lst, poller: Poller, to: str = "", **options) -> dict:
+    """Connect to `lst` from a thread while this one accepts (`options` go to `connect`); {"link": ...}
+    or {"error": ...}, and "accepted" when the listener accepted a link."""
     out: dict = {}
 
     def dial() -> None:
         try:
-            out["link"] = connect(lst.address, me(), None, timeout=HANG, to=to)
+            out["link"] = connect(lst.address, me(), None, timeout=HANG, to=to, **options)
         except Exception as e:  # noqa: BLE001 (the test looks at what it was)
             out["error"] = e
 
@@ -529,6 +495,28 @@ def _dial_in_thread(lst, poller: Poller, to: str = "") -> dict:
             out["accepted"] = link
     thread.join(HANG)
     return out
+
+
+def test_handshake_refusals_and_slow_clients() -> None:
+    with Poller() as poller:
+        lst = listen(addresses_for("shm")[0], me(), poller, max_ring_size=SMALL_RING, handshake_timeout=0.2)
+        try:
+            out = _dial_in_thread(lst, poller, ring_size=4 * SMALL_RING)
+            assert "accepted" not in out and isinstance(out.get("error"), LinkClosed)
+            assert "ring_size" in str(out["error"])
+            # A client that connects and says nothing is dropped after the handshake timeout.
+            silent = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            silent.connect("\0" + lst.address[len("shm:@"):])
+            try:
+                assert lst.accept() is None
+                time.sleep(0.3)
+                assert lst.accept() is None
+                silent.settimeout(HANG)
+                assert silent.recv(16) == b""  # the listener hung up on it
+            finally:
+                silent.close()
+        finally:
+            lst.close()
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)

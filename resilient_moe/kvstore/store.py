@@ -186,6 +186,15 @@ def _abstract(name: str) -> str:
     return "\0" + name[1:]
 
 
+def _json_object(data: bytes) -> dict | None:
+    """A hand-over message as a JSON object; None when it is anything else."""
+    try:
+        value = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
 class MemfdServer:
     """Hands the store's memfd to requesters that prove the cluster secret (see the module docstring),
     on an abstract Unix socket, from a daemon thread. `address` is what the store publishes."""
@@ -224,15 +233,11 @@ class MemfdServer:
                     log.warning("KV store hand-over failed: %s: %s", type(e).__name__, e)
 
     def _hand_over(self, conn: socket.socket) -> None:
-        data = conn.recv(_MAX_MESSAGE)
-        try:
-            request = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            request = None
-        who = request.get("who") if isinstance(request, dict) else None
+        request = _json_object(conn.recv(_MAX_MESSAGE)) or {}
+        who = request.get("who")
         who = who if isinstance(who, str) else ""
         try:
-            credential = self._verifier.verify_json(request.get("auth") if isinstance(request, dict) else None, who)
+            credential = self._verifier.verify_json(request.get("auth"), who)
         except auth.AuthError as e:
             auth.log_refusal(log, PURPOSE, f"refused the KV store to {who or 'an unnamed requester'}: {e}")
             conn.send(json.dumps({"error": f"authentication failed: {e}"}).encode())
@@ -263,11 +268,8 @@ def fetch_store_fd(address: str, who: str, timeout_s: float = HANDOFF_TIMEOUT_S)
         sock.send(json.dumps({"who": who, "auth": credential.to_json()}).encode())
         data, fds, _, _ = socket.recv_fds(sock, _MAX_MESSAGE, 1, socket.MSG_CMSG_CLOEXEC)
     try:
-        try:
-            reply = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            reply = None
-        if not isinstance(reply, dict):
+        reply = _json_object(data)
+        if reply is None:
             raise ValueError(f"KV store at {address} sent no valid reply ({len(data)} bytes)")
         if "error" in reply:
             raise auth.AuthError(f"KV store at {address} refused: {reply['error']}")

@@ -63,7 +63,7 @@ def die_with_parent(parent_pid: int, sig: int = signal.SIGKILL) -> None:
 
 def die_with_launcher() -> None:
     """`preexec_fn` for a child of the launcher: it gets SIGKILL when the launcher exits."""
-    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    die_with_parent(os.getppid())
 
 
 class Zygote:

@@ -314,7 +314,6 @@ class ClusterCollector:
         ]
         return metrics
 
-
     @staticmethod
     def _auth_metrics(state: pb.ClusterState | None) -> Metric:
         refused = CounterMetricFamily(f"{NAMESPACE}_auth_refused", "Peers refused for not proving the cluster "
