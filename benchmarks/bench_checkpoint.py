@@ -32,8 +32,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from chaos.latency_proxy import LatencyProxy  # noqa: E402
-from resilient_moe.config import DeploymentConfig, EngineConfig, SamplingParams  # noqa: E402
-from resilient_moe.launch.local import LocalCluster, Zygote  # noqa: E402
+from resilient_moe.deployment import DeploymentConfig# noqa: E402
+from resilient_moe.engine.config import EngineConfig, SamplingParams# noqa: E402
+from resilient_moe.launch.local import LocalCluster, ForkServer  # noqa: E402
 from resilient_moe.model.demo import demo_model_dir  # noqa: E402
 from resilient_moe.server.frontend import Frontend  # noqa: E402
 
@@ -78,7 +79,7 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def throughput(model: Path, zygote: Zygote, mode: str, n: int, tokens: int, slow_ms: float = 0.0,
+def throughput(model: Path, fork_server: ForkServer, mode: str, n: int, tokens: int, slow_ms: float = 0.0,
                cpu: dict[str, float] | None = None, **extra) -> float:
     """Decode tok/s with checkpointing "off", "on", or on with a "slow" Redis. `cpu`: filled with the
     CPU seconds each of the cluster's processes used during the run, by name."""
@@ -88,7 +89,7 @@ def throughput(model: Path, zygote: Zygote, mode: str, n: int, tokens: int, slow
     with contextlib.ExitStack() as stack:
         url = stack.enter_context(slow_redis(slow_ms)) if mode == "slow" else ""
         cluster = stack.enter_context(LocalCluster(deployment(model, mode != "off", redis_url=url, **extra),
-                                                   zygote=zygote))
+                                                   fork_server=fork_server))
         frontend = Frontend(cluster.controller_address).start()
         try:
             used = {name: cpu_seconds(pid) for name, pid in cluster.pids.items()}
@@ -103,7 +104,7 @@ def throughput(model: Path, zygote: Zygote, mode: str, n: int, tokens: int, slow
             frontend.close()
 
 
-def failover_stall(model: Path, zygote: Zygote, checkpoint: bool, context: int, node_loss: bool = False,
+def failover_stall(model: Path, fork_server: ForkServer, checkpoint: bool, context: int, node_loss: bool = False,
                    counters: dict[str, float] | None = None, **extra) -> tuple[float, bool]:
     """(stall of the long request in seconds, its tokens equal to the failure-free run's). `node_loss`:
     its worker's primary KV store is killed at the same instant; `counters`: filled with the attention
@@ -112,7 +113,7 @@ def failover_stall(model: Path, zygote: Zygote, checkpoint: bool, context: int, 
     long_prompt = torch.randint(3, 500, (context,), generator=g).tolist()
     short = torch.randint(3, 500, (5, 16), generator=g).tolist()
     params = SamplingParams(max_tokens=24, ignore_eos=True)
-    with LocalCluster(deployment(model, checkpoint, **extra), zygote=zygote) as cluster:
+    with LocalCluster(deployment(model, checkpoint, **extra), fork_server=fork_server) as cluster:
         frontend = Frontend(cluster.controller_address).start()
         try:
             reference = frontend.submit(long_prompt, params).wait(300).token_ids
@@ -160,19 +161,19 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(1)
     model = demo_model_dir()
-    zygote = Zygote()
+    fork_server = ForkServer()
     try:
-        zygote.wait_hello(120)
+        fork_server.wait_hello(120)
         rates: dict[str, list[float]] = {"on": [], "off": [], "slow": []}
         for _ in range(args.runs):
             for mode in rates:
-                rates[mode].append(throughput(model, zygote, mode, args.requests, args.tokens, args.slow_redis_ms))
+                rates[mode].append(throughput(model, fork_server, mode, args.requests, args.tokens, args.slow_redis_ms))
         stalls = {}
         for context in [int(c) for c in args.contexts.split(",")]:
             for checkpoint in (True, False):
-                stalls[(context, checkpoint)] = failover_stall(model, zygote, checkpoint, context)
+                stalls[(context, checkpoint)] = failover_stall(model, fork_server, checkpoint, context)
     finally:
-        zygote.shutdown()
+        fork_server.shutdown()
     on, off, slow = (statistics.median(rates[m]) for m in ("on", "off", "slow"))
     print(f"failure-free decode, {args.requests} requests x {args.tokens} tokens, median of {args.runs}:")
     print(f"  checkpointing on {on:.0f} tok/s, off {off:.0f} tok/s, loss {100 * (1 - on / off):.1f}%")

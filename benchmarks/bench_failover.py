@@ -43,8 +43,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from resilient_moe.config import DeploymentConfig, EngineConfig, SamplingParams  # noqa: E402
-from resilient_moe.launch.local import LocalCluster, Zygote  # noqa: E402
+from resilient_moe.deployment import DeploymentConfig# noqa: E402
+from resilient_moe.engine.config import EngineConfig, SamplingParams# noqa: E402
+from resilient_moe.launch.local import LocalCluster, ForkServer  # noqa: E402
 from resilient_moe.model.demo import demo_model_dir  # noqa: E402
 from resilient_moe.server.frontend import Frontend  # noqa: E402
 
@@ -70,9 +71,9 @@ def deployment(model: Path, fault: str, n: int, **overrides) -> DeploymentConfig
                             micro_batches=2, engine=EngineConfig(max_num_seqs=n), **overrides)
 
 
-def run(dep: DeploymentConfig, zygote: Zygote, prompts, params, fault: str | None, warm_tokens: int) -> dict:
+def run(dep: DeploymentConfig, fork_server: ForkServer, prompts, params, fault: str | None, warm_tokens: int) -> dict:
     """One cluster run; returns tokens, arrival times, fault time and the controller's events."""
-    with LocalCluster(dep, zygote=zygote) as cluster:
+    with LocalCluster(dep, fork_server=fork_server) as cluster:
         frontend = Frontend(cluster.controller_address).start()
         try:
             started = time.monotonic()
@@ -283,28 +284,28 @@ def main() -> int:
         return serving(args.fault, args.kills, 16, args.max_tokens, args.warm_tokens)
     model = demo_model_dir()
     prompts, params = workload(args.requests, args.max_tokens)
-    zygote = Zygote()
+    fork_server = ForkServer()
     try:
-        zygote.wait_hello(120)
-        reference = run(deployment(model, args.fault, args.requests), zygote, prompts, params, None, 0)["tokens"]
+        fork_server.wait_hello(120)
+        reference = run(deployment(model, args.fault, args.requests), fork_server, prompts, params, None, 0)["tokens"]
         results = {
-            "resilient": run(deployment(model, args.fault, args.requests), zygote, prompts, params, args.fault,
+            "resilient": run(deployment(model, args.fault, args.requests), fork_server, prompts, params, args.fault,
                              args.warm_tokens),
-            "restart-all (fair)": run(deployment(model, args.fault, args.requests, resilience=False), zygote,
+            "restart-all (fair)": run(deployment(model, args.fault, args.requests, resilience=False), fork_server,
                                         prompts, params, args.fault, args.warm_tokens),
         }
         if args.naive:
             results["naive baseline (cold)"] = run(
-                deployment(model, args.fault, args.requests, resilience=False, baseline_restart="cold"), zygote,
+                deployment(model, args.fault, args.requests, resilience=False, baseline_restart="cold"), fork_server,
                 prompts, params, args.fault, args.warm_tokens)
         rates: dict[str, list[float]] = {"shadows on": [], "shadows off": []}
         for _ in range(args.throughput_runs):  # alternate, so drift on a noisy machine hits both alike
             for label, budget in (("shadows on", None), ("shadows off", 0)):
-                r = run(deployment(model, "ew-kill", args.requests, shadow_budget_bytes=budget), zygote, prompts,
+                r = run(deployment(model, "ew-kill", args.requests, shadow_budget_bytes=budget), fork_server, prompts,
                         params, None, 0)
                 rates[label].append(args.requests * args.max_tokens / (r["finished"] - r["started"]))
     finally:
-        zygote.shutdown()
+        fork_server.shutdown()
 
     print(f"fault {args.fault}: {args.requests} concurrent requests x {args.max_tokens} tokens, "
           f"fault after {args.warm_tokens} tokens each")

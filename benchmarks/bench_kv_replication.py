@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_checkpoint import failover_stall, throughput  # noqa: E402
-from resilient_moe.launch.local import Zygote  # noqa: E402
+from resilient_moe.launch.local import ForkServer  # noqa: E402
 from resilient_moe.model.demo import demo_model_dir  # noqa: E402
 
 MODES = {  # name -> (checkpointing, node loss, deployment fields)
@@ -49,25 +49,25 @@ def main() -> int:
     torch.set_num_threads(1)
     model = demo_model_dir()
     contexts = [int(c) for c in args.contexts.split(",")]
-    zygote = Zygote()
+    fork_server = ForkServer()
     try:
-        zygote.wait_hello(120)
+        fork_server.wait_hello(120)
         rates: dict[int, list[float]] = {0: [], 1: []}
         cpus: dict[int, list[dict[str, float]]] = {0: [], 1: []}
         for _ in range(args.runs):
             for replicas in rates:
                 cpus[replicas].append({})
-                rates[replicas].append(throughput(model, zygote, "on", args.requests, args.tokens, kv_stores=2,
+                rates[replicas].append(throughput(model, fork_server, "on", args.requests, args.tokens, kv_stores=2,
                                                   kv_replicas=replicas, cpu=cpus[replicas][-1]))
         stalls = {}
         for context in contexts:
             for mode, (checkpoint, node_loss, extra) in MODES.items():
                 counters: dict[str, float] = {}
-                stall, same = failover_stall(model, zygote, checkpoint, context, node_loss=node_loss,
+                stall, same = failover_stall(model, fork_server, checkpoint, context, node_loss=node_loss,
                                              counters=counters, **extra)
                 stalls[(context, mode)] = (stall, same, counters)
     finally:
-        zygote.shutdown()
+        fork_server.shutdown()
     off, on = (statistics.median(rates[r]) for r in (0, 1))
     print(f"failure-free decode, 2 KV stores, {args.requests} requests x {args.tokens} tokens, median of {args.runs}:")
     print(f"  kv_replicas=0 {off:.0f} tok/s, kv_replicas=1 {on:.0f} tok/s, ratio {on / off:.3f} "

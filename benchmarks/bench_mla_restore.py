@@ -39,12 +39,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from resilient_moe.config import EngineConfig, ModelConfig, SamplingParams  # noqa: E402
+from resilient_moe.engine.config import EngineConfig, SamplingParams# noqa: E402
+from resilient_moe.model.config import ModelConfig# noqa: E402
 from resilient_moe.engine.engine import LLMEngine  # noqa: E402
 from resilient_moe.kvstore.checkpoint import KVCheckpointer  # noqa: E402
 from resilient_moe.kvstore.keys import commit_key  # noqa: E402
 from resilient_moe import auth  # noqa: E402
-from resilient_moe.kvstore.store import MemfdServer, StoreLayout  # noqa: E402
+from resilient_moe.kvstore.memory_layout import MemfdServer, StoreLayout  # noqa: E402
 from resilient_moe.model.tiny import TinySize, make_tiny_model  # noqa: E402
 
 # DeepSeek-V3's latent attention widths (its config.json).

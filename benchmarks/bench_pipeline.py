@@ -30,9 +30,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from resilient_moe.config import DeploymentConfig, EngineConfig, SamplingParams  # noqa: E402
+from resilient_moe.deployment import DeploymentConfig# noqa: E402
+from resilient_moe.engine.config import EngineConfig, SamplingParams# noqa: E402
 from resilient_moe.engine.engine import LLMEngine  # noqa: E402
-from resilient_moe.launch.local import LocalCluster, Zygote  # noqa: E402
+from resilient_moe.launch.local import LocalCluster, ForkServer  # noqa: E402
 from resilient_moe.model.tiny import TinySize, make_tiny_model  # noqa: E402
 from resilient_moe.server.frontend import Frontend  # noqa: E402
 
@@ -60,12 +61,12 @@ def _load(state, name: str) -> dict[str, float]:
     return next(dict(w.load) for w in state.workers if w.name == name)
 
 
-def disaggregated(model: Path, prompts: list[list[int]], new_tokens: int, m: int, zygote: Zygote,
+def disaggregated(model: Path, prompts: list[list[int]], new_tokens: int, m: int, fork_server: ForkServer,
                   expert_workers: int) -> dict:
     dep = DeploymentConfig(model=str(model), attention_workers=1, expert_workers=expert_workers, micro_batches=m,
                            engine=EngineConfig(max_num_seqs=len(prompts)), heartbeat_interval_s=0.05,
                            kv_checkpoint=False)
-    with LocalCluster(dep, zygote=zygote) as cluster:
+    with LocalCluster(dep, fork_server=fork_server) as cluster:
         frontend = Frontend(cluster.controller_address).start()
         try:
             params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
@@ -128,8 +129,8 @@ def main() -> None:
         intermediate_size=args.intermediate_size or 2 * args.hidden_size, vocab_size=4096,
         max_position_embeddings=4096))
     torch.set_num_threads(1)
-    zygote = Zygote()
-    zygote.wait_hello(120)
+    fork_server = ForkServer()
+    fork_server.wait_hello(120)
     rows = []
     try:
         for batch in [int(b) for b in args.batch_sizes.split(",")]:
@@ -138,7 +139,7 @@ def main() -> None:
             rows.append({"batch": batch, "mode": "colocated", **base})
             first = None
             for m in [int(x) for x in args.micro_batches.split(",")]:
-                result = disaggregated(model, prompts, args.new_tokens, m, zygote, args.expert_workers)
+                result = disaggregated(model, prompts, args.new_tokens, m, fork_server, args.expert_workers)
                 first = first or result
                 result["same_tokens"] = result["tokens"] == first["tokens"]
                 result["vs_m1"] = result["tokens_per_s"] / first["tokens_per_s"]
@@ -147,7 +148,7 @@ def main() -> None:
                 rows.append({"batch": batch, "mode": f"1AW+{args.expert_workers}EW m={m}", **result,
                              "vs_colocated": result["tokens_per_s"] / base["tokens_per_s"]})
     finally:
-        zygote.shutdown()
+        fork_server.shutdown()
 
     print(f"decode, mixtral hidden {args.hidden_size}, {args.layers} layers, 8 experts top-2, float32, "
           f"{args.new_tokens} new tokens; workers pinned to cores of their own; times per micro-batch per sparse layer")

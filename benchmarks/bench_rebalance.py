@@ -40,8 +40,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from resilient_moe.config import DeploymentConfig, EngineConfig, ModelConfig, SamplingParams  # noqa: E402
-from resilient_moe.launch.local import LocalCluster, Zygote  # noqa: E402
+from resilient_moe.deployment import DeploymentConfig# noqa: E402
+from resilient_moe.engine.config import EngineConfig, SamplingParams# noqa: E402
+from resilient_moe.model.config import ModelConfig# noqa: E402
+from resilient_moe.launch.local import LocalCluster, ForkServer  # noqa: E402
 from resilient_moe.model.tiny import TinySize, make_tiny_model  # noqa: E402
 from resilient_moe.proto import controller_pb2 as pb  # noqa: E402
 from resilient_moe.server.frontend import Frontend  # noqa: E402
@@ -162,12 +164,12 @@ def deployment(model: Path, policy: str, attention: int, experts: int, **extra) 
                             heartbeat_timeout_s=5.0, **extra)
 
 
-def placement_runs(model: Path, zygote: Zygote, args, reference: list) -> list[dict]:
+def placement_runs(model: Path, fork_server: ForkServer, args, reference: list) -> list[dict]:
     """Both policies' clusters run at once (one idles while the other is measured) and their runs
     alternate, so a machine that gets busier or quieter meanwhile weighs on both alike."""
     prompts, params = workload(args.requests, args.max_tokens, seed=1)
     rows: list[dict] = []
-    clusters = {p: LocalCluster(deployment(model, p, args.attention_workers, args.expert_workers), zygote=zygote)
+    clusters = {p: LocalCluster(deployment(model, p, args.attention_workers, args.expert_workers), fork_server=fork_server)
                 for p in POLICIES}
     frontends: dict[str, Frontend] = {}
     try:
@@ -212,13 +214,13 @@ def placement_runs(model: Path, zygote: Zygote, args, reference: list) -> list[d
     return sorted(rows, key=lambda r: (POLICIES.index(r["policy"]), order.get(r["phase"], 3)))
 
 
-def scale_runs(model: Path, zygote: Zygote, args, reference: list) -> list[dict]:
+def scale_runs(model: Path, fork_server: ForkServer, args, reference: list) -> list[dict]:
     prompts, params = workload(args.requests, args.max_tokens, seed=1)
     steps = [("expert workers 3 -> 4", {"expert_workers": 4}), ("expert workers 4 -> 2", {"expert_workers": 2}),
              ("attention workers 2 -> 3", {"attention_workers": 3}), ("attention workers 3 -> 1", {"attention_workers": 1})]
     rows = []
     dep = deployment(model, "load_aware", 2, 3, max_attention_workers=3)
-    with LocalCluster(dep, zygote=zygote) as cluster:
+    with LocalCluster(dep, fork_server=fork_server) as cluster:
         frontend = Frontend(cluster.controller_address).start()
         try:
             for label, roster in steps:
@@ -253,21 +255,21 @@ def main() -> int:
     torch.set_num_threads(1)
     out = Path(tempfile.mkdtemp(prefix="bench-rebalance-"))
     model = skewed_model(out / "skewed", args.experts)
-    zygote = Zygote()
+    fork_server = ForkServer()
     try:
-        zygote.wait_hello(120)
+        fork_server.wait_hello(120)
         prompts, params = workload(args.requests, args.max_tokens, seed=1)
         with LocalCluster(deployment(model, "spread", args.attention_workers, args.expert_workers),
-                          zygote=zygote) as cluster:
+                          fork_server=fork_server) as cluster:
             frontend = Frontend(cluster.controller_address).start()
             try:
                 reference = run(frontend, prompts, params)["tokens"]
             finally:
                 frontend.close()
-        placement = placement_runs(model, zygote, args, reference)
-        scaling = scale_runs(model, zygote, args, reference)
+        placement = placement_runs(model, fork_server, args, reference)
+        scaling = scale_runs(model, fork_server, args, reference)
     finally:
-        zygote.shutdown()
+        fork_server.shutdown()
 
     print(f"skewed workload: expert {HOT} of {args.experts} takes half of the routed rows; {args.requests} requests x "
           f"{args.max_tokens} tokens; {args.attention_workers} attention and {args.expert_workers} expert workers")

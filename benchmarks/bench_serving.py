@@ -166,7 +166,7 @@ def main() -> None:
     stack = None
     url = args.url
     if url is None:
-        from resilient_moe.config import DeploymentConfig
+        from resilient_moe.deployment import DeploymentConfig
         from resilient_moe.model.demo import demo_model_dir
         from resilient_moe.server.serve import ServingStack
 

@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from resilient_moe.config import SUPPORTED_DTYPES, SUPPORTED_FAMILIES, SamplingParams
+from resilient_moe.engine.config import SUPPORTED_DTYPES, SamplingParams
+from resilient_moe.model.config import SUPPORTED_FAMILIES
 from resilient_moe.errors import ConfigError, RequestError, ResilientMoeError
 from resilient_moe.kernels import KERNEL_CHOICES
 
@@ -203,22 +204,23 @@ def _launcher_flags(parser) -> None:
 def cmd_generate(args: argparse.Namespace) -> int:
     if not args.prompt and not args.prompt_ids:
         raise CliError("give at least one --prompt TEXT or --prompt-ids 1,2,3")
-    zygote = None
+    fork_server = None
     if _wants_cluster(args) and args.launcher != "ray":  # the fork server imports torch while this process does
         from resilient_moe import auth
-        from resilient_moe.launch.zygote import Zygote
+        from resilient_moe.launch.fork_server import ForkServer
 
         auth.install(auth.new_secret())  # this cluster's secret, before anything of it starts (Ray's makes its own)
-        zygote = Zygote()
+        fork_server = ForkServer()
     try:
-        return _generate(args, zygote)
+        return _generate(args, fork_server)
     finally:
-        if zygote is not None:
-            zygote.shutdown()
+        if fork_server is not None:
+            fork_server.shutdown()
 
 
-def _generate(args: argparse.Namespace, zygote) -> int:
-    from resilient_moe.config import EngineConfig, ModelConfig
+def _generate(args: argparse.Namespace, fork_server) -> int:
+    from resilient_moe.engine.config import EngineConfig
+    from resilient_moe.model.config import ModelConfig
     from resilient_moe.engine.engine import LLMEngine
     from resilient_moe.engine.tokenizer import TextTokenizer
     from resilient_moe.model.demo import demo_model_dir
@@ -235,7 +237,7 @@ def _generate(args: argparse.Namespace, zygote) -> int:
     prompts.extend(args.prompt_ids)
     engine_config = EngineConfig(dtype=args.dtype, device=args.device, kernels=args.kernels or "auto")
     if _wants_cluster(args):
-        outputs = _generate_disaggregated(args, model_dir, engine_config, prompts, params, zygote)
+        outputs = _generate_disaggregated(args, model_dir, engine_config, prompts, params, fork_server)
     else:
         engine = LLMEngine(model_dir, engine_config)
         outputs = [r.token_ids for r in engine.generate(prompts, params)]
@@ -267,7 +269,7 @@ def _wants_cluster(args: argparse.Namespace) -> bool:
 
 def deployment_from_args(args: argparse.Namespace, model_dir: Path, engine_config) -> "DeploymentConfig":
     """The deployment YAML (if any) with the command line's flags on top."""
-    from resilient_moe.config import DeploymentConfig
+    from resilient_moe.deployment import DeploymentConfig
 
     overrides = dict(
         model=str(model_dir), attention_workers=args.attention_workers, expert_workers=args.expert_workers,
@@ -284,13 +286,13 @@ def deployment_from_args(args: argparse.Namespace, model_dir: Path, engine_confi
 
 
 def _generate_disaggregated(args, model_dir: Path, engine_config, prompts: list[list[int]], params,
-                            zygote) -> list[list[int]]:
+                            fork_server) -> list[list[int]]:
     from resilient_moe.launch import make_cluster
     from resilient_moe.server.frontend import Frontend, RequestFailed
 
     deployment = deployment_from_args(args, model_dir, engine_config)
     check_kernels(deployment.engine)
-    with make_cluster(deployment, zygote=zygote) as cluster:
+    with make_cluster(deployment, fork_server=fork_server) as cluster:
         frontend = Frontend(cluster.controller_address).start()
         try:
             handles = [frontend.submit(p, params) for p in prompts]
@@ -306,7 +308,8 @@ def _generate_disaggregated(args, model_dir: Path, engine_config, prompts: list[
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from resilient_moe.config import EngineConfig, ModelConfig
+    from resilient_moe.engine.config import EngineConfig
+    from resilient_moe.model.config import ModelConfig
     from resilient_moe.model.demo import demo_model_dir
     from resilient_moe.server.api import api_keys_from
     from resilient_moe.server.serve import ServingStack, run

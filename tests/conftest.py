@@ -83,7 +83,7 @@ def pytest_configure(config):
     # Before Ray is imported anywhere (it reads this at import): Ray test clusters use loopback only.
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     # One cluster secret for the session, as a launcher would install it: links, gRPC and KV-store
-    # handshakes made in this process (and the zygote's workers, which inherit it) prove it.
+    # handshakes made in this process (and the fork server's workers, which inherit it) prove it.
     from resilient_moe import auth
 
     if not auth.has_secret():
@@ -91,11 +91,11 @@ def pytest_configure(config):
 
 
 @pytest.fixture(scope="session")
-def zygote():
+def fork_server():
     """One fork server for the session's clusters (importing torch once instead of per worker)."""
-    from resilient_moe.launch.local import Zygote
+    from resilient_moe.launch.local import ForkServer
 
-    z = Zygote()
+    z = ForkServer()
     z.wait_hello(120)
     yield z
     z.shutdown()

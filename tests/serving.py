@@ -20,14 +20,15 @@ from dataclasses import dataclass, field
 import httpx
 
 from conftest import pid_alive, wait_until
-from resilient_moe.config import DeploymentConfig, EngineConfig
+from resilient_moe.deployment import DeploymentConfig
+from resilient_moe.engine.config import EngineConfig
 from resilient_moe.server.serve import ServingStack
 
 ADMIN_TOKEN = "test-admin-token"
 
 
 @contextmanager
-def serving_stack(model_dir, zygote, log_dir, attention_workers: int = 2, expert_workers: int = 2,
+def serving_stack(model_dir, fork_server, log_dir, attention_workers: int = 2, expert_workers: int = 2,
                   max_model_len: int = 128, deployment_options: dict | None = None, **stack_options):
     """A started ServingStack on 127.0.0.1:<free port>; every process it started is gone afterwards.
     Detection runs on its defaults: a starved machine must not make healthy workers look dead (the
@@ -36,7 +37,7 @@ def serving_stack(model_dir, zygote, log_dir, attention_workers: int = 2, expert
     dep = DeploymentConfig(model=str(model_dir), attention_workers=attention_workers,
                            expert_workers=expert_workers, engine=EngineConfig(max_model_len=max_model_len),
                            **(deployment_options or {}))
-    stack = ServingStack(dep, port=0, admin_token=ADMIN_TOKEN, zygote=zygote, log_dir=log_dir, **stack_options)
+    stack = ServingStack(dep, port=0, admin_token=ADMIN_TOKEN, fork_server=fork_server, log_dir=log_dir, **stack_options)
     pids: list[int] = []
     try:
         stack.start()

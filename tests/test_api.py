@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 
 from conftest import pid_alive, wait_until
-from resilient_moe.config import EngineConfig, SamplingParams
+from resilient_moe.engine.config import EngineConfig, SamplingParams
 from resilient_moe.engine.engine import LLMEngine
 from resilient_moe.engine.tokenizer import TextTokenizer
 from resilient_moe.server.generation import Admission
@@ -34,8 +34,8 @@ PROMPTS = [[1, 45, 393, 84, 461], [1, 17, 230, 99, 12, 300, 41], [1, 500, 3]]
 
 
 @pytest.fixture(scope="module")
-def stack(tiny_model, zygote, tmp_path_factory):
-    with serving_stack(tiny_model, zygote, tmp_path_factory.mktemp("api-logs"), max_model_len=48) as s:
+def stack(tiny_model, fork_server, tmp_path_factory):
+    with serving_stack(tiny_model, fork_server, tmp_path_factory.mktemp("api-logs"), max_model_len=48) as s:
         yield s
 
 
@@ -306,12 +306,12 @@ def test_fuzz_no_server_errors(case):
 # ---- failover through HTTP -------------------------------------------------------------------
 
 
-def test_expert_worker_killed_mid_stream(tiny_model, zygote, tmp_path, engine):
+def test_expert_worker_killed_mid_stream(tiny_model, fork_server, tmp_path, engine):
     """SIGKILL an expert worker while four streams run: every stream completes, token-identical to a
     failure-free run, and the failure shows in /admin/cluster and /metrics."""
     prompts = PROMPTS + [[1, 88, 77, 66]]
     expected = [colocated(engine, p, 60, ignore_eos=True) for p in prompts]
-    with serving_stack(tiny_model, zygote, tmp_path, attention_workers=2, expert_workers=3) as stack:
+    with serving_stack(tiny_model, fork_server, tmp_path, attention_workers=2, expert_workers=3) as stack:
         results = streams_through_kill(stack, "ew-1", prompts, max_tokens=60)
         for result, want in zip(results, expected):
             assert result.error is None and result.done and result.finish_reason == "length"
@@ -330,14 +330,14 @@ def test_expert_worker_killed_mid_stream(tiny_model, zygote, tmp_path, engine):
         wait_until(lambda: httpx.get(f"{stack.url}/ready").status_code == 200, 60, "/ready after the replacement")
 
 
-def test_attention_worker_killed_during_streaming_streams_continue(tiny_model, zygote, engine, tmp_path):
+def test_attention_worker_killed_during_streaming_streams_continue(tiny_model, fork_server, engine, tmp_path):
     """The HTTP streams of a dead attention worker's requests continue on the other one, from restored KV,
     with no token missing or repeated."""
     prompts = PROMPTS + [[1, 88, 77, 66], [1, 9, 8, 7, 6, 5]]
     # 112 tokens (the stack allows 128 in all): on a loaded machine the first stream must not finish
     # before the last has 24
     expected = [colocated(engine, p, 112, ignore_eos=True) for p in prompts]
-    with serving_stack(tiny_model, zygote, tmp_path, attention_workers=2, expert_workers=2) as stack:
+    with serving_stack(tiny_model, fork_server, tmp_path, attention_workers=2, expert_workers=2) as stack:
         # after 24 tokens every request has a full KV block (16 tokens) committed to restore
         results = streams_through_kill(stack, "aw-0", prompts, max_tokens=112, kill_after_tokens=24)
         for result, want in zip(results, expected):
@@ -393,7 +393,7 @@ def test_serve_command_serves_then_stops_cleanly(tiny_model, tmp_path, stop_sign
         url = re.search(r"OpenAI API\s+(http://127\.0\.0\.1:\d+)/v1", text).group(1)
         token = re.search(r"admin token\s+(\S+)", text).group(1)
         children = descendants(proc.pid)
-        assert len(children) >= 4  # zygote, controller, aw-0, ew-0, ew-1
+        assert len(children) >= 4  # fork_server, controller, aw-0, ew-0, ew-1
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
         out = client.completions.create(model=tiny_model.name, prompt="Hello", max_tokens=4, extra_body={"ignore_eos": True})
         assert out.usage.completion_tokens == 4

@@ -15,8 +15,8 @@ import pytest
 
 from conftest import wait_until, worker_load
 from resilient_moe import auth
-from resilient_moe.config import DeploymentConfig
-from resilient_moe.launch import zygote as zygote_module
+from resilient_moe.deployment import DeploymentConfig
+from resilient_moe.launch import fork_server as fork_server_module
 from resilient_moe.launch.local import LocalCluster
 from resilient_moe.proto import controller_pb2 as pb
 from resilient_moe.server.metrics import ServingMetrics
@@ -26,9 +26,9 @@ ATTEMPTS = ("register", "admin", "link", "aw_link", "kv_store")
 
 
 @pytest.fixture(scope="module")
-def cluster(tiny_model, zygote, tmp_path_factory):
+def cluster(tiny_model, fork_server, tmp_path_factory):
     dep = DeploymentConfig(model=str(tiny_model), attention_workers=1, expert_workers=1)
-    with LocalCluster(dep, log_dir=tmp_path_factory.mktemp("auth-cluster"), zygote=zygote) as cluster:
+    with LocalCluster(dep, log_dir=tmp_path_factory.mktemp("auth-cluster"), fork_server=fork_server) as cluster:
         yield cluster
 
 
@@ -93,7 +93,7 @@ def test_a_process_without_the_secret_is_refused_and_counted(cluster, mode):
 def test_no_command_line_holds_the_secret_or_a_config(cluster):
     secret = auth.secret().hex().encode()
     password = auth.derived_key("redis").encode()
-    pids = {**cluster.pids, "zygote": cluster.zygote.proc.pid}
+    pids = {**cluster.pids, "fork_server": cluster.fork_server.proc.pid}
     assert {"controller", "kv-store", "redis", "aw-0", "ew-0"} <= set(pids)
     for name, pid in pids.items():
         with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -117,6 +117,6 @@ def test_the_private_redis_wants_the_password(cluster):
 
 def test_a_cold_worker_reads_its_config_from_an_inherited_memfd():
     text = json.dumps({"deployment": "x" * 300_000})  # larger than a pipe holds
-    fd = zygote_module._config_memfd(text)
+    fd = fork_server_module._config_memfd(text)
     assert os.get_inheritable(fd)
-    assert zygote_module._read_config_fd(fd) == text
+    assert fork_server_module._read_config_fd(fd) == text

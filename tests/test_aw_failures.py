@@ -16,7 +16,8 @@ import signal
 import pytest
 
 from conftest import pid_alive, wait_until, worker_load
-from resilient_moe.config import DeploymentConfig, EngineConfig, SamplingParams
+from resilient_moe.deployment import DeploymentConfig
+from resilient_moe.engine.config import EngineConfig, SamplingParams
 from resilient_moe.engine.engine import LLMEngine
 from resilient_moe.launch.local import LocalCluster
 from resilient_moe.proto import controller_pb2 as pb
@@ -45,11 +46,11 @@ def cmdline(pid: int) -> bytes:
 @pytest.mark.parametrize("sig,resilience,restart", [(signal.SIGKILL, True, "warm"), (signal.SIGSTOP, True, "warm"),
                                                    (signal.SIGKILL, False, "warm"), (signal.SIGKILL, False, "cold")],
                          ids=["kill", "hang", "kill-restart-all-baseline", "kill-restart-all-naive-baseline"])
-def test_attention_worker_loss_moves_its_requests(tiny_model, reference, zygote, tmp_path, sig, resilience, restart):
+def test_attention_worker_loss_moves_its_requests(tiny_model, reference, fork_server, tmp_path, sig, resilience, restart):
     prompts, params = workload()
     dep = DeploymentConfig(model=str(tiny_model), attention_workers=2, expert_workers=2, micro_batches=2,
                            resilience=resilience, baseline_restart=restart)
-    with LocalCluster(dep, log_dir=tmp_path, zygote=zygote) as cluster:
+    with LocalCluster(dep, log_dir=tmp_path, fork_server=fork_server) as cluster:
         frontend = Frontend(cluster.controller_address).start()
         try:
             handles = [frontend.submit(p, s) for p, s in zip(prompts, params)]
@@ -81,7 +82,7 @@ def test_attention_worker_loss_moves_its_requests(tiny_model, reference, zygote,
             later = [frontend.submit(p, s) for p, s in zip(prompts[:4], params[:4])]
             assert [h.wait(60).token_ids for h in later] == reference[:4]
             if not resilience:  # the fair baseline forks warm (a fork shares the fork server's command line)
-                forked = [cmdline(cluster.pids[n]) == cmdline(zygote.proc.pid) for n in ("aw-0", "aw-1", "ew-0")]
+                forked = [cmdline(cluster.pids[n]) == cmdline(fork_server.proc.pid) for n in ("aw-0", "aw-1", "ew-0")]
                 assert forked == [restart == "warm"] * 3, forked
         finally:
             frontend.close()

@@ -333,13 +333,13 @@ def assert_clean_run(report: dict, out) -> None:
 
 
 @pytest.fixture
-def live(tiny_model, zygote, tmp_path):
+def live(tiny_model, fork_server, tmp_path):
     """Start a serving stack; afterwards no process of it and no shared memory of it may be left."""
     shm_before = shm_entries()
     pids: set[int] = set()
 
     def start(**options):
-        stack_cm = serving_stack(tiny_model, zygote, tmp_path / "logs", **options)
+        stack_cm = serving_stack(tiny_model, fork_server, tmp_path / "logs", **options)
         stacks.append(stack_cm)
         stack = stack_cm.__enter__()
         pids.update(stack.cluster.pids.values())

@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from resilient_moe.config import ModelConfig
+from resilient_moe.model.config import ModelConfig
 from resilient_moe.errors import CheckpointError, ConfigError
-from resilient_moe.model.checkpoint import Checkpoint
+from resilient_moe.model.weights import Checkpoint
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from resilient_moe.config import EngineConfig, SamplingParams
+from resilient_moe.engine.config import EngineConfig, SamplingParams
 from resilient_moe.engine.engine import LLMEngine
 
 

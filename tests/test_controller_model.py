@@ -98,7 +98,7 @@ def test_routes_split_an_experts_rows_by_the_shares_of_its_live_copies():
 class RoutingTableRoundTrip:
     @staticmethod
     def check(ert):
-        from resilient_moe.datapath.ert import RoutingTable
+        from resilient_moe.datapath.routing_table import RoutingTable
         from resilient_moe.proto import controller_pb2 as pb
 
         back = RoutingTable.from_proto(ert.to_proto(pb))
@@ -506,7 +506,7 @@ def test_cluster_view_answers_every_role_from_one_snapshot():
     ({"attention_workers": 3, "max_attention_workers": 2}, "max_attention_workers must be an integer >= attention_workers"),
 ])
 def test_deployment_settings_of_the_reconcile_loop_are_checked(settings, message):
-    from resilient_moe.config import DeploymentConfig
+    from resilient_moe.deployment import DeploymentConfig
     from resilient_moe.errors import ConfigError
 
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import wait_until, worker_load
-from resilient_moe.config import DeploymentConfig
+from resilient_moe.deployment import DeploymentConfig
 from resilient_moe.errors import ConfigError
 from resilient_moe.launch.cpus import cpu_plan
 from resilient_moe.launch.local import LocalCluster
@@ -28,10 +28,10 @@ def test_cpu_plan_gives_each_worker_its_own_cores_or_deals_them_round_robin():
 
 
 @pytest.mark.parametrize("affinity", ["auto", "none"])
-def test_workers_run_pinned_with_one_thread_per_core(tiny_model, zygote, tmp_path, affinity):
+def test_workers_run_pinned_with_one_thread_per_core(tiny_model, fork_server, tmp_path, affinity):
     cores = sorted(os.sched_getaffinity(0))
     dep = DeploymentConfig(model=str(tiny_model), attention_workers=1, expert_workers=2, cpu_affinity=affinity)
-    with LocalCluster(dep, log_dir=tmp_path, zygote=zygote) as cluster:
+    with LocalCluster(dep, log_dir=tmp_path, fork_server=fork_server) as cluster:
         plan = cpu_plan(cores, ["aw-0", "ew-0", "ew-1"])
         for name in ("aw-0", "ew-0", "ew-1"):
             pinned = sorted(os.sched_getaffinity(cluster.pids[name]))

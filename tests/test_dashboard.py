@@ -21,8 +21,8 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium missing (Debi
 
 
 @pytest.fixture(scope="module")
-def stack(tiny_model, zygote, tmp_path_factory):
-    with serving_stack(tiny_model, zygote, tmp_path_factory.mktemp("dashboard-logs")) as s:
+def stack(tiny_model, fork_server, tmp_path_factory):
+    with serving_stack(tiny_model, fork_server, tmp_path_factory.mktemp("dashboard-logs")) as s:
         yield s
 
 

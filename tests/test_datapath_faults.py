@@ -13,15 +13,17 @@ import pytest
 import torch
 
 from conftest import wait_until, worker_load
-from resilient_moe.config import DeploymentConfig, EngineConfig, ModelConfig, SamplingParams
+from resilient_moe.deployment import DeploymentConfig
+from resilient_moe.engine.config import EngineConfig, SamplingParams
+from resilient_moe.model.config import ModelConfig
 from resilient_moe.datapath.faults import LinkFault
 from resilient_moe.datapath.frames import FrameFlags, FrameHeader, FrameKind
 from resilient_moe.datapath.link import PeerInfo, connect, listen
-from resilient_moe.datapath.parts import check_result, rows_per_part
+from resilient_moe.datapath.part_rules import check_result, rows_per_part
 from resilient_moe.datapath.poller import Poller
 from resilient_moe.engine.engine import LLMEngine
 from resilient_moe.launch.local import LocalCluster
-from resilient_moe.model.checkpoint import Checkpoint
+from resilient_moe.model.weights import Checkpoint
 from resilient_moe.model.expert_side import ExpertSide
 from resilient_moe.proto import controller_pb2 as pb
 from resilient_moe.server.frontend import Frontend, RequestFailed
@@ -53,14 +55,14 @@ FAULTS = {
 
 
 @pytest.mark.parametrize("kind", list(FAULTS))
-def test_an_injected_datapath_fault_costs_a_resend(tiny_model, reference, zygote, tmp_path, kind):
+def test_an_injected_datapath_fault_costs_a_resend(tiny_model, reference, fork_server, tmp_path, kind):
     """One frame between aw-0 and ew-0 is bit-flipped, lost, or answered past its deadline, in the
     middle of decoding: its part is resent to another holder of its experts, the late or corrupt copy
     is dropped, and every request's tokens are the failure-free ones."""
     fault, hit = FAULTS[kind]
     prompts, params = workload()
     dep = DeploymentConfig(model=str(tiny_model), attention_workers=1, expert_workers=2, micro_batches=2)
-    with LocalCluster(dep, log_dir=tmp_path, zygote=zygote) as cluster:
+    with LocalCluster(dep, log_dir=tmp_path, fork_server=fork_server) as cluster:
         frontend = Frontend(cluster.controller_address).start()
         try:
             handles = [frontend.submit(p, params) for p in prompts]
@@ -85,7 +87,7 @@ def test_an_injected_datapath_fault_costs_a_resend(tiny_model, reference, zygote
             frontend.close()
 
 
-def test_a_poison_request_is_failed_after_two_workers_and_the_others_finish(tiny_model, reference, zygote, tmp_path):
+def test_a_poison_request_is_failed_after_two_workers_and_the_others_finish(tiny_model, reference, fork_server, tmp_path):
     """A request whose first step takes its attention worker down (chaos `poison`) is moved once,
     admitted alone on the next worker, takes that one down too, and is then failed with an error that
     names it; every other request (those that shared a worker with it too) finishes token-identical."""
@@ -93,7 +95,7 @@ def test_a_poison_request_is_failed_after_two_workers_and_the_others_finish(tiny
     poison_token = 502  # outside the workload's token range (3..499)
     assert all(poison_token not in p for p in prompts)
     dep = DeploymentConfig(model=str(tiny_model), attention_workers=2, expert_workers=2)
-    with LocalCluster(dep, log_dir=tmp_path, zygote=zygote) as cluster:
+    with LocalCluster(dep, log_dir=tmp_path, fork_server=fork_server) as cluster:
         frontend = Frontend(cluster.controller_address).start()
         try:
             handles = [frontend.submit(p, params) for p in prompts]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from resilient_moe.config import EngineConfig, SamplingParams
+from resilient_moe.engine.config import EngineConfig, SamplingParams
 from resilient_moe.engine.engine import LLMEngine
 from resilient_moe.model.demo import demo_model_dir
 

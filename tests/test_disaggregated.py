@@ -7,7 +7,8 @@ import random
 import pytest
 
 from conftest import pid_alive, wait_until
-from resilient_moe.config import DeploymentConfig, EngineConfig, SamplingParams
+from resilient_moe.deployment import DeploymentConfig
+from resilient_moe.engine.config import EngineConfig, SamplingParams
 from resilient_moe.engine.engine import LLMEngine
 from resilient_moe.launch.local import LocalCluster
 from resilient_moe.server.frontend import Frontend
@@ -57,11 +58,11 @@ def run_with_joins(frontend: Frontend, prompts, params):
 
 
 @pytest.mark.parametrize("A,E,m,transport,family", CONFIGS, ids=[f"{a}a{e}e-m{m}-{t}-{f}" for a, e, m, t, f in CONFIGS])
-def test_token_identical_to_colocated(tiny_models, colocated, zygote, tmp_path, A, E, m, transport, family):
+def test_token_identical_to_colocated(tiny_models, colocated, fork_server, tmp_path, A, E, m, transport, family):
     prompts, params = workload()
     dep = DeploymentConfig(model=str(tiny_models[family]), attention_workers=A, expert_workers=E, micro_batches=m,
                            transport=transport)
-    cluster = LocalCluster(dep, log_dir=tmp_path, zygote=zygote)
+    cluster = LocalCluster(dep, log_dir=tmp_path, fork_server=fork_server)
     with cluster:
         frontend = Frontend(cluster.controller_address).start()
         try:

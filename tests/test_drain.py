@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from conftest import pid_alive, wait_until
-from resilient_moe.config import EngineConfig, SamplingParams
+from resilient_moe.engine.config import EngineConfig, SamplingParams
 from resilient_moe.engine.engine import LLMEngine
 from serving import StreamResult, stream_completion
 from test_launch_path import descendants

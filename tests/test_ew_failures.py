@@ -16,7 +16,9 @@ import pytest
 import torch
 
 from conftest import hf_config, pid_alive, wait_until, worker_load
-from resilient_moe.config import DeploymentConfig, EngineConfig, ModelConfig, SamplingParams
+from resilient_moe.deployment import DeploymentConfig
+from resilient_moe.engine.config import EngineConfig, SamplingParams
+from resilient_moe.model.config import ModelConfig
 from resilient_moe.engine.engine import LLMEngine
 from resilient_moe.launch.local import LocalCluster
 from resilient_moe.proto import controller_pb2 as pb
@@ -60,10 +62,10 @@ def replacement_ready(cluster: LocalCluster, name: str, old_pid: int):
     return check
 
 
-def test_sigkill_of_an_expert_worker_mid_generation(tiny_model, reference, zygote, tmp_path):
+def test_sigkill_of_an_expert_worker_mid_generation(tiny_model, reference, fork_server, tmp_path):
     prompts, params = workload()
     dep = DeploymentConfig(model=str(tiny_model), attention_workers=1, expert_workers=3, micro_batches=2)
-    with LocalCluster(dep, log_dir=tmp_path, zygote=zygote) as cluster:
+    with LocalCluster(dep, log_dir=tmp_path, fork_server=fork_server) as cluster:
         frontend = start(cluster)
         try:
             handles = submit_and_wait_for_tokens(frontend, prompts, params)
@@ -92,11 +94,11 @@ def test_sigkill_of_an_expert_worker_mid_generation(tiny_model, reference, zygot
     assert not pid_alive(victim)
 
 
-def test_sigstop_hang_then_sigcont_drops_the_stale_replies(tiny_model, reference, zygote, tmp_path):
+def test_sigstop_hang_then_sigcont_drops_the_stale_replies(tiny_model, reference, fork_server, tmp_path):
     prompts, params = workload()
     dep = DeploymentConfig(model=str(tiny_model), attention_workers=1, expert_workers=3, micro_batches=2,
                            transport="tcp")
-    with LocalCluster(dep, log_dir=tmp_path, zygote=zygote) as cluster:
+    with LocalCluster(dep, log_dir=tmp_path, fork_server=fork_server) as cluster:
         frontend = start(cluster)
         try:
             handles = submit_and_wait_for_tokens(frontend, prompts, params)
@@ -121,14 +123,14 @@ def test_sigstop_hang_then_sigcont_drops_the_stale_replies(tiny_model, reference
             frontend.close()
 
 
-def test_two_expert_workers_killed_one_after_another(tiny_model, reference, zygote, tmp_path):
+def test_two_expert_workers_killed_one_after_another(tiny_model, reference, fork_server, tmp_path):
     prompts, params = workload()
     cfg = ModelConfig.from_pretrained(tiny_model)
     two_shadows_each = 2 * cfg.num_experts // 4  # per worker per layer: every expert gets two shadows
     budget = two_shadows_each * cfg.expert_bytes(4) * len(cfg.sparse_layer_ids)
     dep = DeploymentConfig(model=str(tiny_model), attention_workers=1, expert_workers=4, micro_batches=2,
                            shadow_budget_bytes=budget)
-    with LocalCluster(dep, log_dir=tmp_path, zygote=zygote) as cluster:
+    with LocalCluster(dep, log_dir=tmp_path, fork_server=fork_server) as cluster:
         frontend = start(cluster)
         try:
             assert all(len(c.workers) == 3 for c in cluster.state().ert.entries if c.workers)
@@ -174,7 +176,7 @@ def save_routing_model(path):
     return path
 
 
-def test_an_expert_with_no_replica_left_fails_only_its_requests(zygote, tmp_path):
+def test_an_expert_with_no_replica_left_fails_only_its_requests(fork_server, tmp_path):
     """Past expert_wait_s (short here, so it passes before the replacement can load), only the requests
     whose tokens need the lost experts fail, naming them; the rest complete."""
     model_dir = save_routing_model(tmp_path / "routing")
@@ -185,7 +187,7 @@ def test_an_expert_with_no_replica_left_fails_only_its_requests(zygote, tmp_path
 
     dep = DeploymentConfig(model=str(model_dir), attention_workers=1, expert_workers=3, micro_batches=2,
                            shadow_budget_bytes=0, expert_wait_s=0.02)
-    with LocalCluster(dep, log_dir=tmp_path / "logs", zygote=zygote) as cluster:
+    with LocalCluster(dep, log_dir=tmp_path / "logs", fork_server=fork_server) as cluster:
         frontend = start(cluster)
         try:
             state = cluster.state()

@@ -15,7 +15,9 @@ import pytest
 from conftest import pid_alive, wait_until, worker_load
 from test_parity_families import NEW_FAMILIES, save_family_model
 from test_parity_hf import hf_reference
-from resilient_moe.config import DeploymentConfig, EngineConfig, ModelConfig, SamplingParams
+from resilient_moe.deployment import DeploymentConfig
+from resilient_moe.engine.config import EngineConfig, SamplingParams
+from resilient_moe.model.config import ModelConfig
 from resilient_moe.engine.engine import LLMEngine
 from resilient_moe.engine.kv_cache import LayerWindows
 from resilient_moe.launch.local import LocalCluster
@@ -50,13 +52,13 @@ def cluster_config(model_dir, **overrides) -> DeploymentConfig:
 
 
 @pytest.mark.parametrize("family", NEW_FAMILIES)
-def test_disaggregated_matches_colocated_and_transformers(checkpoints, zygote, tmp_path, family):
+def test_disaggregated_matches_colocated_and_transformers(checkpoints, fork_server, tmp_path, family):
     model_dir = checkpoints[family]
     prompts, params = workload(10, 24, seed=1)
     expected = colocated(model_dir, prompts, params)
     hf = hf_reference(model_dir, prompts[:8], 24)
     assert expected[:8] == [tokens for tokens, _ in hf], "the colocated engine gives transformers' greedy tokens"
-    with LocalCluster(cluster_config(model_dir, kv_checkpoint=False), log_dir=tmp_path, zygote=zygote) as cluster:
+    with LocalCluster(cluster_config(model_dir, kv_checkpoint=False), log_dir=tmp_path, fork_server=fork_server) as cluster:
         frontend = Frontend(cluster.controller_address).start()
         try:
             # Three waves, each joining requests that are already decoding (continuous batching).
@@ -85,12 +87,12 @@ def expected_restore_bytes(cfg: ModelConfig, restored: float, tokens: float, ite
 
 
 @pytest.mark.parametrize("family", NEW_FAMILIES)
-def test_attention_and_expert_worker_kills_during_16_streams(checkpoints, zygote, tmp_path, family):
+def test_attention_and_expert_worker_kills_during_16_streams(checkpoints, fork_server, tmp_path, family):
     model_dir = checkpoints[family]
     cfg = ModelConfig.from_pretrained(model_dir)
     prompts, params = workload(NUM_STREAMS, 64, seed=2)
     expected = colocated(model_dir, prompts, params)
-    with LocalCluster(cluster_config(model_dir), log_dir=tmp_path, zygote=zygote) as cluster:
+    with LocalCluster(cluster_config(model_dir), log_dir=tmp_path, fork_server=fork_server) as cluster:
         frontend = Frontend(cluster.controller_address).start()
         try:
             handles = [frontend.submit(p, s) for p, s in zip(prompts, params)]

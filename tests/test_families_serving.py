@@ -12,7 +12,8 @@ import httpx
 import pytest
 
 from conftest import wait_until
-from resilient_moe.config import EngineConfig, ModelConfig, SamplingParams
+from resilient_moe.engine.config import EngineConfig, SamplingParams
+from resilient_moe.model.config import ModelConfig
 from resilient_moe.engine.engine import LLMEngine
 from resilient_moe.model.tiny import make_tiny_model
 from serving import ADMIN_TOKEN, admin_headers, serving_stack, stream_completion, streams_through_kill
@@ -44,11 +45,11 @@ def aw1_load(stack, key: str) -> float:
 
 
 @pytest.mark.parametrize("family,victim,chaos_target", [("deepseek_v3", "aw-0", "ew-1"), ("gpt_oss", "ew-1", "aw-0")])
-def test_serves_through_a_kill_and_a_chaos_run(family_models, zygote, tmp_path, family, victim, chaos_target):
+def test_serves_through_a_kill_and_a_chaos_run(family_models, fork_server, tmp_path, family, victim, chaos_target):
     model = family_models[family]
     engine = LLMEngine(model, EngineConfig(max_model_len=256))
     expected = [r.token_ids for r in engine.generate(PROMPTS, SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True))]
-    with serving_stack(model, zygote, tmp_path / "logs", attention_workers=2, expert_workers=3,
+    with serving_stack(model, fork_server, tmp_path / "logs", attention_workers=2, expert_workers=3,
                        max_model_len=256) as stack:
         text = stream_completion(stack.url, "The experts", 8, ignore_eos=True)
         assert len(text.token_ids) == 8 and text.text, "a text prompt through the checkpoint's tokenizer"

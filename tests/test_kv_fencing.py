@@ -12,7 +12,8 @@ import signal
 import pytest
 
 from conftest import wait_until, worker_load
-from resilient_moe.config import DeploymentConfig, EngineConfig, SamplingParams
+from resilient_moe.deployment import DeploymentConfig
+from resilient_moe.engine.config import EngineConfig, SamplingParams
 from resilient_moe.engine.engine import LLMEngine
 from resilient_moe.launch.local import LocalCluster
 from resilient_moe.proto import controller_pb2 as pb
@@ -41,14 +42,14 @@ def kv_store_mappings(pid: int) -> set[str]:
         return {line.split()[4] for line in f if "kv-store" in line and "memfd" in line}
 
 
-def test_a_woken_fenced_worker_cannot_write_into_its_successors_blocks(tiny_model, reference, zygote, tmp_path):
+def test_a_woken_fenced_worker_cannot_write_into_its_successors_blocks(tiny_model, reference, fork_server, tmp_path):
     """Redis hangs for a moment so that aw-0 has checkpoint writes waiting; aw-0 is SIGSTOPped, fenced
     and replaced, and its successor checkpoints new requests into the same store region; then the old
     one is woken: its writes are refused. Killing the successor then restores its requests from the
     store, every block's stamp as its record says, token-identical."""
     prompts, params = workload()
     dep = DeploymentConfig(model=str(tiny_model), attention_workers=2, expert_workers=2)
-    with LocalCluster(dep, log_dir=tmp_path, zygote=zygote) as cluster:
+    with LocalCluster(dep, log_dir=tmp_path, fork_server=fork_server) as cluster:
         frontend = Frontend(cluster.controller_address).start()
         try:
             first = [frontend.submit(p, params) for p in prompts]
@@ -77,7 +78,7 @@ def test_a_woken_fenced_worker_cannot_write_into_its_successors_blocks(tiny_mode
                            "the successor to checkpoint blocks of its requests")
             finally:
                 os.kill(old, signal.SIGCONT)
-            [exit_code] = wait_until(lambda: [e["code"] for e in zygote.exits if e["pid"] == old], 20,
+            [exit_code] = wait_until(lambda: [e["code"] for e in fork_server.exits if e["pid"] == old], 20,
                                      "the woken incarnation to exit")
             assert exit_code == 3, f"the woken incarnation leaves as a fenced one does, not with code {exit_code}"
             refused = re.search(rf"KV checkpoint writes refused: .*incarnation {incarnation} stops",
@@ -93,10 +94,10 @@ def test_a_woken_fenced_worker_cannot_write_into_its_successors_blocks(tiny_mode
             frontend.close()
 
 
-def test_a_dead_kv_store_is_replaced_mapped_again_and_restores_come_from_it(tiny_model, reference, zygote, tmp_path):
+def test_a_dead_kv_store_is_replaced_mapped_again_and_restores_come_from_it(tiny_model, reference, fork_server, tmp_path):
     prompts, params = workload()
     dep = DeploymentConfig(model=str(tiny_model), attention_workers=2, expert_workers=2)
-    with LocalCluster(dep, log_dir=tmp_path, zygote=zygote) as cluster:
+    with LocalCluster(dep, log_dir=tmp_path, fork_server=fork_server) as cluster:
         frontend = Frontend(cluster.controller_address).start()
         try:
             handles = [frontend.submit(p, params) for p in prompts]

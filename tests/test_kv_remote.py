@@ -17,7 +17,7 @@ from resilient_moe import auth
 from resilient_moe.kvstore import remote
 from resilient_moe.kvstore.remote import HEADER, MAGIC, Op, RemoteStore, RemoteStoreError, StoreServer
 from resilient_moe.kvstore.replication import ReplicaWrite, StoreRef, place_stores
-from resilient_moe.kvstore.store import StoreLayout, split_address
+from resilient_moe.kvstore.memory_layout import StoreLayout, split_address
 
 L, W, BS = 3, 8, 4
 

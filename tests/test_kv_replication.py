@@ -21,13 +21,14 @@ import torch
 
 from conftest import wait_until, worker_load
 from resilient_moe import auth
-from resilient_moe.config import DeploymentConfig, EngineConfig, SamplingParams
+from resilient_moe.deployment import DeploymentConfig
+from resilient_moe.engine.config import EngineConfig, SamplingParams
 from resilient_moe.engine.engine import LLMEngine
 from resilient_moe.kvstore import keys
 from resilient_moe.kvstore.checkpoint import KVCheckpointer
 from resilient_moe.kvstore.remote import RemoteStore, RemoteStoreError
 from resilient_moe.kvstore.replication import StoreRef
-from resilient_moe.kvstore.store import MemfdServer, layout_for, split_address
+from resilient_moe.kvstore.memory_layout import MemfdServer, layout_for, split_address
 from resilient_moe.launch.local import LocalCluster
 from resilient_moe.proto import controller_pb2 as pb
 from resilient_moe.server.frontend import Frontend
@@ -88,10 +89,10 @@ def restore_metric(cluster: LocalCluster, worker: str) -> dict[str, float]:
             if s.name.endswith("_total") and s.labels["worker"] == worker}
 
 
-def test_node_loss_restores_from_the_replica_and_redundancy_comes_back(tiny_model, reference, zygote, tmp_path):
+def test_node_loss_restores_from_the_replica_and_redundancy_comes_back(tiny_model, reference, fork_server, tmp_path):
     prompts, params = workload()
     dep = DeploymentConfig(model=str(tiny_model), attention_workers=2, expert_workers=2, kv_stores=2, kv_replicas=1)
-    with LocalCluster(dep, log_dir=tmp_path, zygote=zygote) as cluster:
+    with LocalCluster(dep, log_dir=tmp_path, fork_server=fork_server) as cluster:
         assert {"kv-store", "kv-store-1"} <= set(cluster.pids)
         check_store_authentication(cluster, "kv-store-1")
         frontend = Frontend(cluster.controller_address).start()
@@ -177,9 +178,9 @@ class Writer:
 def stores(tiny_model):
     """(layout, [fd of three store memfds], a TCP server over the third one, incarnation 12)."""
     from resilient_moe import auth
-    from resilient_moe.config import ModelConfig
+    from resilient_moe.model.config import ModelConfig
     from resilient_moe.kvstore.remote import StoreServer
-    from resilient_moe.kvstore.store import StoreLayout
+    from resilient_moe.kvstore.memory_layout import StoreLayout
 
     if not auth.has_secret():
         auth.install(auth.new_secret())

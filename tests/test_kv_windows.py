@@ -20,12 +20,13 @@ import torch
 
 from conftest import wait_until
 from test_parity_families import family_config, save_family_model
-from resilient_moe.config import EngineConfig, ModelConfig, SamplingParams
+from resilient_moe.engine.config import EngineConfig, SamplingParams
+from resilient_moe.model.config import ModelConfig
 from resilient_moe.engine.engine import LLMEngine
 from resilient_moe.engine.kv_cache import MAX_GAPS, LayerWindows, RestoredRows, new_kv_cache
 from resilient_moe.kvstore import keys
 from resilient_moe.kvstore.checkpoint import KVCheckpointer
-from resilient_moe.kvstore.store import MemfdServer, StoreLayout, map_store
+from resilient_moe.kvstore.memory_layout import MemfdServer, StoreLayout, map_store
 
 CPU = torch.device("cpu")
 

@@ -12,7 +12,8 @@ import grpc
 import pytest
 
 from conftest import pid_alive, wait_until, worker_load
-from resilient_moe.config import DeploymentConfig, EngineConfig, SamplingParams
+from resilient_moe.deployment import DeploymentConfig
+from resilient_moe.engine.config import EngineConfig, SamplingParams
 from resilient_moe.engine.engine import LLMEngine
 from resilient_moe.launch.local import LocalCluster
 from resilient_moe.proto import controller_pb2 as pb
@@ -76,10 +77,10 @@ def ready_again(cluster: LocalCluster, names: list[str], old: dict[str, int]) ->
     return all(ready.get(n, old[n]) != old[n] for n in names)
 
 
-def test_sigterm_to_an_attention_worker_replaces_it_and_its_requests_finish(tiny_model, reference, zygote, tmp_path):
+def test_sigterm_to_an_attention_worker_replaces_it_and_its_requests_finish(tiny_model, reference, fork_server, tmp_path):
     prompts, params = workload()
     dep = DeploymentConfig(model=str(tiny_model), attention_workers=2, expert_workers=2)
-    with LocalCluster(dep, log_dir=tmp_path, zygote=zygote) as cluster:
+    with LocalCluster(dep, log_dir=tmp_path, fork_server=fork_server) as cluster:
         frontend = Frontend(cluster.controller_address).start()
         try:
             handles = [frontend.submit(p, params) for p in prompts]
@@ -104,7 +105,7 @@ def test_sigterm_to_an_attention_worker_replaces_it_and_its_requests_finish(tiny
 
 
 def test_a_killed_fork_server_brings_the_cluster_back_by_itself(tiny_model, reference, tmp_path):
-    """SIGKILL the zygote: every worker it forked dies with it. The launcher starts a new one, a new
+    """SIGKILL the fork server: every worker it forked dies with it. The launcher starts a new one, a new
     controller (from Redis) and every worker; the requests in flight finish token-identical."""
     prompts, params = workload()
     dep = DeploymentConfig(model=str(tiny_model), attention_workers=2, expert_workers=2)
@@ -114,11 +115,11 @@ def test_a_killed_fork_server_brings_the_cluster_back_by_itself(tiny_model, refe
         try:
             handles = [frontend.submit(p, params) for p in prompts]
             wait_until(lambda: all(len(h.tokens) >= 5 for h in handles), 60, "requests to be mid-generation")
-            old_zygote = cluster.zygote.proc.pid
+            old_fork_server = cluster.fork_server.proc.pid
             old = dict(cluster.pids)
-            os.kill(old_zygote, signal.SIGKILL)
+            os.kill(old_fork_server, signal.SIGKILL)
             workers = ["aw-0", "aw-1", "ew-0", "ew-1", "kv-store"]
-            wait_until(lambda: cluster.zygote.proc.pid != old_zygote, 30, "a new fork server")
+            wait_until(lambda: cluster.fork_server.proc.pid != old_fork_server, 30, "a new fork server")
             wait_until(lambda: ready_again(cluster, workers, old), 120, "every worker to be back")
             assert cluster.fatal is None
             assert [h.wait(120).token_ids for h in handles] == reference
@@ -128,18 +129,18 @@ def test_a_killed_fork_server_brings_the_cluster_back_by_itself(tiny_model, refe
     assert cluster.fatal is None
 
 
-def test_nothing_is_left_behind_after_stop(tiny_model, zygote, tmp_path):
+def test_nothing_is_left_behind_after_stop(tiny_model, fork_server, tmp_path):
     prompts, params = workload(n=4, max_tokens=8)
     dep = DeploymentConfig(model=str(tiny_model), attention_workers=2, expert_workers=2)
-    with LocalCluster(dep, log_dir=tmp_path, zygote=zygote) as cluster:
-        assert len(descendants(zygote.proc.pid)) >= 6, "the check sees the workers while they run"
+    with LocalCluster(dep, log_dir=tmp_path, fork_server=fork_server) as cluster:
+        assert len(descendants(fork_server.proc.pid)) >= 6, "the check sees the workers while they run"
         assert len(memfd_holders(cluster.cluster_id)) >= 3, "and their memfds (KV store, shm links)"
         frontend = Frontend(cluster.controller_address).start()
         try:
             frontend.generate(prompts, params, timeout_s=60)
         finally:
             frontend.close()
-    wait_until(lambda: not descendants(zygote.proc.pid), 15, "every worker to be gone")
+    wait_until(lambda: not descendants(fork_server.proc.pid), 15, "every worker to be gone")
     assert memfd_holders(cluster.cluster_id) == []
 
 
@@ -149,12 +150,12 @@ def ignores_sigpipe(pid: int) -> bool:
     return bool(mask & (1 << (signal.SIGPIPE - 1)))
 
 
-def test_every_forked_process_ignores_sigpipe(tiny_model, zygote, tmp_path):
+def test_every_forked_process_ignores_sigpipe(tiny_model, fork_server, tmp_path):
     """A write to a socket whose peer is gone must raise EPIPE (a closed link), not kill the writer:
     an attention worker woken after a fence, or one sending tokens to a frontend that just left, died
     silently by SIGPIPE when forked workers ran with its default action."""
     dep = DeploymentConfig(model=str(tiny_model), attention_workers=1, expert_workers=1)
-    with LocalCluster(dep, log_dir=tmp_path, zygote=zygote) as cluster:
+    with LocalCluster(dep, log_dir=tmp_path, fork_server=fork_server) as cluster:
         forked = {name: pid for name, pid in cluster.pids.items() if name != "redis"}
         assert {"controller", "kv-store", "ew-0", "aw-0"} <= set(forked)
         assert {name for name, pid in forked.items() if not ignores_sigpipe(pid)} == set()

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from conftest import pid_alive, wait_until
-from resilient_moe.config import DeploymentConfig
+from resilient_moe.deployment import DeploymentConfig
 from resilient_moe.errors import ConfigError
 
 
@@ -33,9 +33,9 @@ def test_sigkill_of_the_launcher_leaves_no_process_and_no_shared_memory(tiny_mod
         assert ready, "the launcher did not report its cluster within 120s"
         info = json.loads(launcher.stdout.readline())
         pids = list(info["pids"].values())
-        # controller, 2 expert workers, 2 attention workers, KV store, Redis, zygote
+        # controller, 2 expert workers, 2 attention workers, KV store, Redis, fork_server
         assert sorted(info["pids"]) == sorted(["controller", "ew-0", "ew-1", "aw-0", "aw-1", "kv-store", "redis",
-                                               "zygote"])
+                                               "fork_server"])
         assert all(pid_alive(p) for p in pids)
         os.kill(launcher.pid, signal.SIGKILL)
         launcher.wait(10)

@@ -29,8 +29,8 @@ needs_promtool = pytest.mark.skipif(shutil.which("promtool") is None,
 
 
 @pytest.fixture(scope="module")
-def stack(tiny_model, zygote, tmp_path_factory):
-    with serving_stack(tiny_model, zygote, tmp_path_factory.mktemp("metrics-logs")) as s:
+def stack(tiny_model, fork_server, tmp_path_factory):
+    with serving_stack(tiny_model, fork_server, tmp_path_factory.mktemp("metrics-logs")) as s:
         yield s
 
 

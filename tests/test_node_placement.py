@@ -77,7 +77,7 @@ def test_a_replacement_goes_to_a_surviving_node_with_the_fewest_of_its_role():
     ({"ray_address": "auto"}, "ray_address ('auto') needs launcher: ray"),
 ])
 def test_launcher_settings_are_checked(settings, message):
-    from resilient_moe.config import DeploymentConfig
+    from resilient_moe.deployment import DeploymentConfig
     from resilient_moe.errors import ConfigError
 
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -90,7 +90,7 @@ def test_the_local_launcher_never_imports_ray():
     import sys
 
     code = ("import sys; import resilient_moe.cli, resilient_moe.server.serve, resilient_moe.launch.local; "
-            "from resilient_moe.launch import make_cluster; from resilient_moe.config import DeploymentConfig; "
+            "from resilient_moe.launch import make_cluster; from resilient_moe.deployment import DeploymentConfig; "
             "c = make_cluster(DeploymentConfig()); assert type(c).__name__ == 'LocalCluster'; "
             "print('ray' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

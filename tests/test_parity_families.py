@@ -14,12 +14,13 @@ from safetensors.torch import load_file, save_file
 import test_batch_invariance as invariance
 import test_parity_hf as parity
 from test_cli import cli
-from resilient_moe.config import EngineConfig, ModelConfig, SamplingParams
+from resilient_moe.engine.config import EngineConfig, SamplingParams
+from resilient_moe.model.config import ModelConfig
 from resilient_moe.engine.engine import LLMEngine
 from resilient_moe.engine.kv_cache import LatentKVCache, cache_blocks, new_kv_cache
 from resilient_moe.errors import CheckpointError, ConfigError
 from resilient_moe.model import mxfp4, ops, routing
-from resilient_moe.model.checkpoint import Checkpoint
+from resilient_moe.model.weights import Checkpoint
 
 NEW_FAMILIES = ("deepseek_v3", "gpt_oss")
 DEEPSEEK_YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 128,

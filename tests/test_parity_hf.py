@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import FAMILIES, save_hf_model
-from resilient_moe.config import EngineConfig, SamplingParams
+from resilient_moe.engine.config import EngineConfig, SamplingParams
 from resilient_moe.engine.engine import LLMEngine
 
 DECODE_STEPS = 32

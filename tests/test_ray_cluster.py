@@ -15,7 +15,8 @@ from collections import defaultdict
 import pytest
 
 from resilient_moe import auth
-from resilient_moe.config import DeploymentConfig, EngineConfig, SamplingParams
+from resilient_moe.deployment import DeploymentConfig
+from resilient_moe.engine.config import EngineConfig, SamplingParams
 from resilient_moe.engine.engine import LLMEngine
 from resilient_moe.launch import make_cluster
 from resilient_moe.proto import controller_pb2 as pb

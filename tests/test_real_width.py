@@ -10,7 +10,8 @@ import random
 import pytest
 
 from conftest import REAL_NEW_TOKENS, pid_alive, wait_until, worker_load
-from resilient_moe.config import DeploymentConfig, EngineConfig, SamplingParams
+from resilient_moe.deployment import DeploymentConfig
+from resilient_moe.engine.config import EngineConfig, SamplingParams
 from resilient_moe.engine.engine import LLMEngine
 from resilient_moe.launch.local import LocalCluster
 from resilient_moe.model.tiny import TinySize, make_tiny_model
@@ -19,10 +20,10 @@ from resilient_moe.server.frontend import Frontend
 GREEDY = SamplingParams(max_tokens=REAL_NEW_TOKENS, ignore_eos=True)
 
 
-def run_cluster(dep: DeploymentConfig, zygote, log_dir, prompts, params, timeout_s: float = 300.0):
+def run_cluster(dep: DeploymentConfig, fork_server, log_dir, prompts, params, timeout_s: float = 300.0):
     """Tokens of each prompt through a local cluster, and the cluster's parts counter; every process is
     gone afterwards."""
-    with LocalCluster(dep, log_dir=log_dir, zygote=zygote) as cluster:
+    with LocalCluster(dep, log_dir=log_dir, fork_server=fork_server) as cluster:
         frontend = Frontend(cluster.controller_address).start()
         try:
             handles = [frontend.submit(p, s) for p, s in zip(prompts, params)]
@@ -43,17 +44,17 @@ def test_colocated_long_prompt_matches_hf(real_width):
 
 
 @pytest.mark.parametrize("A,E,m,transport", [(1, 2, 1, "shm"), (2, 3, 2, "tcp")], ids=["1a2e-shm", "2a3e-m2-tcp"])
-def test_disaggregated_long_prompt_matches_hf(real_width, zygote, tmp_path, A, E, m, transport):
+def test_disaggregated_long_prompt_matches_hf(real_width, fork_server, tmp_path, A, E, m, transport):
     model, prompt, hf_tokens = real_width
     dep = DeploymentConfig(model=str(model), attention_workers=A, expert_workers=E, micro_batches=m,
                            transport=transport, engine=EngineConfig(max_model_len=4096), kv_checkpoint=False)
     # Two requests, so with two attention workers both serve one.
-    tokens, split = run_cluster(dep, zygote, tmp_path, [prompt, prompt[:2500]], [GREEDY, GREEDY])
+    tokens, split = run_cluster(dep, fork_server, tmp_path, [prompt, prompt[:2500]], [GREEDY, GREEDY])
     assert tokens[0] == hf_tokens
     assert split > 0, "the prompt's rows travelled in several parts"
 
 
-def test_small_rings_split_frames_of_a_thousand_token_prompt(zygote, tmp_path):
+def test_small_rings_split_frames_of_a_thousand_token_prompt(fork_server, tmp_path):
     """The demo family with 64 KiB rings (32 KiB frames): a 1000-token prompt's 2000 (token, expert)
     rows per layer need many parts each way; the tokens are the colocated engine's."""
     model = make_tiny_model(tmp_path / "model", "mixtral", seed=7, size=TinySize(max_position_embeddings=2048))
@@ -62,12 +63,12 @@ def test_small_rings_split_frames_of_a_thousand_token_prompt(zygote, tmp_path):
     params = [SamplingParams(max_tokens=16, ignore_eos=True)] * 2
     expected = [r.token_ids for r in LLMEngine(model, EngineConfig()).generate(prompts, params)]
     dep = DeploymentConfig(model=str(model), attention_workers=2, expert_workers=2, ring_bytes=65536)
-    tokens, split = run_cluster(dep, zygote, tmp_path / "logs", prompts, params)
+    tokens, split = run_cluster(dep, fork_server, tmp_path / "logs", prompts, params)
     assert tokens == expected
     assert split > 0
 
 
-def test_long_prompt_survives_an_attention_and_an_expert_worker_kill(real_width, zygote, tmp_path):
+def test_long_prompt_survives_an_attention_and_an_expert_worker_kill(real_width, fork_server, tmp_path):
     """At real width, once the 3000-token prompt has its first token, its attention worker and an
     expert worker are SIGKILLed at once: the request moves, restores its KV (checkpointed from the
     prompt's chunks) on the other attention worker, replays on shadows, and still gives HF's tokens."""
@@ -77,7 +78,7 @@ def test_long_prompt_survives_an_attention_and_an_expert_worker_kill(real_width,
     model, prompt, hf_tokens = real_width
     dep = DeploymentConfig(model=str(model), attention_workers=2, expert_workers=3,
                            engine=EngineConfig(max_model_len=4096))
-    with LocalCluster(dep, log_dir=tmp_path, zygote=zygote) as cluster:
+    with LocalCluster(dep, log_dir=tmp_path, fork_server=fork_server) as cluster:
         frontend = Frontend(cluster.controller_address).start()
         try:
             handle = frontend.submit(prompt, GREEDY)

@@ -18,7 +18,7 @@ import httpx
 import torch
 
 from conftest import hf_config, wait_until
-from resilient_moe.config import EngineConfig, SamplingParams
+from resilient_moe.engine.config import EngineConfig, SamplingParams
 from resilient_moe.engine.engine import LLMEngine
 from resilient_moe.proto import controller_pb2 as pb
 from serving import admin_headers, serving_stack, streams_through
@@ -74,7 +74,7 @@ def imbalance(before: dict[str, float], after: dict[str, float]) -> float:
     return max(rows) / (sum(rows) / len(rows))
 
 
-def test_load_aware_rebalancing_spreads_a_hot_expert_while_streams_run(zygote, tmp_path):
+def test_load_aware_rebalancing_spreads_a_hot_expert_while_streams_run(fork_server, tmp_path):
     model_dir = save_hot_expert_model(tmp_path / "hot")
     rng = random.Random(17)
     prompts = [[1] + [rng.randrange(3, 300) for _ in range(rng.randint(2, 20))] for _ in range(16)]
@@ -83,7 +83,7 @@ def test_load_aware_rebalancing_spreads_a_hot_expert_while_streams_run(zygote, t
     probe, probe_params = prompts[:8], SamplingParams(max_tokens=16, ignore_eos=True)
     probe_reference = [r.token_ids for r in LLMEngine(model_dir, EngineConfig()).generate(probe, probe_params)]
 
-    with serving_stack(model_dir, zygote, tmp_path / "logs", attention_workers=1, expert_workers=3,
+    with serving_stack(model_dir, fork_server, tmp_path / "logs", attention_workers=1, expert_workers=3,
                        deployment_options={"shadow_policy": "load_aware"}) as stack:
         state = stack.cluster.state()
         assert all(sum(s > 0 for s in c.shares) <= 1 for c in state.ert.entries if c.workers), \

@@ -16,7 +16,8 @@ import pytest
 import redis
 
 from conftest import pid_alive, wait_until, worker_load
-from resilient_moe.config import DeploymentConfig, EngineConfig, SamplingParams
+from resilient_moe.deployment import DeploymentConfig
+from resilient_moe.engine.config import EngineConfig, SamplingParams
 from resilient_moe.controller.server import controller_key
 from resilient_moe.engine.engine import LLMEngine
 from resilient_moe.launch.local import LocalCluster
@@ -47,7 +48,7 @@ def worker(state: pb.ClusterState, name: str) -> pb.WorkerInfo:
     return next(w for w in state.workers if w.name == name)
 
 
-def test_an_order_the_launcher_never_took_is_carried_out_after_a_controller_restart(tiny_model, reference, zygote,
+def test_an_order_the_launcher_never_took_is_carried_out_after_a_controller_restart(tiny_model, reference, fork_server,
                                                                                    tmp_path):
     """A hung expert worker is declared dead and the controller orders a replacement; the launcher
     does not take it (its intake is held) and the controller is killed right after the order reached
@@ -55,7 +56,7 @@ def test_an_order_the_launcher_never_took_is_carried_out_after_a_controller_rest
     requests in flight finish token-identical."""
     prompts, params = workload(n=8)
     dep = DeploymentConfig(model=str(tiny_model), attention_workers=1, expert_workers=3)
-    with LocalCluster(dep, log_dir=tmp_path, zygote=zygote) as cluster:
+    with LocalCluster(dep, log_dir=tmp_path, fork_server=fork_server) as cluster:
         frontend = Frontend(cluster.controller_address).start()
         victim = cluster.pids["ew-1"]
         try:
@@ -97,12 +98,12 @@ def test_an_order_the_launcher_never_took_is_carried_out_after_a_controller_rest
     assert not pid_alive(victim)
 
 
-def test_two_expert_workers_killed_at_the_same_instant(tiny_model, reference, zygote, tmp_path):
+def test_two_expert_workers_killed_at_the_same_instant(tiny_model, reference, fork_server, tmp_path):
     """Some experts lose every copy at once. Their rows wait for the replacements to load them
     (bounded by expert_wait_s) instead of failing: all 16 requests finish token-identical."""
     prompts, params = workload()
     dep = DeploymentConfig(model=str(tiny_model), attention_workers=2, expert_workers=3)
-    with LocalCluster(dep, log_dir=tmp_path, zygote=zygote) as cluster:
+    with LocalCluster(dep, log_dir=tmp_path, fork_server=fork_server) as cluster:
         frontend = Frontend(cluster.controller_address).start()
         try:
             doomed = {"ew-0", "ew-1"}

@@ -6,7 +6,7 @@ import random
 
 import torch
 
-from resilient_moe.config import EngineConfig, SamplingParams
+from resilient_moe.engine.config import EngineConfig, SamplingParams
 from resilient_moe.engine.engine import LLMEngine
 from resilient_moe.engine.sampler import filter_logits, sample_row, stream_seed
 

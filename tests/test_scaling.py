@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from conftest import wait_until, worker_load
-from resilient_moe.config import EngineConfig, SamplingParams
+from resilient_moe.engine.config import EngineConfig, SamplingParams
 from resilient_moe.engine.engine import LLMEngine
 from resilient_moe.proto import controller_pb2 as pb
 from serving import ADMIN_TOKEN, StreamResult, admin_headers, serving_stack, stream_completion
@@ -47,7 +47,7 @@ def ready_counts(url: str) -> dict[str, int]:
     return counts
 
 
-def test_scaling_expert_and_attention_workers_while_16_streams_run(tiny_model, reference, zygote, tmp_path):
+def test_scaling_expert_and_attention_workers_while_16_streams_run(tiny_model, reference, fork_server, tmp_path):
     prompts = prompts_for_scaling()
     results = [StreamResult() for _ in prompts]
     progress = [0] * len(prompts)  # tokens each client has received so far
@@ -89,7 +89,7 @@ def test_scaling_expert_and_attention_workers_while_16_streams_run(tiny_model, r
         assert out.returncode == 0, out.stderr
         return json.loads(out.stdout)
 
-    with serving_stack(tiny_model, zygote, tmp_path, attention_workers=2, expert_workers=3, max_model_len=160,
+    with serving_stack(tiny_model, fork_server, tmp_path, attention_workers=2, expert_workers=3, max_model_len=160,
                        deployment_options={"max_attention_workers": 3}) as stack:
         for body, status, words in [({"attention_workers": 4}, 400, "max_attention_workers"),
                                     ({"expert_workers": 9}, 400, "the model's 8 experts"),

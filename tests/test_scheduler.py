@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from resilient_moe.config import EngineConfig, SamplingParams
+from resilient_moe.engine.config import EngineConfig, SamplingParams
 from resilient_moe.engine.engine import LLMEngine
 from resilient_moe.errors import RequestError
 

@@ -11,11 +11,11 @@ import torch
 
 import test_parity_hf as parity
 from kernel_references import attention_case, attention_reference, close, moe_reference, moe_weights, randn, windows
-from resilient_moe.config import EngineConfig, SamplingParams
+from resilient_moe.engine.config import EngineConfig, SamplingParams
 from resilient_moe.engine.engine import LLMEngine
-from resilient_moe.model.checkpoint import Checkpoint
+from resilient_moe.model.weights import Checkpoint
 from resilient_moe.model.expert_side import ExpertSide
-from resilient_moe.model.kernel_set import KernelSet
+from resilient_moe.model.kernel_choice import KernelSet
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -121,7 +121,7 @@ def test_kv_rows_cross_to_the_host_on_a_side_stream_and_back(family):
     """A checkpoint's gather on the GPU lands in pinned host memory through staging.SideCopy, equal to the
     rows; a restore's rows go back (RestoredRows.scatter_into, staging.to_device) into the same slots."""
     from resilient_moe import staging
-    from resilient_moe.config import ModelConfig
+    from resilient_moe.model.config import ModelConfig
     from resilient_moe.engine.kv_cache import RestoredRows, new_kv_cache
     from test_kv_windows import family_config
 

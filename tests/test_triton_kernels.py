@@ -20,12 +20,13 @@ from pathlib import Path
 import pytest
 
 import test_parity_hf as parity
-from resilient_moe.config import DeploymentConfig, EngineConfig, SamplingParams
+from resilient_moe.deployment import DeploymentConfig
+from resilient_moe.engine.config import EngineConfig, SamplingParams
 from resilient_moe.engine.engine import LLMEngine
 from resilient_moe.errors import ConfigError
 from resilient_moe.kernels import resolve_kernels
 from resilient_moe.model import ops
-from resilient_moe.model.kernel_set import TorchLinear
+from resilient_moe.model.kernel_choice import TorchLinear
 
 ROOT = Path(__file__).resolve().parent.parent
 NEW_TOKENS = 4

@@ -19,7 +19,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from resilient_moe.datapath.ert import RoutingTable
+from resilient_moe.datapath.routing_table import RoutingTable
 
 ExpertKey = tuple[int, int]  # (layer, expert)
 STAY_BONUS = 0.25  # a copy stays on its worker unless moving it balances better by a quarter of its load

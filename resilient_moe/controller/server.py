@@ -18,7 +18,8 @@ from concurrent import futures
 import grpc
 
 from resilient_moe import auth
-from resilient_moe.config import ModelConfig, WorkerConfig
+from resilient_moe.deployment import WorkerConfig
+from resilient_moe.model.config import ModelConfig
 from resilient_moe.controller.grpc_auth import ServerAuth
 from resilient_moe.controller.state import ClusterModel, ControllerSettings, ModelShape, Order, WorkerRecord
 from resilient_moe.controller.view import state_to_pb

@@ -39,7 +39,7 @@ from typing import Callable
 from resilient_moe import procs
 from resilient_moe.controller import placement
 from resilient_moe.controller.placement import ExpertKey, Placement
-from resilient_moe.datapath.ert import RoutingTable
+from resilient_moe.datapath.routing_table import RoutingTable
 from resilient_moe.datapath.faults import LinkFault
 
 log = logging.getLogger("resilient_moe.controller")

@@ -2,7 +2,7 @@
 
 For each micro-batch call it groups the (token, k) pairs by destination expert worker through the
 ERT (the rows of an expert with several active copies are split between them by their shares) and
-cuts each worker's rows into parts that fit the link (parts.py), one DISPATCH frame each.
+cuts each worker's rows into parts that fit the link (part_rules.py), one DISPATCH frame each.
 RESULT frames are assembled back into [T*K, D] by (micro-batch, part). Every outstanding part is
 kept until answered, so it can be resent elsewhere, and has a deadline. A part goes to another
 candidate holding the same experts when its worker dies (closed link), goes silent (unanswered
@@ -33,11 +33,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from resilient_moe.datapath.ert import Routes, RoutingTable
+from resilient_moe.datapath.routing_table import Routes, RoutingTable
 from resilient_moe.datapath.faults import LINK_KINDS, FaultPlan, FaultyLink, LinkFault
 from resilient_moe.datapath.frames import Frame, FrameFlags, FrameHeader, FrameKind
 from resilient_moe.datapath.link import FrameTooLarge, Link, LinkClosed, PeerInfo, connect
-from resilient_moe.datapath.parts import DeadlineModel, check_result, rows_per_part
+from resilient_moe.datapath.part_rules import DeadlineModel, check_result, rows_per_part
 from resilient_moe.datapath.poller import Poller
 from resilient_moe.errors import ExpertUnavailableError
 from resilient_moe.procs import RUNNABLE, background_thread, process_state
@@ -295,7 +295,7 @@ class Forwarder:
         if peer is not None and peer.incarnation == incarnation:
             self._retire(peer, "fenced by the controller")
 
-    # ---- the executor protocol (engine/remote.py) -------------------------------------------
+    # ---- the executor protocol (engine/remote_experts.py) -------------------------------------------
 
     def begin_step(self, step: int) -> None:
         self.step = step

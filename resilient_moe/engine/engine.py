@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from resilient_moe.config import EngineConfig, ModelConfig, SamplingParams
+from resilient_moe.engine.config import EngineConfig, SamplingParams
+from resilient_moe.model.config import ModelConfig
 from resilient_moe.engine.kv_cache import BlockAllocator, RestoredRows, cache_blocks, new_kv_cache
 from resilient_moe.engine.model_runner import ModelRunner
 from resilient_moe.engine.pipeline import ExpertExecutor, LocalExperts
@@ -24,9 +25,9 @@ from resilient_moe.engine.tokenizer import TextTokenizer
 from resilient_moe.errors import RequestError
 from resilient_moe.model import ops
 from resilient_moe.model.attention_side import AttentionSide
-from resilient_moe.model.checkpoint import Checkpoint, torch_dtype
+from resilient_moe.model.weights import Checkpoint, torch_dtype
 from resilient_moe.model.expert_side import ExpertSide
-from resilient_moe.model.kernel_set import KernelSet
+from resilient_moe.model.kernel_choice import KernelSet
 
 
 def resolve_device(name: str) -> torch.device:

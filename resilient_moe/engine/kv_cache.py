@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from resilient_moe import staging
-from resilient_moe.config import EngineConfig, ModelConfig
+from resilient_moe.engine.config import EngineConfig
+from resilient_moe.model.config import ModelConfig
 from resilient_moe.errors import ConfigError
 from resilient_moe.model.attention_side import KVCacheView
 

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import torch
 
-from resilient_moe.config import SamplingParams
+from resilient_moe.engine.config import SamplingParams
 
 _MASK64 = (1 << 64) - 1
 

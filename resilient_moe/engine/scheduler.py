@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from resilient_moe.config import EngineConfig
+from resilient_moe.engine.config import EngineConfig
 from resilient_moe.engine.kv_cache import BlockAllocator
 from resilient_moe.engine.sampler import LogSoftmax, logprobs_of, sample
 from resilient_moe.engine.sequence import Sequence, SequenceStatus, TokenEvent

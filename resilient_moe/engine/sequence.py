@@ -6,7 +6,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-from resilient_moe.config import SamplingParams
+from resilient_moe.engine.config import SamplingParams
 
 
 class SequenceStatus(enum.Enum):

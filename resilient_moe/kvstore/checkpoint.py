@@ -61,7 +61,7 @@ from resilient_moe.errors import ResilientMoeError
 from resilient_moe.kvstore import keys
 from resilient_moe.kvstore.remote import RemoteStore
 from resilient_moe.kvstore.replication import ReplicaShipper, ReplicaWrite, StoreRef
-from resilient_moe.kvstore.store import StoreLayout, claim_region, map_store, write_blocks
+from resilient_moe.kvstore.memory_layout import StoreLayout, claim_region, map_store, write_blocks
 
 log = logging.getLogger("resilient_moe.kv_checkpoint")
 

@@ -3,7 +3,7 @@
     rmoe:{cluster}:commit:{request_id}   hash, written by the attention worker that owns the request
         n            positions [0, n) of the request's KV are complete in the store
         blocks       JSON list: store block of each logical block of the request (block_size rows each)
-        gens         JSON list: the generation each of those blocks is stamped with (kvstore/store.py)
+        gens         JSON list: the generation each of those blocks is stamped with (kvstore/memory_layout.py)
         block_size   rows per store block
         gaps         JSON list of [start, end) position spans whose sliding-window layers' rows were not
                      written (already outside the window; engine/kv_cache.py, LayerWindows)

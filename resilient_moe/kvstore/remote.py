@@ -44,7 +44,7 @@ import torch
 
 from resilient_moe import auth
 from resilient_moe.errors import ResilientMoeError
-from resilient_moe.kvstore.store import StoreLayout, claim_region, read_stamped, write_blocks
+from resilient_moe.kvstore.memory_layout import StoreLayout, claim_region, read_stamped, write_blocks
 
 log = logging.getLogger("resilient_moe.kv_remote")
 

@@ -35,7 +35,7 @@ import torch
 
 from resilient_moe.errors import ResilientMoeError
 from resilient_moe.kvstore.remote import RemoteStore
-from resilient_moe.kvstore.store import StoreLayout, split_address
+from resilient_moe.kvstore.memory_layout import StoreLayout, split_address
 
 log = logging.getLogger("resilient_moe.kv_replication")
 
@@ -51,7 +51,7 @@ class StoreRef:
     name: str
     index: int
     incarnation: int
-    address: str  # "memfd:PID:FD:BYTES;tcp:HOST:PORT" (store.py)
+    address: str  # "memfd:PID:FD:BYTES;tcp:HOST:PORT" (memory_layout.py)
     node: str
     live: bool = True
 

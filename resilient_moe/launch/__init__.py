@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 
-def make_cluster(deployment, log_dir=None, zygote=None):
+def make_cluster(deployment, log_dir=None, fork_server=None):
     """The launcher `deployment.launcher` names, not started. Only a Ray deployment imports Ray."""
     if deployment.launcher == "ray":
         try:
@@ -12,7 +12,7 @@ def make_cluster(deployment, log_dir=None, zygote=None):
             from resilient_moe.errors import ClusterError
 
             raise ClusterError(f"launcher: ray needs Ray ({e}); install it with pip install 'resilient-moe[ray]'") from None
-        return RayCluster(deployment, log_dir=log_dir, zygote=zygote)
+        return RayCluster(deployment, log_dir=log_dir, fork_server=fork_server)
     from resilient_moe.launch.local import LocalCluster
 
-    return LocalCluster(deployment, log_dir=log_dir, zygote=zygote)
+    return LocalCluster(deployment, log_dir=log_dir, fork_server=fork_server)

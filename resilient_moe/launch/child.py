@@ -11,7 +11,7 @@ import signal
 import sys
 import threading
 
-from resilient_moe.config import ROLES
+from resilient_moe.deployment import ROLES
 
 
 def die_with_actor() -> None:
@@ -43,8 +43,8 @@ def main() -> int:
     config_json = sys.stdin.read()
     if background:  # the imports (torch: seconds of CPU) must not take cores from the survivors' serving
         os.setpriority(os.PRIO_PROCESS, 0, 19)
-    from resilient_moe.config import WorkerConfig
-    from resilient_moe.launch.zygote import _role_mains
+    from resilient_moe.deployment import WorkerConfig
+    from resilient_moe.launch.fork_server import _role_mains
 
     role_main = _role_mains()[args[0]]
     if background and os.geteuid() == 0:  # raising it again needs CAP_SYS_NICE; the role lowers its load itself

@@ -1,14 +1,14 @@
-"""Local launcher: every role as an OS process on this host, started through the zygote.
+"""Local launcher: every role as an OS process on this host, started through the fork server.
 
 `LocalCluster` starts the controller, the expert workers and the attention workers, waits until each
 reports ready (the controller's view), and tears everything down: SIGTERM, a grace period, SIGKILL.
-Lifetimes are chained by parent-death signals (launcher -> zygote -> workers) and the zygote leads a
+Lifetimes are chained by parent-death signals (launcher -> fork server -> workers) and the fork server leads a
 process group of its own, so even a launcher killed with SIGKILL leaves no process behind. Datapath
 shared memory is memfd-based (no names in /dev/shm), so nothing is left there either.
 
 Authentication (DESIGN.md: every connection proves the cluster secret). `start` installs the cluster
 secret in this process (`auth.ensure_secret`: a new one unless the process already holds one) before
-anything starts; each spawn request gives it to the zygote over their socketpair, and the forked
+anything starts; each spawn request gives it to the fork server over their socketpair, and the forked
 worker installs it. It is never on a command line.
 """
 
@@ -31,12 +31,12 @@ from collections import Counter
 from pathlib import Path
 
 from resilient_moe import auth
-from resilient_moe.config import DeploymentConfig, WorkerConfig
+from resilient_moe.deployment import DeploymentConfig, WorkerConfig
 from resilient_moe.controller.client import ControllerClient
 from resilient_moe.controller.state import kv_store_name
 from resilient_moe.errors import ClusterError
 from resilient_moe.launch.cpus import cpu_plan
-from resilient_moe.launch.zygote import Zygote, die_with_launcher
+from resilient_moe.launch.fork_server import ForkServer, die_with_launcher
 from resilient_moe.procs import process_alive
 from resilient_moe.proto import controller_pb2 as pb
 
@@ -56,11 +56,11 @@ class LocalCluster:
         self,
         deployment: DeploymentConfig,
         log_dir: str | os.PathLike[str] | None = None,
-        zygote: "Zygote | None" = None,
+        fork_server: "ForkServer | None" = None,
     ) -> None:
-        """`zygote`: share a running fork server (tests start many clusters); it is then not stopped here."""
+        """`fork_server`: share a running fork server (tests start many clusters); it is then not stopped here."""
         self.deployment = deployment
-        self._own_zygote = zygote is None
+        self._own_fork_server = fork_server is None
         self.cluster_id = secrets.token_hex(4)
         self.controller_address = f"unix-abstract:rmoe-{self.cluster_id}-controller"
         self._tmp = None
@@ -75,7 +75,7 @@ class LocalCluster:
         # worker -> the cores it is pinned to (a replacement gets its predecessor's; none: not pinned)
         self.cpus = cpu_plan(sorted(os.sched_getaffinity(0)), names) if deployment.cpu_affinity == "auto" else {}
         self.retired: list[int] = []  # processes replaced by a new incarnation (a hung one may linger)
-        self.zygote: Zygote | None = zygote
+        self.fork_server: ForkServer | None = fork_server
         self._exits_seen = 0
         self._commands: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -177,7 +177,7 @@ class LocalCluster:
                             cpus=self.cpus.get(name, ()))
 
     def spawn(self, name: str, role: str, index: int, cold: bool = False) -> int:
-        assert self.zygote is not None
+        assert self.fork_server is not None
         with self._spawn_lock:  # stop() takes it too: nothing is forked behind its back
             if self._stopping.is_set():
                 raise ClusterError(f"cluster {self.cluster_id} is stopping; not starting {name}")
@@ -188,7 +188,7 @@ class LocalCluster:
                 self._fail(f"{name} was started {len(times)} times in {CRASH_WINDOW_S:.0f}s and keeps exiting; "
                            f"its log ({self.log_dir / (name + '.log')}) ends with:\n{self.log_tail(name, 12)}")
                 raise ClusterError(self.fatal)
-            pid = self.zygote.spawn(name, role, self.worker_config(name, role, index),
+            pid = self.fork_server.spawn(name, role, self.worker_config(name, role, index),
                                     str(self.log_dir / f"{name}.log"), cold=cold)
             old = self.pids.get(name)
             if old is not None and old != pid:
@@ -244,11 +244,11 @@ class LocalCluster:
         (`fatal`) instead of a restart loop."""
         while not self._stopping.wait(0.02):
             try:
-                if self.zygote is not None and not self.zygote.alive:
-                    self._replace_zygote()
-                while self.zygote is not None:
+                if self.fork_server is not None and not self.fork_server.alive:
+                    self._replace_fork_server()
+                while self.fork_server is not None:
                     try:
-                        message = self.zygote.exit_events.get_nowait()
+                        message = self.fork_server.exit_events.get_nowait()
                     except queue.Empty:
                         break
                     self._on_exit(message["name"], message["pid"], f"exited with code {message['code']}")
@@ -291,18 +291,18 @@ class LocalCluster:
             log.info("starting a replacement for %s", name)
         self.spawn(name, *self.role_of(name))
 
-    def _replace_zygote(self) -> None:
+    def _replace_fork_server(self) -> None:
         """The fork server died, and every worker with it: start it again, then a controller and a
         replacement for every worker."""
-        log.error("the fork server (pid %d) died; starting a new one and every worker again", self.zygote.proc.pid)
+        log.error("the fork server (pid %d) died; starting a new one and every worker again", self.fork_server.proc.pid)
         dead = {name: pid for name, pid in self.pids.items() if name != "redis"}
         try:
-            zygote = Zygote()
-            zygote.wait_hello(60)
+            fork_server = ForkServer()
+            fork_server.wait_hello(60)
         except (OSError, ClusterError) as e:
             self._fail(f"the fork server died and could not be started again: {e}")
             return
-        self.zygote, self._own_zygote = zygote, True
+        self.fork_server, self._own_fork_server = fork_server, True
         for name, pid in sorted(dead.items(), key=lambda item: item[0] != "controller"):  # the controller first
             self._on_exit(name, pid, "died with the fork server")
 
@@ -398,8 +398,8 @@ class LocalCluster:
         deadline = time.monotonic() + dep.startup_timeout_s
         auth.ensure_secret()
         try:
-            if self.zygote is None:
-                self.zygote = Zygote()
+            if self.fork_server is None:
+                self.fork_server = ForkServer()
             if self.checkpointing and not dep.redis_url:  # while the fork server imports
                 if shutil.which("redis-server") is None:
                     log.warning("redis-server is not installed and no redis_url was given: KV checkpointing and "
@@ -408,8 +408,8 @@ class LocalCluster:
                     self.deployment = dep = dataclasses.replace(dep, kv_checkpoint=False)
                 else:
                     self.deployment = dep = dataclasses.replace(dep, redis_url=self.start_redis())
-            self.zygote.wait_hello(dep.startup_timeout_s)
-            self._exits_seen = len(self.zygote.exits)
+            self.fork_server.wait_hello(dep.startup_timeout_s)
+            self._exits_seen = len(self.fork_server.exits)
             self.spawn("controller", "controller", 0)
             self.client = ControllerClient(self.controller_address)
             self._wait(lambda s: True, deadline, "controller")
@@ -442,9 +442,9 @@ class LocalCluster:
         return all(n in ready for n in names)
 
     def _wait(self, done, deadline: float, what: str) -> pb.ClusterState:
-        assert self.client is not None and self.zygote is not None
+        assert self.client is not None and self.fork_server is not None
         while True:
-            ours = [e for e in self.zygote.exits[self._exits_seen:] if e["pid"] in self.pids.values()]
+            ours = [e for e in self.fork_server.exits[self._exits_seen:] if e["pid"] in self.pids.values()]
             if ours:
                 dead = ours[0]
                 raise ClusterError(f"{dead['name']} exited with code {dead['code']} while starting {what}:\n"
@@ -480,7 +480,7 @@ class LocalCluster:
     # ---- stop -------------------------------------------------------------------------------
 
     def stop(self, grace_s: float = 5.0) -> None:
-        """SIGTERM every worker, wait up to `grace_s`, SIGKILL the rest, stop the zygote."""
+        """SIGTERM every worker, wait up to `grace_s`, SIGKILL the rest, stop the fork server."""
         self._stopping.set()
         with self._spawn_lock:
             pass  # a spawn under way has recorded its pid
@@ -508,8 +508,8 @@ class LocalCluster:
                 self.redis.wait()
         if self._redis_dir is not None:
             self._redis_dir.cleanup()
-        if self.zygote is not None and self._own_zygote:
-            self.zygote.shutdown()
+        if self.fork_server is not None and self._own_fork_server:
+            self.fork_server.shutdown()
         if self._tmp is not None:
             self._tmp.cleanup()
 
@@ -544,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     with LocalCluster(dep) as cluster:
-        pids = dict(cluster.pids, zygote=cluster.zygote.proc.pid)
+        pids = dict(cluster.pids, fork_server=cluster.fork_server.proc.pid)
         print(json.dumps({"pids": pids, "controller": cluster.controller_address}), flush=True)
         stop.wait()
     return 0

@@ -50,7 +50,7 @@ from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from resilient_moe import auth
-from resilient_moe.config import DeploymentConfig, WorkerConfig
+from resilient_moe.deployment import DeploymentConfig, WorkerConfig
 from resilient_moe.controller.client import ControllerClient
 from resilient_moe.controller.state import kv_store_name
 from resilient_moe.launch import nodes as node_policy
@@ -79,7 +79,7 @@ class RoleHost:
     exited (the supervisor keeps one call outstanding); the child dies with the actor."""
 
     def __init__(self, secret_hex: str) -> None:
-        from resilient_moe.launch.zygote import die_with_parent
+        from resilient_moe.launch.fork_server import die_with_parent
 
         auth.install(secret_hex)  # the child inherits it through the environment, never argv
         # The actor dies with its node's raylet (its parent) at once, and its child with it: left alone, a
@@ -102,7 +102,7 @@ class RoleHost:
 
     def run(self, argv: list[str], log_path: str, stdin: str = "") -> int:
         """Start the child; `stdin` is written to its standard input and closed (its configuration)."""
-        from resilient_moe.launch.zygote import die_with_parent
+        from resilient_moe.launch.fork_server import die_with_parent
 
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
         self.log_path = log_path
@@ -151,8 +151,8 @@ class RayCluster:
     the interface of `LocalCluster` (start, state, kill, restart_all, stop, pids, fatal)."""
 
     def __init__(self, deployment: DeploymentConfig, log_dir: str | os.PathLike[str] | None = None,
-                 zygote: object = None) -> None:
-        """`zygote` is accepted for the local launcher's signature and not used (actors start cold)."""
+                 fork_server: object = None) -> None:
+        """`fork_server` is accepted for the local launcher's signature and not used (actors start cold)."""
         self.deployment = deployment
         self.cluster_id = secrets.token_hex(4)
         self.secret = auth.new_secret()

@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from resilient_moe.config import ModelConfig
+from resilient_moe.model.config import ModelConfig
 from resilient_moe.model import ops, routing
-from resilient_moe.model.checkpoint import Checkpoint, TensorNames
-from resilient_moe.model.kernel_set import KernelSet
+from resilient_moe.model.weights import Checkpoint, TensorNames
+from resilient_moe.model.kernel_choice import KernelSet
 from resilient_moe.model.mla import LatentAttentionLayer, softmax_scale
 from resilient_moe.model.rope import RotaryTable
 

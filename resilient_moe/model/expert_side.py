@@ -21,8 +21,8 @@ import torch
 from resilient_moe import staging
 from resilient_moe.errors import ExpertUnavailableError
 from resilient_moe.model import ops
-from resilient_moe.model.checkpoint import Checkpoint, ExpertWeights
-from resilient_moe.model.kernel_set import KernelSet
+from resilient_moe.model.weights import Checkpoint, ExpertWeights
+from resilient_moe.model.kernel_choice import KernelSet
 
 if TYPE_CHECKING:
     from resilient_moe.kernels.fused_moe import ExpertBank

@@ -1,24 +1,21 @@
 """Model families: the architecture settings only some have, and each family's config.json parsing.
 
-`ModelConfig` (config.py) holds what every family has. The settings only some families have live in
+`ModelConfig` (model/config.py) holds what every family has. The settings only some families have live in
 the small frozen configs here: multi-head latent attention (DeepSeek-V3), how a router turns logits
 into experts and weights, and what an expert computes and how it is stored (GPT-OSS, MXFP4). One parser
 per family (`FAMILY_PARSERS`) reads a config.json the way that family's transformers config class does
 and returns the family-specific `ModelConfig` keyword arguments.
 
-This module imports nothing from config.py (config.py imports it); the parsers take config.py's field
-reader as an argument.
+The parsers read through `hf_fields.FieldReader`, so their errors name the field and the bad value.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from resilient_moe.errors import ConfigError
-
-if TYPE_CHECKING:
-    from resilient_moe.config import _FieldReader
+from resilient_moe.model.hf_fields import FieldReader
 
 ROUTER_SCORINGS = ("softmax", "sigmoid_grouped", "topk_softmax")
 EXPERT_ACTIVATIONS = ("silu", "clamped_swiglu")
@@ -153,7 +150,7 @@ def quantized_layout(raw: dict[str, Any], family: str, source: str) -> str | Non
     )
 
 
-def parse_mixtral(reader: _FieldReader, num_layers: int) -> dict[str, Any]:
+def parse_mixtral(reader: FieldReader, num_layers: int) -> dict[str, Any]:
     window = reader.optional_int("sliding_window")
     return dict(
         num_experts=reader.int("num_local_experts"),
@@ -170,7 +167,7 @@ def parse_mixtral(reader: _FieldReader, num_layers: int) -> dict[str, Any]:
     )
 
 
-def parse_qwen2_moe(reader: _FieldReader, num_layers: int) -> dict[str, Any]:
+def parse_qwen2_moe(reader: FieldReader, num_layers: int) -> dict[str, Any]:
     num_experts = reader.int("num_experts")
     return dict(
         num_experts=num_experts,
@@ -186,7 +183,7 @@ def parse_qwen2_moe(reader: _FieldReader, num_layers: int) -> dict[str, Any]:
     )
 
 
-def parse_qwen3_moe(reader: _FieldReader, num_layers: int) -> dict[str, Any]:
+def parse_qwen3_moe(reader: FieldReader, num_layers: int) -> dict[str, Any]:
     num_experts = reader.int("num_experts", alias="num_local_experts")
     bias = reader.bool("attention_bias", default=False)
     window = reader.optional_int("sliding_window") if reader.bool("use_sliding_window", default=False) else None
@@ -204,7 +201,7 @@ def parse_qwen3_moe(reader: _FieldReader, num_layers: int) -> dict[str, Any]:
     )
 
 
-def parse_olmoe(reader: _FieldReader, num_layers: int) -> dict[str, Any]:
+def parse_olmoe(reader: FieldReader, num_layers: int) -> dict[str, Any]:
     bias = reader.bool("attention_bias", default=False)
     return dict(
         num_experts=reader.int("num_experts"),
@@ -221,7 +218,7 @@ def parse_olmoe(reader: _FieldReader, num_layers: int) -> dict[str, Any]:
     )
 
 
-def _qwen_sparse_layers(reader: _FieldReader, num_layers: int, num_experts: int) -> tuple[bool, ...]:
+def _qwen_sparse_layers(reader: FieldReader, num_layers: int, num_experts: int) -> tuple[bool, ...]:
     step = reader.int("decoder_sparse_step", default=1)
     if step <= 0:
         raise ConfigError(f"{reader.source}: decoder_sparse_step must be > 0, got {step}")
@@ -233,7 +230,7 @@ def _qwen_sparse_layers(reader: _FieldReader, num_layers: int, num_experts: int)
     )
 
 
-def _qwen2_sliding_windows(reader: _FieldReader, num_layers: int) -> tuple[int | None, ...]:
+def _qwen2_sliding_windows(reader: FieldReader, num_layers: int) -> tuple[int | None, ...]:
     if not reader.bool("use_sliding_window", default=False):
         return tuple(None for _ in range(num_layers))
     window = reader.int("sliding_window")
@@ -249,7 +246,7 @@ def _qwen2_sliding_windows(reader: _FieldReader, num_layers: int) -> tuple[int |
     return tuple(window if t == "sliding_attention" else None for t in layer_types)
 
 
-def parse_deepseek_v3(reader: _FieldReader, num_layers: int) -> dict[str, Any]:
+def parse_deepseek_v3(reader: FieldReader, num_layers: int) -> dict[str, Any]:
     """ModelConfig keyword arguments of a DeepSeek-V3 config.json (DeepseekV3Config's fields and defaults)."""
     num_experts = reader.int("n_routed_experts", alias="num_local_experts")
     moe_ffn = reader.int("moe_intermediate_size")
@@ -299,7 +296,7 @@ def parse_deepseek_v3(reader: _FieldReader, num_layers: int) -> dict[str, Any]:
     )
 
 
-def parse_gpt_oss(reader: _FieldReader, num_layers: int) -> dict[str, Any]:
+def parse_gpt_oss(reader: FieldReader, num_layers: int) -> dict[str, Any]:
     """ModelConfig keyword arguments of a GPT-OSS config.json (GptOssConfig's fields and defaults)."""
     layout = quantized_layout(reader.raw, "gpt_oss", reader.source) or "fused"
     hidden = reader.int("hidden_size")
@@ -332,7 +329,7 @@ def parse_gpt_oss(reader: _FieldReader, num_layers: int) -> dict[str, Any]:
     )
 
 
-def _gpt_oss_windows(reader: _FieldReader, num_layers: int) -> tuple[int | None, ...]:
+def _gpt_oss_windows(reader: FieldReader, num_layers: int) -> tuple[int | None, ...]:
     window = reader.optional_int("sliding_window")
     if window is not None and window <= 0:
         raise ConfigError(f"{reader.source}: sliding_window must be a positive integer or null, got {window}")

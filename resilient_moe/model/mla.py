@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import torch
 
-from resilient_moe.config import ModelConfig, RopeConfig
+from resilient_moe.model.config import ModelConfig, RopeConfig
 from resilient_moe.model import ops
 from resilient_moe.model.families import LatentAttentionConfig
-from resilient_moe.model.kernel_set import KernelSet
+from resilient_moe.model.kernel_choice import KernelSet
 from resilient_moe.model.rope import yarn_mscale
 
 # transformers builds q_a_layernorm and kv_a_layernorm with this eps, not the config's rms_norm_eps.

@@ -18,7 +18,7 @@ row the same bits whatever else shares its batch:
 
 `tests/test_batch_invariance.py` re-checks these facts on the machine it runs on. These are the
 `native` kernels; on GPUs the `triton` kernels (resilient_moe/kernels/) are invariant by construction,
-and model/kernel_set.py chooses between them.
+and model/kernel_choice.py chooses between them.
 
 Shape letters: T tokens, D hidden, H query heads, G kv heads, R = H // G, d head dim, L keys.
 """

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from resilient_moe.config import RopeConfig
+from resilient_moe.model.config import RopeConfig
 
 
 def inverse_frequencies(rope: RopeConfig, head_dim: int) -> tuple[torch.Tensor, float]:

@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from resilient_moe.config import SUPPORTED_FAMILIES, ModelConfig
+from resilient_moe.model.config import SUPPORTED_FAMILIES, ModelConfig
 from resilient_moe.errors import ConfigError
 from resilient_moe.model import mxfp4
-from resilient_moe.model.checkpoint import TensorNames
+from resilient_moe.model.weights import TensorNames
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
 BOS_ID, EOS_ID = 1, 2

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from resilient_moe import messages
-from resilient_moe.config import SamplingParams
+from resilient_moe.engine.config import SamplingParams
 from resilient_moe.controller.client import ControllerClient
 from resilient_moe.controller.placement import AttentionLoad, choose_attention_worker
 from resilient_moe.controller.view import ClusterView

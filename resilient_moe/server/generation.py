@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, TypeVar
 
-from resilient_moe.config import SamplingParams
+from resilient_moe.engine.config import SamplingParams
 from resilient_moe.server.frontend import Frontend, Overloaded, RequestFailed, TokenRecord
 from resilient_moe.server.logprobs import Top
 from resilient_moe.server.metrics import ServingMetrics

@@ -1,6 +1,6 @@
 """`resilient-moe serve`: a local cluster, its frontend and the HTTP API, in one command.
 
-`ServingStack` is the whole thing as an object (tests start it in-process with a shared zygote);
+`ServingStack` is the whole thing as an object (tests start it in-process with a shared fork_server);
 `run` is the command's body: start with progress, print where everything is, serve until Ctrl-C or
 SIGTERM, drain (new requests get 503 and /ready answers 503, requests in flight finish, within the
 deployment's drain_timeout_s), then shut everything down (API, frontend, workers, controller) so no
@@ -22,12 +22,13 @@ from pathlib import Path
 from typing import Callable
 
 from resilient_moe import auth
-from resilient_moe.config import DeploymentConfig, ModelConfig
+from resilient_moe.deployment import DeploymentConfig
+from resilient_moe.model.config import ModelConfig
 from resilient_moe.controller.client import ControllerClient
 from resilient_moe.engine.tokenizer import TextTokenizer
 from resilient_moe.errors import ResilientMoeError
 from resilient_moe.launch import make_cluster
-from resilient_moe.launch.local import LocalCluster, Zygote
+from resilient_moe.launch.local import LocalCluster, ForkServer
 from resilient_moe.proto import controller_pb2 as pb
 from resilient_moe.server.api import ServerSettings, create_app
 from resilient_moe.server.frontend import Frontend
@@ -109,7 +110,7 @@ class ServingStack:
         max_waiting: int = 256,
         request_timeout_s: float = 120.0,
         redis_url: str | None = None,
-        zygote: Zygote | None = None,
+        fork_server: ForkServer | None = None,
         log_dir: str | os.PathLike[str] | None = None,
         progress: Callable[[str], None] | None = None,
         api_keys: tuple[str, ...] = (),
@@ -129,7 +130,7 @@ class ServingStack:
         self.model_name = model_name or self.model_dir.name
         self.max_waiting = max_waiting
         self.request_timeout_s = request_timeout_s
-        self.zygote = zygote
+        self.fork_server = fork_server
         self.log_dir = log_dir
         self.say = progress or (lambda text: None)
         self.api_keys = tuple(api_keys)
@@ -157,7 +158,7 @@ class ServingStack:
             dep = self.deployment
             self.say(f"starting a cluster of {dep.attention_workers} attention and {dep.expert_workers} expert "
                      f"workers ({dep.transport}, {dep.micro_batches} micro-batches) for {self.model_dir}")
-            self.cluster = make_cluster(dep, log_dir=self.log_dir, zygote=self.zygote)
+            self.cluster = make_cluster(dep, log_dir=self.log_dir, fork_server=self.fork_server)
             auth.ensure_secret()  # before the startup watcher's first call to the controller
             done = threading.Event()
             watcher = threading.Thread(target=watch_startup, args=(self.cluster.controller_address, self.say, done),

@@ -7,7 +7,7 @@ naming the field.
 
 from __future__ import annotations
 
-from resilient_moe.config import SamplingParams
+from resilient_moe.engine.config import SamplingParams
 from resilient_moe.errors import ConfigError
 from resilient_moe.server.protocol import ApiError, ChatCompletionRequest, CompletionRequest
 

@@ -35,22 +35,23 @@ import redis
 import torch
 
 from resilient_moe import messages
-from resilient_moe.config import SamplingParams, WorkerConfig
+from resilient_moe.deployment import WorkerConfig
+from resilient_moe.engine.config import SamplingParams
 from resilient_moe.controller.client import ControllerClient, worker_info
 from resilient_moe.controller.view import ClusterView, node_of
 from resilient_moe.datapath.forwarding import Forwarder, StepCancelled
 from resilient_moe.datapath.frames import FrameHeader, FrameKind, worker_number
 from resilient_moe.datapath.link import FrameTooLarge, Link, LinkClosed, Outbox, PeerInfo, choose_address, listen
-from resilient_moe.datapath.parts import DeadlineModel
+from resilient_moe.datapath.part_rules import DeadlineModel
 from resilient_moe.datapath.poller import Poller, Wakeup
 from resilient_moe.engine.engine import LLMEngine
-from resilient_moe.engine.remote import RemoteExperts
+from resilient_moe.engine.remote_experts import RemoteExperts
 from resilient_moe.engine.sequence import Sequence, TokenEvent
 from resilient_moe.errors import ConfigError, RequestError
 from resilient_moe.kvstore.checkpoint import KVCheckpointer
 from resilient_moe.kvstore.replication import StoreRef, place_stores
-from resilient_moe.kvstore.store import layout_for
-from resilient_moe.model.checkpoint import Checkpoint
+from resilient_moe.kvstore.memory_layout import layout_for
+from resilient_moe.model.weights import Checkpoint
 from resilient_moe.proto import controller_pb2 as pb
 from resilient_moe.workers.common import configure_process, yield_cpu_while_loading
 

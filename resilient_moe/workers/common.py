@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from resilient_moe.config import DeploymentConfig, WorkerConfig
+from resilient_moe.deployment import DeploymentConfig, WorkerConfig
 from resilient_moe.model import ops
 from resilient_moe.proto import controller_pb2 as pb
 

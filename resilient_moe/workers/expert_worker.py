@@ -27,18 +27,18 @@ from dataclasses import dataclass
 
 import torch
 
-from resilient_moe.config import DeploymentConfig, WorkerConfig
+from resilient_moe.deployment import DeploymentConfig, WorkerConfig
 from resilient_moe.controller.client import ControllerClient, worker_info
 from resilient_moe.controller.view import ClusterView
 from resilient_moe.datapath.frames import Frame, FrameFlags, FrameHeader, FrameKind, worker_number
 from resilient_moe.datapath.link import FrameTooLarge, Link, LinkClosed, Outbox, PeerInfo, listen
-from resilient_moe.datapath.parts import check_dispatch, rows_per_part
+from resilient_moe.datapath.part_rules import check_dispatch, rows_per_part
 from resilient_moe.datapath.poller import Poller, Wakeup
 from resilient_moe.engine.engine import resolve_device
 from resilient_moe.errors import ExpertUnavailableError
-from resilient_moe.model.checkpoint import Checkpoint, torch_dtype
+from resilient_moe.model.weights import Checkpoint, torch_dtype
 from resilient_moe.model.expert_side import ExpertKey, ExpertSide, Prepared
-from resilient_moe.model.kernel_set import KernelSet
+from resilient_moe.model.kernel_choice import KernelSet
 from resilient_moe.procs import background_thread
 from resilient_moe.proto import controller_pb2 as pb
 from resilient_moe.workers.common import configure_process, link_addresses, yield_cpu_while_loading
@@ -59,7 +59,7 @@ class _Work:
 class ExpertServer:
     """The EW's serving loop over its links; separate from process set-up so tests can drive it.
 
-    A round takes every frame that has arrived, answers probes, checks each DISPATCH fully (parts.py)
+    A round takes every frame that has arrived, answers probes, checks each DISPATCH fully (part_rules.py)
     before its rows reach the kernels, copies the rows out of the rings (so the rings are free
     again while it computes), computes by layer with replayed work first, and answers. While it
     computes it keeps answering probes, so a long part never looks like a hang; frames that arrive

@@ -1,5 +1,5 @@
 """The KV checkpoint store process: it owns the host memory that attention workers checkpoint their KV
-cache into (kvstore/store.py has the layout), so that the checkpoints outlive any attention worker.
+cache into (kvstore/memory_layout.py has the layout), so that the checkpoints outlive any attention worker.
 
 It creates the memory, hands it to attention workers of its node that prove the cluster secret (a
 `MemfdServer`: they write and read it directly), serves it over TCP (kvstore/remote.py: replicas
@@ -17,10 +17,10 @@ import os
 import signal
 import threading
 
-from resilient_moe.config import WorkerConfig
+from resilient_moe.deployment import WorkerConfig
 from resilient_moe.controller.client import ControllerClient, worker_info
 from resilient_moe.kvstore.remote import StoreServer
-from resilient_moe.kvstore.store import MemfdServer, layout_for
+from resilient_moe.kvstore.memory_layout import MemfdServer, layout_for
 from resilient_moe.proto import controller_pb2 as pb
 from resilient_moe.workers.common import configure_process
 

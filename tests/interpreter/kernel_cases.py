@@ -22,9 +22,9 @@ from resilient_moe.kernels.matmul import TritonLinear
 from resilient_moe.kernels.paged_attention import paged_attention
 from resilient_moe.kernels.rms_norm import MAX_BLOCK, rms_norm
 from resilient_moe.model import ops
-from resilient_moe.model.checkpoint import Checkpoint
+from resilient_moe.model.weights import Checkpoint
 from resilient_moe.model.expert_side import ExpertSide
-from resilient_moe.model.kernel_set import KernelSet
+from resilient_moe.model.kernel_choice import KernelSet
 
 DTYPES = [torch.float32, torch.float16]
 

@@ -17,11 +17,12 @@ import torch
 import test_parity_hf as parity
 from kernel_cases import triton_interpreter  # noqa: F401 (an autouse fixture: fails outside the interpreter)
 from test_parity_families import save_family_model
-from resilient_moe.config import DeploymentConfig, EngineConfig, SamplingParams
+from resilient_moe.deployment import DeploymentConfig
+from resilient_moe.engine.config import EngineConfig, SamplingParams
 from resilient_moe.engine.engine import LLMEngine
 from resilient_moe.errors import ConfigError
 from resilient_moe.kernels.matmul import TritonLinear
-from resilient_moe.model.checkpoint import Checkpoint
+from resilient_moe.model.weights import Checkpoint
 from resilient_moe.workers.expert_worker import load_experts
 
 NEW_TOKENS = 4

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from resilient_moe.config import ModelConfig
+from resilient_moe.model.config import ModelConfig
 from resilient_moe.errors import CheckpointError
 from resilient_moe.model import mxfp4
 from resilient_moe.model.families import MXFP4_BLOCK

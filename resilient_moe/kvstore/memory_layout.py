@@ -47,9 +47,10 @@ from dataclasses import dataclass
 import torch
 
 from resilient_moe import auth
-from resilient_moe.config import ModelConfig, WorkerConfig
+from resilient_moe.deployment import WorkerConfig
+from resilient_moe.model.config import ModelConfig
 from resilient_moe.errors import ConfigError
-from resilient_moe.model.checkpoint import torch_dtype
+from resilient_moe.model.weights import torch_dtype
 
 log = logging.getLogger(__name__)
 

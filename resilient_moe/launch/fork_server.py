@@ -1,16 +1,16 @@
 """Fork server for worker processes.
 
-Importing torch costs about two seconds of CPU here, per process. The zygote pays it once: it imports
+Importing torch costs about two seconds of CPU here, per process. The fork server pays it once: it imports
 every role's module, then forks a worker for each request, so a cluster (or a replacement worker
 after a failure) starts in milliseconds plus weight loading. It never runs torch ops, threads or
 gRPC itself, so forking it is safe.
 
 Protocol: JSON lines over a socketpair with the launcher.
-    launcher -> zygote  {"op": "spawn", "name", "role", "config", "log", "cold", "secret"} | {"op": "shutdown"}
-    zygote -> launcher  {"op": "hello", "pid"} | {"op": "spawned", "name", "pid"} |
+    launcher -> fork server  {"op": "spawn", "name", "role", "config", "log", "cold", "secret"} | {"op": "shutdown"}
+    fork server -> launcher  {"op": "hello", "pid"} | {"op": "spawned", "name", "pid"} |
                         {"op": "exited", "name", "pid", "code"}
-Lifetime: the zygote dies with the launcher (parent-death signal) and every worker dies with the
-zygote, so a launcher killed with SIGKILL leaves nothing behind.
+Lifetime: the fork server dies with the launcher (parent-death signal) and every worker dies with the
+fork_server, so a launcher killed with SIGKILL leaves nothing behind.
 
 A "cold" spawn execs a fresh interpreter in the forked child (parent-death signal kept), paying the
 imports again: what a restart-everything system pays on every restart, used by that baseline.
@@ -20,7 +20,7 @@ cluster secret ("secret", hex) reaches the child through the socketpair and `aut
 exports it in the environment a cold child inherits; a cold child reads its WorkerConfig JSON from an
 inherited memfd whose number is all its command line says (`--cold ROLE --config-fd N`).
 
-Both ends live here: `Zygote` is the launcher's (it imports nothing heavy, so a launcher can start the
+Both ends live here: `ForkServer` is the launcher's (it imports nothing heavy, so a launcher can start the
 fork server before it imports torch itself, and the two imports overlap), `serve` the fork server's.
 """
 
@@ -45,7 +45,7 @@ from resilient_moe import auth
 from resilient_moe.errors import ClusterError
 
 if TYPE_CHECKING:
-    from resilient_moe.config import WorkerConfig
+    from resilient_moe.deployment import WorkerConfig
 
 PR_SET_PDEATHSIG = 1
 
@@ -66,13 +66,13 @@ def die_with_launcher() -> None:
     die_with_parent(os.getppid())
 
 
-class Zygote:
+class ForkServer:
     """The fork server process and the protocol to it."""
 
     def __init__(self) -> None:
         ours, theirs = socket.socketpair()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "resilient_moe.launch.zygote", str(theirs.fileno()), str(os.getpid())],
+            [sys.executable, "-m", "resilient_moe.launch.fork_server", str(theirs.fileno()), str(os.getpid())],
             pass_fds=[theirs.fileno()],
             preexec_fn=die_with_launcher,
             start_new_session=True,  # its own process group; Ctrl-C in a terminal reaches the launcher only
@@ -86,7 +86,7 @@ class Zygote:
         self.exit_events: "queue.SimpleQueue[dict]" = queue.SimpleQueue()  # the same, for the supervisor
         self._spawned: dict[str, int] = {}
         self._spawn_cond = threading.Condition()
-        self._reader = threading.Thread(target=self._read, name="zygote-reader", daemon=True)
+        self._reader = threading.Thread(target=self._read, name="fork_server-reader", daemon=True)
         self._hello = threading.Event()
         self._reader.start()
 
@@ -119,11 +119,11 @@ class Zygote:
 
     def wait_hello(self, timeout_s: float) -> None:
         if not self._hello.wait(timeout_s):
-            raise ClusterError(f"the zygote did not start within {timeout_s:.0f}s (exit code {self.proc.poll()})")
+            raise ClusterError(f"the fork server did not start within {timeout_s:.0f}s (exit code {self.proc.poll()})")
 
     def spawn(self, name: str, role: str, config: WorkerConfig, log_path: str, timeout_s: float = 10.0,
               cold: bool = False) -> int:
-        """Fork a worker; `cold`: in a fresh interpreter (see the zygote's docstring)."""
+        """Fork a worker; `cold`: in a fresh interpreter (see the fork server's docstring)."""
         with self._spawn_cond:
             self._spawned.pop(name, None)
         with self._lock:
@@ -132,7 +132,7 @@ class Zygote:
             self._out.flush()
         with self._spawn_cond:
             if not self._spawn_cond.wait_for(lambda: name in self._spawned, timeout_s):
-                raise ClusterError(f"the zygote did not fork {name}")
+                raise ClusterError(f"the fork server did not fork {name}")
             return self._spawned[name]
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
@@ -158,12 +158,12 @@ def _role_mains() -> dict:
             "kv_store": kv_store.main}
 
 
-def _run_child(role_main, config_json: str, log_path: str, zygote_pid: int, sock: socket.socket,
+def _run_child(role_main, config_json: str, log_path: str, fork_server_pid: int, sock: socket.socket,
                cold_role: str = "", secret: str = "") -> None:
     """In the forked child: become the worker. Never returns."""
     code = 1
     try:
-        die_with_parent(zygote_pid)
+        die_with_parent(fork_server_pid)
         sock.close()
         for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_DFL)
@@ -183,9 +183,9 @@ def _run_child(role_main, config_json: str, log_path: str, zygote_pid: int, sock
             auth.install(secret)
         if cold_role:
             config_fd = _config_memfd(config_json)
-            os.execv(sys.executable, [sys.executable, "-m", "resilient_moe.launch.zygote", "--cold", cold_role,
+            os.execv(sys.executable, [sys.executable, "-m", "resilient_moe.launch.fork_server", "--cold", cold_role,
                                       "--config-fd", str(config_fd)])
-        from resilient_moe.config import WorkerConfig
+        from resilient_moe.deployment import WorkerConfig
 
         code = role_main(WorkerConfig.from_json(config_json)) or 0
     except SystemExit as e:
@@ -270,10 +270,10 @@ def serve(sock: socket.socket, launcher_pid: int) -> None:
         if request.get("op") == "shutdown":
             break
         if request.get("op") == "spawn":
-            zygote_pid = os.getpid()
+            fork_server_pid = os.getpid()
             pid = os.fork()
             if pid == 0:
-                _run_child(mains[request["role"]], request["config"], request.get("log", ""), zygote_pid, sock,
+                _run_child(mains[request["role"]], request["config"], request.get("log", ""), fork_server_pid, sock,
                            cold_role=request["role"] if request.get("cold") else "", secret=request.get("secret", ""))
             children[pid] = request["name"]
             send({"op": "spawned", "name": request["name"], "pid": pid})
@@ -290,7 +290,7 @@ def serve(sock: socket.socket, launcher_pid: int) -> None:
 
 
 def _cold_main(role: str, config_json: str) -> int:
-    from resilient_moe.config import WorkerConfig
+    from resilient_moe.deployment import WorkerConfig
 
     return _role_mains()[role](WorkerConfig.from_json(config_json)) or 0
 
@@ -298,7 +298,7 @@ def _cold_main(role: str, config_json: str) -> int:
 def main() -> None:
     if sys.argv[1] == "--cold":
         if len(sys.argv) != 5 or sys.argv[3] != "--config-fd" or not sys.argv[4].isdigit():
-            sys.exit("usage: python -m resilient_moe.launch.zygote --cold ROLE --config-fd FD")
+            sys.exit("usage: python -m resilient_moe.launch.fork_server --cold ROLE --config-fd FD")
         sys.exit(_cold_main(sys.argv[2], _read_config_fd(int(sys.argv[4]))))
     fd = int(sys.argv[1])
     launcher_pid = int(sys.argv[2])

@@ -1,0 +1,111 @@
+"""The engine's settings (`EngineConfig`: KV cache, batching, kernels) and one request's
+(`SamplingParams`), validated where they are built; every error names the field and the bad value."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from resilient_moe.errors import ConfigError
+from resilient_moe.kernels import KERNEL_CHOICES
+
+SUPPORTED_DTYPES = ("float32", "bfloat16")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Knobs of one engine (colocated, or one attention worker).
+
+    KV capacity is set in tokens (`kv_cache_tokens`) or bytes (`kv_cache_bytes`); when both are
+    unset the cache holds `max_num_seqs` full-length sequences of `max_model_len` tokens.
+    """
+
+    dtype: str = "float32"
+    device: str = "auto"  # "auto" picks CUDA when available, else CPU
+    block_size: int = 16
+    kv_cache_tokens: int | None = None
+    kv_cache_bytes: int | None = None
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 4096
+    max_prefill_tokens_per_step: int = 512  # prompt tokens one step computes (chunked prefill), decodes aside
+    max_model_len: int | None = None  # defaults to the checkpoint's max_position_embeddings
+    micro_batches: int = 1
+    torch_threads: int = 1
+    # auto: native on CPU, triton on CUDA; native | torch (not batch-invariant) | triton (see resilient_moe/kernels)
+    kernels: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.dtype not in SUPPORTED_DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(SUPPORTED_DTYPES)}, got {self.dtype!r}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_prefill_tokens_per_step",
+                     "torch_threads"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("kv_cache_tokens", "kv_cache_bytes", "max_model_len"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if not 1 <= self.micro_batches <= 8:
+            raise ConfigError(f"micro_batches must be between 1 and 8, got {self.micro_batches!r}")
+        if self.kernels not in KERNEL_CHOICES:
+            raise ConfigError(f"kernels must be one of {', '.join(KERNEL_CHOICES)}, got {self.kernels!r}")
+
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request picks its tokens. temperature 0 means greedy.
+
+    The random stream of a request is derived from (seed, position) alone, so its tokens do not
+    depend on what else shares its batch, nor on which worker produces them after a failover.
+    """
+
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None: none; 0: the chosen token's; n: also the top n
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
+            raise ConfigError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if not isinstance(self.temperature, (int, float)) or not 0.0 <= self.temperature <= 100.0:
+            raise ConfigError(f"temperature must be between 0 and 100, got {self.temperature!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ConfigError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+        if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
+            raise ConfigError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20):
+            raise ConfigError(f"logprobs must be an integer between 0 and 20, got {self.logprobs!r}")
+        if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
+            raise ConfigError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+            "top_k": self.top_k,
+            "top_p": self.top_p,
+            "seed": self.seed,
+            "stop_token_ids": list(self.stop_token_ids),
+            "ignore_eos": self.ignore_eos,
+            "logprobs": self.logprobs,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SamplingParams":
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        if "stop_token_ids" in known:
+            known["stop_token_ids"] = tuple(known["stop_token_ids"])
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ConfigError(f"unknown sampling parameter(s): {', '.join(unknown)}")
+        return cls(**known)
