@@ -32,8 +32,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from chaos.latency_proxy import LatencyProxy  # noqa: E402
-from resilient_moe.deployment import DeploymentConfig# noqa: E402
-from resilient_moe.engine.config import EngineConfig, SamplingParams# noqa: E402
+from resilient_moe.deployment import DeploymentConfig  # noqa: E402
+from resilient_moe.engine.config import EngineConfig, SamplingParams  # noqa: E402
 from resilient_moe.launch.local import LocalCluster, ForkServer  # noqa: E402
 from resilient_moe.model.demo import demo_model_dir  # noqa: E402
 from resilient_moe.server.frontend import Frontend  # noqa: E402

@@ -29,8 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from resilient_moe.deployment import DeploymentConfig# noqa: E402
-from resilient_moe.engine.config import EngineConfig, SamplingParams# noqa: E402
+from resilient_moe.deployment import DeploymentConfig  # noqa: E402
+from resilient_moe.engine.config import EngineConfig, SamplingParams  # noqa: E402
 from resilient_moe.engine.engine import LLMEngine  # noqa: E402
 from resilient_moe.launch.local import LocalCluster  # noqa: E402
 from resilient_moe.server.frontend import Frontend  # noqa: E402

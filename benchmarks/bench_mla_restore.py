@@ -39,8 +39,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from resilient_moe.engine.config import EngineConfig, SamplingParams# noqa: E402
-from resilient_moe.model.config import ModelConfig# noqa: E402
+from resilient_moe.engine.config import EngineConfig, SamplingParams  # noqa: E402
+from resilient_moe.model.config import ModelConfig  # noqa: E402
 from resilient_moe.engine.engine import LLMEngine  # noqa: E402
 from resilient_moe.kvstore.checkpoint import KVCheckpointer  # noqa: E402
 from resilient_moe.kvstore.keys import commit_key  # noqa: E402

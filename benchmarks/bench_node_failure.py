@@ -35,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_failover import analyse, percentile, stalls_of, workload  # noqa: E402
 
-from resilient_moe.deployment import DeploymentConfig# noqa: E402
-from resilient_moe.engine.config import EngineConfig# noqa: E402
+from resilient_moe.deployment import DeploymentConfig  # noqa: E402
+from resilient_moe.engine.config import EngineConfig  # noqa: E402
 from resilient_moe.engine.engine import LLMEngine  # noqa: E402
 from resilient_moe.launch.ray_cluster import RayCluster  # noqa: E402
 from resilient_moe.launch.ray_local import LoopbackRayCluster  # noqa: E402

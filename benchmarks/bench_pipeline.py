@@ -30,8 +30,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from resilient_moe.deployment import DeploymentConfig# noqa: E402
-from resilient_moe.engine.config import EngineConfig, SamplingParams# noqa: E402
+from resilient_moe.deployment import DeploymentConfig  # noqa: E402
+from resilient_moe.engine.config import EngineConfig, SamplingParams  # noqa: E402
 from resilient_moe.engine.engine import LLMEngine  # noqa: E402
 from resilient_moe.launch.local import LocalCluster, ForkServer  # noqa: E402
 from resilient_moe.model.tiny import TinySize, make_tiny_model  # noqa: E402

@@ -40,9 +40,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from resilient_moe.deployment import DeploymentConfig# noqa: E402
-from resilient_moe.engine.config import EngineConfig, SamplingParams# noqa: E402
-from resilient_moe.model.config import ModelConfig# noqa: E402
+from resilient_moe.deployment import DeploymentConfig  # noqa: E402
+from resilient_moe.engine.config import EngineConfig, SamplingParams  # noqa: E402
+from resilient_moe.model.config import ModelConfig  # noqa: E402
 from resilient_moe.launch.local import LocalCluster, ForkServer  # noqa: E402
 from resilient_moe.model.tiny import TinySize, make_tiny_model  # noqa: E402
 from resilient_moe.proto import controller_pb2 as pb  # noqa: E402
