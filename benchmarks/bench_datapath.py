@@ -74,7 +74,8 @@ def link_server(address: str, conn, pin_cpu: bool) -> None:
 
     torch.set_num_threads(1)
     from resilient_moe.datapath.frames import FrameHeader, FrameKind
-    from resilient_moe.datapath.link import LinkClosed, listen
+    from resilient_moe.datapath.dial import listen
+    from resilient_moe.datapath.link import LinkClosed
     from resilient_moe.datapath.poller import Poller
 
     poller = Poller()
@@ -174,7 +175,7 @@ class LinkEndpoint:
     """Client side of a shm or TCP link to a link_server."""
 
     def __init__(self, transport: str, pin_cpu: bool, ctx) -> None:
-        from resilient_moe.datapath.link import connect
+        from resilient_moe.datapath.dial import connect
         from resilient_moe.datapath.poller import Poller
 
         address = f"shm:@rmoe-bench-{os.getpid()}" if transport == "shm" else "tcp:127.0.0.1:0"

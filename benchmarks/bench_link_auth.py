@@ -19,19 +19,26 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from resilient_moe import auth  # noqa: E402
-from resilient_moe.datapath import link as link_module  # noqa: E402
-from resilient_moe.datapath import shm, tcp  # noqa: E402
-from resilient_moe.datapath.link import PeerInfo, connect, listen  # noqa: E402
+from resilient_moe.datapath import handshake  # noqa: E402
+from resilient_moe.datapath.frames import FrameKind  # noqa: E402
+from resilient_moe.datapath.dial import connect, listen  # noqa: E402
+from resilient_moe.datapath.link import PeerInfo  # noqa: E402
 
-REAL = (link_module.Listener._authenticate, shm.check_listener, tcp.check_listener)
+REAL = (handshake.Listener._check_hello, handshake.check_listener)
+
+
+def _check_hello_without_auth(self, conn, data, transport):
+    peer, body = handshake.parse_hello(data, FrameKind.HELLO)
+    return peer, body, ""
 
 
 def set_auth(on: bool) -> None:
+    """Both ends' checks on (as shipped) or skipped, the rest of the handshake unchanged."""
     if on:
-        link_module.Listener._authenticate, shm.check_listener, tcp.check_listener = REAL
+        handshake.Listener._check_hello, handshake.check_listener = REAL
     else:
-        link_module.Listener._authenticate = lambda self, conn, peer, body: ""
-        shm.check_listener = tcp.check_listener = lambda *args: None
+        handshake.Listener._check_hello = _check_hello_without_auth
+        handshake.check_listener = lambda *args: None
 
 
 def one_setup(listener, identity: PeerInfo) -> float:

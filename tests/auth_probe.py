@@ -21,7 +21,8 @@ from resilient_moe import auth
 from resilient_moe.controller.client import ControllerClient, worker_info
 from resilient_moe.datapath import shm, tcp
 from resilient_moe.datapath.frames import worker_number
-from resilient_moe.datapath.link import PeerInfo, connect
+from resilient_moe.datapath.dial import connect
+from resilient_moe.datapath.link import PeerInfo
 from resilient_moe.kvstore import memory_layout as store
 from resilient_moe.proto import controller_pb2 as pb
 from resilient_moe.proto import controller_pb2_grpc as pb_grpc

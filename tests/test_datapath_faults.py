@@ -18,7 +18,8 @@ from resilient_moe.engine.config import EngineConfig, SamplingParams
 from resilient_moe.model.config import ModelConfig
 from resilient_moe.datapath.faults import LinkFault
 from resilient_moe.datapath.frames import FrameFlags, FrameHeader, FrameKind
-from resilient_moe.datapath.link import PeerInfo, connect, listen
+from resilient_moe.datapath.dial import connect, listen
+from resilient_moe.datapath.link import PeerInfo
 from resilient_moe.datapath.part_rules import check_result, rows_per_part
 from resilient_moe.datapath.poller import Poller
 from resilient_moe.engine.engine import LLMEngine

@@ -27,7 +27,8 @@ import torch
 
 from resilient_moe import _native
 from resilient_moe.datapath.frames import HEADER_SIZE, FrameHeader, FrameKind, encode
-from resilient_moe.datapath.link import FrameTooLarge, Link, LinkClosed, LinkTimeout, PeerInfo, connect, listen
+from resilient_moe.datapath.dial import connect, listen
+from resilient_moe.datapath.link import FrameTooLarge, Link, LinkClosed, LinkTimeout, PeerInfo
 from resilient_moe.datapath.poller import Poller
 
 HANG = 20.0  # generous bound on anything that could hang
@@ -522,13 +523,11 @@ def test_handshake_refusals_and_slow_clients() -> None:
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_a_connector_without_the_secret_is_refused_and_counted(transport: str, monkeypatch) -> None:
     from resilient_moe import auth
-    from resilient_moe.datapath import shm, tcp
-    from resilient_moe.datapath.link import link_context
+    from resilient_moe.datapath import handshake
 
     other = auth.new_secret()
-    for module in (shm, tcp):
-        monkeypatch.setattr(module, "link_credential",
-                            lambda identity, to: auth.Credential.make("link", link_context(identity, to), key=other))
+    monkeypatch.setattr(handshake, "link_credential",
+                        lambda identity, to: auth.Credential.make("link", handshake.link_context(identity, to), key=other))
     before = auth.REFUSED["link"]
     with Poller() as poller:
         with listen(addresses_for(transport)[0], PeerInfo("ew-1", 2 << 24, 1, os.getpid()), poller) as lst:
@@ -555,9 +554,12 @@ def test_a_hello_meant_for_another_worker_is_refused() -> None:
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_a_listener_without_the_secret_is_dropped_by_the_connector(transport: str, monkeypatch) -> None:
     from resilient_moe import auth
-    from resilient_moe.datapath.link import Listener
+    from resilient_moe.datapath.handshake import Listener, parse_hello
 
-    monkeypatch.setattr(Listener, "_authenticate", lambda self, conn, peer, body: "0" * 64)  # accepts anyone
+    def accepts_anyone(self, conn, data, transport):
+        return (*parse_hello(data, FrameKind.HELLO), "0" * 64)
+
+    monkeypatch.setattr(Listener, "_check_hello", accepts_anyone)
     with Poller() as poller:
         with listen(addresses_for(transport)[0], PeerInfo("ew-1", 2 << 24, 1, os.getpid()), poller) as lst:
             out = _dial_in_thread(lst, poller)
@@ -643,7 +645,8 @@ if __name__ == "__main__":
 def test_header_only_and_aux_only_frames_travel(transport):
     """Probes carry no payload at all; both transports must send and deliver them."""
     from resilient_moe.datapath.frames import FrameHeader, FrameKind
-    from resilient_moe.datapath.link import PeerInfo, connect, listen
+    from resilient_moe.datapath.dial import connect, listen
+    from resilient_moe.datapath.link import PeerInfo
     from resilient_moe.datapath.poller import Poller
 
     poller = Poller()

@@ -92,7 +92,8 @@ import json, os, sys
 import grpc
 from resilient_moe import auth
 from resilient_moe.controller.client import worker_info
-from resilient_moe.datapath.link import PeerInfo, connect
+from resilient_moe.datapath.dial import connect
+from resilient_moe.datapath.link import PeerInfo
 from resilient_moe.proto import controller_pb2 as pb
 from resilient_moe.proto import controller_pb2_grpc as pb_grpc
 auth.install(auth.new_secret())  # a secret, but not the cluster's

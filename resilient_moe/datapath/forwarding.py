@@ -36,7 +36,8 @@ import torch
 from resilient_moe.datapath.routing_table import Routes, RoutingTable
 from resilient_moe.datapath.faults import LINK_KINDS, FaultPlan, FaultyLink, LinkFault
 from resilient_moe.datapath.frames import Frame, FrameFlags, FrameHeader, FrameKind
-from resilient_moe.datapath.link import FrameTooLarge, Link, LinkClosed, PeerInfo, connect
+from resilient_moe.datapath.dial import connect
+from resilient_moe.datapath.link import FrameTooLarge, Link, LinkClosed, PeerInfo
 from resilient_moe.datapath.part_rules import DeadlineModel, check_result, rows_per_part
 from resilient_moe.datapath.poller import Poller
 from resilient_moe.errors import ExpertUnavailableError

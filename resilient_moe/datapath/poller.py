@@ -54,18 +54,18 @@ class Poller:
         """Watch a link (idempotent). Links made with `poller=` are added when they are made."""
         if link in self._members:
             return
-        owner = link._doorbell_owner()
+        owner = link.doorbell_owner()
         if owner is not None and owner is not self:
             raise ValueError(f"link to {link.peer.name} rings another poller's doorbell; add it there")
         fd = link.fileno()
         self._epoll.register(fd, _LINK_EVENTS)
         self._links[fd] = link
-        private = link._private_doorbell()
+        private = link.private_doorbell()
         if private is not None:
             self._epoll.register(private, select.EPOLLIN)
             self._links[private] = link
         self._members.add(link)
-        link._poller = self
+        link.poller = self
         self._rebuild()
 
     def remove(self, link: Link) -> None:
@@ -79,8 +79,8 @@ class Poller:
                 self._epoll.unregister(fd)
             except OSError:  # already closed: epoll dropped it
                 pass
-        if link._poller is self:
-            link._poller = None
+        if link.poller is self:
+            link.poller = None
         self._rebuild()
 
     def add_fd(self, fd: int, events: int = select.EPOLLIN) -> None:
@@ -111,7 +111,7 @@ class Poller:
         ready: dict[Link, None] = {}
         if self._streams:
             for link in self._streams:
-                if link._buffered():
+                if link.holds_frames():
                     ready[link] = None
             if ready:
                 timeout_s = 0.0
@@ -132,7 +132,7 @@ class Poller:
         for fd, mask in events:
             link = self._links.get(fd)
             if link is not None:
-                if link._on_readable(fd, mask):
+                if link.on_readable(fd, mask):
                     ready[link] = None
             elif fd in self._fds:
                 fds.append(fd)
@@ -156,11 +156,11 @@ class Poller:
 
     def _rebuild(self) -> None:
         # The native wait takes a plain tuple of rings; rebuilt only when membership changes.
-        pairs = [(link._rx_ring(), link) for link in self._members]
+        pairs = [(link.poll_ring(), link) for link in self._members]
         pairs = [(ring, link) for ring, link in pairs if ring is not None]
         self._rings = tuple(ring for ring, _ in pairs)
         self._ring_links = [link for _, link in pairs]
-        self._streams = [link for link in self._members if link._rx_ring() is None]
+        self._streams = [link for link in self._members if link.poll_ring() is None]
 
 
 class Wakeup:

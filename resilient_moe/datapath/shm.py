@@ -25,21 +25,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from resilient_moe import _native
-from resilient_moe.datapath.frames import Frame, FrameHeader, FrameKind, frame_from_fields, native_args
-from resilient_moe.datapath.link import (
-    DEFAULT_HANDSHAKE_TIMEOUT,
-    FrameTooLarge,
-    Link,
-    LinkClosed,
-    LinkTimeout,
-    Listener,
-    PeerInfo,
-    check_listener,
-    hello_frame,
-    link_credential,
-    parse_hello,
-    refusal_frame,
-)
+from resilient_moe.datapath.frames import Frame, FrameHeader, frame_from_fields, native_args
+from resilient_moe.datapath.handshake import Greeting, Listener
+from resilient_moe.datapath.link import DEFAULT_HANDSHAKE_TIMEOUT, FrameTooLarge, Link, LinkClosed, LinkTimeout, PeerInfo
 
 if TYPE_CHECKING:
     from resilient_moe.datapath.poller import Poller
@@ -235,8 +223,8 @@ class ShmLink(Link):
         if self._closed:
             return
         self._closed = True
-        if self._poller is not None:
-            self._poller.remove(self)
+        if self.poller is not None:
+            self.poller.remove(self)
         try:
             self._sock.send(_GOODBYE, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
         except OSError:
@@ -268,10 +256,10 @@ class ShmLink(Link):
             log.warning("link to %s (pid %d): %s", self.peer.name, self.peer.pid, reason)
 
     # Poller hooks (see Link).
-    def _rx_ring(self):
+    def poll_ring(self):
         return None if self._closed else self.rx
 
-    def _on_readable(self, fd: int, mask: int) -> bool:
+    def on_readable(self, fd: int, mask: int) -> bool:
         if fd == self._private:
             try:
                 os.eventfd_read(fd)
@@ -281,10 +269,10 @@ class ShmLink(Link):
             self._poll_control()
         return self._gone is not None or self.rx.pending()
 
-    def _doorbell_owner(self) -> Poller | None:
+    def doorbell_owner(self) -> Poller | None:
         return self._owner
 
-    def _private_doorbell(self) -> int | None:
+    def private_doorbell(self) -> int | None:
         return self._private
 
 
@@ -306,7 +294,7 @@ def connect_shm(
     ring_size: int = DEFAULT_RING_SIZE,
     spin_us: float = DEFAULT_SEND_SPIN_US,
 ) -> ShmLink:
-    """Connect to the ShmListener `name` ('@abstract' or a socket path); see link.connect."""
+    """Connect to the ShmListener `name` ('@abstract' or a socket path); see dial.connect."""
     ring_size = _round_ring_size(ring_size)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     segment = peer_doorbell = private = None
@@ -315,18 +303,15 @@ def connect_shm(
         sock.connect(_unix_address(name))
         segment = _native.shm_segment(ring_size)
         doorbell, private = _doorbell_for(poller)
-        credential = link_credential(identity, to)
-        hello = hello_frame(FrameKind.HELLO, identity, transport="shm", ring_size=ring_size, to=to,
-                            auth=credential.to_json())
-        socket.send_fds(sock, [hello], [segment, doorbell])
+        greeting = Greeting(identity, to, "shm", ring_size=ring_size)
+        socket.send_fds(sock, [greeting.frame], [segment, doorbell])
         data, fds, _, _ = socket.recv_fds(sock, 1 << 16, 1, socket.MSG_CMSG_CLOEXEC)
         peer_doorbell = fds[0] if fds else None
         for extra in fds[1:]:
             os.close(extra)
         if not data:
             raise LinkClosed(f"listener {name} closed the connection during the handshake")
-        peer, body = parse_hello(data, FrameKind.HELLO_ACK)
-        check_listener(credential, identity, to, body, name)
+        peer, _ = greeting.accept(data, name)
         if peer_doorbell is None:
             raise ValueError("HELLO_ACK carried no doorbell fd")
         sock.setblocking(False)
@@ -380,21 +365,20 @@ class ShmListener(Listener):
         try:
             if not data:
                 raise LinkClosed("peer hung up during the handshake")
-            peer, body = parse_hello(data, FrameKind.HELLO)
-            proof = self._authenticate(conn, peer, body)
+            peer, body, proof = self._check_hello(conn, data, "shm")
             ring_size = body.get("ring_size")
-            if body.get("transport") != "shm" or len(fds) != 2:
-                raise ValueError(f"HELLO from {peer.name} is not a shm HELLO with 2 fds ({len(fds)} fds)")
+            if len(fds) != 2:
+                raise ValueError(f"HELLO from {peer.name} carried {len(fds)} fds, not the ring memory and a doorbell")
             if not isinstance(ring_size, int) or not 0 < ring_size <= self.max_ring_size or ring_size % _PAGE:
                 reason = f"ring_size {ring_size!r} not accepted (whole pages, at most {self.max_ring_size})"
-                conn.send(bytes(refusal_frame(self.identity, reason)))
+                self._refuse(conn, reason)
                 raise ValueError(f"HELLO from {peer.name}: {reason}")
             segment, peer_doorbell = fds
             doorbell, private = _doorbell_for(self.poller)
             link = ShmLink(conn, self.identity, peer, segment, ring_size, 1, peer_doorbell, self.poller, private,
                            self.spin_us)
             fds, private = [segment], None  # the link owns the doorbells now
-            socket.send_fds(conn, [hello_frame(FrameKind.HELLO_ACK, self.identity, auth_answer=proof)], [doorbell])
+            socket.send_fds(conn, [self._ack(proof)], [doorbell])
             return link
         except BaseException:
             if link is not None:

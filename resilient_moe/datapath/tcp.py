@@ -29,24 +29,12 @@ from resilient_moe.datapath.frames import (
     DType,
     Frame,
     FrameHeader,
-    FrameKind,
     frame_from_fields,
     frame_size,
     native_args,
 )
-from resilient_moe.datapath.link import (
-    DEFAULT_HANDSHAKE_TIMEOUT,
-    FrameTooLarge,
-    Link,
-    LinkClosed,
-    LinkTimeout,
-    Listener,
-    PeerInfo,
-    check_listener,
-    hello_frame,
-    link_credential,
-    parse_hello,
-)
+from resilient_moe.datapath.handshake import Greeting, Listener
+from resilient_moe.datapath.link import DEFAULT_HANDSHAKE_TIMEOUT, FrameTooLarge, Link, LinkClosed, LinkTimeout, PeerInfo
 
 if TYPE_CHECKING:
     from resilient_moe.datapath.poller import Poller
@@ -380,8 +368,8 @@ class TcpLink(Link):
         if self._closed:
             return
         self._closed = True
-        if self._poller is not None:
-            self._poller.remove(self)
+        if self.poller is not None:
+            self.poller.remove(self)
         self._sock.close()
 
     def _fail(self, reason: str) -> None:
@@ -390,7 +378,7 @@ class TcpLink(Link):
             log.warning("link to %s (pid %d): %s", self.peer.name, self.peer.pid, reason)
 
     # Poller hooks (see Link).
-    def _buffered(self) -> bool:
+    def holds_frames(self) -> bool:
         return bool(self._backlog) or self._reader.has_frame()
 
 
@@ -445,19 +433,17 @@ def connect_tcp(
     to: str = "",
     max_frame: int = DEFAULT_MAX_FRAME,
 ) -> TcpLink:
-    """Connect to the TcpListener at 'host:port'; see link.connect."""
+    """Connect to the TcpListener at 'host:port'; see dial.connect."""
     host, port = _split_host_port(rest)
     deadline = time.monotonic() + timeout
     sock = socket.create_connection((host, port), timeout=timeout)
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        credential = link_credential(identity, to)
-        sock.sendall(hello_frame(FrameKind.HELLO, identity, transport="tcp", max_frame=max_frame, to=to,
-                                 auth=credential.to_json()))
+        greeting = Greeting(identity, to, "tcp", max_frame=max_frame)
+        sock.sendall(greeting.frame)
         sock.setblocking(False)
         reader = FrameReader(max_frame)
-        peer, body = parse_hello(_blocking_read_frame(sock, reader, deadline), FrameKind.HELLO_ACK)
-        check_listener(credential, identity, to, body, rest)
+        peer, body = greeting.accept(_blocking_read_frame(sock, reader, deadline), rest)
         link = TcpLink(sock, identity, peer, reader, _peer_max_frame(body))
     except BaseException:
         sock.close()
@@ -512,10 +498,7 @@ class TcpListener(Listener):
                 return None
         else:
             return None
-        peer, body = parse_hello(frame, FrameKind.HELLO)
-        proof = self._authenticate(conn, peer, body)
-        if body.get("transport") != "tcp":
-            raise ValueError(f"HELLO from {peer.name} is not a tcp HELLO")
+        peer, body, proof = self._check_hello(conn, frame, "tcp")
         conn.settimeout(self.handshake_timeout)
-        conn.sendall(hello_frame(FrameKind.HELLO_ACK, self.identity, max_frame=self.max_frame, auth_answer=proof))
+        conn.sendall(self._ack(proof, max_frame=self.max_frame))
         return TcpLink(conn, self.identity, peer, reader, _peer_max_frame(body))

@@ -27,7 +27,8 @@ from resilient_moe.controller.client import ControllerClient
 from resilient_moe.controller.placement import AttentionLoad, choose_attention_worker
 from resilient_moe.controller.view import ClusterView
 from resilient_moe.datapath.frames import FrameHeader, FrameKind, worker_number
-from resilient_moe.datapath.link import FrameTooLarge, Link, LinkClosed, Outbox, PeerInfo, connect
+from resilient_moe.datapath.dial import connect
+from resilient_moe.datapath.link import FrameTooLarge, Link, LinkClosed, Outbox, PeerInfo
 from resilient_moe.datapath.poller import Poller, Wakeup
 from resilient_moe.procs import GONE, STOPPED, process_state
 from resilient_moe.proto import controller_pb2 as pb

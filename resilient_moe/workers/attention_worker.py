@@ -41,7 +41,8 @@ from resilient_moe.controller.client import ControllerClient, worker_info
 from resilient_moe.controller.view import ClusterView, node_of
 from resilient_moe.datapath.forwarding import Forwarder, StepCancelled
 from resilient_moe.datapath.frames import FrameHeader, FrameKind, worker_number
-from resilient_moe.datapath.link import FrameTooLarge, Link, LinkClosed, Outbox, PeerInfo, choose_address, listen
+from resilient_moe.datapath.dial import choose_address, listen
+from resilient_moe.datapath.link import FrameTooLarge, Link, LinkClosed, Outbox, PeerInfo
 from resilient_moe.datapath.part_rules import DeadlineModel
 from resilient_moe.datapath.poller import Poller, Wakeup
 from resilient_moe.engine.engine import LLMEngine

@@ -31,7 +31,8 @@ from resilient_moe.deployment import DeploymentConfig, WorkerConfig
 from resilient_moe.controller.client import ControllerClient, worker_info
 from resilient_moe.controller.view import ClusterView
 from resilient_moe.datapath.frames import Frame, FrameFlags, FrameHeader, FrameKind, worker_number
-from resilient_moe.datapath.link import FrameTooLarge, Link, LinkClosed, Outbox, PeerInfo, listen
+from resilient_moe.datapath.dial import listen
+from resilient_moe.datapath.link import FrameTooLarge, Link, LinkClosed, Outbox, PeerInfo
 from resilient_moe.datapath.part_rules import check_dispatch, rows_per_part
 from resilient_moe.datapath.poller import Poller, Wakeup
 from resilient_moe.engine.engine import resolve_device
