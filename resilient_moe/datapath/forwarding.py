@@ -18,107 +18,34 @@ stopping).
 Sends never block: a part waits in its worker's outbox while the link has no room or the worker
 already holds a window of unanswered bytes, and goes out from `wait`, which drains replies first.
 
+Beside this file: what is kept of a call and its parts (expert_calls.py), of each expert worker and
+how links to them are opened (expert_peers.py), and what a peer's silence or lateness means
+(peer_health.py, a pure judgement this engine acts on).
+
 Shape letters: T tokens, K experts per token, D hidden, n rows of one part.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 
-from resilient_moe.datapath.routing_table import Routes, RoutingTable
+from resilient_moe.datapath import peer_health
+from resilient_moe.datapath.expert_calls import HeldRows, Part, RoutedCall
+from resilient_moe.datapath.expert_peers import ExpertPeer, LinkOpener
 from resilient_moe.datapath.faults import LINK_KINDS, FaultPlan, FaultyLink, LinkFault
 from resilient_moe.datapath.frames import Frame, FrameFlags, FrameHeader, FrameKind
-from resilient_moe.datapath.dial import connect
 from resilient_moe.datapath.link import FrameTooLarge, Link, LinkClosed, PeerInfo
 from resilient_moe.datapath.part_rules import DeadlineModel, check_result, rows_per_part
+from resilient_moe.datapath.peer_health import Action
 from resilient_moe.datapath.poller import Poller
+from resilient_moe.datapath.routing_table import Routes, RoutingTable
 from resilient_moe.errors import ExpertUnavailableError
-from resilient_moe.procs import RUNNABLE, background_thread, process_state
 
 log = logging.getLogger("resilient_moe.forwarding")
-
-
-@dataclass
-class _Call:
-    """A micro-batch's routed-expert call being assembled."""
-
-    micro_batch: int
-    layer: int
-    top_k: int
-    out: torch.Tensor  # [T*K, D]
-    remaining: int = 0  # parts not answered yet
-    error: ExpertUnavailableError | None = None
-
-
-@dataclass
-class _Part:
-    """Rows of one call for one expert worker, sent as one DISPATCH frame."""
-
-    call: _Call  # identity matters: a reply for a call that was abandoned must not land in a newer one
-    pair_index: torch.Tensor  # [n] positions among the call's T*K pairs
-    rows: torch.Tensor  # [n, D] the hidden rows (kept for resending)
-    experts: torch.Tensor  # [n] int32 expert id of each row
-    excluded: frozenset[str] = frozenset()  # workers that answered that they do not hold its experts
-    seq: int = 0  # set when sent: the link's sequence number, echoed by the RESULT
-    epoch: int = 0
-    sent_at: float = 0.0
-    deadline: float = 0.0
-    rows_ahead: int = 0  # rows already outstanding on its worker when it was sent
-    received: int = 0  # rows answered so far (a RESULT the EW had to split arrives in pieces)
-
-    @property
-    def n(self) -> int:
-        return int(self.rows.shape[0])
-
-    @property
-    def nbytes(self) -> int:
-        return self.rows.nbytes + self.experts.nbytes
-
-
-@dataclass
-class _Held:
-    """Rows of a call whose experts have no live copy, waiting for one (until `deadline`)."""
-
-    call: _Call
-    pair_index: torch.Tensor  # [n]
-    experts: torch.Tensor  # [n]
-    rows: torch.Tensor  # [n, D] one per pair
-    excluded: frozenset[str]
-    deadline: float
-    error: ExpertUnavailableError  # what the call fails with past the deadline
-
-
-@dataclass
-class _Peer:
-    """An expert worker as this attention worker sees it."""
-
-    name: str
-    incarnation: int
-    link: Link
-    outstanding: dict[int, _Part] = field(default_factory=dict)  # seq -> part sent, not yet answered
-    outbox: deque[_Part] = field(default_factory=deque)  # parts waiting for room on the link
-    inflight_bytes: int = 0
-    inflight_rows: int = 0
-    next_seq: int = 1
-    newest_answered: int = 0  # highest seq answered: an older part still unanswered was skipped (lost)
-    last_heard: float = field(default_factory=time.monotonic)
-    probes_sent: int = 0  # unanswered probes since it was last heard from
-    suspect: bool = False  # silent, late or malformed: routed around until it answers again
-    busy: bool = False  # its process was runnable when last looked at (busy_checked_at)
-    busy_checked_at: float = 0.0
-    fenced: bool = False  # declared dead by the controller: never routed to again
-
-    @property
-    def routable(self) -> bool:
-        return not (self.suspect or self.fenced)
 
 
 class StepCancelled(Exception):
@@ -146,7 +73,6 @@ class Forwarder:
         how long rows of an expert with no live copy wait for one (0: their call fails at once)."""
         self.identity = identity
         self.poller = poller
-        self.ring_bytes = ring_bytes
         self.on_other = on_other
         self.probe_interval_s = probe_interval_s
         self.probe_misses = probe_misses
@@ -154,17 +80,16 @@ class Forwarder:
         self.deadlines = deadlines or DeadlineModel()
         self.busy_grace_s = busy_grace_s  # longest a busy (runnable) peer is waited for before acting anyway
         self.expert_wait_s = expert_wait_s
-        self._held: list[_Held] = []
-        self._connecting: set[tuple[str, int]] = set()  # links being opened in the background
-        self._opened: "queue.SimpleQueue[tuple[str, int, Link | None]]" = queue.SimpleQueue()
-        self.peers: dict[str, _Peer] = {}
-        self.zombies: list[_Peer] = []  # fenced or replaced incarnations, kept open only to drop their late frames
+        self._held: list[HeldRows] = []
+        self._links = LinkOpener(identity, ring_bytes)
+        self.peers: dict[str, ExpertPeer] = {}
+        self.zombies: list[ExpertPeer] = []  # fenced or replaced incarnations, kept open only to drop their late frames
         self.ert: RoutingTable | None = None
         self.cancelled = False
         self.unavailable: set[str] = set()  # expert workers not to route to (not connected, dead)
         self._workers: list[str] = []
         self._routes: Routes | None = None  # where each expert's rows go, as indices into _workers
-        self._calls: dict[int, _Call] = {}
+        self._calls: dict[int, RoutedCall] = {}
         self.step = 0
         self.faults: FaultPlan | None = None  # injected faults (chaos testing, faults.py); None: off
         self.wait_s = 0.0  # time blocked waiting for expert outputs (the AW's idle time)
@@ -178,40 +103,18 @@ class Forwarder:
 
     def connect(self, name: str, address: str, incarnation: int) -> None:
         """Open a link to an expert worker (replacing any link to an older incarnation)."""
-        old = self.peers.get(name)
-        if old is not None and old.incarnation == incarnation and old.link.alive:
-            return
-        self._install(name, incarnation, self._open(name, address, incarnation))
+        if not self._linked(name, incarnation):
+            self._install(name, incarnation, self._links.open(name, address, incarnation))
 
     def connect_soon(self, name: str, address: str, incarnation: int) -> None:
-        """Open the link on a thread of its own (setting up a link takes tens of milliseconds, which a
-        step must not wait for); it joins from the next `drain`. Failures are logged, and the next
-        cluster view asks again."""
+        """Open the link in the background; it joins from the next `drain`. Failures are logged, and
+        the next cluster view asks again."""
+        if not self._linked(name, incarnation):
+            self._links.open_soon(name, address, incarnation)
+
+    def _linked(self, name: str, incarnation: int) -> bool:
         old = self.peers.get(name)
-        if (old is not None and old.incarnation == incarnation and old.link.alive) or \
-                (name, incarnation) in self._connecting:
-            return
-        self._connecting.add((name, incarnation))
-
-        def open_link() -> None:
-            background_thread()
-            try:
-                self._opened.put((name, incarnation, self._open(name, address, incarnation)))
-            except Exception as e:  # noqa: BLE001 (refused, gone, a bad handshake: asked again by the next view)
-                log.warning("cannot link to %s at %s: %s", name, address, e)
-                self._opened.put((name, incarnation, None))
-
-        threading.Thread(target=open_link, name=f"link-{name}", daemon=True).start()
-
-    def _open(self, name: str, address: str, incarnation: int) -> Link:
-        """A link to `name` at `address`, checked to be `incarnation` (no poller yet: any thread)."""
-        options = {"ring_size": self.ring_bytes} if address.startswith("shm:") else {}
-        link = connect(address, self.identity, None, to=name, **options)
-        if link.peer.incarnation != incarnation:
-            link.close()
-            raise ConnectionError(f"{address} answered as {link.peer.name} incarnation {link.peer.incarnation}, "
-                                  f"expected {name} incarnation {incarnation}")
-        return link
+        return old is not None and old.incarnation == incarnation and old.link.alive
 
     def _install(self, name: str, incarnation: int, link: Link) -> None:
         old = self.peers.get(name)
@@ -221,7 +124,7 @@ class Forwarder:
         if old is not None:
             self._retire(old, "replaced by a new incarnation")
         self.poller.add(link)
-        peer = _Peer(name, incarnation, link)
+        peer = ExpertPeer(name, incarnation, link)
         self.peers[name] = peer
         self._wrap_faulty(peer)
         self.unavailable.discard(name)
@@ -231,20 +134,18 @@ class Forwarder:
     def settle_links(self, timeout_s: float) -> None:
         """Wait until every link being opened has joined or failed, at most `timeout_s`."""
         deadline = time.monotonic() + timeout_s
-        while self._connecting and time.monotonic() < deadline:
+        while self._links.busy and time.monotonic() < deadline:
             self._install_opened()
             time.sleep(0.002)
         self._install_opened()
 
     def _install_opened(self) -> None:
         """Links opened in the background since the last call join (on the thread that owns the poller)."""
-        while not self._opened.empty():
-            name, incarnation, link = self._opened.get()
-            self._connecting.discard((name, incarnation))
+        for name, incarnation, link in self._links.opened():
             if link is not None:
                 self._install(name, incarnation, link)
 
-    def disconnect(self, name: str, reason: str) -> list[_Part]:
+    def disconnect(self, name: str, reason: str) -> list[Part]:
         """Forget an expert worker; returns its parts that were still unanswered."""
         peer = self.peers.pop(name, None)
         self.unavailable.add(name)
@@ -254,7 +155,7 @@ class Forwarder:
         self.poller.remove(peer.link)
         peer.link.close()
         log.warning("link to %s dropped: %s", name, reason)
-        return self._take_parts(peer)
+        return peer.take_parts()
 
     def set_routing(self, ert: RoutingTable) -> None:
         self.ert = ert
@@ -279,12 +180,12 @@ class Forwarder:
             routes = routes.merged(self.ert.routes(self._workers, gone))
         return routes
 
-    def _retire(self, peer: _Peer, reason: str) -> None:
+    def _retire(self, peer: ExpertPeer, reason: str) -> None:
         """Stop using an incarnation but keep its link open: whatever it still sends is counted and dropped."""
         if self.peers.get(peer.name) is peer:
             del self.peers[peer.name]
         peer.fenced = True
-        lost = self._take_parts(peer)
+        lost = peer.take_parts()
         self.zombies.append(peer)
         self._reroute()
         log.warning("retired %s incarnation %d: %s", peer.name, peer.incarnation, reason)
@@ -304,12 +205,12 @@ class Forwarder:
             self._calls.clear()
             self._held.clear()
             for peer in self.peers.values():
-                self._take_parts(peer)
+                peer.take_parts()
 
     def submit(self, micro_batch: int, layer: int, x: torch.Tensor, expert_ids: torch.Tensor) -> None:
         """Start the routed experts of rows x [T, D] for expert ids [T, K]; returns without waiting."""
         T, K = expert_ids.shape
-        call = _Call(micro_batch, layer, K, x.new_empty((T * K, x.shape[1])))
+        call = RoutedCall(micro_batch, layer, K, x.new_empty((T * K, x.shape[1])))
         self._calls[micro_batch] = call
         self.counters["expert_calls"] += 1
         self._dispatch(call, torch.arange(T * K), expert_ids.reshape(-1).to(torch.int32), x, by_token=True)
@@ -361,7 +262,7 @@ class Forwarder:
 
     # ---- sending ----------------------------------------------------------------------------
 
-    def _dispatch(self, call: _Call, pair_index: torch.Tensor, experts: torch.Tensor, x: torch.Tensor,
+    def _dispatch(self, call: RoutedCall, pair_index: torch.Tensor, experts: torch.Tensor, x: torch.Tensor,
                   by_token: bool = False, excluded: frozenset[str] = frozenset(),
                   deadline: float | None = None) -> None:
         """Queue pairs (positions `pair_index` [n] in the call, expert ids `experts` [n]) as parts to
@@ -382,7 +283,7 @@ class Forwarder:
                 self.counters["held_expired"] += 1
                 raise error
             rows = x[pair_index[missing] // call.top_k] if by_token else x[missing]  # [m, D]
-            self._held.append(_Held(call, pair_index[missing], experts[missing], rows, excluded, deadline, error))
+            self._held.append(HeldRows(call, pair_index[missing], experts[missing], rows, excluded, deadline, error))
             call.remaining += 1
             self.counters["held_parts"] += 1
             log.warning("%s; holding %d rows for up to %.1fs until a copy is back", error, rows.shape[0],
@@ -406,13 +307,13 @@ class Forwarder:
             if chosen.numel() > step:
                 self.counters["split_parts"] += -(-chosen.numel() // step) - 1
             for lo in range(0, chosen.numel(), step):
-                part = _Part(call, pair_index[chosen[lo:lo + step]], rows[lo:lo + step], experts[chosen[lo:lo + step]],
+                part = Part(call, pair_index[chosen[lo:lo + step]], rows[lo:lo + step], experts[chosen[lo:lo + step]],
                              excluded)
                 peer.outbox.append(part)
                 call.remaining += 1
             self._send_ready(peer)
 
-    def _send_ready(self, peer: _Peer) -> None:
+    def _send_ready(self, peer: ExpertPeer) -> None:
         """Send queued parts while the link has room and the worker's window allows (never blocks)."""
         window = peer.link.window_bytes
         while peer.outbox and self.peers.get(peer.name) is peer:
@@ -474,7 +375,7 @@ class Forwarder:
         if self.faults is not None:
             self._unwrap_idle()
 
-    def _on_frame(self, peer: _Peer, frame: Frame) -> None:
+    def _on_frame(self, peer: ExpertPeer, frame: Frame) -> None:
         header = frame.header
         now = time.monotonic()
         peer.last_heard = now
@@ -496,7 +397,7 @@ class Forwarder:
             reason = bytes(frame.body).decode(errors="replace")
             log.warning("%s cannot serve part %d (layer %d): %s; resending elsewhere", peer.name, header.seq,
                         header.layer, reason)
-            self._forget(peer, part)
+            peer.forget(part)
             self._resend([part], exclude=peer.name)
             return
         placed = check_result(frame, part.n, part.received, part.rows.shape[1])
@@ -510,7 +411,7 @@ class Forwarder:
         part.received += count
         if part.received < part.n:
             return
-        self._forget(peer, part)
+        peer.forget(part)
         peer.newest_answered = max(peer.newest_answered, part.seq)
         call.remaining -= 1
         self.round_trip_s += now - part.sent_at
@@ -519,12 +420,7 @@ class Forwarder:
         if peer.suspect:
             self._trust_again(peer)
 
-    def _forget(self, peer: _Peer, part: _Part) -> None:
-        del peer.outstanding[part.seq]
-        peer.inflight_bytes -= part.nbytes
-        peer.inflight_rows -= part.n
-
-    def _trust_again(self, peer: _Peer) -> None:
+    def _trust_again(self, peer: ExpertPeer) -> None:
         peer.suspect = False
         self._reroute()
         log.info("%s answers again; routing to it again", peer.name)
@@ -532,60 +428,31 @@ class Forwarder:
     # ---- failures ---------------------------------------------------------------------------
 
     def check_overdue(self) -> None:
-        """Resend the parts of workers that missed a deadline; probe workers that owe answers and are
-        quiet, and suspect them after `probe_misses` unanswered probes.
-
-        Before acting on silence or lateness it looks at the peer's process when it runs on this host
-        (procs.py): one that is runnable is busy or starved of CPU, not lost, so its deadlines are
-        extended (doubling) instead of loading the other workers with its parts, up to
-        `busy_grace_s`; one that is stopped, gone or asleep with a part overdue (so the frame was
-        lost) is acted on at once. So is a part the worker skipped: it answered a part sent after it (a
-        worker answers a link's parts in order), so this one was lost or its answer is late."""
+        """Act on each peer's silence or lateness as `peer_health.judge` rules: extend the deadlines of
+        a busy one, suspect a late or silent one (resending what it owes), probe a quiet one."""
         now = time.monotonic()
         for peer in list(self.peers.values()):
-            if not peer.outstanding or peer.fenced:
-                continue
-            late = [p for p in peer.outstanding.values() if p.deadline < now]
-            if late:
-                skipped = any(p.seq < peer.newest_answered for p in late)
-                if not skipped and self._busy(peer, now - min(p.sent_at for p in late)):
-                    for part in late:
-                        part.deadline = now + 2 * (part.deadline - part.sent_at)
-                    self.counters["deadline_extensions"] += len(late)
-                    continue
-                worst = max(now - p.deadline for p in late)
-                self.counters["deadline_misses"] += len(late)
-                self.suspect(peer.name, f"{len(late)} part(s) overdue by up to {1000 * worst:.0f} ms", force=True)
-                continue
-            if not peer.routable:
-                continue
-            # Silence counts from when it should have answered (the expert time of what it owes, as
-            # measured), so a worker busy with a big part is not probed, only one that runs late.
-            oldest = min(part.sent_at for part in peer.outstanding.values())
-            quiet = now - max(peer.last_heard, oldest + self.deadlines.s_per_row * peer.inflight_rows)
-            if quiet < self.probe_interval_s * (min(peer.probes_sent, self.probe_misses) + 1):
-                continue
-            if peer.probes_sent >= self.probe_misses:
-                if not self._busy(peer, quiet):
-                    self.suspect(peer.name, f"{peer.probes_sent} probes unanswered, silent for {1000 * quiet:.0f} ms")
-                continue
-            try:
-                if peer.link.try_send(FrameHeader(FrameKind.PROBE, step=self.step)):
-                    peer.probes_sent += 1
-                    self.counters["probes"] += 1
-            except LinkClosed as e:
-                self.peer_failed(peer.name, f"link closed on probe: {e}")
+            verdict = peer_health.judge(peer, now, self.deadlines.s_per_row, self.probe_interval_s,
+                                        self.probe_misses, self._busy)
+            if verdict.action is Action.EXTEND:
+                for part in verdict.late:
+                    part.deadline = now + 2 * (part.deadline - part.sent_at)
+                self.counters["deadline_extensions"] += len(verdict.late)
+            elif verdict.action is Action.LATE:
+                self.counters["deadline_misses"] += len(verdict.late)
+                self.suspect(peer.name, verdict.reason, force=True)
+            elif verdict.action is Action.SILENT:
+                self.suspect(peer.name, verdict.reason)
+            elif verdict.action is Action.PROBE:
+                try:
+                    if peer.link.try_send(FrameHeader(FrameKind.PROBE, step=self.step)):
+                        peer.probes_sent += 1
+                        self.counters["probes"] += 1
+                except LinkClosed as e:
+                    self.peer_failed(peer.name, f"link closed on probe: {e}")
 
-    def _busy(self, peer: _Peer, waited_s: float) -> bool:
-        """Is the peer's process runnable on this host (busy, or starved of CPU) and not yet past the grace?
-        (Looked up at most once a probe interval: it reads /proc.)"""
-        if waited_s > self.busy_grace_s:
-            return False
-        now = time.monotonic()
-        if now - peer.busy_checked_at >= self.probe_interval_s:
-            info = peer.link.peer
-            peer.busy_checked_at, peer.busy = now, process_state(info.pid, info.host) == RUNNABLE
-        return peer.busy
+    def _busy(self, peer: ExpertPeer, waited_s: float) -> bool:
+        return peer_health.is_busy(peer, waited_s, time.monotonic(), self.busy_grace_s, self.probe_interval_s)
 
     def suspect(self, name: str, reason: str, force: bool = False) -> None:
         """Route around a silent, late or misbehaving worker now and resend what it owes; the
@@ -598,7 +465,7 @@ class Forwarder:
             self.counters["suspicions"] += 1
             self._reroute()
             self.on_suspect(name, peer.incarnation, reason)
-        lost = self._take_parts(peer)
+        lost = peer.take_parts()
         log.warning("suspect %s incarnation %d: %s; resending %d parts", name, peer.incarnation, reason, len(lost))
         self._resend(lost)
 
@@ -608,14 +475,6 @@ class Forwarder:
         if peer is not None:
             self.on_suspect(name, peer.incarnation, reason)
         self._resend(self.disconnect(name, reason))
-
-    def _take_parts(self, peer: _Peer) -> list[_Part]:
-        """Every part of `peer` not answered yet (sent or waiting to be), which it no longer owes."""
-        parts = [*peer.outstanding.values(), *peer.outbox]
-        peer.outstanding.clear()
-        peer.outbox.clear()
-        peer.inflight_bytes = peer.inflight_rows = 0
-        return parts
 
     def _retry_held(self) -> None:
         """Send held rows whose experts have a live copy again; fail the calls of those past their deadline."""
@@ -631,7 +490,7 @@ class Forwarder:
                 log.error("%s: waited %.1fs for a copy; failing the requests that need it", e, self.expert_wait_s)
                 call.error = e
 
-    def _resend(self, parts: list[_Part], exclude: str | None = None) -> None:
+    def _resend(self, parts: list[Part], exclude: str | None = None) -> None:
         """Send parts again to the next usable candidate of each expert, marked REPLAY (served first)."""
         self.counters["replayed_frames"] += len(parts)
         for part in parts:
@@ -657,7 +516,7 @@ class Forwarder:
         for peer in self.peers.values():
             self._wrap_faulty(peer)
 
-    def _wrap_faulty(self, peer: _Peer) -> None:
+    def _wrap_faulty(self, peer: ExpertPeer) -> None:
         if self.faults is not None and not isinstance(peer.link, FaultyLink) and self.faults.on(peer.name):
             peer.link = FaultyLink(peer.link, self.faults, peer.name)
 
