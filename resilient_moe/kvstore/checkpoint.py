@@ -1,4 +1,4 @@
-"""Incremental, asynchronous KV checkpoints from an attention worker into the KV store, and restore.
+"""Incremental, asynchronous KV checkpoints from an attention worker into the KV store.
 
 The engine thread does two small things: after each step, `after_step` gathers the KV rows of the
 blocks that became full since each request's last commit into one staging tensor (whole blocks
@@ -7,14 +7,14 @@ back restores that are ready. Everything that waits on anything (the store's mem
 on one background thread, so neither a slow Redis nor a big restore ever holds up a decode step:
 
   - writes: the thread copies staged rows into the store's shared memory (one-sided) under the
-    store's ownership protocol (store.py: region owner word, per-block stamps), then commits every
-    staged snapshot in one pipelined Redis round trip: `n` (positions [0, n) complete), the store
-    blocks and their generations, the writer's incarnation. A request's commits are ordered, so a
+    store's ownership protocol (memory_layout.py: region owner word, per-block stamps), then commits
+    every staged snapshot in one pipelined Redis round trip (commit_records.py: `n`, positions [0, n)
+    complete, the store blocks and their generations, the writer's incarnation). A request's commits are ordered, so a
     commit record never claims rows that are not in the store yet. Sliding-window layers are written
     only inside their window, and restored only there (engine/kv_cache.py, `LayerWindows`).
-  - restores (a request moved here from a failed worker): the thread reads the commit record, checks
-    each block's stamp against it before and after copying the rows out, and hands back the
-    verified prefix; the engine thread copies it into the KV cache and recomputes only the rest.
+  - restores (a request moved here from a failed worker; restore.py): the thread reads the commit
+    record, checks each block's stamp against it before and after copying the rows out, and hands
+    back the verified prefix; the engine thread copies it into the KV cache and recomputes only the rest.
   - a new store (the old one died and was restarted): the thread maps it, lets go of the old memory,
     and every running request is checkpointed again from its start.
   - replicas (`kv_replicas`, kvstore/replication.py): every write made into the primary is handed to
@@ -22,9 +22,6 @@ on one background thread, so neither a slow Redis nor a big restore ever holds u
     thread records in the commit record which of the request's blocks it holds (`replica:{store}`,
     keys.py). A replica that fails is given up (the writer carries on with the primary); a replacement
     store gets the live blocks again, read from the primary (`_Reship`).
-  - restores read the copy the record names in the primary store (mapped, or over TCP when it is
-    another node's) if that store is alive and the stamps check out, else the copy of a replica that
-    holds the most, and recompute only what no copy holds.
 
 Failures never block or corrupt serving:
   - the store region is full: that request stops being checkpointed (counted); its last commit
@@ -57,53 +54,16 @@ from resilient_moe import staging
 from resilient_moe.engine.engine import LLMEngine
 from resilient_moe.engine.kv_cache import RestoredRows
 from resilient_moe.engine.sequence import Sequence
-from resilient_moe.errors import ResilientMoeError
 from resilient_moe.kvstore import keys
-from resilient_moe.kvstore.remote import RemoteStore
+from resilient_moe.kvstore.commit_records import COMMIT_SCRIPT, REPLICA_SCRIPT, record_fields
+from resilient_moe.kvstore.memory_layout import StoreLayout, claim_region, map_store, stamped_prefix, write_blocks
 from resilient_moe.kvstore.replication import ReplicaShipper, ReplicaWrite, StoreRef
-from resilient_moe.kvstore.memory_layout import StoreLayout, claim_region, map_store, write_blocks
+from resilient_moe.kvstore.restore import Restorer
 
 log = logging.getLogger("resilient_moe.kv_checkpoint")
 
 MAX_PENDING = 256  # snapshots waiting for the background thread (the commit buffer bound)
 REPLICA_RETRY_S = 2.0  # a replica given up while its store still serves is tried again this often
-
-# Commit only if the record is absent or ours: KEYS = commit key, tokens key; ARGV = owner,
-# incarnation, ttl, position of the first new token, then field/value pairs of the commit record,
-# then "|", then the new tokens (appended only where the list ends at that position).
-COMMIT_SCRIPT = """
-local owner = redis.call('HGET', KEYS[1], 'owner')
-local inc = redis.call('HGET', KEYS[1], 'incarnation')
-if owner and (owner ~= ARGV[1] or inc ~= ARGV[2]) then return 0 end
-local i = 5
-while i <= #ARGV and ARGV[i] ~= '|' do
-  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
-  i = i + 2
-end
-if i < #ARGV and redis.call('LLEN', KEYS[2]) == tonumber(ARGV[4]) then
-  redis.call('RPUSH', KEYS[2], unpack(ARGV, i + 1, #ARGV))
-end
-redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
-redis.call('EXPIRE', KEYS[2], tonumber(ARGV[3]))
-return 1
-"""
-
-# Record how many blocks a replica holds, on each record that is still this incarnation's: KEYS = commit
-# keys; ARGV = owner, incarnation, field, then one value per key. Returns {records changed} (a list, so
-# that `_execute` never counts it as a commit).
-REPLICA_SCRIPT = """
-local changed = 0
-for k = 1, #KEYS do
-  local owner = redis.call('HGET', KEYS[k], 'owner')
-  local inc = redis.call('HGET', KEYS[k], 'incarnation')
-  if owner and owner == ARGV[1] and inc == ARGV[2] then
-    redis.call('HSET', KEYS[k], ARGV[3], ARGV[3 + k])
-    changed = changed + 1
-  end
-end
-return {changed}
-"""
-
 
 @dataclass
 class _Tracked:
@@ -196,7 +156,6 @@ class KVCheckpointer:
         self._stop = False
         self._busy = False  # the thread is carrying out a batch it took
         self._refused = False
-        self._redis_down_until = 0.0
         self._commit_since: float | None = None  # monotonic start of the commit round trip under way
         # The store's memory, touched by the thread only.
         self._mapping: mmap.mmap | None = None
@@ -205,12 +164,10 @@ class KVCheckpointer:
         self._ready_store = 0  # the store whose region is claimed and pinned: snapshots may start
         # Replicas (engine thread: the incarnations asked for; the thread: their shippers and what they hold).
         self.replica_stores: tuple[int, ...] = ()
-        self.live_stores: dict[int, str] = {}  # incarnation -> TCP address of every live store (restores)
         self._replica_refs: list[StoreRef] = []
         self._replica_retry_at = 0.0
         self._shippers: dict[int, ReplicaShipper] = {}
         self._held: dict[int, dict[str, int]] = {}  # replica incarnation -> request id -> leading blocks it holds
-        self._readers: dict[int, RemoteStore] = {}  # TCP connections restores read through
         self._shipped = {"writes": 0, "blocks": 0, "bytes": 0, "errors": 0, "dropped": 0}  # of closed shippers
         self.counters = {"commits": 0, "commit_errors": 0, "dropped": 0, "store_full": 0, "restored": 0,
                          "restored_local": 0, "restored_replica": 0, "replica_acks": 0, "replica_reships": 0,
@@ -218,6 +175,7 @@ class KVCheckpointer:
                          "restored_tokens": 0, "restored_bytes": 0, "restore_misses": 0,
                          "restore_stamp_mismatches": 0,
                          "pinned_blocks": 0, "writes_refused": 0, "store_attaches": 0}
+        self.restorer = Restorer(layout, self.windows, redis_client, cluster_id, owner, incarnation, self.counters)
         self._commit = redis_client.register_script(COMMIT_SCRIPT)
         self._replica_commit = redis_client.register_script(REPLICA_SCRIPT)
         self._thread = threading.Thread(target=self._run, name="kv-checkpoint", daemon=True)
@@ -248,7 +206,7 @@ class KVCheckpointer:
         """Ship every write to `stores` from now on (a new one first gets every live block again);
         `live`: every store that serves now, which restores may read (None: unchanged)."""
         if live is not None:
-            self.live_stores = {s.incarnation: s.tcp for s in live if s.tcp}
+            self.restorer.live_stores = {s.incarnation: s.tcp for s in live if s.tcp}
         wanted = tuple(sorted(s.incarnation for s in stores))
         if wanted == self.replica_stores:
             return
@@ -422,13 +380,16 @@ class KVCheckpointer:
                 pipe = pipe or self.redis.pipeline(transaction=False)
                 self._queue_replica_commits(pipe, item)
         if restores:
-            self._restore(restores)
+            for seq, (data, n, _) in zip(restores, self.restorer.restore(restores)):
+                self._restored.append((seq, data, n))
+            self.wake()
         if pipe is not None:
             self._execute(pipe)
 
     def _attach(self, item: _Attach) -> None:
         old = self._mapping
         self._owners = self._stamps = self._rows = None  # no view of the old memory may outlive its unmap
+        self.restorer.use_mapping(0, None, None)
         if old is not None:
             old.close()
             self._mapping = None
@@ -448,6 +409,7 @@ class KVCheckpointer:
             return
         self._mapping, self._owners, self._stamps, self._rows = mapping, owners, stamps, rows
         self._mapped_store = item.store
+        self.restorer.use_mapping(item.store, stamps, rows)
         self.counters["store_attaches"] += 1
         self._pin_predecessor_blocks()
         self._ready_store = item.store
@@ -498,7 +460,7 @@ class KVCheckpointer:
         for request_id, (blocks, gens) in live.items():
             store_blocks = torch.tensor(blocks, dtype=torch.long)
             expected = torch.tensor([[self.incarnation, g] for g in gens], dtype=torch.long).view(-1, 2)
-            good = self._stamped_prefix(store_blocks, expected)
+            good = stamped_prefix(self._stamps, store_blocks, expected)
             if good == 0:
                 continue
             rows = (store_blocks[:good, None] * self.bs + torch.arange(self.bs)).reshape(-1)
@@ -541,10 +503,8 @@ class KVCheckpointer:
 
     def _queue_commits(self, pipe, item: _Write) -> None:
         for request_id, n, blocks, gens, first, new_tokens in item.commits:
-            record = ["n", str(n), "gaps", json.dumps(item.gaps[request_id]), "blocks", json.dumps(blocks),
-                      "gens", json.dumps(gens), "block_size", str(self.bs),
-                      "store", str(item.store), "time", f"{time.time():.3f}", "owner", self.owner,
-                      "incarnation", str(self.incarnation), "|", *map(str, new_tokens)]
+            record = [*record_fields(n, blocks, gens, item.gaps[request_id], self.bs, item.store, self.owner,
+                                     self.incarnation), "|", *map(str, new_tokens)]
             self._commit(keys=[keys.commit_key(self.cluster_id, request_id),
                                keys.tokens_key(self.cluster_id, request_id)],
                          args=[self.owner, str(self.incarnation), str(keys.COMMIT_TTL_S), str(first), *record],
@@ -567,161 +527,6 @@ class KVCheckpointer:
             self.counters["commit_errors"] += failed
             if self.counters["commit_errors"] in (1, 10, 100, 1000):
                 log.warning("checkpoint commit failed (%d so far): %s", self.counters["commit_errors"], error)
-
-    def _restore(self, seqs: list[Sequence]) -> None:
-        """Read the commit records of `seqs` and the verified prefix of their blocks; hand back what is
-        usable (nothing, to recompute, when Redis fails or is slower than its timeout)."""
-        results: list[tuple[RestoredRows | None, int, str]] = [(None, 0, "")] * len(seqs)
-        try:
-            results = self._read_checkpoints(seqs)
-        except Exception as e:  # noqa: BLE001 (Redis down or slow: recompute from the token log)
-            log.warning("cannot restore %d requests from the KV store (%s); recomputing", len(seqs), e)
-            self._redis_down_until = time.monotonic() + 1.0
-        for seq, (data, n, source) in zip(seqs, results):
-            if n > 0:
-                self.counters["restored"] += 1
-                self.counters[f"restored_{source}"] += 1
-                self.counters["restored_tokens"] += n
-                self.counters["restored_bytes"] += data.nbytes  # what was read back from the store
-            else:
-                self.counters["restore_misses"] += 1
-            self._restored.append((seq, data, n))
-        self.wake()
-
-    def _read_checkpoints(self, seqs: list[Sequence]) -> list[tuple[RestoredRows | None, int, str]]:
-        if time.monotonic() < self._redis_down_until or (self._rows is None and not self.live_stores):
-            return [(None, 0, "")] * len(seqs)  # Redis failed a moment ago (do not wait on it again), or no store
-        commit_keys = [keys.commit_key(self.cluster_id, seq.request_id) for seq in seqs]
-        pipe = self.redis.pipeline(transaction=False)
-        for key in commit_keys:
-            pipe.hgetall(key)
-        records = pipe.execute()
-        for store in [s for s in self._readers if s not in self.live_stores]:
-            self._drop_reader(store)  # that store is gone
-        results = [self._read_blocks(seq, record) for seq, record in zip(seqs, records)]
-        # Take the records over now, so a woken predecessor can no longer commit to them.
-        takeover = {"owner": self.owner, "incarnation": str(self.incarnation), "n": "0", "blocks": "[]", "gens": "[]"}
-        pipe = self.redis.pipeline(transaction=False)
-        for seq, key, record in zip(seqs, commit_keys, records):
-            pipe.hset(key, mapping=takeover)
-            replicas = [k for k in record if (k.decode() if isinstance(k, bytes) else k).startswith("replica:")]
-            if replicas:
-                pipe.hdel(key, *replicas)  # the predecessor's replicas hold none of this worker's blocks
-            pipe.delete(keys.tokens_key(self.cluster_id, seq.request_id))  # this worker's commits rebuild it
-        try:
-            pipe.execute()
-        except Exception as e:  # noqa: BLE001
-            log.warning("could not take over the commit records of %d restored requests: %s", len(seqs), e)
-        return results
-
-    def _read_blocks(self, seq: Sequence, record: dict) -> tuple[RestoredRows | None, int, str]:
-        """The longest verified prefix any store that `record` names holds: the primary's copy first,
-        then the replicas'; (rows, n, source)."""
-        parsed = self._usable(record, seq)
-        if parsed is None:
-            return None, 0, ""
-        n, blocks, gens, writer, gaps, holders = parsed
-        best: tuple[RestoredRows | None, int, str] = (None, 0, "")
-        for store, held, source in holders:
-            count = min(-(-n // self.bs), held)
-            if count <= 0 or (store != self._mapped_store and store not in self.live_stores):
-                continue  # nothing there, or that store is gone
-            store_blocks = torch.tensor(blocks[:count], dtype=torch.long)
-            expected = torch.tensor([[writer, g] for g in gens[:count]], dtype=torch.long)  # [count, 2]
-            try:
-                data, got = self._read_copy(seq, store, store_blocks, expected, min(n, count * self.bs), gaps)
-            except (ResilientMoeError, OSError) as e:  # that store died or refused: try the next copy
-                self.counters["restore_read_errors"] += 1
-                self._drop_reader(store)
-                log.warning("%s: cannot read its KV from store incarnation %d (%s); trying another copy",
-                            seq.request_id, store, e)
-                continue
-            if got > best[1]:
-                best = (data, got, source)
-            if got >= n:
-                break
-        return best
-
-    def _read_copy(self, seq: Sequence, store: int, store_blocks: torch.Tensor, expected: torch.Tensor, n: int,
-                   gaps: list[tuple[int, int]]) -> tuple[RestoredRows | None, int]:
-        """Rows of `store_blocks` in store `store` that carry the stamps `expected`, checked before and
-        after the copy (sliding layers' within their window only), and n; mapped when it is this
-        worker's primary, over TCP otherwise (RemoteStoreError when that fails); nothing from a store that is gone."""
-        count = store_blocks.numel()
-        if store == self._mapped_store and self._rows is not None:
-            good = self._stamped_prefix(store_blocks, expected)
-            data = None
-            while True:  # n only shrinks: at most once more per block found rewritten during the copy
-                n = self.windows.restorable(min(n, good * self.bs), gaps)  # a shorter prefix: an earlier window
-                if n <= 0:
-                    break
-                positions = torch.arange(n)
-                data = RestoredRows.read(self._rows, self.windows,
-                                         store_blocks[positions // self.bs] * self.bs + positions % self.bs)
-                checked = self._stamped_prefix(store_blocks, expected)  # unchanged while we copied?
-                if checked * self.bs >= n:
-                    break
-                good = checked
-        elif store in self.live_stores:
-            stamps, rows = self._reader(store).read(store_blocks)  # rows: [L, count * bs, W], in block order
-            ok = (stamps == expected).all(dim=1)
-            bad = (~ok).nonzero()
-            good = int(bad[0]) if bad.numel() else count
-            n = self.windows.restorable(min(n, good * self.bs), gaps)
-            data = RestoredRows.read(rows, self.windows, torch.arange(n)) if n > 0 else None
-        else:
-            return None, 0
-        if good < count:
-            self.counters["restore_stamp_mismatches"] += 1
-            log.warning("%s: store block %d was rewritten after its commit (a fenced writer?); restoring %d "
-                        "positions from store incarnation %d", seq.request_id, int(store_blocks[good]), max(n, 0), store)
-        return (data, n) if n > 0 else (None, 0)
-
-    def _reader(self, store: int) -> RemoteStore:
-        reader = self._readers.get(store)
-        if reader is None:
-            reader = self._readers[store] = RemoteStore(self.live_stores[store], self.layout, self.owner)
-        return reader
-
-    def _drop_reader(self, store: int) -> None:
-        reader = self._readers.pop(store, None)
-        if reader is not None:
-            reader.close()
-
-    def _stamped_prefix(self, blocks: torch.Tensor, expected: torch.Tensor) -> int:
-        """How many leading blocks carry exactly the stamps their record names."""
-        ok = (self._stamps[blocks] == expected).all(dim=1)  # [count]
-        bad = (~ok).nonzero()
-        return int(bad[0]) if bad.numel() else blocks.numel()
-
-    def _usable(self, record: dict, seq: Sequence):
-        """(n, blocks, gens, writer incarnation, gaps, holders) of a commit record that fits this request,
-        holders being (store incarnation, leading blocks it holds, source), the primary first; None
-        when there is nothing to restore."""
-        if not record:
-            return None
-        try:
-            fields = {k.decode() if isinstance(k, bytes) else k: v.decode() if isinstance(v, bytes) else v
-                      for k, v in record.items()}
-            n = int(fields["n"])
-            blocks = [int(b) for b in json.loads(fields["blocks"])]
-            gens = [int(g) for g in json.loads(fields["gens"])]
-            writer = int(fields["incarnation"])
-            gaps = [(int(start), int(end)) for start, end in json.loads(fields.get("gaps", "[]"))]
-            holders = [(int(fields["store"]), len(blocks), "local")]
-            holders += sorted(((int(k.split(":", 1)[1]), int(v), "replica") for k, v in fields.items()
-                               if k.startswith("replica:")), key=lambda h: -h[1])
-            if int(fields["block_size"]) != self.bs:
-                return None  # written with another layout
-        except (KeyError, ValueError, TypeError) as e:
-            log.warning("malformed commit record for %s (%s); recomputing", seq.request_id, e)
-            return None
-        n = min(n, seq.num_tokens - 1)  # at least one position is computed, for the next token's logits
-        count = -(-n // self.bs) if n > 0 else 0
-        if n <= 0 or len(blocks) < count or len(gens) < count or \
-                any(not 0 <= b < self.layout.num_blocks for b in blocks[:count]):
-            return None
-        return n, blocks, gens, writer, gaps, holders
 
     def _pin_predecessor_blocks(self) -> None:
         """Blocks of this region still named by a predecessor's commit records are not ours yet."""

@@ -160,6 +160,13 @@ def read_stamped(stamps: torch.Tensor, table: torch.Tensor, blocks: torch.Tensor
     return before, data
 
 
+def stamped_prefix(stamps: torch.Tensor, blocks: torch.Tensor, expected: torch.Tensor) -> int:
+    """How many leading `blocks` [k] carry exactly the stamps `expected` [k, 2] (their commit record's)."""
+    ok = (stamps[blocks] == expected).all(dim=1)  # [k]
+    bad = (~ok).nonzero()
+    return int(bad[0]) if bad.numel() else blocks.numel()
+
+
 def split_address(address: str) -> tuple[str, str]:
     """A store's published address -> (its `memfd:` part, its `tcp:` part); either may be ""."""
     memfd = tcp = ""
