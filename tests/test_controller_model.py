@@ -22,13 +22,8 @@ from resilient_moe.controller.placement import (
     shadow_placement,
     spread_placement,
 )
-from resilient_moe.controller.state import (
-    BUSY_GRACE,
-    ClusterModel,
-    ControllerSettings,
-    ModelShape,
-    WorkerState,
-)
+from resilient_moe.controller.records import ControllerSettings, ModelShape, WorkerState
+from resilient_moe.controller.state import BUSY_GRACE, ClusterModel
 from resilient_moe.controller.view import ClusterView
 
 READY, SUSPECT, FENCED, DRAINING, GONE, STARTING, LOADING = (

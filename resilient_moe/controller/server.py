@@ -21,7 +21,8 @@ from resilient_moe import auth
 from resilient_moe.deployment import WorkerConfig
 from resilient_moe.model.config import ModelConfig
 from resilient_moe.controller.grpc_auth import ServerAuth
-from resilient_moe.controller.state import ClusterModel, ControllerSettings, ModelShape, Order, WorkerRecord
+from resilient_moe.controller.records import ControllerSettings, ModelShape, Order, WorkerRecord
+from resilient_moe.controller.state import ClusterModel
 from resilient_moe.controller.view import state_to_pb
 from resilient_moe.datapath.faults import LinkFault
 from resilient_moe.procs import GONE, STOPPED, process_state

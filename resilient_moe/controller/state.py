@@ -13,7 +13,7 @@ load the workers report and the placement the routing table serves from (`active
     any live state --declared dead (silence, a process gone)--> FENCED
     FENCED or GONE --a new incarnation registers--> LOADING
 
-Each `reconcile` pass compares the two and issues orders: `Order`s to the launcher (start a worker,
+Each `reconcile` pass (orders.py) compares the two and issues orders: `Order`s to the launcher (start a worker,
 stop one that was removed, restart everything in the baseline), and to expert workers (load the
 experts of the target placement, then drop the copies it no longer needs; sent in heartbeat
 replies). Orders are idempotent (the same need never issues a second order while one is
@@ -24,160 +24,46 @@ done when the observed state shows it (a new registration, a worker gone, every 
 A rebalance loads new copies first, switches the routing table to the new placement (a new epoch)
 once every worker holds its part of it, and drops the old copies only after every attention worker
 routes by that epoch. Plain Python with an injectable clock, so tests drive it without processes
-or sockets; placement decisions are the pure functions of placement.py.
+or sockets; placement decisions are the pure functions of placement.py. Beside this file: the
+vocabulary (records.py), the reconcile pass (orders.py) and the persisted snapshot (snapshot.py).
 """
 
 from __future__ import annotations
 
-import enum
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Callable
 
 from resilient_moe import procs
 from resilient_moe.controller import placement
+from resilient_moe.controller.orders import ReconcilePass
 from resilient_moe.controller.placement import ExpertKey, Placement
-from resilient_moe.datapath.routing_table import RoutingTable
+from resilient_moe.controller.records import (
+    ENDED,
+    SERVING,
+    ClusterEvent,
+    ControllerSettings,
+    HeartbeatAnswer,
+    ModelShape,
+    Order,
+    Roster,
+    WorkerRecord,
+    WorkerState,
+    kv_store_name,
+)
+from resilient_moe.controller.snapshot import Persistence
 from resilient_moe.datapath.faults import LinkFault
+from resilient_moe.datapath.routing_table import RoutingTable
 
 log = logging.getLogger("resilient_moe.controller")
 
 BUSY_GRACE = 10  # heartbeat timeouts a silent worker whose process still runs gets before it is declared dead
-PERIODIC_GAIN = 0.9  # a periodic rebalance moves experts only if it cuts the expected imbalance by 10%
 COUNTERS = ("orders_issued", "orders_completed", "orders_resumed", "orders_expired", "rebalances", "scale_events",
             "drains")
 
 
-class WorkerState(enum.Enum):
-    """Where a worker is in its life, as the controller sees it (the module docstring has the transitions)."""
-
-    STARTING = "starting"  # ordered (or part of the initial roster); not registered yet
-    LOADING = "loading"  # registered, loading weights
-    READY = "ready"  # serving
-    SUSPECT = "suspect"  # missed heartbeats or reported by a peer; still routed to
-    DRAINING = "draining"  # planned removal: no new work, finishes or hands over what it has, then leaves
-    FENCED = "fenced"  # declared dead: its incarnation's frames are dropped everywhere
-    GONE = "gone"  # left in an orderly way
-
-
-SERVING = frozenset({WorkerState.READY, WorkerState.SUSPECT})
-ENDED = frozenset({WorkerState.FENCED, WorkerState.GONE})
-REPLACED_ROLES = ("expert", "attention", "kv_store")
-
-
-@dataclass
-class WorkerRecord:
-    """The controller's book on one worker name: its current incarnation and what it reported."""
-
-    name: str
-    role: str  # "attention", "expert", "frontend", "kv_store"
-    index: int
-    incarnation: int  # 0: no incarnation registered yet
-    pid: int
-    host: str
-    data_address: str = ""
-    state: WorkerState = WorkerState.STARTING
-    experts: list[ExpertKey] = field(default_factory=list)  # expert worker: what it reports holding
-    last_heartbeat: float = 0.0
-    load: dict[str, float] = field(default_factory=dict)
-    started_at: float = field(default_factory=time.time)
-    since: float = 0.0  # clock time it entered its state
-    node: str = ""  # its failure domain: the Ray node id (hex) on Ray, the hostname locally
-
-
-@dataclass(frozen=True)
-class ClusterEvent:
-    time: float  # unix time
-    kind: str
-    worker: str
-    detail: str = ""
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    num_layers: int
-    num_experts: int
-    sparse_layers: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class Roster:
-    """The desired number of workers of each role (names aw-0.., ew-0..)."""
-
-    attention_workers: int
-    expert_workers: int
-
-
-@dataclass
-class Order:
-    """An order to the launcher; see the module docstring for when it is done."""
-
-    id: int
-    action: str  # "start", "stop", "restart-all"
-    worker: str  # "" for restart-all
-    pid: int  # start: the process it replaces (0: none); stop: the process to stop
-    issued_at: float  # unix time
-    generation: int = 0  # restart-all: the restart generation
-    floor: int = 0  # restart-all: incarnations from this one on count as restarted
-    resumed: bool = False  # recovered from a predecessor's snapshot and sent again
-
-    def key(self) -> tuple[str, str, int, int]:
-        return self.action, self.worker, self.pid, self.generation
-
-
-def kv_store_name(index: int) -> str:
-    """The first KV store keeps the name it had when there was one; the others are numbered."""
-    return "kv-store" if index == 0 else f"kv-store-{index}"
-
-
-@dataclass(frozen=True)
-class ControllerSettings:
-    """What the controller takes from the deployment (see DeploymentConfig for each setting)."""
-
-    attention_workers: int
-    expert_workers: int
-    kv_store: bool = False  # the roster has KV store processes (checkpointing on)
-    kv_stores: int = 1  # how many
-    primary_policy: str = "contiguous"
-    shadow_policy: str = "spread"
-    shadow_slots: int | None = None  # per expert worker per sparse layer; None: one shadow of every expert
-    resilience: bool = True
-    heartbeat_timeout_s: float = 1.0
-    tick_interval_s: float = 0.05
-    startup_timeout_s: float = 120.0
-    max_attention_workers: int | None = None  # None: attention_workers
-    load_half_life_s: float = 30.0
-    rebalance_interval_s: float = 0.0  # 0: rebalance on demand only
-    worker_nodes: tuple[tuple[str, str], ...] = ()  # (worker, node) as the launcher places them; empty: one node
-
-    @classmethod
-    def from_deployment(cls, dep, shadow_slots: int | None,
-                        worker_nodes: tuple[tuple[str, str], ...] = ()) -> "ControllerSettings":
-        return cls(
-            attention_workers=dep.attention_workers, expert_workers=dep.expert_workers,
-            kv_store=dep.resilience and dep.kv_checkpoint and bool(dep.redis_url), kv_stores=dep.kv_stores,
-            primary_policy=dep.placement,
-            shadow_policy=dep.shadow_policy, shadow_slots=shadow_slots, resilience=dep.resilience,
-            heartbeat_timeout_s=dep.heartbeat_timeout_s, tick_interval_s=dep.heartbeat_interval_s,
-            startup_timeout_s=dep.startup_timeout_s, max_attention_workers=dep.max_attention_workers,
-            load_half_life_s=dep.load_half_life_s, rebalance_interval_s=dep.rebalance_interval_s,
-            worker_nodes=tuple(worker_nodes),
-        )
-
-
-@dataclass(frozen=True)
-class HeartbeatAnswer:
-    """What a heartbeat hears back: whether its incarnation still counts, and (expert workers) which
-    experts to load and which copies to drop."""
-
-    alive: bool
-    load_experts: list[ExpertKey] = field(default_factory=list)
-    drop_experts: list[ExpertKey] = field(default_factory=list)
-
-
-class ClusterModel:
+class ClusterModel(ReconcilePass, Persistence):
     """Desired and observed state and the reconcile pass between them; every mutation bumps `version`
     so watchers can wait on it."""
 
@@ -525,218 +411,6 @@ class ClusterModel:
                     self._event("fenced", other.name, f"incarnation {other.incarnation}: restart-all after "
                                 f"{record.name} died")
             self.ert = self._build_ert()
-
-    # ---- the reconcile pass -----------------------------------------------------------------
-
-    def reconcile(self) -> None:
-        """Compare desired and observed state; issue what closes the gap (see the module docstring).
-        Each part runs on its own: one that raises is logged and never keeps the others from running."""
-        now = self.clock()
-        parts = [self._complete_orders, self._expire_orders, lambda: self._decay_load(now),
-                 lambda: self._reconcile_roster(now), lambda: self._reconcile_placement(now)]
-        if not self.resilience:
-            parts.insert(4, self._reconcile_restart_all)
-        for part in parts:
-            try:
-                part()
-            except Exception:
-                log.exception("a reconcile step failed; the others went on")
-
-    def _order(self, action: str, worker: str, pid: int, generation: int = 0) -> Order:
-        """Issue an order unless the same one is outstanding."""
-        for order in self.orders.values():
-            if order.key() == (action, worker, pid, generation):
-                return order
-        order = Order(self.next_order, action, worker, pid, self.wall(), generation, self.next_incarnation)
-        self.next_order += 1
-        self.orders[order.id] = order
-        self.counters["orders_issued"] += 1
-        what = {"start": f"start {worker}" + (f" in place of pid {pid}" if pid else ""),
-                "stop": f"drain and stop {worker} (pid {pid})",
-                "restart-all": f"restart every worker (generation {generation})"}[action]
-        self._event("order", worker, f"order {order.id}: {what}")
-        return order
-
-    def _order_done(self, order: Order) -> bool:
-        record = self.workers.get(order.worker)
-        roster = self.roster()
-        if order.action == "start":
-            return order.worker not in roster or (record is not None and record.incarnation > 0
-                                                  and record.pid != order.pid)
-        if order.action == "stop":
-            return record is None or record.state in ENDED or record.pid != order.pid
-        workers = [self.workers.get(n) for n, (role, _) in roster.items() if role in ("expert", "attention")]
-        return all(r is not None and r.incarnation >= order.floor and r.state in SERVING for r in workers)
-
-    def _complete_orders(self) -> None:
-        for order in list(self.orders.values()):
-            if self._order_done(order):
-                del self.orders[order.id]
-                self.counters["orders_completed"] += 1
-                self.version += 1
-
-    def _expire_orders(self) -> None:
-        """An order not seen done within the startup timeout is forgotten; the next pass issues it
-        again if it is still needed (the launcher may have failed to carry it out)."""
-        now = self.wall()
-        for order in list(self.orders.values()):
-            if now - order.issued_at > self.settings.startup_timeout_s:
-                del self.orders[order.id]
-                self.counters["orders_expired"] += 1
-                self._event("order", order.worker, f"order {order.id} ({order.action}) not done after "
-                            f"{self.settings.startup_timeout_s:.0f}s; issuing it again if still needed")
-
-    def _starting_order(self, name: str) -> bool:
-        return any(o.action == "start" and o.worker == name for o in self.orders.values())
-
-    def _reconcile_roster(self, now: float) -> None:
-        roster = self.roster()
-        for name, (role, index) in roster.items():
-            record = self.workers.get(name)
-            if record is None:  # added by `scale`
-                self.workers[name] = WorkerRecord(name, role, index, 0, 0, "", since=now)
-                self._event("starting", name, "added to the roster")
-                self._order("start", name, 0)
-            elif record.state == WorkerState.STARTING:
-                if not self._starting_order(name) and now - record.since > self.settings.startup_timeout_s:
-                    self._order("start", name, 0)  # never registered: whatever was to start it failed
-            elif record.state in ENDED and (self.resilience or role == "kv_store") and role in REPLACED_ROLES:
-                self._order("start", name, record.pid)
-        for record in list(self.workers.values()):
-            if record.name in roster or record.state in ENDED or record.role not in ("expert", "attention"):
-                continue
-            if not record.incarnation:  # removed before it ever registered
-                self._set_state(record, WorkerState.GONE)
-                self._event("stopped", record.name, "removed from the roster before it started")
-                continue
-            if record.state != WorkerState.DRAINING:
-                self._set_state(record, WorkerState.DRAINING)
-                self.counters["drains"] += 1
-                self._event("draining", record.name, "removed from the roster")
-                if record.role == "expert":
-                    self._publish_routing(f"{record.name} draining")
-            # An attention worker hands its requests over at once; an expert worker stops once no
-            # routing table any attention worker uses names it.
-            if record.role == "attention" or (record.name not in self.active.workers
-                                              and self._adopted(self.switch_epoch)):
-                self._order("stop", record.name, record.pid)
-
-    def _reconcile_restart_all(self) -> None:
-        """The baseline: a death bumps the restart generation (unless a restart is under way), and the
-        launcher restarts every worker for it."""
-        if any(o.action == "restart-all" for o in self.orders.values()):
-            return
-        roster = self.roster()
-        if any(r.state == WorkerState.FENCED and r.name in roster for r in self.workers.values()
-               if r.role in ("expert", "attention")):
-            self.restart_generation += 1
-            self._order("restart-all", "", 0, self.restart_generation)
-
-    def _adopted(self, epoch: int) -> bool:
-        """Does every attention worker that may still send frames route by `epoch` or a later table?"""
-        return all(r.load.get("ert_epoch", 0.0) >= epoch for r in self.workers.values()
-                   if r.role == "attention" and (r.state in SERVING or r.state == WorkerState.DRAINING))
-
-    def _settled(self) -> bool:
-        """No rebalance is under way and every attention worker routes by the active placement."""
-        return not self.rebalancing and self._adopted(self.switch_epoch)
-
-    def _reconcile_placement(self, now: float) -> None:
-        experts = self.expert_names()
-        if tuple(experts) != self.target.workers:  # the roster changed: plan for the new one
-            self.target = self._plan(experts, self.observed_load(), self.active)
-            if self.target.copies == self.active.copies and self.target.shares == self.active.shares \
-                    and self.target.workers == self.active.workers:
-                self.target = self.active
-            else:
-                self._event("rebalance", "", f"placing experts on {len(experts)} expert workers; loading copies")
-        if self.rebalancing:
-            ready = all(
-                (r := self.workers.get(w)) is not None and r.state in SERVING
-                and set(self.target.held_by(w)) <= set(r.experts)
-                for w in self.target.workers
-            )
-            if ready:
-                self.active = self.target
-                self.counters["rebalances"] += 1
-                self.epoch += 1
-                self.ert = self._build_ert()
-                self.switch_epoch = self.epoch
-                self._event("epoch", "", f"routing table epoch {self.epoch}: the new placement serves "
-                            f"({len(self.active.unprotected)} experts unprotected)")
-        elif self.settings.rebalance_interval_s > 0 and now - self.last_rebalance >= self.settings.rebalance_interval_s:
-            self.rebalance("periodic", min_gain=PERIODIC_GAIN)
-
-    def _decay_load(self, now: float) -> None:
-        dt = now - self._load_at
-        if dt <= 0:
-            return
-        self._load_at = now
-        factor = 0.5 ** (dt / self.settings.load_half_life_s)
-        self.load = {k: v * factor for k, v in self.load.items() if v * factor > 1e-3}
-
-    # ---- persistence (Redis) ----------------------------------------------------------------
-
-    def to_snapshot(self) -> dict:
-        """Everything a restarted controller needs to carry on: desired state (roster, placements,
-        restart generation), observed state (membership, incarnations, fences, epoch, load) and the
-        outstanding orders."""
-        return {
-            "epoch": self.epoch,
-            "next_incarnation": self.next_incarnation,
-            "fenced": sorted([name, inc] for name, inc in self.fenced),
-            "workers": [
-                {"name": r.name, "role": r.role, "index": r.index, "incarnation": r.incarnation, "pid": r.pid,
-                 "host": r.host, "node": r.node, "data_address": r.data_address, "state": r.state.value,
-                 "experts": [list(e) for e in r.experts], "started_at": r.started_at,
-                 "ert_epoch": r.load.get("ert_epoch", 0.0)}
-                for r in self.workers.values()
-            ],
-            "events": [[e.time, e.kind, e.worker, e.detail] for e in list(self.events)[-100:]],
-            "desired": {"attention_workers": self.desired.attention_workers,
-                        "expert_workers": self.desired.expert_workers},
-            "restart_generation": self.restart_generation,
-            "orders": [{"id": o.id, "action": o.action, "worker": o.worker, "pid": o.pid, "issued_at": o.issued_at,
-                        "generation": o.generation, "floor": o.floor} for o in self.orders.values()],
-            "next_order": self.next_order,
-            "counters": dict(self.counters),
-            "load": [[layer, expert, value] for (layer, expert), value in sorted(self.load.items())],
-            "active": self.active.to_json(),
-            "target": None if not self.rebalancing else self.target.to_json(),
-            "switch_epoch": self.switch_epoch,
-        }
-
-    def restore(self, snapshot: dict) -> None:
-        """Adopt a predecessor's snapshot; every live worker gets a fresh heartbeat deadline, and every
-        outstanding order is sent again (counted as resumed)."""
-        now = self.clock()
-        self.epoch = int(snapshot["epoch"])
-        self.next_incarnation = int(snapshot["next_incarnation"])
-        self.fenced = {(str(n), int(i)) for n, i in snapshot["fenced"]}
-        self.workers = {}
-        for w in snapshot["workers"]:
-            record = WorkerRecord(str(w["name"]), str(w["role"]), int(w["index"]), int(w["incarnation"]),
-                                  int(w["pid"]), str(w["host"]), str(w["data_address"]), WorkerState(w["state"]),
-                                  [tuple(e) for e in w["experts"]], last_heartbeat=now,
-                                  load={"ert_epoch": float(w["ert_epoch"])}, started_at=float(w["started_at"]),
-                                  since=now, node=str(w.get("node", "")))
-            self.workers[record.name] = record
-        self.events.extend(ClusterEvent(float(t), str(k), str(w), str(d)) for t, k, w, d in snapshot["events"])
-        self.desired = Roster(int(snapshot["desired"]["attention_workers"]), int(snapshot["desired"]["expert_workers"]))
-        self.restart_generation = int(snapshot["restart_generation"])
-        self.orders = {int(o["id"]): Order(int(o["id"]), str(o["action"]), str(o["worker"]), int(o["pid"]),
-                                           float(o["issued_at"]), int(o["generation"]), int(o["floor"]), resumed=True)
-                       for o in snapshot["orders"]}
-        self.next_order = int(snapshot["next_order"])
-        self.counters.update({k: int(v) for k, v in snapshot["counters"].items() if k in self.counters})
-        self.counters["orders_resumed"] += len(self.orders)
-        self.load = {(int(layer), int(expert)): float(v) for layer, expert, v in snapshot["load"]}
-        self.active = Placement.from_json(snapshot["active"])
-        self.target = self.active if snapshot["target"] is None else Placement.from_json(snapshot["target"])
-        self.switch_epoch = int(snapshot["switch_epoch"])
-        self.ert = self._build_ert()
-        self._event("controller", "controller", f"restarted; recovered {len(self.workers)} workers, routing epoch "
-                    f"{self.epoch} and {len(self.orders)} outstanding orders from Redis")
 
     def live(self, role: str | None = None) -> list[WorkerRecord]:
         return [r for r in self.workers.values() if r.state in SERVING and (role is None or r.role == role)]

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 from resilient_moe.controller import placement
-from resilient_moe.controller.state import ENDED, SERVING, WorkerState
+from resilient_moe.controller.records import ENDED, SERVING, WorkerState
 from resilient_moe.datapath.routing_table import RoutingTable
 from resilient_moe.datapath.faults import LinkFault
 from resilient_moe.proto import controller_pb2 as pb

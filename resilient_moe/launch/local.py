@@ -33,7 +33,7 @@ from pathlib import Path
 from resilient_moe import auth
 from resilient_moe.deployment import DeploymentConfig, WorkerConfig
 from resilient_moe.controller.client import ControllerClient
-from resilient_moe.controller.state import kv_store_name
+from resilient_moe.controller.records import kv_store_name
 from resilient_moe.errors import ClusterError
 from resilient_moe.launch.cpus import cpu_plan
 from resilient_moe.launch.fork_server import ForkServer, die_with_launcher

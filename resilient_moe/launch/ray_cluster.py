@@ -52,7 +52,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from resilient_moe import auth
 from resilient_moe.deployment import DeploymentConfig, WorkerConfig
 from resilient_moe.controller.client import ControllerClient
-from resilient_moe.controller.state import kv_store_name
+from resilient_moe.controller.records import kv_store_name
 from resilient_moe.launch import nodes as node_policy
 from resilient_moe.errors import ClusterError
 from resilient_moe.launch.local import LocalCluster

@@ -34,7 +34,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from resilient_moe import auth
-from resilient_moe.controller.state import WorkerState
+from resilient_moe.controller.records import WorkerState
 from resilient_moe.controller.view import ROLES, state_to_pb, unprotected_by_node
 from resilient_moe.proto import controller_pb2 as pb
 from resilient_moe.server.recovery import Changes, RecoveryTracker
