@@ -34,7 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from chaos.latency_proxy import LatencyProxy  # noqa: E402
 from resilient_moe.deployment import DeploymentConfig  # noqa: E402
 from resilient_moe.engine.config import EngineConfig, SamplingParams  # noqa: E402
-from resilient_moe.launch.local import LocalCluster, ForkServer  # noqa: E402
+from resilient_moe.launch import make_cluster  # noqa: E402
+from resilient_moe.launch.launcher import Launcher  # noqa: E402
+from resilient_moe.launch.fork_server import ForkServer  # noqa: E402
 from resilient_moe.model.demo import demo_model_dir  # noqa: E402
 from resilient_moe.server.frontend import Frontend  # noqa: E402
 
@@ -88,7 +90,7 @@ def throughput(model: Path, fork_server: ForkServer, mode: str, n: int, tokens: 
     params = SamplingParams(max_tokens=tokens, ignore_eos=True)
     with contextlib.ExitStack() as stack:
         url = stack.enter_context(slow_redis(slow_ms)) if mode == "slow" else ""
-        cluster = stack.enter_context(LocalCluster(deployment(model, mode != "off", redis_url=url, **extra),
+        cluster = stack.enter_context(make_cluster(deployment(model, mode != "off", redis_url=url, **extra),
                                                    fork_server=fork_server))
         frontend = Frontend(cluster.controller_address).start()
         try:
@@ -113,7 +115,7 @@ def failover_stall(model: Path, fork_server: ForkServer, checkpoint: bool, conte
     long_prompt = torch.randint(3, 500, (context,), generator=g).tolist()
     short = torch.randint(3, 500, (5, 16), generator=g).tolist()
     params = SamplingParams(max_tokens=24, ignore_eos=True)
-    with LocalCluster(deployment(model, checkpoint, **extra), fork_server=fork_server) as cluster:
+    with make_cluster(deployment(model, checkpoint, **extra), fork_server=fork_server) as cluster:
         frontend = Frontend(cluster.controller_address).start()
         try:
             reference = frontend.submit(long_prompt, params).wait(300).token_ids
@@ -144,7 +146,7 @@ def failover_stall(model: Path, fork_server: ForkServer, checkpoint: bool, conte
             frontend.close()
 
 
-def primary_store(cluster: LocalCluster, worker: str) -> str:
+def primary_store(cluster: Launcher, worker: str) -> str:
     """The KV store `worker` checkpoints into (its heartbeats report the store's incarnation)."""
     workers = cluster.state().workers
     incarnation = next(w.load.get("ckpt_store", 0.0) for w in workers if w.name == worker)

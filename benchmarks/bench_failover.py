@@ -45,7 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from resilient_moe.deployment import DeploymentConfig  # noqa: E402
 from resilient_moe.engine.config import EngineConfig, SamplingParams  # noqa: E402
-from resilient_moe.launch.local import LocalCluster, ForkServer  # noqa: E402
+from resilient_moe.launch import make_cluster  # noqa: E402
+from resilient_moe.launch.fork_server import ForkServer  # noqa: E402
 from resilient_moe.model.demo import demo_model_dir  # noqa: E402
 from resilient_moe.server.frontend import Frontend  # noqa: E402
 
@@ -73,7 +74,7 @@ def deployment(model: Path, fault: str, n: int, **overrides) -> DeploymentConfig
 
 def run(dep: DeploymentConfig, fork_server: ForkServer, prompts, params, fault: str | None, warm_tokens: int) -> dict:
     """One cluster run; returns tokens, arrival times, fault time and the controller's events."""
-    with LocalCluster(dep, fork_server=fork_server) as cluster:
+    with make_cluster(dep, fork_server=fork_server) as cluster:
         frontend = Frontend(cluster.controller_address).start()
         try:
             started = time.monotonic()

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_checkpoint import failover_stall, throughput  # noqa: E402
-from resilient_moe.launch.local import ForkServer  # noqa: E402
+from resilient_moe.launch.fork_server import ForkServer  # noqa: E402
 from resilient_moe.model.demo import demo_model_dir  # noqa: E402
 
 MODES = {  # name -> (checkpointing, node loss, deployment fields)

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from resilient_moe.deployment import DeploymentConfig  # noqa: E402
 from resilient_moe.engine.config import EngineConfig, SamplingParams  # noqa: E402
 from resilient_moe.engine.engine import LLMEngine  # noqa: E402
-from resilient_moe.launch.local import LocalCluster  # noqa: E402
+from resilient_moe.launch import make_cluster  # noqa: E402
 from resilient_moe.server.frontend import Frontend  # noqa: E402
 
 SHAPE = dict(vocab_size=1024, hidden_size=2048, intermediate_size=256, moe_intermediate_size=128,
@@ -94,7 +94,7 @@ def ttft_colocated(model: Path, prompt: list[int]) -> float:
 def ttft_disaggregated(model: Path, prompt: list[int]) -> float:
     dep = DeploymentConfig(model=str(model), attention_workers=1, expert_workers=2, kv_checkpoint=False,
                            engine=EngineConfig(max_model_len=len(prompt) + 8))
-    with LocalCluster(dep) as cluster:
+    with make_cluster(dep) as cluster:
         frontend = Frontend(cluster.controller_address).start()
         try:
             frontend.generate([[5, 6, 7]], SamplingParams(max_tokens=2), timeout_s=120)  # warm the links

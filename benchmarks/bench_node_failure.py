@@ -38,7 +38,7 @@ from bench_failover import analyse, percentile, stalls_of, workload  # noqa: E40
 from resilient_moe.deployment import DeploymentConfig  # noqa: E402
 from resilient_moe.engine.config import EngineConfig  # noqa: E402
 from resilient_moe.engine.engine import LLMEngine  # noqa: E402
-from resilient_moe.launch.ray_cluster import RayCluster  # noqa: E402
+from resilient_moe.launch import make_cluster  # noqa: E402
 from resilient_moe.launch.ray_local import LoopbackRayCluster  # noqa: E402
 from resilient_moe.model.demo import demo_model_dir  # noqa: E402
 from resilient_moe.server.frontend import Frontend  # noqa: E402
@@ -56,7 +56,7 @@ def deployment(model: Path, n: int, **overrides) -> DeploymentConfig:
 def run(ray_nodes: LoopbackRayCluster, dep: DeploymentConfig, prompts, params, lose_node: bool,
         warm_tokens: int) -> dict:
     """One cluster run (a node lost once every stream is warm, or none); tokens, arrivals, events."""
-    with RayCluster(dep) as cluster:
+    with make_cluster(dep) as cluster:
         frontend = Frontend(cluster.controller_address).start()
         try:
             started = time.monotonic()

@@ -33,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from resilient_moe.deployment import DeploymentConfig  # noqa: E402
 from resilient_moe.engine.config import EngineConfig, SamplingParams  # noqa: E402
 from resilient_moe.engine.engine import LLMEngine  # noqa: E402
-from resilient_moe.launch.local import LocalCluster, ForkServer  # noqa: E402
+from resilient_moe.launch import make_cluster  # noqa: E402
+from resilient_moe.launch.fork_server import ForkServer  # noqa: E402
 from resilient_moe.model.tiny import TinySize, make_tiny_model  # noqa: E402
 from resilient_moe.server.frontend import Frontend  # noqa: E402
 
@@ -66,7 +67,7 @@ def disaggregated(model: Path, prompts: list[list[int]], new_tokens: int, m: int
     dep = DeploymentConfig(model=str(model), attention_workers=1, expert_workers=expert_workers, micro_batches=m,
                            engine=EngineConfig(max_num_seqs=len(prompts)), heartbeat_interval_s=0.05,
                            kv_checkpoint=False)
-    with LocalCluster(dep, fork_server=fork_server) as cluster:
+    with make_cluster(dep, fork_server=fork_server) as cluster:
         frontend = Frontend(cluster.controller_address).start()
         try:
             params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)

@@ -43,7 +43,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from resilient_moe.deployment import DeploymentConfig  # noqa: E402
 from resilient_moe.engine.config import EngineConfig, SamplingParams  # noqa: E402
 from resilient_moe.model.config import ModelConfig  # noqa: E402
-from resilient_moe.launch.local import LocalCluster, ForkServer  # noqa: E402
+from resilient_moe.launch import make_cluster  # noqa: E402
+from resilient_moe.launch.launcher import Launcher  # noqa: E402
+from resilient_moe.launch.fork_server import ForkServer  # noqa: E402
 from resilient_moe.model.tiny import TinySize, make_tiny_model  # noqa: E402
 from resilient_moe.proto import controller_pb2 as pb  # noqa: E402
 from resilient_moe.server.frontend import Frontend  # noqa: E402
@@ -97,7 +99,7 @@ def wait_for(predicate, timeout_s: float, what: str):
     raise TimeoutError(f"timed out after {timeout_s}s waiting for {what}")
 
 
-def expert_rows(cluster: LocalCluster) -> dict[str, float]:
+def expert_rows(cluster: Launcher) -> dict[str, float]:
     """Rows each ready expert worker reports having computed, once the reports stop changing."""
     def read():
         return {w.name: w.load.get("rows", 0.0) for w in cluster.state().workers
@@ -110,7 +112,7 @@ def expert_rows(cluster: LocalCluster) -> dict[str, float]:
     return wait_for(stable, 30, "expert row counts to settle")
 
 
-def settled(cluster: LocalCluster) -> bool:
+def settled(cluster: Launcher) -> bool:
     """No rebalance under way, no order outstanding, and every expert worker holds exactly its part of
     the routing table (old copies dropped)."""
     state = cluster.state()
@@ -169,7 +171,7 @@ def placement_runs(model: Path, fork_server: ForkServer, args, reference: list) 
     alternate, so a machine that gets busier or quieter meanwhile weighs on both alike."""
     prompts, params = workload(args.requests, args.max_tokens, seed=1)
     rows: list[dict] = []
-    clusters = {p: LocalCluster(deployment(model, p, args.attention_workers, args.expert_workers), fork_server=fork_server)
+    clusters = {p: make_cluster(deployment(model, p, args.attention_workers, args.expert_workers), fork_server=fork_server)
                 for p in POLICIES}
     frontends: dict[str, Frontend] = {}
     try:
@@ -220,7 +222,7 @@ def scale_runs(model: Path, fork_server: ForkServer, args, reference: list) -> l
              ("attention workers 2 -> 3", {"attention_workers": 3}), ("attention workers 3 -> 1", {"attention_workers": 1})]
     rows = []
     dep = deployment(model, "load_aware", 2, 3, max_attention_workers=3)
-    with LocalCluster(dep, fork_server=fork_server) as cluster:
+    with make_cluster(dep, fork_server=fork_server) as cluster:
         frontend = Frontend(cluster.controller_address).start()
         try:
             for label, roster in steps:
@@ -259,7 +261,7 @@ def main() -> int:
     try:
         fork_server.wait_hello(120)
         prompts, params = workload(args.requests, args.max_tokens, seed=1)
-        with LocalCluster(deployment(model, "spread", args.attention_workers, args.expert_workers),
+        with make_cluster(deployment(model, "spread", args.attention_workers, args.expert_workers),
                           fork_server=fork_server) as cluster:
             frontend = Frontend(cluster.controller_address).start()
             try:

@@ -66,8 +66,8 @@ class DeploymentConfig:
     # "auto": each attention and expert worker runs on cores of its own (launch/cpus.py) with as many
     # torch and native GEMM threads as it has cores; "none": no pinning, engine.torch_threads threads.
     cpu_affinity: str = "auto"
-    # "local": every role as a process on this host (launch/local.py); "ray": as Ray actors across the
-    # nodes of a Ray cluster (launch/ray_cluster.py, needs the `ray` extra).
+    # "local": every role as a process on this host (launch/local_backend.py); "ray": across the nodes of
+    # a Ray cluster (launch/ray_backend.py, needs the `ray` extra). One launcher's policy for both.
     launcher: str = "local"
     ray_address: str = ""  # launcher ray: the cluster to join ("auto", "HOST:PORT"); "": start a local Ray instance
 

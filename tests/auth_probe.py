@@ -19,7 +19,7 @@ import grpc
 
 from resilient_moe import auth
 from resilient_moe.controller.client import ControllerClient, worker_info
-from resilient_moe.datapath import shm, tcp
+from resilient_moe.datapath import handshake
 from resilient_moe.datapath.frames import worker_number
 from resilient_moe.datapath.dial import connect
 from resilient_moe.datapath.link import PeerInfo
@@ -54,10 +54,9 @@ def admin(where: dict, mode: str) -> None:
 def send_no_link_credential() -> None:
     """Make every HELLO this process sends go without "auth"."""
     blank = auth.Credential(0.0, "", "")
-    for module in (shm, tcp):
-        make = module.hello_frame
-        module.link_credential = lambda identity, to: blank
-        module.hello_frame = lambda *a, _make=make, **kw: _make(*a, **{k: v for k, v in kw.items() if k != "auth"})
+    make = handshake.hello_frame
+    handshake.link_credential = lambda identity, to: blank
+    handshake.hello_frame = lambda *a, **kw: make(*a, **{k: v for k, v in kw.items() if k != "auth"})
 
 
 def link(where: dict, mode: str, key: str = "link", to: str = "ew-0") -> None:

@@ -93,7 +93,7 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def fork_server():
     """One fork server for the session's clusters (importing torch once instead of per worker)."""
-    from resilient_moe.launch.local import ForkServer
+    from resilient_moe.launch.fork_server import ForkServer
 
     z = ForkServer()
     z.wait_hello(120)
@@ -115,7 +115,7 @@ def wait_until(predicate, timeout_s: float, what: str, interval_s: float = 0.02)
 
 
 def worker_load(cluster, name: str, key: str) -> float:
-    """A counter that worker `name` of a running LocalCluster reports in its heartbeats (0 until it does)."""
+    """A counter that worker `name` of a running cluster reports in its heartbeats (0 until it does)."""
     return next((w.load.get(key, 0.0) for w in cluster.state().workers if w.name == name), 0.0)
 
 

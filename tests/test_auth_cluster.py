@@ -17,7 +17,8 @@ from conftest import wait_until, worker_load
 from resilient_moe import auth
 from resilient_moe.deployment import DeploymentConfig
 from resilient_moe.launch import fork_server as fork_server_module
-from resilient_moe.launch.local import LocalCluster
+from resilient_moe.launch import make_cluster
+from resilient_moe.launch.launcher import Launcher
 from resilient_moe.proto import controller_pb2 as pb
 from resilient_moe.server.metrics import ServingMetrics
 
@@ -28,11 +29,11 @@ ATTEMPTS = ("register", "admin", "link", "aw_link", "kv_store")
 @pytest.fixture(scope="module")
 def cluster(tiny_model, fork_server, tmp_path_factory):
     dep = DeploymentConfig(model=str(tiny_model), attention_workers=1, expert_workers=1)
-    with LocalCluster(dep, log_dir=tmp_path_factory.mktemp("auth-cluster"), fork_server=fork_server) as cluster:
+    with make_cluster(dep, log_dir=tmp_path_factory.mktemp("auth-cluster"), fork_server=fork_server) as cluster:
         yield cluster
 
 
-def probe(cluster: LocalCluster, mode: str) -> dict[str, str]:
+def probe(cluster: Launcher, mode: str) -> dict[str, str]:
     """Run tests/auth_probe.py in a fresh process: with this process's secret, another, or none."""
     state = cluster.state()
     where = {"controller": cluster.controller_address,

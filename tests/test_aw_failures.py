@@ -19,7 +19,7 @@ from conftest import pid_alive, wait_until, worker_load
 from resilient_moe.deployment import DeploymentConfig
 from resilient_moe.engine.config import EngineConfig, SamplingParams
 from resilient_moe.engine.engine import LLMEngine
-from resilient_moe.launch.local import LocalCluster
+from resilient_moe.launch import make_cluster
 from resilient_moe.proto import controller_pb2 as pb
 from resilient_moe.server.frontend import Frontend
 
@@ -50,7 +50,7 @@ def test_attention_worker_loss_moves_its_requests(tiny_model, reference, fork_se
     prompts, params = workload()
     dep = DeploymentConfig(model=str(tiny_model), attention_workers=2, expert_workers=2, micro_batches=2,
                            resilience=resilience, baseline_restart=restart)
-    with LocalCluster(dep, log_dir=tmp_path, fork_server=fork_server) as cluster:
+    with make_cluster(dep, log_dir=tmp_path, fork_server=fork_server) as cluster:
         frontend = Frontend(cluster.controller_address).start()
         try:
             handles = [frontend.submit(p, s) for p, s in zip(prompts, params)]

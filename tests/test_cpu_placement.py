@@ -13,7 +13,7 @@ from conftest import wait_until, worker_load
 from resilient_moe.deployment import DeploymentConfig
 from resilient_moe.errors import ConfigError
 from resilient_moe.launch.cpus import cpu_plan
-from resilient_moe.launch.local import LocalCluster
+from resilient_moe.launch import make_cluster
 
 
 def test_cpu_plan_gives_each_worker_its_own_cores_or_deals_them_round_robin():
@@ -31,7 +31,7 @@ def test_cpu_plan_gives_each_worker_its_own_cores_or_deals_them_round_robin():
 def test_workers_run_pinned_with_one_thread_per_core(tiny_model, fork_server, tmp_path, affinity):
     cores = sorted(os.sched_getaffinity(0))
     dep = DeploymentConfig(model=str(tiny_model), attention_workers=1, expert_workers=2, cpu_affinity=affinity)
-    with LocalCluster(dep, log_dir=tmp_path, fork_server=fork_server) as cluster:
+    with make_cluster(dep, log_dir=tmp_path, fork_server=fork_server) as cluster:
         plan = cpu_plan(cores, ["aw-0", "ew-0", "ew-1"])
         for name in ("aw-0", "ew-0", "ew-1"):
             pinned = sorted(os.sched_getaffinity(cluster.pids[name]))

@@ -23,7 +23,8 @@ from resilient_moe.datapath.link import PeerInfo
 from resilient_moe.datapath.part_rules import check_result, rows_per_part
 from resilient_moe.datapath.poller import Poller
 from resilient_moe.engine.engine import LLMEngine
-from resilient_moe.launch.local import LocalCluster
+from resilient_moe.launch import make_cluster
+from resilient_moe.launch.launcher import Launcher
 from resilient_moe.model.weights import Checkpoint
 from resilient_moe.model.expert_side import ExpertSide
 from resilient_moe.proto import controller_pb2 as pb
@@ -43,7 +44,7 @@ def reference(tiny_model):
     return [r.token_ids for r in LLMEngine(tiny_model, EngineConfig()).generate(prompts, params)]
 
 
-def inject(cluster: LocalCluster, fault: LinkFault) -> None:
+def inject(cluster: Launcher, fault: LinkFault) -> None:
     cluster.client.stub.SetFaults(pb.FaultUpdate(add=[fault.to_proto(pb)]), timeout=5)
 
 
@@ -63,7 +64,7 @@ def test_an_injected_datapath_fault_costs_a_resend(tiny_model, reference, fork_s
     fault, hit = FAULTS[kind]
     prompts, params = workload()
     dep = DeploymentConfig(model=str(tiny_model), attention_workers=1, expert_workers=2, micro_batches=2)
-    with LocalCluster(dep, log_dir=tmp_path, fork_server=fork_server) as cluster:
+    with make_cluster(dep, log_dir=tmp_path, fork_server=fork_server) as cluster:
         frontend = Frontend(cluster.controller_address).start()
         try:
             handles = [frontend.submit(p, params) for p in prompts]
@@ -96,7 +97,7 @@ def test_a_poison_request_is_failed_after_two_workers_and_the_others_finish(tiny
     poison_token = 502  # outside the workload's token range (3..499)
     assert all(poison_token not in p for p in prompts)
     dep = DeploymentConfig(model=str(tiny_model), attention_workers=2, expert_workers=2)
-    with LocalCluster(dep, log_dir=tmp_path, fork_server=fork_server) as cluster:
+    with make_cluster(dep, log_dir=tmp_path, fork_server=fork_server) as cluster:
         frontend = Frontend(cluster.controller_address).start()
         try:
             handles = [frontend.submit(p, params) for p in prompts]

@@ -10,7 +10,7 @@ from conftest import pid_alive, wait_until
 from resilient_moe.deployment import DeploymentConfig
 from resilient_moe.engine.config import EngineConfig, SamplingParams
 from resilient_moe.engine.engine import LLMEngine
-from resilient_moe.launch.local import LocalCluster
+from resilient_moe.launch import make_cluster
 from resilient_moe.server.frontend import Frontend
 
 # Every (E, m) pair, with A, transport and family alternating so each of their values appears too.
@@ -62,7 +62,7 @@ def test_token_identical_to_colocated(tiny_models, colocated, fork_server, tmp_p
     prompts, params = workload()
     dep = DeploymentConfig(model=str(tiny_models[family]), attention_workers=A, expert_workers=E, micro_batches=m,
                            transport=transport)
-    cluster = LocalCluster(dep, log_dir=tmp_path, fork_server=fork_server)
+    cluster = make_cluster(dep, log_dir=tmp_path, fork_server=fork_server)
     with cluster:
         frontend = Frontend(cluster.controller_address).start()
         try:

@@ -20,7 +20,8 @@ from resilient_moe.deployment import DeploymentConfig
 from resilient_moe.engine.config import EngineConfig, SamplingParams
 from resilient_moe.model.config import ModelConfig
 from resilient_moe.engine.engine import LLMEngine
-from resilient_moe.launch.local import LocalCluster
+from resilient_moe.launch import make_cluster
+from resilient_moe.launch.launcher import Launcher
 from resilient_moe.proto import controller_pb2 as pb
 from resilient_moe.server.frontend import Frontend, RequestFailed
 
@@ -45,7 +46,7 @@ def worker(state: pb.ClusterState, name: str) -> pb.WorkerInfo:
     return next(w for w in state.workers if w.name == name)
 
 
-def start(cluster: LocalCluster) -> Frontend:
+def start(cluster: Launcher) -> Frontend:
     return Frontend(cluster.controller_address).start()
 
 
@@ -55,7 +56,7 @@ def submit_and_wait_for_tokens(frontend: Frontend, prompts, params, tokens: int 
     return handles
 
 
-def replacement_ready(cluster: LocalCluster, name: str, old_pid: int):
+def replacement_ready(cluster: Launcher, name: str, old_pid: int):
     def check():
         w = worker(cluster.state(), name)
         return w.state == pb.READY and w.pid != old_pid and w
@@ -65,7 +66,7 @@ def replacement_ready(cluster: LocalCluster, name: str, old_pid: int):
 def test_sigkill_of_an_expert_worker_mid_generation(tiny_model, reference, fork_server, tmp_path):
     prompts, params = workload()
     dep = DeploymentConfig(model=str(tiny_model), attention_workers=1, expert_workers=3, micro_batches=2)
-    with LocalCluster(dep, log_dir=tmp_path, fork_server=fork_server) as cluster:
+    with make_cluster(dep, log_dir=tmp_path, fork_server=fork_server) as cluster:
         frontend = start(cluster)
         try:
             handles = submit_and_wait_for_tokens(frontend, prompts, params)
@@ -98,7 +99,7 @@ def test_sigstop_hang_then_sigcont_drops_the_stale_replies(tiny_model, reference
     prompts, params = workload()
     dep = DeploymentConfig(model=str(tiny_model), attention_workers=1, expert_workers=3, micro_batches=2,
                            transport="tcp")
-    with LocalCluster(dep, log_dir=tmp_path, fork_server=fork_server) as cluster:
+    with make_cluster(dep, log_dir=tmp_path, fork_server=fork_server) as cluster:
         frontend = start(cluster)
         try:
             handles = submit_and_wait_for_tokens(frontend, prompts, params)
@@ -130,7 +131,7 @@ def test_two_expert_workers_killed_one_after_another(tiny_model, reference, fork
     budget = two_shadows_each * cfg.expert_bytes(4) * len(cfg.sparse_layer_ids)
     dep = DeploymentConfig(model=str(tiny_model), attention_workers=1, expert_workers=4, micro_batches=2,
                            shadow_budget_bytes=budget)
-    with LocalCluster(dep, log_dir=tmp_path, fork_server=fork_server) as cluster:
+    with make_cluster(dep, log_dir=tmp_path, fork_server=fork_server) as cluster:
         frontend = start(cluster)
         try:
             assert all(len(c.workers) == 3 for c in cluster.state().ert.entries if c.workers)
@@ -187,7 +188,7 @@ def test_an_expert_with_no_replica_left_fails_only_its_requests(fork_server, tmp
 
     dep = DeploymentConfig(model=str(model_dir), attention_workers=1, expert_workers=3, micro_batches=2,
                            shadow_budget_bytes=0, expert_wait_s=0.02)
-    with LocalCluster(dep, log_dir=tmp_path / "logs", fork_server=fork_server) as cluster:
+    with make_cluster(dep, log_dir=tmp_path / "logs", fork_server=fork_server) as cluster:
         frontend = start(cluster)
         try:
             state = cluster.state()

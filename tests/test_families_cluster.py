@@ -20,7 +20,7 @@ from resilient_moe.engine.config import EngineConfig, SamplingParams
 from resilient_moe.model.config import ModelConfig
 from resilient_moe.engine.engine import LLMEngine
 from resilient_moe.engine.kv_cache import LayerWindows
-from resilient_moe.launch.local import LocalCluster
+from resilient_moe.launch import make_cluster
 from resilient_moe.server.frontend import Frontend
 
 VOCAB = 320
@@ -58,7 +58,7 @@ def test_disaggregated_matches_colocated_and_transformers(checkpoints, fork_serv
     expected = colocated(model_dir, prompts, params)
     hf = hf_reference(model_dir, prompts[:8], 24)
     assert expected[:8] == [tokens for tokens, _ in hf], "the colocated engine gives transformers' greedy tokens"
-    with LocalCluster(cluster_config(model_dir, kv_checkpoint=False), log_dir=tmp_path, fork_server=fork_server) as cluster:
+    with make_cluster(cluster_config(model_dir, kv_checkpoint=False), log_dir=tmp_path, fork_server=fork_server) as cluster:
         frontend = Frontend(cluster.controller_address).start()
         try:
             # Three waves, each joining requests that are already decoding (continuous batching).
@@ -92,7 +92,7 @@ def test_attention_and_expert_worker_kills_during_16_streams(checkpoints, fork_s
     cfg = ModelConfig.from_pretrained(model_dir)
     prompts, params = workload(NUM_STREAMS, 64, seed=2)
     expected = colocated(model_dir, prompts, params)
-    with LocalCluster(cluster_config(model_dir), log_dir=tmp_path, fork_server=fork_server) as cluster:
+    with make_cluster(cluster_config(model_dir), log_dir=tmp_path, fork_server=fork_server) as cluster:
         frontend = Frontend(cluster.controller_address).start()
         try:
             handles = [frontend.submit(p, s) for p, s in zip(prompts, params)]

@@ -23,7 +23,8 @@ from resilient_moe.engine.engine import LLMEngine
 from resilient_moe.errors import ConfigError
 from resilient_moe.kvstore import keys
 from resilient_moe.kvstore.memory_layout import StoreLayout, parse_address
-from resilient_moe.launch.local import LocalCluster
+from resilient_moe.launch import make_cluster
+from resilient_moe.launch.launcher import Launcher
 from resilient_moe.server.frontend import Frontend
 
 
@@ -42,7 +43,7 @@ def reference(tiny_model):
 def test_commit_records_follow_requests_and_are_cleaned_up(tiny_model, reference, fork_server, tmp_path):
     prompts, params = workload()
     dep = DeploymentConfig(model=str(tiny_model), attention_workers=1, expert_workers=2)
-    with LocalCluster(dep, log_dir=tmp_path, fork_server=fork_server) as cluster:
+    with make_cluster(dep, log_dir=tmp_path, fork_server=fork_server) as cluster:
         assert "redis" in cluster.pids and "kv-store" in cluster.pids
         db = redis.Redis.from_url(cluster.deployment.redis_url)
         frontend = Frontend(cluster.controller_address).start()
@@ -73,7 +74,7 @@ def test_commit_records_follow_requests_and_are_cleaned_up(tiny_model, reference
 def test_redis_outage_neither_stalls_nor_loses_requests(tiny_model, reference, fork_server, tmp_path):
     prompts, params = workload()
     dep = DeploymentConfig(model=str(tiny_model), attention_workers=2, expert_workers=2)
-    with LocalCluster(dep, log_dir=tmp_path, fork_server=fork_server) as cluster:
+    with make_cluster(dep, log_dir=tmp_path, fork_server=fork_server) as cluster:
         frontend = Frontend(cluster.controller_address).start()
         redis_pid = cluster.pids["redis"]
         try:
@@ -99,7 +100,7 @@ def test_a_full_store_stops_checkpointing_visibly(tiny_model, reference, fork_se
     prompts, params = workload()
     # 1 MiB: 64 blocks of 16 tokens for this model, 32 per attention worker: less than its requests need.
     dep = DeploymentConfig(model=str(tiny_model), attention_workers=2, expert_workers=2, kv_store_bytes=1 << 20)
-    with LocalCluster(dep, log_dir=tmp_path, fork_server=fork_server) as cluster:
+    with make_cluster(dep, log_dir=tmp_path, fork_server=fork_server) as cluster:
         frontend = Frontend(cluster.controller_address).start()
         try:
             handles = [frontend.submit(p, params) for p in prompts]
@@ -137,7 +138,7 @@ def test_store_layout_and_address_validation(tiny_model):
 def test_controller_restart_recovers_the_cluster_from_redis(tiny_model, reference, fork_server, tmp_path):
     prompts, params = workload()
     dep = DeploymentConfig(model=str(tiny_model), attention_workers=1, expert_workers=2)
-    with LocalCluster(dep, log_dir=tmp_path, fork_server=fork_server) as cluster:
+    with make_cluster(dep, log_dir=tmp_path, fork_server=fork_server) as cluster:
         frontend = Frontend(cluster.controller_address).start()
         try:
             before = {w.name: w.incarnation for w in cluster.state().workers}
@@ -158,7 +159,7 @@ def test_controller_restart_recovers_the_cluster_from_redis(tiny_model, referenc
             frontend.close()
 
 
-def _state_or_none(cluster: LocalCluster):
+def _state_or_none(cluster: Launcher):
     try:
         return cluster.state()
     except Exception:
@@ -168,7 +169,7 @@ def _state_or_none(cluster: LocalCluster):
 def test_redis_killed_mid_run_is_restarted_and_nothing_is_lost(tiny_model, reference, fork_server, tmp_path):
     prompts, params = workload()
     dep = DeploymentConfig(model=str(tiny_model), attention_workers=2, expert_workers=2)
-    with LocalCluster(dep, log_dir=tmp_path, fork_server=fork_server) as cluster:
+    with make_cluster(dep, log_dir=tmp_path, fork_server=fork_server) as cluster:
         frontend = Frontend(cluster.controller_address).start()
         try:
             handles = [frontend.submit(p, params) for p in prompts]
@@ -195,6 +196,6 @@ def test_redis_killed_mid_run_is_restarted_and_nothing_is_lost(tiny_model, refer
 def test_a_relative_log_dir_works_with_the_private_redis(tiny_model, fork_server, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # redis-server changes directory: paths handed to it must be absolute
     dep = DeploymentConfig(model=str(tiny_model), attention_workers=1, expert_workers=1)
-    with LocalCluster(dep, log_dir="logs", fork_server=fork_server) as cluster:
+    with make_cluster(dep, log_dir="logs", fork_server=fork_server) as cluster:
         assert redis.Redis.from_url(cluster.deployment.redis_url).ping()
     assert (tmp_path / "logs" / "redis.log").is_file()

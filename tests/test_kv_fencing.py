@@ -15,7 +15,8 @@ from conftest import wait_until, worker_load
 from resilient_moe.deployment import DeploymentConfig
 from resilient_moe.engine.config import EngineConfig, SamplingParams
 from resilient_moe.engine.engine import LLMEngine
-from resilient_moe.launch.local import LocalCluster
+from resilient_moe.launch import make_cluster
+from resilient_moe.launch.launcher import Launcher
 from resilient_moe.proto import controller_pb2 as pb
 from resilient_moe.server.frontend import Frontend
 
@@ -32,7 +33,7 @@ def reference(tiny_model):
     return [r.token_ids for r in LLMEngine(tiny_model, EngineConfig()).generate(prompts, params)]
 
 
-def replaced(cluster: LocalCluster, name: str, old_pid: int) -> bool:
+def replaced(cluster: Launcher, name: str, old_pid: int) -> bool:
     return any(w.name == name and w.state == pb.READY and w.pid != old_pid for w in cluster.state().workers)
 
 
@@ -49,7 +50,7 @@ def test_a_woken_fenced_worker_cannot_write_into_its_successors_blocks(tiny_mode
     store, every block's stamp as its record says, token-identical."""
     prompts, params = workload()
     dep = DeploymentConfig(model=str(tiny_model), attention_workers=2, expert_workers=2)
-    with LocalCluster(dep, log_dir=tmp_path, fork_server=fork_server) as cluster:
+    with make_cluster(dep, log_dir=tmp_path, fork_server=fork_server) as cluster:
         frontend = Frontend(cluster.controller_address).start()
         try:
             first = [frontend.submit(p, params) for p in prompts]
@@ -97,7 +98,7 @@ def test_a_woken_fenced_worker_cannot_write_into_its_successors_blocks(tiny_mode
 def test_a_dead_kv_store_is_replaced_mapped_again_and_restores_come_from_it(tiny_model, reference, fork_server, tmp_path):
     prompts, params = workload()
     dep = DeploymentConfig(model=str(tiny_model), attention_workers=2, expert_workers=2)
-    with LocalCluster(dep, log_dir=tmp_path, fork_server=fork_server) as cluster:
+    with make_cluster(dep, log_dir=tmp_path, fork_server=fork_server) as cluster:
         frontend = Frontend(cluster.controller_address).start()
         try:
             handles = [frontend.submit(p, params) for p in prompts]

@@ -29,7 +29,8 @@ from resilient_moe.kvstore.checkpoint import KVCheckpointer
 from resilient_moe.kvstore.remote import RemoteStore, RemoteStoreError
 from resilient_moe.kvstore.replication import StoreRef
 from resilient_moe.kvstore.memory_layout import MemfdServer, layout_for, split_address
-from resilient_moe.launch.local import LocalCluster
+from resilient_moe.launch import make_cluster
+from resilient_moe.launch.launcher import Launcher
 from resilient_moe.proto import controller_pb2 as pb
 from resilient_moe.server.frontend import Frontend
 from resilient_moe.server.metrics import ClusterCollector
@@ -47,11 +48,11 @@ def reference(tiny_model):
     return [r.token_ids for r in LLMEngine(tiny_model, EngineConfig()).generate(prompts, params)]
 
 
-def ready_incarnation(cluster: LocalCluster, name: str) -> int:
+def ready_incarnation(cluster: Launcher, name: str) -> int:
     return next((w.incarnation for w in cluster.state().workers if w.name == name and w.state == pb.READY), 0)
 
 
-def lose_node(cluster: LocalCluster, worker: str, store: str) -> None:
+def lose_node(cluster: Launcher, worker: str, store: str) -> None:
     """SIGKILL an attention worker and its primary KV store at the same instant."""
     pids = [cluster.pids[worker], cluster.pids[store]]
     for pid in pids:
@@ -60,7 +61,7 @@ def lose_node(cluster: LocalCluster, worker: str, store: str) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
-def check_store_authentication(cluster: LocalCluster, name: str) -> None:
+def check_store_authentication(cluster: Launcher, name: str) -> None:
     """A real store process refuses a client without the cluster secret (and counts it), and serves
     one with it."""
     store = next(w for w in cluster.state().workers if w.name == name)
@@ -80,7 +81,7 @@ def check_store_authentication(cluster: LocalCluster, name: str) -> None:
     client.close()
 
 
-def restore_metric(cluster: LocalCluster, worker: str) -> dict[str, float]:
+def restore_metric(cluster: Launcher, worker: str) -> dict[str, float]:
     """resilient_moe_kv_restore_total{worker, source} as /metrics shows it, by source."""
     collector = ClusterCollector()
     collector.update(cluster.state(), [], 0)
@@ -92,7 +93,7 @@ def restore_metric(cluster: LocalCluster, worker: str) -> dict[str, float]:
 def test_node_loss_restores_from_the_replica_and_redundancy_comes_back(tiny_model, reference, fork_server, tmp_path):
     prompts, params = workload()
     dep = DeploymentConfig(model=str(tiny_model), attention_workers=2, expert_workers=2, kv_stores=2, kv_replicas=1)
-    with LocalCluster(dep, log_dir=tmp_path, fork_server=fork_server) as cluster:
+    with make_cluster(dep, log_dir=tmp_path, fork_server=fork_server) as cluster:
         assert {"kv-store", "kv-store-1"} <= set(cluster.pids)
         check_store_authentication(cluster, "kv-store-1")
         frontend = Frontend(cluster.controller_address).start()

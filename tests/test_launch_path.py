@@ -15,7 +15,8 @@ from conftest import pid_alive, wait_until, worker_load
 from resilient_moe.deployment import DeploymentConfig
 from resilient_moe.engine.config import EngineConfig, SamplingParams
 from resilient_moe.engine.engine import LLMEngine
-from resilient_moe.launch.local import LocalCluster
+from resilient_moe.launch import make_cluster
+from resilient_moe.launch.launcher import Launcher
 from resilient_moe.proto import controller_pb2 as pb
 from resilient_moe.server.frontend import Frontend
 
@@ -68,7 +69,7 @@ def memfd_holders(cluster_id: str) -> list[int]:
     return holders
 
 
-def ready_again(cluster: LocalCluster, names: list[str], old: dict[str, int]) -> bool:
+def ready_again(cluster: Launcher, names: list[str], old: dict[str, int]) -> bool:
     try:
         state = cluster.state()
     except grpc.RpcError:
@@ -80,7 +81,7 @@ def ready_again(cluster: LocalCluster, names: list[str], old: dict[str, int]) ->
 def test_sigterm_to_an_attention_worker_replaces_it_and_its_requests_finish(tiny_model, reference, fork_server, tmp_path):
     prompts, params = workload()
     dep = DeploymentConfig(model=str(tiny_model), attention_workers=2, expert_workers=2)
-    with LocalCluster(dep, log_dir=tmp_path, fork_server=fork_server) as cluster:
+    with make_cluster(dep, log_dir=tmp_path, fork_server=fork_server) as cluster:
         frontend = Frontend(cluster.controller_address).start()
         try:
             handles = [frontend.submit(p, params) for p in prompts]
@@ -109,7 +110,7 @@ def test_a_killed_fork_server_brings_the_cluster_back_by_itself(tiny_model, refe
     controller (from Redis) and every worker; the requests in flight finish token-identical."""
     prompts, params = workload()
     dep = DeploymentConfig(model=str(tiny_model), attention_workers=2, expert_workers=2)
-    cluster = LocalCluster(dep, log_dir=tmp_path)  # its own fork server: this test kills it
+    cluster = make_cluster(dep, log_dir=tmp_path)  # its own fork server: this test kills it
     with cluster:
         frontend = Frontend(cluster.controller_address).start()
         try:
@@ -132,7 +133,7 @@ def test_a_killed_fork_server_brings_the_cluster_back_by_itself(tiny_model, refe
 def test_nothing_is_left_behind_after_stop(tiny_model, fork_server, tmp_path):
     prompts, params = workload(n=4, max_tokens=8)
     dep = DeploymentConfig(model=str(tiny_model), attention_workers=2, expert_workers=2)
-    with LocalCluster(dep, log_dir=tmp_path, fork_server=fork_server) as cluster:
+    with make_cluster(dep, log_dir=tmp_path, fork_server=fork_server) as cluster:
         assert len(descendants(fork_server.proc.pid)) >= 6, "the check sees the workers while they run"
         assert len(memfd_holders(cluster.cluster_id)) >= 3, "and their memfds (KV store, shm links)"
         frontend = Frontend(cluster.controller_address).start()
@@ -155,7 +156,7 @@ def test_every_forked_process_ignores_sigpipe(tiny_model, fork_server, tmp_path)
     an attention worker woken after a fence, or one sending tokens to a frontend that just left, died
     silently by SIGPIPE when forked workers ran with its default action."""
     dep = DeploymentConfig(model=str(tiny_model), attention_workers=1, expert_workers=1)
-    with LocalCluster(dep, log_dir=tmp_path, fork_server=fork_server) as cluster:
+    with make_cluster(dep, log_dir=tmp_path, fork_server=fork_server) as cluster:
         forked = {name: pid for name, pid in cluster.pids.items() if name != "redis"}
         assert {"controller", "kv-store", "ew-0", "aw-0"} <= set(forked)
         assert {name for name, pid in forked.items() if not ignores_sigpipe(pid)} == set()

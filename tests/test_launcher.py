@@ -23,7 +23,7 @@ def _our_shm_entries() -> set[str]:
 def test_sigkill_of_the_launcher_leaves_no_process_and_no_shared_memory(tiny_model):
     shm_before = _our_shm_entries()
     launcher = subprocess.Popen(
-        [sys.executable, "-m", "resilient_moe.launch.local", "--model", str(tiny_model), "--attention-workers", "2",
+        [sys.executable, "-m", "resilient_moe.launch", "--model", str(tiny_model), "--attention-workers", "2",
          "--expert-workers", "2"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )
@@ -54,7 +54,7 @@ def test_sigkill_of_the_launcher_leaves_no_process_and_no_shared_memory(tiny_mod
 
 def test_orderly_stop_on_sigterm(tiny_model):
     launcher = subprocess.Popen(
-        [sys.executable, "-m", "resilient_moe.launch.local", "--model", str(tiny_model), "--expert-workers", "1"],
+        [sys.executable, "-m", "resilient_moe.launch", "--model", str(tiny_model), "--expert-workers", "1"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )
     pids: list[int] = []

@@ -76,7 +76,7 @@ def test_ray_cluster_spreads_workers_over_nodes_and_serves(cluster, ray_cluster,
 
 
 def test_the_secret_reaches_every_worker_and_no_command_line(cluster):
-    secret = cluster.secret.hex()
+    secret = auth.secret().hex()
     for name, pid in cluster.pids.items():
         if name == "redis":
             continue  # not ours: it proves nothing (and rewrites its environment block for its title)

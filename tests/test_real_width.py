@@ -13,7 +13,7 @@ from conftest import REAL_NEW_TOKENS, pid_alive, wait_until, worker_load
 from resilient_moe.deployment import DeploymentConfig
 from resilient_moe.engine.config import EngineConfig, SamplingParams
 from resilient_moe.engine.engine import LLMEngine
-from resilient_moe.launch.local import LocalCluster
+from resilient_moe.launch import make_cluster
 from resilient_moe.model.tiny import TinySize, make_tiny_model
 from resilient_moe.server.frontend import Frontend
 
@@ -23,7 +23,7 @@ GREEDY = SamplingParams(max_tokens=REAL_NEW_TOKENS, ignore_eos=True)
 def run_cluster(dep: DeploymentConfig, fork_server, log_dir, prompts, params, timeout_s: float = 300.0):
     """Tokens of each prompt through a local cluster, and the cluster's parts counter; every process is
     gone afterwards."""
-    with LocalCluster(dep, log_dir=log_dir, fork_server=fork_server) as cluster:
+    with make_cluster(dep, log_dir=log_dir, fork_server=fork_server) as cluster:
         frontend = Frontend(cluster.controller_address).start()
         try:
             handles = [frontend.submit(p, s) for p, s in zip(prompts, params)]
@@ -78,7 +78,7 @@ def test_long_prompt_survives_an_attention_and_an_expert_worker_kill(real_width,
     model, prompt, hf_tokens = real_width
     dep = DeploymentConfig(model=str(model), attention_workers=2, expert_workers=3,
                            engine=EngineConfig(max_model_len=4096))
-    with LocalCluster(dep, log_dir=tmp_path, fork_server=fork_server) as cluster:
+    with make_cluster(dep, log_dir=tmp_path, fork_server=fork_server) as cluster:
         frontend = Frontend(cluster.controller_address).start()
         try:
             handle = frontend.submit(prompt, GREEDY)

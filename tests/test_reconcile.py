@@ -20,7 +20,8 @@ from resilient_moe.deployment import DeploymentConfig
 from resilient_moe.engine.config import EngineConfig, SamplingParams
 from resilient_moe.controller.server import controller_key
 from resilient_moe.engine.engine import LLMEngine
-from resilient_moe.launch.local import LocalCluster
+from resilient_moe.launch import make_cluster
+from resilient_moe.launch.launcher import Launcher
 from resilient_moe.proto import controller_pb2 as pb
 from resilient_moe.server.frontend import Frontend
 
@@ -37,7 +38,7 @@ def reference(tiny_model):
     return [r.token_ids for r in LLMEngine(tiny_model, EngineConfig()).generate(prompts, params)]
 
 
-def state_or_none(cluster: LocalCluster) -> pb.ClusterState | None:
+def state_or_none(cluster: Launcher) -> pb.ClusterState | None:
     try:
         return cluster.state()
     except grpc.RpcError:
@@ -56,7 +57,7 @@ def test_an_order_the_launcher_never_took_is_carried_out_after_a_controller_rest
     requests in flight finish token-identical."""
     prompts, params = workload(n=8)
     dep = DeploymentConfig(model=str(tiny_model), attention_workers=1, expert_workers=3)
-    with LocalCluster(dep, log_dir=tmp_path, fork_server=fork_server) as cluster:
+    with make_cluster(dep, log_dir=tmp_path, fork_server=fork_server) as cluster:
         frontend = Frontend(cluster.controller_address).start()
         victim = cluster.pids["ew-1"]
         try:
@@ -103,7 +104,7 @@ def test_two_expert_workers_killed_at_the_same_instant(tiny_model, reference, fo
     (bounded by expert_wait_s) instead of failing: all 16 requests finish token-identical."""
     prompts, params = workload()
     dep = DeploymentConfig(model=str(tiny_model), attention_workers=2, expert_workers=3)
-    with LocalCluster(dep, log_dir=tmp_path, fork_server=fork_server) as cluster:
+    with make_cluster(dep, log_dir=tmp_path, fork_server=fork_server) as cluster:
         frontend = Frontend(cluster.controller_address).start()
         try:
             doomed = {"ew-0", "ew-1"}

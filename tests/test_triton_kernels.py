@@ -154,7 +154,7 @@ def test_kernels_flag(command, capsys, tmp_path):
 def test_disaggregated_cluster_with_triton_kernels(hf_checkpoints, tmp_path, monkeypatch):
     """Attention and expert workers (separate processes, each under the interpreter) give transformers'
     tokens; every worker reports the triton kernels."""
-    from resilient_moe.launch.local import LocalCluster
+    from resilient_moe.launch import make_cluster
     from resilient_moe.server.frontend import Frontend
 
     model_dir = hf_checkpoints["mixtral"]
@@ -163,7 +163,7 @@ def test_disaggregated_cluster_with_triton_kernels(hf_checkpoints, tmp_path, mon
     dep = DeploymentConfig(model=str(model_dir), attention_workers=1, expert_workers=2, micro_batches=2,
                            kv_checkpoint=False, engine=EngineConfig(kernels="triton", device="cpu"))
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # for the cluster's own fork server, started below
-    with LocalCluster(dep, log_dir=tmp_path) as cluster:
+    with make_cluster(dep, log_dir=tmp_path) as cluster:
         frontend = Frontend(cluster.controller_address).start()
         try:
             handles = [frontend.submit(p, SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True)) for p in prompts]

@@ -1,18 +1,22 @@
-"""Launchers: every role as a local process (local.py, the default) or as Ray actors (ray_cluster.py)."""
+"""Launching a cluster: one launcher (launcher.py: every policy) over a backend (mechanism): local
+processes from a fork server (local_backend.py, the default) or Ray actors across nodes (ray_backend.py)."""
 
 from __future__ import annotations
 
 
 def make_cluster(deployment, log_dir=None, fork_server=None):
-    """The launcher `deployment.launcher` names, not started. Only a Ray deployment imports Ray."""
+    """The launcher over the backend `deployment.launcher` names, not started. `fork_server`: a running
+    one the local backend shares (tests); Ray nodes hold their own. Only a Ray deployment imports Ray."""
+    from resilient_moe.launch.launcher import Launcher
+
     if deployment.launcher == "ray":
         try:
-            from resilient_moe.launch.ray_cluster import RayCluster
+            from resilient_moe.launch.ray_backend import RayBackend
         except ImportError as e:
             from resilient_moe.errors import ClusterError
 
             raise ClusterError(f"launcher: ray needs Ray ({e}); install it with pip install 'resilient-moe[ray]'") from None
-        return RayCluster(deployment, log_dir=log_dir, fork_server=fork_server)
-    from resilient_moe.launch.local import LocalCluster
+        return Launcher(deployment, RayBackend(deployment), log_dir)
+    from resilient_moe.launch.local_backend import LocalBackend
 
-    return LocalCluster(deployment, log_dir=log_dir, fork_server=fork_server)
+    return Launcher(deployment, LocalBackend(deployment, fork_server), log_dir)

@@ -39,13 +39,9 @@ import subprocess
 import sys
 import threading
 import traceback
-from typing import TYPE_CHECKING
 
 from resilient_moe import auth
 from resilient_moe.errors import ClusterError
-
-if TYPE_CHECKING:
-    from resilient_moe.deployment import WorkerConfig
 
 PR_SET_PDEATHSIG = 1
 
@@ -121,13 +117,13 @@ class ForkServer:
         if not self._hello.wait(timeout_s):
             raise ClusterError(f"the fork server did not start within {timeout_s:.0f}s (exit code {self.proc.poll()})")
 
-    def spawn(self, name: str, role: str, config: WorkerConfig, log_path: str, timeout_s: float = 10.0,
+    def spawn(self, name: str, role: str, config_json: str, log_path: str, timeout_s: float = 10.0,
               cold: bool = False) -> int:
-        """Fork a worker; `cold`: in a fresh interpreter (see the fork server's docstring)."""
+        """Fork a worker from its WorkerConfig JSON; `cold`: in a fresh interpreter (see the module docstring)."""
         with self._spawn_cond:
             self._spawned.pop(name, None)
         with self._lock:
-            self._out.write(json.dumps({"op": "spawn", "name": name, "role": role, "config": config.to_json(),
+            self._out.write(json.dumps({"op": "spawn", "name": name, "role": role, "config": config_json,
                                         "log": log_path, "cold": cold, "secret": auth.secret().hex()}) + "\n")
             self._out.flush()
         with self._spawn_cond:

@@ -22,7 +22,7 @@ class LoopbackRayCluster:
         # Ray declares a silent node dead after health_check_failure_threshold missed checks; the defaults
         # take many seconds, during which a replacement could still be sent there.
         self.cluster = Cluster(initialize_head=True, head_node_args=dict(
-            num_cpus=1, include_dashboard=False, object_store_memory=80 << 20,
+            num_cpus=2, include_dashboard=False, object_store_memory=80 << 20,
             _system_config={"health_check_initial_delay_ms": 1000, "health_check_period_ms": 500,
                             "health_check_timeout_ms": 1000, "health_check_failure_threshold": 4}))
         try:
@@ -34,7 +34,7 @@ class LoopbackRayCluster:
             raise
 
     def add_node(self):
-        return self.cluster.add_node(num_cpus=1, object_store_memory=80 << 20)
+        return self.cluster.add_node(num_cpus=2, object_store_memory=80 << 20)
 
     @property
     def worker_nodes(self) -> list[str]:

@@ -183,7 +183,7 @@ def create_app(
     api_keys: Sequence[str] = (),
 ) -> FastAPI:
     """The API over a started `frontend` and the cluster it serves (`cluster_info_provider`: a
-    `LocalCluster`, or anything with `.state()` and `.pids`). `settings` default to a 4096-token
+    a `Launcher`, or anything with `.state()` and `.pids`). `settings` default to a 4096-token
     context and the tokenizer's vocabulary; the admin endpoints need `admin_token`; with `api_keys`,
     /v1/* needs one of them."""
     if not admin_token:

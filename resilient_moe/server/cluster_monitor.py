@@ -42,7 +42,7 @@ log = logging.getLogger("resilient_moe.server")
 
 
 class ClusterSource(Protocol):
-    """Where the API reads the cluster from; `LocalCluster` is one."""
+    """Where the API reads the cluster from; a `Launcher` is one."""
 
     pids: Mapping[str, int]  # launcher-started processes by name ("controller", "aw-0", "redis", ...)
 

@@ -28,7 +28,8 @@ from resilient_moe.controller.client import ControllerClient
 from resilient_moe.engine.tokenizer import TextTokenizer
 from resilient_moe.errors import ResilientMoeError
 from resilient_moe.launch import make_cluster
-from resilient_moe.launch.local import LocalCluster, ForkServer
+from resilient_moe.launch.launcher import Launcher
+from resilient_moe.launch.fork_server import ForkServer
 from resilient_moe.proto import controller_pb2 as pb
 from resilient_moe.server.api import ServerSettings, create_app
 from resilient_moe.server.frontend import Frontend
@@ -58,11 +59,14 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def watch_startup(address: str, say: Callable[[str], None], stop: threading.Event,
+def watch_startup(cluster: Launcher, say: Callable[[str], None], stop: threading.Event,
                   progress_every_s: float = 1.0) -> None:
     """Report each worker's progress (registered -> loading weights, with the bytes read so far, at
     most every `progress_every_s` -> ready) until `stop` is set."""
-    client = ControllerClient(address)
+    while not cluster.controller_address:  # known once the launcher reached its backend
+        if stop.wait(0.05):
+            return
+    client = ControllerClient(cluster.controller_address)
     seen: dict[str, int] = {}
     loaded: dict[tuple[str, int], tuple[float, float]] = {}  # incarnation -> (bytes read last reported, when)
     began = time.monotonic()
@@ -98,7 +102,7 @@ def watch_startup(address: str, say: Callable[[str], None], stop: threading.Even
 
 
 class ServingStack:
-    """A cluster (`LocalCluster`, or `RayCluster` with launcher: ray), a `Frontend` on it and the API served by uvicorn on a thread of this process."""
+    """A cluster (a `Launcher` over the local or the Ray backend), a `Frontend` on it and the API served by uvicorn on a thread of this process."""
 
     def __init__(
         self,
@@ -134,7 +138,7 @@ class ServingStack:
         self.log_dir = log_dir
         self.say = progress or (lambda text: None)
         self.api_keys = tuple(api_keys)
-        self.cluster: LocalCluster | None = None  # or a RayCluster (the same interface)
+        self.cluster: Launcher | None = None
         self.frontend: Frontend | None = None
         self.metrics = ServingMetrics()
         self.app = None  # the FastAPI app, once started
@@ -161,7 +165,7 @@ class ServingStack:
             self.cluster = make_cluster(dep, log_dir=self.log_dir, fork_server=self.fork_server)
             auth.ensure_secret()  # before the startup watcher's first call to the controller
             done = threading.Event()
-            watcher = threading.Thread(target=watch_startup, args=(self.cluster.controller_address, self.say, done),
+            watcher = threading.Thread(target=watch_startup, args=(self.cluster, self.say, done),
                                        name="startup-progress", daemon=True)
             watcher.start()
             try:

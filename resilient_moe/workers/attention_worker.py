@@ -54,7 +54,7 @@ from resilient_moe.kvstore.replication import StoreRef, place_stores
 from resilient_moe.kvstore.memory_layout import layout_for
 from resilient_moe.model.weights import Checkpoint
 from resilient_moe.proto import controller_pb2 as pb
-from resilient_moe.workers.common import configure_process, yield_cpu_while_loading
+from resilient_moe.workers.common import configure_process, load_yielding_cpu
 
 log = logging.getLogger("resilient_moe.attention_worker")
 
@@ -433,10 +433,9 @@ def main(config: WorkerConfig) -> int:
 
     # Heartbeats start before the weights load, so a slow load is never taken for a death.
     client.start_heartbeats(config.name, reply.incarnation, dep.heartbeat_interval_s, stats, on_fenced)
-    with yield_cpu_while_loading(reply.state):
-        engine = LLMEngine(dep.model, dataclasses.replace(dep.engine, micro_batches=dep.micro_batches,
-                                                          torch_threads=config.threads),
-                           experts=RemoteExperts(forwarder), checkpoint=checkpoint)
+    engine = load_yielding_cpu(reply.state, lambda: LLMEngine(
+        dep.model, dataclasses.replace(dep.engine, micro_batches=dep.micro_batches, torch_threads=config.threads),
+        experts=RemoteExperts(forwarder), checkpoint=checkpoint))
     server = AttentionServer(engine, forwarder, poller, listener, wakeup)
     server.node = config.node or server.node
     server.crash_on_lost_expert = not dep.resilience

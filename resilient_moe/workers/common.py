@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import sys
+import threading
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 
 from resilient_moe.deployment import DeploymentConfig, WorkerConfig
 from resilient_moe.model import ops
+from resilient_moe.procs import background_thread
 from resilient_moe.proto import controller_pb2 as pb
+
+T = TypeVar("T")
 
 
 def configure_process(config: WorkerConfig) -> None:
@@ -28,26 +33,32 @@ def configure_process(config: WorkerConfig) -> None:
     )
 
 
-@contextlib.contextmanager
-def yield_cpu_while_loading(state):
-    """A worker joining a cluster that is already serving (a replacement: some attention worker in the
-    `state` it registered into is ready) loads its weights at the
-    lowest CPU priority, so that on a host short of cores the survivors' serving and replays come
-    first. Linux nice values are per thread: only this (the loading) thread is lowered, and it is
-    restored afterwards, which needs CAP_SYS_NICE; without it the load runs at normal priority."""
-    serving = any(w.role == pb.ATTENTION and w.state == pb.READY for w in state.workers)
-    lowered = False
-    if serving and os.geteuid() == 0:
+def load_yielding_cpu(state: pb.ClusterState, load: Callable[[], T]) -> T:
+    """`load()`, for a worker joining a cluster that already serves (a replacement: some attention
+    worker in the `state` it registered into is ready) on a thread of the lowest CPU priority, so that
+    on a host short of cores the survivors' serving and replays come first.
+
+    Linux nice values are per thread, and lowering one needs no privilege while raising it again
+    does: so the load runs on a thread of its own that ends with it, and every thread that goes on
+    (the serving loop, heartbeats, the GEMM pools made at start-up) keeps the priority the process
+    started with, for any user."""
+    if not any(w.role == pb.ATTENTION and w.state == pb.READY for w in state.workers):
+        return load()
+    outcome: dict[str, object] = {}
+
+    def run() -> None:
+        background_thread()
         try:
-            os.setpriority(os.PRIO_PROCESS, 0, 19)
-            lowered = True
-        except OSError:
-            pass
-    try:
-        yield
-    finally:
-        if lowered:
-            os.setpriority(os.PRIO_PROCESS, 0, 0)
+            outcome["value"] = load()
+        except BaseException as e:  # noqa: BLE001 (raised again on the caller's thread)
+            outcome["error"] = e
+
+    thread = threading.Thread(target=run, name="load-at-low-priority", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 def link_addresses(dep: DeploymentConfig, cluster_id: str, name: str, incarnation: int) -> list[str]:

@@ -42,7 +42,7 @@ from resilient_moe.model.expert_side import ExpertKey, ExpertSide, Prepared
 from resilient_moe.model.kernel_choice import KernelSet
 from resilient_moe.procs import background_thread
 from resilient_moe.proto import controller_pb2 as pb
-from resilient_moe.workers.common import configure_process, link_addresses, yield_cpu_while_loading
+from resilient_moe.workers.common import configure_process, link_addresses, load_yielding_cpu
 
 log = logging.getLogger("resilient_moe.expert_worker")
 
@@ -394,8 +394,8 @@ def main(config: WorkerConfig) -> int:
 
     # Heartbeats start before the weights load, so a slow load is never taken for a death.
     client.start_heartbeats(config.name, reply.incarnation, dep.heartbeat_interval_s, stats, on_fenced, fill)
-    with yield_cpu_while_loading(reply.state):
-        experts = load_experts(dep, checkpoint, [(x.layer, x.expert) for x in reply.load_experts])
+    experts = load_yielding_cpu(reply.state, lambda: load_experts(dep, checkpoint,
+                                                                   [(x.layer, x.expert) for x in reply.load_experts]))
     server = ExpertServer(experts, poller, identity)
     orders = ControllerOrders(server, config.name)
 
