@@ -3,11 +3,15 @@
 Detection uses it as a second path before acting on silence: a peer that misses probes or heartbeats
 while its process is runnable is busy or starved of CPU (wait for it), while one that is stopped
 (SIGSTOP, a debugger) or gone is not coming back on its own. Only processes on this host can be looked
-at; for others the answer is UNKNOWN and callers fall back to their timeouts.
+at: a peer counts as local when the address it publishes is one of this host's (loopback, the host
+name, or any address the kernel holds as local, which is what a peer on the same Ray node publishes);
+for others the answer is UNKNOWN and callers fall back to their timeouts.
 """
 
 from __future__ import annotations
 
+import functools
+import ipaddress
 import os
 import threading
 
@@ -34,7 +38,7 @@ def process_state(pid: int, host: str = "127.0.0.1") -> str:
 
     RUNNABLE if any of its threads is (a Python thread waiting for the GIL sleeps while the one
     holding it runs, so the main thread alone would mislead)."""
-    if host not in ("127.0.0.1", "localhost", "::1", os.uname().nodename):
+    if not is_this_host(host):
         return UNKNOWN
     if pid <= 0:
         return GONE
@@ -49,6 +53,34 @@ def process_state(pid: int, host: str = "127.0.0.1") -> str:
         if _STATES.get(_code(f"/proc/{pid}/task/{tid}/stat") or "S", RUNNABLE) == RUNNABLE:
             return RUNNABLE
     return SLEEPING
+
+
+@functools.lru_cache(maxsize=1)
+def _local_addresses() -> frozenset[str]:
+    """Every address this host's kernel delivers locally (read once)."""
+    found = {"127.0.0.1", "localhost", "::1", os.uname().nodename}
+    try:  # IPv4: entries of the local routing table marked "/32 host LOCAL", each under its address
+        with open("/proc/net/fib_trie", encoding="ascii") as f:
+            previous = ""
+            for line in f:
+                if "/32 host LOCAL" in line and previous:
+                    found.add(previous)
+                parts = line.split()
+                previous = parts[1] if len(parts) >= 2 and parts[0] in ("|--", "+--") else ""
+    except OSError:
+        pass
+    try:  # IPv6: one address (32 hex digits) per line
+        with open("/proc/net/if_inet6", encoding="ascii") as f:
+            for line in f:
+                found.add(str(ipaddress.IPv6Address(int(line.split()[0], 16))))
+    except (OSError, ValueError, IndexError):
+        pass
+    return frozenset(found)
+
+
+def is_this_host(host: str) -> bool:
+    """Does `host` (an address or a host name a peer published) name this host?"""
+    return host in _local_addresses() or host.strip("[]") in _local_addresses()
 
 
 def process_alive(pid: int) -> bool:

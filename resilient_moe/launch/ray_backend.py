@@ -114,6 +114,11 @@ class CpuReservation:
         return True
 
 
+def _passed_env() -> dict[str, str]:
+    """What the roles on every node must see as this process does (the package's path, loopback clusters)."""
+    return {k: os.environ[k] for k in ("PYTHONPATH", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") if k in os.environ}
+
+
 def _reachable(address: tuple[str, int], timeout_s: float = 0.3) -> bool:
     """Whether a raylet accepts a TCP connection (refused or silent: its node is lost)."""
     try:
@@ -152,7 +157,7 @@ class RayBackend(Backend):
 
     def open(self, cluster_id: str, secret: bytes) -> None:
         if not ray.is_initialized():
-            env = {k: os.environ[k] for k in ("PYTHONPATH", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") if k in os.environ}
+            env = _passed_env()
             ray.init(address=self.address, include_dashboard=False, runtime_env={"env_vars": env} if env else None,
                      log_to_driver=False, configure_logging=False)
             self._own_ray = True
@@ -179,9 +184,12 @@ class RayBackend(Backend):
         return nodes
 
     def _new_host(self, node: str):
+        # Ray starts its workers at nice 15 (RAY_worker_niceness), so that its own daemons stay responsive;
+        # the roles are the service, so the NodeHost (whose children they are) asks for the normal priority.
         return ray.remote(NodeHost).options(
             num_cpus=0, max_concurrency=16, max_restarts=0, name=f"rmoe-{self._cluster_id}-node-{node[:12]}",
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False),
+            runtime_env={"env_vars": {**_passed_env(), "RAY_worker_niceness": "0"}},
         ).remote(self._secret_hex)
 
     def _adopt(self, node: str, host, where: dict) -> None:
