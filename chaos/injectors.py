@@ -126,21 +126,17 @@ class Injector:
         self.log(f"  {signal.Signals(sig).name} {worker.id} (pid {pid})")
 
     def _node_kill(self, injection: Injection) -> None:
-        """SIGKILL every process of one node back to back (microseconds apart: the same instant for the
-        cluster), as a lost node or a power cut would."""
+        """Take one node down at once, as a lost node or a power cut would: through the server's
+        launcher (POST /admin/node-kill), whose backend knows how on its kind of cluster (under Ray it
+        kills the node's raylet), so the node may be any host."""
         node, members = node_members(self.view(), injection.spec.target, injection.spec.where)
-        pids = [(w, local_pid(w)) for w in members]  # all checked before the first signal
         now = time.time()
-        for _, pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        self.admin.kill_node(node)
         injection.started = injection.started or now
-        for worker, pid in pids:
+        for worker in members:
             injection.targets.append(worker.id)
-            injection.killed.append((now, worker.id, pid))
-        self.log(f"  node-kill {node[:12]}: SIGKILL {', '.join(f'{w.id} (pid {p})' for w, p in pids)}")
+            injection.killed.append((now, worker.id, worker.pid))
+        self.log(f"  node-kill {node[:12]}: {', '.join(f'{w.id} (pid {w.pid})' for w in members)}")
 
     def _hang(self, injection: Injection) -> None:
         spec = injection.spec

@@ -128,6 +128,11 @@ class AdminClient:
         data = self._call("POST", "/admin/faults", {"add": list(add), "remove": list(remove), "clear": clear})
         return list(data.get("faults") or [])
 
+    def kill_node(self, node: str) -> dict:
+        """Take a node down through the server's launcher (POST /admin/node-kill): its backend's way,
+        which under Ray kills the node's raylet, so it works whatever host the node is."""
+        return self._call("POST", "/admin/node-kill", {"node": node})
+
     def close(self) -> None:
         self._http.close()
 

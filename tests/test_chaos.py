@@ -105,8 +105,9 @@ def test_cli_reports_bad_input_without_a_traceback(tmp_path):
 
 
 def test_node_kill_kills_every_process_of_one_node_and_nothing_else():
-    """A node-kill resolves its node through the admin view and SIGKILLs that node's processes (never the
-    frontend, never another node's); stand-in processes play the workers."""
+    """A node-kill resolves its node through the admin view and has the server take that node down
+    (POST /admin/node-kill: never the frontend, never another node); stand-in processes play the
+    workers and a stand-in admin API plays the server's launcher."""
     from chaos.injectors import Injector
     from chaos.targets import TargetError, node_members
 
@@ -125,14 +126,24 @@ def test_node_kill_kills_every_process_of_one_node_and_nothing_else():
             node_members(view, "node:cc")
 
         class Admin:
+            asked: list[str] = []
+
             def cluster(self):
                 return view
+
+            def kill_node(self, node):
+                self.asked.append(node)
+                for name, p in procs.items():
+                    if nodes[name] == node:
+                        p.send_signal(signal.SIGKILL)
+                return {"node": node, "killed": True}
 
         spec = scenario.parse({"workload": {"concurrency": 1, "duration_s": 5},
                                "faults": [{"at_s": 0, "fault": "node-kill", "target": "node-of:ew-0"}]}).faults[0]
         injection = Injection(0, spec, planned=time.time())
-        Injector(Admin(), None, None, "t").inject(injection)
-        assert injection.error is None and sorted(injection.targets) == ["aw-0", "ew-0"]
+        admin = Admin()
+        Injector(admin, None, None, "t").inject(injection)
+        assert injection.error is None and sorted(injection.targets) == ["aw-0", "ew-0"] and admin.asked == ["aa11"]
         assert {t for t, _, _ in injection.killed} == {injection.started}, "one instant for the whole node"
         for name in ("aw-0", "ew-0"):
             assert procs[name].wait(10) == -signal.SIGKILL

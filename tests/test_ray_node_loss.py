@@ -32,7 +32,10 @@ def load_of(cluster, key: str, role: int = pb.ATTENTION) -> float:
     return sum(w.load.get(key, 0.0) for w in cluster.state().workers if w.role == role and w.state == pb.READY)
 
 
-def test_node_loss_loses_no_token_and_replaces_on_surviving_nodes(ray_cluster, tiny_model, tmp_path):
+@pytest.mark.parametrize("how", ["remove-node", "node-kill"])
+def test_node_loss_loses_no_token_and_replaces_on_surviving_nodes(ray_cluster, tiny_model, tmp_path, how):
+    """`remove-node`: the test cluster takes the node away; `node-kill`: the launcher's chaos path
+    (POST /admin/node-kill), which kills the node's raylet through Ray, as it would on a real host."""
     prompts, params = workload()
     reference = [r.token_ids for r in LLMEngine(tiny_model, EngineConfig()).generate(prompts, params)]
     dep = DeploymentConfig(model=str(tiny_model), attention_workers=2, expert_workers=3, launcher="ray")
@@ -49,7 +52,12 @@ def test_node_loss_loses_no_token_and_replaces_on_surviving_nodes(ray_cluster, t
                 assert moved, "some streams run on the attention worker that is lost"
                 wait_until(lambda: worker_load(cluster, "aw-0", "ckpt_replica_acks") > 0
                            and worker_load(cluster, "aw-0", "ckpt_replicas") == 1, 30, "aw-0's replica to hold blocks")
-                ray_cluster.remove_node(victim)
+                if how == "node-kill":
+                    cluster.kill_node(victim)
+                    wait_until(lambda: victim in cluster.lost_nodes, 30, "the launcher to see the node lost")
+                    ray_cluster.remove_node(victim)  # its remains (object store) go too
+                else:
+                    ray_cluster.remove_node(victim)
                 outputs = [h.wait(180).token_ids for h in handles]
                 assert outputs == reference, "a stream differs from the failure-free run"
                 assert all(h.moves >= 1 for h in moved)

@@ -1,7 +1,7 @@
 """The local backend: every process of the cluster on this host, roles forked from one fork server in
 the launcher's process (node_spawner.py), a private Redis on a unix socket in a private directory.
 
-This host is the only node (named "": workers report the host name). Datapath shared memory is
+This host is the only node, named by its host name (as its workers report it). Datapath shared memory is
 memfd-based (no names in /dev/shm), and lifetimes are chained by parent-death signals (launcher ->
 fork server -> roles; launcher -> redis-server), with the fork server leading a process group of its
 own, so even a launcher killed with SIGKILL leaves no process behind.
@@ -22,7 +22,7 @@ from resilient_moe.launch.backend import Backend, NodeExit
 from resilient_moe.launch.fork_server import ForkServer
 from resilient_moe.launch.node_spawner import NodeSpawner
 
-NODE = ""  # this host
+NODE = os.uname().nodename  # this host
 
 
 class LocalBackend(Backend):

@@ -3,6 +3,7 @@
     POST /admin/scale      {"attention_workers": N, "expert_workers": M} (either may be left out)
                            -> {"desired": {"attention_workers", "expert_workers"}, "detail"}
     POST /admin/rebalance  {} -> {"started": bool, "detail"}
+    POST /admin/node-kill  {"node": ID} -> {"node", "killed"}   (chaos; served by api.py, which holds the launcher)
 
 Both only change what the controller reconciles towards and answer at once; the controller's loop
 does the work while the cluster serves (controller/state.py): new workers are started and loaded
@@ -40,6 +41,14 @@ class ScaleRequest(BaseModel):
         if self.attention_workers is None and self.expert_workers is None:
             raise ValueError("give attention_workers, expert_workers or both")
         return self
+
+
+class NodeKillRequest(BaseModel):
+    """POST /admin/node-kill: the node to take down (its id as /admin/cluster shows it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    node: str = Field(..., max_length=256)
 
 
 class RebalanceRequest(BaseModel):

@@ -34,9 +34,9 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from resilient_moe.engine.tokenizer import TextTokenizer
-from resilient_moe.errors import ConfigError
+from resilient_moe.errors import ConfigError, ResilientMoeError
 from resilient_moe.server import validation
-from resilient_moe.server.admin_cluster import cluster_router
+from resilient_moe.server.admin_cluster import NodeKillRequest, cluster_router
 from resilient_moe.server.admin_faults import faults_router
 from resilient_moe.server.cluster_monitor import ClusterMonitor, ClusterSource, cluster_json, readiness
 from resilient_moe.server.frontend import Frontend
@@ -442,6 +442,17 @@ def create_app(
     if controller is not None:  # datapath fault injection for chaos tests (admin_faults.py); scale, rebalance
         app.include_router(faults_router(controller, [Depends(require_admin)]))
         app.include_router(cluster_router(controller, [Depends(require_admin)]))
+
+    if hasattr(cluster_info_provider, "kill_node"):
+        @app.post("/admin/node-kill", tags=["admin"], dependencies=[Depends(require_admin)], responses=ERROR_RESPONSES)
+        async def admin_node_kill(body: NodeKillRequest) -> dict[str, Any]:
+            """Chaos: take one node down at once, through the launcher's backend (under Ray its raylet
+            is killed, so this works across real hosts); what it ran is replaced like any death."""
+            try:
+                await run_in_threadpool(cluster_info_provider.kill_node, body.node)
+            except ResilientMoeError as e:
+                raise ApiError(400, str(e), param="node") from None
+            return {"node": body.node, "killed": True}
 
     @app.get("/dashboard", tags=["admin"], response_class=HTMLResponse)
     async def dashboard() -> HTMLResponse:
