@@ -157,6 +157,57 @@ def clamped_swiglu(x: torch.Tensor, gate_up: Linear, down: Linear, alpha: float,
     return down((up + 1) * (gate * torch.sigmoid(gate * alpha)))  # [T, D]
 
 
+def native_attention(q: torch.Tensor) -> bool:
+    """Whether `paged_attention` runs queries like q (float32 on the CPU, the extension built)."""
+    return _kernels is not None and q.device.type == "cpu" and q.dtype == torch.float32
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    blocks: torch.Tensor,
+    block_start: torch.Tensor,
+    row_seq: torch.Tensor,
+    positions: torch.Tensor,
+    block_size: int,
+    scale: float,
+    window: int | None = None,
+    sinks: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal attention of each query row over its own sequence's cached keys, read in place (C kernel).
+
+    q [T, H, d]; k_cache [G, slots, d] and v_cache [G, slots, dv] (strided views are fine, last dim
+    contiguous: MLA passes its latent rows and a view of their first C columns); blocks [sum NB] the
+    sequences' block tables one after another, block_start [S] where each starts, row_seq [T] each
+    row's sequence, positions [T]: row t sees keys max(0, position - window + 1) .. position of its
+    sequence. sinks [H] (optional): a per-head logit with no value. Returns [T, H, dv] float32.
+
+    Each row's reduction is fixed by the row alone (csrc/kernels.c), so it is bit-identical alone, in
+    any batch, beside sequences of any length, in a prefill or a decode step; the cost follows the sum
+    of the rows' visible keys, not rows x the longest.
+    """
+    T, H, D = q.shape
+    G, DV = k_cache.shape[0], v_cache.shape[2]
+    if H % G or k_cache.shape[2] != D or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError(f"paged_attention: q {tuple(q.shape)} does not fit caches {tuple(k_cache.shape)}, "
+                         f"{tuple(v_cache.shape)} (last dims must be contiguous)")
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    index = [t if t.dtype == torch.long and t.is_contiguous() else t.long().contiguous()
+             for t in (blocks, block_start, row_seq, positions)]
+    sink = None if sinks is None else sinks.float().contiguous()
+    out = torch.empty((T, H, DV), dtype=torch.float32)
+    if T:
+        _kernels.paged_attention(
+            q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), *(t.data_ptr() for t in index),
+            0 if sink is None else sink.data_ptr(), T, H, G, D, DV, q.stride(0), q.stride(1), k_cache.stride(0),
+            k_cache.stride(1), v_cache.stride(0), v_cache.stride(1), out.stride(0), out.stride(1), block_size,
+            window or 0, scale,
+        )
+    return out
+
+
 def padded_key_length(num_keys: int) -> int:
     """Smallest multiple of KEY_PAD that holds `num_keys` keys."""
     return max(KEY_PAD, -(-num_keys // KEY_PAD) * KEY_PAD)
