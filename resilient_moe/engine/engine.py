@@ -59,8 +59,7 @@ class LLMEngine:
         checkpoint: Checkpoint | None = None,
     ) -> None:
         self.config = config or EngineConfig()
-        torch.set_num_threads(self.config.torch_threads)
-        ops.set_threads(self.config.torch_threads)
+        ops.configure_threads(self.config.threads, self.config.dtype, self.config.device)
         self.model_dir = Path(model_dir)
         self.checkpoint = checkpoint or Checkpoint(self.model_dir)  # a caller's, to follow the load's progress
         self.model_config: ModelConfig = self.checkpoint.cfg

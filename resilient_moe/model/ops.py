@@ -49,7 +49,7 @@ class Linear:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         self.out_features, self.in_features = weight.shape
         self.bias = bias.contiguous() if bias is not None else None
-        self.native = _kernels is not None and weight.device.type == "cpu" and weight.dtype == torch.float32
+        self.native = native_linear(weight.dtype, weight.device)
         if self.native:
             N, K = weight.shape
             padded = -(-N // _PANEL) * _PANEL
@@ -96,11 +96,23 @@ class HeadwiseLinear:
         return torch.stack([head(x[:, h]) for h, head in enumerate(self.heads)], dim=1)  # [T, H, N]
 
 
-def set_threads(threads: int) -> None:
-    """Threads the native GEMM may use for big products (it splits them by output columns, so the
-    results do not depend on the count); the process should own that many cores."""
-    if _kernels is not None and threads > 1:
+def configure_threads(threads: int, dtype: str, device: str) -> None:
+    """Give this process's compute `threads` threads, and only one pool of them: where the native
+    kernels do the work (float32 on the CPU) they get the threads and torch keeps one for the small
+    elementwise ops in between (two pools of spinning threads on the same cores slow each other
+    down); elsewhere torch gets them. The native split never changes a result (csrc/kernels.c)."""
+    if _kernels is not None and dtype == "float32" and device in ("cpu", "auto") and (
+            device == "cpu" or not torch.cuda.is_available()):
+        torch.set_num_threads(1)
         _kernels.set_threads(threads)
+    else:
+        torch.set_num_threads(threads)
+
+
+def compute_threads() -> int:
+    """Threads this process computes with (as `configure_threads` set them)."""
+    native = _kernels.threads() if _kernels is not None else 1
+    return max(native, torch.get_num_threads())
 
 
 def _torch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -144,17 +156,40 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 def swiglu(x: torch.Tensor, gate_up: Linear, down: Linear) -> torch.Tensor:
     """SiLU-gated MLP with the gate and up projections fused: gate_up [2F, D], down [D, F]."""
-    gate, up = gate_up(x).chunk(2, dim=-1)  # [T, F] each
-    return down(F.silu(gate) * up)  # [T, D]
+    return down(silu_gate(gate_up(x)))  # [T, D]
 
 
-def clamped_swiglu(x: torch.Tensor, gate_up: Linear, down: Linear, alpha: float, limit: float) -> torch.Tensor:
-    """GPT-OSS's expert MLP: the gate is clamped from above, the up projection on both sides, and the up
-    path carries a +1; gate_up [2F, D] (gate rows first), down [D, F]."""
-    gate, up = gate_up(x).chunk(2, dim=-1)  # [T, F] each
+def silu_gate(h: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's activation of fused gate/up outputs h [T, 2F] (gate columns first) -> [T, F]."""
+    gate, up = h.chunk(2, dim=-1)  # [T, F] each
+    return F.silu(gate) * up
+
+
+def clamped_gate(h: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """GPT-OSS's activation of fused gate/up outputs h [T, 2F] -> [T, F]: the gate is clamped from above,
+    the up projection on both sides, and the up path carries a +1."""
+    gate, up = h.chunk(2, dim=-1)  # [T, F] each
     gate = gate.clamp(max=limit)
     up = up.clamp(min=-limit, max=limit)
-    return down((up + 1) * (gate * torch.sigmoid(gate * alpha)))  # [T, D]
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+
+
+def linear_group(products: list[tuple[Linear, torch.Tensor, torch.Tensor]]) -> None:
+    """Run several native float32 products in one call, threads sharing all of them: each (linear, x
+    [n, K] with unit column stride, y [n, N] contiguous rows) computes y = linear(x) in place, with
+    the same bits as calling each linear alone (csrc/kernels.c linear_group)."""
+    table = torch.tensor(
+        [[x.data_ptr(), lin.packed.data_ptr(), 0 if lin.bias is None else lin.bias.data_ptr(), y.data_ptr(),
+          x.shape[0], lin.out_features, lin.in_features, x.stride(0), y.stride(0)]
+         for lin, x, y in products if x.shape[0]],
+        dtype=torch.long,
+    ).reshape(-1, 9)
+    _kernels.linear_group(table.data_ptr(), table.shape[0])
+
+
+def native_linear(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether `Linear` runs the native kernel for weights of this dtype and device."""
+    return _kernels is not None and device.type == "cpu" and dtype == torch.float32
 
 
 def native_attention(q: torch.Tensor) -> bool:
