@@ -28,7 +28,11 @@ class EngineConfig:
     kv_cache_bytes: int | None = None
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 4096
-    max_prefill_tokens_per_step: int = 512  # prompt tokens one step computes (chunked prefill), decodes aside
+    max_prefill_tokens_per_step: int = 512  # hard cap on prompt tokens one step computes (chunked prefill)
+    # Latency a step that also computes prompt tokens should stay within while others decode: each
+    # step's prompt chunk is sized by the measured prefill cost to fit (engine/chunk_policy.py). None:
+    # 4x the measured steady decode step of this device; never below one decode step.
+    max_step_ms: float | None = None
     max_model_len: int | None = None  # defaults to the checkpoint's max_position_embeddings
     micro_batches: int = 1
     # Threads of this process's compute (the native kernels' pool on the CPU in float32, else torch's).
@@ -56,6 +60,10 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value <= 0):
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.max_step_ms is not None and (
+                isinstance(self.max_step_ms, bool) or not isinstance(self.max_step_ms, (int, float))
+                or not 0 < self.max_step_ms < float("inf")):
+            raise ConfigError(f"max_step_ms must be a positive number of milliseconds, got {self.max_step_ms!r}")
         if not 1 <= self.micro_batches <= 8:
             raise ConfigError(f"micro_batches must be between 1 and 8, got {self.micro_batches!r}")
         if self.kernels not in KERNEL_CHOICES:
