@@ -69,6 +69,11 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
+    @property
+    def tokens_in_flight(self) -> int:
+        """Tokens (prompt + generated) of every running and waiting sequence: what placement balances."""
+        return sum(seq.num_tokens for seq in self.running) + sum(seq.num_tokens for seq in self.waiting)
+
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
