@@ -264,10 +264,16 @@ static void parallel_for(chunk_fn fn, const void *ctx, int64_t chunks) {
     pthread_cond_broadcast(&pool.start);
     pthread_mutex_unlock(&pool.mu);
     run_chunks(generation, fn, ctx, chunks);
-    while (atomic_load(&pool.done) < chunks) { /* only chunks already taken are left */
+    /* Only chunks already taken are left. A helper that holds one may have lost its core to another
+     * process: after a short spin, yield, so that a helper sharing this core gets it back at once. */
+    for (int spins = 0; atomic_load(&pool.done) < chunks; spins++) {
+        if (spins < SPIN_ROUNDS) {
 #if defined(__x86_64__)
-        _mm_pause();
+            _mm_pause();
 #endif
+        } else {
+            sched_yield();
+        }
     }
 }
 

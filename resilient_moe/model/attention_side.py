@@ -160,10 +160,15 @@ class _Layer:
         self.latent = LatentAttentionLayer(cfg, names, p, kernels) if cfg.mla is not None else None
         if self.latent is None:
             attn = f"{p}.self_attn"
-            self.q, self.k, self.v, self.o = (
-                linear(names[f"{attn}.{proj}.weight"], get(f"{attn}.{proj}.bias"))
-                for proj in ("q_proj", "k_proj", "v_proj", "o_proj")
-            )
+            # q, k and v as one product (one pass over the layer's input, one threaded job instead of
+            # three); every output column is still its own reduction, so the bits are those of three.
+            weights = [names[f"{attn}.{proj}.weight"] for proj in ("q_proj", "k_proj", "v_proj")]
+            biases = [get(f"{attn}.{proj}.bias") for proj in ("q_proj", "k_proj", "v_proj")]
+            bias = None if all(b is None for b in biases) else torch.cat(
+                [b if b is not None else w.new_zeros(w.shape[0]) for w, b in zip(weights, biases)])
+            self.qkv = linear(torch.cat(weights), bias)  # [H*d + 2*G*d, D]
+            self.qkv_split = [w.shape[0] for w in weights]
+            self.o = linear(names[f"{attn}.o_proj.weight"], get(f"{attn}.o_proj.bias"))
         self.q_norm = get(f"{p}.self_attn.q_norm.weight")
         self.k_norm = get(f"{p}.self_attn.k_norm.weight")
         self.sinks = get(f"{p}.self_attn.sinks")  # [H]
@@ -242,9 +247,7 @@ class AttentionSide:
             o = self._paged_attention(q, cache.keys[layer], cache.values[layer], batch, w.window, None)  # [T, H, C]
             h = h + w.latent.output(o)
             return h, self.kernels.rms_norm(h, w.post_norm, self.eps)
-        q = w.q(a)  # [T, H*d]
-        k = w.k(a)  # [T, G*d]
-        v = w.v(a)  # [T, G*d]
+        q, k, v = w.qkv(a).split(w.qkv_split, dim=1)  # [T, H*d], [T, G*d], [T, G*d]
         if cfg.qk_norm == "full":
             q = self.kernels.rms_norm(q, w.q_norm, self.eps)
             k = self.kernels.rms_norm(k, w.k_norm, self.eps)
