@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from resilient_moe.engine.config import EngineConfig, SamplingParams  # noqa: E402
 from resilient_moe.engine.engine import LLMEngine  # noqa: E402
-from resilient_moe.model.tiny import TinySize, make_tiny_model  # noqa: E402
+from bench_offline import add_model_arguments, model_from_arguments  # noqa: E402
 
 LONG_TOKENS, SHORT_TOKENS = 72, 8
 
@@ -41,12 +41,7 @@ def timed_generate(engine: LLMEngine, prompts: list[list[int]], new_tokens: int)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--family", default="qwen3_moe")
-    parser.add_argument("--model", help="existing checkpoint (default: a random one of the size below)")
-    parser.add_argument("--hidden-size", type=int, default=512)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--experts", type=int, default=8)
-    parser.add_argument("--top-k", type=int, default=2)
+    add_model_arguments(parser, "qwen3_moe")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--short", type=int, default=16, help="prompt tokens of the short requests")
     parser.add_argument("--long", type=int, default=2000, help="prompt tokens of the long request")
@@ -56,12 +51,7 @@ def main() -> None:
     args = parser.parse_args()
 
     tmp = tempfile.TemporaryDirectory()
-    model_dir = Path(args.model) if args.model else make_tiny_model(
-        Path(tmp.name) / "model", args.family, seed=0,
-        size=TinySize(hidden_size=args.hidden_size, num_layers=args.layers, num_heads=8, num_kv_heads=4,
-                      num_experts=args.experts, top_k=args.top_k, intermediate_size=2 * args.hidden_size,
-                      vocab_size=8192, max_position_embeddings=4096),
-    )
+    model_dir = model_from_arguments(args, Path(tmp.name))
     g = torch.Generator().manual_seed(0)
     uniform = torch.randint(3, 8000, (args.batch, args.short), generator=g).tolist()
     mixed = uniform[:-1] + [torch.randint(3, 8000, (args.long,), generator=g).tolist()]

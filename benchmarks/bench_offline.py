@@ -214,6 +214,28 @@ def step_work(model_dir: Path, batch: int, context: int) -> tuple[float, float]:
     return bytes_moved, flops
 
 
+def add_model_arguments(parser: argparse.ArgumentParser, family: str) -> None:
+    """The benchmark checkpoint's options (shared with bench_mixed_lengths.py)."""
+    parser.add_argument("--family", default=family)
+    parser.add_argument("--model", help="existing checkpoint (default: a random one of the size below)")
+    parser.add_argument("--hidden-size", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--top-k", type=int, default=2)
+
+
+def model_from_arguments(args: argparse.Namespace, tmp: Path) -> Path:
+    """--model, or a random checkpoint of the options' size written under `tmp`."""
+    if args.model:
+        return Path(args.model)
+    return make_tiny_model(
+        tmp / "model", args.family, seed=0,
+        size=TinySize(hidden_size=args.hidden_size, num_layers=args.layers, num_heads=8, num_kv_heads=4,
+                      num_experts=args.experts, top_k=args.top_k, intermediate_size=2 * args.hidden_size,
+                      vocab_size=8192, max_position_embeddings=4096),
+    )
+
+
 def main() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "--child":
         run_child(json.loads(sys.argv[2]))
@@ -223,12 +245,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--threads", default="1", help="thread counts to compare, e.g. 1,2")
-    parser.add_argument("--family", default="mixtral")
-    parser.add_argument("--model", help="existing checkpoint (default: a random one of the size below)")
-    parser.add_argument("--hidden-size", type=int, default=512)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--experts", type=int, default=8)
-    parser.add_argument("--top-k", type=int, default=2)
+    add_model_arguments(parser, "mixtral")
     parser.add_argument("--no-hf", action="store_true", help="skip transformers")
     parser.add_argument("--busy", action="store_true", help="also run the engine next to a busy core")
     parser.add_argument("--vllm", action="store_true", help=f"also run vLLM through {VLLM_PEER}")
@@ -237,12 +254,7 @@ def main() -> None:
     args = parser.parse_args()
 
     tmp = tempfile.TemporaryDirectory()
-    model_dir = Path(args.model) if args.model else make_tiny_model(
-        Path(tmp.name) / "model", args.family, seed=0,
-        size=TinySize(hidden_size=args.hidden_size, num_layers=args.layers, num_heads=8, num_kv_heads=4,
-                      num_experts=args.experts, top_k=args.top_k, intermediate_size=2 * args.hidden_size,
-                      vocab_size=8192, max_position_embeddings=4096),
-    )
+    model_dir = model_from_arguments(args, Path(tmp.name))
     thread_counts = [int(t) for t in args.threads.split(",")]
     machine = {t: in_child("machine", t, model_dir, [], 0) for t in thread_counts}
     rows = []

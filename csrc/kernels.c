@@ -198,16 +198,19 @@ static void linear_columns(const float *x, int64_t ldx, const float *packed, con
  * in its high bits, and a helper copies the job under the lock when it wakes, so a helper that wakes
  * late can never run a chunk of the next job with the previous job's arguments. Helpers spin briefly
  * before they sleep: a decode step issues a job every few hundred microseconds, and a futex wake-up
- * per job would cost more than the split gains. */
+ * per job would cost more than the split gains; the caller too, before it sleeps on the job's last
+ * chunk (see parallel_for). */
 #define MAX_THREADS 64
 #define PARALLEL_MIN_FLOPS (1 << 21) /* smaller products are not worth waking anyone */
-#define SPIN_ROUNDS 4000             /* ~tens of microseconds of polling before a helper sleeps */
+#define SPIN_ROUNDS 2000             /* ~tens of microseconds of polling before a thread sleeps */
 
 typedef void (*chunk_fn)(const void *ctx, int64_t chunk);
 
 static struct {
     pthread_mutex_t mu;
     pthread_cond_t start;
+    pthread_cond_t finished; /* the last chunk of a job is done (a sleeping caller waits on it) */
+    _Atomic int caller_waits;
     int threads; /* helpers running (the caller makes one more) */
     _Atomic uint32_t generation;
     chunk_fn fn;
@@ -215,7 +218,7 @@ static struct {
     int64_t chunks;
     _Atomic uint64_t next; /* (generation << 32) | next chunk */
     _Atomic int64_t done;  /* chunks finished of the current job */
-} pool = {.mu = PTHREAD_MUTEX_INITIALIZER, .start = PTHREAD_COND_INITIALIZER};
+} pool = {.mu = PTHREAD_MUTEX_INITIALIZER, .start = PTHREAD_COND_INITIALIZER, .finished = PTHREAD_COND_INITIALIZER};
 
 static void run_chunks(uint32_t generation, chunk_fn fn, const void *ctx, int64_t chunks) {
     for (;;) {
@@ -223,7 +226,13 @@ static void run_chunks(uint32_t generation, chunk_fn fn, const void *ctx, int64_
         if ((uint32_t)(v >> 32) != generation || (int64_t)(v & 0xffffffffu) >= chunks) return;
         if (!atomic_compare_exchange_weak(&pool.next, &v, v + 1)) continue;
         fn(ctx, (int64_t)(v & 0xffffffffu));
-        atomic_fetch_add(&pool.done, 1);
+        /* The last chunk wakes a caller that went to sleep (seq_cst: either it sees this count, or this
+         * sees its flag and the signal waits for its cond_wait under the lock). */
+        if (atomic_fetch_add(&pool.done, 1) + 1 == chunks && atomic_load(&pool.caller_waits)) {
+            pthread_mutex_lock(&pool.mu);
+            pthread_cond_broadcast(&pool.finished);
+            pthread_mutex_unlock(&pool.mu);
+        }
     }
 }
 
@@ -265,15 +274,20 @@ static void parallel_for(chunk_fn fn, const void *ctx, int64_t chunks) {
     pthread_mutex_unlock(&pool.mu);
     run_chunks(generation, fn, ctx, chunks);
     /* Only chunks already taken are left. A helper that holds one may have lost its core to another
-     * process: after a short spin, yield, so that a helper sharing this core gets it back at once. */
-    for (int spins = 0; atomic_load(&pool.done) < chunks; spins++) {
-        if (spins < SPIN_ROUNDS) {
+     * process: after a short spin the caller sleeps until the last chunk is done, so that its core goes
+     * idle and the scheduler moves the stalled helper onto it at once (spinning or yielding here kept
+     * the core busy, and the helper queued behind the other process: two threads ran slower than one). */
+    for (int spins = 0; spins < SPIN_ROUNDS && atomic_load(&pool.done) < chunks; spins++) {
 #if defined(__x86_64__)
-            _mm_pause();
+        _mm_pause();
 #endif
-        } else {
-            sched_yield();
-        }
+    }
+    if (atomic_load(&pool.done) < chunks) {
+        pthread_mutex_lock(&pool.mu);
+        atomic_store(&pool.caller_waits, 1);
+        while (atomic_load(&pool.done) < chunks) pthread_cond_wait(&pool.finished, &pool.mu);
+        atomic_store(&pool.caller_waits, 0);
+        pthread_mutex_unlock(&pool.mu);
     }
 }
 
