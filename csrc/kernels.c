@@ -204,6 +204,18 @@ static void linear_columns(const float *x, int64_t ldx, const float *packed, con
 #define PARALLEL_MIN_FLOPS (1 << 21) /* smaller products are not worth waking anyone */
 #define SPIN_ROUNDS 2000             /* ~tens of microseconds of polling before a thread sleeps */
 
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static double thread_cpu_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
 typedef void (*chunk_fn)(const void *ctx, int64_t chunk);
 
 static struct {
@@ -257,11 +269,41 @@ static void *helper(void *arg) {
 }
 
 /* fn(ctx, c) for c in [0, chunks), on the pool when it has helpers and there is more than one chunk. */
+/* Threads must never make a process slower than one thread. On a machine where another process takes
+ * a core, our threads share the one left: the helper (spinning, or holding a chunk when preempted)
+ * takes time slices from the caller, and a job waits for slices of milliseconds (a decode step runs
+ * dozens of jobs). A job that took more than STALL_RATIO times the CPU time the caller spent on it is
+ * a stall: the caller was off its core or waiting. When STALL_LIMIT of the last STALL_WINDOW jobs
+ * stalled, the next SERIAL_JOBS jobs run on the caller alone, then threads are tried again. Either way
+ * every result is the same (the split never changes a reduction). */
+#define STALL_WINDOW 32
+#define STALL_LIMIT 8
+#define SERIAL_JOBS 512
+#define STALL_RATIO 1.6
+
+static struct {
+    int jobs, stalls; /* in the current window */
+    int serial_left;  /* jobs still to run serially */
+    int64_t serial_spells; /* times threads were given up (threads_stalled() reports it) */
+} contention;
+
+static void note_job(double wall_s, double cpu_s) {
+    contention.stalls += wall_s > STALL_RATIO * cpu_s;
+    if (++contention.jobs < STALL_WINDOW) return;
+    if (contention.stalls >= STALL_LIMIT) {
+        contention.serial_left = SERIAL_JOBS;
+        contention.serial_spells++;
+    }
+    contention.jobs = contention.stalls = 0;
+}
+
 static void parallel_for(chunk_fn fn, const void *ctx, int64_t chunks) {
-    if (pool.threads == 0 || chunks <= 1) {
+    if (pool.threads == 0 || chunks <= 1 || contention.serial_left > 0) {
+        if (contention.serial_left > 0) contention.serial_left--;
         for (int64_t c = 0; c < chunks; c++) fn(ctx, c);
         return;
     }
+    double began = now_s(), cpu_began = thread_cpu_s();
     pthread_mutex_lock(&pool.mu);
     pool.fn = fn;
     pool.ctx = ctx;
@@ -289,6 +331,7 @@ static void parallel_for(chunk_fn fn, const void *ctx, int64_t chunks) {
         atomic_store(&pool.caller_waits, 0);
         pthread_mutex_unlock(&pool.mu);
     }
+    note_job(now_s() - began, thread_cpu_s() - cpu_began);
 }
 
 /* ---- products: one, or a group sharing one call -------------------------------------------- */
@@ -562,12 +605,6 @@ __attribute__((target("avx2,fma"))) static void *fma_loop(void *p) {
 }
 #endif
 
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
 typedef struct {
     const char *src;
     char *dst;
@@ -648,6 +685,10 @@ static PyObject *py_set_threads(PyObject *self, PyObject *arg) {
 }
 
 static PyObject *py_threads(PyObject *self, PyObject *unused) { return PyLong_FromLong(pool.threads + 1); }
+
+static PyObject *py_serial_spells(PyObject *self, PyObject *unused) {
+    return PyLong_FromLongLong(contention.serial_spells);
+}
 
 static int check_product(const product *p) {
     if (p->M < 0 || p->N < 0 || p->K < 0 || p->ldx < p->K || p->ldy < p->N || !p->x || !p->packed || !p->y) {
@@ -848,6 +889,8 @@ static PyMethodDef methods[] = {
      "copy_bandwidth(bytes, repeats, threads, read_only=False) -> bytes/s of a memcpy, read + write counted "
      "(STREAM copy), or of a read-only stream (as weights are read)."},
     {"threads", py_threads, METH_NOARGS, "threads() -> int: threads jobs run on (helpers + the caller)."},
+    {"serial_spells", py_serial_spells, METH_NOARGS,
+     "serial_spells() -> int: times jobs went back to one thread because helpers kept stalling."},
     {"set_portable", py_set_portable, METH_O, "set_portable(flag): force (or stop forcing) the portable path."},
     {"set_threads", py_set_threads, METH_O,
      "set_threads(n): compute big products on n threads, split by output columns (results unchanged)."},
