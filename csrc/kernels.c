@@ -397,7 +397,8 @@ static void run_products(const product *jobs, int64_t njobs) {
  * fixed by the row alone:
  *   s_j = (q . k_j) * scale     the dot over 8 lanes (lane l sums elements l, l + 8, ... as one fma
  *                               chain), the lanes added as a fixed tree, then the tail elements
- *   m = max(sink, s_lo .. s_pos); p_j = expf(s_j - m); sum = expf(sink - m) (or 0) + p_lo + ... in order
+ *   m = max(sink, s_lo .. s_pos); p_j = exp(s_j - m) (exp_portable: one polynomial, the same bits
+ *                               on every path); sum = p_lo + ... over 8 lanes as the dot, + exp(sink - m)
  *   o = (fma chain over j of p_j * v_j) / sum
  * for keys lo = max(0, pos - window + 1) .. pos. No split over keys: a row's result is the same alone,
  * in any batch, in a prefill, a chunk of one, or a decode step. The portable path computes the same
@@ -465,13 +466,116 @@ __attribute__((target("avx2,fma"))) static float dot_avx2(const float *a, const 
     return s;
 }
 
-/* acc[0..n) = fma(p, v, acc) elementwise. */
-__attribute__((target("avx2,fma"))) static void axpy_avx2(float p, const float *v, float *acc, int64_t n) {
-    __m256 pv = _mm256_set1_ps(p);
+/* out[c0 .. c0 + 8 * NV) = sum over keys j, in order, of p[j] * v_j (one fma chain per element, as
+ * axpy_portable applied key by key), the NV accumulators held in registers across all keys. */
+#define VALUES_BLOCK(NV)                                                                                  \
+    __attribute__((target("avx2,fma"))) static void values_block##NV(const float *p, const float *vbase,   \
+                                                                    const int64_t *slot, int64_t v_s,      \
+                                                                    int64_t n, float *out) {               \
+        __m256 acc[NV];                                                                                   \
+        for (int i = 0; i < NV; i++) acc[i] = _mm256_setzero_ps();                                       \
+        for (int64_t j = 0; j < n; j++) {                                                                 \
+            const float *v = vbase + slot[j] * v_s;                                                       \
+            __m256 pj = _mm256_set1_ps(p[j]);                                                             \
+            for (int i = 0; i < NV; i++) acc[i] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + 8 * i), acc[i]); \
+        }                                                                                                 \
+        for (int i = 0; i < NV; i++) _mm256_storeu_ps(out + 8 * i, acc[i]);                               \
+    }
+VALUES_BLOCK(1)
+VALUES_BLOCK(2)
+VALUES_BLOCK(4)
+VALUES_BLOCK(8)
+
+__attribute__((target("avx2,fma"))) static void values_avx2(const float *p, const float *vbase, const int64_t *slot,
+                                                            int64_t v_s, int64_t n, int64_t dv, float *out) {
     int64_t c = 0;
-    for (; c + 8 <= n; c += 8)
-        _mm256_storeu_ps(acc + c, _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + c), _mm256_loadu_ps(acc + c)));
-    for (; c < n; c++) acc[c] = fmaf(p, v[c], acc[c]);
+    for (; c + 64 <= dv; c += 64) values_block8(p, vbase + c, slot, v_s, n, out + c);
+    for (; c + 32 <= dv; c += 32) values_block4(p, vbase + c, slot, v_s, n, out + c);
+    for (; c + 16 <= dv; c += 16) values_block2(p, vbase + c, slot, v_s, n, out + c);
+    for (; c + 8 <= dv; c += 8) values_block1(p, vbase + c, slot, v_s, n, out + c);
+    for (; c < dv; c++) {
+        float s = 0.0f;
+        for (int64_t j = 0; j < n; j++) s = fmaf(p[j], vbase[slot[j] * v_s + c], s);
+        out[c] = s;
+    }
+}
+#endif
+
+/* exp for softmax weights, the same bits on both paths: Cephes' expf polynomial (within 2 ulp of
+ * expf), every step a correctly rounded operation done alike by the vector and the scalar code:
+ * x = max(x, -87.3); n = nearest(x * log2 e); r = x - n ln2 (two fmas); y = 1 + r + r^2 P(r); y * 2^n. */
+#define EXP_LO -87.3f
+#define LOG2E 1.44269504088896341f
+#define LN2_HI 0.693359375f
+#define LN2_LO -2.12194440e-4f
+#define P0 1.9875691500e-4f
+#define P1 1.3981999507e-3f
+#define P2 8.3334519073e-3f
+#define P3 4.1665795894e-2f
+#define P4 1.6666665459e-1f
+#define P5 5.0000001201e-1f
+
+static float exp_portable(float x) {
+    x = x > EXP_LO ? x : EXP_LO;
+    float n = nearbyintf(x * LOG2E);
+    float r = fmaf(n, -LN2_HI, x);
+    r = fmaf(n, -LN2_LO, r);
+    float p = P0;
+    p = fmaf(p, r, P1);
+    p = fmaf(p, r, P2);
+    p = fmaf(p, r, P3);
+    p = fmaf(p, r, P4);
+    p = fmaf(p, r, P5);
+    float y = fmaf(p, r * r, r) + 1.0f;
+    union { uint32_t u; float f; } scale = {.u = (uint32_t)((int32_t)n + 127) << 23};
+    return y * scale.f;
+}
+
+/* Softmax weights of one head's scores s[0..n) in place (exp(s - m)); returns their sum plus `sink`
+ * (0 or exp(sink logit - m)), added as: 8 lanes (lane l sums j = l, l + 8, ...), the fixed tree, the
+ * tail in order, then the sink. */
+static float softmax_portable(float *s, int64_t n, float m, float sink) {
+    for (int64_t j = 0; j < n; j++) s[j] = exp_portable(s[j] - m);
+    float lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8)
+        for (int l = 0; l < 8; l++) lanes[l] += s[j + l];
+    float sum = hsum8_portable(lanes);
+    for (; j < n; j++) sum += s[j];
+    return sum + sink;
+}
+
+#if defined(__x86_64__)
+__attribute__((target("avx2,fma"))) static inline __m256 exp_avx2(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(EXP_LO));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(LOG2E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fmadd_ps(n, _mm256_set1_ps(-LN2_HI), x);
+    r = _mm256_fmadd_ps(n, _mm256_set1_ps(-LN2_LO), r);
+    __m256 p = _mm256_set1_ps(P0);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(P1));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(P2));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(P3));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(P4));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(P5));
+    __m256 y = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+__attribute__((target("avx2,fma"))) static float softmax_avx2(float *s, int64_t n, float m, float sink) {
+    __m256 mv = _mm256_set1_ps(m), lanes = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+        __m256 p = exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(s + j), mv));
+        _mm256_storeu_ps(s + j, p);
+        lanes = _mm256_add_ps(lanes, p);
+    }
+    float sum = hsum8(lanes);
+    for (; j < n; j++) {
+        s[j] = exp_portable(s[j] - m);
+        sum += s[j];
+    }
+    return sum + sink;
 }
 #endif
 
@@ -499,9 +603,14 @@ static void attention_item(const void *ctx, int64_t item) {
     int64_t lo = a->window > 0 && pos - a->window + 1 > 0 ? pos - a->window + 1 : 0;
     int64_t n = pos + 1 - lo;
     const int64_t *table = a->blocks + a->start[seq];
-    float *scores = scratch_for(R * n + R * a->DV);
+    float *scores = scratch_for(R * n + R * a->DV + 2 * n);
     if (!scores) return; /* out of memory: the caller checks every row was written (see py_paged_attention) */
     float *acc = scores + R * n;
+    int64_t *slot = (int64_t *)(acc + R * a->DV); /* cache slot of each visible key, block by block */
+    for (int64_t j = 0, p = lo; p <= pos; p = (p / bs + 1) * bs) {
+        int64_t base = table[p / bs] * bs, end = (p / bs + 1) * bs <= pos + 1 ? (p / bs + 1) * bs : pos + 1;
+        for (int64_t o = p; o < end; o++) slot[j++] = base + o % bs;
+    }
     const float *kbase = a->k + g * a->k_g, *vbase = a->v + g * a->v_g;
     const float *q = a->q + t * a->q_t + g * R * a->q_h;
     int vec = 0;
@@ -515,8 +624,7 @@ static void attention_item(const void *ctx, int64_t item) {
         if (vec && left >= 4) {
             const float *kp[4];
             for (int i = 0; i < 4; i++) {
-                int64_t p = lo + j + i;
-                kp[i] = kbase + (table[p / bs] * bs + p % bs) * a->k_s;
+                kp[i] = kbase + slot[j + i] * a->k_s;
             }
             for (int64_t r = 0; r < R; r++) {
                 float s4[4];
@@ -528,8 +636,7 @@ static void attention_item(const void *ctx, int64_t item) {
         }
 #endif
         (void)left;
-        int64_t p = lo + j;
-        const float *kp = kbase + (table[p / bs] * bs + p % bs) * a->k_s;
+        const float *kp = kbase + slot[j] * a->k_s;
         for (int64_t r = 0; r < R; r++) {
 #if defined(__x86_64__)
             float s = vec ? dot_avx2(q + r * a->q_h, kp, a->D) : dot_portable(q + r * a->q_h, kp, a->D);
@@ -545,28 +652,24 @@ static void attention_item(const void *ctx, int64_t item) {
     for (int64_t r = 0; r < R; r++) {
         float *s = scores + r * n;
         float m = a->sinks ? a->sinks[g * R + r] : -INFINITY;
-        for (int64_t j = 0; j < n; j++) m = s[j] > m ? s[j] : m;
-        float sum = a->sinks ? expf(a->sinks[g * R + r] - m) : 0.0f;
-        for (int64_t j = 0; j < n; j++) {
-            s[j] = expf(s[j] - m);
-            sum += s[j];
-        }
-        inv[r] = sum;
+        for (int64_t j = 0; j < n; j++) m = s[j] > m ? s[j] : m; /* a maximum: the same in any order */
+        float sink = a->sinks ? exp_portable(a->sinks[g * R + r] - m) : 0.0f;
+#if defined(__x86_64__)
+        inv[r] = vec ? softmax_avx2(s, n, m, sink) : softmax_portable(s, n, m, sink);
+#else
+        inv[r] = softmax_portable(s, n, m, sink);
+#endif
         memset(acc + r * a->DV, 0, (size_t)a->DV * sizeof(float));
     }
-    /* Step 3: values, key-major; one fma chain over keys per output element. */
-    for (int64_t j = 0; j < n; j++) {
-        int64_t p = lo + j;
-        const float *vp = vbase + (table[p / bs] * bs + p % bs) * a->v_s;
-        for (int64_t r = 0; r < R; r++) {
+    /* Step 3: values; one fma chain over keys, in key order, per output element. */
 #if defined(__x86_64__)
-            if (vec) {
-                axpy_avx2(scores[r * n + j], vp, acc + r * a->DV, a->DV);
-                continue;
-            }
+    if (vec) {
+        for (int64_t r = 0; r < R; r++) values_avx2(scores + r * n, vbase, slot, a->v_s, n, a->DV, acc + r * a->DV);
+    } else
 #endif
-            axpy_portable(scores[r * n + j], vp, acc + r * a->DV, a->DV);
-        }
+    for (int64_t j = 0; j < n; j++) {
+        const float *vp = vbase + slot[j] * a->v_s;
+        for (int64_t r = 0; r < R; r++) axpy_portable(scores[r * n + j], vp, acc + r * a->DV, a->DV);
     }
     for (int64_t r = 0; r < R; r++) {
         float *o = a->o + t * a->o_t + (g * R + r) * a->o_h;
@@ -659,7 +762,7 @@ static _Atomic int attention_failed; /* an item found no scratch memory */
 static void attention_chunk(const void *ctx, int64_t item) {
     const attention_job *a = ctx;
     int64_t t = item / a->G, seq_keys = a->positions[t] + 1;
-    if (!scratch_for((a->H / a->G) * (seq_keys + a->DV))) {
+    if (!scratch_for((a->H / a->G) * (seq_keys + a->DV) + 2 * seq_keys)) {
         atomic_store(&attention_failed, 1);
         return;
     }
