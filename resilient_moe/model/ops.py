@@ -10,6 +10,9 @@ row the same bits whatever else shares its batch:
   output element whatever the shape. Elsewhere torch is used; measured on MKL (one thread), a row of
   ``x @ w.T`` is identical for any batch of >= 4 rows but differs for 1-3 rows (another kernel), so
   those calls and the attention matmuls pad to 4 rows.
+* Attention on CPU in float32: `paged_attention` runs csrc/kernels.c, each row over its own
+  sequence's keys read through the block table (no padding), one fixed reduction per row. The facts
+  below are for the gathering path the other cases take (bfloat16, other devices with torch).
 * ``q @ k.T``: identical across key lengths that are multiples of 16 (>= 16), not otherwise; keys
   are padded to a multiple of `KEY_PAD`, the padding masked to -inf.
 * softmax over -inf padding and ``p @ v`` over zero padding are identical for any padded length.
