@@ -300,9 +300,9 @@ def main() -> None:
             r[key]["roofline_share_copy"] = roof_copy / step_s
             cells.append(f"{r[key]['tokens_per_s']:>7.1f} ({r[key]['step_ms_p50']:>6.1f}) "
                          f"[{100 * roof_read / step_s:>3.0f}%/{100 * roof_copy / step_s:>3.0f}%]")
-        e = r["engine"]["tokens_per_s"]
-        vs = lambda key: f"{e / r[key]['tokens_per_s']:.2f}x" if key in r else "-"  # noqa: E731
-        print(f"{r['batch']:>5} {r['threads']:>3} " + " ".join(cells) + f" | {vs('vllm'):>7} {vs('hf_sdpa'):>7}")
+        vs = [f"{r['engine']['tokens_per_s'] / r[key]['tokens_per_s']:.2f}x" if key in r else "-"
+              for key in ("vllm", "hf_sdpa")]
+        print(f"{r['batch']:>5} {r['threads']:>3} " + " ".join(cells) + f" | {vs[0]:>7} {vs[1]:>7}")
     print(f"roofline per step: {rows[-1]['bytes'] / 1e9:.2f} GB moved, {rows[-1]['flops'] / 1e9:.2f} GFLOP "
           f"(batch {rows[-1]['batch']})")
     for batch in sorted({r["batch"] for r in rows}):
