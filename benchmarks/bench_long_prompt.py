@@ -7,12 +7,13 @@ by transformers' save_pretrained (cached in --cache).
 
 Part 1 (colocated engine, one process): 8 streams decode; a prompt of each length arrives; the
 streams' inter-token gaps from its arrival until its first token (p50, p99, max), next to their steady
-gap, with prompts computed in chunks of --chunk tokens a step vs whole (one step).
+gap, with prompt chunks sized by time (the default max_step_ms), in fixed chunks of --chunk tokens a step,
+and whole (one step).
 
 Part 2: time to first token of one prompt, colocated vs 1 attention worker + 2 expert workers (shm),
 as prefill throughput (prompt tokens / s).
 
-    python benchmarks/bench_long_prompt.py [--prompts 1024,4096,8192] [--chunk 512] [--json out.json]
+    python benchmarks/bench_long_prompt.py [--prompts 1024,4096,8192] [--chunk 512] [--no-part2] [--json out.json]
 """
 
 from __future__ import annotations
@@ -57,9 +58,10 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def gaps_while_prefilling(model: Path, prompt_len: int, chunk: int) -> dict:
+def gaps_while_prefilling(model: Path, prompt_len: int, chunk: int, max_step_ms: float | None) -> dict:
     """Steady gap, then the streams' gaps while a prompt of `prompt_len` tokens is prefilled."""
     engine = LLMEngine(model, EngineConfig(max_model_len=prompt_len + 64, max_prefill_tokens_per_step=chunk,
+                                           max_step_ms=max_step_ms,
                                            max_num_batched_tokens=max(chunk + STREAMS, 4096),
                                            kv_cache_tokens=prompt_len + 64 * STREAMS + 1024))
     rng = random.Random(prompt_len)
@@ -110,26 +112,34 @@ def main() -> int:
     parser.add_argument("--prompts", default="1024,4096,8192", help="prompt lengths (tokens)")
     parser.add_argument("--chunk", type=int, default=512, help="max_prefill_tokens_per_step when chunked")
     parser.add_argument("--prefill-prompt", type=int, default=3000, help="prompt length of part 2")
+    parser.add_argument("--no-part2", action="store_true", help="skip part 2 (time to first token)")
     parser.add_argument("--cache", type=Path, default=Path("/tmp/rmoe-bench"))
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    torch.set_num_threads(1)
     lengths = [int(x) for x in args.prompts.split(",")]
     model = checkpoint(args.cache)
     results: dict = {"part1": [], "part2": {}}
 
-    print(f"Part 1: {STREAMS} decoding streams while a prompt is prefilled (colocated, 1 thread)")
+    print(f"Part 1: {STREAMS} decoding streams while a prompt is prefilled (colocated, default threads): chunks "
+          f"sized by time (max_step_ms default: 4x the steady decode step; cap 4096), in fixed {args.chunk}-token "
+          "chunks (the time target off), and unchunked")
     print(f"{'prompt':>7} {'mode':>12} {'steady p50':>11} {'p50':>9} {'p99':>9} {'max':>9} {'max/steady':>10} "
           f"{'steps':>6} {'prefill s':>9}")
     for length in lengths:
-        for label, chunk in ((f"chunk {args.chunk}", args.chunk), ("unchunked", length + STREAMS)):
-            row = gaps_while_prefilling(model, length, chunk)
+        modes = (("by time", 4096, None), (f"fixed {args.chunk}", args.chunk, 1e9),
+                 ("unchunked", length + STREAMS, 1e9))
+        for label, chunk, max_step_ms in modes:
+            row = gaps_while_prefilling(model, length, chunk, max_step_ms)
             row |= {"prompt": length, "mode": label}
             results["part1"].append(row)
             print(f"{length:>7} {label:>12} {row['steady_p50_ms']:>9.1f}ms {row['p50_ms']:>7.1f}ms "
                   f"{row['p99_ms']:>7.1f}ms {row['max_ms']:>7.1f}ms {row['max_ms'] / row['steady_p50_ms']:>9.1f}x "
                   f"{row['steps']:>6} {row['prefill_s']:>9.2f}", flush=True)
 
+    if args.no_part2:
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2))
+        return 0
     prompt = [random.Random(1).randrange(3, 1000) for _ in range(args.prefill_prompt)]
     print(f"\nPart 2: prefill of a {len(prompt)}-token prompt (time to first token)")
     colocated = ttft_colocated(model, prompt)

@@ -64,7 +64,7 @@ class DeploymentConfig:
     redis_url: str = ""  # "": the launcher starts a private redis-server when checkpointing is on
     log_level: str = "INFO"
     # "auto": each attention and expert worker runs on cores of its own (launch/cpus.py) with as many
-    # torch and native GEMM threads as it has cores; "none": no pinning, engine.torch_threads threads.
+    # torch and native GEMM threads as it has cores; "none": no pinning, engine.threads threads.
     cpu_affinity: str = "auto"
     # "local": every role as a process on this host (launch/local_backend.py); "ray": across the nodes of
     # a Ray cluster (launch/ray_backend.py, needs the `ray` extra). One launcher's policy for both.
@@ -231,7 +231,7 @@ class WorkerConfig:
     @property
     def threads(self) -> int:
         """Torch and native GEMM threads: one per pinned core, else the engine's setting."""
-        return len(self.cpus) if self.cpus else self.deployment.engine.torch_threads
+        return len(self.cpus) if self.cpus else self.deployment.engine.threads
 
     def to_json(self) -> str:
         import dataclasses

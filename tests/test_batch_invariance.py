@@ -106,3 +106,41 @@ def test_recompute_after_preemption_gives_identical_tokens(tiny_model):
     tight = tight_engine.generate(prompts, params)
     assert tight_engine.scheduler.num_preemptions > 0, "the small cache should have forced preemptions"
     assert [r.token_ids for r in tight] == [r.token_ids for r in roomy]
+
+
+def test_linear_group_gives_each_product_its_own_bits():
+    """A layer's experts in one native call: each product's rows are what its linear gives alone, and a
+    row alone gives the bits it has among many (csrc/kernels.c linear_group)."""
+    g = torch.Generator().manual_seed(8)
+    experts = [ops.Linear(torch.randn(48 + 16 * i, 40, generator=g), torch.randn(48 + 16 * i, generator=g))
+               for i in range(5)]
+    xs = [torch.randn(rows, 40, generator=g) for rows in (1, 7, 0, 13, 64)]
+    outs = [torch.empty(x.shape[0], e.out_features) for e, x in zip(experts, xs)]
+    ops.linear_group(list(zip(experts, xs, outs)))
+    for e, x, y in zip(experts, xs, outs):
+        assert torch.equal(y, e(x))
+        for row in range(0, x.shape[0], 5):
+            single = torch.empty(1, e.out_features)
+            ops.linear_group([(e, x[row : row + 1], single)])
+            assert torch.equal(single[0], y[row])
+
+
+@pytest.mark.parametrize("between", [False, True])
+def test_grouped_native_experts_match_one_expert_at_a_time(tiny_model, between):
+    """ExpertSide runs a layer's experts as two native group calls (in groups, `between` called after
+    each, when an expert worker answers probes): the same bits as each expert's MLP alone."""
+    from resilient_moe.model.expert_side import ExpertSide
+    from resilient_moe.model.weights import Checkpoint
+
+    side = ExpertSide(Checkpoint(tiny_model))
+    assert side.native
+    g = torch.Generator().manual_seed(9)
+    E = side.checkpoint.cfg.num_experts
+    x = torch.randn(50, side.checkpoint.cfg.hidden_size, generator=g)
+    ids = torch.randint(0, E, (50,), generator=g)
+    calls = []
+    y = side.forward(1, x, ids, (lambda: calls.append(1)) if between else None)
+    for i in range(50):
+        gate_up, down = side._weights[(1, int(ids[i]))]
+        assert torch.equal(y[i], side._mlp(x[i : i + 1], gate_up, down)[0])
+    assert bool(calls) == between

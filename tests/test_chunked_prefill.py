@@ -9,6 +9,7 @@ import statistics
 import time
 
 import pytest
+import torch
 
 from resilient_moe.engine.config import EngineConfig, SamplingParams
 from resilient_moe.engine.engine import LLMEngine
@@ -73,3 +74,42 @@ def test_a_long_prompt_does_not_stall_decoding_streams(real_width):
         assert len(gaps) <= 60, "the prompt is done in 3000 / 64 steps"
     assert len(gaps) >= 3000 // 64
     assert max(gaps) <= 10 * steady, (max(gaps), steady)
+
+
+def test_time_sized_chunks_give_the_unchunked_tokens_at_real_width(real_width):
+    """Real widths, a 3000-token prompt beside two decoding streams: with chunks sized by time (the
+    default max_step_ms, no token cap in the way) the prompt is cut in several chunks of whatever size
+    the measured costs give, and its logits are bit-identical to the unchunked run's, its tokens
+    transformers'."""
+    model, prompt, hf_tokens = real_width
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    config = EngineConfig(max_model_len=4096, max_prefill_tokens_per_step=4096, max_num_batched_tokens=4096)
+
+    def long_prompt(engine):
+        """The long request's (tokens, logits, cached positions after each step until its first token)."""
+        engine.keep_logits = True
+        engine.add_request("long", prompt, params)
+        tokens, logits, progress = [], [], []
+        for _ in range(1000):
+            for event in engine.step():
+                if event.request_id == "long":
+                    tokens.append(event.token_id)
+                    logits.append(engine.last_logits["long"])
+            if not tokens:
+                progress.append(next(s.num_cached for s in engine.scheduler.running if s.request_id == "long"))
+            if len(tokens) == len(hf_tokens):
+                return tokens, logits, progress
+        raise AssertionError("the long request did not finish")
+
+    whole_tokens, whole_logits, _ = long_prompt(LLMEngine(model, config))
+    engine = LLMEngine(model, config)
+    rng = random.Random(10)
+    for i in range(2):
+        engine.add_request(f"s{i}", [rng.randrange(3, 1000) for _ in range(16)],
+                           SamplingParams(max_tokens=1000, ignore_eos=True))
+    for _ in range(6):  # the streams' prefill, then steady decode steps the cost model measures
+        engine.step()
+    tokens, logits, progress = long_prompt(engine)
+    assert whole_tokens == hf_tokens and tokens == hf_tokens
+    assert len(progress) >= 2, f"the prompt went in one step: time-sized chunks should cut it ({progress})"
+    assert len(logits) == len(whole_logits) and all(torch.equal(a, b) for a, b in zip(logits, whole_logits))

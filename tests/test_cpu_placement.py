@@ -37,29 +37,44 @@ def test_workers_run_pinned_with_one_thread_per_core(tiny_model, fork_server, tm
             pinned = sorted(os.sched_getaffinity(cluster.pids[name]))
             expected = list(plan[name]) if affinity == "auto" else cores
             assert pinned == expected, (name, pinned)
-            threads = len(plan[name]) if affinity == "auto" else dep.engine.torch_threads
+            threads = len(plan[name]) if affinity == "auto" else dep.engine.threads
             wait_until(lambda: worker_load(cluster, name, "threads") == threads, 10, f"{name} to report its threads")
         assert sorted(os.sched_getaffinity(cluster.pids["controller"])) == cores, "the controller is not pinned"
 
 
 def test_native_gemm_gives_the_same_bits_on_any_number_of_threads():
-    """Threads split a product by output columns, never by K (csrc/kernels.c): run in a child process,
+    """Threads split a product by output columns, never by K, a group of products by product and columns,
+    and attention by (row, kv head), never inside a row (csrc/kernels.c): run in a child process,
     since the helper threads stay for the life of the process."""
     import subprocess
     import sys
 
     code = """
 import torch
-from resilient_moe.model.ops import Linear, set_threads
+from resilient_moe.model import ops
 torch.manual_seed(0)
-lin = Linear(torch.randn(1000, 700), torch.randn(1000))
+lin = ops.Linear(torch.randn(1000, 700), torch.randn(1000))
 xs = [torch.randn(m, 700) for m in (1, 5, 64, 300)]
 single = [lin(x) for x in xs]
-set_threads(3)
+experts = [(ops.Linear(torch.randn(300, 700)), torch.randn(m, 700)) for m in (3, 9, 1, 40)]
+expert_single = [e(x) for e, x in experts]
+G, R, d, slots = 2, 4, 64, 4096
+k, v = torch.randn(G, slots, d), torch.randn(G, slots, d)
+blocks = torch.randperm(slots // 16)
+lengths = [1, 900, 2000, 33]
+start = torch.tensor([0, 1, 60, 190])
+q = torch.randn(len(lengths), G * R, d)
+args = (blocks, start, torch.arange(4), torch.tensor(lengths) - 1, 16, 0.125, None, None)
+attention_single = ops.paged_attention(q, k, v, *args)
+ops.configure_threads(3, "float32", "cpu")
+outs = [torch.empty(x.shape[0], 300) for _, x in experts]
+ops.linear_group([(e, x, y) for (e, x), y in zip(experts, outs)])
 print(all(torch.equal(lin(x), y) for x, y in zip(xs, single)),
-      torch.equal(lin(xs[3])[7], lin(xs[3][7:8])[0]))
+      torch.equal(lin(xs[3])[7], lin(xs[3][7:8])[0]),
+      all(torch.equal(a, b) for a, b in zip(outs, expert_single)),
+      torch.equal(ops.paged_attention(q, k, v, *args), attention_single))
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.stdout.split() == ["True", "True"], done.stderr
+    assert done.stdout.split() == ["True"] * 4, done.stderr
     assert torch.get_num_threads() >= 1

@@ -84,10 +84,10 @@ def test_default_and_torch_kernels(hf_checkpoints):
     """auto on a CPU is the native kernels, exactly as before the setting existed; torch is plain torch."""
     model_dir = hf_checkpoints["qwen2_moe"]
     default = LLMEngine(model_dir, EngineConfig(device="cpu"))
-    assert default.kernels.name == "native" and isinstance(default.attention.layers[0].q, ops.Linear)
+    assert default.kernels.name == "native" and isinstance(default.attention.layers[0].qkv, ops.Linear)
     assert default.scheduler.log_softmax is None
     plain = LLMEngine(model_dir, EngineConfig(device="cpu", kernels="torch"))
-    assert isinstance(plain.attention.layers[0].q, TorchLinear)
+    assert isinstance(plain.attention.layers[0].qkv, TorchLinear)
     assert isinstance(plain.runner.executor.experts._weights[(0, 0)][0], TorchLinear)
     prompts = parity.ragged_prompts(2, 320, seed=4)
     reference = parity.hf_reference(model_dir, prompts, 6)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,27 +28,42 @@ class EngineConfig:
     kv_cache_bytes: int | None = None
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 4096
-    max_prefill_tokens_per_step: int = 512  # prompt tokens one step computes (chunked prefill), decodes aside
+    max_prefill_tokens_per_step: int = 512  # hard cap on prompt tokens one step computes (chunked prefill)
+    # Latency a step that also computes prompt tokens should stay within while others decode: each
+    # step's prompt chunk is sized by the measured prefill cost to fit (engine/chunk_policy.py). None:
+    # 4x the measured steady decode step of this device; never below one decode step.
+    max_step_ms: float | None = None
     max_model_len: int | None = None  # defaults to the checkpoint's max_position_embeddings
     micro_batches: int = 1
-    torch_threads: int = 1
+    # Threads of this process's compute (the native kernels' pool on the CPU in float32, else torch's).
+    # None: one per core the process may run on (its affinity), so a colocated engine, or a worker
+    # pinned to its cores, uses all it owns.
+    torch_threads: int | None = None
     # auto: native on CPU, triton on CUDA; native | torch (not batch-invariant) | triton (see resilient_moe/kernels)
     kernels: str = "auto"
+
+    @property
+    def threads(self) -> int:
+        """`torch_threads`, or the cores this process may run on when it is None."""
+        return self.torch_threads or len(os.sched_getaffinity(0))
 
     def __post_init__(self) -> None:
         if self.dtype not in SUPPORTED_DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(SUPPORTED_DTYPES)}, got {self.dtype!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_prefill_tokens_per_step",
-                     "torch_threads"):
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_prefill_tokens_per_step"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("kv_cache_tokens", "kv_cache_bytes", "max_model_len"):
+        for name in ("kv_cache_tokens", "kv_cache_bytes", "max_model_len", "torch_threads"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value <= 0):
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.max_step_ms is not None and (
+                isinstance(self.max_step_ms, bool) or not isinstance(self.max_step_ms, (int, float))
+                or not 0 < self.max_step_ms < float("inf")):
+            raise ConfigError(f"max_step_ms must be a positive number of milliseconds, got {self.max_step_ms!r}")
         if not 1 <= self.micro_batches <= 8:
             raise ConfigError(f"micro_batches must be between 1 and 8, got {self.micro_batches!r}")
         if self.kernels not in KERNEL_CHOICES:

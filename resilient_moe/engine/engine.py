@@ -8,6 +8,7 @@ schedule -> run -> postprocess.
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,8 +60,7 @@ class LLMEngine:
         checkpoint: Checkpoint | None = None,
     ) -> None:
         self.config = config or EngineConfig()
-        torch.set_num_threads(self.config.torch_threads)
-        ops.set_threads(self.config.torch_threads)
+        ops.configure_threads(self.config.threads, self.config.dtype, self.config.device)
         self.model_dir = Path(model_dir)
         self.checkpoint = checkpoint or Checkpoint(self.model_dir)  # a caller's, to follow the load's progress
         self.model_config: ModelConfig = self.checkpoint.cfg
@@ -169,7 +169,9 @@ class LLMEngine:
         if self.on_scheduled is not None:
             self.on_scheduled(batch.seqs)
         self.step_count += 1
+        began = time.perf_counter()
         output = self.runner.run(batch.seqs, self.config.micro_batches, self.step_count)
+        self.scheduler.observe(time.perf_counter() - began)
         for request_id, message in output.failed.items():
             self.scheduler.fail(request_id)
             self.failures.append((request_id, message))

@@ -9,7 +9,6 @@ import torch
 from resilient_moe.engine.pipeline import ExpertExecutor, forward_program, run_pipeline
 from resilient_moe.engine.sequence import Sequence
 from resilient_moe.model.attention_side import AttentionBatch, AttentionSide, KVCacheView, PrefillSpan
-from resilient_moe.model.ops import padded_key_length
 
 
 @dataclass
@@ -55,63 +54,56 @@ class ModelRunner:
         self.device = side.device
 
     def build(self, seqs: list[Sequence]) -> tuple[torch.Tensor, AttentionBatch]:
-        """Token ids [T] and the attention layout of a micro-batch."""
+        """Token ids [T] and the attention layout of a micro-batch: per sequence its rows and its block
+        table, so the layout costs the batch's tokens and blocks, never sequences x the longest."""
         bs = self.block_size
         token_ids: list[int] = []
         positions: list[int] = []
-        slots: list[int] = []
+        row_seq: list[int] = []
+        blocks: list[int] = []
+        block_start: list[int] = []
+        seq_lengths: list[int] = []
         decode_rows: list[int] = []
-        decode_tables: list[list[int]] = []
-        decode_lengths: list[int] = []
-        prefills: list[PrefillSpan] = []
+        decode_seqs: list[int] = []
+        spans: list[tuple[int, int, int]] = []  # (first row, rows, sequence)
         last_rows: list[int] = []
-        for seq in seqs:
+        for i, seq in enumerate(seqs):
             start, stop = seq.num_cached, seq.num_cached + seq.num_scheduled
             row = len(token_ids)
             token_ids.extend(seq.tokens(start, stop))
-            table = seq.block_table
-            for pos in range(start, stop):
-                positions.append(pos)
-                slots.append(table[pos // bs] * bs + pos % bs)
+            positions.extend(range(start, stop))
+            row_seq.extend([i] * (stop - start))
+            block_start.append(len(blocks))
+            blocks.extend(seq.block_table[: -(-stop // bs)])
+            seq_lengths.append(stop)
             if stop - start == 1:
                 decode_rows.append(row)
-                decode_tables.append(table)
-                decode_lengths.append(stop)
+                decode_seqs.append(i)
             else:
-                key_slots = self._key_slots([table], [stop], padded_key_length(stop))[0]
-                span_pos = torch.arange(start, stop, dtype=torch.long, device=self.device)
-                prefills.append(PrefillSpan(row, stop - start, key_slots, span_pos))
+                spans.append((row, stop - start, i))
             last_rows.append(len(token_ids) - 1)
-        if decode_rows:
-            length = padded_key_length(max(decode_lengths))
-            decode_key_slots = self._key_slots(decode_tables, decode_lengths, length)
-        else:
-            decode_key_slots = torch.zeros((0, 0), dtype=torch.long, device=self.device)
+        pos = self._tensor(positions)
+        rows_seq = self._tensor(row_seq)
+        flat = self._tensor(blocks)
+        starts = self._tensor(block_start)
+        slot_mapping = flat[starts[rows_seq] + pos // bs] * bs + pos % bs  # [T]
         batch = AttentionBatch(
-            positions=self._tensor(positions),
-            slot_mapping=self._tensor(slots),
+            positions=pos,
+            slot_mapping=slot_mapping,
+            row_seq=rows_seq,
+            seq_lengths=self._tensor(seq_lengths),
+            blocks=flat,
+            block_start=starts,
+            block_size=bs,
             decode_rows=self._tensor(decode_rows),
-            decode_key_slots=decode_key_slots,
-            prefills=prefills,
+            decode_seqs=self._tensor(decode_seqs),
+            prefills=[PrefillSpan(row, n, i, pos[row : row + n]) for row, n, i in spans],
             last_rows=self._tensor(last_rows),
         )
         return self._tensor(token_ids), batch
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
-
-    def _key_slots(self, tables: list[list[int]], lengths: list[int], padded: int) -> torch.Tensor:
-        """[B, padded] cache slot of key position j of each sequence; slot 0 past its length (masked)."""
-        bs = self.block_size
-        blocks = -(-padded // bs)
-        table = torch.zeros((len(tables), blocks), dtype=torch.long)
-        for i, t in enumerate(tables):
-            used = -(-lengths[i] // bs)
-            table[i, :used] = torch.tensor(t[:used], dtype=torch.long)
-        j = torch.arange(padded, dtype=torch.long)
-        slots = table[:, j // bs] * bs + j % bs  # [B, padded]
-        slots[j.unsqueeze(0) >= torch.tensor(lengths).unsqueeze(1)] = 0
-        return slots.to(self.device)
 
     def run(self, seqs: list[Sequence], micro_batches: int, step: int = 0) -> StepOutput:
         """Forward every sequence's new tokens through the micro-batch pipeline."""

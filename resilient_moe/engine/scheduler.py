@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from resilient_moe.engine.chunk_policy import MIN_CHUNK_TOKENS, StepCostModel, prefill_chunk_tokens, step_target_ms
 from resilient_moe.engine.config import EngineConfig
 from resilient_moe.engine.kv_cache import BlockAllocator
 from resilient_moe.engine.sampler import LogSoftmax, logprobs_of, sample
@@ -44,6 +45,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.cost = StepCostModel()  # measured step costs: prompt chunks sized to max_step_ms
+        self._plan: tuple[int, list[tuple[int, int]]] = (0, [])  # the last step's (decodes, chunks)
 
     # ---- queue management -----------------------------------------------------------------
 
@@ -66,6 +69,11 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
+    @property
+    def tokens_in_flight(self) -> int:
+        """Tokens (prompt + generated) of every running and waiting sequence: what placement balances."""
+        return sum(seq.num_tokens for seq in self.running) + sum(seq.num_tokens for seq in self.waiting)
+
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
@@ -75,19 +83,37 @@ class Scheduler:
         """The next step's sequences, each with `num_scheduled` set.
 
         Every running decode computes its token. Prompts (and recomputes after a restore or a
-        preemption) are computed in chunks: at most `max_prefill_tokens_per_step` prompt tokens a step,
-        oldest first, so a long prompt delays the running decodes by one chunk's compute per step,
-        never by its whole prefill. Batch invariance makes a chunked prompt's tokens identical."""
+        preemption) are computed in chunks, oldest first: while others decode, as many tokens as fit
+        the step's latency target (`max_step_ms`, engine/chunk_policy.py), at most
+        `max_prefill_tokens_per_step`, so a long prompt delays the running decodes by one bounded chunk
+        per step, never by its whole prefill. Batch invariance makes a chunked prompt's tokens identical."""
         scheduled: list[Sequence] = []
         prefill_left = self.config.max_prefill_tokens_per_step
         tokens_left = self.config.max_num_batched_tokens
+        decodes = sum(1 for seq in self.running if seq.num_new_tokens == 1)
+        chunks: list[tuple[int, int]] = []  # (tokens, context) of each prompt chunk
+        # With streams decoding, prompt chunks get the time a step has left under its target; with none,
+        # nobody waits on the step and chunks take the cap.
+        timed = decodes > 0 and self.cost.ready
+        budget_ms = step_target_ms(self.config.max_step_ms, self.cost.decode_ms) - self.cost.decode_ms if timed else 0.0
+
+        def chunk(seq: Sequence) -> int:
+            nonlocal budget_ms
+            cap = min(prefill_left, max(0, tokens_left))
+            if not timed:
+                return min(seq.num_new_tokens, cap)
+            n = prefill_chunk_tokens(budget_ms, self.cost.cost, seq.num_cached, seq.num_new_tokens, cap,
+                                     MIN_CHUNK_TOKENS if not chunks else 0)
+            budget_ms -= self.cost.cost.ms(n, seq.num_cached)
+            return n
+
         # Step 1: running sequences, oldest first; preempt the newest when blocks run out.
         index = 0
         while index < len(self.running):
             seq = self.running[index]
             want = seq.num_new_tokens
             if want > 1:
-                want = min(want, prefill_left, max(0, tokens_left))
+                want = chunk(seq)
                 if want == 0:  # a prompt whose chunk must wait for the next step
                     seq.num_scheduled = 0
                     index += 1
@@ -104,6 +130,7 @@ class Scheduler:
             seq.num_scheduled = want
             if seq.num_new_tokens > 1:
                 prefill_left -= want
+                chunks.append((want, seq.num_cached))
             tokens_left -= want
             scheduled.append(seq)
             index += 1
@@ -114,8 +141,10 @@ class Scheduler:
             seq = self.waiting[0]
             if seq.suspect and suspects:
                 break
+            want = chunk(seq) if seq.num_new_tokens > 1 else min(1, tokens_left)
+            if want == 0:  # no time left in this step for another prompt
+                break
             suspects += seq.suspect
-            want = min(seq.num_new_tokens, prefill_left, tokens_left)
             missing = self.blocks_for(seq.num_cached + want) - len(seq.block_table)
             if missing > self.allocator.num_free:
                 break
@@ -128,7 +157,15 @@ class Scheduler:
             scheduled.append(seq)
             prefill_left -= want
             tokens_left -= want
+            if seq.num_new_tokens > 1:
+                chunks.append((want, seq.num_cached))
+        self._plan = (decodes, chunks)
         return ScheduledBatch(scheduled) if scheduled else None
+
+    def observe(self, elapsed_s: float) -> None:
+        """The last scheduled step took `elapsed_s` to run: feeds the step cost model."""
+        decodes, chunks = self._plan
+        self.cost.observe(1000 * elapsed_s, decodes, chunks)
 
     def _preempt(self, seq: Sequence) -> None:
         self.allocator.free(seq.block_table)

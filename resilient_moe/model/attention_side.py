@@ -42,18 +42,27 @@ class PrefillSpan:
 
     start: int  # first row in the batch
     length: int  # new tokens
-    key_slots: torch.Tensor  # [L] cache slots of positions 0..L-1 (padded with slot 0)
+    seq: int  # its sequence's index in the batch
     positions: torch.Tensor  # [length] absolute positions of the new tokens
 
 
 @dataclass
 class AttentionBatch:
-    """Where each token of a (micro-)batch sits, computed once per step and shared by all layers."""
+    """Where each token of a (micro-)batch sits, computed once per step and shared by all layers.
+
+    Each sequence's keys are named by its block table (key j in slot blocks[block_start[s] + j //
+    block_size] * block_size + j % block_size), so nothing here grows with the longest sequence; the
+    padded slot tables of the gathering attention path are derived on demand (`key_slots`)."""
 
     positions: torch.Tensor  # [T]
     slot_mapping: torch.Tensor  # [T] cache slot each new token's K/V is written to
+    row_seq: torch.Tensor  # [T] the sequence (index in the batch) of each row
+    seq_lengths: torch.Tensor  # [S] keys of each sequence once this step's are written
+    blocks: torch.Tensor  # [sum of blocks] every sequence's block table, one after another
+    block_start: torch.Tensor  # [S] where each sequence's table starts in `blocks`
+    block_size: int
     decode_rows: torch.Tensor  # [B] rows of the sequences that add exactly one token
-    decode_key_slots: torch.Tensor  # [B, L] cache slots of each decode sequence's keys (padded)
+    decode_seqs: torch.Tensor  # [B] their sequences
     prefills: list[PrefillSpan]
     last_rows: torch.Tensor  # [S] row of each sequence's last token (its logits are sampled)
     cos: torch.Tensor | None = None  # [T, d], filled by AttentionSide.prepare
@@ -64,6 +73,33 @@ class AttentionBatch:
     def num_tokens(self) -> int:
         return int(self.positions.shape[0])
 
+    def key_slots(self, seqs: torch.Tensor, length: int) -> torch.Tensor:
+        """[n, length] cache slot of key position j of each of `seqs` [n]; slot 0 past its length."""
+        bs = self.block_size
+        j = torch.arange(length, device=seqs.device)  # [L]
+        valid = j.unsqueeze(0) < self.seq_lengths[seqs].unsqueeze(1)  # [n, L]
+        index = torch.where(valid, self.block_start[seqs].unsqueeze(1) + (j // bs).unsqueeze(0), 0)
+        return torch.where(valid, self.blocks[index] * bs + j % bs, 0)
+
+    @property
+    def decode_key_slots(self) -> torch.Tensor:
+        """[B, L] cache slots of each decode sequence's keys, padded to a multiple of KEY_PAD (gathering path)."""
+        key = ("decode_slots",)
+        if key not in self._masks:
+            longest = int(self.seq_lengths[self.decode_seqs].max()) if self.decode_seqs.numel() else 0
+            self._masks[key] = self.key_slots(self.decode_seqs, ops.padded_key_length(longest) if longest else 0)
+        return self._masks[key]
+
+    def span_key_slots(self, index: int) -> torch.Tensor:
+        """[L] cache slots of prefill span `index`'s keys, padded to a multiple of KEY_PAD (gathering path)."""
+        key = ("span_slots", index)
+        if key not in self._masks:
+            span = self.prefills[index]
+            length = ops.padded_key_length(int(span.positions[-1]) + 1)
+            seq = torch.tensor([span.seq], device=self.positions.device)
+            self._masks[key] = self.key_slots(seq, length)[0]
+        return self._masks[key]
+
     def decode_mask(self, window: int | None) -> torch.Tensor:
         """[B, L] True where a key is not visible to the sequence's new token."""
         key = ("decode", window)
@@ -73,22 +109,12 @@ class AttentionBatch:
             self._masks[key] = _invisible(query_pos, key_pos, window)
         return self._masks[key]
 
-    def paged_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(slot_table [S, L]: cache slots of each sequence's keys, decode sequences first, then prefill
-        spans; row_seq [T]: the sequence of each row), for attention kernels that read the cache in place."""
-        key = ("paged",)
+    def slot_table(self) -> torch.Tensor:
+        """[S, L] cache slots of each sequence's keys (L the longest), for kernels that take slot tables."""
+        key = ("slot_table",)
         if key not in self._masks:
-            B = self.decode_rows.shape[0]
-            device = self.positions.device
-            length = max([self.decode_key_slots.shape[1], *(span.key_slots.shape[0] for span in self.prefills)])
-            table = torch.zeros((B + len(self.prefills), length), dtype=torch.long, device=device)
-            table[:B, : self.decode_key_slots.shape[1]] = self.decode_key_slots
-            row_seq = torch.empty(self.num_tokens, dtype=torch.long, device=device)
-            row_seq[self.decode_rows] = torch.arange(B, device=device)
-            for i, span in enumerate(self.prefills):
-                table[B + i, : span.key_slots.shape[0]] = span.key_slots
-                row_seq[span.start : span.start + span.length] = B + i
-            self._masks[key] = (table, row_seq)
+            seqs = torch.arange(self.seq_lengths.shape[0], device=self.positions.device)
+            self._masks[key] = self.key_slots(seqs, int(self.seq_lengths.max()))
         return self._masks[key]
 
     def prefill_mask(self, index: int, window: int | None) -> torch.Tensor:
@@ -97,7 +123,7 @@ class AttentionBatch:
         if key not in self._masks:
             span = self.prefills[index]
             query_pos = span.positions.unsqueeze(1)  # [n, 1]
-            key_pos = torch.arange(span.key_slots.shape[0], device=query_pos.device).unsqueeze(0)
+            key_pos = torch.arange(self.span_key_slots(index).shape[0], device=query_pos.device).unsqueeze(0)
             self._masks[key] = _invisible(query_pos, key_pos, window)
         return self._masks[key]
 
@@ -134,10 +160,15 @@ class _Layer:
         self.latent = LatentAttentionLayer(cfg, names, p, kernels) if cfg.mla is not None else None
         if self.latent is None:
             attn = f"{p}.self_attn"
-            self.q, self.k, self.v, self.o = (
-                linear(names[f"{attn}.{proj}.weight"], get(f"{attn}.{proj}.bias"))
-                for proj in ("q_proj", "k_proj", "v_proj", "o_proj")
-            )
+            # q, k and v as one product (one pass over the layer's input, one threaded job instead of
+            # three); every output column is still its own reduction, so the bits are those of three.
+            weights = [names[f"{attn}.{proj}.weight"] for proj in ("q_proj", "k_proj", "v_proj")]
+            biases = [get(f"{attn}.{proj}.bias") for proj in ("q_proj", "k_proj", "v_proj")]
+            bias = None if all(b is None for b in biases) else torch.cat(
+                [b if b is not None else w.new_zeros(w.shape[0]) for w, b in zip(weights, biases)])
+            self.qkv = linear(torch.cat(weights), bias)  # [H*d + 2*G*d, D]
+            self.qkv_split = [w.shape[0] for w in weights]
+            self.o = linear(names[f"{attn}.o_proj.weight"], get(f"{attn}.o_proj.bias"))
         self.q_norm = get(f"{p}.self_attn.q_norm.weight")
         self.k_norm = get(f"{p}.self_attn.k_norm.weight")
         self.sinks = get(f"{p}.self_attn.sinks")  # [H]
@@ -216,9 +247,7 @@ class AttentionSide:
             o = self._paged_attention(q, cache.keys[layer], cache.values[layer], batch, w.window, None)  # [T, H, C]
             h = h + w.latent.output(o)
             return h, self.kernels.rms_norm(h, w.post_norm, self.eps)
-        q = w.q(a)  # [T, H*d]
-        k = w.k(a)  # [T, G*d]
-        v = w.v(a)  # [T, G*d]
+        q, k, v = w.qkv(a).split(w.qkv_split, dim=1)  # [T, H*d], [T, G*d], [T, G*d]
         if cfg.qk_norm == "full":
             q = self.kernels.rms_norm(q, w.q_norm, self.eps)
             k = self.kernels.rms_norm(k, w.k_norm, self.eps)
@@ -248,10 +277,8 @@ class AttentionSide:
         sinks: torch.Tensor | None,
     ) -> torch.Tensor:
         """q [T, H, d] over cached keys [G, slots, d] and values [G, slots, dv] -> [T, H, dv]; sinks [H] or None."""
-        if self.kernels.paged:  # one kernel over every row, decode and prefill alike, reading the cache in place
-            slot_table, row_seq = batch.paged_rows()
-            return self.kernels.paged_attention(q, k_cache, v_cache, slot_table, row_seq, batch.positions, self.scale,
-                                                window, sinks)
+        if self.kernels.paged_for(q):  # one kernel over every row, decode and prefill alike, reading the cache in place
+            return self.kernels.paged_attention(q, k_cache, v_cache, batch, self.scale, window, sinks)
         T, H, d = q.shape
         G, dv = k_cache.shape[0], v_cache.shape[2]
         R = H // G
@@ -269,8 +296,9 @@ class AttentionSide:
             o = self.kernels.attention(qd, keys, values, masked, self.scale, group_sinks)  # [G, B, R, dv]
             out[rows] = o.transpose(0, 1).reshape(B, G * R, dv)
         for index, span in enumerate(batch.prefills):
-            keys = k_cache.index_select(1, span.key_slots).unsqueeze(1)  # [G, 1, L, d]
-            values = v_cache.index_select(1, span.key_slots).unsqueeze(1)  # [G, 1, L, dv]
+            key_slots = batch.span_key_slots(index)  # [L]
+            keys = k_cache.index_select(1, key_slots).unsqueeze(1)  # [G, 1, L, d]
+            values = v_cache.index_select(1, key_slots).unsqueeze(1)  # [G, 1, L, dv]
             mask = batch.prefill_mask(index, window)  # [n, L]
             for lo in range(0, span.length, _PREFILL_CHUNK_TOKENS):
                 hi = min(span.length, lo + _PREFILL_CHUNK_TOKENS)

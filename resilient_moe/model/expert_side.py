@@ -31,6 +31,7 @@ ExpertKey = tuple[int, int]  # (layer, expert)
 # An expert read for `install`: packed linear layers (gate_up, down) for per-expert kernels, the raw
 # weights for grouped kernels (stacked into the layer's bank when installed).
 Prepared = tuple[ops.Linear, ops.Linear] | ExpertWeights
+BETWEEN_FLOPS = 1 << 27  # work between two `between` calls of an expert worker: a few ms, well inside a probe interval
 
 
 class ExpertSide:
@@ -52,6 +53,8 @@ class ExpertSide:
         self._weights: dict[ExpertKey, tuple[ops.Linear, ops.Linear] | ExpertBank] = {}
         self._banks: dict[int, ExpertBank] = {}  # layer -> its experts stacked (grouped kernels)
         self.experts = checkpoint.cfg.experts
+        # Every expert is a native float32 linear pair: a layer runs as two native group calls.
+        self.native = not self.kernels.grouped_experts and self.kernels.name == "native" and ops.native_linear(dtype, self.device)
         self.load(checkpoint.names.expert_shapes if experts is None else experts)
 
     def load(self, experts: Iterable[ExpertKey]) -> None:
@@ -135,6 +138,8 @@ class ExpertSide:
             return staging.to_host(y)
         if self.kernels.grouped_experts:
             return self._forward_grouped(layer, x, expert_ids, between)
+        if self.native and x.dtype == torch.float32 and x.device.type == "cpu":
+            return self._forward_native(layer, x, expert_ids, between)
         order = torch.argsort(expert_ids, stable=True)  # [N]
         grouped_ids, counts = torch.unique_consecutive(expert_ids[order], return_counts=True)
         xs = x[order]  # [N, D] grouped by expert
@@ -151,6 +156,53 @@ class ExpertSide:
         y = torch.empty_like(x)
         y[order] = ys
         return y
+
+    def _forward_native(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor,
+                        between: Callable[[], None] | None) -> torch.Tensor:
+        """The layer's experts as two native calls (every gate_up product, then every down product), so
+        threads share the whole layer instead of one few-row product at a time; each row's bits are those
+        of its expert alone. With `between` (an expert worker answering probes), experts go in groups of
+        about BETWEEN_FLOPS of work, `between` called after each."""
+        order = torch.argsort(expert_ids, stable=True)  # [N]
+        grouped_ids, counts = torch.unique_consecutive(expert_ids[order], return_counts=True)
+        xs = x[order]  # [N, D] grouped by expert
+        ys = torch.empty_like(xs)
+        experts = []  # (weights, first row, rows)
+        start = 0
+        for expert, count in zip(grouped_ids.tolist(), counts.tolist()):
+            weights = self._weights.get((layer, expert))
+            if weights is None:
+                raise ExpertUnavailableError(f"expert {expert} of layer {layer} is not held here")
+            experts.append((weights, start, count))
+            start += count
+        groups = [experts]
+        if between is not None:
+            groups, work = [[]], 0
+            for item in experts:
+                gate_up, down = item[0]
+                if groups[-1] and work >= BETWEEN_FLOPS:
+                    groups.append([])
+                    work = 0
+                groups[-1].append(item)
+                work += 2 * item[2] * (gate_up.out_features * gate_up.in_features + down.out_features * down.in_features)
+        for group in groups:
+            lo = group[0][1]
+            hi = group[-1][1] + group[-1][2]
+            h = xs.new_empty((hi - lo, group[0][0][0].out_features))  # [n, 2F]
+            ops.linear_group([(gate_up, xs[a : a + n], h[a - lo : a - lo + n]) for (gate_up, _), a, n in group])
+            act = self._activation(h)  # [n, F]
+            ops.linear_group([(down, act[a - lo : a - lo + n], ys[a : a + n]) for (_, down), a, n in group])
+            if between is not None:
+                between()
+        y = torch.empty_like(x)
+        y[order] = ys
+        return y
+
+    def _activation(self, h: torch.Tensor) -> torch.Tensor:
+        """The experts' activation of fused gate/up outputs h [n, 2F] -> [n, F]."""
+        if self.experts.activation == "clamped_swiglu":
+            return ops.clamped_gate(h, self.experts.swiglu_alpha, self.experts.swiglu_limit)
+        return ops.silu_gate(h)
 
     def _forward_grouped(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor,
                          between: Callable[[], None] | None) -> torch.Tensor:
@@ -169,6 +221,4 @@ class ExpertSide:
 
     def _mlp(self, x: torch.Tensor, gate_up: ops.Linear, down: ops.Linear) -> torch.Tensor:
         """One expert on its rows x [n, D] -> [n, D]."""
-        if self.experts.activation == "clamped_swiglu":
-            return ops.clamped_swiglu(x, gate_up, down, self.experts.swiglu_alpha, self.experts.swiglu_limit)
-        return ops.swiglu(x, gate_up, down)
+        return down(self._activation(gate_up(x)))

@@ -15,11 +15,16 @@ process (colocated engine, attention worker, expert worker) and nothing is read 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 
 from resilient_moe.kernels import resolve_kernels
 from resilient_moe.model import ops
+
+if TYPE_CHECKING:
+    from resilient_moe.model.attention_side import AttentionBatch
 
 KERNEL_SETS = ("native", "torch", "triton")
 
@@ -58,10 +63,14 @@ class KernelSet:
     def __repr__(self) -> str:
         return f"KernelSet({self.name!r})"
 
-    @property
-    def paged(self) -> bool:
-        """Attention reads the paged cache inside the kernel (`paged_attention`) instead of gathering keys."""
-        return self.name == "triton"
+    def paged_for(self, q: torch.Tensor) -> bool:
+        """Attention reads the paged cache inside the kernel (`paged_attention`) for queries like `q`,
+        instead of gathering keys padded to the batch's longest sequence: always with the triton
+        kernels, and with the native ones in float32 on the CPU (csrc/kernels.c). Other native cases
+        (bfloat16) gather, batch-invariant through padding (model/ops.py)."""
+        if self.name == "triton":
+            return True
+        return self.name == "native" and ops.native_attention(q)
 
     @property
     def grouped_experts(self) -> bool:
@@ -92,13 +101,18 @@ class KernelSet:
         matmul = torch.bmm if self.name == "torch" else ops.bmm
         return ops.attention(q, keys, values, masked, scale, sinks, batched_matmul=matmul)
 
-    def paged_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                        slot_table: torch.Tensor, row_seq: torch.Tensor, positions: torch.Tensor, scale: float,
-                        window: int | None, sinks: torch.Tensor | None) -> torch.Tensor:
-        """Attention of every row straight over the cache (triton kernels; see kernels/paged_attention.py)."""
-        from resilient_moe.kernels.paged_attention import paged_attention
+    def paged_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: "AttentionBatch",
+                        scale: float, window: int | None, sinks: torch.Tensor | None) -> torch.Tensor:
+        """Attention of every row of `batch` straight over the cache: q [T, H, d], k_cache [G, slots, d],
+        v_cache [G, slots, dv] -> [T, H, dv] (see `paged_for`; kernels/paged_attention.py on triton,
+        ops.paged_attention natively)."""
+        if self.name == "triton":
+            from resilient_moe.kernels.paged_attention import paged_attention
 
-        return paged_attention(q, k_cache, v_cache, slot_table, row_seq, positions, scale, window, sinks)
+            return paged_attention(q, k_cache, v_cache, batch.slot_table(), batch.row_seq, batch.positions, scale,
+                                   window, sinks)
+        return ops.paged_attention(q, k_cache, v_cache, batch.blocks, batch.block_start, batch.row_seq,
+                                   batch.positions, batch.block_size, scale, window, sinks)
 
     @property
     def sampling_log_softmax(self):

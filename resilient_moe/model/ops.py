@@ -10,6 +10,9 @@ row the same bits whatever else shares its batch:
   output element whatever the shape. Elsewhere torch is used; measured on MKL (one thread), a row of
   ``x @ w.T`` is identical for any batch of >= 4 rows but differs for 1-3 rows (another kernel), so
   those calls and the attention matmuls pad to 4 rows.
+* Attention on CPU in float32: `paged_attention` runs csrc/kernels.c, each row over its own
+  sequence's keys read through the block table (no padding), one fixed reduction per row. The facts
+  below are for the gathering path the other cases take (bfloat16, other devices with torch).
 * ``q @ k.T``: identical across key lengths that are multiples of 16 (>= 16), not otherwise; keys
   are padded to a multiple of `KEY_PAD`, the padding masked to -inf.
 * softmax over -inf padding and ``p @ v`` over zero padding are identical for any padded length.
@@ -49,7 +52,7 @@ class Linear:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         self.out_features, self.in_features = weight.shape
         self.bias = bias.contiguous() if bias is not None else None
-        self.native = _kernels is not None and weight.device.type == "cpu" and weight.dtype == torch.float32
+        self.native = native_linear(weight.dtype, weight.device)
         if self.native:
             N, K = weight.shape
             padded = -(-N // _PANEL) * _PANEL
@@ -96,11 +99,23 @@ class HeadwiseLinear:
         return torch.stack([head(x[:, h]) for h, head in enumerate(self.heads)], dim=1)  # [T, H, N]
 
 
-def set_threads(threads: int) -> None:
-    """Threads the native GEMM may use for big products (it splits them by output columns, so the
-    results do not depend on the count); the process should own that many cores."""
-    if _kernels is not None and threads > 1:
+def configure_threads(threads: int, dtype: str, device: str) -> None:
+    """Give this process's compute `threads` threads, and only one pool of them: where the native
+    kernels do the work (float32 on the CPU) they get the threads and torch keeps one for the small
+    elementwise ops in between (two pools of spinning threads on the same cores slow each other
+    down); elsewhere torch gets them. The native split never changes a result (csrc/kernels.c)."""
+    if _kernels is not None and dtype == "float32" and device in ("cpu", "auto") and (
+            device == "cpu" or not torch.cuda.is_available()):
+        torch.set_num_threads(1)
         _kernels.set_threads(threads)
+    else:
+        torch.set_num_threads(threads)
+
+
+def compute_threads() -> int:
+    """Threads this process computes with (as `configure_threads` set them)."""
+    native = _kernels.threads() if _kernels is not None else 1
+    return max(native, torch.get_num_threads())
 
 
 def _torch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -144,17 +159,91 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 def swiglu(x: torch.Tensor, gate_up: Linear, down: Linear) -> torch.Tensor:
     """SiLU-gated MLP with the gate and up projections fused: gate_up [2F, D], down [D, F]."""
-    gate, up = gate_up(x).chunk(2, dim=-1)  # [T, F] each
-    return down(F.silu(gate) * up)  # [T, D]
+    return down(silu_gate(gate_up(x)))  # [T, D]
 
 
-def clamped_swiglu(x: torch.Tensor, gate_up: Linear, down: Linear, alpha: float, limit: float) -> torch.Tensor:
-    """GPT-OSS's expert MLP: the gate is clamped from above, the up projection on both sides, and the up
-    path carries a +1; gate_up [2F, D] (gate rows first), down [D, F]."""
-    gate, up = gate_up(x).chunk(2, dim=-1)  # [T, F] each
+def silu_gate(h: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's activation of fused gate/up outputs h [T, 2F] (gate columns first) -> [T, F]."""
+    gate, up = h.chunk(2, dim=-1)  # [T, F] each
+    return F.silu(gate) * up
+
+
+def clamped_gate(h: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """GPT-OSS's activation of fused gate/up outputs h [T, 2F] -> [T, F]: the gate is clamped from above,
+    the up projection on both sides, and the up path carries a +1."""
+    gate, up = h.chunk(2, dim=-1)  # [T, F] each
     gate = gate.clamp(max=limit)
     up = up.clamp(min=-limit, max=limit)
-    return down((up + 1) * (gate * torch.sigmoid(gate * alpha)))  # [T, D]
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+
+
+def linear_group(products: list[tuple[Linear, torch.Tensor, torch.Tensor]]) -> None:
+    """Run several native float32 products in one call, threads sharing all of them: each (linear, x
+    [n, K] with unit column stride, y [n, N] contiguous rows) computes y = linear(x) in place, with
+    the same bits as calling each linear alone (csrc/kernels.c linear_group)."""
+    table = torch.tensor(
+        [[x.data_ptr(), lin.packed.data_ptr(), 0 if lin.bias is None else lin.bias.data_ptr(), y.data_ptr(),
+          x.shape[0], lin.out_features, lin.in_features, x.stride(0), y.stride(0)]
+         for lin, x, y in products if x.shape[0]],
+        dtype=torch.long,
+    ).reshape(-1, 9)
+    _kernels.linear_group(table.data_ptr(), table.shape[0])
+
+
+def native_linear(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether `Linear` runs the native kernel for weights of this dtype and device."""
+    return _kernels is not None and device.type == "cpu" and dtype == torch.float32
+
+
+def native_attention(q: torch.Tensor) -> bool:
+    """Whether `paged_attention` runs queries like q (float32 on the CPU, the extension built)."""
+    return _kernels is not None and q.device.type == "cpu" and q.dtype == torch.float32
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    blocks: torch.Tensor,
+    block_start: torch.Tensor,
+    row_seq: torch.Tensor,
+    positions: torch.Tensor,
+    block_size: int,
+    scale: float,
+    window: int | None = None,
+    sinks: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal attention of each query row over its own sequence's cached keys, read in place (C kernel).
+
+    q [T, H, d]; k_cache [G, slots, d] and v_cache [G, slots, dv] (strided views are fine, last dim
+    contiguous: MLA passes its latent rows and a view of their first C columns); blocks [sum NB] the
+    sequences' block tables one after another, block_start [S] where each starts, row_seq [T] each
+    row's sequence, positions [T]: row t sees keys max(0, position - window + 1) .. position of its
+    sequence. sinks [H] (optional): a per-head logit with no value. Returns [T, H, dv] float32.
+
+    Each row's reduction is fixed by the row alone (csrc/kernels.c), so it is bit-identical alone, in
+    any batch, beside sequences of any length, in a prefill or a decode step; the cost follows the sum
+    of the rows' visible keys, not rows x the longest.
+    """
+    T, H, D = q.shape
+    G, DV = k_cache.shape[0], v_cache.shape[2]
+    if H % G or k_cache.shape[2] != D or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError(f"paged_attention: q {tuple(q.shape)} does not fit caches {tuple(k_cache.shape)}, "
+                         f"{tuple(v_cache.shape)} (last dims must be contiguous)")
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    index = [t if t.dtype == torch.long and t.is_contiguous() else t.long().contiguous()
+             for t in (blocks, block_start, row_seq, positions)]
+    sink = None if sinks is None else sinks.float().contiguous()
+    out = torch.empty((T, H, DV), dtype=torch.float32)
+    if T:
+        _kernels.paged_attention(
+            q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), *(t.data_ptr() for t in index),
+            0 if sink is None else sink.data_ptr(), T, H, G, D, DV, q.stride(0), q.stride(1), k_cache.stride(0),
+            k_cache.stride(1), v_cache.stride(0), v_cache.stride(1), out.stride(0), out.stride(1), block_size,
+            window or 0, scale,
+        )
+    return out
 
 
 def padded_key_length(num_keys: int) -> int:

@@ -5,7 +5,8 @@ an earlier one (a duplicate after a failover) is dropped, so a caller sees every
 When an attention worker is lost, its requests move to the others (see `Frontend._lost`); a draining
 one hands its requests over (`handover`) and they move the same way, restored from their KV
 checkpoints. Where a request goes is the controller's policy (`choose_attention_worker`) over the
-loads the attention workers report, and the frontend's own count of what it sent.
+loads the attention workers report, counted in tokens in flight (prompt + generated, not requests),
+and the frontend's own count of the tokens it sent.
 The frontend's link I/O runs on one thread; callers submit from any thread.
 """
 
@@ -379,19 +380,21 @@ class Frontend:
         return [n for n in self.links if self.view is None or not self.view.draining(n)]
 
     def _pick_worker(self) -> str | None:
-        """The controller's placement policy over the linked attention workers that take requests: the
-        load each reports (running, waiting, free KV), at least what this frontend has in flight there."""
+        """The controller's placement policy over the linked attention workers that take requests, with
+        their load counted in tokens in flight (prompt + generated), not requests: one 4k-token request
+        costs a worker's every step as much as hundreds of short ones. The load is what each reports
+        (its `tokens`), at least what this frontend has in flight there; free KV breaks ties."""
         targets = self._targets()
         ours = dict.fromkeys(targets, 0)
         for h in self._handles():
             if not h.done and h.worker in ours:
-                ours[h.worker] += 1
+                ours[h.worker] += len(h.prompt_ids) + len(h.tokens)
         loads = {}
         for name in targets:
             peer = self.view.workers.get(name) if self.view is not None else None
             load = peer.load if peer is not None else {}
-            reported = load.get("running", 0.0) + load.get("waiting", 0.0) + load.get("restoring", 0.0)
-            loads[name] = AttentionLoad(max(reported, float(ours[name])), 1.0 - load.get("kv_cache_usage_perc", 0.0))
+            loads[name] = AttentionLoad(max(load.get("tokens", 0.0), float(ours[name])),
+                                        1.0 - load.get("kv_cache_usage_perc", 0.0))
         return choose_attention_worker(loads)
 
     def _flush_outbox(self) -> None:

@@ -32,7 +32,6 @@ from collections import deque
 from collections.abc import Callable
 
 import redis
-import torch
 
 from resilient_moe import messages
 from resilient_moe.deployment import WorkerConfig
@@ -52,6 +51,7 @@ from resilient_moe.errors import ConfigError, RequestError
 from resilient_moe.kvstore.checkpoint import KVCheckpointer
 from resilient_moe.kvstore.replication import StoreRef, place_stores
 from resilient_moe.kvstore.memory_layout import layout_for
+from resilient_moe.model import ops
 from resilient_moe.model.weights import Checkpoint
 from resilient_moe.proto import controller_pb2 as pb
 from resilient_moe.workers.common import configure_process, load_yielding_cpu
@@ -351,7 +351,7 @@ class AttentionServer:
         extra["kv_cache_usage_perc"] = 1.0 - allocator.num_free / allocator.num_blocks
         extra["ert_epoch"] = float(self.forwarder.ert.epoch) if self.forwarder.ert is not None else 0.0
         return extra | {"running": float(len(scheduler.running)), "waiting": float(len(scheduler.waiting)),
-                        "threads": float(torch.get_num_threads()),
+                        "threads": float(ops.compute_threads()), "tokens": float(scheduler.tokens_in_flight),
                         "restoring": float(len(self.restoring)), "steps": float(self.engine.step_count),
                         "step_s": self.step_s, "uptime_s": time.monotonic() - self.started, **self.forwarder.stats()}
 

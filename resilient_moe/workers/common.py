@@ -9,8 +9,6 @@ import threading
 from collections.abc import Callable
 from typing import TypeVar
 
-import torch
-
 from resilient_moe.deployment import DeploymentConfig, WorkerConfig
 from resilient_moe.model import ops
 from resilient_moe.procs import background_thread
@@ -23,8 +21,7 @@ def configure_process(config: WorkerConfig) -> None:
     """Pin the process to its cores, one torch and native GEMM thread per core, and tagged log lines."""
     if config.cpus:
         os.sched_setaffinity(0, config.cpus)
-    torch.set_num_threads(config.threads)
-    ops.set_threads(config.threads)
+    ops.configure_threads(config.threads, config.deployment.engine.dtype, config.deployment.engine.device)
     logging.basicConfig(
         level=config.deployment.log_level,
         format=f"%(asctime)s {config.name} %(levelname)s %(name)s: %(message)s",

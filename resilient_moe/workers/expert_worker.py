@@ -37,6 +37,7 @@ from resilient_moe.datapath.part_rules import check_dispatch, rows_per_part
 from resilient_moe.datapath.poller import Poller, Wakeup
 from resilient_moe.engine.engine import resolve_device
 from resilient_moe.errors import ExpertUnavailableError
+from resilient_moe.model import ops
 from resilient_moe.model.weights import Checkpoint, torch_dtype
 from resilient_moe.model.expert_side import ExpertKey, ExpertSide, Prepared
 from resilient_moe.model.kernel_choice import KernelSet
@@ -281,7 +282,7 @@ class ExpertServer:
         rejected = sum(link.rejected for link in self.links)
         return {k: float(v) for k, v in self.counters.items()} | {
             "links": float(len(self.links)), "busy_s": self.busy_s, "uptime_s": time.monotonic() - self.started,
-            "threads": float(torch.get_num_threads()),
+            "threads": float(ops.compute_threads()),
             "frames_corrupt": float(rejected), "replies_waiting": float(sum(len(o) for o in self._outboxes.values()))}
 
     def close(self) -> None:
