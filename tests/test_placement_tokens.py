@@ -8,7 +8,7 @@ from conftest import wait_until
 from resilient_moe.deployment import DeploymentConfig
 from resilient_moe.engine.config import EngineConfig, SamplingParams
 from resilient_moe.engine.engine import LLMEngine
-from resilient_moe.launch.local import LocalCluster
+from resilient_moe.launch import make_cluster
 from resilient_moe.server.frontend import Frontend
 
 
@@ -20,7 +20,7 @@ def test_short_requests_avoid_the_worker_of_a_long_one(tiny_model, fork_server, 
     reference = LLMEngine(tiny_model, EngineConfig()).generate([long_prompt, *shorts],
                                                                [long_params] + [short_params] * len(shorts))
     dep = DeploymentConfig(model=str(tiny_model), attention_workers=2, expert_workers=1)
-    with LocalCluster(dep, log_dir=tmp_path, fork_server=fork_server) as cluster:
+    with make_cluster(dep, log_dir=tmp_path, fork_server=fork_server) as cluster:
         frontend = Frontend(cluster.controller_address).start()
         try:
             long = frontend.submit(long_prompt, long_params)
