@@ -117,11 +117,18 @@ def test_store_layout_and_address_validation(tiny_model):
     model = ModelConfig.from_pretrained(tiny_model)
     layout = StoreLayout.for_deployment(model, 1 << 20, 16, torch.float32, attention_workers=2)
     row = 2 * model.num_layers * model.num_kv_heads * model.head_dim * 4
-    assert layout.num_blocks == ((1 << 20) - layout.header_bytes) // (row * 16)
-    assert layout.nbytes <= 1 << 20 and layout.header_bytes >= 16 * layout.num_blocks + 8 * 2
-    assert layout.region(0) == range(0, layout.per_worker)
-    assert layout.region(1) == range(layout.per_worker, 2 * layout.per_worker)
-    with pytest.raises(ConfigError, match="fewer than one per attention worker"):
+    # each region is kv_store_bytes // attention_workers at most, as many blocks as fit beside its header
+    assert layout.region_blocks == ((1 << 19) - layout.header_bytes) // (row * 16)
+    assert layout.region_bytes <= 1 << 19 and layout.header_bytes >= 64 + 16 * layout.region_blocks
+    assert layout.region_bytes % 4096 == 0 and layout.header_bytes % 4096 == 0
+    assert layout.region(0) == range(0, layout.region_blocks)
+    assert layout.region(5) == range(5 * layout.region_blocks, 6 * layout.region_blocks)  # scaled up: no ceiling
+    assert layout.offset(5) == 5 * layout.region_bytes and layout.region_of(layout.region(5)[-1]) == 5
+    assert layout.max_regions == 1024  # no max_attention_workers: only the absolute bound
+    capped = StoreLayout.for_deployment(model, 1 << 20, 16, torch.float32, attention_workers=2, max_attention_workers=3)
+    with pytest.raises(ValueError, match="no KV store region 3: regions are 0 to 2"):
+        capped.region(3)
+    with pytest.raises(ConfigError, match=r"kv_store_bytes \(\d+\) gives each of the 2 attention workers a region"):
         StoreLayout.for_deployment(model, row * 16, 16, torch.float32, attention_workers=2)
     assert parse_address("memfd:@rmoe-c1-kv-store-3:4096") == ("@rmoe-c1-kv-store-3", 4096)
     assert parse_address("memfd:@rmoe-c1-kv-store-3:4096;tcp:127.0.0.1:5000") == ("@rmoe-c1-kv-store-3", 4096)

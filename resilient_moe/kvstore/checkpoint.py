@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import json
 import logging
-import mmap
 import threading
 import time
 from collections import deque
@@ -56,7 +55,8 @@ from resilient_moe.engine.kv_cache import RestoredRows
 from resilient_moe.engine.sequence import Sequence
 from resilient_moe.kvstore import keys
 from resilient_moe.kvstore.commit_records import COMMIT_SCRIPT, REPLICA_SCRIPT, record_fields
-from resilient_moe.kvstore.memory_layout import StoreLayout, claim_region, map_store, stamped_prefix, write_blocks
+from resilient_moe.kvstore.memory_layout import (MappedStore, Region, StoreLayout, block_rows, claim_region,
+                                                 stamped_prefix, write_blocks)
 from resilient_moe.kvstore.replication import ReplicaShipper, ReplicaWrite, StoreRef
 from resilient_moe.kvstore.restore import Restorer
 
@@ -158,8 +158,8 @@ class KVCheckpointer:
         self._refused = False
         self._commit_since: float | None = None  # monotonic start of the commit round trip under way
         # The store's memory, touched by the thread only.
-        self._mapping: mmap.mmap | None = None
-        self._owners = self._stamps = self._rows = None
+        self._store: MappedStore | None = None  # the primary, as mapped (its regions: this worker's, restores')
+        self._region: Region | None = None  # this worker's region of it
         self._mapped_store = 0
         self._ready_store = 0  # the store whose region is claimed and pinned: snapshots may start
         # Replicas (engine thread: the incarnations asked for; the thread: their shippers and what they hold).
@@ -387,29 +387,32 @@ class KVCheckpointer:
             self._execute(pipe)
 
     def _attach(self, item: _Attach) -> None:
-        old = self._mapping
-        self._owners = self._stamps = self._rows = None  # no view of the old memory may outlive its unmap
-        self.restorer.use_mapping(0, None, None)
+        old = self._store
+        self._store = self._region = None  # no view of the old memory may outlive its unmap
+        self.restorer.use_mapping(0, None)
         if old is not None:
             old.close()
-            self._mapping = None
         self._mapped_store = self._ready_store = 0
         for held in self._held.values():
             held.clear()  # every request is written again from its start, to the replicas too
+        store = None
         try:
-            mapping = map_store(item.address, who=f"{self.owner}/{self.incarnation}")
-            owners, stamps, rows = self.layout.views(mapping)
-        except (OSError, ValueError) as e:
+            store = MappedStore(item.address, self.layout, who=f"{self.owner}/{self.incarnation}")
+            region = store.region(self.index)  # the store makes it if this worker is new (scaled up)
+        except (OSError, ValueError) as e:  # AuthError is an OSError
+            if store is not None:
+                store.close()
             log.warning("cannot map the KV store at %s (%s): not checkpointing until a store can be used",
                         item.address, e)
             return
-        refusal = claim_region(owners, self.index, self.incarnation)
+        refusal = claim_region(region, self.incarnation)
         if refusal:
+            store.close()
             self._refuse(refusal)
             return
-        self._mapping, self._owners, self._stamps, self._rows = mapping, owners, stamps, rows
+        self._store, self._region = store, region
         self._mapped_store = item.store
-        self.restorer.use_mapping(item.store, stamps, rows)
+        self.restorer.use_mapping(item.store, store)
         self.counters["store_attaches"] += 1
         self._pin_predecessor_blocks()
         self._ready_store = item.store
@@ -427,7 +430,7 @@ class KVCheckpointer:
     def _write(self, item: _Write) -> bool:
         """Copy staged rows into the store under the ownership protocol; False if refused."""
         refusal = "this incarnation was fenced" if self._refused else \
-            write_blocks(self._owners, self._stamps, self._rows, self.index, self.incarnation, item.blocks, item.gens,
+            write_blocks(self._region, self.incarnation, item.blocks, item.gens,
                          item.host_parts())  # into shared memory: one-sided
         if refusal:
             self._refuse(refusal)
@@ -451,7 +454,7 @@ class KVCheckpointer:
                                                          self._on_acked)
             self._held[incarnation] = {}
             log.info("replicating KV checkpoints to %s (incarnation %d, %s)", store.name, incarnation, store.tcp)
-            if item.live and self._rows is not None:
+            if item.live and self._region is not None:
                 self._reship(self._shippers[incarnation], item.live)
 
     def _reship(self, shipper: ReplicaShipper, live: dict[str, tuple[list[int], list[int]]]) -> None:
@@ -460,12 +463,12 @@ class KVCheckpointer:
         for request_id, (blocks, gens) in live.items():
             store_blocks = torch.tensor(blocks, dtype=torch.long)
             expected = torch.tensor([[self.incarnation, g] for g in gens], dtype=torch.long).view(-1, 2)
-            good = stamped_prefix(self._stamps, store_blocks, expected)
+            good = stamped_prefix(self._region, store_blocks, expected)
             if good == 0:
                 continue
-            rows = (store_blocks[:good, None] * self.bs + torch.arange(self.bs)).reshape(-1)
+            rows = block_rows(store_blocks[:good], self.bs)  # store-wide, as the replica numbers them too
             layers = tuple(range(self.layout.num_layers))
-            data = self._rows.index_select(1, rows)  # [L, good * bs, W]
+            data = self._region.rows.index_select(1, rows - self._region.first_row)  # [L, good * bs, W]
             shipper.ship(ReplicaWrite(store_blocks[:good], expected[:good, 1].clone(), [(layers, rows, data)],
                                       [(request_id, 0, good)]))
             total += good
