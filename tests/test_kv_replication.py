@@ -8,7 +8,6 @@ the replica over TCP."""
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
@@ -224,7 +223,7 @@ def test_writes_reach_the_replica_and_a_restore_reads_it_over_tcp(tiny_model, st
             return {k.decode(): v.decode() for k, v in db.hgetall(keys.commit_key("test", request_id)).items()}
 
         wait_until(lambda: writer.ckpt.settled() and writer.ckpt.stats()["ckpt_replica_pending"] == 0
-                   and all(record(r).get("replica:12") == str(len(json.loads(record(r)["blocks"]))) for r in ids),
+                   and all(record(r).get("replica:12") == str(db.llen(keys.blocks_key("test", r))) for r in ids),
                    20, "the replica to hold every committed block, and the records to say so")
         assert all(record(r)["store"] == "11" for r in ids)
         seen = {r: list(writer.tokens[r]) for r in ids}

@@ -26,6 +26,7 @@ from resilient_moe.engine.engine import LLMEngine
 from resilient_moe.engine.kv_cache import MAX_GAPS, LayerWindows, RestoredRows, new_kv_cache
 from resilient_moe.kvstore import keys
 from resilient_moe.kvstore.checkpoint import KVCheckpointer
+from resilient_moe.kvstore.commit_records import parse_entries
 from resilient_moe.kvstore.memory_layout import MappedStore, MemfdServer, StoreLayout, StoreMemory
 
 CPU = torch.device("cpu")
@@ -181,7 +182,8 @@ def test_checkpoint_writes_and_restores_only_the_window_of_sliding_layers(store,
         # restore steps back to 48, where that write began.
         mapped = MappedStore(address, layout)
         region = mapped.region(0)  # the writer's
-        region.stamps[json.loads(record("r0")["blocks"])[4] - region.first_block, 1] += 2
+        blocks, _ = parse_entries(db.lrange(keys.blocks_key("test", "r0"), 0, -1))
+        region.stamps[blocks[4] - region.first_block, 1] += 2
         mapped.close()
         # r1's frontend had seen only 12 of its 20 tokens: it resumes at 111 positions, one short of
         # the commit, whose window [106, 111) the last write kept (the block of slack).

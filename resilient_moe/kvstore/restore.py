@@ -19,6 +19,7 @@ import dataclasses
 import logging
 import time
 
+import redis
 import torch
 
 from resilient_moe.engine.kv_cache import LayerWindows, RestoredRows
@@ -87,17 +88,23 @@ class Restorer:
             return [(None, 0, "")] * len(seqs)  # Redis failed a moment ago (do not wait on it again), or no store
         commit_keys = [keys.commit_key(self.cluster_id, seq.request_id) for seq in seqs]
         pipe = self.redis.pipeline(transaction=False)
-        for key in commit_keys:
+        for seq, key in zip(seqs, commit_keys):
             pipe.hgetall(key)
-        records = pipe.execute()
+            pipe.lrange(keys.blocks_key(self.cluster_id, seq.request_id), 0, -1)
+        raw = pipe.execute(raise_on_error=False)  # a key of the wrong type fails its request only
+        for error in raw:
+            if isinstance(error, redis.ConnectionError | redis.TimeoutError):
+                raise error  # Redis itself failed: recompute them all
+        records = list(zip(raw[::2], raw[1::2]))  # (hash, block list) of each
         for store in [s for s in self._readers if s not in self.live_stores]:
             self._drop_reader(store)  # that store is gone
-        results = [self._read_blocks(seq, record) for seq, record in zip(seqs, records)]
+        results = [self._read_blocks(seq, record, entries) for seq, (record, entries) in zip(seqs, records)]
         # Take the records over now, so a woken predecessor can no longer commit to them.
         pipe = self.redis.pipeline(transaction=False)
-        for seq, key, record in zip(seqs, commit_keys, records):
+        for seq, key, (record, _) in zip(seqs, commit_keys, records):
+            pipe.delete(keys.blocks_key(self.cluster_id, seq.request_id))  # none of it is this worker's
             pipe.hset(key, mapping=takeover_fields(self.owner, self.incarnation))
-            replicas = replica_fields(record)
+            replicas = replica_fields(record) if isinstance(record, dict) else []
             if replicas:
                 pipe.hdel(key, *replicas)  # the predecessor's replicas hold none of this worker's blocks
             pipe.delete(keys.tokens_key(self.cluster_id, seq.request_id))  # this worker's commits rebuild it
@@ -107,10 +114,10 @@ class Restorer:
             log.warning("could not take over the commit records of %d restored requests: %s", len(seqs), e)
         return results
 
-    def _read_blocks(self, seq: Sequence, raw: dict) -> Restored:
+    def _read_blocks(self, seq: Sequence, raw: dict | Exception, entries: list | Exception) -> Restored:
         """The longest verified prefix any store that the record names holds: the primary's copy first,
         then the replicas'."""
-        record = self._usable(raw, seq)
+        record = self._usable(raw, entries, seq)
         if record is None:
             return None, 0, ""
         n = record.n
@@ -182,12 +189,17 @@ class Restorer:
         if reader is not None:
             reader.close()
 
-    def _usable(self, raw: dict, seq: Sequence) -> CommitRecord | None:
+    def _usable(self, raw: dict | Exception, entries: list | Exception, seq: Sequence) -> CommitRecord | None:
         """The record if it fits this request and this layout, trimmed to what a restore may use (at
-        least one position is computed, for the next token's logits); None when there is nothing to restore."""
+        least one position is computed, for the next token's logits); None when there is nothing to
+        restore, or the record is malformed (logged and counted: the request is recomputed)."""
         try:
-            record = parse_record(raw)
+            for value in (raw, entries):
+                if isinstance(value, Exception):  # e.g. WRONGTYPE: a key that is not a hash or a list
+                    raise ValueError(f"Redis refused to read it: {value}")
+            record = parse_record(raw, entries)
         except ValueError as e:
+            self.counters["restore_malformed_records"] += 1
             log.warning("malformed commit record for %s (%s); recomputing", seq.request_id, e)
             return None
         if record is None or record.block_size != self.bs:
@@ -200,7 +212,8 @@ class Restorer:
             region = self.layout.region_of(record.blocks[0])
             own = range(region * self.layout.region_blocks, (region + 1) * self.layout.region_blocks)
             if not 0 <= region < self.layout.max_regions or any(b not in own for b in record.blocks[:count]):
-                log.warning("malformed commit record for %s (its blocks are not all in one region of the store); "
+                self.counters["restore_malformed_records"] += 1
+                log.warning("malformed commit record for %s (field 'blocks': not all in one region of the store); "
                             "recomputing", seq.request_id)
                 return None
         return dataclasses.replace(record, n=n)
