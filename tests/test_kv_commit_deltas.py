@@ -7,6 +7,7 @@ records are token-identical; and malformed records are refused with the field na
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import shlex
@@ -117,6 +118,36 @@ def committed(db, request_id: str) -> int:
     return int(db.hget(keys.commit_key("test", request_id), "n") or 0)
 
 
+@contextlib.contextmanager
+def writer_and_reader(model_dir, store, redis_server, writer_index: int):
+    """(Redis client, a writer attention worker at `writer_index`, a reader at index 0), sharing `store`."""
+    layout, address = store
+    db = redis.Redis(unix_socket_path=redis_server)
+    writer = Worker(model_dir, layout, address, db, writer_index, **ENGINE)
+    reader = Worker(model_dir, layout, address, db, 0, **ENGINE)
+    try:
+        yield db, writer, reader
+    finally:
+        writer.close()
+        reader.close()
+        db.close()
+
+
+def checkpointing(worker: Worker, prompts: dict, params, tokens: int) -> dict:
+    """Run `prompts` on `worker` until each has `tokens` tokens; the tokens each has (as a frontend saw them)."""
+    for request_id, prompt in prompts.items():
+        worker.engine.add_request(request_id, prompt, params)
+    run_until(worker, prompts, tokens)
+    return {r: list(t) for r, t in worker.tokens.items()}
+
+
+def last_commits_written(writer: Worker, db, prompts: dict):
+    """A predicate: every request's record commits the full blocks of the positions it has cached
+    (its prompt and every token but the last)."""
+    return lambda: writer.ckpt.settled() and all(
+        committed(db, r) == (len(p) + len(writer.tokens[r]) - 1) // BS * BS for r, p in prompts.items())
+
+
 def restore_and_finish(reader: Worker, prompts: dict, params, seen: dict) -> dict:
     """Move every request to `reader` as an adopting attention worker does; its tokens at the end."""
     moved = {r: reader.engine.new_sequence(r, prompts[r], params, output_ids=seen[r]) for r in prompts}
@@ -137,19 +168,11 @@ def test_a_commit_writes_only_the_blocks_it_adds_whatever_the_length(long_model,
     count of 2). Every commit of either sends only its new blocks (each block once, in order), so the
     long request's decode commits, at 3000+ positions, cost the bytes of the short one's; aw-0 then
     restores both from aw-2's region of the same store, token-identically."""
-    layout, address = store
     prompts, params, reference = workload(long_model)
-    db = redis.Redis(unix_socket_path=redis_server)
     monitor = Monitor(redis_server)
-    writer = Worker(long_model, layout, address, db, 2, **ENGINE)
-    reader = Worker(long_model, layout, address, db, 0, **ENGINE)
-    try:
-        for request_id, prompt in prompts.items():
-            writer.engine.add_request(request_id, prompt, params)
-        run_until(writer, prompts, 70)
-        seen = {r: list(t) for r, t in writer.tokens.items()}
-        wait_until(lambda: writer.ckpt.settled() and committed(db, "long") == (3000 + 70 - 1) // BS * BS
-                   and committed(db, "shrt") == (20 + 70 - 1) // BS * BS, 20, "the last commits")
+    with writer_and_reader(long_model, store, redis_server, 2) as (db, writer, reader):
+        seen = checkpointing(writer, prompts, params, 70)
+        wait_until(last_commits_written(writer, db, prompts), 20, "the last commits")
         writer.close()
         monitor.close()
         for request_id in prompts:
@@ -173,31 +196,20 @@ def test_a_commit_writes_only_the_blocks_it_adds_whatever_the_length(long_model,
         assert reader.ckpt.counters["restored_local"] == 2, "both read from aw-2's region, mapped"
         assert reader.ckpt.counters["restored_tokens"] >= 3000
         assert tokens == reference
-    finally:
-        writer.close()
-        reader.close()
-        db.close()
 
 
 def test_a_delta_redis_lost_is_sent_whole_again(long_model, store, redis_server):
     """Redis loses every record mid-request (as a restart without persistence does): the next delta
     of each request finds no list to extend and changes nothing (RESEND); the one after sends the
     whole list, and the record is complete again: a restore from it is token-identical."""
-    layout, address = store
     prompts, params, reference = workload(long_model)
-    db = redis.Redis(unix_socket_path=redis_server)
-    writer = Worker(long_model, layout, address, db, 1, **ENGINE)
-    reader = Worker(long_model, layout, address, db, 0, **ENGINE)
-    try:
-        for request_id, prompt in prompts.items():
-            writer.engine.add_request(request_id, prompt, params)
-        run_until(writer, prompts, 20)
+    with writer_and_reader(long_model, store, redis_server, 1) as (db, writer, reader):
+        checkpointing(writer, prompts, params, 20)
         wait_until(writer.ckpt.settled, 20, "the commits so far")
         db.flushall()
         run_until(writer, prompts, 70)
         seen = {r: list(t) for r, t in writer.tokens.items()}
-        wait_until(lambda: writer.ckpt.settled() and committed(db, "long") == (3000 + 70 - 1) // BS * BS
-                   and committed(db, "shrt") == (20 + 70 - 1) // BS * BS, 20, "the last commits")
+        wait_until(last_commits_written(writer, db, prompts), 20, "the last commits")
         assert writer.ckpt.counters["commit_resends"] == 2, "one refused delta per request"
         for request_id in prompts:
             assert db.llen(keys.blocks_key("test", request_id)) == -(-committed(db, request_id) // BS), \
@@ -205,29 +217,17 @@ def test_a_delta_redis_lost_is_sent_whole_again(long_model, store, redis_server)
         writer.close()
         assert restore_and_finish(reader, prompts, params, seen) == reference
         assert reader.ckpt.counters["restored_local"] == 2
-    finally:
-        writer.close()
-        reader.close()
-        db.close()
 
 
 def test_malformed_delta_records_are_refused_naming_the_field_and_recomputed(long_model, store, redis_server, caplog):
-    layout, address = store
-    _, params, _ = workload(long_model)
     rng = random.Random(3)
     prompts = {f"r{i}": [rng.randrange(3, 300) for _ in range(40 + 10 * i)] for i in range(5)}
     params = SamplingParams(max_tokens=40, ignore_eos=True)
     reference = dict(zip(prompts, (r.token_ids for r in LLMEngine(long_model, EngineConfig(**ENGINE)).generate(
         list(prompts.values()), params))))
-    db = redis.Redis(unix_socket_path=redis_server)
-    writer = Worker(long_model, layout, address, db, 1, **ENGINE)
-    reader = Worker(long_model, layout, address, db, 0, **ENGINE)
-    try:
-        for request_id, prompt in prompts.items():
-            writer.engine.add_request(request_id, prompt, params)
-        run_until(writer, prompts, 20)
-        seen = {r: list(t) for r, t in writer.tokens.items()}
-        wait_until(lambda: writer.ckpt.settled() and all(committed(db, r) >= 48 for r in prompts), 20, "commits")
+    with writer_and_reader(long_model, store, redis_server, 1) as (db, writer, reader):
+        seen = checkpointing(writer, prompts, params, 20)
+        wait_until(last_commits_written(writer, db, prompts), 20, "the last commits")
         writer.close()
         blocks = {r: keys.blocks_key("test", r) for r in prompts}
         db.lset(blocks["r0"], 1, "x:y")  # an entry that is not BLOCK:GEN
@@ -247,7 +247,3 @@ def test_malformed_delta_records_are_refused_naming_the_field_and_recomputed(lon
                     "field 'n' (", "field 'gaps' is '[[1, 2'"):
             assert why in text, why
         assert text.count("recomputing") >= 5
-    finally:
-        writer.close()
-        reader.close()
-        db.close()

@@ -49,28 +49,46 @@ def ready_counts(url: str) -> dict[str, int]:
     return counts
 
 
-def test_scaling_expert_and_attention_workers_while_16_streams_run(tiny_model, reference, fork_server, tmp_path):
-    prompts = prompts_for_scaling()
-    results = [StreamResult() for _ in prompts]
-    progress = [0] * len(prompts)  # tokens each client has received so far
-    errors: list[BaseException] = []
-    threads: list[threading.Thread] = []
+class Streams:
+    """Greedy streaming clients, one thread each: tokens each has received so far (`progress`), what
+    each got in the end (`results`), and whatever went wrong (`errors`: a 429 fails stream_completion's
+    status check)."""
 
-    def stream(i: int) -> None:
+    def __init__(self, prompts: list[list[int]], lengths: list[int], timeout_s: float) -> None:
+        self.prompts, self.lengths, self.timeout_s = prompts, lengths, timeout_s
+        self.results = [StreamResult() for _ in prompts]
+        self.progress = [0] * len(prompts)
+        self.errors: list[BaseException] = []
+        self.threads: list[threading.Thread] = []
+
+    def _stream(self, url: str, i: int) -> None:
         def on_chunk(result: StreamResult) -> None:
-            progress[i] = len(result.token_ids)
+            self.progress[i] = len(result.token_ids)
 
         try:
-            results[i] = stream_completion(stack.url, prompts[i], MAX_TOKENS, timeout_s=120.0, on_chunk=on_chunk,
-                                           ignore_eos=True)
-        except BaseException as e:  # reported below
-            errors.append(e)
+            self.results[i] = stream_completion(url, self.prompts[i], self.lengths[i], timeout_s=self.timeout_s,
+                                                on_chunk=on_chunk, ignore_eos=True)
+        except BaseException as e:  # reported by the test
+            self.errors.append(e)
+
+    def launch(self, url: str, indices) -> None:
+        for i in indices:
+            thread = threading.Thread(target=self._stream, args=(url, i), daemon=True)
+            thread.start()
+            self.threads.append(thread)
+
+    def join(self) -> None:
+        for thread in self.threads:
+            thread.join(self.timeout_s)
+
+
+def test_scaling_expert_and_attention_workers_while_16_streams_run(tiny_model, reference, fork_server, tmp_path):
+    prompts = prompts_for_scaling()
+    streams = Streams(prompts, [MAX_TOKENS] * len(prompts), 120.0)
+    progress, errors, results = streams.progress, streams.errors, streams.results
 
     def launch(indices) -> None:
-        for i in indices:
-            thread = threading.Thread(target=stream, args=(i,), daemon=True)
-            thread.start()
-            threads.append(thread)
+        streams.launch(stack.url, indices)
 
     def scale(**roster) -> None:
         assert stack.frontend.unfinished() > 0, "streams are running while the cluster scales"
@@ -118,8 +136,7 @@ def test_scaling_expert_and_attention_workers_while_16_streams_run(tiny_model, r
         assert worker_load(stack.cluster, "aw-2", "steps") > 0, "aw-2 runs some of them"
         scale(attention_workers=1)
         wait_until(settled(1, 2), 60, "1 attention worker, the others drained")
-        for thread in threads:
-            thread.join(120)
+        streams.join()
         assert not errors, errors
         assert [r.token_ids for r in results] == reference
         assert all(r.done and r.finish_reason == "length" for r in results)
@@ -150,26 +167,11 @@ def test_attention_workers_scale_past_the_start_count_and_capacity_follows(tiny_
     lengths = [LONG] * (2 * SEQS) + [MAX_TOKENS] * SEQS
     reference = [r.token_ids for r in LLMEngine(tiny_model, EngineConfig()).generate(
         prompts, [SamplingParams(max_tokens=n, ignore_eos=True) for n in lengths])]
-    results = [StreamResult() for _ in prompts]
-    progress = [0] * len(prompts)
-    errors: list[BaseException] = []
-    threads: list[threading.Thread] = []
-
-    def stream(i: int) -> None:
-        def on_chunk(result: StreamResult) -> None:
-            progress[i] = len(result.token_ids)
-
-        try:
-            results[i] = stream_completion(stack.url, prompts[i], lengths[i], timeout_s=180.0, on_chunk=on_chunk,
-                                           ignore_eos=True)
-        except BaseException as e:  # a 429 fails stream_completion's status check: reported below
-            errors.append(e)
+    streams = Streams(prompts, lengths, 180.0)
+    progress, errors, results = streams.progress, streams.errors, streams.results
 
     def launch(indices) -> None:
-        for i in indices:
-            thread = threading.Thread(target=stream, args=(i,), daemon=True)
-            thread.start()
-            threads.append(thread)
+        streams.launch(stack.url, indices)
 
     def one_more() -> httpx.Response:
         return httpx.post(f"{stack.url}/v1/completions", json={"prompt": [1, 5, 7], "max_tokens": 1}, timeout=30)
@@ -224,8 +226,7 @@ def test_attention_workers_scale_past_the_start_count_and_capacity_follows(tiny_
         scale(1)
         wait_until(settled(1), 90, "1 attention worker, the others drained")
         wait_until(lambda: capacity() == (SEQS, SEQS), 10, "capacity to follow the scale-down")
-        for thread in threads:
-            thread.join(180)
+        streams.join()
         assert not errors, errors
         assert [r.token_ids for r in results] == reference
         assert all(r.done and r.finish_reason == "length" for r in results)
