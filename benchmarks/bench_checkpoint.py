@@ -43,11 +43,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from chaos.latency_proxy import LatencyProxy  # noqa: E402
 from resilient_moe.deployment import DeploymentConfig  # noqa: E402
 from resilient_moe.engine.config import EngineConfig, SamplingParams  # noqa: E402
-from resilient_moe.kvstore import keys  # noqa: E402
-from resilient_moe.kvstore.commit_records import COMMIT_SCRIPT, CommitDelta, gaps_field, list_fields  # noqa: E402
 from resilient_moe.launch.local import LocalCluster, ForkServer  # noqa: E402
 from resilient_moe.model.demo import demo_model_dir  # noqa: E402
 from resilient_moe.server.frontend import Frontend  # noqa: E402
+from resilient_moe.kvstore import keys  # noqa: E402
+from resilient_moe.kvstore.commit_records import COMMIT_SCRIPT, CommitDelta, gaps_field, list_fields  # noqa: E402
 
 
 def deployment(model: Path, checkpoint: bool, max_len: int = 8192, redis_url: str = "", **extra) -> DeploymentConfig:
