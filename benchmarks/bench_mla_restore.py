@@ -45,7 +45,7 @@ from resilient_moe.engine.engine import LLMEngine  # noqa: E402
 from resilient_moe.kvstore.checkpoint import KVCheckpointer  # noqa: E402
 from resilient_moe.kvstore.keys import commit_key  # noqa: E402
 from resilient_moe import auth  # noqa: E402
-from resilient_moe.kvstore.memory_layout import MemfdServer, StoreLayout  # noqa: E402
+from resilient_moe.kvstore.memory_layout import MemfdServer, StoreLayout, StoreMemory  # noqa: E402
 from resilient_moe.model.tiny import TinySize, make_tiny_model  # noqa: E402
 
 # DeepSeek-V3's latent attention widths (its config.json).
@@ -126,9 +126,8 @@ def measure(model: Path, context: int, db) -> dict:
     engine_config = EngineConfig(max_model_len=2 * context, kv_cache_tokens=2 * (context + 256))
     per_token = cfg.kv_bytes_per_token  # float32, every layer
     layout = StoreLayout.for_deployment(cfg, 4 * (context + 256) * per_token + (1 << 20), 16, torch.float32, 2)
-    fd = os.memfd_create("rmoe-bench-kv-store")
-    os.ftruncate(fd, layout.nbytes)
-    server = MemfdServer(fd, layout.nbytes, f"@rmoe-bench-kv-{os.getpid()}")
+    memory = StoreMemory(layout, "rmoe-bench-kv-store")
+    server = MemfdServer(memory, f"@rmoe-bench-kv-{os.getpid()}")
     address = server.address
     rng = random.Random(0)
     prompt = [rng.randrange(3, cfg.vocab_size) for _ in range(context)]
@@ -169,7 +168,7 @@ def measure(model: Path, context: int, db) -> dict:
         restored_bytes = second.ckpt.counters["restored_bytes"]
     finally:
         server.close()
-        os.close(fd)
+        memory.close()
     return {
         "kv_row_width": cfg.kv_row_width, "layers": cfg.num_layers, "kv_bytes_per_token_fp32": per_token,
         "kv_bytes_per_token_bf16": per_token // 2, "positions": len(prompt) + len(outputs), "restored_positions": n,

@@ -17,6 +17,9 @@ from resilient_moe.errors import ConfigError
 TRANSPORTS = ("shm", "tcp")
 PLACEMENTS = ("contiguous", "round_robin")
 LAUNCHERS = ("local", "ray")
+# The most attention workers any deployment runs (a bound on what a request may ask for, not a size:
+# the KV store makes a region per attention worker only when one comes; kvstore/memory_layout.py).
+ATTENTION_WORKERS_LIMIT = 1024
 
 
 @dataclass(frozen=True)
@@ -51,10 +54,14 @@ class DeploymentConfig:
     rebalance_interval_s: float = 0.0  # load_aware: re-place experts by observed load this often (0: on demand only)
     load_half_life_s: float = 30.0  # half-life of the controller's decayed per-expert load estimate
     expert_wait_s: float = 15.0  # longest a micro-batch waits for a replacement when an expert has no live copy
-    max_attention_workers: int | None = None  # most attention workers scaling may reach (KV store regions); None: as many as attention_workers
+    # An optional cap on the attention workers /admin/scale may reach; None: no cap (the KV store grows a
+    # region for each attention worker added, kvstore/memory_layout.py).
+    max_attention_workers: int | None = None
     drain_timeout_s: float = 30.0  # longest a draining worker (or server) takes to finish or hand over its requests
     kv_checkpoint: bool = True  # checkpoint attention workers' KV into the KV store (needs Redis)
-    kv_store_bytes: int = 256 << 20  # host memory of each KV store (allocated as it is written)
+    # Host memory of each KV store at the start: each attention worker's region is kv_store_bytes //
+    # attention_workers, and a store grows by one region per attention worker added (allocated as written).
+    kv_store_bytes: int = 256 << 20
     # KV store processes ("kv-store", "kv-store-1", ...); each serves its memory over TCP too. None: the
     # launcher's default: 1 locally; under Ray one on each worker node (at least kv_replicas + 1).
     kv_stores: int | None = None
@@ -108,11 +115,13 @@ class DeploymentConfig:
         if value > 0 and self.shadow_policy != "load_aware":
             raise ConfigError(f"rebalance_interval_s ({value}) needs shadow_policy: load_aware; the spread placement "
                               "does not depend on load, so there is nothing to rebalance")
+        if self.attention_workers > ATTENTION_WORKERS_LIMIT:
+            raise ConfigError(f"attention_workers must be at most {ATTENTION_WORKERS_LIMIT}, got {self.attention_workers}")
         value = self.max_attention_workers
         if value is not None and (not isinstance(value, int) or isinstance(value, bool)
-                                  or value < self.attention_workers):
-            raise ConfigError(f"max_attention_workers must be an integer >= attention_workers "
-                              f"({self.attention_workers}), got {value!r}")
+                                  or not self.attention_workers <= value <= ATTENTION_WORKERS_LIMIT):
+            raise ConfigError(f"max_attention_workers must be empty (no cap) or an integer between attention_workers "
+                              f"({self.attention_workers}) and {ATTENTION_WORKERS_LIMIT}, got {value!r}")
         if self.shadow_budget_bytes is not None and (
             not isinstance(self.shadow_budget_bytes, int) or self.shadow_budget_bytes < 0
         ):
@@ -196,11 +205,6 @@ class DeploymentConfig:
         import dataclasses
 
         return dataclasses.asdict(self)
-
-    @property
-    def attention_regions(self) -> int:
-        """Attention workers the KV store keeps a region for: as many as scaling may ever start."""
-        return self.max_attention_workers or self.attention_workers
 
 
 ROLES = ("controller", "attention", "expert", "kv_store")

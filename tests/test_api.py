@@ -226,6 +226,42 @@ def test_admission_queue_is_bounded_and_fifo():
     asyncio.run(scenario())
 
 
+def test_admission_follows_a_limit_that_changes():
+    """The limit is read at every admission (the frontend's capacity follows the attention workers
+    serving): a rise admits the waiting at once, in order; a fall admits no one new until the
+    running drop below it."""
+    async def scenario():
+        limit = [2]
+        admission = Admission(max_running=lambda: limit[0], max_waiting=4)
+        for _ in range(2):
+            await admission.enter()
+        waiters = [asyncio.create_task(admission.enter()) for _ in range(3)]
+        await asyncio.sleep(0.01)
+        assert admission.running == 2 and admission.waiting == 3
+        limit[0] = 4  # a scale-up
+        admission.capacity_changed()
+        await asyncio.sleep(0.01)
+        assert [w.done() for w in waiters] == [True, True, False], "the two oldest got the new slots"
+        assert admission.running == 4 and admission.waiting == 1
+        limit[0] = 1  # a scale-down: the running go on, the waiting one waits for the running to drop below 1
+        for _ in range(3):
+            admission.leave()
+        await asyncio.sleep(0.01)
+        assert not waiters[2].done() and admission.running == 1
+        admission.leave()
+        await asyncio.wait_for(waiters[2], 1)
+        assert admission.running == 1 and admission.waiting == 0
+        waiters.append(asyncio.create_task(admission.enter()))
+        await asyncio.sleep(0.01)
+        waiters[-1].cancel()  # a client that left while it waited frees its place
+        await asyncio.sleep(0.01)
+        assert admission.waiting == 0 and admission.running == 1
+        admission.leave()
+        assert admission.running == 0
+
+    asyncio.run(scenario())
+
+
 def test_client_disconnect_aborts_request(stack):
     frontend = stack.frontend
     with httpx.Client(timeout=30) as http:

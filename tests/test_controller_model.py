@@ -389,7 +389,7 @@ def test_scaling_adds_and_drains_workers_through_orders():
     model = make_model(experts=2, attention=2, num_experts=6, layers=(0,), max_attention_workers=3)
     for name, pid in (("ew-0", 10), ("ew-1", 11), ("aw-0", 20), ("aw-1", 21)):
         start(model, name, pid)
-    with pytest.raises(ValueError, match="max_attention_workers"):
+    with pytest.raises(ValueError, match=r"at most max_attention_workers \(3, the deployment's cap\), got 4"):
         model.scale(attention_workers=4)
     with pytest.raises(ValueError, match="between 1 and the model's 6 experts"):
         model.scale(expert_workers=7)
@@ -498,7 +498,10 @@ def test_cluster_view_answers_every_role_from_one_snapshot():
     ({"expert_wait_s": 0}, "expert_wait_s must be a positive number of seconds"),
     ({"drain_timeout_s": "soon"}, "drain_timeout_s must be a positive number of seconds"),
     ({"load_half_life_s": -2.0}, "load_half_life_s must be a positive number of seconds"),
-    ({"attention_workers": 3, "max_attention_workers": 2}, "max_attention_workers must be an integer >= attention_workers"),
+    ({"attention_workers": 3, "max_attention_workers": 2},
+     "max_attention_workers must be empty (no cap) or an integer between attention_workers (3) and 1024, got 2"),
+    ({"max_attention_workers": 5000}, "max_attention_workers must be empty (no cap) or an integer between"),
+    ({"attention_workers": 2000}, "attention_workers must be at most 1024"),
 ])
 def test_deployment_settings_of_the_reconcile_loop_are_checked(settings, message):
     from resilient_moe.deployment import DeploymentConfig
@@ -508,7 +511,20 @@ def test_deployment_settings_of_the_reconcile_loop_are_checked(settings, message
         DeploymentConfig.from_dict(settings, source="test.yaml")
     ok = DeploymentConfig(shadow_policy="load_aware", rebalance_interval_s=30.0, attention_workers=2,
                           max_attention_workers=4)
-    assert ok.attention_regions == 4 and DeploymentConfig(attention_workers=2).attention_regions == 2
+    assert ok.max_attention_workers == 4 and DeploymentConfig(attention_workers=2).max_attention_workers is None
+
+
+def test_attention_workers_scale_past_the_start_count_without_a_cap():
+    """No cap (the default): scaling above the start count is accepted (the KV store grows a region
+    for each worker added); only a cap, when set, or the absolute bound refuses."""
+    model = make_model(experts=2, attention=2, num_experts=6, layers=(0,))
+    for name, pid in (("ew-0", 10), ("ew-1", 11), ("aw-0", 20), ("aw-1", 21)):
+        start(model, name, pid)
+    model.scale(attention_workers=5)
+    model.reconcile()
+    assert sorted(o.worker for o in model.orders.values() if o.action == "start") == ["aw-2", "aw-3", "aw-4"]
+    with pytest.raises(ValueError, match="between 1 and 1024, got 1025"):
+        model.scale(attention_workers=1025)
 
 
 def test_periodic_rebalance_moves_experts_only_when_it_pays():

@@ -7,7 +7,6 @@ checkpointing some requests, visibly, and nothing else changes.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
@@ -22,6 +21,7 @@ from resilient_moe.model.config import ModelConfig
 from resilient_moe.engine.engine import LLMEngine
 from resilient_moe.errors import ConfigError
 from resilient_moe.kvstore import keys
+from resilient_moe.kvstore.commit_records import parse_entries
 from resilient_moe.kvstore.memory_layout import StoreLayout, parse_address
 from resilient_moe.launch import make_cluster
 from resilient_moe.launch.launcher import Launcher
@@ -55,13 +55,14 @@ def test_commit_records_follow_requests_and_are_cleaned_up(tiny_model, reference
             n = int(commit[b"n"])
             assert n > 0 and n % 16 == 0, "whole blocks are committed"
             assert n >= len(prompts[0]) // 16 * 16, "the prompt's full blocks are committed"
-            assert commit[b"owner"] == b"aw-0" and len(json.loads(commit[b"blocks"])) * 16 >= n
+            blocks, _ = parse_entries(db.lrange(keys.blocks_key(cluster.cluster_id, handles[0].request_id), 0, -1))
+            assert commit[b"owner"] == b"aw-0" and len(blocks) * 16 >= n
             # The tokens list holds the delivered tokens up to the last commit, built from deltas.
             committed = [int(t) for t in db.lrange(keys.tokens_key(cluster.cluster_id, handles[0].request_id), 0, -1)]
             assert committed and committed == handles[0].token_ids[:len(committed)]
             assert [h.wait(60).token_ids for h in handles] == reference
             wait_until(lambda: not [k for k in db.scan_iter(match=f"rmoe:{cluster.cluster_id}:*")
-                                    if b":commit:" in k or b":tokens:" in k], 10,
+                                    if b":commit:" in k or b":tokens:" in k or b":blocks:" in k], 10,
                        "every record to be deleted after the requests finished")
             assert db.get(f"rmoe:{cluster.cluster_id}:controller"), "the controller's state is in Redis too"
             wait_until(lambda: worker_load(cluster, "aw-0", "ckpt_commits") > 0, 5, "commit counters")
@@ -118,11 +119,18 @@ def test_store_layout_and_address_validation(tiny_model):
     model = ModelConfig.from_pretrained(tiny_model)
     layout = StoreLayout.for_deployment(model, 1 << 20, 16, torch.float32, attention_workers=2)
     row = 2 * model.num_layers * model.num_kv_heads * model.head_dim * 4
-    assert layout.num_blocks == ((1 << 20) - layout.header_bytes) // (row * 16)
-    assert layout.nbytes <= 1 << 20 and layout.header_bytes >= 16 * layout.num_blocks + 8 * 2
-    assert layout.region(0) == range(0, layout.per_worker)
-    assert layout.region(1) == range(layout.per_worker, 2 * layout.per_worker)
-    with pytest.raises(ConfigError, match="fewer than one per attention worker"):
+    # each region is kv_store_bytes // attention_workers at most, as many blocks as fit beside its header
+    assert layout.region_blocks == ((1 << 19) - layout.header_bytes) // (row * 16)
+    assert layout.region_bytes <= 1 << 19 and layout.header_bytes >= 64 + 16 * layout.region_blocks
+    assert layout.region_bytes % 4096 == 0 and layout.header_bytes % 4096 == 0
+    assert layout.region(0) == range(0, layout.region_blocks)
+    assert layout.region(5) == range(5 * layout.region_blocks, 6 * layout.region_blocks)  # scaled up: no ceiling
+    assert layout.offset(5) == 5 * layout.region_bytes and layout.region_of(layout.region(5)[-1]) == 5
+    assert layout.max_regions == 1024  # no max_attention_workers: only the absolute bound
+    capped = StoreLayout.for_deployment(model, 1 << 20, 16, torch.float32, attention_workers=2, max_attention_workers=3)
+    with pytest.raises(ValueError, match="no KV store region 3: regions are 0 to 2"):
+        capped.region(3)
+    with pytest.raises(ConfigError, match=r"kv_store_bytes \(\d+\) gives each of the 2 attention workers a region"):
         StoreLayout.for_deployment(model, row * 16, 16, torch.float32, attention_workers=2)
     assert parse_address("memfd:@rmoe-c1-kv-store-3:4096") == ("@rmoe-c1-kv-store-3", 4096)
     assert parse_address("memfd:@rmoe-c1-kv-store-3:4096;tcp:127.0.0.1:5000") == ("@rmoe-c1-kv-store-3", 4096)

@@ -5,7 +5,6 @@ never a crash, and authentication (a peer without the cluster secret is refused,
 from __future__ import annotations
 
 import json
-import mmap
 import socket
 import struct
 import threading
@@ -17,13 +16,14 @@ from resilient_moe import auth
 from resilient_moe.kvstore import remote
 from resilient_moe.kvstore.remote import HEADER, MAGIC, Op, RemoteStore, RemoteStoreError, StoreServer
 from resilient_moe.kvstore.replication import ReplicaWrite, StoreRef, place_stores
-from resilient_moe.kvstore.memory_layout import StoreLayout, split_address
+from resilient_moe.kvstore.memory_layout import StoreLayout, StoreMemory, split_address
 
 L, W, BS = 3, 8, 4
 
 
-def make_layout(blocks: int = 16, workers: int = 2) -> StoreLayout:
-    return StoreLayout(L, W, torch.float32, BS, blocks, workers)
+def make_layout(blocks: int = 8, regions: int = 4) -> StoreLayout:
+    """Regions of `blocks` blocks: region 0 is blocks [0, 8), region 1 [8, 16), ..."""
+    return StoreLayout(L, W, torch.float32, BS, blocks, regions)
 
 
 @pytest.fixture
@@ -38,11 +38,11 @@ def secret():
 
 @pytest.fixture
 def server(secret):
-    layout = make_layout()
-    memory = mmap.mmap(-1, layout.nbytes)
-    srv = StoreServer(layout, memory, "kv-store-1", 7).start()
+    memory = StoreMemory(make_layout(), "test-kv-store")
+    srv = StoreServer(memory, "kv-store-1", 7).start()
     yield srv
     srv.close()
+    memory.close()
 
 
 def rows_for(blocks: list[int]) -> torch.Tensor:
@@ -118,8 +118,10 @@ def test_truncated_and_mis_sized_bodies_are_refused(server):
         client._call(Op.WRITE, [body + b"xx"])
     with pytest.raises(RemoteStoreError, match="CLAIM body is 3 bytes"):
         client._call(Op.CLAIM, [b"abc"])
-    with pytest.raises(RemoteStoreError, match="a block outside"):
-        client._call(Op.READ, [struct.pack("<Iq", 1, 999)])
+    with pytest.raises(RemoteStoreError, match="no KV store region 124: regions are 0 to 3"):
+        client._call(Op.READ, [struct.pack("<Iq", 1, 999)])  # past the store's last region
+    with pytest.raises(RemoteStoreError, match="blocks of more than one region"):
+        client._call(Op.READ, [struct.pack("<Iqq", 2, 1, 9)])
     with pytest.raises(RemoteStoreError, match="only valid as the first frame"):
         client._call(Op.HELLO, [b"{}"])
     client.read(torch.tensor([1]))  # and the connection is still good
@@ -145,7 +147,7 @@ def closed(sock: socket.socket) -> bool:
 def hello_body(client: str, key: bytes | None = None, layout=None) -> bytes:
     cred = auth.Credential.make("kv-store", context=client, key=key)
     return json.dumps({"credential": cred.to_json(), "client": client,
-                       "layout": layout or remote.layout_key(make_layout())}).encode()
+                       "layout": layout or make_layout().key}).encode()
 
 
 def test_garbage_headers_are_answered_and_the_connection_closed_without_harm(server):
@@ -188,7 +190,7 @@ def test_an_unauthenticated_peer_is_refused_and_counted(server, secret):
     sock = raw_connection(server)
     cred = auth.Credential.make("kv-store", context="aw-0")
     sock.sendall(remote.frame(Op.HELLO, json.dumps({"credential": cred.to_json(), "client": "aw-1",
-                                                    "layout": remote.layout_key(make_layout())}).encode()))
+                                                    "layout": make_layout().key}).encode()))
     assert reply_of(sock)[0] == remote.ERROR
     # the right secret is accepted
     client = RemoteStore(server.address, server.layout, "aw-0")

@@ -8,8 +8,6 @@ the replica over TCP."""
 
 from __future__ import annotations
 
-import json
-import mmap
 import os
 import random
 import signal
@@ -28,7 +26,7 @@ from resilient_moe.kvstore import keys
 from resilient_moe.kvstore.checkpoint import KVCheckpointer
 from resilient_moe.kvstore.remote import RemoteStore, RemoteStoreError
 from resilient_moe.kvstore.replication import StoreRef
-from resilient_moe.kvstore.memory_layout import MemfdServer, layout_for, split_address
+from resilient_moe.kvstore.memory_layout import MemfdServer, StoreMemory, layout_for, split_address
 from resilient_moe.launch import make_cluster
 from resilient_moe.launch.launcher import Launcher
 from resilient_moe.proto import controller_pb2 as pb
@@ -66,7 +64,7 @@ def check_store_authentication(cluster: Launcher, name: str) -> None:
     one with it."""
     store = next(w for w in cluster.state().workers if w.name == name)
     address = split_address(store.data_address)[1]
-    layout = layout_for(cluster.worker_config("aw-0", "attention", 0))
+    layout = layout_for(cluster.worker_config("aw-0"))
     ours = auth.secret()
     auth.install(auth.new_secret())  # a process that does not hold the cluster's secret
     try:
@@ -160,10 +158,10 @@ class Writer:
     """An engine whose checkpointer maps its own primary store (incarnation `store`), stepped as an
     attention worker steps it."""
 
-    def __init__(self, model_dir, layout, db, index: int, store: int, fd: int) -> None:
+    def __init__(self, model_dir, layout, db, index: int, store: int, memory: StoreMemory) -> None:
         self.engine = LLMEngine(model_dir, EngineConfig())
         self.ckpt = KVCheckpointer(self.engine, layout, index, db, "test", f"aw-{index}", 100 + index)
-        self.handoff = MemfdServer(fd, layout.nbytes, f"@rmoe-test-kv-{os.getpid()}-{index}")
+        self.handoff = MemfdServer(memory, f"@rmoe-test-kv-{os.getpid()}-{index}")
         self.ckpt.attach(self.handoff.address, store)
         wait_until(lambda: self.ckpt.counters["store_attaches"] == 1, 10, f"aw-{index} to map its store")
         wait_until(lambda: self.ckpt.settled() and self.ckpt._ready_store == store, 10, "the region claim")
@@ -177,7 +175,7 @@ class Writer:
 
 @pytest.fixture
 def stores(tiny_model):
-    """(layout, [fd of three store memfds], a TCP server over the third one, incarnation 12)."""
+    """(layout, [three stores' memory], a TCP server over the third one, incarnation 12)."""
     from resilient_moe import auth
     from resilient_moe.model.config import ModelConfig
     from resilient_moe.kvstore.remote import StoreServer
@@ -186,30 +184,27 @@ def stores(tiny_model):
     if not auth.has_secret():
         auth.install(auth.new_secret())
     layout = StoreLayout.for_deployment(ModelConfig.from_pretrained(tiny_model), 4 << 20, 16, torch.float32, 2)
-    fds = [os.memfd_create(f"test-kv-store-{i}") for i in range(3)]
-    for fd in fds:
-        os.ftruncate(fd, layout.nbytes)
-    memory = mmap.mmap(fds[2], layout.nbytes)
-    server = StoreServer(layout, memory, "kv-store-1", 12).start()
+    memories = [StoreMemory(layout, f"test-kv-store-{i}") for i in range(3)]
+    server = StoreServer(memories[2], "kv-store-1", 12).start()
     try:
-        yield layout, fds, server
+        yield layout, memories, server
     finally:
         server.close()
-        for fd in fds:
-            os.close(fd)
+        for memory in memories:
+            memory.close()
 
 
 def test_writes_reach_the_replica_and_a_restore_reads_it_over_tcp(tiny_model, stores, redis_server):
     """aw-0 writes into its primary (store 11) and ships to the replica (store 12, over TCP); a dropped
     connection is tried again with every live block; aw-1, whose own primary is another store and
     for which store 11 is gone, restores aw-0's requests from the replica over TCP, token-identically."""
-    layout, fds, server = stores
+    layout, memories, server = stores
     prompts, params = workload(n=3, max_tokens=60)
     reference = [r.token_ids for r in LLMEngine(tiny_model, EngineConfig()).generate(prompts, params)]
     db = redis.Redis(unix_socket_path=redis_server)
     replica = StoreRef("kv-store-1", 1, 12, f"memfd:@none:0;{server.address}", "h")
-    writer = Writer(tiny_model, layout, db, 0, 11, fds[0])
-    reader = Writer(tiny_model, layout, db, 1, 13, fds[1])
+    writer = Writer(tiny_model, layout, db, 0, 11, memories[0])
+    reader = Writer(tiny_model, layout, db, 1, 13, memories[1])
     try:
         writer.ckpt.use_replicas([replica], [replica])
         ids = [f"r{i}" for i in range(len(prompts))]
@@ -229,7 +224,7 @@ def test_writes_reach_the_replica_and_a_restore_reads_it_over_tcp(tiny_model, st
             return {k.decode(): v.decode() for k, v in db.hgetall(keys.commit_key("test", request_id)).items()}
 
         wait_until(lambda: writer.ckpt.settled() and writer.ckpt.stats()["ckpt_replica_pending"] == 0
-                   and all(record(r).get("replica:12") == str(len(json.loads(record(r)["blocks"]))) for r in ids),
+                   and all(record(r).get("replica:12") == str(db.llen(keys.blocks_key("test", r))) for r in ids),
                    20, "the replica to hold every committed block, and the records to say so")
         assert all(record(r)["store"] == "11" for r in ids)
         seen = {r: list(writer.tokens[r]) for r in ids}

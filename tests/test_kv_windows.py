@@ -26,7 +26,8 @@ from resilient_moe.engine.engine import LLMEngine
 from resilient_moe.engine.kv_cache import MAX_GAPS, LayerWindows, RestoredRows, new_kv_cache
 from resilient_moe.kvstore import keys
 from resilient_moe.kvstore.checkpoint import KVCheckpointer
-from resilient_moe.kvstore.memory_layout import MemfdServer, StoreLayout, map_store
+from resilient_moe.kvstore.commit_records import parse_entries
+from resilient_moe.kvstore.memory_layout import MappedStore, MemfdServer, StoreLayout, StoreMemory
 
 CPU = torch.device("cpu")
 
@@ -141,13 +142,12 @@ def store(tmp_path):
     model_dir = save_family_model(tmp_path / "gpt_oss", "gpt_oss", seed=6)
     cfg = ModelConfig.from_pretrained(model_dir)
     layout = StoreLayout.for_deployment(cfg, 4 << 20, 16, torch.float32, attention_workers=2)
-    fd = os.memfd_create("test-kv-store")
-    os.ftruncate(fd, layout.nbytes)
+    memory = StoreMemory(layout, "test-kv-store")
     try:
-        with MemfdServer(fd, layout.nbytes, f"@rmoe-test-kv-{os.getpid()}") as server:
+        with MemfdServer(memory, f"@rmoe-test-kv-{os.getpid()}") as server:
             yield model_dir, layout, server.address
     finally:
-        os.close(fd)
+        memory.close()
 
 
 def test_checkpoint_writes_and_restores_only_the_window_of_sliding_layers(store, redis_server):
@@ -180,11 +180,11 @@ def test_checkpoint_writes_and_restores_only_the_window_of_sliding_layers(store,
         # r0's block of positions [64, 80) is rewritten after its commit (as a fenced writer would): its
         # restore can use [0, 64) only, and [59, 64) of its sliding layers lies in the second gap: the
         # restore steps back to 48, where that write began.
-        mapping = map_store(address)
-        _, stamps, _ = layout.views(mapping)
-        stamps[json.loads(record("r0")["blocks"])[4], 1] += 2
-        del stamps
-        mapping.close()
+        mapped = MappedStore(address, layout)
+        region = mapped.region(0)  # the writer's
+        blocks, _ = parse_entries(db.lrange(keys.blocks_key("test", "r0"), 0, -1))
+        region.stamps[blocks[4] - region.first_block, 1] += 2
+        mapped.close()
         # r1's frontend had seen only 12 of its 20 tokens: it resumes at 111 positions, one short of
         # the commit, whose window [106, 111) the last write kept (the block of slack).
         seen = {"r0": writer.tokens["r0"], "r1": writer.tokens["r1"][:12]}

@@ -10,7 +10,9 @@ counts of ready workers after each step.
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
 import subprocess
 import sys
 import threading
@@ -47,28 +49,46 @@ def ready_counts(url: str) -> dict[str, int]:
     return counts
 
 
-def test_scaling_expert_and_attention_workers_while_16_streams_run(tiny_model, reference, fork_server, tmp_path):
-    prompts = prompts_for_scaling()
-    results = [StreamResult() for _ in prompts]
-    progress = [0] * len(prompts)  # tokens each client has received so far
-    errors: list[BaseException] = []
-    threads: list[threading.Thread] = []
+class Streams:
+    """Greedy streaming clients, one thread each: tokens each has received so far (`progress`), what
+    each got in the end (`results`), and whatever went wrong (`errors`: a 429 fails stream_completion's
+    status check)."""
 
-    def stream(i: int) -> None:
+    def __init__(self, prompts: list[list[int]], lengths: list[int], timeout_s: float) -> None:
+        self.prompts, self.lengths, self.timeout_s = prompts, lengths, timeout_s
+        self.results = [StreamResult() for _ in prompts]
+        self.progress = [0] * len(prompts)
+        self.errors: list[BaseException] = []
+        self.threads: list[threading.Thread] = []
+
+    def _stream(self, url: str, i: int) -> None:
         def on_chunk(result: StreamResult) -> None:
-            progress[i] = len(result.token_ids)
+            self.progress[i] = len(result.token_ids)
 
         try:
-            results[i] = stream_completion(stack.url, prompts[i], MAX_TOKENS, timeout_s=120.0, on_chunk=on_chunk,
-                                           ignore_eos=True)
-        except BaseException as e:  # reported below
-            errors.append(e)
+            self.results[i] = stream_completion(url, self.prompts[i], self.lengths[i], timeout_s=self.timeout_s,
+                                                on_chunk=on_chunk, ignore_eos=True)
+        except BaseException as e:  # reported by the test
+            self.errors.append(e)
+
+    def launch(self, url: str, indices) -> None:
+        for i in indices:
+            thread = threading.Thread(target=self._stream, args=(url, i), daemon=True)
+            thread.start()
+            self.threads.append(thread)
+
+    def join(self) -> None:
+        for thread in self.threads:
+            thread.join(self.timeout_s)
+
+
+def test_scaling_expert_and_attention_workers_while_16_streams_run(tiny_model, reference, fork_server, tmp_path):
+    prompts = prompts_for_scaling()
+    streams = Streams(prompts, [MAX_TOKENS] * len(prompts), 120.0)
+    progress, errors, results = streams.progress, streams.errors, streams.results
 
     def launch(indices) -> None:
-        for i in indices:
-            thread = threading.Thread(target=stream, args=(i,), daemon=True)
-            thread.start()
-            threads.append(thread)
+        streams.launch(stack.url, indices)
 
     def scale(**roster) -> None:
         assert stack.frontend.unfinished() > 0, "streams are running while the cluster scales"
@@ -116,8 +136,7 @@ def test_scaling_expert_and_attention_workers_while_16_streams_run(tiny_model, r
         assert worker_load(stack.cluster, "aw-2", "steps") > 0, "aw-2 runs some of them"
         scale(attention_workers=1)
         wait_until(settled(1, 2), 60, "1 attention worker, the others drained")
-        for thread in threads:
-            thread.join(120)
+        streams.join()
         assert not errors, errors
         assert [r.token_ids for r in results] == reference
         assert all(r.done and r.finish_reason == "length" for r in results)
@@ -128,3 +147,86 @@ def test_scaling_expert_and_attention_workers_while_16_streams_run(tiny_model, r
         state = stack.cluster.state()
         assert state.counters["scale_events"] == 4 and state.counters["drains"] >= 4
         assert sorted(w.name for w in state.workers if w.state == pb.READY) == ["aw-0", "ew-0", "ew-1", "kv-store"]
+
+
+SEQS = 8  # engine.max_num_seqs: a small capacity per attention worker, so that 3 x SEQS streams are cheap
+LONG = 400  # tokens of the first streams: they must still run when the later ones are admitted
+
+
+def prompts_past_the_start_count():
+    rng = random.Random(31)
+    return [[1] + [rng.randrange(3, 500) for _ in range(rng.randint(2, 24))] for _ in range(3 * SEQS)]
+
+
+def test_attention_workers_scale_past_the_start_count_and_capacity_follows(tiny_model, fork_server, tmp_path):
+    """`serve --attention-workers 2` (no cap): 16 greedy streams, then 2 -> 3 attention workers, and
+    3 x max_num_seqs requests run at once without a 429 (one more gets one: the bound is real); the
+    new aw-2 (a KV region the store made for it) is SIGKILLed and its requests are restored from that
+    region by the others; then 3 -> 1. Every stream is token-identical to a failure-free run."""
+    prompts = prompts_past_the_start_count()
+    lengths = [LONG] * (2 * SEQS) + [MAX_TOKENS] * SEQS
+    reference = [r.token_ids for r in LLMEngine(tiny_model, EngineConfig()).generate(
+        prompts, [SamplingParams(max_tokens=n, ignore_eos=True) for n in lengths])]
+    streams = Streams(prompts, lengths, 180.0)
+    progress, errors, results = streams.progress, streams.errors, streams.results
+
+    def launch(indices) -> None:
+        streams.launch(stack.url, indices)
+
+    def one_more() -> httpx.Response:
+        return httpx.post(f"{stack.url}/v1/completions", json={"prompt": [1, 5, 7], "max_tokens": 1}, timeout=30)
+
+    def scale(attention: int) -> None:
+        answer = httpx.post(f"{stack.url}/admin/scale", json={"attention_workers": attention}, headers=admin_headers(),
+                            timeout=10)
+        assert answer.status_code == 200, answer.text
+
+    def settled(attention: int):
+        return lambda: not stack.cluster.state().orders and ready_counts(stack.url) == {"attention": attention, "expert": 2}
+
+    def capacity() -> tuple[int, int]:
+        """(the frontend's bound, the API admission's): one computation, read by both."""
+        return stack.frontend.capacity(), stack.app.state.server.admission.max_running
+
+    with serving_stack(tiny_model, fork_server, tmp_path, attention_workers=2, expert_workers=2, max_model_len=512,
+                       engine_options={"max_num_seqs": SEQS}, max_waiting=0) as stack:
+        assert capacity() == (2 * SEQS, 2 * SEQS)
+        launch(range(2 * SEQS))
+        wait_until(lambda: min(progress[:2 * SEQS]) >= 3, 60, "the first 16 streams to be generating")
+        refused = one_more()
+        assert refused.status_code == 429 and f"running (of {2 * SEQS}" in refused.text, refused.text
+
+        scale(3)  # above the start count, with no max_attention_workers
+        wait_until(settled(3), 60, "3 attention workers")
+        wait_until(lambda: capacity() == (3 * SEQS, 3 * SEQS), 10, "capacity to follow the new worker")
+        launch(range(2 * SEQS, 3 * SEQS))
+        wait_until(lambda: min(progress[2 * SEQS:]) >= 3 or errors, 60, "the later streams to be generating")
+        assert not errors, errors  # none of the 3 x max_num_seqs got a 429
+        assert sum(not r.done for r in results) == 3 * SEQS, "all 24 ran at once"
+        refused = one_more()
+        assert refused.status_code == 429 and f"running (of {3 * SEQS}" in refused.text, refused.text
+
+        # aw-2 exists only since the scale-up; its requests restore from its region of the KV store.
+        handles = stack.frontend._handles()
+        wait_until(lambda: all(len(h.tokens) >= 20 for h in handles if h.worker == "aw-2" and not h.done)
+                   and worker_load(stack.cluster, "aw-2", "ckpt_commits") >= 1, 60, "aw-2 to checkpoint its requests")
+        victims = [h for h in handles if h.worker == "aw-2" and not h.done]
+        assert victims, "the new attention worker took some of the later requests"
+        os.kill(stack.cluster.pids["aw-2"], signal.SIGKILL)
+
+        def restored(key: str) -> float:
+            return sum(worker_load(stack.cluster, aw, key) for aw in ("aw-0", "aw-1"))
+
+        wait_until(lambda: restored("ckpt_restored") + restored("requests_recomputed") >= len(victims), 60,
+                   "aw-2's requests to move")
+        assert restored("ckpt_restored_local") == len(victims), "read from aw-2's region of the store, mapped"
+        assert restored("ckpt_restored_replica") == 0 and restored("requests_recomputed") == 0
+        wait_until(settled(3), 60, "a replacement aw-2")
+
+        scale(1)
+        wait_until(settled(1), 90, "1 attention worker, the others drained")
+        wait_until(lambda: capacity() == (SEQS, SEQS), 10, "capacity to follow the scale-down")
+        streams.join()
+        assert not errors, errors
+        assert [r.token_ids for r in results] == reference
+        assert all(r.done and r.finish_reason == "length" for r in results)

@@ -108,7 +108,7 @@ class ControllerSettings:
     heartbeat_timeout_s: float = 1.0
     tick_interval_s: float = 0.05
     startup_timeout_s: float = 120.0
-    max_attention_workers: int | None = None  # None: attention_workers
+    max_attention_workers: int | None = None  # a cap on scaling; None: none
     load_half_life_s: float = 30.0
     rebalance_interval_s: float = 0.0  # 0: rebalance on demand only
     worker_nodes: tuple[tuple[str, str], ...] = ()  # (worker, node) as the launcher places them; empty: one node

@@ -55,6 +55,7 @@ from resilient_moe.controller.records import (
 from resilient_moe.controller.snapshot import Persistence
 from resilient_moe.datapath.faults import LinkFault
 from resilient_moe.datapath.routing_table import RoutingTable
+from resilient_moe.deployment import ATTENTION_WORKERS_LIMIT
 
 log = logging.getLogger("resilient_moe.controller")
 
@@ -122,17 +123,18 @@ class ClusterModel(ReconcilePass, Persistence):
     def expert_names(self) -> list[str]:
         return [f"ew-{i}" for i in range(self.desired.expert_workers)]
 
-    @property
-    def max_attention_workers(self) -> int:
-        return self.settings.max_attention_workers or self.settings.attention_workers
-
     def scale(self, attention_workers: int = 0, expert_workers: int = 0) -> Roster:
-        """Change the roster (0: unchanged); raises ValueError naming what is not possible."""
+        """Change the roster (0: unchanged); raises ValueError naming what is not possible. Attention
+        workers have no ceiling but the deployment's optional `max_attention_workers` (the KV store
+        grows a region for each one added)."""
         attention = attention_workers or self.desired.attention_workers
         experts = expert_workers or self.desired.expert_workers
-        if not 1 <= attention <= self.max_attention_workers:
-            raise ValueError(f"attention_workers must be between 1 and max_attention_workers "
-                             f"({self.max_attention_workers}: the KV store has a region for that many), got {attention}")
+        cap = self.settings.max_attention_workers
+        if cap is not None and attention > cap:
+            raise ValueError(f"attention_workers must be at most max_attention_workers ({cap}, the deployment's "
+                             f"cap), got {attention}")
+        if not 1 <= attention <= ATTENTION_WORKERS_LIMIT:
+            raise ValueError(f"attention_workers must be between 1 and {ATTENTION_WORKERS_LIMIT}, got {attention}")
         if not 1 <= experts <= self.shape.num_experts:
             raise ValueError(f"expert_workers must be between 1 and the model's {self.shape.num_experts} experts, "
                              f"got {experts}")

@@ -9,8 +9,11 @@ on one background thread, so neither a slow Redis nor a big restore ever holds u
   - writes: the thread copies staged rows into the store's shared memory (one-sided) under the
     store's ownership protocol (memory_layout.py: region owner word, per-block stamps), then commits
     every staged snapshot in one pipelined Redis round trip (commit_records.py: `n`, positions [0, n)
-    complete, the store blocks and their generations, the writer's incarnation). A request's commits are ordered, so a
-    commit record never claims rows that are not in the store yet. Sliding-window layers are written
+    complete, and only what changed since the request's last commit: the store blocks it added and
+    their generations). A request's commits are ordered, so a commit record never claims rows that
+    are not in the store yet. The thread keeps each request's block list as it sent it (`_Sent`):
+    a delta Redis could not apply (a commit lost in an outage) is answered RESEND, and the next
+    commit of that request sends the whole list again. Sliding-window layers are written
     only inside their window, and restored only there (engine/kv_cache.py, `LayerWindows`).
   - restores (a request moved here from a failed worker; restore.py): the thread reads the commit
     record, checks each block's stamp against it before and after copying the rows out, and hands
@@ -39,9 +42,7 @@ that owned them has been restored elsewhere or its record expired.
 
 from __future__ import annotations
 
-import json
 import logging
-import mmap
 import threading
 import time
 from collections import deque
@@ -55,8 +56,10 @@ from resilient_moe.engine.engine import LLMEngine
 from resilient_moe.engine.kv_cache import RestoredRows
 from resilient_moe.engine.sequence import Sequence
 from resilient_moe.kvstore import keys
-from resilient_moe.kvstore.commit_records import COMMIT_SCRIPT, REPLICA_SCRIPT, record_fields
-from resilient_moe.kvstore.memory_layout import StoreLayout, claim_region, map_store, stamped_prefix, write_blocks
+from resilient_moe.kvstore.commit_records import (COMMIT_SCRIPT, COMMITTED, REPLICA_SCRIPT, RESEND, CommitDelta,
+                                                  gaps_field, list_fields, parse_entries)
+from resilient_moe.kvstore.memory_layout import (MappedStore, Region, StoreLayout, block_rows, claim_region,
+                                                 stamped_prefix, write_blocks)
 from resilient_moe.kvstore.replication import ReplicaShipper, ReplicaWrite, StoreRef
 from resilient_moe.kvstore.restore import Restorer
 
@@ -76,14 +79,26 @@ class _Tracked:
 
 
 @dataclass
+class _Sent:
+    """A request's block list as the checkpoint thread sent it to Redis (what its record holds once
+    every commit sent so far applied)."""
+
+    blocks: list[int] = field(default_factory=list)
+    gens: list[int] = field(default_factory=list)
+    gaps: list[tuple[int, int]] = field(default_factory=list)
+    resend: bool = False  # a delta did not apply: the next commit sends the whole list
+
+
+@dataclass
 class _Write:
     store: int  # incarnation of the store it was staged for
     # (layers, store rows [m], their KV rows [len(layers), m, W]): sliding layers' parts hold fewer rows
     parts: list[tuple[tuple[int, ...], torch.Tensor, torch.Tensor]]
     blocks: torch.Tensor  # [k] store blocks the rows fill (whole blocks)
     gens: torch.Tensor  # [k] their generations (even: written)
-    # (request id, n, blocks, gens, position of the first new output token, the new output tokens)
-    commits: list[tuple[str, int, list[int], list[int], int, list[int]]]
+    # (request id, n, index of the first new block, the new blocks, their gens, position of the first
+    # new output token, the new output tokens): only what changed since the request's last commit
+    commits: list[tuple[str, int, int, list[int], list[int], int, list[int]]]
     gaps: dict[str, list[tuple[int, int]]]  # request id -> its skipped sliding-layer spans so far
     acks: list[tuple[str, int, int]] = field(default_factory=list)  # (request id, first, end block) written
     copy: staging.SideCopy | None = None  # the KV rows on their way to host memory (on a GPU)
@@ -157,9 +172,11 @@ class KVCheckpointer:
         self._busy = False  # the thread is carrying out a batch it took
         self._refused = False
         self._commit_since: float | None = None  # monotonic start of the commit round trip under way
+        self._sent: dict[str, _Sent] = {}  # the thread's: each request's record as sent
+        self._queued: list[tuple[int, str]] = []  # (position in the pipeline, request id) of each commit queued
         # The store's memory, touched by the thread only.
-        self._mapping: mmap.mmap | None = None
-        self._owners = self._stamps = self._rows = None
+        self._store: MappedStore | None = None  # the primary, as mapped (its regions: this worker's, restores')
+        self._region: Region | None = None  # this worker's region of it
         self._mapped_store = 0
         self._ready_store = 0  # the store whose region is claimed and pinned: snapshots may start
         # Replicas (engine thread: the incarnations asked for; the thread: their shippers and what they hold).
@@ -169,11 +186,11 @@ class KVCheckpointer:
         self._shippers: dict[int, ReplicaShipper] = {}
         self._held: dict[int, dict[str, int]] = {}  # replica incarnation -> request id -> leading blocks it holds
         self._shipped = {"writes": 0, "blocks": 0, "bytes": 0, "errors": 0, "dropped": 0}  # of closed shippers
-        self.counters = {"commits": 0, "commit_errors": 0, "dropped": 0, "store_full": 0, "restored": 0,
+        self.counters = {"commits": 0, "commit_errors": 0, "commit_resends": 0, "dropped": 0, "store_full": 0, "restored": 0,
                          "restored_local": 0, "restored_replica": 0, "replica_acks": 0, "replica_reships": 0,
                          "replica_reshipped_blocks": 0, "restore_read_errors": 0,
                          "restored_tokens": 0, "restored_bytes": 0, "restore_misses": 0,
-                         "restore_stamp_mismatches": 0,
+                         "restore_stamp_mismatches": 0, "restore_malformed_records": 0,
                          "pinned_blocks": 0, "writes_refused": 0, "store_attaches": 0}
         self.restorer = Restorer(layout, self.windows, redis_client, cluster_id, owner, incarnation, self.counters)
         self._commit = redis_client.register_script(COMMIT_SCRIPT)
@@ -265,7 +282,7 @@ class KVCheckpointer:
             new_blocks.extend(t.blocks[first:last])
             new_gens.extend(gens)
             acks.append((seq.request_id, first, last))
-            commits.append((seq.request_id, n, list(t.blocks), list(t.gens), t.tokens, seq.output_ids[t.tokens:]))
+            commits.append((seq.request_id, n, first, t.blocks[first:last], gens, t.tokens, seq.output_ids[t.tokens:]))
             t.committed, t.tokens = n, len(seq.output_ids)
         if not commits:
             return
@@ -369,7 +386,9 @@ class KVCheckpointer:
             elif isinstance(item, _Release):
                 pipe = pipe or self.redis.pipeline(transaction=False)
                 pipe.delete(keys.commit_key(self.cluster_id, item.request_id),
+                            keys.blocks_key(self.cluster_id, item.request_id),
                             keys.tokens_key(self.cluster_id, item.request_id))
+                self._sent.pop(item.request_id, None)
                 for held in self._held.values():
                     held.pop(item.request_id, None)
                 with self._lock:
@@ -387,29 +406,33 @@ class KVCheckpointer:
             self._execute(pipe)
 
     def _attach(self, item: _Attach) -> None:
-        old = self._mapping
-        self._owners = self._stamps = self._rows = None  # no view of the old memory may outlive its unmap
-        self.restorer.use_mapping(0, None, None)
+        old = self._store
+        self._store = self._region = None  # no view of the old memory may outlive its unmap
+        self.restorer.use_mapping(0, None)
         if old is not None:
             old.close()
-            self._mapping = None
         self._mapped_store = self._ready_store = 0
         for held in self._held.values():
             held.clear()  # every request is written again from its start, to the replicas too
+        self._sent.clear()  # and its record starts a new block list
+        store = None
         try:
-            mapping = map_store(item.address, who=f"{self.owner}/{self.incarnation}")
-            owners, stamps, rows = self.layout.views(mapping)
-        except (OSError, ValueError) as e:
+            store = MappedStore(item.address, self.layout, who=f"{self.owner}/{self.incarnation}")
+            region = store.region(self.index)  # the store makes it if this worker is new (scaled up)
+        except (OSError, ValueError) as e:  # AuthError is an OSError
+            if store is not None:
+                store.close()
             log.warning("cannot map the KV store at %s (%s): not checkpointing until a store can be used",
                         item.address, e)
             return
-        refusal = claim_region(owners, self.index, self.incarnation)
+        refusal = claim_region(region, self.incarnation)
         if refusal:
+            store.close()
             self._refuse(refusal)
             return
-        self._mapping, self._owners, self._stamps, self._rows = mapping, owners, stamps, rows
+        self._store, self._region = store, region
         self._mapped_store = item.store
-        self.restorer.use_mapping(item.store, stamps, rows)
+        self.restorer.use_mapping(item.store, store)
         self.counters["store_attaches"] += 1
         self._pin_predecessor_blocks()
         self._ready_store = item.store
@@ -427,7 +450,7 @@ class KVCheckpointer:
     def _write(self, item: _Write) -> bool:
         """Copy staged rows into the store under the ownership protocol; False if refused."""
         refusal = "this incarnation was fenced" if self._refused else \
-            write_blocks(self._owners, self._stamps, self._rows, self.index, self.incarnation, item.blocks, item.gens,
+            write_blocks(self._region, self.incarnation, item.blocks, item.gens,
                          item.host_parts())  # into shared memory: one-sided
         if refusal:
             self._refuse(refusal)
@@ -451,7 +474,7 @@ class KVCheckpointer:
                                                          self._on_acked)
             self._held[incarnation] = {}
             log.info("replicating KV checkpoints to %s (incarnation %d, %s)", store.name, incarnation, store.tcp)
-            if item.live and self._rows is not None:
+            if item.live and self._region is not None:
                 self._reship(self._shippers[incarnation], item.live)
 
     def _reship(self, shipper: ReplicaShipper, live: dict[str, tuple[list[int], list[int]]]) -> None:
@@ -460,12 +483,12 @@ class KVCheckpointer:
         for request_id, (blocks, gens) in live.items():
             store_blocks = torch.tensor(blocks, dtype=torch.long)
             expected = torch.tensor([[self.incarnation, g] for g in gens], dtype=torch.long).view(-1, 2)
-            good = stamped_prefix(self._stamps, store_blocks, expected)
+            good = stamped_prefix(self._region, store_blocks, expected)
             if good == 0:
                 continue
-            rows = (store_blocks[:good, None] * self.bs + torch.arange(self.bs)).reshape(-1)
+            rows = block_rows(store_blocks[:good], self.bs)  # store-wide, as the replica numbers them too
             layers = tuple(range(self.layout.num_layers))
-            data = self._rows.index_select(1, rows)  # [L, good * bs, W]
+            data = self._region.rows.index_select(1, rows - self._region.first_row)  # [L, good * bs, W]
             shipper.ship(ReplicaWrite(store_blocks[:good], expected[:good, 1].clone(), [(layers, rows, data)],
                                       [(request_id, 0, good)]))
             total += good
@@ -502,25 +525,51 @@ class KVCheckpointer:
             self._shipped[k] += v
 
     def _queue_commits(self, pipe, item: _Write) -> None:
-        for request_id, n, blocks, gens, first, new_tokens in item.commits:
-            record = [*record_fields(n, blocks, gens, item.gaps[request_id], self.bs, item.store, self.owner,
-                                     self.incarnation), "|", *map(str, new_tokens)]
-            self._commit(keys=[keys.commit_key(self.cluster_id, request_id),
+        """One COMMIT_SCRIPT call per request: what changed since its last commit (the whole list when
+        it starts anew or a delta did not apply)."""
+        for request_id, n, first, blocks, gens, first_token, tokens in item.commits:
+            sent = self._sent.get(request_id)
+            if first == 0 or sent is None:
+                if first != 0:
+                    continue  # nothing sent to build on (cannot happen: a request's first commit starts at 0)
+                sent = self._sent[request_id] = _Sent()
+            if first > len(sent.blocks):
+                continue  # an earlier commit of it was never sent: its record stays as it was
+            del sent.blocks[first:], sent.gens[first:]
+            sent.blocks += blocks
+            sent.gens += gens
+            gaps = item.gaps[request_id]
+            fields = {}
+            if sent.resend or first == 0:
+                first, blocks, gens = 0, sent.blocks, sent.gens
+                fields = list_fields(self.bs, item.store, self.owner, self.incarnation) | gaps_field(gaps)
+                # a new list drops the replica fields; a resent one names the same blocks: keep what replicas hold
+                fields |= {f"replica:{store}": str(held[request_id]) for store, held in self._held.items()
+                           if held.get(request_id)}
+            elif gaps != sent.gaps:
+                fields = gaps_field(gaps)
+            sent.gaps, sent.resend = gaps, False
+            delta = CommitDelta(n, first, blocks, gens, first_token, tokens, fields)
+            self._queued.append((len(pipe), request_id))
+            self._commit(keys=[keys.commit_key(self.cluster_id, request_id), keys.blocks_key(self.cluster_id, request_id),
                                keys.tokens_key(self.cluster_id, request_id)],
-                         args=[self.owner, str(self.incarnation), str(keys.COMMIT_TTL_S), str(first), *record],
-                         client=pipe)
+                         args=delta.args(self.owner, self.incarnation, keys.COMMIT_TTL_S), client=pipe)
 
     def _execute(self, pipe) -> None:
+        queued, self._queued = self._queued, []
         self._commit_since = time.monotonic()
         try:
             results = pipe.execute(raise_on_error=False)
-            self.counters["commits"] += sum(1 for r in results if r == 1)
+            self.counters["commits"] += sum(1 for r in results if r == COMMITTED)
             failed = sum(1 for r in results if isinstance(r, Exception))
+            error = next((r for r in results if isinstance(r, Exception)), None)
+            for position, request_id in queued:
+                if results[position] == RESEND and request_id in self._sent:
+                    self._sent[request_id].resend = True  # its next commit sends the whole list
+                    self.counters["commit_resends"] += 1
         except Exception as e:  # noqa: BLE001 (any Redis failure: down, timeout)
             failed = 1
-            error: Exception | None = e
-        else:
-            error = None
+            error = e
         finally:
             self._commit_since = None
         if failed:
@@ -531,15 +580,25 @@ class KVCheckpointer:
     def _pin_predecessor_blocks(self) -> None:
         """Blocks of this region still named by a predecessor's commit records are not ours yet."""
         try:
-            found = list(self.redis.scan_iter(match=keys.commit_pattern(self.cluster_id), count=1000))
+            found = [key.decode().rsplit(":", 1)[1]
+                     for key in self.redis.scan_iter(match=keys.commit_pattern(self.cluster_id), count=1000)]
             pipe = self.redis.pipeline(transaction=False)
-            for key in found:
-                pipe.hmget(key, ["owner", "incarnation", "blocks"])
-            for key, (owner, writer, blocks) in zip(found, pipe.execute() if found else []):
-                if owner is None or owner.decode() != self.owner or int(writer or 0) == self.incarnation:
+            for request_id in found:
+                pipe.hmget(keys.commit_key(self.cluster_id, request_id), ["owner", "incarnation"])
+                pipe.lrange(keys.blocks_key(self.cluster_id, request_id), 0, -1)
+            results = pipe.execute(raise_on_error=False) if found else []
+            for request_id, (owner, writer), entries in zip(found, results[::2], results[1::2]):
+                if isinstance(owner, Exception) or owner is None or owner.decode() != self.owner \
+                        or int(writer or 0) == self.incarnation:
                     continue  # a predecessor's, in whichever store (a replica holds the same blocks)
-                request_id = key.decode().rsplit(":", 1)[1]
-                for b in json.loads(blocks or b"[]"):
+                try:
+                    if isinstance(entries, Exception):
+                        raise ValueError(str(entries))
+                    blocks, _ = parse_entries(entries)
+                except ValueError as e:  # its blocks cannot be known, so they cannot be restored either
+                    log.warning("commit record of %s is malformed (%s): its blocks are not pinned", request_id, e)
+                    continue
+                for b in blocks:
                     if b in self.region:
                         self._pinned[b] = request_id
         except Exception as e:  # noqa: BLE001

@@ -2,19 +2,23 @@
 
     rmoe:{cluster}:commit:{request_id}   hash, written by the attention worker that owns the request
         n            positions [0, n) of the request's KV are complete in the store
-        blocks       JSON list: store block of each logical block of the request (block_size rows each)
-        gens         JSON list: the generation each of those blocks is stamped with (kvstore/memory_layout.py)
         block_size   rows per store block
         gaps         JSON list of [start, end) position spans whose sliding-window layers' rows were not
                      written (already outside the window; engine/kv_cache.py, LayerWindows)
         store        incarnation of the writer's primary KV store, which holds every block named
         replica:{incarnation}   one field per replica KV store (that store's incarnation): how many
-                     leading blocks of `blocks` it holds, acked by the store before the field was
+                     leading blocks of the block list it holds, acked by the store before the field was
                      written (kvstore/replication.py). A restore reads the primary's copy if that store
                      is alive and the stamps check out, else the replica that holds the most.
         owner        attention worker name; incarnation: its incarnation (the blocks' writer)
         time         unix time of the commit
       Expires COMMIT_TTL_S after the last commit, so an abandoned record cannot pin store memory forever.
+
+    rmoe:{cluster}:blocks:{request_id}   list, the request's block list: one "BLOCK:GEN" entry per
+      logical block (block_size positions each), the store block that holds it and the generation it
+      is stamped with (kvstore/memory_layout.py). A commit appends only the blocks it added (a delta:
+      commit_records.py), and only onto a list whose length is the delta's first index; written in the
+      same script as the hash; same expiry; deleted with it, and by a restore that takes the record over.
 
     rmoe:{cluster}:tokens:{request_id}   list, the request's output tokens in position order, up to its
       last commit. Each commit appends only the tokens generated since the one before (a delta, so a
@@ -44,6 +48,10 @@ COMMIT_TTL_S = 600
 
 def commit_key(cluster_id: str, request_id: str) -> str:
     return f"rmoe:{cluster_id}:commit:{request_id}"
+
+
+def blocks_key(cluster_id: str, request_id: str) -> str:
+    return f"rmoe:{cluster_id}:blocks:{request_id}"
 
 
 def tokens_key(cluster_id: str, request_id: str) -> str:

@@ -3,8 +3,11 @@
 Attention workers on the store's node map its memory and write one-sided (store.py). Everyone else
 reaches it here: an attention worker that keeps a replica of its checkpoints in this store (another
 node's), and a restore that reads a replica. The server applies exactly the rules of the local path
-(store.py: `claim_region`, `write_blocks`, `read_stamped`): a fenced writer is refused, and a reader
-gets each block's stamp as it was before and after the copy.
+(memory_layout.py: `claim_region`, `write_blocks`, `read_stamped`): a fenced writer is refused, and a
+reader gets each block's stamp as it was before and after the copy. A CLAIM, WRITE or READ of a region
+the store has not made yet makes it (memory_layout.py `StoreMemory`: an attention worker added by
+scaling ships its first replica write, or a restore reads a region no one wrote); one past the store's
+`max_regions` is refused.
 
 Frames, both directions, little-endian; nothing is pickled:
 
@@ -13,20 +16,21 @@ Frames, both directions, little-endian; nothing is pickled:
 
     HELLO  (first frame of every connection)
       request  JSON {"credential": auth.Credential (purpose "kv-store", context = client), "client": name,
-                     "layout": [num_layers, row_width, dtype, block_size, num_blocks, attention_workers]}
+                     "layout": StoreLayout.key = [num_layers, row_width, dtype, block_size, region_blocks]}
       reply    JSON {"answer": auth.answer(...), "store": name, "incarnation": n}
     CLAIM  request  region uint32 | incarnation uint64                          reply  empty
     WRITE  request  region uint32 | incarnation uint64 | k uint32 | parts uint32
                     | blocks int64[k] | gens int64[k] (even: the generation once written)
                     | per part: layers uint32 | m uint32 | layer ids int32[layers] | store rows int64[m]
                       | rows dtype[layers, m, row_width]                           reply  empty
-    READ   request  k uint32 | blocks int64[k]
+    READ   request  k uint32 | blocks int64[k] (store-wide numbers, all in one region)
            reply    stamps int64[k, 2] ((-1, -1): the block changed during the copy) | rows dtype[L, k * block_size, W]
 
 A connection that does not prove the cluster secret in its HELLO is answered with an error and closed
 (logged and counted). A frame whose header is bad (magic, op, length over MAX_BODY) is answered with an
 error and the connection closed: the stream cannot be trusted after it. A body that fails validation
-(a block outside the writer's region, a wrong length, an odd generation) is answered with an error and
+(a block outside the writer's region, a region past the store's last, a wrong length, an odd
+generation) is answered with an error and
 the connection stays usable. Nothing a peer sends can raise out of the server.
 """
 
@@ -44,7 +48,7 @@ import torch
 
 from resilient_moe import auth
 from resilient_moe.errors import ResilientMoeError
-from resilient_moe.kvstore.memory_layout import StoreLayout, claim_region, read_stamped, write_blocks
+from resilient_moe.kvstore.memory_layout import StoreLayout, StoreMemory, claim_region, read_stamped, write_blocks
 
 log = logging.getLogger("resilient_moe.kv_remote")
 
@@ -82,11 +86,6 @@ class RemoteStoreError(ResilientMoeError):
 
 
 # ---- codec ---------------------------------------------------------------------------------------
-
-def layout_key(layout: StoreLayout) -> list:
-    return [layout.num_layers, layout.row_width, str(layout.dtype), layout.block_size, layout.num_blocks,
-            layout.attention_workers]
-
 
 def frame(op: int, body: bytes | bytearray | memoryview = b"", status: int = OK) -> bytes:
     return HEADER.pack(MAGIC, op, status, 0, len(body)) + bytes(body)
@@ -174,12 +173,11 @@ def decode_write(body: bytearray, layout: StoreLayout):
     """(region, incarnation, blocks, gens, parts) of a WRITE body, checked against `layout`."""
     r = _Reader(body)
     region, incarnation, k, nparts = r.struct(_WRITE_HEAD, "the write header")
-    if region >= layout.attention_workers:
-        raise ProtocolError(f"region {region} does not exist (the store has {layout.attention_workers})")
+    _check_region(layout, region)
     if incarnation <= 0:
         raise ProtocolError("incarnation must be positive")
-    if not 0 < k <= layout.per_worker:
-        raise ProtocolError(f"{k} blocks in one write (a region has {layout.per_worker})")
+    if not 0 < k <= layout.region_blocks:
+        raise ProtocolError(f"{k} blocks in one write (a region has {layout.region_blocks})")
     blocks = r.tensor(torch.int64, k, "blocks")
     gens = r.tensor(torch.int64, k, "gens")
     own = layout.region(region)
@@ -192,8 +190,8 @@ def decode_write(body: bytearray, layout: StoreLayout):
         raise ProtocolError("generations must be even and positive")
     if nparts > MAX_PARTS:
         raise ProtocolError(f"{nparts} parts in one write (at most {MAX_PARTS})")
-    stamped = torch.zeros(layout.num_blocks + 1, dtype=torch.bool)  # the last: rows out of range
-    stamped[blocks] = True
+    stamped = torch.zeros(layout.region_blocks + 1, dtype=torch.bool)  # the last: rows out of the region
+    stamped[blocks - own.start] = True
     parts = []
     for _ in range(nparts):
         nl, m = r.struct(_PART_HEAD, "a part header")
@@ -204,7 +202,9 @@ def decode_write(body: bytearray, layout: StoreLayout):
         if min(layers) < 0 or max(layers) >= layout.num_layers or len(set(layers)) != nl:
             raise ProtocolError(f"layer ids must be distinct and in [0, {layout.num_layers})")
         rows = r.tensor(torch.int64, m, "store rows")
-        if m and not bool(stamped[(rows // layout.block_size).clamp(0, layout.num_blocks)].all()):
+        local = rows // layout.block_size - own.start  # [m] the rows' blocks in the region
+        local[(local < 0) | (local >= layout.region_blocks)] = layout.region_blocks
+        if m and not bool(stamped[local].all()):
             raise ProtocolError("a row outside the blocks the write stamps")
         data = r.tensor(layout.dtype, nl * m * layout.row_width, "rows").view(nl, m, layout.row_width)
         parts.append((tuple(layers), rows, data))
@@ -212,16 +212,29 @@ def decode_write(body: bytearray, layout: StoreLayout):
     return region, incarnation, blocks, gens, parts
 
 
-def decode_blocks(body: bytearray, layout: StoreLayout) -> torch.Tensor:
+def _check_region(layout: StoreLayout, region: int) -> None:
+    try:
+        layout.check_region(region)
+    except ValueError as e:
+        raise ProtocolError(str(e)) from None
+
+
+def decode_blocks(body: bytearray, layout: StoreLayout) -> tuple[int, torch.Tensor]:
+    """(region, blocks) of a READ body: blocks of one region, store-wide numbers."""
     r = _Reader(body)
     (k,) = r.struct(_COUNT, "the block count")
-    if not 0 < k <= layout.num_blocks:
-        raise ProtocolError(f"{k} blocks in one read (the store has {layout.num_blocks})")
+    if not 0 < k <= layout.region_blocks:
+        raise ProtocolError(f"{k} blocks in one read (a region has {layout.region_blocks})")
     blocks = r.tensor(torch.int64, k, "blocks")
     r.end()
-    if bool(((blocks < 0) | (blocks >= layout.num_blocks)).any()):
-        raise ProtocolError(f"a block outside [0, {layout.num_blocks})")
-    return blocks
+    if bool((blocks < 0).any()):
+        raise ProtocolError("a negative block number")
+    region = layout.region_of(int(blocks[0]))
+    _check_region(layout, region)
+    own = layout.region(region)
+    if bool(((blocks < own.start) | (blocks >= own.stop)).any()):
+        raise ProtocolError(f"blocks of more than one region in one read (region {region} is [{own.start}, {own.stop}))")
+    return region, blocks
 
 
 def decode_read_reply(body: bytearray, layout: StoreLayout, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -235,14 +248,14 @@ def decode_read_reply(body: bytearray, layout: StoreLayout, k: int) -> tuple[tor
 # ---- server --------------------------------------------------------------------------------------
 
 class StoreServer:
-    """Serves one store's memory (`buffer`, laid out as `layout`) over TCP; one thread per connection."""
+    """Serves one store's memory over TCP; one thread per connection."""
 
-    def __init__(self, layout: StoreLayout, buffer, name: str, incarnation: int, host: str = "127.0.0.1",
+    def __init__(self, memory: StoreMemory, name: str, incarnation: int, host: str = "127.0.0.1",
                  port: int = 0) -> None:
-        self.layout = layout
+        self.memory = memory
+        self.layout = memory.layout
         self.name = name
         self.incarnation = incarnation
-        self.owners, self.stamps, self.rows = layout.views(buffer)
         self.verifier = auth.Verifier(PURPOSE)
         self.sock = socket.create_server((host, port))
         self.address = f"tcp:{host}:{self.sock.getsockname()[1]}"
@@ -322,8 +335,8 @@ class StoreServer:
             log.warning("refused an unauthenticated KV store connection from %s: %s", peer, e)
             self._error(conn, f"authentication failed: {e}", count=False)
             return None
-        if hello.get("layout") != layout_key(self.layout):
-            self._error(conn, f"layout mismatch: the store has {layout_key(self.layout)}, the client expects "
+        if hello.get("layout") != self.layout.key:
+            self._error(conn, f"layout mismatch: the store has {self.layout.key}, the client expects "
                         f"{hello.get('layout')}")
             return None
         reply = {"answer": auth.answer(credential, PURPOSE, hello["client"]), "store": self.name,
@@ -346,28 +359,37 @@ class StoreServer:
             if len(body) != _CLAIM.size:
                 raise ProtocolError(f"CLAIM body is {len(body)} bytes, expected {_CLAIM.size}")
             region, incarnation = _CLAIM.unpack(body)
-            if region >= layout.attention_workers or incarnation <= 0:
-                raise ProtocolError(f"no region {region}, or incarnation {incarnation} is not positive")
+            _check_region(layout, region)
+            if incarnation <= 0:
+                raise ProtocolError(f"incarnation {incarnation} is not positive")
+            memory = self._region(region)
             with self._lock:
-                refusal = claim_region(self.owners, region, incarnation)
+                refusal = claim_region(memory, incarnation)
             if refusal:
                 raise _Refused(f"fenced: {refusal}, not {incarnation}")
             return b""
         if op == Op.WRITE:
             region, incarnation, blocks, gens, parts = decode_write(body, layout)
+            memory = self._region(region)
             with self._lock:
-                refusal = write_blocks(self.owners, self.stamps, self.rows, region, incarnation, blocks, gens, parts)
+                refusal = write_blocks(memory, incarnation, blocks, gens, parts)
             if refusal:
                 raise _Refused(f"fenced: {refusal}, not {incarnation}")
             self.counters["writes"] += 1
             self.counters["blocks_written"] += blocks.numel()
             return b""
         if op == Op.READ:
-            blocks = decode_blocks(body, layout)
-            stamps, rows = read_stamped(self.stamps, self.rows, blocks, layout.block_size)
+            region, blocks = decode_blocks(body, layout)
+            stamps, rows = read_stamped(self._region(region), blocks)
             self.counters["reads"] += 1
             return bytes(_raw(stamps)) + bytes(_raw(rows))
         raise ProtocolError(f"{Op(op).name} is only valid as the first frame")
+
+    def _region(self, index: int):
+        try:
+            return self.memory.region(index)  # made now if it is new
+        except (ValueError, OSError) as e:  # no memory left to grow into
+            raise _Refused(f"region {index} cannot be made: {e}") from None
 
     def stats(self) -> dict[str, float]:
         return {f"tcp_{k}": float(v) for k, v in self.counters.items()}
@@ -413,7 +435,7 @@ class RemoteStore:
 
     def _hello(self) -> None:
         credential = auth.Credential.make(PURPOSE, context=self.client)
-        hello = {"credential": credential.to_json(), "client": self.client, "layout": layout_key(self.layout)}
+        hello = {"credential": credential.to_json(), "client": self.client, "layout": self.layout.key}
         reply = json.loads(bytes(self._call(Op.HELLO, [json.dumps(hello).encode()])))
         auth.check_answer(credential, reply.get("answer"), PURPOSE, self.client)
         self.store, self.incarnation = reply.get("store", ""), int(reply.get("incarnation", 0))
@@ -437,8 +459,8 @@ class RemoteStore:
         self._call(Op.WRITE, encode_write(region, incarnation, blocks, gens, parts))
 
     def read(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(stamps [k, 2], rows [L, k * block_size, W]) of `blocks` (see `read_stamped`), in replies of
-        about READ_BYTES each."""
+        """(stamps [k, 2], rows [L, k * block_size, W]) of `blocks` (of one region; see `read_stamped`),
+        in replies of about READ_BYTES each."""
         layout = self.layout
         block_bytes = layout.num_layers * layout.block_size * layout.row_width * layout.dtype.itemsize
         stamps, rows = [], []

@@ -16,7 +16,9 @@ that runs attention workers (their primary must be mappable); `place_stores` the
 the writer's node by itself.
 
 Shipping (`ReplicaShipper`). One thread per replica store takes the writes the checkpointer thread made
-into the primary, in order, and sends them in batches (one WRITE frame each). A write counts as
+into the primary, in order, and sends them in batches (one WRITE frame each), into the writer's own
+region of the replica store (the same block numbers as in the primary; the CLAIM makes the region
+when the writer is new to that store, an attention worker added by scaling, say). A write counts as
 replicated once the store acked it; the checkpointer then records in the commit record which blocks the
 replica holds. A replica that fails (unreachable, refused) is dropped: its shipper stops, the writer
 carries on with the primary only, and nothing waits on it; a replacement store (a new incarnation)
@@ -51,7 +53,7 @@ class StoreRef:
     name: str
     index: int
     incarnation: int
-    address: str  # "memfd:PID:FD:BYTES;tcp:HOST:PORT" (memory_layout.py)
+    address: str  # "memfd:@SOCKET:BYTES;tcp:HOST:PORT" (memory_layout.py)
     node: str
     live: bool = True
 

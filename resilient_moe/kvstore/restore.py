@@ -3,8 +3,10 @@ worker failed or drained): read its commit record, check each block's stamp agai
 after copying the rows out, and hand back the verified prefix; the engine recomputes only the rest.
 
 A record names the primary store that holds the request's blocks and, per replica store, how many
-leading blocks it holds (commit_records.py). The restore reads the primary's copy if that store is
-alive (mapped when it is this worker's own primary, over TCP otherwise) and its stamps check out,
+leading blocks it holds (commit_records.py); the blocks lie in the writer's region (memory_layout.py),
+another region of the same store than this worker's own. The restore reads the primary's copy if
+that store is alive (the dead writer's region mapped when the store is this worker's own primary,
+over TCP otherwise) and its stamps check out,
 else the copy of a replica that holds the most, and recomputes what no copy holds. It then takes the
 records over, so that a woken predecessor can no longer commit to them. Redis down or slower than its
 timeout means nothing is restored (the request is recomputed from its token log), never a wait.
@@ -17,6 +19,7 @@ import dataclasses
 import logging
 import time
 
+import redis
 import torch
 
 from resilient_moe.engine.kv_cache import LayerWindows, RestoredRows
@@ -24,7 +27,7 @@ from resilient_moe.engine.sequence import Sequence
 from resilient_moe.errors import ResilientMoeError
 from resilient_moe.kvstore import keys
 from resilient_moe.kvstore.commit_records import CommitRecord, parse_record, replica_fields, takeover_fields
-from resilient_moe.kvstore.memory_layout import StoreLayout, stamped_prefix
+from resilient_moe.kvstore.memory_layout import MappedStore, StoreLayout, stamped_prefix
 from resilient_moe.kvstore.remote import RemoteStore
 
 log = logging.getLogger("resilient_moe.kv_checkpoint")
@@ -48,14 +51,14 @@ class Restorer:
         self.counters = counters
         self.live_stores: dict[int, str] = {}  # incarnation -> TCP address of every live store
         self.mapped_store = 0  # this worker's primary, mapped (0: none)
-        self._stamps: torch.Tensor | None = None
-        self._rows: torch.Tensor | None = None
+        self._mapped: MappedStore | None = None
         self._readers: dict[int, RemoteStore] = {}  # TCP connections restores read through
         self._redis_down_until = 0.0
 
-    def use_mapping(self, store: int, stamps: torch.Tensor | None, rows: torch.Tensor | None) -> None:
-        """The primary store as mapped now (0 and None: none, e.g. while a new one is mapped)."""
-        self.mapped_store, self._stamps, self._rows = store, stamps, rows
+    def use_mapping(self, store: int, mapped: MappedStore | None) -> None:
+        """The primary store as mapped now (0 and None: none, e.g. while a new one is mapped); the
+        checkpointer owns the mapping (and unmaps it)."""
+        self.mapped_store, self._mapped = store, mapped
 
     def restore(self, seqs: list[Sequence]) -> list[Restored]:
         """The verified prefix of each request's checkpoint (nothing, to recompute, when Redis fails or
@@ -81,21 +84,27 @@ class Restorer:
             self._drop_reader(store)
 
     def _read_checkpoints(self, seqs: list[Sequence]) -> list[Restored]:
-        if time.monotonic() < self._redis_down_until or (self._rows is None and not self.live_stores):
+        if time.monotonic() < self._redis_down_until or (self._mapped is None and not self.live_stores):
             return [(None, 0, "")] * len(seqs)  # Redis failed a moment ago (do not wait on it again), or no store
         commit_keys = [keys.commit_key(self.cluster_id, seq.request_id) for seq in seqs]
         pipe = self.redis.pipeline(transaction=False)
-        for key in commit_keys:
+        for seq, key in zip(seqs, commit_keys):
             pipe.hgetall(key)
-        records = pipe.execute()
+            pipe.lrange(keys.blocks_key(self.cluster_id, seq.request_id), 0, -1)
+        raw = pipe.execute(raise_on_error=False)  # a key of the wrong type fails its request only
+        for error in raw:
+            if isinstance(error, redis.ConnectionError | redis.TimeoutError):
+                raise error  # Redis itself failed: recompute them all
+        records = list(zip(raw[::2], raw[1::2]))  # (hash, block list) of each
         for store in [s for s in self._readers if s not in self.live_stores]:
             self._drop_reader(store)  # that store is gone
-        results = [self._read_blocks(seq, record) for seq, record in zip(seqs, records)]
+        results = [self._read_blocks(seq, record, entries) for seq, (record, entries) in zip(seqs, records)]
         # Take the records over now, so a woken predecessor can no longer commit to them.
         pipe = self.redis.pipeline(transaction=False)
-        for seq, key, record in zip(seqs, commit_keys, records):
+        for seq, key, (record, _) in zip(seqs, commit_keys, records):
+            pipe.delete(keys.blocks_key(self.cluster_id, seq.request_id))  # none of it is this worker's
             pipe.hset(key, mapping=takeover_fields(self.owner, self.incarnation))
-            replicas = replica_fields(record)
+            replicas = replica_fields(record) if isinstance(record, dict) else []
             if replicas:
                 pipe.hdel(key, *replicas)  # the predecessor's replicas hold none of this worker's blocks
             pipe.delete(keys.tokens_key(self.cluster_id, seq.request_id))  # this worker's commits rebuild it
@@ -105,10 +114,10 @@ class Restorer:
             log.warning("could not take over the commit records of %d restored requests: %s", len(seqs), e)
         return results
 
-    def _read_blocks(self, seq: Sequence, raw: dict) -> Restored:
+    def _read_blocks(self, seq: Sequence, raw: dict | Exception, entries: list | Exception) -> Restored:
         """The longest verified prefix any store that the record names holds: the primary's copy first,
         then the replicas'."""
-        record = self._usable(raw, seq)
+        record = self._usable(raw, entries, seq)
         if record is None:
             return None, 0, ""
         n = record.n
@@ -121,7 +130,7 @@ class Restorer:
             expected = torch.tensor([[record.writer, g] for g in record.gens[:count]], dtype=torch.long)  # [count, 2]
             try:
                 data, got = self._read_copy(seq, store, store_blocks, expected, min(n, count * self.bs), record.gaps)
-            except (ResilientMoeError, OSError) as e:  # that store died or refused: try the next copy
+            except (ResilientMoeError, OSError, ValueError) as e:  # that store died or refused: try the next copy
                 self.counters["restore_read_errors"] += 1
                 self._drop_reader(store)
                 log.warning("%s: cannot read its KV from store incarnation %d (%s); trying another copy",
@@ -139,17 +148,18 @@ class Restorer:
         after the copy (sliding layers' within their window only), and n; mapped when it is this
         worker's primary, over TCP otherwise (RemoteStoreError when that fails)."""
         count = store_blocks.numel()
-        if store == self.mapped_store and self._rows is not None:
-            good = stamped_prefix(self._stamps, store_blocks, expected)
+        if store == self.mapped_store and self._mapped is not None:
+            region = self._mapped.region(self.layout.region_of(int(store_blocks[0])))  # the writer's (made if new)
+            good = stamped_prefix(region, store_blocks, expected)
             data = None
             while True:  # n only shrinks: at most once more per block found rewritten during the copy
                 n = self.windows.restorable(min(n, good * self.bs), gaps)  # a shorter prefix: an earlier window
                 if n <= 0:
                     break
                 positions = torch.arange(n)
-                data = RestoredRows.read(self._rows, self.windows,
-                                         store_blocks[positions // self.bs] * self.bs + positions % self.bs)
-                checked = stamped_prefix(self._stamps, store_blocks, expected)  # unchanged while we copied?
+                local = (store_blocks - region.first_block)[positions // self.bs] * self.bs + positions % self.bs
+                data = RestoredRows.read(region.rows, self.windows, local)
+                checked = stamped_prefix(region, store_blocks, expected)  # unchanged while we copied?
                 if checked * self.bs >= n:
                     break
                 good = checked
@@ -179,19 +189,31 @@ class Restorer:
         if reader is not None:
             reader.close()
 
-    def _usable(self, raw: dict, seq: Sequence) -> CommitRecord | None:
+    def _usable(self, raw: dict | Exception, entries: list | Exception, seq: Sequence) -> CommitRecord | None:
         """The record if it fits this request and this layout, trimmed to what a restore may use (at
-        least one position is computed, for the next token's logits); None when there is nothing to restore."""
+        least one position is computed, for the next token's logits); None when there is nothing to
+        restore, or the record is malformed (logged and counted: the request is recomputed)."""
         try:
-            record = parse_record(raw)
+            for value in (raw, entries):
+                if isinstance(value, Exception):  # e.g. WRONGTYPE: a key that is not a hash or a list
+                    raise ValueError(f"Redis refused to read it: {value}")
+            record = parse_record(raw, entries)
         except ValueError as e:
+            self.counters["restore_malformed_records"] += 1
             log.warning("malformed commit record for %s (%s); recomputing", seq.request_id, e)
             return None
         if record is None or record.block_size != self.bs:
             return None  # none, or written with another layout
         n = min(record.n, seq.num_tokens - 1)
         count = -(-n // self.bs) if n > 0 else 0
-        if n <= 0 or len(record.blocks) < count or len(record.gens) < count or \
-                any(not 0 <= b < self.layout.num_blocks for b in record.blocks[:count]):
+        if n <= 0 or len(record.blocks) < count or len(record.gens) < count:
             return None
+        if count:
+            region = self.layout.region_of(record.blocks[0])
+            own = range(region * self.layout.region_blocks, (region + 1) * self.layout.region_blocks)
+            if not 0 <= region < self.layout.max_regions or any(b not in own for b in record.blocks[:count]):
+                self.counters["restore_malformed_records"] += 1
+                log.warning("malformed commit record for %s (field 'blocks': not all in one region of the store); "
+                            "recomputing", seq.request_id)
+                return None
         return dataclasses.replace(record, n=n)

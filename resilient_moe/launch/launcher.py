@@ -265,6 +265,10 @@ class Launcher:
         want = len(current.cpus) if current is not None and current.cpus else 1
         return tuple(sorted(sorted(cores, key=lambda c: (used[c], c))[:want]))
 
+    def worker_config(self, name: str) -> WorkerConfig:
+        """The configuration the current process of `name` was started with."""
+        return self._config(self.procs[name])
+
     def _config(self, p: Process) -> WorkerConfig:
         dep = dataclasses.replace(self.deployment, host=self.backend.host(p.node))
         nodes = {n for n in self.placed.values()}

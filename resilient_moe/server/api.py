@@ -67,7 +67,9 @@ class ServerSettings:
     model_name: str
     max_model_len: int
     vocab_size: int
-    max_running: int = 128  # requests submitted to attention workers at once
+    # Requests submitted to attention workers at once; None: the frontend's capacity, which follows the
+    # attention workers serving (Frontend.capacity: live attention workers x engine.max_num_seqs).
+    max_running: int | None = 128
     max_waiting: int = 256  # requests queued for admission; more get 429
     request_timeout_s: float = 120.0  # longest wait for a request's next token before it fails
     max_body_bytes: int = 4 << 20  # longer request bodies get 413 (chunked ones too, while they are read)
@@ -78,6 +80,8 @@ class ServerSettings:
     def __post_init__(self) -> None:
         for name in ("max_model_len", "vocab_size", "max_running", "max_body_bytes", "tokenize_concurrency"):
             value = getattr(self, name)
+            if name == "max_running" and value is None:
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if self.max_prompt_chars is not None and (not isinstance(self.max_prompt_chars, int)
@@ -115,7 +119,9 @@ class _Server:
         self.admin_token = admin_token
         self.api_keys = api_keys
         self.metrics = metrics
-        self.admission = Admission(settings.max_running, settings.max_waiting)
+        self.admission = Admission(frontend.capacity if settings.max_running is None else settings.max_running,
+                                   settings.max_waiting)
+        frontend.on_capacity(self.admission.capacity_changed)  # a scale-up admits the waiting at once
         self.prompts = PromptEncoder(tokenizer, settings.vocab_size, settings.prompt_chars,
                                      settings.tokenize_concurrency)
         self.monitor = ClusterMonitor(cluster, self._on_cluster, on_pushed=self._on_pushed)

@@ -48,7 +48,8 @@ class RequestFailed(RuntimeError):
 
 
 class Overloaded(RequestFailed):
-    """The frontend already holds `max_unfinished` unfinished requests; retry later (HTTP 429)."""
+    """The frontend already holds as many unfinished requests as it lets run (`Frontend.capacity`);
+    retry later (HTTP 429)."""
 
     def __init__(self, message: str) -> None:
         super().__init__(message, "overloaded")
@@ -194,11 +195,13 @@ class Frontend:
 
     _ids = itertools.count()
 
-    def __init__(self, controller_address: str, name: str | None = None, max_unfinished: int = 1024,
+    def __init__(self, controller_address: str, name: str | None = None, max_unfinished: int | None = 1024,
                  park_timeout_s: float = 120.0, max_losses: int = 2, probe_interval_s: float = 0.010,
-                 probe_misses: int = 3) -> None:
+                 probe_misses: int = 3, per_attention_worker: int | None = None) -> None:
         """`max_unfinished` bounds the requests in flight through this frontend (memory and AW queues);
-        `submit` beyond it raises Overloaded rather than queueing without limit. A request whose
+        with `per_attention_worker`, so does that many for each attention worker that takes requests
+        now, following scaling up and down (`capacity`); `submit` beyond the bound raises Overloaded
+        rather than queueing without limit. A request whose
         attention worker fails `max_losses` times in its first step there is failed rather than moved again:
         it may be what makes them fail (a poison request), and must not take the next one down (see
         `_lost` for how a failure is pinned on a request). An attention worker that owes tokens and
@@ -212,6 +215,9 @@ class Frontend:
         self.requests: dict[str, RequestHandle] = {}  # unfinished, plus finished ones not yet read to the end
         self._lock = threading.Lock()  # guards `requests`
         self.max_unfinished = max_unfinished
+        self.per_attention_worker = per_attention_worker
+        self._capacity_listeners: list[Callable[[], None]] = []
+        self._last_capacity = 0
         self.max_losses = max_losses
         self.probe_interval_s = probe_interval_s
         self.probe_misses = probe_misses
@@ -253,9 +259,11 @@ class Frontend:
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         handle = RequestHandle(request_id, list(prompt_ids), params, seed, on_event=on_event)
         handle._on_consumed = lambda: self._released.put(request_id)
+        limit = self.capacity()
         with self._lock:
-            if sum(1 for h in self.requests.values() if not h.done) >= self.max_unfinished:
-                raise Overloaded(f"{self.max_unfinished} requests are already in flight; retry later")
+            if sum(1 for h in self.requests.values() if not h.done) >= limit:
+                raise Overloaded(f"{limit} requests are already in flight (what the attention workers serving now "
+                                 "take); retry later")
             self.requests[request_id] = handle
         self._outbox.put((handle, messages.Submit(request_id, list(prompt_ids), params.to_dict(), seed)))
         self.wakeup.ring()
@@ -275,6 +283,23 @@ class Frontend:
         self._released.put(request_id)
         self.wakeup.ring()
 
+    def capacity(self) -> int:
+        """The requests this frontend lets run at once, the one place it is computed (the API's
+        admission follows it too): `per_attention_worker` for each attention worker that takes
+        requests in the latest cluster view (at least one worker's worth, so that a moment with none
+        fails new requests with "no attention worker is available" instead of queueing them), within
+        `max_unfinished`. Any thread."""
+        limit = self.max_unfinished if self.max_unfinished is not None else 1 << 62
+        if self.per_attention_worker is None:
+            return limit
+        view = self.view
+        live = sum(w.takes_requests for w in view.of_role("attention")) if view is not None else 0
+        return min(limit, max(1, live) * self.per_attention_worker)
+
+    def on_capacity(self, listener: Callable[[], None]) -> None:
+        """Call `listener` (on the I/O thread; quick, must not raise) whenever `capacity` changes."""
+        self._capacity_listeners.append(listener)
+
     def unfinished(self) -> int:
         """Requests submitted and not yet finished, failed or aborted."""
         return sum(1 for h in self._handles() if not h.done)
@@ -290,7 +315,8 @@ class Frontend:
 
     def stats(self) -> dict[str, float]:
         """For /admin/cluster: requests in flight, attention workers linked."""
-        return {"unfinished": float(self.unfinished()), "attention_links": float(len(self.links))}
+        return {"unfinished": float(self.unfinished()), "attention_links": float(len(self.links)),
+                "capacity": float(self.capacity())}
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, timeout_s: float = 300.0) -> list[RequestHandle]:
         handles = [self.submit(p, params) for p in prompts]
@@ -344,6 +370,11 @@ class Frontend:
             self.resilience = view.resilience
             if self.links:
                 self._ready.set()
+        capacity = self.capacity()
+        if capacity != self._last_capacity:
+            self._last_capacity = capacity
+            for listener in self._capacity_listeners:
+                listener()
         self._unpark()
 
     def _unpark(self) -> None:

@@ -1,8 +1,9 @@
 """One request as the API sees it: admission, submission, token deltas, metrics, clean-up.
 
-Requests go through a bounded admission queue (`max_running` submitted, `max_waiting` queued, 429
-beyond) to the `Frontend`, whose token log numbers tokens by position, so a stream that survives a
-failover shows each token exactly once. The event loop never blocks on a request: the frontend's I/O
+Requests go through a bounded admission queue (`max_running` submitted: as many as the attention
+workers serving now take, `Frontend.capacity`; `max_waiting` queued; 429 beyond) to the `Frontend`,
+whose token log numbers tokens by position, so a stream that survives a failover shows each token
+exactly once. The event loop never blocks on a request: the frontend's I/O
 thread wakes the request's coroutine through `on_event`. A request whose client goes away is aborted
 at its attention worker, streaming or not, busy or idle (`ClientWatch`).
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, TypeVar
 
@@ -27,16 +29,26 @@ T = TypeVar("T")
 
 
 class Admission:
-    """At most `max_running` requests in flight; up to `max_waiting` more wait in FIFO order; the
-    rest are refused at once (429), so memory stays bounded under any load."""
+    """At most `max_running` requests in flight (a number, or a function read at every admission: the
+    frontend's `capacity`, which follows the attention workers serving now); up to `max_waiting` more
+    wait in FIFO order; the rest are refused at once (429), so memory stays bounded under any load.
+    When the limit rises (a scale-up) call `capacity_changed`, from any thread, to admit the waiting."""
 
-    def __init__(self, max_running: int, max_waiting: int) -> None:
-        self.max_running = max_running
+    def __init__(self, max_running: int | Callable[[], int], max_waiting: int) -> None:
+        self._limit = max_running if callable(max_running) else (lambda: max_running)
         self.max_waiting = max_waiting
         self.running = 0
-        self.waiting = 0
         self.closed: str | None = None  # why new requests are refused (the server drains), None while open
-        self._slots: asyncio.Semaphore | None = None  # made on first use, inside the server's loop
+        self._queue: deque[asyncio.Future] = deque()  # waiting requests, oldest first
+        self._loop: asyncio.AbstractEventLoop | None = None  # the server's, seen on first use
+
+    @property
+    def max_running(self) -> int:
+        return self._limit()
+
+    @property
+    def waiting(self) -> int:
+        return sum(1 for f in self._queue if not f.done())
 
     def close(self, reason: str) -> None:
         """Refuse new requests from now on (503 with `reason`); those admitted or queued go on."""
@@ -47,24 +59,49 @@ class Admission:
         once admission is closed."""
         if self.closed is not None:
             raise ApiError(503, f"{self.closed}; not taking new requests", code="draining")
-        if self._slots is None:
-            self._slots = asyncio.Semaphore(self.max_running)
-        if self._slots.locked() and self.waiting >= self.max_waiting:
-            raise ApiError(429, f"server is at capacity: {self.running} requests running and {self.waiting} "
-                                "waiting; retry later", code="overloaded")
+        self._loop = asyncio.get_running_loop()
+        self._admit()
+        if not self.waiting and self.running < self.max_running:
+            self.running += 1
+            return 0.0
+        if self.waiting >= self.max_waiting:
+            raise ApiError(429, f"server is at capacity: {self.running} requests running (of {self.max_running} "
+                                f"the attention workers take now) and {self.waiting} waiting; retry later",
+                           code="overloaded")
         began = time.monotonic()
-        self.waiting += 1
+        slot = self._loop.create_future()
+        self._queue.append(slot)
         try:
-            await self._slots.acquire()
-        finally:
-            self.waiting -= 1
-        self.running += 1
+            await slot  # `_admit` took the slot for it
+        except asyncio.CancelledError:
+            if slot.done() and not slot.cancelled():  # admitted as it was cancelled: give the slot back
+                self.leave()
+            raise
         return time.monotonic() - began
 
     def leave(self) -> None:
-        assert self._slots is not None
         self.running -= 1
-        self._slots.release()
+        self._admit()
+
+    def capacity_changed(self) -> None:
+        """The limit may have changed: admit whom it now allows (thread-safe)."""
+        loop = self._loop
+        if loop is not None:
+            try:
+                loop.call_soon_threadsafe(self._admit)
+            except RuntimeError:
+                pass  # the event loop is gone (server shutting down)
+
+    def _admit(self) -> None:
+        """Hand free slots to the oldest waiting requests (on the event loop)."""
+        limit = self.max_running
+        while self._queue and self.running < limit:
+            slot = self._queue.popleft()
+            if not slot.done():  # not cancelled meanwhile
+                self.running += 1
+                slot.set_result(None)
+        while self._queue and self._queue[0].done():
+            self._queue.popleft()
 
 
 @dataclass

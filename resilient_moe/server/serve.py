@@ -176,13 +176,14 @@ class ServingStack:
             engine = dep.engine
             max_model_len = min(engine.max_model_len or model_config.max_position_embeddings,
                                 model_config.max_position_embeddings)
-            max_running = dep.attention_workers * engine.max_num_seqs
-            self.frontend = Frontend(self.cluster.controller_address, max_unfinished=max_running,
-                                     probe_interval_s=dep.probe_interval_s, probe_misses=dep.probe_misses).start(
-                timeout_s=dep.startup_timeout_s)
+            # Capacity follows the attention workers serving, up and down (Frontend.capacity), for the
+            # frontend and the API's admission alike.
+            self.frontend = Frontend(self.cluster.controller_address, max_unfinished=None,
+                                     per_attention_worker=engine.max_num_seqs, probe_interval_s=dep.probe_interval_s,
+                                     probe_misses=dep.probe_misses).start(timeout_s=dep.startup_timeout_s)
             settings = ServerSettings(
                 model_name=self.model_name, max_model_len=max_model_len, vocab_size=model_config.vocab_size,
-                max_running=max_running, max_waiting=self.max_waiting, request_timeout_s=self.request_timeout_s,
+                max_running=None, max_waiting=self.max_waiting, request_timeout_s=self.request_timeout_s,
                 host=self.host,
             )
             self.app = app = create_app(self.frontend, self.cluster, tokenizer, self.model_name, self.admin_token,

@@ -371,7 +371,8 @@ def start_checkpointer(config: WorkerConfig, engine: LLMEngine, incarnation: int
         return None
     try:
         layout = layout_for(config)
-    except ConfigError as e:
+        layout.check_region(config.index)
+    except (ConfigError, ValueError) as e:  # ValueError: an index past the store's regions
         log.warning("KV checkpointing off: %s", e)
         return None
     # Every Redis call runs on the checkpointer's thread, never on the step: it can afford to wait.
