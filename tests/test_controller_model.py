@@ -563,10 +563,20 @@ def test_requests_go_to_the_least_loaded_attention_worker_and_moved_ones_spread(
 
     assert choose_attention_worker({}) is None
     loads = {"aw-0": AttentionLoad(4, 0.9), "aw-1": AttentionLoad(2, 0.1), "aw-2": AttentionLoad(2, 0.6)}
-    assert choose_attention_worker(loads) == "aw-2", "fewest requests, then the most free KV cache"
+    assert choose_attention_worker(loads) == "aw-2", "fewest tokens, then the most free KV cache"
     placed = []
     for _ in range(6):  # a dead worker's requests, moved one by one, each counted where it went
         name = choose_attention_worker(loads)
         placed.append(name)
-        loads[name] = AttentionLoad(loads[name].requests + 1, loads[name].kv_free)
+        loads[name] = AttentionLoad(loads[name].tokens + 1, loads[name].kv_free)
     assert placed.count("aw-0") == 1 and placed.count("aw-1") == 2 and placed.count("aw-2") == 3
+
+
+def test_a_full_attention_worker_gets_no_request_while_another_has_a_free_seat():
+    from resilient_moe.controller.placement import AttentionLoad, choose_attention_worker
+
+    # aw-0 holds few tokens but every seat is taken: a request sent there would wait.
+    loads = {"aw-0": AttentionLoad(40, 0.9, requests=8, seats=8), "aw-1": AttentionLoad(3000, 0.5, requests=3, seats=8)}
+    assert choose_attention_worker(loads) == "aw-1"
+    loads["aw-1"] = AttentionLoad(3000, 0.5, requests=8, seats=8)  # both full: fewest tokens again
+    assert choose_attention_worker(loads) == "aw-0"

@@ -150,7 +150,7 @@ def test_scaling_expert_and_attention_workers_while_16_streams_run(tiny_model, r
 
 
 SEQS = 8  # engine.max_num_seqs: a small capacity per attention worker, so that 3 x SEQS streams are cheap
-LONG = 400  # tokens of the first streams: they must still run when the later ones are admitted
+LONG = 2500  # tokens of the first streams: they must still run when the later ones are admitted (decode is fast)
 
 
 def prompts_past_the_start_count():
@@ -188,7 +188,7 @@ def test_attention_workers_scale_past_the_start_count_and_capacity_follows(tiny_
         """(the frontend's bound, the API admission's): one computation, read by both."""
         return stack.frontend.capacity(), stack.app.state.server.admission.max_running
 
-    with serving_stack(tiny_model, fork_server, tmp_path, attention_workers=2, expert_workers=2, max_model_len=512,
+    with serving_stack(tiny_model, fork_server, tmp_path, attention_workers=2, expert_workers=2, max_model_len=LONG + 64,
                        engine_options={"max_num_seqs": SEQS}, max_waiting=0) as stack:
         assert capacity() == (2 * SEQS, 2 * SEQS)
         launch(range(2 * SEQS))

@@ -385,14 +385,19 @@ def default_shadow_slots(num_experts: int, num_workers: int, resilience: bool) -
 class AttentionLoad:
     """What the placement of requests knows of one attention worker."""
 
-    requests: float  # running and waiting there (at least those this frontend sent and that are not done)
+    tokens: float  # tokens in flight there (prompt + generated, running and waiting): what its steps cost
     kv_free: float  # share of its KV cache free (0-1)
+    requests: float = 0.0  # requests running and waiting there
+    seats: float = float("inf")  # requests it runs at once (engine.max_num_seqs)
 
 
 def choose_attention_worker(loads: Mapping[str, AttentionLoad]) -> str | None:
-    """Where a new request (or one moved off a dead or draining worker) goes: the attention worker with
-    the fewest requests, then the most free KV cache, then by name. Moving several requests one by one,
-    each counted where it went, spreads them over the adopters."""
+    """Where a new request (or one moved off a dead or draining worker) goes: a worker with a free seat
+    first (a request sent to a full one waits although another could run it now), then the fewest
+    tokens in flight (one 4k-token request costs every step of its worker as much as hundreds of
+    short ones), then the most free KV cache, then by name. Moving several requests one by one, each
+    counted where it went, spreads them over the adopters."""
     if not loads:
         return None
-    return min(sorted(loads), key=lambda name: (loads[name].requests, -loads[name].kv_free))
+    return min(sorted(loads), key=lambda name: (loads[name].requests >= loads[name].seats, loads[name].tokens,
+                                                -loads[name].kv_free))

@@ -411,21 +411,24 @@ class Frontend:
         return [n for n in self.links if self.view is None or not self.view.draining(n)]
 
     def _pick_worker(self) -> str | None:
-        """The controller's placement policy over the linked attention workers that take requests, with
-        their load counted in tokens in flight (prompt + generated), not requests: one 4k-token request
-        costs a worker's every step as much as hundreds of short ones. The load is what each reports
-        (its `tokens`), at least what this frontend has in flight there; free KV breaks ties."""
+        """The controller's placement policy (`choose_attention_worker`) over the linked attention workers
+        that take requests. Each one's load is what it reports (tokens in flight, running and waiting
+        requests, its seats), at least what this frontend has in flight there, which counts at once
+        (a report lags by a heartbeat)."""
         targets = self._targets()
-        ours = dict.fromkeys(targets, 0)
+        tokens, requests = dict.fromkeys(targets, 0), dict.fromkeys(targets, 0)
         for h in self._handles():
-            if not h.done and h.worker in ours:
-                ours[h.worker] += len(h.prompt_ids) + len(h.tokens)
+            if not h.done and h.worker in tokens:
+                tokens[h.worker] += len(h.prompt_ids) + len(h.tokens)
+                requests[h.worker] += 1
         loads = {}
         for name in targets:
             peer = self.view.workers.get(name) if self.view is not None else None
             load = peer.load if peer is not None else {}
-            loads[name] = AttentionLoad(max(load.get("tokens", 0.0), float(ours[name])),
-                                        1.0 - load.get("kv_cache_usage_perc", 0.0))
+            reported = load.get("running", 0.0) + load.get("waiting", 0.0) + load.get("restoring", 0.0)
+            loads[name] = AttentionLoad(max(load.get("tokens", 0.0), float(tokens[name])),
+                                        1.0 - load.get("kv_cache_usage_perc", 0.0),
+                                        max(reported, float(requests[name])), load.get("seats", float("inf")))
         return choose_attention_worker(loads)
 
     def _flush_outbox(self) -> None:

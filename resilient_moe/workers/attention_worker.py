@@ -352,6 +352,7 @@ class AttentionServer:
         extra["ert_epoch"] = float(self.forwarder.ert.epoch) if self.forwarder.ert is not None else 0.0
         return extra | {"running": float(len(scheduler.running)), "waiting": float(len(scheduler.waiting)),
                         "threads": float(ops.compute_threads()), "tokens": float(scheduler.tokens_in_flight),
+                        "seats": float(self.engine.config.max_num_seqs),
                         "restoring": float(len(self.restoring)), "steps": float(self.engine.step_count),
                         "step_s": self.step_s, "uptime_s": time.monotonic() - self.started, **self.forwarder.stats()}
 
