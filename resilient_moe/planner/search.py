@@ -507,28 +507,27 @@ def evaluate(shape: ModelShape, sides: dict[str, Side], req: PlanRequest, layout
 
 def _worst_loss(shape: ModelShape, req: PlanRequest, aw: Side, ew: Side, layout: Layout, batch: int,
                 fx: _Fixed) -> AfterLoss:
-    """Lose every combination of `survive` domains (attention domains are alike but for size, so the
-    largest go first; expert domains differ by the copies they hold) and keep the worst."""
+    """Lose every combination of `survive` domains (k attention domains and the rest expert domains,
+    at most MAX_LOSS_SCENARIOS of each, in order) and keep the worst: the least throughput left."""
     worst: AfterLoss | None = None
-    attention_by_size = sorted(fx.attention_domains, key=lambda d: -len(d[1]))
     for k in range(0, min(req.survive, len(fx.attention_domains)) + 1):
-        lost_a = attention_by_size[:k]
-        left = [a for a in fx.attention if all(a not in ws for _, ws in lost_a)]
-        if not left:
-            continue
-        combos = itertools.islice(itertools.combinations(fx.expert_domains, req.survive - k), MAX_LOSS_SCENARIOS)
-        for lost_e in combos:
-            dead = frozenset(w for _, ws in lost_e for w in ws)
-            names = tuple(d for d, _ in (*lost_a, *lost_e))
-            serving = _serving(fx.copies, dead) if fx.copies is not None else None
-            if serving is None:
-                return AfterLoss(names, 0.0, math.inf, len(left), layout.n_e - len(dead), False)
-            experts = {n: serving.get(n, 0) for n in fx.expert_names if n not in dead}
-            cpus = {n: c for n, c in fx.cpus.items() if n in left or n in experts} if fx.cpus else None
-            timing = _step(shape, req, aw, ew, layout, batch / len(left), left, experts, cpus)
-            after = AfterLoss(names, timing.tokens_per_s, timing.tpot_s, len(left), len(experts), True)
-            if worst is None or (after.tokens_per_s, -after.tpot_s) < (worst.tokens_per_s, -worst.tpot_s):
-                worst = after
+        for lost_a in itertools.islice(itertools.combinations(fx.attention_domains, k), MAX_LOSS_SCENARIOS):
+            left = [a for a in fx.attention if all(a not in ws for _, ws in lost_a)]
+            if not left:
+                continue
+            combos = itertools.islice(itertools.combinations(fx.expert_domains, req.survive - k), MAX_LOSS_SCENARIOS)
+            for lost_e in combos:
+                dead = frozenset(w for _, ws in lost_e for w in ws)
+                names = tuple(d for d, _ in (*lost_a, *lost_e))
+                serving = _serving(fx.copies, dead) if fx.copies is not None else None
+                if serving is None:
+                    return AfterLoss(names, 0.0, math.inf, len(left), layout.n_e - len(dead), False)
+                experts = {n: serving.get(n, 0) for n in fx.expert_names if n not in dead}
+                cpus = {n: c for n, c in fx.cpus.items() if n in left or n in experts} if fx.cpus else None
+                timing = _step(shape, req, aw, ew, layout, batch / len(left), left, experts, cpus)
+                after = AfterLoss(names, timing.tokens_per_s, timing.tpot_s, len(left), len(experts), True)
+                if worst is None or (after.tokens_per_s, -after.tpot_s) < (worst.tokens_per_s, -worst.tpot_s):
+                    worst = after
     return worst or AfterLoss((), 0.0, math.inf, 0, 0, False)
 
 
