@@ -616,11 +616,16 @@ def search(shape: ModelShape, sides: dict[str, Side], req: PlanRequest, top: int
     return SearchResult(tuple(kept), None if kept else closest, examined, pruned, req)
 
 
-def _distance(c: Candidate) -> float:
-    """How far an infeasible candidate is from feasible: its worst violation ratio, failure-domain and
-    structural problems (which no batch fixes) counting as far."""
+STRUCTURAL = ("failure: attention workers", "failure: expert copies", "experts: more expert workers than experts",
+              "accelerators")
+
+
+def _distance(c: Candidate) -> tuple[int, float]:
+    """How far an infeasible candidate is from feasible: first how many of its violations no batch can
+    mend (the layout's failure domains, its size), then its worst violation ratio."""
+    structural = sum(1 for v in c.violations if v.constraint in STRUCTURAL)
     worst = max(v.ratio for v in c.violations)
-    return worst if math.isfinite(worst) else 1e18
+    return structural, worst if math.isfinite(worst) else 1e18
 
 
 # ---- the colocated baseline ------------------------------------------------------------------------------
