@@ -167,7 +167,9 @@ class ProfileSettings:
         ("shm", 2, ((8, 16), (32, 16), (64, 16))),
         ("tcp", 1, ((1, 16), (16, 16), (64, 16))),
     )
-    window_s: float = 1.0
+    window_s: float = 1.0  # at least this long, and at least `min_steps` decode steps, at most `max_window_s`
+    min_steps: int = 24
+    max_window_s: float = 6.0
     dtype: str = "float32"
     max_model_len: int = 768
 
@@ -181,7 +183,7 @@ class ProfileSettings:
             ("shm", 1, tuple((b, 16) for b in batches) + ((mid, 160),)),
             ("shm", 2, tuple((b, 16) for b in batches if b >= 2)),
             ("tcp", 1, ((batches[0], 16), (batches[-1], 16))),
-        ), window_s=0.6, max_model_len=512)
+        ), window_s=0.5, min_steps=12, max_window_s=3.0, max_model_len=512)
 
 
 def profile_host(model_dir: str | Path, settings: ProfileSettings = ProfileSettings(),
@@ -260,7 +262,15 @@ def _window(cluster, frontend, prompts: list[list[int]], settings: ProfileSettin
             time.sleep(0.01)
         time.sleep(3 * heartbeat_s)  # the next heartbeat counts decode steps only
         before, tokens_before = cluster.state(), sum(len(h.tokens) for h in handles)
-        time.sleep(settings.window_s)
+        first, start = min(len(h.tokens) for h in handles), time.monotonic()
+        # Counters move at step ends (and waits within steps), so a window of many steps keeps the
+        # error of cutting one in two small.
+        while True:
+            time.sleep(heartbeat_s)
+            elapsed, steps = time.monotonic() - start, min(len(h.tokens) for h in handles) - first
+            if (elapsed >= settings.window_s and steps >= settings.min_steps) or elapsed >= settings.max_window_s:
+                break
+        time.sleep(2 * heartbeat_s)
         after, tokens_after = cluster.state(), sum(len(h.tokens) for h in handles)
         if any(h.done for h in handles):
             raise PlanError("profile: a request finished inside its window (max_model_len too small for it)")

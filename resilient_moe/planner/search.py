@@ -277,50 +277,57 @@ def _step(shape: ModelShape, req: PlanRequest, aw: Side, ew: Side, layout: Layou
     b = batch_per_aw / m  # tokens of one micro-batch
     n_round = len(attention) * b  # tokens an expert worker takes per round, from every AW
     ctx = req.mean_context
-    cores = (lambda name: len(cpus.get(name, ())) or 1) if cpus else (lambda name: None)
-
-    def t_attention(name: str) -> float:
-        if aw.is_host:
-            return aw.times.attention(b, ctx, cores=cores(name))
-        return aw.times.attention(b, ctx, layout.tp_a)
-
-    def t_expert(name: str, x: int) -> float:
-        if ew.is_host:
-            return ew.times.expert(n_round, x, cores=cores(name))
-        return ew.times.expert(n_round, x, layout.tp_e)
-
     s0 = aw.times.step_overhead()
-    t_a = max(t_attention(a) for a in attention)
-    t_e_of = {name: t_expert(name, x) for name, x in experts.items()}
-    busiest = max(experts, key=lambda n: (experts[n], t_e_of[n]))
-    t_e = max(t_e_of.values())
-    x_max = experts[busiest]
+    x_max = max(experts.values())
     rows_ew = n_round * shape.top_k * x_max / shape.num_experts  # rows the busiest EW takes per round
-    rows_aw = b * shape.top_k * x_max / shape.num_experts  # of them, from one AW
-    if aw.is_host:
-        t_c = aw.times.link_time(rows_aw, req.transport)
-    else:
+    if cpus is None:
+        # Step 1 (accelerators): every AW alike, EWs differ only by the experts they serve.
+        t_a = aw.times.attention(b, ctx, layout.tp_a)
+        t_e = ew.times.expert(n_round, x_max, layout.tp_e)
         t_c = roofline_link(aw.times, ew.times, b * shape.top_k, rows_ew, layout.tp_a, layout.tp_e)
-    busy: dict[object, float] = {}
-    for a in attention:
-        key = cpus.get(a, a) if cpus else a
-        busy[key] = busy.get(key, 0.0) + s0 + L * m * t_attention(a)
-    for name in experts:
-        key = cpus.get(name, name) if cpus else name
-        busy[key] = busy.get(key, 0.0) + L * m * t_e_of[name]
-    round_trip = s0 + L * (t_a + t_c + t_e)
-    heaviest = max(busy, key=busy.get)
-    shared = bool(cpus) and len(busy) < len(attention) + len(experts)
-    overlap = aw.times.overlap if m > 1 or shared else 1.0  # the bottleneck's measured busy share
-    step = max(busy[heaviest] / overlap, round_trip)
-    if step == round_trip and round_trip > busy[heaviest]:
-        bottleneck = "round trip"
-    elif shared and sum(1 for k in (*attention, *experts) if cpus.get(k, k) == heaviest) > 1:
-        bottleneck = "shared cores"
-    elif heaviest in experts or (cpus and any(cpus.get(n) == heaviest for n in experts)):
-        bottleneck = "experts"
+        busy_a, busy_e = s0 + L * m * t_a, L * m * t_e
+        heaviest, bottleneck, shared = max(busy_a, busy_e), "experts" if busy_e > busy_a else "attention", False
     else:
-        bottleneck = "attention"
+        # Step 1 (this host): each worker on its cores; workers sharing a core add up their work on it.
+        memo: dict[tuple, float] = {}
+
+        def cores(name: str) -> int:
+            return len(cpus.get(name, ())) or 1
+
+        def t_attention(name: str) -> float:
+            key = ("a", cores(name))
+            if key not in memo:
+                memo[key] = aw.times.attention(b, ctx, cores=key[1])
+            return memo[key]
+
+        def t_expert(name: str) -> float:
+            key = ("e", cores(name), experts[name])
+            if key not in memo:
+                memo[key] = ew.times.expert(n_round, experts[name], cores=key[1])
+            return memo[key]
+
+        t_a = max(t_attention(a) for a in attention)
+        t_e = max(t_expert(e) for e in experts)
+        t_c = aw.times.link_time(b * shape.top_k * x_max / shape.num_experts, req.transport)
+        busy: dict[tuple[int, ...], float] = {}
+        share: dict[tuple[int, ...], list[str]] = {}
+        for name in (*attention, *experts):
+            key = cpus.get(name, (name,))
+            work = s0 + L * m * t_attention(name) if name in attention else L * m * t_expert(name)
+            busy[key] = busy.get(key, 0.0) + work
+            share.setdefault(key, []).append(name)
+        top = max(busy, key=busy.get)
+        heaviest, shared = busy[top], len(busy) < len(attention) + len(experts)
+        if len(share[top]) > 1:
+            bottleneck = "shared cores"
+        else:
+            bottleneck = "experts" if share[top][0] in experts else "attention"
+    # Step 2: the bottleneck's work (at the busy share overlap reaches on it), or one micro-batch's trip.
+    round_trip = s0 + L * (t_a + t_c + t_e)
+    overlap = aw.times.overlap if m > 1 or shared else 1.0
+    step = max(heaviest / overlap, round_trip)
+    if round_trip > heaviest / overlap:
+        bottleneck = "round trip"
     return Timing(step, len(attention) * batch_per_aw / step, t_a, t_e, t_c, bottleneck)
 
 

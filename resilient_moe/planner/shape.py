@@ -64,7 +64,10 @@ class ModelShape:
 
     def attended(self, ctx: float) -> float:
         """Positions attended per token, summed over layers, at context length ctx."""
-        return sum(ctx if w is None else min(ctx, w) for w in self.windows)
+        full = self.windows.count(None)
+        if full == len(self.windows):
+            return full * ctx
+        return full * ctx + sum(min(ctx, w) for w in self.windows if w is not None)
 
     def kv_elements_per_token(self) -> int:
         """KV cache elements one token keeps, all layers (the paged cache keeps every layer's)."""
