@@ -51,8 +51,10 @@ def run_plan(model: Path, dep: dict, prompts: list[list[int]]) -> dict:
     cluster = make_cluster(config)
     cluster.start()
     try:
-        return decode_load(cluster, prompts, NEW_TOKENS, [f"aw-{i}" for i in range(config.attention_workers)],
-                           [f"ew-{j}" for j in range(config.expert_workers)])
+        load = profiler.ForeignLoad()
+        out = decode_load(cluster, prompts, NEW_TOKENS, [f"aw-{i}" for i in range(config.attention_workers)],
+                          [f"ew-{j}" for j in range(config.expert_workers)])
+        return {**out, "foreign_load": load.share()}
     finally:
         cluster.stop()
 
@@ -79,8 +81,10 @@ def main() -> None:
         started = time.monotonic()
         data = profiler.profile_host(model, say=lambda text: print(text, flush=True))
         profiler.save(data, model / profiler.PROFILE_NAME)
-        print(f"profile: {time.monotonic() - started:.0f} s, mean relative fit error attention "
-              f"{data['fit']['mean_relative_error']['attention']:.1%}, experts {data['fit']['mean_relative_error']['expert']:.1%}")
+        errors = data["fit"]["mean_relative_error"]
+        print(f"profile: {time.monotonic() - started:.0f} s, mean relative fit error attention {errors['attention']:.1%}, "
+              f"experts {errors['expert']:.1%}, simulated step {errors['step']:.1%}; others' CPU during it "
+              f"{max(p['foreign_load'] for p in data['points']):.0%} at most")
     side = Side(HOST, host_accelerator(data["host"]), profiler.fitted_times(shape, data), cores=int(data["host"]["cores"]))
     sides = {HOST: side}
 
@@ -105,11 +109,11 @@ def main() -> None:
                          "measured": measured["tokens_per_s"], "measured_step_ms": measured["step_ms"],
                          "error": c.timing.tokens_per_s / measured["tokens_per_s"] - 1,
                          "vs_colocated": measured["tokens_per_s"] / base["tokens_per_s"],
-                         "same_tokens": measured["tokens"] == reference,
+                         "same_tokens": measured["tokens"] == reference, "foreign_load": measured["foreign_load"],
                          **{k: measured[k] for k in ("T_a_ms", "T_e_ms", "T_c_ms")},
                          "predicted_T_ms": [1e3 * c.timing.t_a, 1e3 * c.timing.t_e, 1e3 * c.timing.t_c]})
             print(f"  batch {batch} {name:<20} {c.layout.describe():<18} predicted {c.timing.tokens_per_s:7.1f} "
-                  f"measured {measured['tokens_per_s']:7.1f} tok/s", flush=True)
+                  f"measured {measured['tokens_per_s']:7.1f} tok/s (others' CPU {measured['foreign_load']:.0%})", flush=True)
         rows.append({"batch": batch, "plan": "colocated engine", "layout": "1 process", "valid": False,
                      "predicted": float("nan"), "measured": base["tokens_per_s"], "error": float("nan"),
                      "vs_colocated": 1.0, "same_tokens": None})
@@ -117,12 +121,13 @@ def main() -> None:
     print(f"\ndecode on this host ({data['host']['cpu']}, {data['host']['cores']} cores), qwen3-moe hidden 512, 6 layers, "
           f"16 experts top-4, float32, prompt {PROMPT_LEN} + {NEW_TOKENS} new tokens; plans with --survive 1")
     print(f"{'batch':>5} {'plan':<20} {'layout':<18} {'pred tok/s':>10} {'meas tok/s':>10} {'error':>7} {'vs col':>6} "
-          f"{'T_a/T_e/T_c ms measured':>24} {'predicted':>18} {'same tokens':>11}")
+          f"{'T_a/T_e/T_c ms measured':>24} {'predicted':>18} {'same tokens':>11} {'others CPU':>10}")
     for r in rows:
         stages = f"{r['T_a_ms']:.2f}/{r['T_e_ms']:.2f}/{r['T_c_ms']:.2f}" if "T_a_ms" in r else ""
         pred = "/".join(f"{t:.2f}" for t in r["predicted_T_ms"]) if "predicted_T_ms" in r else ""
         print(f"{r['batch']:>5} {r['plan']:<20} {r['layout']:<18} {r['predicted']:>10.1f} {r['measured']:>10.1f} "
-              f"{r['error']:>+7.1%} {r['vs_colocated']:>6.2f} {stages:>24} {pred:>18} {str(r['same_tokens']):>11}")
+              f"{r['error']:>+7.1%} {r['vs_colocated']:>6.2f} {stages:>24} {pred:>18} {str(r['same_tokens']):>11} "
+              f"{r.get('foreign_load', float('nan')):>10.0%}")
     for batch in sorted({r["batch"] for r in rows}):
         valid = [r for r in rows if r["batch"] == batch and r["valid"]]
         chosen = next(r for r in valid if r["plan"] == "plan #1")

@@ -44,7 +44,8 @@ def write_profile(model_dir: Path, path: Path, cores: int | None = None) -> Path
                  "memory_bytes": 8e9, "fma_flops": 1e11, "stream_bw": 2e10},
         "settings": {"dtype": "float32", "cores_per_worker": 1, "kv_checkpoint": True},
         "points": [],
-        "fit": {"a0": 4e-4, "a1": 2e-5, "a2": 2e-8, "s0": 5e-4, "f0": 5e-5, "c0": 6e-5, "c1": 2e-6, "overlap": 0.8,
+        "fit": {"a0": 4e-4, "a1": 2e-5, "a2": 2e-8, "s0": 5e-4, "f0": 5e-5, "c0": 6e-5, "c1": 2e-6, "pipeline_lag_s": 1e-3,
+                "sharing_slowdown": 1.2,
                 "links": {"shm": {"latency_s": 2e-4, "s_per_byte": 5e-10}}},
     }
     path.write_text(json.dumps(data))
@@ -226,5 +227,5 @@ def test_profile_runs_real_workers_and_plans_from_what_it_measured(tiny_model, t
     fit = profile["fit"]
     assert set(fit["links"]) == {"shm", "tcp"}
     assert all(fit[k] >= 0 for k in ("a0", "a1", "a2", "s0", "f0", "c0", "c1")) and fit["a0"] + fit["a1"] > 0
-    assert 0 < fit["overlap"] <= 1
+    assert fit["pipeline_lag_s"] >= 0 and fit["sharing_slowdown"] >= 1 and fit["mean_relative_error"]["step"] >= 0
     assert json.loads(result.stdout)[0]["predicted_tokens_per_s"] > 0

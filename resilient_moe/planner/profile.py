@@ -9,8 +9,10 @@ non-negative least squares, and stores them with the points and the host they we
 
 Which point pins which coefficient: batches 1..64 at m = 1 give T_a against b and T_e against the
 experts that get rows (few at batch 1, all of them from batch ~16); a longer prompt gives T_a's
-context term; m = 2 tells the per-step overhead from the per-micro-batch one; the TCP cluster gives
-the second transport's T_c against bytes.
+context term; m = 2 tells the per-step overhead from the per-micro-batch one, and how late pipelined
+replies come back; the TCP cluster gives the second transport's T_c against bytes; two workers on every
+core (small hosts only) how much sharing a core slows them beyond taking turns. simulate.py composes
+these into a step.
 """
 
 from __future__ import annotations
@@ -94,6 +96,54 @@ def pipeline_times(before, after, attention: list[str], experts: list[str]) -> P
 # ---- measuring the host itself ----------------------------------------------------------------------------
 
 
+def _tree_cpu_seconds(root: int) -> float:
+    """CPU seconds (user + system) of process `root` and every descendant alive now."""
+    tick = os.sysconf("SC_CLK_TCK")
+    children: dict[int, list[int]] = {}
+    times: dict[int, float] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry))
+        times[int(entry)] = (int(fields[11]) + int(fields[12])) / tick
+    total, todo = 0.0, [root]
+    while todo:
+        pid = todo.pop()
+        total += times.get(pid, 0.0)
+        todo.extend(children.get(pid, ()))
+    return total
+
+
+class ForeignLoad:
+    """How much of the host's CPU others used over a window: busy time from /proc/stat minus what this
+    process and its descendants (the workers it started) used, as a share of every core. A profile or a
+    benchmark taken while others load the host measures less than the host can do."""
+
+    def __init__(self) -> None:
+        self.start = self._sample()
+
+    @staticmethod
+    def _sample() -> tuple[float, float, float]:
+        tick = os.sysconf("SC_CLK_TCK")
+        with open("/proc/stat", encoding="ascii") as f:
+            cpu = [int(v) for v in f.readline().split()[1:]]
+        busy = (sum(cpu) - cpu[3] - cpu[4]) / tick  # all but idle and iowait
+        return time.monotonic(), busy, _tree_cpu_seconds(os.getpid())
+
+    def share(self) -> float:
+        """Others' CPU share since this object was made (0: none; 1: every core, all the time)."""
+        now = self._sample()
+        wall = max(1e-9, now[0] - self.start[0])
+        others = (now[1] - self.start[1]) - (now[2] - self.start[2])
+        return max(0.0, others / (wall * len(os.sched_getaffinity(0))))
+
+
+
 def measure_host(seconds: float = 0.6) -> dict[str, Any]:
     """Cores, memory, one core's float32 GEMM rate (times the cores: the FMA peak the host reaches) and a
     STREAM-like triad bandwidth, each measured for a fraction of a second."""
@@ -143,31 +193,49 @@ def measure_host(seconds: float = 0.6) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class ProfilePoint:
-    """One measured operating point of 1 AW + 1 EW."""
+    """One measured operating point."""
 
     transport: str
     micro_batches: int
+    attention_workers: int
+    expert_workers: int
     batch: int
     prompt_len: int
     context: float  # mean context over the window
     times: PipelineTimes
+    foreign_load: float = 0.0  # others' share of the host's CPU over the window (ForeignLoad)
 
     def to_json(self) -> dict[str, Any]:
-        return {"transport": self.transport, "micro_batches": self.micro_batches, "batch": self.batch,
-                "prompt_len": self.prompt_len, "context": self.context, **self.times.to_json()}
+        return {"transport": self.transport, "micro_batches": self.micro_batches,
+                "attention_workers": self.attention_workers, "expert_workers": self.expert_workers,
+                "batch": self.batch, "prompt_len": self.prompt_len, "context": self.context,
+                "foreign_load": self.foreign_load, **self.times.to_json()}
+
+
+@dataclass(frozen=True)
+class ProfileRun:
+    """One cluster of the profile and the (batch, prompt length) points measured on it. `shared`: as
+    many attention and as many expert workers as the host has cores, so every core runs two workers
+    (run only on hosts of at most 4 cores; elsewhere sharing is not measured and costs nothing extra)."""
+
+    transport: str
+    micro_batches: int
+    points: tuple[tuple[int, int], ...]
+    shared: bool = False
 
 
 @dataclass(frozen=True)
 class ProfileSettings:
-    """What to measure. Each run: (transport, micro-batches, [(batch, prompt length), ...]); one cluster
-    per run. `window_s`: decode time measured per point."""
+    """What to measure, one cluster per run. Each point decodes for at least `window_s` and `min_steps`
+    steps, at most `max_window_s`."""
 
-    runs: tuple[tuple[str, int, tuple[tuple[int, int], ...]], ...] = (
-        ("shm", 1, ((1, 16), (2, 16), (4, 16), (8, 16), (16, 16), (32, 16), (64, 16), (16, 320))),
-        ("shm", 2, ((8, 16), (32, 16), (64, 16))),
-        ("tcp", 1, ((1, 16), (16, 16), (64, 16))),
+    runs: tuple[ProfileRun, ...] = (
+        ProfileRun("shm", 1, ((1, 16), (2, 16), (4, 16), (8, 16), (16, 16), (32, 16), (64, 16), (16, 320))),
+        ProfileRun("shm", 2, ((8, 16), (32, 16), (64, 16))),
+        ProfileRun("tcp", 1, ((1, 16), (16, 16), (64, 16))),
+        ProfileRun("shm", 1, ((32, 16), (64, 16)), shared=True),
     )
-    window_s: float = 1.0  # at least this long, and at least `min_steps` decode steps, at most `max_window_s`
+    window_s: float = 1.0
     min_steps: int = 24
     max_window_s: float = 6.0
     dtype: str = "float32"
@@ -176,14 +244,18 @@ class ProfileSettings:
     @classmethod
     def quick(cls, batches: list[int]) -> "ProfileSettings":
         """A short profile: the given batches at m = 1 (shm, one of them also with a longer prompt and at
-        m = 2) and the smallest and largest over TCP."""
+        m = 2), the smallest and largest over TCP, the largest on shared cores."""
         batches = sorted(set(batches))
         mid = batches[len(batches) // 2]
         return cls(runs=(
-            ("shm", 1, tuple((b, 16) for b in batches) + ((mid, 160),)),
-            ("shm", 2, tuple((b, 16) for b in batches if b >= 2)),
-            ("tcp", 1, ((batches[0], 16), (batches[-1], 16))),
+            ProfileRun("shm", 1, tuple((b, 16) for b in batches) + ((mid, 160),)),
+            ProfileRun("shm", 2, tuple((b, 16) for b in batches if b >= 2)),
+            ProfileRun("tcp", 1, ((batches[0], 16), (batches[-1], 16))),
+            ProfileRun("shm", 1, ((max(2, batches[-1]), 16),), shared=True),
         ), window_s=0.5, min_steps=12, max_window_s=3.0, max_model_len=512)
+
+
+SHARED_PROFILE_MAX_CORES = 4
 
 
 def profile_host(model_dir: str | Path, settings: ProfileSettings = ProfileSettings(),
@@ -199,8 +271,8 @@ def profile_host(model_dir: str | Path, settings: ProfileSettings = ProfileSetti
 
     cfg = ModelConfig.from_pretrained(model_dir)
     shape = ModelShape.from_config(cfg)
-    largest = max(b for _, _, points in settings.runs for b, _ in points)
-    longest = max(p for _, _, points in settings.runs for _, p in points)
+    largest = max(b for run in settings.runs for b, _ in run.points)
+    longest = max(p for run in settings.runs for _, p in run.points)
     if longest + 32 > settings.max_model_len:
         raise PlanError(f"profile prompts of {longest} tokens need max_model_len above {longest + 32}")
     say("measuring this host (GEMM rate, memory bandwidth)")
@@ -208,11 +280,15 @@ def profile_host(model_dir: str | Path, settings: ProfileSettings = ProfileSetti
     points: list[ProfilePoint] = []
     generator = torch.Generator().manual_seed(0)
     vocab = min(cfg.vocab_size, 4096)
-    for transport, m, batches in settings.runs:
-        dep = DeploymentConfig(model=str(model_dir), attention_workers=1, expert_workers=1, micro_batches=m,
-                               transport=transport, engine=EngineConfig(
+    for run in settings.runs:
+        workers = host["cores"] if run.shared else 1
+        if run.shared and (host["cores"] > SHARED_PROFILE_MAX_CORES or workers > shape.num_experts):
+            continue
+        dep = DeploymentConfig(model=str(model_dir), attention_workers=workers, expert_workers=workers,
+                               micro_batches=run.micro_batches, transport=run.transport, engine=EngineConfig(
                                    dtype=settings.dtype, max_num_seqs=largest, max_model_len=settings.max_model_len))
-        say(f"profiling 1 AW + 1 EW, {transport}, m={m}: starting the cluster")
+        names = ([f"aw-{i}" for i in range(workers)], [f"ew-{j}" for j in range(workers)])
+        say(f"profiling {workers} AW + {workers} EW, {run.transport}, m={run.micro_batches}: starting the cluster")
         cluster = make_cluster(dep)
         cluster.start()
         try:
@@ -220,12 +296,15 @@ def profile_host(model_dir: str | Path, settings: ProfileSettings = ProfileSetti
             try:
                 warm = frontend.submit([3, 4, 5], SamplingParams(max_tokens=4, ignore_eos=True))
                 warm.wait(120)
-                for batch, prompt_len in batches:
+                for batch, prompt_len in run.points:
                     prompts = torch.randint(3, vocab, (batch, prompt_len), generator=generator).tolist()
-                    times, context = _window(cluster, frontend, prompts, settings, dep.heartbeat_interval_s)
-                    points.append(ProfilePoint(transport, m, batch, prompt_len, context, times))
+                    load = ForeignLoad()
+                    times, context = _window(cluster, frontend, prompts, settings, dep.heartbeat_interval_s, *names)
+                    points.append(ProfilePoint(run.transport, run.micro_batches, workers, workers, batch, prompt_len,
+                                               context, times, load.share()))
                     say(f"  batch {batch:>3} prompt {prompt_len:>3}: T_a {1e3 * times.T_a:.3f} ms, T_e "
-                        f"{1e3 * times.T_e:.3f} ms, T_c {1e3 * times.T_c:.3f} ms, step {1e3 * times.step_s:.2f} ms")
+                        f"{1e3 * times.T_e:.3f} ms, T_c {1e3 * times.T_c:.3f} ms, step {1e3 * times.step_s:.2f} ms "
+                        f"(others' CPU {points[-1].foreign_load:.0%})")
             finally:
                 frontend.close()
         finally:
@@ -246,8 +325,8 @@ def _cores_per_worker(cores: int) -> int:
     return len(cpu_plan(list(range(cores)), ["aw-0", "ew-0"])["aw-0"])
 
 
-def _window(cluster, frontend, prompts: list[list[int]], settings: ProfileSettings,
-            heartbeat_s: float) -> tuple[PipelineTimes, float]:
+def _window(cluster, frontend, prompts: list[list[int]], settings: ProfileSettings, heartbeat_s: float,
+            attention: list[str], experts: list[str]) -> tuple[PipelineTimes, float]:
     """Run `prompts` as a decode load; the counters over `window_s` once every one of them decodes."""
     from resilient_moe.engine.config import SamplingParams
 
@@ -278,12 +357,13 @@ def _window(cluster, frontend, prompts: list[list[int]], settings: ProfileSettin
         for h in handles:
             frontend.abort(h.request_id)
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:  # the AW forgets the aborted requests before the next point
-        if _load(cluster.state(), "aw-0").get("running", 1.0) == 0.0:
+    while time.monotonic() < deadline:  # the AWs forget the aborted requests before the next point
+        state = cluster.state()
+        if all(_load(state, a).get("running", 1.0) == 0.0 for a in attention):
             break
         time.sleep(heartbeat_s)
     context = sum(len(p) for p in prompts) / len(prompts) + (tokens_before + tokens_after) / (2 * len(prompts))
-    return pipeline_times(before, after, ["aw-0"], ["ew-0"]), context
+    return pipeline_times(before, after, attention, experts), context
 
 
 # ---- fitting ----------------------------------------------------------------------------------------------
@@ -313,34 +393,87 @@ def _nnls(rows: list[list[float]], y: list[float]) -> list[float]:
 def fit(shape: ModelShape, profile: dict[str, Any]) -> dict[str, Any]:
     """FittedHost's coefficients from the profile's points, with each fit's mean relative error."""
     points = profile["points"]
+    alone = [p for p in points if p.get("attention_workers", 1) == 1 and p.get("expert_workers", 1) == 1]
     L, K, E = shape.sparse_layers, shape.top_k, shape.num_experts
     wb = precision_bytes(profile["settings"]["dtype"])
-    # Step 1: attention side, per step: s0 + L·m·a0 + L·B·a1 + L·B·ctx·a2.
-    rows = [[1.0, L * p["micro_batches"], L * p["batch"], L * p["batch"] * p["context"]] for p in points]
-    s0, a0, a1, a2 = _nnls(rows, [p["aw_busy_per_step"] for p in points])
-    # Step 2: expert side, per frame of n = B / m tokens: f0 + c0·(experts with rows) + c1·rows.
+
     def n_of(p: dict) -> float:
         return p["batch"] / p["micro_batches"]
-    rows = [[1.0, active_experts(n_of(p), E, K, E), n_of(p) * K] for p in points]
-    f0, c0, c1 = _nnls(rows, [p["T_e"] for p in points])
+
+    # Step 1: attention side, per step: s0 + L·m·a0 + L·B·a1 + L·B·ctx·a2 (one AW on its own core).
+    rows = [[1.0, L * p["micro_batches"], L * p["batch"], L * p["batch"] * p["context"]] for p in alone]
+    s0, a0, a1, a2 = _nnls(rows, [p["aw_busy_per_step"] for p in alone])
+    # Step 2: expert side, per frame of n = B / m tokens: f0 + c0·(experts with rows) + c1·rows.
+    rows = [[1.0, active_experts(n_of(p), E, K, E), n_of(p) * K] for p in alone]
+    f0, c0, c1 = _nnls(rows, [p["T_e"] for p in alone])
     # Step 3: each transport's T_c against the bytes one way, from m = 1 only (with more micro-batches
     # the round trip includes the wait behind another micro-batch at the expert worker).
     links = {}
-    for transport in sorted({p["transport"] for p in points}):
-        chosen = [p for p in points if p["transport"] == transport and p["micro_batches"] == 1]
+    for transport in sorted({p["transport"] for p in alone}):
+        chosen = [p for p in alone if p["transport"] == transport and p["micro_batches"] == 1]
         latency, per_byte = _nnls([[1.0, n_of(p) * K * shape.hidden * wb] for p in chosen], [p["T_c"] for p in chosen])
         links[transport] = {"latency_s": latency, "s_per_byte": per_byte}
-    # Step 4: how busy overlap keeps the busiest worker: its work per step over the step (m >= 2).
-    shares = sorted(max(p["aw_busy_per_step"], L * p["micro_batches"] * p["T_e"]) / p["step_s"]
-                    for p in points if p["micro_batches"] > 1)
-    overlap = min(1.0, shares[len(shares) // 2]) if shares else 1.0
-    out = {"a0": a0, "a1": a1, "a2": a2, "s0": s0, "f0": f0, "c0": c0, "c1": c1, "links": links, "overlap": overlap}
+    out = {"a0": a0, "a1": a1, "a2": a2, "s0": s0, "f0": f0, "c0": c0, "c1": c1, "links": links,
+           "pipeline_lag_s": 0.0, "sharing_slowdown": 1.0}
+    # Step 4: what the simulated step needs beyond the stage times, each solved for per point (the step
+    # grows with both) and the median kept: the lag of pipelined replies (m >= 2), then the slowdown of
+    # workers sharing a core.
+    cores = int(profile["host"]["cores"])
+    pipelined = [p for p in alone if p["micro_batches"] > 1 and p["transport"] == "shm"]
+    out["pipeline_lag_s"] = _median([_solve(shape, profile, out, p, cores, "pipeline_lag_s", 0.0, 0.05)
+                                     for p in pipelined], 0.0)
+    shared = [p for p in points if p not in alone]
+    out["sharing_slowdown"] = _median([_solve(shape, profile, out, p, cores, "sharing_slowdown", 1.0, 4.0)
+                                       for p in shared], 1.0)
     times = fitted_times(shape, {**profile, "fit": out})
     err_a = [abs(s0 + L * p["micro_batches"] * times.attention(n_of(p), p["context"]) - p["aw_busy_per_step"])
-             / p["aw_busy_per_step"] for p in points]
-    err_e = [abs(times.expert(n_of(p), E) - p["T_e"]) / p["T_e"] for p in points if p["T_e"] > 0]
-    out["mean_relative_error"] = {"attention": sum(err_a) / len(err_a), "expert": sum(err_e) / max(1, len(err_e))}
+             / p["aw_busy_per_step"] for p in alone]
+    err_e = [abs(times.expert(n_of(p), E) - p["T_e"]) / p["T_e"] for p in alone if p["T_e"] > 0]
+    err_s = [abs(_simulated_step(shape, profile, out, p, cores) - p["step_s"]) / p["step_s"] for p in points]
+    out["mean_relative_error"] = {"attention": sum(err_a) / len(err_a), "expert": sum(err_e) / max(1, len(err_e)),
+                                  "step": sum(err_s) / max(1, len(err_s))}
     return out
+
+
+def _median(values: list[float], default: float) -> float:
+    values = sorted(values)
+    return values[len(values) // 2] if values else default
+
+
+def _simulated_step(shape: ModelShape, profile: dict[str, Any], coefficients: dict[str, Any], p: dict,
+                    cores: int) -> float:
+    """The step time the plan would predict for profile point p."""
+    from resilient_moe.planner.hardware import HOST
+    from resilient_moe.planner.search import Layout, PlanRequest, Side, evaluate
+    from resilient_moe.planner.hardware import host_accelerator
+
+    times = fitted_times(shape, {**profile, "fit": coefficients})
+    side = Side(HOST, host_accelerator(profile["host"]), times, cores=cores)
+    n_a, n_e = p.get("attention_workers", 1), p.get("expert_workers", 1)
+    context = max(2, round(p["context"]))
+    req = PlanRequest(context=context, prompt_len=context, survive=0, transport=p["transport"],
+                      max_batch_per_worker=max(1, p["batch"]))
+    c = evaluate(shape, {HOST: side}, req, Layout(HOST, HOST, 1, 1, n_a, n_e, p["micro_batches"]), p["batch"] / n_a)
+    return c.timing.tpot_s
+
+
+def _solve(shape: ModelShape, profile: dict[str, Any], coefficients: dict[str, Any], p: dict, cores: int,
+           name: str, lo: float, hi: float) -> float:
+    """The value of coefficient `name` in [lo, hi] at which the simulated step of p is its measured one."""
+    def step(value: float) -> float:
+        return _simulated_step(shape, profile, {**coefficients, name: value}, p, cores)
+
+    if step(lo) >= p["step_s"]:
+        return lo
+    if step(hi) <= p["step_s"]:
+        return hi
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        if step(mid) < p["step_s"]:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
 
 
 def fitted_times(shape: ModelShape, profile: dict[str, Any]) -> FittedHost:
@@ -348,7 +481,8 @@ def fitted_times(shape: ModelShape, profile: dict[str, Any]) -> FittedHost:
     links = {t: LinkFit(v["latency_s"], v["s_per_byte"]) for t, v in f["links"].items()}
     return FittedHost(shape, f["a0"], f["a1"], f["a2"], f["s0"], f["f0"], f["c0"], f["c1"], links,
                       cores=int(profile["settings"]["cores_per_worker"]), dtype=profile["settings"]["dtype"],
-                      overlap=float(f.get("overlap", 1.0)))
+                      pipeline_lag_s=float(f.get("pipeline_lag_s", 0.0)),
+                      sharing_slowdown=float(f.get("sharing_slowdown", 1.0)))
 
 
 # ---- storing --------------------------------------------------------------------------------------------

@@ -5,15 +5,20 @@ the worker counts n_a and n_e, and the micro-batch count m. For one layout and a
 sequences per attention worker (micro-batches of b = B / m):
 
     T_a = attention(b, ctx)       T_e = expert(n_a·b, experts of the busiest EW)       T_c = link(rows)
-    step = max( s0 + L·m·T_a,  L·m·T_e,  s0 + L·(T_a + T_c + T_e) )          (L: sparse layers)
 
-the first two are the busiest attention and expert resource (a core shared by workers of this host
-adds up their work), the last is one micro-batch's round trip when m is too small to overlap it
-(m < (T_a + T_e + T_c) / max(T_a, T_e)). TPOT = step; decode throughput = n_a·B / step.
+On accelerators (MegaScale-Infer's ping-pong assumed to keep the busier side busy, L sparse layers):
+
+    step = max( s0 + L·m·T_a,  L·m·T_e,  s0 + L·(T_a + T_c + T_e) )
+
+the busier side's work, or one micro-batch's round trip when m is too small to hide it
+(m < (T_a + T_e + T_c) / max(T_a, T_e)). On this host the step is simulated (simulate.py): workers share
+cores, expert workers merge frames of one layer, with the lag and slowdown the profile measured.
+TPOT = step; decode throughput = n_a·B / step.
 
 Every constraint grows with B (memory, SLO, failure, checkpoint bandwidth), and throughput per cost
 does too, so the best B of a layout is the largest feasible one: found by bisection. A layout whose
-throughput at the largest batch searched cannot beat the current top is skipped. Layouts are
+throughput at the largest batch searched cannot beat the current top is skipped. (On this host both
+hold only roughly: see HOST_BOUND_SLACK.) Layouts are
 enumerated as in Algorithm 1 (hardware pair, parallelism of each side, worker counts, m).
 
 Failure domains are worker processes on one host and nodes on a cluster (each side packed densely
@@ -32,7 +37,7 @@ from dataclasses import dataclass, field, replace
 
 from resilient_moe.planner.hardware import HOST, Accelerator
 from resilient_moe.planner.shape import ModelShape
-from resilient_moe.planner.timing import FittedHost, Roofline, micro_batch_overlap, roofline_link
+from resilient_moe.planner.timing import FittedHost, Roofline, roofline_link
 
 MEMORY_SHARE = 0.9  # of an accelerator's (or the host's) memory a plan may fill; the rest: activations, runtime
 HOST_STORE_SHARE = 0.5  # of a cluster's host memory the KV stores may take
@@ -42,6 +47,10 @@ BASE_BYTES = 600 << 20  # controller, frontend, KV store process, Redis on this 
 BLOCK = 16  # KV cache block (engine default)
 MAX_LOSS_SCENARIOS = 256  # combinations of lost domains examined per layout (the first, in order, beyond)
 COUNTS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+# This host's simulated step is not strictly monotone in the batch (frames of one layer merge at an
+# expert worker or not, by timing): its bound keeps a margin, and its bisection finds a feasible batch
+# at the edge of the feasible ones, not always the largest.
+HOST_BOUND_SLACK = 0.1
 
 
 @dataclass(frozen=True)
@@ -279,56 +288,56 @@ def _step(shape: ModelShape, req: PlanRequest, aw: Side, ew: Side, layout: Layou
     ctx = req.mean_context
     s0 = aw.times.step_overhead()
     x_max = max(experts.values())
-    rows_ew = n_round * shape.top_k * x_max / shape.num_experts  # rows the busiest EW takes per round
     if cpus is None:
-        # Step 1 (accelerators): every AW alike, EWs differ only by the experts they serve.
+        # Accelerators: every AW alike, EWs differ only by the experts they serve; MegaScale-Infer's
+        # ping-pong assumed to keep the busier side busy.
         t_a = aw.times.attention(b, ctx, layout.tp_a)
         t_e = ew.times.expert(n_round, x_max, layout.tp_e)
+        rows_ew = n_round * shape.top_k * x_max / shape.num_experts
         t_c = roofline_link(aw.times, ew.times, b * shape.top_k, rows_ew, layout.tp_a, layout.tp_e)
         busy_a, busy_e = s0 + L * m * t_a, L * m * t_e
-        heaviest, bottleneck, shared = max(busy_a, busy_e), "experts" if busy_e > busy_a else "attention", False
-    else:
-        # Step 1 (this host): each worker on its cores; workers sharing a core add up their work on it.
-        memo: dict[tuple, float] = {}
-
-        def cores(name: str) -> int:
-            return len(cpus.get(name, ())) or 1
-
-        def t_attention(name: str) -> float:
-            key = ("a", cores(name))
-            if key not in memo:
-                memo[key] = aw.times.attention(b, ctx, cores=key[1])
-            return memo[key]
-
-        def t_expert(name: str) -> float:
-            key = ("e", cores(name), experts[name])
-            if key not in memo:
-                memo[key] = ew.times.expert(n_round, experts[name], cores=key[1])
-            return memo[key]
-
-        t_a = max(t_attention(a) for a in attention)
-        t_e = max(t_expert(e) for e in experts)
-        t_c = aw.times.link_time(b * shape.top_k * x_max / shape.num_experts, req.transport)
-        busy: dict[tuple[int, ...], float] = {}
-        share: dict[tuple[int, ...], list[str]] = {}
-        for name in (*attention, *experts):
-            key = cpus.get(name, (name,))
-            work = s0 + L * m * t_attention(name) if name in attention else L * m * t_expert(name)
-            busy[key] = busy.get(key, 0.0) + work
-            share.setdefault(key, []).append(name)
-        top = max(busy, key=busy.get)
-        heaviest, shared = busy[top], len(busy) < len(attention) + len(experts)
-        if len(share[top]) > 1:
-            bottleneck = "shared cores"
+        round_trip = s0 + L * (t_a + t_c + t_e)
+        step = max(busy_a, busy_e, round_trip)
+        if round_trip >= max(busy_a, busy_e):
+            bottleneck = "round trip"
         else:
-            bottleneck = "experts" if share[top][0] in experts else "attention"
-    # Step 2: the bottleneck's work (at the busy share overlap reaches on it), or one micro-batch's trip.
-    round_trip = s0 + L * (t_a + t_c + t_e)
-    overlap = aw.times.overlap if m > 1 or shared else 1.0
-    step = max(heaviest / overlap, round_trip)
-    if round_trip > heaviest / overlap:
+            bottleneck = "experts" if busy_e > busy_a else "attention"
+        return Timing(step, len(attention) * batch_per_aw / step, t_a, t_e, t_c, bottleneck)
+    # This host: the runtime's step simulated over the fitted stage times (simulate.py).
+    from resilient_moe.planner.simulate import simulate_step
+
+    times = aw.times
+    memo: dict[tuple, float] = {}
+
+    def cores(name: str) -> int:
+        return len(cpus.get(name, ())) or 1
+
+    def t_attention(name: str, tokens: float) -> float:
+        key = ("a", cores(name), tokens)
+        if key not in memo:
+            memo[key] = times.attention(tokens, ctx, cores=key[1])
+        return memo[key]
+
+    def t_expert(name: str, tokens: float) -> float:
+        key = ("e", cores(name), experts[name], tokens)
+        if key not in memo:
+            memo[key] = times.expert(tokens, experts[name], cores=key[1])
+        return memo[key]
+
+    t_a = max(t_attention(a, b) for a in attention)
+    t_e = max(t_expert(e, n_round) for e in experts)
+    t_c = times.link_time(b * shape.top_k * x_max / shape.num_experts, req.transport)
+    core_of = {name: cpus.get(name, (name,)) for name in (*attention, *experts)}
+    sim = simulate_step(L, m, batch_per_aw, attention, list(experts), core_of, t_attention, t_expert, s0,
+                        t_c / 2, times.pipeline_lag_s, times.sharing_slowdown)
+    top = max(sim.core_busy, key=sim.core_busy.get)
+    if sim.core_busy[top] < 0.9:
         bottleneck = "round trip"
-    return Timing(step, len(attention) * batch_per_aw / step, t_a, t_e, t_c, bottleneck)
+    elif len(sim.workers_on[top]) > 1:
+        bottleneck = "shared cores"
+    else:
+        bottleneck = "experts" if sim.workers_on[top][0] in experts else "attention"
+    return Timing(sim.step_s, len(attention) * batch_per_aw / sim.step_s, t_a, t_e, t_c, bottleneck)
 
 
 def _ttft(shape: ModelShape, req: PlanRequest, aw: Side, ew: Side, layout: Layout, x_max: int, decode_step: float) -> float:
@@ -610,7 +619,8 @@ def search(shape: ModelShape, sides: dict[str, Side], req: PlanRequest, top: int
             # Bound: the score at the largest batch searched, ignoring every constraint, is the most
             # this layout can reach (the score grows with the batch).
             bound = evaluate(shape, sides, req, layout, req.max_batch_per_worker, fx)
-            if bound.score < kept[-1].score * (1 - 1e-9):
+            slack = HOST_BOUND_SLACK if aw.is_host else 1e-9
+            if bound.score * (1 + slack) < kept[-1].score:
                 pruned += 1
                 continue
         c = best_batch(shape, sides, req, layout, fx)

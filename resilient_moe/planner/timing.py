@@ -55,8 +55,6 @@ class Roofline:
     shape: ModelShape
     precision: str = "bf16"
 
-    overlap = 1.0  # MegaScale-Infer's ping-pong keeps the bottleneck busy (assumed, as the paper reports)
-
     @property
     def weight_bytes(self) -> int:
         return precision_bytes(self.precision)
@@ -115,8 +113,8 @@ class FittedHost:
 
     attention(b, ctx) = a0 + a1·b + a2·b·ctx; step_overhead() = s0;
     expert(n, x) = f0 + c0·(experts with rows) + c1·rows; link(rows) = the fitted transport's time.
-    `overlap`: the share of its time the busiest worker is kept busy when micro-batches overlap (m >= 2)
-    or workers share a core, as measured on this host (1.0: perfect ping-pong)."""
+    How these compose into a step on this host (cores shared, frames merged) is simulate.py's part;
+    `pipeline_lag_s` and `sharing_slowdown` are its two measured parameters."""
 
     shape: ModelShape
     a0: float
@@ -129,7 +127,8 @@ class FittedHost:
     links: dict[str, LinkFit] = field(default_factory=dict)
     cores: int = 1
     dtype: str = "float32"
-    overlap: float = 1.0
+    pipeline_lag_s: float = 0.0
+    sharing_slowdown: float = 1.0
 
     @property
     def weight_bytes(self) -> int:
