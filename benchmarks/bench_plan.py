@@ -11,7 +11,9 @@
    1 AW + 1 EW at m = 3 (which survives no loss: shown for reference, not counted for the choice).
 
 Prints predicted against measured tokens/s (target: within ±20% each) and whether the plan's choice is
-within 5% of the best measured plan that meets the same constraints.
+within 5% of the best measured plan that meets the same constraints. The host is shared: each run says
+how much of its CPU others used meanwhile, and a run they disturbed by more than 15% is run again (at
+most twice more; the least disturbed is kept).
 
     nice python benchmarks/bench_plan.py [--batch-sizes 32,64] [--profile FILE] [--json out.json]
 """
@@ -46,15 +48,25 @@ HAND_PICKED = (("serve's defaults", Layout(HOST, HOST, 1, 1, 2, 3, 2)),
                ("bench_pipeline 1+1", Layout(HOST, HOST, 1, 1, 1, 1, 3)))
 
 
+MAX_FOREIGN_LOAD, RETRIES = 0.15, 2  # a run disturbed by others more than this is run again
+
+
 def run_plan(model: Path, dep: dict, prompts: list[list[int]]) -> dict:
+    """The plan's deployment under a decode load; run again (at most RETRIES times) while others used more
+    than MAX_FOREIGN_LOAD of the host's CPU, keeping the least disturbed run."""
     config = DeploymentConfig.from_dict(dep, source="plan")
     cluster = make_cluster(config)
     cluster.start()
     try:
-        load = profiler.ForeignLoad()
-        out = decode_load(cluster, prompts, NEW_TOKENS, [f"aw-{i}" for i in range(config.attention_workers)],
-                          [f"ew-{j}" for j in range(config.expert_workers)])
-        return {**out, "foreign_load": load.share()}
+        runs = []
+        for _ in range(1 + RETRIES):
+            load = profiler.ForeignLoad()
+            out = decode_load(cluster, prompts, NEW_TOKENS, [f"aw-{i}" for i in range(config.attention_workers)],
+                              [f"ew-{j}" for j in range(config.expert_workers)])
+            runs.append({**out, "foreign_load": load.share()})
+            if runs[-1]["foreign_load"] <= MAX_FOREIGN_LOAD:
+                break
+        return min(runs, key=lambda r: r["foreign_load"])
     finally:
         cluster.stop()
 

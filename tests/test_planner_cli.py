@@ -11,21 +11,19 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import httpx
 import pytest
 
-from conftest import pid_alive, wait_until
 from resilient_moe.deployment import DeploymentConfig
 from resilient_moe.engine.config import EngineConfig, SamplingParams
 from resilient_moe.engine.engine import LLMEngine
 from resilient_moe.planner.profile import PROFILE_VERSION, model_identity
+from serving import serve_command
 
 PROMPTS = [[5, 9, 13, 2, 7], [11, 3, 8], [21, 22, 23, 24, 25, 26, 27]]
 NEW_TOKENS = 8
@@ -115,39 +113,20 @@ def test_the_written_yaml_serves_token_identical_output(tiny_model, profiled, tm
     assert [r["token_ids"] for r in json.loads(gen.stdout)] == expected
 
     # serve --config runs it unchanged, over HTTP
-    proc = subprocess.Popen([sys.executable, "-m", "resilient_moe.cli", "serve", "--config", str(out), "--port", "0",
-                             "--log-dir", str(tmp_path / "logs")],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
-    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
-    children: list[int] = []
-    try:
-        wait_until(lambda: any(line.startswith("press Ctrl-C") for line in lines) or proc.poll() is not None, 180,
-                   "serve to print its banner")
-        text = "".join(lines)
-        assert proc.poll() is None, text
+    with serve_command(["--config", str(out), "--port", "0", "--log-dir", str(tmp_path / "logs")]) as served:
+        text = "".join(served.output)
         for i in range(dep.attention_workers):
             assert re.search(rf"^\s+[\d.]+s\s+aw-{i}\s+ready", text, re.M), text
         for j in range(dep.expert_workers):
             assert re.search(rf"^\s+[\d.]+s\s+ew-{j}\s+ready", text, re.M), text
-        url = re.search(r"OpenAI API\s+(http://127\.0\.0\.1:\d+)/v1", text).group(1)
-        children = [int(p) for p in os.popen(f"pgrep -P {proc.pid}").read().split()]
         got = []
         for prompt in PROMPTS:
-            answer = httpx.post(f"{url}/v1/completions", timeout=120, json={
+            answer = httpx.post(f"{served.url}/v1/completions", timeout=120, json={
                 "prompt": prompt, "max_tokens": NEW_TOKENS, "temperature": 0, "ignore_eos": True,
                 "return_token_ids": True})
             assert answer.status_code == 200, answer.text
             got.append(answer.json()["choices"][0]["token_ids"])
         assert got == expected
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    wait_until(lambda: not any(pid_alive(p) for p in children), 15, "every process of serve to exit")
 
 
 @pytest.fixture(scope="module")
