@@ -36,6 +36,7 @@ from resilient_moe.engine.engine import LLMEngine  # noqa: E402
 from resilient_moe.launch import make_cluster  # noqa: E402
 from resilient_moe.launch.fork_server import ForkServer  # noqa: E402
 from resilient_moe.model.tiny import TinySize, make_tiny_model  # noqa: E402
+from resilient_moe.planner.profile import pipeline_times  # noqa: E402
 from resilient_moe.server.frontend import Frontend  # noqa: E402
 
 
@@ -58,8 +59,39 @@ def colocated(model: Path, prompts: list[list[int]], new_tokens: int) -> dict:
     return {"tokens_per_s": len(prompts) * len(steps) / sum(steps), "step_ms": 1000 * statistics.median(steps)}
 
 
-def _load(state, name: str) -> dict[str, float]:
-    return next(dict(w.load) for w in state.workers if w.name == name)
+def decode_load(cluster, prompts: list[list[int]], new_tokens: int, attention: list[str], experts: list[str]) -> dict:
+    """Run `prompts` as one decode load on a started cluster: steady decode tokens/s (from the moment every
+    request has its first token to the last token), the median gap between tokens, the stage times from
+    the workers' heartbeat counters, and the tokens."""
+    frontend = Frontend(cluster.controller_address).start()
+    try:
+        params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
+        warm = frontend.submit(prompts[0], SamplingParams(max_tokens=4, ignore_eos=True))
+        warm.wait(120)
+        time.sleep(0.2)
+        before = cluster.state()
+        handles = [frontend.submit(p, params) for p in prompts]
+        for h in handles:
+            h.wait(600)
+        time.sleep(0.15)  # one more heartbeat carries the final counters
+        after = cluster.state()
+    finally:
+        frontend.close()
+    start = max(h.tokens[0].arrived for h in handles)
+    end = max(h.tokens[-1].arrived for h in handles)
+    decoded = sum(sum(1 for t in h.tokens[1:] if t.arrived > start) for h in handles)
+    gaps = [b.arrived - a.arrived for h in handles for a, b in zip(h.tokens[1:], h.tokens[2:])]
+    times = pipeline_times(before, after, attention, experts)
+    return {
+        "tokens_per_s": decoded / (end - start),
+        "step_ms": 1000 * statistics.median(gaps),
+        "T_a_ms": 1000 * times.T_a,
+        "T_e_ms": 1000 * times.T_e,
+        "T_c_ms": 1000 * times.T_c,
+        "aw_idle": times.aw_idle,
+        "ew_idle": times.ew_idle,
+        "tokens": [h.token_ids for h in handles],
+    }
 
 
 def disaggregated(model: Path, prompts: list[list[int]], new_tokens: int, m: int, fork_server: ForkServer,
@@ -68,47 +100,7 @@ def disaggregated(model: Path, prompts: list[list[int]], new_tokens: int, m: int
                            engine=EngineConfig(max_num_seqs=len(prompts)), heartbeat_interval_s=0.05,
                            kv_checkpoint=False)
     with make_cluster(dep, fork_server=fork_server) as cluster:
-        frontend = Frontend(cluster.controller_address).start()
-        try:
-            params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
-            warm = frontend.submit(prompts[0], SamplingParams(max_tokens=4, ignore_eos=True))
-            warm.wait(120)
-            time.sleep(0.2)
-            before = cluster.state()
-            handles = [frontend.submit(p, params) for p in prompts]
-            for h in handles:
-                h.wait(600)
-            time.sleep(0.15)  # one more heartbeat carries the final counters
-            after = cluster.state()
-        finally:
-            frontend.close()
-    # Steady decode: from the moment every request has its first token to the last token.
-    start = max(h.tokens[0].arrived for h in handles)
-    end = max(h.tokens[-1].arrived for h in handles)
-    decoded = sum(sum(1 for t in h.tokens[1:] if t.arrived > start) for h in handles)
-    gaps = [b.arrived - a.arrived for h in handles for a, b in zip(h.tokens[1:], h.tokens[2:])]
-
-    def delta(name: str, key: str) -> float:
-        return _load(after, name).get(key, 0.0) - _load(before, name).get(key, 0.0)
-
-    wall = delta("aw-0", "uptime_s")
-    step_s, wait_s = delta("aw-0", "step_s"), delta("aw-0", "expert_wait_s")
-    calls = max(1.0, delta("aw-0", "expert_calls"))
-    frames = max(1.0, delta("aw-0", "frames_answered"))
-    ew_frames = sum(delta(f"ew-{i}", "frames") for i in range(expert_workers))
-    ew_busy = [delta(f"ew-{i}", "busy_s") for i in range(expert_workers)]
-    t_e = sum(ew_busy) / max(1.0, ew_frames)
-    rtt = delta("aw-0", "round_trip_s") / frames
-    return {
-        "tokens_per_s": decoded / (end - start),
-        "step_ms": 1000 * statistics.median(gaps),
-        "T_a_ms": 1000 * (step_s - wait_s) / calls,
-        "T_e_ms": 1000 * t_e,
-        "T_c_ms": 1000 * max(0.0, rtt - t_e),
-        "aw_idle": wait_s / wall,
-        "ew_idle": 1 - statistics.mean(ew_busy) / wall,
-        "tokens": [h.token_ids for h in handles],
-    }
+        return decode_load(cluster, prompts, new_tokens, ["aw-0"], [f"ew-{i}" for i in range(expert_workers)])
 
 
 def main() -> None:

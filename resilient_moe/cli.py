@@ -171,6 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--token", metavar="TOKEN", help="its admin token (default: $RESILIENT_MOE_ADMIN_TOKEN)")
     scale.add_argument("--attention-workers", type=_positive_int, metavar="N")
     scale.add_argument("--expert-workers", type=_positive_int, metavar="M")
+
+    from resilient_moe.planner.command import add_arguments as plan_arguments
+
+    plan = sub.add_parser("plan", help="find the deployment (workers, micro-batches, batch) with the most throughput "
+                          "per cost under an SLO, surviving failures (after MegaScale-Infer's plan search)")
+    plan_arguments(plan, _positive_int, _non_negative_int, _positive_float)
     return parser
 
 
@@ -223,10 +229,9 @@ def _generate(args: argparse.Namespace, fork_server) -> int:
     from resilient_moe.model.config import ModelConfig
     from resilient_moe.engine.engine import LLMEngine
     from resilient_moe.engine.tokenizer import TextTokenizer
-    from resilient_moe.model.demo import demo_model_dir
 
     params = _sampling(args)
-    model_dir = Path(args.model) if args.model else demo_model_dir()
+    model_dir = _model_dir(args)
     ModelConfig.from_pretrained(model_dir)  # a bad model directory fails here, before anything starts
     tokenizer = TextTokenizer.from_dir(model_dir)
     prompts: list[list[int]] = []
@@ -260,6 +265,21 @@ def check_kernels(engine) -> None:
     from resilient_moe.kernels import resolve_kernels
 
     resolve_kernels(engine.kernels, resolve_device(engine.device).type, engine.dtype)
+
+
+def _model_dir(args: argparse.Namespace) -> Path:
+    """--model, else the model the --config YAML names (plan writes one), else the built-in demo model."""
+    from resilient_moe.model.demo import demo_model_dir
+
+    if args.model:
+        return Path(args.model)
+    if args.config:
+        from resilient_moe.deployment import DeploymentConfig
+
+        named = DeploymentConfig.from_yaml(args.config).model
+        if named:
+            return Path(named)
+    return demo_model_dir()
 
 
 def _wants_cluster(args: argparse.Namespace) -> bool:
@@ -310,11 +330,10 @@ def _generate_disaggregated(args, model_dir: Path, engine_config, prompts: list[
 def cmd_serve(args: argparse.Namespace) -> int:
     from resilient_moe.engine.config import EngineConfig
     from resilient_moe.model.config import ModelConfig
-    from resilient_moe.model.demo import demo_model_dir
     from resilient_moe.server.api import api_keys_from
     from resilient_moe.server.serve import ServingStack, run
 
-    model_dir = Path(args.model) if args.model else demo_model_dir()
+    model_dir = _model_dir(args)
     ModelConfig.from_pretrained(model_dir)  # a bad model directory fails here, before anything starts
     if args.config is None:
         args.attention_workers = args.attention_workers or 2
@@ -355,6 +374,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from resilient_moe.planner.command import run
+
+    return run(args)
+
+
 def cmd_admin(args: argparse.Namespace) -> int:
     """POST /admin/scale or /admin/rebalance and print the answer."""
     import httpx
@@ -384,7 +409,7 @@ def cmd_admin(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"make-tiny-model": cmd_make_tiny_model, "generate": cmd_generate, "serve": cmd_serve,
-            "status": cmd_status, "admin": cmd_admin}
+            "status": cmd_status, "admin": cmd_admin, "plan": cmd_plan}
 
 
 def main(argv: list[str] | None = None) -> int:

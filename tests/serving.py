@@ -1,7 +1,7 @@
 """Helpers for tests that talk HTTP to a real serving stack (cluster processes + frontend + uvicorn).
 
 `serving_stack` starts one in-process on a free port and stops it even when the test fails, then
-checks that no worker survived. `stream_completion` reads one SSE completion; `streams_through`
+checks that no worker survived; `serve_command` does the same for `resilient-moe serve` in a subprocess. `stream_completion` reads one SSE completion; `streams_through`
 runs an action (a scale step, a rebalance) while several completions stream and returns what each
 client received; `streams_through_kill` SIGKILLs a worker that way, so a failover test (an expert
 worker here, an attention worker later) is a few lines.
@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -49,6 +52,57 @@ def serving_stack(model_dir, fork_server, log_dir, attention_workers: int = 2, e
             pids = sorted(set(pids) | set(stack.cluster.pids.values()) | set(stack.cluster.retired))
         stack.stop()
     wait_until(lambda: not any(pid_alive(p) for p in pids), 15, "every worker to exit after stop")
+
+
+@dataclass
+class ServeProcess:
+    """`resilient-moe serve` running in a subprocess: its banner's API URL and what it printed so far."""
+
+    proc: subprocess.Popen
+    url: str
+    output: list[str]
+    children: set[int]
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below `pid`, alive now."""
+    found, todo = set(), [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            children = {int(c) for t in os.listdir(f"/proc/{current}/task")
+                        for c in open(f"/proc/{current}/task/{t}/children").read().split()}
+        except OSError:
+            continue
+        todo.extend(children - found)
+        found |= children
+    return found
+
+
+@contextmanager
+def serve_command(args: list[str], env: dict[str, str] | None = None, start_timeout_s: float = 180):
+    """`resilient-moe serve ARGS` (give --port 0) until its banner; afterwards SIGINT, and every process it
+    started is gone."""
+    proc = subprocess.Popen([sys.executable, "-m", "resilient_moe.cli", "serve", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+    children: set[int] = set()
+    try:
+        wait_until(lambda: any(line.startswith("press Ctrl-C") for line in lines) or proc.poll() is not None,
+                   start_timeout_s, "serve to print its banner")
+        text = "".join(lines)
+        assert proc.poll() is None, text
+        children = descendants(proc.pid)
+        yield ServeProcess(proc, re.search(r"OpenAI API\s+(http://127\.0\.0\.1:\d+)/v1", text).group(1), lines, children)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    wait_until(lambda: not any(pid_alive(p) for p in children), 15, "every process of serve to exit")
 
 
 def admin_headers() -> dict[str, str]:
