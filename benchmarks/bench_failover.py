@@ -195,7 +195,7 @@ def serving(fault: str, kills: int, streams: int, max_tokens: int, warm_tokens: 
     import threading
 
     from resilient_moe.proto import controller_pb2 as pb
-    from resilient_moe.server.serve import ServingStack
+    from resilient_moe.supervisor import ServingStack
 
     name, sig = FAULTS[fault]
     prompts, _ = workload(streams, max_tokens)

@@ -168,7 +168,7 @@ def main() -> None:
     if url is None:
         from resilient_moe.deployment import DeploymentConfig
         from resilient_moe.model.demo import demo_model_dir
-        from resilient_moe.server.serve import ServingStack
+        from resilient_moe.supervisor import ServingStack
 
         model = args.model or str(demo_model_dir())
         dep = DeploymentConfig(model=model, attention_workers=args.attention_workers,

@@ -135,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--attention-workers", type=_positive_int, metavar="A", help="default 2 (without --config)")
     serve.add_argument("--expert-workers", type=_positive_int, metavar="E", help="default 3 (without --config)")
     serve.add_argument("--micro-batches", type=_positive_int, metavar="M")
+    serve.add_argument("--frontends", type=_non_negative_int, metavar="N",
+                       help="frontend processes serving the API on the one port (default 2; 0: in this process)")
     serve.add_argument("--transport", choices=("shm", "tcp"))
     _launcher_flags(serve)
     serve.add_argument("--max-model-len", type=_positive_int, metavar="N", help="context length limit per request")
@@ -331,7 +333,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from resilient_moe.engine.config import EngineConfig
     from resilient_moe.model.config import ModelConfig
     from resilient_moe.server.api import api_keys_from
-    from resilient_moe.server.serve import ServingStack, run
+    from resilient_moe.supervisor import ServingStack, run
 
     model_dir = _model_dir(args)
     ModelConfig.from_pretrained(model_dir)  # a bad model directory fails here, before anything starts
@@ -344,6 +346,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             deployment, engine=dataclasses.replace(deployment.engine, max_model_len=args.max_model_len))
     if args.drain_timeout is not None:
         deployment = dataclasses.replace(deployment, drain_timeout_s=args.drain_timeout)
+    if args.frontends is not None:
+        deployment = dataclasses.replace(deployment, frontends=args.frontends)
     check_kernels(deployment.engine)
     from resilient_moe import auth
 
@@ -359,7 +363,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _admin_token(args: argparse.Namespace) -> str:
     import os
 
-    from resilient_moe.server.serve import ADMIN_TOKEN_ENV
+    from resilient_moe.supervisor import ADMIN_TOKEN_ENV
 
     token = args.token or os.environ.get(ADMIN_TOKEN_ENV)
     if not token:

@@ -77,6 +77,15 @@ class DeploymentConfig:
     # a Ray cluster (launch/ray_backend.py, needs the `ray` extra). One launcher's policy for both.
     launcher: str = "local"
     ray_address: str = ""  # launcher ray: the cluster to join ("auto", "HOST:PORT"); "": start a local Ray instance
+    # Frontend processes `serve` runs (each the HTTP API, a tokenizer and links to every attention worker,
+    # all on one port: SO_REUSEPORT); 0: the API in the supervisor's own process (tests, debugging).
+    frontends: int = 2
+    # A request whose frontend died keeps decoding; nobody resumed it (Idempotency-Key) within this long:
+    # it is aborted and its KV freed.
+    resume_grace_s: float = 30.0
+    # Roles (and their fork servers) exit by themselves when no supervisor renewed its lease in Redis
+    # for this long; a new `serve` with the same address adopts the cluster meanwhile.
+    supervisor_lease_s: float = 30.0
 
     def __post_init__(self) -> None:
         for name in ("attention_workers", "expert_workers", "probe_misses"):
@@ -105,7 +114,9 @@ class DeploymentConfig:
             raise ConfigError(f"host must be a non-empty string, got {self.host!r}")
         if self.shadow_policy not in ("spread", "load_aware"):
             raise ConfigError(f"shadow_policy must be spread or load_aware, got {self.shadow_policy!r}")
-        for name in ("load_half_life_s", "expert_wait_s", "drain_timeout_s"):
+        if not isinstance(self.frontends, int) or isinstance(self.frontends, bool) or not 0 <= self.frontends <= 64:
+            raise ConfigError(f"frontends must be an integer between 0 and 64, got {self.frontends!r}")
+        for name in ("load_half_life_s", "expert_wait_s", "drain_timeout_s", "resume_grace_s", "supervisor_lease_s"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
@@ -207,7 +218,40 @@ class DeploymentConfig:
         return dataclasses.asdict(self)
 
 
-ROLES = ("controller", "attention", "expert", "kv_store")
+ROLES = ("controller", "attention", "expert", "kv_store", "frontend")
+
+
+@dataclass(frozen=True)
+class FrontendConfig:
+    """One frontend's HTTP tier: where it listens, what it serves, its limits (serve's flags). Every
+    frontend of a cluster gets the same one; the admin token and API keys reach them inside it (never on a
+    command line)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    model_name: str = ""
+    admin_token: str = ""
+    api_keys: tuple[str, ...] = ()
+    max_waiting: int = 256  # requests queued for admission; more get 429
+    request_timeout_s: float = 120.0  # longest wait for a request's next token before it fails
+    header_timeout_s: float = 10.0  # a connection that has not sent a whole request head by then is closed
+    body_timeout_s: float = 30.0  # a request body not read whole by then: 408
+    keepalive_s: float = 5.0  # an idle keep-alive connection is closed after this long
+    max_connections: int = 1024  # open connections per frontend; more are answered 503 and closed
+    idempotency_ttl_s: float = 3600.0  # how long a finished request stays resumable under its key
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "api_keys", tuple(self.api_keys))
+        if not isinstance(self.port, int) or not 0 <= self.port < 65536:
+            raise ConfigError(f"port must be an integer in [0, 65536), got {self.port!r}")
+        for name in ("request_timeout_s", "header_timeout_s", "body_timeout_s", "keepalive_s", "idempotency_ttl_s"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
+        for name, least in (("max_waiting", 0), ("max_connections", 1)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ConfigError(f"{name} must be an integer >= {least}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -225,6 +269,7 @@ class WorkerConfig:
     # The controller's only: where the launcher puts each worker ((name, node) pairs; empty: one node),
     # so that shadow copies land on other nodes than their primaries (controller/placement.py).
     worker_nodes: tuple[tuple[str, str], ...] = ()
+    frontend: FrontendConfig | None = None  # a frontend's only
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -246,4 +291,5 @@ class WorkerConfig:
     def from_json(cls, text: str) -> "WorkerConfig":
         raw = json.loads(text)
         deployment = DeploymentConfig.from_dict(raw.pop("deployment"))
-        return cls(deployment=deployment, **raw)
+        frontend = raw.pop("frontend", None)
+        return cls(deployment=deployment, frontend=FrontendConfig(**frontend) if frontend else None, **raw)

@@ -25,7 +25,7 @@ import httpx
 from conftest import pid_alive, wait_until
 from resilient_moe.deployment import DeploymentConfig
 from resilient_moe.engine.config import EngineConfig
-from resilient_moe.server.serve import ServingStack
+from resilient_moe.supervisor import ServingStack
 
 ADMIN_TOKEN = "test-admin-token"
 
@@ -33,14 +33,16 @@ ADMIN_TOKEN = "test-admin-token"
 @contextmanager
 def serving_stack(model_dir, fork_server, log_dir, attention_workers: int = 2, expert_workers: int = 2,
                   max_model_len: int = 128, deployment_options: dict | None = None,
-                  engine_options: dict | None = None, **stack_options):
+                  engine_options: dict | None = None, frontends: int = 0, **stack_options):
     """A started ServingStack on 127.0.0.1:<free port>; every process it started is gone afterwards.
     Detection runs on its defaults: a starved machine must not make healthy workers look dead (the
     second path of detection, procs.py, sees they still run). `deployment_options`: more
-    DeploymentConfig settings; `engine_options`: more EngineConfig settings."""
+    DeploymentConfig settings; `engine_options`: more EngineConfig settings. `frontends`: 0 (the default
+    here) serves the API in this process, where a test can look inside it; N: N frontend processes, as
+    `serve` runs by default."""
     dep = DeploymentConfig(model=str(model_dir), attention_workers=attention_workers, expert_workers=expert_workers,
                            engine=EngineConfig(max_model_len=max_model_len, **(engine_options or {})),
-                           **(deployment_options or {}))
+                           frontends=frontends, **(deployment_options or {}))
     stack = ServingStack(dep, port=0, admin_token=ADMIN_TOKEN, fork_server=fork_server, log_dir=log_dir, **stack_options)
     pids: list[int] = []
     try:

@@ -89,7 +89,7 @@ def test_the_local_launcher_never_imports_ray():
     import subprocess
     import sys
 
-    code = ("import sys; import resilient_moe.cli, resilient_moe.server.serve, resilient_moe.launch; "
+    code = ("import sys; import resilient_moe.cli, resilient_moe.supervisor, resilient_moe.launch; "
             "from resilient_moe.launch import make_cluster; from resilient_moe.deployment import DeploymentConfig; "
             "c = make_cluster(DeploymentConfig()); assert type(c.backend).__name__ == 'LocalBackend'; "
             "print('ray' in sys.modules)")

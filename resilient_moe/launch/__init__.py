@@ -4,9 +4,10 @@ processes from a fork server (local_backend.py, the default) or Ray actors acros
 from __future__ import annotations
 
 
-def make_cluster(deployment, log_dir=None, fork_server=None):
+def make_cluster(deployment, log_dir=None, fork_server=None, frontend=None):
     """The launcher over the backend `deployment.launcher` names, not started. `fork_server`: a running
-    one the local backend shares (tests); Ray nodes hold their own. Only a Ray deployment imports Ray."""
+    one the local backend shares (tests); Ray nodes hold their own. `frontend`: FrontendConfig of the
+    deployment's frontend processes (none without it). Only a Ray deployment imports Ray."""
     from resilient_moe.launch.launcher import Launcher
 
     if deployment.launcher == "ray":
@@ -16,7 +17,7 @@ def make_cluster(deployment, log_dir=None, fork_server=None):
             from resilient_moe.errors import ClusterError
 
             raise ClusterError(f"launcher: ray needs Ray ({e}); install it with pip install 'resilient-moe[ray]'") from None
-        return Launcher(deployment, RayBackend(deployment), log_dir)
+        return Launcher(deployment, RayBackend(deployment), log_dir, frontend)
     from resilient_moe.launch.local_backend import LocalBackend
 
-    return Launcher(deployment, LocalBackend(deployment, fork_server), log_dir)
+    return Launcher(deployment, LocalBackend(deployment, fork_server), log_dir, frontend)

@@ -148,10 +148,10 @@ class ForkServer:
 
 def _role_mains() -> dict:
     from resilient_moe.controller import server as controller_server
-    from resilient_moe.workers import attention_worker, expert_worker, kv_store
+    from resilient_moe.workers import attention_worker, expert_worker, frontend, kv_store
 
     return {"controller": controller_server.main, "attention": attention_worker.main, "expert": expert_worker.main,
-            "kv_store": kv_store.main}
+            "kv_store": kv_store.main, "frontend": frontend.main}
 
 
 def _run_child(role_main, config_json: str, log_path: str, fork_server_pid: int, sock: socket.socket,

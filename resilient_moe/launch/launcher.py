@@ -47,7 +47,7 @@ from pathlib import Path
 from resilient_moe import auth
 from resilient_moe.controller.client import ControllerClient
 from resilient_moe.controller.records import kv_store_name
-from resilient_moe.deployment import DeploymentConfig, WorkerConfig
+from resilient_moe.deployment import DeploymentConfig, FrontendConfig, WorkerConfig
 from resilient_moe.errors import ClusterError
 from resilient_moe.launch import nodes as node_policy
 from resilient_moe.launch.backend import Backend, NodeExit
@@ -82,16 +82,18 @@ def role_of(name: str) -> tuple[str, int]:
     if name == "kv-store" or name.startswith("kv-store-"):
         return "kv_store", int(name[len("kv-store-"):] or 0)
     prefix, _, index = name.partition("-")
-    return {"ew": "expert", "aw": "attention"}[prefix], int(index)
+    return {"ew": "expert", "aw": "attention", "fe": "frontend"}[prefix], int(index)
 
 
 class Launcher:
     """A cluster of the deployment's roles on `backend` (see the module docstring)."""
 
     def __init__(self, deployment: DeploymentConfig, backend: Backend,
-                 log_dir: str | os.PathLike[str] | None = None) -> None:
+                 log_dir: str | os.PathLike[str] | None = None, frontend: FrontendConfig | None = None) -> None:
+        """`frontend`: with it, the deployment's `frontends` frontend processes serve the HTTP API."""
         self.deployment = deployment
         self.backend = backend
+        self.frontend = frontend
         self.cluster_id = secrets.token_hex(4)
         self._tmp = None
         if log_dir is None:
@@ -207,6 +209,10 @@ class Launcher:
             for name in attention:
                 self._spawn(name, self.placed[name])
             self._wait(attention, deadline, "attention workers")
+            frontends = self._plan_frontends()
+            for name in frontends:
+                self._spawn(name, self.placed[name])
+            self._wait(frontends, deadline, "frontends")
             for target, what in ((self._follow_orders, "launcher-orders"), (self._supervise, "launcher-supervisor")):
                 thread = threading.Thread(target=target, name=what, daemon=True)
                 thread.start()
@@ -217,6 +223,15 @@ class Launcher:
         log.info("cluster %s ready (%s): %s", self.cluster_id, self.backend.kind,
                  ", ".join(f"{n}={p.pid}" + (f"@{p.node[:8]}" if p.node else "") for n, p in self.procs.items()))
         return self
+
+    def _plan_frontends(self) -> list[str]:
+        """Frontends (with frontend settings): dealt over every node, the head's first, so that more than
+        one node serves the API when there are several."""
+        if self.frontend is None or self.deployment.frontends == 0:
+            return []
+        names = [f"fe-{i}" for i in range(self.deployment.frontends)]
+        self.placed.update(node_policy.spread_workers(names, self.backend.nodes()))
+        return names
 
     def _plan_stores(self, worker_nodes: list[str]) -> list[str]:
         """KV stores (with checkpointing): at least one on every worker node, so that each attention
@@ -274,7 +289,8 @@ class Launcher:
         nodes = {n for n in self.placed.values()}
         worker_nodes = tuple(sorted(self.placed.items())) if p.role == "controller" and len(nodes) > 1 else ()
         return WorkerConfig(p.name, p.role, p.index, self.cluster_id, self.controller_address, dep, cpus=p.cpus,
-                            node=p.node, worker_nodes=worker_nodes)
+                            node=p.node, worker_nodes=worker_nodes,
+                            frontend=self.frontend if p.role == "frontend" else None)
 
     def _spawn(self, name: str, node: str, cold: bool = False) -> Process:
         role, index = role_of(name)
@@ -442,6 +458,8 @@ class Launcher:
         if name in ("controller", "redis"):
             return self.head
         alive = [n for n in self.backend.nodes() if n not in self.lost_nodes]
+        if role_of(name)[0] == "frontend":  # frontends may serve from any node, the head's included
+            return node_policy.replacement_node(name, self.placed, alive)
         return node_policy.replacement_node(name, self.placed, node_policy.worker_nodes(self.head, alive) or alive)
 
     def _respawn(self, name: str) -> None:
@@ -532,6 +550,24 @@ class Launcher:
         log.info("stopping %s (pid %d): removed from the roster", name, pid)
         self.backend.signal(process.node, pid, signal.SIGTERM)
 
+    def drain_frontends(self, timeout_s: float, stop: threading.Event | None = None) -> bool:
+        """SIGTERM every frontend (each stops admitting, finishes what it has and leaves; none is replaced)
+        and wait until they all left, at most `timeout_s` or until `stop` is set; True when they did."""
+        with self._spawn_lock:
+            frontends = [p for p in self.procs.values() if p.role == "frontend"]
+            for p in frontends:
+                del self.procs[p.name]
+                self._respawn_due.pop(p.name, None)
+                self._retired.append(p)
+        for p in frontends:
+            self.backend.signal(p.node, p.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and not (stop is not None and stop.is_set()):
+            if all(p.exited or p.node in self.lost_nodes for p in frontends):
+                return True
+            time.sleep(0.05)
+        return all(p.exited for p in frontends)
+
     def restart_all(self, reason: str) -> None:
         """The restart-everything baseline (see the module docstring for "warm" and "cold")."""
         began = time.monotonic()
@@ -569,9 +605,12 @@ class Launcher:
         for p in retired:
             if not p.exited:
                 self.backend.signal(p.node, p.pid, signal.SIGKILL)
-        workers = [p for p in procs if p.role not in ("controller", "redis")]
+        frontends = [p for p in procs if p.role == "frontend"]
+        workers = [p for p in procs if p.role not in ("controller", "redis", "frontend")]
         controller = [p for p in procs if p.role == "controller"]
-        for group, wait_s in ((workers, grace_s), (controller, 2.0)):
+        # Frontends drain first (new requests get 503, those in flight finish), while every worker serves.
+        for group, wait_s in ((frontends, self.deployment.drain_timeout_s + grace_s), (workers, grace_s),
+                              (controller, 2.0)):
             for p in group:
                 self.backend.signal(p.node, p.pid, signal.SIGTERM)
             deadline = time.monotonic() + wait_s

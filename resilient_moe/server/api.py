@@ -76,6 +76,7 @@ class ServerSettings:
     max_prompt_chars: int | None = None  # longer text prompts get 400 before tokenization; None: 16 x max_model_len
     tokenize_concurrency: int = 2  # prompts tokenized at once (on threads, off the event loop)
     host: str = "127.0.0.1"
+    body_timeout_s: float | None = None  # a body not read whole by then gets 408 (limits.py); None: no bound
 
     def __post_init__(self) -> None:
         for name in ("max_model_len", "vocab_size", "max_running", "max_body_bytes", "tokenize_concurrency"):
@@ -217,7 +218,7 @@ def create_app(
                     "API keys; admin endpoints need `Authorization: Bearer <admin token>`.",
     )
     app.state.server = server
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
     admin_bearer = HTTPBearer(auto_error=False, scheme_name="AdminToken",
                               description="the admin token printed by `resilient-moe serve`")
     key_bearer = HTTPBearer(auto_error=False, scheme_name="ApiKey",

@@ -120,7 +120,7 @@ def cluster_json(
                         "node": nodes.get(name, here), "incarnation": 0,
                         "state": "ready" if running else "gone", "experts": [], "shadows": [], "load": {},
                         "started_at": process_started_at(pid) if running else 0.0})
-    if frontend is not None:
+    if frontend is not None and not any(w["id"] == frontend["id"] for w in workers):  # a frontend role registers
         pid = frontend.get("pid", os.getpid())
         workers.append({"id": frontend["id"], "role": "frontend", "pid": pid,
                         "host": frontend.get("host", "127.0.0.1"), "node": frontend.get("node", here),

@@ -1,10 +1,18 @@
-"""`resilient-moe serve`: a local cluster, its frontend and the HTTP API, in one command.
+"""`resilient-moe serve`: the supervisor of a cluster and its frontends, in one command.
 
-`ServingStack` is the whole thing as an object (tests start it in-process with a shared fork_server);
+What `serve` runs is a supervisor: it starts, replaces and stops the cluster's processes (the launcher,
+launch/launcher.py) and does nothing on the request path. The HTTP API is served by `frontends`
+frontend processes (workers/frontend.py) that share one address (SO_REUSEPORT: the kernel spreads
+connections over them, and a dead one's share goes to the survivors at once); the supervisor only holds
+the port (bound, not listening) so that a taken port fails before anything starts and every frontend
+gets the same one. With `frontends: 0` the API runs in the supervisor's own process instead (tests and
+debugging; then the supervisor is on the request path).
+
+`ServingStack` is the whole thing as an object (tests start it in-process with a shared fork server);
 `run` is the command's body: start with progress, print where everything is, serve until Ctrl-C or
 SIGTERM, drain (new requests get 503 and /ready answers 503, requests in flight finish, within the
-deployment's drain_timeout_s), then shut everything down (API, frontend, workers, controller) so no
-process is left. A second signal stops at once.
+deployment's drain_timeout_s), then shut everything down so no process is left. A second signal stops
+at once.
 """
 
 from __future__ import annotations
@@ -22,41 +30,21 @@ from pathlib import Path
 from typing import Callable
 
 from resilient_moe import auth
-from resilient_moe.deployment import DeploymentConfig
-from resilient_moe.model.config import ModelConfig
 from resilient_moe.controller.client import ControllerClient
-from resilient_moe.engine.tokenizer import TextTokenizer
-from resilient_moe.errors import ResilientMoeError
+from resilient_moe.deployment import DeploymentConfig, FrontendConfig
 from resilient_moe.launch import make_cluster
-from resilient_moe.launch.launcher import Launcher
 from resilient_moe.launch.fork_server import ForkServer
+from resilient_moe.launch.launcher import Launcher
+from resilient_moe.model.config import ModelConfig
 from resilient_moe.proto import controller_pb2 as pb
-from resilient_moe.server.api import ServerSettings, create_app
-from resilient_moe.server.frontend import Frontend
+from resilient_moe.server.frontend_server import FrontendServer, ServeError, bind_socket
 from resilient_moe.server.metrics import STATE_NAMES, ServingMetrics
 
 log = logging.getLogger("resilient_moe.server")
 
 ADMIN_TOKEN_ENV = "RESILIENT_MOE_ADMIN_TOKEN"
 
-
-class ServeError(ResilientMoeError):
-    """The server could not start (port taken, cluster failed...)."""
-
-
-def bind_socket(host: str, port: int) -> socket.socket:
-    """Bind the API's listening socket first, so a taken port fails before any worker starts."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as e:
-        sock.close()
-        raise ServeError(f"cannot listen on {host}:{port}: {e.strerror}") from None
-    sock.listen(2048)
-    sock.set_inheritable(False)
-    return sock
+__all__ = ["ADMIN_TOKEN_ENV", "ServeError", "ServingStack", "run", "watch_startup"]
 
 
 def watch_startup(cluster: Launcher, say: Callable[[str], None], stop: threading.Event,
@@ -102,7 +90,7 @@ def watch_startup(cluster: Launcher, say: Callable[[str], None], stop: threading
 
 
 class ServingStack:
-    """A cluster (a `Launcher` over the local or the Ray backend), a `Frontend` on it and the API served by uvicorn on a thread of this process."""
+    """A cluster (a `Launcher` over the local or the Ray backend) and its HTTP frontends (see the module doc)."""
 
     def __init__(
         self,
@@ -118,11 +106,12 @@ class ServingStack:
         log_dir: str | os.PathLike[str] | None = None,
         progress: Callable[[str], None] | None = None,
         api_keys: tuple[str, ...] = (),
+        **frontend_options,
     ) -> None:
         """`admin_token` None: take RESILIENT_MOE_ADMIN_TOKEN, else generate one. `port` 0: any free port.
-        `redis_url` goes to the deployment when it has such a setting (kept here until then).
-        `api_keys`: /v1/* needs one of them (none: /v1 is open)."""
-        if redis_url is not None and "redis_url" in DeploymentConfig.__dataclass_fields__:
+        `api_keys`: /v1/* needs one of them (none: /v1 is open). `frontend_options`: more FrontendConfig
+        settings (connection limits)."""
+        if redis_url is not None:
             deployment = dataclasses.replace(deployment, redis_url=redis_url)
         self.deployment = deployment
         self.redis_url = redis_url
@@ -132,37 +121,52 @@ class ServingStack:
         self.admin_token_generated = not (admin_token or os.environ.get(ADMIN_TOKEN_ENV))
         self.model_dir = Path(deployment.model)
         self.model_name = model_name or self.model_dir.name
-        self.max_waiting = max_waiting
-        self.request_timeout_s = request_timeout_s
         self.fork_server = fork_server
         self.log_dir = log_dir
         self.say = progress or (lambda text: None)
         self.api_keys = tuple(api_keys)
+        self.frontend_config = FrontendConfig(host=host, port=port, model_name=self.model_name,
+                                              admin_token=self.admin_token, api_keys=self.api_keys,
+                                              max_waiting=max_waiting, request_timeout_s=request_timeout_s,
+                                              **frontend_options)
         self.cluster: Launcher | None = None
-        self.frontend: Frontend | None = None
+        self.server: FrontendServer | None = None  # the in-process frontend (frontends: 0)
         self.metrics = ServingMetrics()
-        self.app = None  # the FastAPI app, once started
-        self._server = None
-        self._thread: threading.Thread | None = None
-        self._sock: socket.socket | None = None
+        self._port_hold: socket.socket | None = None  # frontends: the port, bound but not listening
 
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
 
-    def start(self) -> "ServingStack":
-        import uvicorn
+    @property
+    def frontend(self):
+        """The in-process frontend's `Frontend` (frontends: 0), else None."""
+        return self.server.frontend if self.server is not None else None
 
+    @property
+    def app(self):
+        """The in-process frontend's FastAPI app (frontends: 0), else None."""
+        return self.server.app if self.server is not None else None
+
+    def start(self) -> "ServingStack":
         try:
-            model_config = ModelConfig.from_pretrained(self.model_dir)
-            tokenizer = TextTokenizer.from_dir(self.model_dir)
-            self._sock = bind_socket(self.host, self.port)
-            self.port = self._sock.getsockname()[1]
+            ModelConfig.from_pretrained(self.model_dir)
             dep = self.deployment
+            in_process = dep.frontends == 0
+            if in_process:
+                sock = bind_socket(self.host, self.port)  # fails now if the port is taken
+                self.port = sock.getsockname()[1]
+                sock.close()
+            else:
+                self._port_hold = bind_socket(self.host, self.port, listen=False)
+                self.port = self._port_hold.getsockname()[1]
+            self.frontend_config = dataclasses.replace(self.frontend_config, port=self.port)
             self.say(f"starting a cluster of {dep.attention_workers} attention and {dep.expert_workers} expert "
-                     f"workers ({dep.transport}, {dep.micro_batches} micro-batches) for {self.model_dir}")
-            self.cluster = make_cluster(dep, log_dir=self.log_dir, fork_server=self.fork_server)
+                     f"workers ({dep.transport}, {dep.micro_batches} micro-batches)"
+                     + ("" if in_process else f" and {dep.frontends} frontends") + f" for {self.model_dir}")
+            self.cluster = make_cluster(dep, log_dir=self.log_dir, fork_server=self.fork_server,
+                                        frontend=None if in_process else self.frontend_config)
             auth.ensure_secret()  # before the startup watcher's first call to the controller
             done = threading.Event()
             watcher = threading.Thread(target=watch_startup, args=(self.cluster, self.say, done),
@@ -173,32 +177,9 @@ class ServingStack:
             finally:
                 done.set()
                 watcher.join(2)
-            engine = dep.engine
-            max_model_len = min(engine.max_model_len or model_config.max_position_embeddings,
-                                model_config.max_position_embeddings)
-            # Capacity follows the attention workers serving, up and down (Frontend.capacity), for the
-            # frontend and the API's admission alike.
-            self.frontend = Frontend(self.cluster.controller_address, max_unfinished=None,
-                                     per_attention_worker=engine.max_num_seqs, probe_interval_s=dep.probe_interval_s,
-                                     probe_misses=dep.probe_misses).start(timeout_s=dep.startup_timeout_s)
-            settings = ServerSettings(
-                model_name=self.model_name, max_model_len=max_model_len, vocab_size=model_config.vocab_size,
-                max_running=None, max_waiting=self.max_waiting, request_timeout_s=self.request_timeout_s,
-                host=self.host,
-            )
-            self.app = app = create_app(self.frontend, self.cluster, tokenizer, self.model_name, self.admin_token,
-                                        settings=settings, metrics=self.metrics, api_keys=self.api_keys)
-            config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=3,
-                                    access_log=False)
-            self._server = uvicorn.Server(config)
-            self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]},
-                                            name="uvicorn", daemon=True)
-            self._thread.start()
-            deadline = time.monotonic() + 30
-            while not self._server.started:
-                if not self._thread.is_alive() or time.monotonic() > deadline:
-                    raise ServeError("the HTTP server did not start")
-                time.sleep(0.02)
+            if in_process:
+                self.server = FrontendServer("frontend", self.cluster.controller_address, self.cluster.deployment,
+                                             self.frontend_config, cluster=self.cluster, metrics=self.metrics).start()
         except BaseException:
             self.stop()
             raise
@@ -209,40 +190,32 @@ class ServingStack:
 
     @property
     def serving(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        if self.server is not None:
+            return self.server.serving
+        return self.cluster is not None and self.cluster.fatal is None
 
     def drain(self, timeout_s: float | None = None, stop: threading.Event | None = None) -> bool:
         """Stop admitting (new requests and /ready get 503) and wait until every request in flight has
         finished, at most `timeout_s` (the deployment's drain_timeout_s) or until `stop` is set; True
         when none is left."""
-        if self.app is None or self.frontend is None:
-            return True
         timeout_s = self.deployment.drain_timeout_s if timeout_s is None else timeout_s
-        server = self.app.state.server
-        server.start_draining("the server is shutting down")
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and not (stop is not None and stop.is_set()):
-            if not server.in_flight() and not self.frontend.unfinished():
-                return True
-            time.sleep(0.05)
-        return not server.in_flight() and not self.frontend.unfinished()
+        if self.server is not None:
+            return self.server.drain(timeout_s, stop)
+        if self.cluster is None:
+            return True
+        return self.cluster.drain_frontends(timeout_s, stop)
 
     def stop(self) -> None:
-        """Stop the API (open streams get a few seconds), then the frontend, then every worker."""
-        if self._server is not None:
-            self._server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(15)
-        self._server = self._thread = None
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
-        if self.frontend is not None:
-            self.frontend.close()
-            self.frontend = None
+        """Stop the API, then every process of the cluster (frontends drain first)."""
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
         if self.cluster is not None:
             self.cluster.stop()
             self.cluster = None
+        if self._port_hold is not None:
+            self._port_hold.close()
+            self._port_hold = None
 
     def __enter__(self) -> "ServingStack":
         return self.start()
@@ -267,10 +240,8 @@ class ServingStack:
             f"  admin token   {self.admin_token}{token_note}",
             f"  processes     {pids}",
             f"  worker logs   {self.cluster.log_dir}",
+            "press Ctrl-C to stop",
         ]
-        if self.redis_url and "redis_url" not in DeploymentConfig.__dataclass_fields__:
-            lines.append(f"  note          --redis-url {self.redis_url} is recorded but not used by this version")
-        lines.append("press Ctrl-C to stop")
         return "\n".join(lines)
 
 
