@@ -174,6 +174,7 @@ class TcpLink(Link):
         parts, keep = self._frame_parts(header, aux, tensor, body)
         self._send_parts(parts, timeout)
         del keep
+        self._count(parts)
 
     def try_send(
         self,
@@ -197,7 +198,12 @@ class TcpLink(Link):
             self._out.append(memoryview(bytes(view)))  # our own copy: the caller may reuse its tensors
             self._out_bytes += len(view)
         del keep
+        self._count(views)
         return True
+
+    def _count(self, parts: list) -> None:
+        self.bytes_sent += sum(memoryview(p).nbytes for p in parts)
+        self.frames_sent += 1
 
     def flush(self) -> bool:
         """sendmsg of the queued bytes, as far as the socket takes them; True when none are left."""
@@ -241,6 +247,7 @@ class TcpLink(Link):
         """Write bytes that are already one frame, unchanged (see Link.send_raw)."""
         self._check_sendable()
         self._send_parts([data], timeout)
+        self._count([data])
 
     def _check_sendable(self) -> None:
         if self._closed:

@@ -450,6 +450,8 @@ def main(config: WorkerConfig) -> int:
 
     def on_state(state: pb.ClusterState) -> None:
         view = ClusterView.from_proto(state)
+        if view.routing is not None and (forwarder.ert is None or view.routing_epoch > forwarder.ert.epoch):
+            view.routing.prepare()  # a new table's tensors are built here, on the watch thread, not on the step
         server.cluster_updates.append(view)
         if view.is_fenced(config.name, reply.incarnation):
             on_fenced()

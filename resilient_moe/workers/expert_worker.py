@@ -1,7 +1,10 @@
 """Expert worker (EW): holds a subset of the routed experts and answers DISPATCH frames.
 
 DESIGN.md, step 4: the EW drains whatever frames have arrived from any attention worker (any layer,
-any micro-batch), groups the rows by (layer, expert), computes, and answers each frame. It never
+any micro-batch), groups the rows by (layer, expert), computes, and answers each frame. A DISPATCH
+carries each token's hidden row once with the list of its experts here (datapath/frames.py); the
+round expands it to one row per (token, expert) pair as it copies the rows out of the ring, and the
+RESULT carries one row per pair back. It never
 waits for a particular AW, so a dead AW cannot stall it; it keeps no state across frames, so a frame
 replayed to another holder of the same expert gets the same answer (batch-invariant kernels).
 Replayed frames are served before fresh ones.
@@ -55,6 +58,8 @@ DRAIN_QUIET_S = 0.3  # a draining worker leaves once no DISPATCH has come for th
 class _Work:
     link: Link
     frame: Frame  # a view into the link's ring until the round copies its rows out
+    counts: torch.Tensor  # [n] experts asked of each row (checked)
+    experts: torch.Tensor  # [P] expert id of each (row, expert) pair, row by row
 
 
 class ExpertServer:
@@ -90,6 +95,7 @@ class ExpertServer:
         # Rows computed per (layer, expert) since start (this thread writes; heartbeats read deltas).
         self.expert_rows = torch.zeros((self.num_layers, self.num_experts), dtype=torch.long)
         self.held = (0, list(experts.held))  # (version, experts held): replaced whole when it changes
+        self.held_mask = self._mask(self.held[1])  # [L, E] bool: what DISPATCH validation looks up
         self._installs: "queue.SimpleQueue[dict[ExpertKey, Prepared]]" = queue.SimpleQueue()
         self._drops: "queue.SimpleQueue[list[ExpertKey]]" = queue.SimpleQueue()
 
@@ -153,10 +159,11 @@ class ExpertServer:
             self.counters["frames_fenced"] += 1
             return
         if header.kind == FrameKind.DISPATCH:
-            problem = check_dispatch(frame, self.hidden, self.experts.held_set, self.num_layers, self.num_experts)
-            if problem is None:
-                work.append(_Work(link, frame))
+            checked = check_dispatch(frame, self.hidden, self.held_mask, self.num_layers, self.num_experts)
+            if checked.__class__ is tuple:
+                work.append(_Work(link, frame, *checked))
                 return
+            problem = checked
             self.counters["frames_rejected"] += 1
             log.warning("rejected a DISPATCH from %s (seq %d): %s", link.peer.name, header.seq, problem)
             self._reply(link, self._result_header(header, FrameFlags.ERROR), body=problem.encode()[:4096])
@@ -182,15 +189,26 @@ class ExpertServer:
         self._collect_all(self._pending)
 
     def _copy_out(self, work: list[_Work]) -> list[tuple[int, torch.Tensor, torch.Tensor, list]]:
-        """(layer, rows [N, D], expert ids [N], (link, header, n) per frame) per layer: private copies."""
+        """(layer, rows [N, D], expert ids [N], (link, header, pairs) per frame) per layer: private copies
+        with one row per (token, expert) pair, each frame's in the order of its aux (frames.py)."""
         by_layer: dict[int, list[_Work]] = {}
         for w in work:
             by_layer.setdefault(w.frame.header.layer, []).append(w)
         batches = []
         for layer, items in by_layer.items():
-            x = torch.cat([w.frame.tensor for w in items]).to(self.experts.dtype)  # [N, D], frame by frame
-            ids = torch.cat([w.frame.aux for w in items]).long()  # [N]
-            batches.append((layer, x, ids, [(w.link, w.frame.header, w.frame.tensor.shape[0]) for w in items]))
+            total = sum(w.experts.numel() for w in items)
+            x = torch.empty((total, self.hidden), dtype=self.experts.dtype)  # [N, D]
+            start = 0
+            for w in items:
+                rows, pairs = w.frame.tensor, w.experts.numel()  # [n, D] in the ring
+                row_of_pair = torch.repeat_interleave(torch.arange(rows.shape[0]), w.counts)  # [pairs]
+                if rows.dtype == x.dtype:
+                    torch.index_select(rows, 0, row_of_pair, out=x[start:start + pairs])  # the one copy out
+                else:
+                    x[start:start + pairs] = rows.index_select(0, row_of_pair)
+                start += pairs
+            ids = torch.cat([w.experts for w in items])  # [N]
+            batches.append((layer, x, ids, [(w.link, w.frame.header, w.experts.numel()) for w in items]))
         return batches
 
     def _compute(self, layer: int, x: torch.Tensor, ids: torch.Tensor, answers: list) -> None:
@@ -275,7 +293,16 @@ class ExpertServer:
             changed = True
         if changed:
             self.held = (self.held[0] + 1, list(self.experts.held))
+            self.held_mask = self._mask(self.held[1])
             log.info("now holding %d experts", len(self.held[1]))
+
+    def _mask(self, held: list[ExpertKey]) -> torch.Tensor:
+        """[L, E] bool: True where (layer, expert) is held here."""
+        mask = torch.zeros((self.num_layers, self.num_experts), dtype=torch.bool)
+        if held:
+            index = torch.tensor(held, dtype=torch.long)  # [H, 2]
+            mask[index[:, 0], index[:, 1]] = True
+        return mask
 
     def stats(self) -> dict[str, float]:
         rejected = sum(link.rejected for link in self.links)
