@@ -248,7 +248,7 @@ def patch(offset: int, fmt: str, value: int, seal: bool = False) -> bytearray:
         (patch(4, "<H", FRAME_VERSION - 1), "version"),  # an older build's frames (DISPATCH laid out otherwise)
         (patch(4, "<H", FRAME_VERSION + 1), "version"),
         (patch(6, "<B", 0), "FrameKind"),
-        (patch(6, "<B", 9), "FrameKind"),
+        (patch(6, "<B", max(FrameKind) + 1), "FrameKind"),
         (patch(52, "<B", 7), "DType"),
         (patch(7, "<B", 4), "flags"),
         (patch(53, "<B", 5), "dims"),

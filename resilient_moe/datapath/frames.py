@@ -44,6 +44,9 @@ the order of aux[n:]: the attention worker combines pairs in gate order whatever
 where experts live never changes a bit. A RESULT too big for its link is split by the expert worker
 into pieces whose aux is [first pair row] (part_rules.check_result).
 
+TOKENS frames (attention worker -> frontend) carry a step's token events as a binary body laid out
+in token_frames.py.
+
 This module is the reference codec. The links use the native twin in csrc/native.c (one C call
 packs, copies and checksums a frame; one checks a frame and returns its fields), and
 `frame_from_fields` turns those fields into a `Frame`; tests/test_frames.py checks that both
@@ -82,6 +85,7 @@ class FrameKind(enum.IntEnum):
     HELLO_ACK = 6
     CONTROL = 7  # JSON body: messages between frontend and attention workers, admin hooks
     GOODBYE = 8  # orderly close
+    TOKENS = 9  # AW -> frontend: a step's token events, binary body (token_frames.py gives the layout)
 
 
 class FrameFlags(enum.IntFlag):

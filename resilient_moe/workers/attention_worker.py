@@ -1,8 +1,9 @@
 """Attention worker (AW): embedding, attention, routers, dense and shared MLPs, LM head, sampler and
 the paged KV cache, driving remote expert workers through the forwarding engine.
 
-It serves requests from frontends over links of its own: `submit`/`abort` in, `tokens`/`failed` out
-(messages.py). Commands that arrive while a step runs are queued and applied between steps, so the
+It serves requests from frontends over links of its own: `submit`/`abort` in, `failed`, `started`
+and `handover` out (messages.py), and each step's token events out as one binary TOKENS frame per
+frontend (datapath/token_frames.py). Commands that arrive while a step runs are queued and applied between steps, so the
 engine is only ever touched by the main loop. Cluster views (controller/view.py) are applied between
 steps and also while a step waits on expert workers, so a step whose experts have no live copy sees a
 replacement's link and routing table as soon as they exist.
@@ -44,6 +45,7 @@ from resilient_moe.datapath.frames import FrameHeader, FrameKind, worker_number
 from resilient_moe.datapath.dial import choose_address, listen
 from resilient_moe.datapath.link import FrameTooLarge, Link, LinkClosed, Outbox, PeerInfo
 from resilient_moe.datapath.part_rules import DeadlineModel
+from resilient_moe.datapath.token_frames import encode_tokens
 from resilient_moe.datapath.poller import Poller, Wakeup
 from resilient_moe.engine.engine import LLMEngine
 from resilient_moe.engine.remote_experts import RemoteExperts
@@ -254,11 +256,14 @@ class AttentionServer:
     # ---- outputs ----------------------------------------------------------------------------
 
     def _send(self, link: Link, message: messages.Message) -> None:
+        self._send_frame(link, FrameHeader(FrameKind.CONTROL), messages.encode(message))
+
+    def _send_frame(self, link: Link, header: FrameHeader, body: bytes) -> None:
         outbox = self.frontends.get(link)
         if outbox is None:
             return
         try:
-            outbox.send(FrameHeader(FrameKind.CONTROL), body=messages.encode(message))
+            outbox.send(header, body=body)
         except (LinkClosed, FrameTooLarge) as e:
             self._drop_frontend(link, str(e))
             return
@@ -266,18 +271,18 @@ class AttentionServer:
             self._drop_frontend(link, f"{len(outbox)} messages wait for it: it stopped reading")
 
     def publish(self, events: list[TokenEvent]) -> None:
-        by_link: dict[Link, list[list]] = {}
+        """Each frontend gets one TOKENS frame with its requests' events of the step (token_frames.py)."""
+        by_link: dict[Link, list[TokenEvent]] = {}
         for e in events:
             link = self.owner.get(e.request_id)
             if link is None:
                 continue
-            top = [list(pair) for pair in e.top_logprobs] if e.top_logprobs else None
-            by_link.setdefault(link, []).append([e.request_id, e.position, e.token_id, e.logprob, e.finish_reason, top])
+            by_link.setdefault(link, []).append(e)
             if e.finish_reason is not None:
                 del self.owner[e.request_id]
                 self.begun.discard(e.request_id)
         for link, batch in by_link.items():
-            self._send(link, messages.Tokens(batch))
+            self._send_frame(link, FrameHeader(FrameKind.TOKENS, step=self.engine.step_count), encode_tokens(batch))
 
     # ---- loop -------------------------------------------------------------------------------
 
