@@ -92,6 +92,11 @@ class AttentionServer:
         self.handed_over = 0  # requests moved to other workers by a drain
         self.fenced = False
         self.step_s = 0.0  # time inside engine steps (attention compute + waiting for experts)
+        # Where a step's wall time goes, summed (seconds): commands applied before it, the engine step
+        # (of which forwarder.wait_s waits on expert workers), publishing tokens, checkpointing after it.
+        self.phase_s = dict.fromkeys(("commands", "publish", "checkpoint"), 0.0)
+        self.prefill_steps = 0  # steps that computed prompt tokens beside their decodes
+        self._scheduled = (0, 0)  # (decodes, prompt tokens) of the step about to run
         self.started = time.monotonic()
         self.recomputed_tokens = 0  # positions of adopted requests computed again (not restored)
         self.requests_recomputed = 0  # adopted requests with nothing to restore
@@ -240,6 +245,8 @@ class AttentionServer:
     def on_scheduled(self, seqs: list[Sequence]) -> None:
         """Before a step runs: tell each frontend which of its requests start here with it (if this
         worker dies in the step, those are the suspects); chaos poison strikes here."""
+        self._scheduled = (sum(1 for s in seqs if s.num_new_tokens == 1),
+                           sum(s.num_scheduled for s in seqs if s.num_new_tokens > 1))
         by_link: dict[Link, list[str]] = {}
         for seq in seqs:
             if seq.request_id not in self.begun and (link := self.owner.get(seq.request_id)) is not None:
@@ -287,6 +294,7 @@ class AttentionServer:
     # ---- loop -------------------------------------------------------------------------------
 
     def run_once(self) -> None:
+        began = time.perf_counter()
         self.apply_commands()
         if self.draining.is_set():
             self.stopping.set()  # serve_forever hands the requests over next
@@ -297,14 +305,29 @@ class AttentionServer:
             self.on_other(links, fds)
             return
         start = time.perf_counter()
+        waited = self.forwarder.wait_s
         try:
             events = self.engine.step()
         except StepCancelled:
             return  # stopping: nothing of this step is published
-        self.step_s += time.perf_counter() - start
+        stepped = time.perf_counter()
         self.publish(events)
+        published = time.perf_counter()
         if self.checkpointer is not None:
             self.checkpointer.after_step()
+        done = time.perf_counter()
+        self.step_s += stepped - start
+        self.phase_s["commands"] += start - began
+        self.phase_s["publish"] += published - stepped
+        self.phase_s["checkpoint"] += done - published
+        decodes, prompt_tokens = self._scheduled
+        self.prefill_steps += bool(prompt_tokens)
+        # One line a step at debug level: benchmarks/bench_serving.py --attribute lines client gaps up with it.
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("step end=%.6f commands_ms=%.2f step_ms=%.2f expert_wait_ms=%.2f publish_ms=%.2f "
+                      "checkpoint_ms=%.2f decodes=%d prompt_tokens=%d events=%d", time.time(), 1e3 * (start - began),
+                      1e3 * (stepped - start), 1e3 * (self.forwarder.wait_s - waited), 1e3 * (published - stepped),
+                      1e3 * (done - published), decodes, prompt_tokens, len(events))
         failures = self.engine.pop_failures()
         if failures and self.crash_on_lost_expert:
             log.error("an expert is lost and resilience is off: exiting (%s)", failures[0][1])
@@ -358,7 +381,9 @@ class AttentionServer:
         return extra | {"running": float(len(scheduler.running)), "waiting": float(len(scheduler.waiting)),
                         "threads": float(torch.get_num_threads()),
                         "restoring": float(len(self.restoring)), "steps": float(self.engine.step_count),
-                        "step_s": self.step_s, "uptime_s": time.monotonic() - self.started, **self.forwarder.stats()}
+                        "step_s": self.step_s, "prefill_steps": float(self.prefill_steps),
+                        **{f"{phase}_s": value for phase, value in self.phase_s.items()},
+                        "uptime_s": time.monotonic() - self.started, **self.forwarder.stats()}
 
     def close(self) -> None:
         for link in list(self.frontends):

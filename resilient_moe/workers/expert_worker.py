@@ -62,6 +62,30 @@ class _Work:
     experts: torch.Tensor  # [P] expert id of each (row, expert) pair, row by row
 
 
+def _in_turn(work: list[_Work]) -> list[list[_Work]]:
+    """The order a round computes its frames in, as batches of one layer each.
+
+    Each turn takes every sender's oldest call (the parts of one (step, layer, micro-batch)) and
+    computes those of one layer together: frames of several attention workers share the expert
+    weights read for them, but a sender's later micro-batch never rides with its earlier one, whose
+    answer it needs first (ping-pong: while the experts compute micro-batch i+1, attention computes
+    micro-batch i's next layer)."""
+    calls: dict[Link, dict[tuple[int, int, int], list[_Work]]] = {}
+    for w in work:
+        h = w.frame.header
+        calls.setdefault(w.link, {}).setdefault((h.step, h.layer, h.micro_batch), []).append(w)
+    queues = [list(by_call.values()) for by_call in calls.values()]  # per sender, its calls in arrival order
+    batches: list[list[_Work]] = []
+    while queues:
+        by_layer: dict[int, list[_Work]] = {}
+        for queue in queues:
+            head = queue.pop(0)
+            by_layer.setdefault(head[0].frame.header.layer, []).extend(head)
+        batches.extend(by_layer.values())
+        queues = [q for q in queues if q]
+    return batches
+
+
 class ExpertServer:
     """The EW's serving loop over its links; separate from process set-up so tests can drive it.
 
@@ -88,7 +112,7 @@ class ExpertServer:
         self._unreleased: set[Link] = set()  # links whose received frames are still views in use
         self._last_service = 0.0
         self.counters = dict.fromkeys(("frames", "rows", "frames_fenced", "errors", "frames_rejected",
-                                       "probes_answered", "replies_split", "replies_queued"), 0)
+                                       "probes_answered", "replies_split", "replies_queued", "batches"), 0)
         self.busy_s = 0.0  # time computing and answering (the rest of the wall time it sits idle)
         self.started = time.monotonic()
         self.last_dispatch = time.monotonic()  # when the latest DISPATCH arrived (a draining worker waits for quiet)
@@ -131,8 +155,9 @@ class ExpertServer:
         # Replayed work first: it belongs to micro-batches already stalled by a failure.
         replays = [w for w in work if w.frame.header.flags & FrameFlags.REPLAY]
         fresh = [w for w in work if not w.frame.header.flags & FrameFlags.REPLAY]
-        batches = self._copy_out(replays) + self._copy_out(fresh)
+        batches = [self._copy_out(batch) for batch in _in_turn(replays) + _in_turn(fresh)]
         self._release_all()  # every row is copied out: the rings are free while we compute
+        self.counters["batches"] += len(batches)
         for layer, x, ids, answers in batches:
             self._compute(layer, x, ids, answers)
         self.busy_s += time.perf_counter() - start
@@ -188,28 +213,23 @@ class ExpertServer:
         self._flush_all()
         self._collect_all(self._pending)
 
-    def _copy_out(self, work: list[_Work]) -> list[tuple[int, torch.Tensor, torch.Tensor, list]]:
-        """(layer, rows [N, D], expert ids [N], (link, header, pairs) per frame) per layer: private copies
-        with one row per (token, expert) pair, each frame's in the order of its aux (frames.py)."""
-        by_layer: dict[int, list[_Work]] = {}
-        for w in work:
-            by_layer.setdefault(w.frame.header.layer, []).append(w)
-        batches = []
-        for layer, items in by_layer.items():
-            total = sum(w.experts.numel() for w in items)
-            x = torch.empty((total, self.hidden), dtype=self.experts.dtype)  # [N, D]
-            start = 0
-            for w in items:
-                rows, pairs = w.frame.tensor, w.experts.numel()  # [n, D] in the ring
-                row_of_pair = torch.repeat_interleave(torch.arange(rows.shape[0]), w.counts)  # [pairs]
-                if rows.dtype == x.dtype:
-                    torch.index_select(rows, 0, row_of_pair, out=x[start:start + pairs])  # the one copy out
-                else:
-                    x[start:start + pairs] = rows.index_select(0, row_of_pair)
-                start += pairs
-            ids = torch.cat([w.experts for w in items])  # [N]
-            batches.append((layer, x, ids, [(w.link, w.frame.header, w.experts.numel()) for w in items]))
-        return batches
+    def _copy_out(self, batch: list[_Work]) -> tuple[int, torch.Tensor, torch.Tensor, list]:
+        """(layer, rows [N, D], expert ids [N], (link, header, pairs) per frame) of frames of one layer:
+        a private copy with one row per (token, expert) pair, each frame's in the order of its aux
+        (frames.py)."""
+        total = sum(w.experts.numel() for w in batch)
+        x = torch.empty((total, self.hidden), dtype=self.experts.dtype)  # [N, D]
+        start = 0
+        for w in batch:
+            rows, pairs = w.frame.tensor, w.experts.numel()  # [n, D] in the ring
+            row_of_pair = torch.repeat_interleave(torch.arange(rows.shape[0]), w.counts)  # [pairs]
+            if rows.dtype == x.dtype:
+                torch.index_select(rows, 0, row_of_pair, out=x[start:start + pairs])  # the one copy out
+            else:
+                x[start:start + pairs] = rows.index_select(0, row_of_pair)
+            start += pairs
+        ids = torch.cat([w.experts for w in batch])  # [N]
+        return batch[0].frame.header.layer, x, ids, [(w.link, w.frame.header, w.experts.numel()) for w in batch]
 
     def _compute(self, layer: int, x: torch.Tensor, ids: torch.Tensor, answers: list) -> None:
         try:
