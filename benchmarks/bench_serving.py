@@ -166,7 +166,7 @@ def print_table(rows: list[dict]) -> None:
             print(f"rate {row['rate']}: errors: {row['errors']}")
 
 
-STEP_LINE = re.compile(r"step end=([\d.]+) commands_ms=([\d.]+) step_ms=([\d.]+) expert_wait_ms=([\d.]+) "
+STEP_LINE = re.compile(r"step \d+ end=([\d.]+) commands_ms=([\d.]+) step_ms=([\d.]+) expert_wait_ms=([\d.]+) "
                        r"publish_ms=([\d.]+) checkpoint_ms=([\d.]+) decodes=(\d+) prompt_tokens=(\d+)")
 
 

@@ -324,8 +324,9 @@ class AttentionServer:
         self.prefill_steps += bool(prompt_tokens)
         # One line a step at debug level: benchmarks/bench_serving.py --attribute lines client gaps up with it.
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("step end=%.6f commands_ms=%.2f step_ms=%.2f expert_wait_ms=%.2f publish_ms=%.2f "
-                      "checkpoint_ms=%.2f decodes=%d prompt_tokens=%d events=%d", time.time(), 1e3 * (start - began),
+            log.debug("step %d end=%.6f commands_ms=%.2f step_ms=%.2f expert_wait_ms=%.2f publish_ms=%.2f "
+                      "checkpoint_ms=%.2f decodes=%d prompt_tokens=%d events=%d", self.engine.step_count, time.time(),
+                      1e3 * (start - began),
                       1e3 * (stepped - start), 1e3 * (self.forwarder.wait_s - waited), 1e3 * (published - stepped),
                       1e3 * (done - published), decodes, prompt_tokens, len(events))
         failures = self.engine.pop_failures()
