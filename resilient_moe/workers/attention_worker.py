@@ -312,7 +312,7 @@ class AttentionServer:
             return  # stopping: nothing of this step is published
         stepped = time.perf_counter()
         self.publish(events)
-        published = time.perf_counter()
+        published, published_at = time.perf_counter(), time.time()
         if self.checkpointer is not None:
             self.checkpointer.after_step()
         done = time.perf_counter()
@@ -322,10 +322,11 @@ class AttentionServer:
         self.phase_s["checkpoint"] += done - published
         decodes, prompt_tokens = self._scheduled
         self.prefill_steps += bool(prompt_tokens)
-        # One line a step at debug level: benchmarks/bench_serving.py --attribute lines client gaps up with it.
+        # One line a step at debug level (`end`: when its tokens went out): benchmarks/bench_serving.py
+        # --attribute lines client gaps up with it.
         if log.isEnabledFor(logging.DEBUG):
             log.debug("step %d end=%.6f commands_ms=%.2f step_ms=%.2f expert_wait_ms=%.2f publish_ms=%.2f "
-                      "checkpoint_ms=%.2f decodes=%d prompt_tokens=%d events=%d", self.engine.step_count, time.time(),
+                      "checkpoint_ms=%.2f decodes=%d prompt_tokens=%d events=%d", self.engine.step_count, published_at,
                       1e3 * (start - began),
                       1e3 * (stepped - start), 1e3 * (self.forwarder.wait_s - waited), 1e3 * (published - stepped),
                       1e3 * (done - published), decodes, prompt_tokens, len(events))

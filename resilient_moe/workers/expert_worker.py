@@ -140,8 +140,12 @@ class ExpertServer:
 
     def poll_once(self, timeout_s: float) -> int:
         """Wait for frames, serve every one that has arrived; returns the number of DISPATCH served."""
-        backlog = self._pending or any(len(o) for o in self._outboxes.values())
-        self.poller.wait(0.001 if backlog else timeout_s)
+        if self._pending:
+            pass  # frames taken while the last round computed are already here: no wait (they left the rings)
+        elif any(len(o) for o in self._outboxes.values()):
+            self.poller.wait(0.001)  # replies wait for room: look again soon
+        else:
+            self.poller.wait(timeout_s)
         self._apply_changes()
         self._flush_all()
         work, self._pending = self._pending, []
