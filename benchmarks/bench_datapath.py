@@ -14,6 +14,13 @@ The client and server are pinned to different CPUs when there are two, and both 
 gc.freeze() after set-up, as a latency-minded worker would.
 
     python benchmarks/bench_datapath.py [--quick] [--json out.json]
+
+`--routing` instead measures failover bookkeeping on an attention worker's step thread at
+DeepSeek-V3's size (58 sparse layers x 256 experts, 8 expert workers, one shadow per expert): the
+time of each routing change (suspect, trust again, a new link, a fence, a new table) through the
+forwarding engine, and of preparing a new table's tensors (which runs off the step).
+
+    python benchmarks/bench_datapath.py --routing [--json out.json]
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import logging
 import multiprocessing as mp
 import os
 import resource
@@ -357,6 +365,86 @@ def measure(endpoints: dict, sizes: list[int], trips: int, rounds: int, stream_b
     return results
 
 
+# ---------------------------------------------------------------------------------------- routing changes
+
+
+class _IdleLink:
+    """Just enough of a Link for the forwarding engine's bookkeeping (nothing is sent)."""
+
+    transport = "shm"
+    alive = True
+    max_frame = max_recv_frame = window_bytes = 1 << 20
+
+    def close(self) -> None:
+        pass
+
+
+def routing_changes(layers: int = 58, experts: int = 256, workers: int = 8, repeats: int = 30) -> list[dict]:
+    """Milliseconds per routing change on the step thread (median and max over `repeats`)."""
+    import random
+
+    from resilient_moe.datapath.expert_peers import ExpertPeer
+    from resilient_moe.datapath.forwarding import Forwarder
+    from resilient_moe.datapath.poller import Poller
+    from resilient_moe.datapath.routing_table import RoutingTable
+
+    rng = random.Random(0)
+    names = [f"ew-{i}" for i in range(workers)]
+    candidates = []
+    for i in range(layers * experts):
+        primary = i % workers
+        shadow = (primary + 1 + rng.randrange(workers - 1)) % workers
+        candidates.append((names[primary], names[shadow]))
+
+    def table(epoch: int) -> RoutingTable:
+        return RoutingTable(epoch, layers, experts, tuple(candidates))
+
+    forwarder = Forwarder(identity("aw-0"), Poller(), 1 << 20, on_suspect=lambda *a: None)
+    for name in names:
+        forwarder.peers[name] = ExpertPeer(name, 1, _IdleLink())
+    prepared = [table(e).prepare() for e in range(2, repeats + 2)]
+    began = time.perf_counter()
+    table(1).prepare()
+    prepare_ms = 1e3 * (time.perf_counter() - began)
+    forwarder.set_routing(table(1).prepare())
+    logging.disable(logging.WARNING)  # the events log a line each; time the bookkeeping alone
+    samples: dict[str, list[float]] = {k: [] for k in ("suspect", "trust again", "new link", "fence", "new table")}
+
+    def timed(kind: str, action) -> None:
+        start = time.perf_counter()
+        action()
+        samples[kind].append(1e3 * (time.perf_counter() - start))
+
+    for i in range(repeats):
+        victim = names[i % workers]
+        timed("suspect", lambda: forwarder.suspect(victim, "benchmark"))
+        timed("trust again", lambda: forwarder._trust_again(forwarder.peers[victim]))
+        timed("fence", lambda: forwarder.fence(victim, forwarder.peers[victim].incarnation))
+
+        def relink() -> None:  # what _install does besides the poller: the peer is back, routes follow
+            forwarder.peers[victim] = ExpertPeer(victim, 2 + i, _IdleLink())
+            forwarder.unavailable.discard(victim)
+            forwarder._reroute()
+
+        timed("new link", relink)
+        forwarder.zombies.clear()
+        timed("new table", lambda: forwarder.set_routing(prepared[i]))
+    logging.disable(logging.NOTSET)
+    rows = [{"change": k, "median_ms": statistics.median(v), "max_ms": max(v)} for k, v in samples.items()]
+    rows.append({"change": "prepare a table (off the step)", "median_ms": prepare_ms, "max_ms": prepare_ms})
+    return rows
+
+
+def print_routing(rows: list[dict], layers: int = 58, experts: int = 256, workers: int = 8) -> None:
+    print(f"\nrouting changes on the step thread: {layers} layers x {experts} experts, {workers} expert workers, "
+          f"2 copies each (target: <= 5 ms)")
+    header = f"{'change':>32} {'median ms':>10} {'max ms':>8}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r['change']:>32} {r['median_ms']:10.2f} {r['max_ms']:8.2f}")
+
+
 # ---------------------------------------------------------------------------------------- main
 
 
@@ -370,7 +458,18 @@ def main() -> int:
     parser.add_argument("--json", metavar="PATH", help="also write the results here")
     parser.add_argument("--transports", default=",".join(TRANSPORTS), help="comma list of " + ",".join(TRANSPORTS))
     parser.add_argument("--no-pin", action="store_true", help="do not pin client and server to different CPUs")
+    parser.add_argument("--routing", action="store_true", help="measure routing changes at DeepSeek-V3 size instead")
     args = parser.parse_args()
+    if args.routing:
+        import torch
+
+        torch.set_num_threads(1)
+        rows = routing_changes()
+        print_routing(rows)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"routing": rows}, f, indent=2)
+        return 0
     transports = [t for t in args.transports.split(",") if t]
     unknown = set(transports) - set(TRANSPORTS)
     if unknown:

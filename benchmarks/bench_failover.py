@@ -18,10 +18,12 @@ of the stalls is printed; --naive adds the naive baseline (fresh interpreters, o
 without (shadow budget 0). A PNG of throughput over time, fault marked, goes to --plot.
 
 With --serving it measures what a served client sees instead: `serve`'s stack (2 attention + 3 expert
-workers, in-process, the demo model), 16 greedy streams over HTTP, the fault injected --kills times
-(each after the last one's replacement is ready), the stall of every stream at every fault (its
-largest inter-token gap, as its client saw it), and where the time went: detection (the controller's
-first event), the replacement's start (registered to ready).
+workers, in-process, the demo model), 16 greedy streams over HTTP from a client process of its own,
+the fault injected --kills times (each after the last one's replacement is ready), the stall of
+every stream at every fault (its largest inter-token gap after the fault, as its client saw it, and
+the gap the fault fell in), the same figures for a fault-free control round after each fault (what
+the serving path costs without any failure in that window), and where the time went: detection
+(the controller's first event), the replacement's start (registered to ready).
 
     python benchmarks/bench_failover.py --fault ew-kill [--requests 32] [--plot failover.png]
     python benchmarks/bench_failover.py --fault ew-hang
@@ -166,33 +168,55 @@ def plot(results: dict[str, dict], fault: str, path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
-def stream(url: str, prompt: list[int], max_tokens: int, out: dict) -> None:
-    """One greedy streaming completion over HTTP: its request id, tokens and arrival times."""
+def client_process(conn, url: str, prompts: list[list[int]], max_tokens: int, warm_tokens: int) -> None:
+    """The HTTP clients, in a process of their own (as real clients are: their parsing must not
+    compete with the server for its interpreter): one asyncio loop streams every prompt, tells the
+    parent (ids) once each stream has `warm_tokens` tokens, and sends back every stream's tokens and
+    arrival times (time.monotonic(), the same clock in every process of the host)."""
+    import asyncio
     import json
 
     import httpx
 
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "stream": True, "ignore_eos": True,
-            "return_token_ids": True}
-    out.update(id="", tokens=[], arrivals=[], error="")
-    with httpx.Client(timeout=120) as http, http.stream("POST", f"{url}/v1/completions", json=body) as response:
-        for line in response.iter_lines():
-            if not line.startswith("data: {"):
-                continue
-            chunk = json.loads(line[6:])
-            if "error" in chunk:
-                out["error"] = chunk["error"]["message"]
-                return
-            out["id"] = chunk["id"]
-            now = time.monotonic()
-            for choice in chunk["choices"]:
-                out["tokens"] += choice.get("token_ids", [])
-                out["arrivals"] += [now] * len(choice.get("token_ids", []))
+    async def one(http, prompt, out, warm):
+        body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "stream": True, "ignore_eos": True,
+                "return_token_ids": True}
+        out.update(id="", tokens=[], arrivals=[], error="")
+        async with http.stream("POST", f"{url}/v1/completions", json=body) as response:
+            async for line in response.aiter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    out["error"] = chunk["error"]["message"]
+                    return
+                out["id"] = chunk["id"]
+                now = time.monotonic()
+                for choice in chunk["choices"]:
+                    out["tokens"] += choice.get("token_ids", [])
+                    out["arrivals"] += [now] * len(choice.get("token_ids", []))
+                if len(out["tokens"]) >= warm_tokens:
+                    warm.set()
+
+    async def run():
+        outs = [dict() for _ in prompts]
+        warms = [asyncio.Event() for _ in prompts]
+        limits = httpx.Limits(max_connections=len(prompts) + 2)
+        async with httpx.AsyncClient(timeout=120, limits=limits) as http:
+            tasks = [asyncio.create_task(one(http, p, o, w)) for p, o, w in zip(prompts, outs, warms)]
+            await asyncio.wait_for(asyncio.gather(*(w.wait() for w in warms)), 120)
+            conn.send([o["id"] for o in outs])
+            await asyncio.gather(*tasks)
+        return outs
+
+    while (command := conn.recv()) == "go":
+        conn.send(asyncio.run(run()))
 
 
 def serving(fault: str, kills: int, streams: int, max_tokens: int, warm_tokens: int) -> int:
-    """The fault `kills` times against `serve` (2 + 3 workers), `streams` HTTP streams each time."""
-    import threading
+    """The fault `kills` times against `serve` (2 + 3 workers), `streams` HTTP streams each time, each
+    fault round followed by a fault-free control round of the same streams."""
+    import multiprocessing as mp
 
     from resilient_moe.proto import controller_pb2 as pb
     from resilient_moe.supervisor import ServingStack
@@ -202,60 +226,79 @@ def serving(fault: str, kills: int, streams: int, max_tokens: int, warm_tokens: 
     dep = DeploymentConfig(model=str(demo_model_dir()), attention_workers=2, expert_workers=3, micro_batches=2,
                            engine=EngineConfig(max_num_seqs=streams))
     stack = ServingStack(dep, port=0, admin_token="bench")
-    stalls, unaffected, steady, detects, starts, identical = [], [], [], [], [], True
+    measured = {"fault": ([], [], []), "control": ([], [], [])}  # (largest gap after, gap at the fault, unaffected)
+    steady, detects, starts, identical = [], [], [], True
+    client = None
     try:
         stack.start()
-        reference = []
-        for p in prompts:
-            out: dict = {}
-            stream(stack.url, p, max_tokens, out)
-            reference.append(out["tokens"])
-        for _ in range(kills):
-            outs = [dict() for _ in prompts]
-            threads = [threading.Thread(target=stream, args=(stack.url, p, max_tokens, o)) for p, o in zip(prompts, outs)]
-            for t in threads:
-                t.start()
-            deadline = time.monotonic() + 60
-            while min(len(o.get("tokens", [])) for o in outs) < warm_tokens and time.monotonic() < deadline:
-                time.sleep(0.002)
-            on_victim = {o["id"] for o in outs if (h := stack.frontend.requests.get(o["id"])) and h.worker == name}
+        parent, child = mp.get_context("spawn").Pipe()
+        client = mp.get_context("spawn").Process(target=client_process, args=(child, stack.url, prompts, max_tokens,
+                                                                                warm_tokens), daemon=True)
+        client.start()
+        parent.send("go")
+        parent.recv()
+        reference = [o["tokens"] for o in parent.recv()]
+        for round_ in range(2 * kills):
+            kind = "fault" if round_ % 2 == 0 else "control"
+            parent.send("go")
+            ids = parent.recv()  # every stream has its warm tokens
+            on_victim = {i for i in ids if (h := stack.frontend.requests.get(i)) and h.worker == name}
             victim = stack.cluster.pids[name]
             fault_at, fault_wall = time.monotonic(), time.time()
-            os.kill(victim, sig)
-            for t in threads:
-                t.join(300)
-            if sig == signal.SIGSTOP:
+            if kind == "fault":
+                os.kill(victim, sig)
+            outs = parent.recv()
+            if kind == "fault" and sig == signal.SIGSTOP:
                 os.kill(victim, signal.SIGCONT)
             identical &= [o["tokens"] for o in outs] == reference
+            after, at, unaffected = measured[kind]
             for o in outs:
                 arr = sorted(set(o["arrivals"]))  # tokens that came in one SSE chunk arrived together: one gap
-                before = [b - a for a, b in zip(arr, arr[1:]) if b < fault_at]
-                after = [b - a for a, b in zip(arr, arr[1:]) if b >= fault_at]
-                steady += before
-                affected = name.startswith("ew") or o["id"] in on_victim
-                (stalls if affected else unaffected).append(max(after, default=0.0))
-            for _ in range(3000):  # the replacement is ready before the next fault
+                steady += [b - a for a, b in zip(arr, arr[1:]) if b < fault_at]
+                gaps = [(a, b) for a, b in zip(arr, arr[1:]) if b >= fault_at]
+                if name.startswith("ew") or o["id"] in on_victim:
+                    after.append(max((b - a for a, b in gaps), default=0.0))
+                    at.append(next((b - a for a, b in gaps), 0.0))  # the gap the fault fell in
+                else:
+                    unaffected.append(max((b - a for a, b in gaps), default=0.0))
+            if kind == "control":
+                continue
+            for _ in range(3000):  # the replacement is ready before the next round
                 state = stack.cluster.state()
                 current = next((w for w in state.workers if w.name == name), None)
                 if current is not None and current.state == pb.READY and current.pid != victim:
                     break
                 time.sleep(0.01)
             events = [(e.time, e.kind, e.worker, e.detail) for e in state.events if e.time >= fault_wall]
-            detected = [t for t, kind, worker, _ in events if worker == name and kind in ("suspect", "dead", "fenced")]
-            registered = [t for t, kind, worker, _ in events if worker == name and kind == "registered"]
-            ready = [t for t, kind, worker, _ in events if worker == name and kind == "ready"]
+            detected = [t for t, kind_, worker, _ in events if worker == name and kind_ in ("suspect", "dead", "fenced")]
+            registered = [t for t, kind_, worker, _ in events if worker == name and kind_ == "registered"]
+            ready = [t for t, kind_, worker, _ in events if worker == name and kind_ == "ready"]
             if detected:
                 detects.append(min(detected) - fault_wall)
             if registered and ready:
                 starts.append(max(ready) - min(registered))
+        parent.send("stop")
     finally:
+        if client is not None:
+            client.join(5)
+            if client.is_alive():
+                client.kill()
         stack.stop()
     p50 = statistics.median(steady)
-    print(f"serving path, {fault} x {kills}: {streams} HTTP streams x {max_tokens} tokens, 2 attention + 3 expert "
-          f"workers (demo model), fault after {warm_tokens} tokens")
+    print(f"serving path, {fault} x {kills}: {streams} HTTP streams x {max_tokens} tokens (clients in a process of "
+          f"their own), 2 attention + 3 expert workers (demo model), fault after {warm_tokens} tokens; each fault "
+          f"round is followed by a fault-free control round")
     print(f"  steady inter-token gap p50 {1000 * p50:.1f} ms; every stream token-identical: {identical}")
-    print(f"  largest gap of affected streams: p50 {1000 * percentile(stalls, 50):.1f} ms, p99 "
-          f"{1000 * percentile(stalls, 99):.1f} ms, max {1000 * max(stalls):.1f} ms ({max(stalls) / p50:.1f}x steady p50)")
+    print(f"  {'largest gap of affected streams':<40} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'max/steady':>10}")
+    for kind in ("fault", "control"):
+        after, at, _ = measured[kind]
+        rows = [("after the fault" if kind == "fault" else "same window, no fault", after)]
+        if kind == "fault":
+            rows.append(("  the gap the fault fell in", at))
+        for label, values in rows:
+            print(f"  {label:<40} {1000 * percentile(values, 50):8.1f} {1000 * percentile(values, 99):8.1f} "
+                  f"{1000 * max(values):8.1f} {max(values) / p50:10.1f}")
+    unaffected = measured["fault"][2]
     if unaffected:
         print(f"  largest gap of unaffected streams: p50 {1000 * percentile(unaffected, 50):.1f} ms, max "
               f"{1000 * max(unaffected):.1f} ms ({max(unaffected) / p50:.1f}x steady p50)")

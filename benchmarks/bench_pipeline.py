@@ -13,7 +13,11 @@ the workers publish in their heartbeats:
 and whether every m gave the same tokens. The overlap condition of DESIGN.md is T_a ~ T_e,
 T_c < max(T_a, T_e) and m >= 2 (1 + T_c / max(T_a, T_e)) (column "m needed").
 
-    python benchmarks/bench_pipeline.py [--batch-sizes 32,64] [--micro-batches 1,2,3] [--expert-workers 1] [--json out.json]
+    python benchmarks/bench_pipeline.py [--batch-sizes 32,64] [--micro-batches 1,2,3] [--expert-workers 1]
+                                        [--runs 5] [--json out.json]
+
+The colocated engine runs with 1 thread ("vs col") and with 2 ("vs 2thr": what the two cores the
+disaggregated workers get would give it); `--runs` repeats it all and prints every run.
 """
 
 from __future__ import annotations
@@ -45,8 +49,8 @@ def prompts_for(batch: int, prompt_len: int) -> list[list[int]]:
     return torch.randint(3, 500, (batch, prompt_len), generator=g).tolist()
 
 
-def colocated(model: Path, prompts: list[list[int]], new_tokens: int) -> dict:
-    engine = LLMEngine(model, EngineConfig(max_num_seqs=len(prompts)))
+def colocated(model: Path, prompts: list[list[int]], new_tokens: int, threads: int = 1) -> dict:
+    engine = LLMEngine(model, EngineConfig(max_num_seqs=len(prompts), torch_threads=threads))
     params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
     for i, p in enumerate(prompts):
         engine.add_request(str(i), p, params)
@@ -113,6 +117,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--intermediate-size", type=int, default=0, help="expert width (default: 2 x hidden)")
     parser.add_argument("--expert-workers", type=int, default=1)
+    parser.add_argument("--runs", type=int, default=1, help="repeat everything this many times and print every run")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
 
@@ -126,35 +131,45 @@ def main() -> None:
     fork_server.wait_hello(120)
     rows = []
     try:
-        for batch in [int(b) for b in args.batch_sizes.split(",")]:
-            prompts = prompts_for(batch, args.prompt_len)
-            base = colocated(model, prompts, args.new_tokens)
-            rows.append({"batch": batch, "mode": "colocated", **base})
-            first = None
-            for m in [int(x) for x in args.micro_batches.split(",")]:
-                result = disaggregated(model, prompts, args.new_tokens, m, fork_server, args.expert_workers)
-                first = first or result
-                result["same_tokens"] = result["tokens"] == first["tokens"]
-                result["vs_m1"] = result["tokens_per_s"] / first["tokens_per_s"]
-                longest = max(result["T_a_ms"], result["T_e_ms"])
-                result["m_needed"] = 2 * (1 + result["T_c_ms"] / longest) if longest else float("nan")
-                rows.append({"batch": batch, "mode": f"1AW+{args.expert_workers}EW m={m}", **result,
-                             "vs_colocated": result["tokens_per_s"] / base["tokens_per_s"]})
+        for run in range(1, args.runs + 1):
+            for batch in [int(b) for b in args.batch_sizes.split(",")]:
+                prompts = prompts_for(batch, args.prompt_len)
+                base = colocated(model, prompts, args.new_tokens)
+                rows.append({"run": run, "batch": batch, "mode": "colocated", **base})
+                two = colocated(model, prompts, args.new_tokens, threads=2)
+                rows.append({"run": run, "batch": batch, "mode": "colocated 2thr", **two,
+                             "vs_colocated": two["tokens_per_s"] / base["tokens_per_s"]})
+                first = None
+                for m in [int(x) for x in args.micro_batches.split(",")]:
+                    result = disaggregated(model, prompts, args.new_tokens, m, fork_server, args.expert_workers)
+                    first = first or result
+                    result["same_tokens"] = result["tokens"] == first["tokens"]
+                    result["vs_m1"] = result["tokens_per_s"] / first["tokens_per_s"]
+                    longest = max(result["T_a_ms"], result["T_e_ms"])
+                    result["m_needed"] = 2 * (1 + result["T_c_ms"] / longest) if longest else float("nan")
+                    rows.append({"run": run, "batch": batch, "mode": f"1AW+{args.expert_workers}EW m={m}", **result,
+                                 "vs_colocated": result["tokens_per_s"] / base["tokens_per_s"],
+                                 "vs_colocated_2thr": result["tokens_per_s"] / two["tokens_per_s"]})
     finally:
         fork_server.shutdown()
 
     print(f"decode, mixtral hidden {args.hidden_size}, {args.layers} layers, 8 experts top-2, float32, "
           f"{args.new_tokens} new tokens; workers pinned to cores of their own; times per micro-batch per sparse layer")
-    print(f"{'batch':>5} {'mode':<14} {'tok/s':>8} {'step ms':>8} {'vs col':>6} {'vs m=1':>6} {'T_a ms':>7} "
-          f"{'T_e ms':>7} {'T_c ms':>7} {'AW idle':>8} {'EW idle':>8} {'m needed':>8} {'same tokens':>11}")
+    print(f"{'run':>3} {'batch':>5} {'mode':<14} {'tok/s':>8} {'step ms':>8} {'vs col':>6} {'vs 2thr':>7} "
+          f"{'vs m=1':>6} {'T_a ms':>7} {'T_e ms':>7} {'T_c ms':>7} {'AW idle':>8} {'EW idle':>8} {'m needed':>8} "
+          f"{'same tokens':>11}")
     for r in rows:
-        if r["mode"] == "colocated":
-            print(f"{r['batch']:>5} {r['mode']:<14} {r['tokens_per_s']:>8.1f} {r['step_ms']:>8.2f} {'1.00':>6}")
+        if r["mode"].startswith("colocated"):
+            print(f"{r['run']:>3} {r['batch']:>5} {r['mode']:<14} {r['tokens_per_s']:>8.1f} {r['step_ms']:>8.2f} "
+                  f"{r.get('vs_colocated', 1.0):>6.2f}")
         else:
-            print(f"{r['batch']:>5} {r['mode']:<14} {r['tokens_per_s']:>8.1f} {r['step_ms']:>8.2f} "
-                  f"{r['vs_colocated']:>6.2f} {r['vs_m1']:>6.2f} {r['T_a_ms']:>7.2f} {r['T_e_ms']:>7.2f} "
-                  f"{r['T_c_ms']:>7.2f} {r['aw_idle']:>8.0%} {r['ew_idle']:>8.0%} {r['m_needed']:>8.1f} "
-                  f"{str(r['same_tokens']):>11}")
+            print(f"{r['run']:>3} {r['batch']:>5} {r['mode']:<14} {r['tokens_per_s']:>8.1f} {r['step_ms']:>8.2f} "
+                  f"{r['vs_colocated']:>6.2f} {r['vs_colocated_2thr']:>7.2f} {r['vs_m1']:>6.2f} {r['T_a_ms']:>7.2f} "
+                  f"{r['T_e_ms']:>7.2f} {r['T_c_ms']:>7.2f} {r['aw_idle']:>8.0%} {r['ew_idle']:>8.0%} "
+                  f"{r['m_needed']:>8.1f} {str(r['same_tokens']):>11}")
+    if args.runs > 1:
+        print("m = 2 over m = 1, run by run:", ", ".join(
+            f"{r['vs_m1']:.2f}x" for r in rows if r["mode"].endswith("m=2")))
     if args.json:
         Path(args.json).write_text(json.dumps([{k: v for k, v in r.items() if k != "tokens"} for r in rows], indent=2))
 

@@ -10,18 +10,29 @@ Without `--url` it starts `resilient-moe serve`'s stack in-process on a free por
 checkpoint, 2 attention and 3 expert workers unless told otherwise) and stops it afterwards.
 
     python benchmarks/bench_serving.py [--rates 2,4,8,inf] [--num-prompts 48] [--input-len 32]
-                                       [--output-len 64] [--url http://127.0.0.1:8000] [--json out.json]
+                                       [--output-len 64] [--max-concurrency N] [--url http://127.0.0.1:8000]
+                                       [--json out.json] [--trace tokens.json]
+
+`--trace` keeps the wall-clock time at which the client saw each token. `--attribute` lines every
+gap between two tokens of a stream up with the attention workers' steps (they log each step's
+phases at debug level: the in-process stack turns that on, or pass `--aw-log` files of a running
+server's workers) and prints where the large gaps (over twice the median) go: the step that
+delivered the token computed prompt tokens, or it was a decode-only step, or the token reached the
+client long after its step ended (delivery).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import json
 import math
 import random
+import re
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +50,7 @@ class RequestResult:
     e2e_s: float = 0.0
     output_tokens: int = 0
     itl_s: list[float] = field(default_factory=list)  # one entry per token after the first
+    arrivals: list[float] = field(default_factory=list)  # time.time() of each chunk with tokens, as the client saw it
 
 
 async def one_request(http: httpx.AsyncClient, url: str, model: str, prompt: list[int], output_len: int) -> RequestResult:
@@ -63,6 +75,7 @@ async def one_request(http: httpx.AsyncClient, url: str, model: str, prompt: lis
                 if not tokens:
                     continue
                 now = time.perf_counter()
+                result.arrivals.append(time.time())
                 if last is None:
                     result.ttft_s = now - start
                     result.itl_s += [0.0] * (tokens - 1)
@@ -80,14 +93,20 @@ async def one_request(http: httpx.AsyncClient, url: str, model: str, prompt: lis
 
 
 async def run_rate(url: str, model: str, prompts: list[list[int]], output_len: int, rate: float,
-                   seed: int) -> tuple[list[RequestResult], float]:
+                   seed: int, max_concurrency: int | None = None) -> tuple[list[RequestResult], float]:
     rng = random.Random(seed)
     limits = httpx.Limits(max_connections=len(prompts) + 4, max_keepalive_connections=len(prompts) + 4)
+    gate = asyncio.Semaphore(max_concurrency or len(prompts))  # vLLM's --max-concurrency: at most this many in flight
+
+    async def limited(prompt: list[int]) -> RequestResult:
+        async with gate:
+            return await one_request(http, url, model, prompt, output_len)
+
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as http:
         tasks = []
         began = time.perf_counter()
         for prompt in prompts:
-            tasks.append(asyncio.create_task(one_request(http, url, model, prompt, output_len)))
+            tasks.append(asyncio.create_task(limited(prompt)))
             if math.isfinite(rate):
                 await asyncio.sleep(rng.expovariate(rate))
         results = await asyncio.gather(*tasks)
@@ -147,6 +166,76 @@ def print_table(rows: list[dict]) -> None:
             print(f"rate {row['rate']}: errors: {row['errors']}")
 
 
+STEP_LINE = re.compile(r"step \d+ end=([\d.]+) commands_ms=([\d.]+) step_ms=([\d.]+) expert_wait_ms=([\d.]+) "
+                       r"publish_ms=([\d.]+) checkpoint_ms=([\d.]+) decodes=(\d+) prompt_tokens=(\d+)")
+
+
+def read_steps(paths: list[str]) -> list[dict]:
+    """Every step an attention worker logged (its debug line), by end time."""
+    steps = []
+    for path in paths:
+        with open(path, errors="replace") as f:
+            for line in f:
+                m = STEP_LINE.search(line)
+                if m:
+                    end, commands, step, wait, publish, checkpoint, decodes, prompt = m.groups()
+                    steps.append({"end": float(end), "commands_ms": float(commands), "step_ms": float(step),
+                                  "expert_wait_ms": float(wait), "publish_ms": float(publish),
+                                  "checkpoint_ms": float(checkpoint), "decodes": int(decodes),
+                                  "prompt_tokens": int(prompt)})
+    return sorted(steps, key=lambda s: s["end"])
+
+
+def attribute(arrivals: list[list[float]], steps: list[dict]) -> dict:
+    """Each gap between two tokens of a stream, charged to the step that ended last before the later
+    token reached the client: a prompt-computing step, a decode-only one, or delivery (the token came
+    more than a decode step after that step ended). Gaps over twice the median count as large."""
+    ends = [s["end"] for s in steps]
+    gaps = []
+    for times in arrivals:
+        for before, after in zip(times, times[1:]):
+            i = bisect.bisect_right(ends, after) - 1
+            gaps.append((after - before, steps[i] if i >= 0 else None, after - ends[i] if i >= 0 else math.inf))
+    if not gaps:
+        return {}
+    median = statistics.median(g for g, _, _ in gaps)
+    decode_ms = statistics.median([s["step_ms"] for s in steps if not s["prompt_tokens"]] or [0.0])
+    large = [(g, s, lag) for g, s, lag in gaps if g > 2 * median]
+    kinds = {"prompt step": 0, "decode step": 0, "delivery": 0, "no step": 0}
+    for g, step, lag in large:
+        if step is None:
+            kinds["no step"] += 1
+        elif 1e3 * lag > decode_ms:
+            kinds["delivery"] += 1
+        else:
+            kinds["prompt step" if step["prompt_tokens"] else "decode step"] += 1
+    prompt_steps = [s for s in steps if s["prompt_tokens"]]
+    lags = sorted(lag for _, _, lag in gaps if math.isfinite(lag))
+    return {"gaps": len(gaps), "gap_p50_ms": 1e3 * median, "gap_p99_ms": 1e3 * percentile([g for g, _, _ in gaps], 99),
+            "large": len(large), **kinds, "steps": len(steps), "prompt_steps": len(prompt_steps),
+            "decode_step_p50_ms": decode_ms,
+            "prompt_step_p50_ms": statistics.median([s["step_ms"] for s in prompt_steps]) if prompt_steps else 0.0,
+            "expert_wait_share": sum(s["expert_wait_ms"] for s in steps) / max(1e-9, sum(s["step_ms"] for s in steps)),
+            "commands_ms_max": max((s["commands_ms"] for s in steps), default=0.0),
+            "publish_ms_max": max((s["publish_ms"] for s in steps), default=0.0),
+            "checkpoint_ms_max": max((s["checkpoint_ms"] for s in steps), default=0.0),
+            "delivery_lag_p50_ms": 1e3 * lags[len(lags) // 2] if lags else float("nan")}
+
+
+def print_attribution(rate: float, a: dict) -> None:
+    if not a:
+        return
+    print(f"\nrate {rate:g}: {a['gaps']} gaps between tokens, p50 {a['gap_p50_ms']:.1f} ms, p99 {a['gap_p99_ms']:.1f} ms "
+          f"({a['gap_p99_ms'] / a['gap_p50_ms']:.2f}x); {a['large']} over 2x the median, delivered by:")
+    print(f"  a step computing prompt tokens {a['prompt step']:5d}   (of {a['steps']} steps {a['prompt_steps']} did; "
+          f"p50 {a['prompt_step_p50_ms']:.0f} ms against {a['decode_step_p50_ms']:.0f} ms decode-only)")
+    print(f"  a decode-only step             {a['decode step']:5d}")
+    print(f"  late delivery after the step   {a['delivery']:5d}   (client - step end, p50 {a['delivery_lag_p50_ms']:.1f} ms)")
+    print(f"  steps: {100 * a['expert_wait_share']:.0f}% of their time waiting on expert workers; the most any step "
+          f"spent on commands {a['commands_ms_max']:.1f} ms, publishing {a['publish_ms_max']:.1f} ms, "
+          f"checkpointing {a['checkpoint_ms_max']:.1f} ms")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", help="a running server (default: start one in-process)")
@@ -159,6 +248,12 @@ def main() -> None:
     parser.add_argument("--input-len", type=int, default=32)
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-concurrency", type=int, help="at most this many requests in flight (as vLLM's client)")
+    parser.add_argument("--transport", choices=["shm", "tcp"], default="shm")
+    parser.add_argument("--trace", help="write every request's token arrival times (time.time()) here, as JSON")
+    parser.add_argument("--attribute", action="store_true", help="attribute the large gaps to the workers' steps")
+    parser.add_argument("--aw-log", action="append", default=[], help="an attention worker's log (with --url)")
+    parser.add_argument("--log-dir", help="worker logs of the in-process stack (default: a temporary directory)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     rates = [float(r) for r in args.rates.split(",")]
@@ -172,8 +267,11 @@ def main() -> None:
 
         model = args.model or str(demo_model_dir())
         dep = DeploymentConfig(model=model, attention_workers=args.attention_workers,
-                               expert_workers=args.expert_workers, micro_batches=args.micro_batches)
-        stack = ServingStack(dep, port=0, progress=lambda text: print(text, file=sys.stderr)).start()
+                               expert_workers=args.expert_workers, micro_batches=args.micro_batches,
+                               transport=args.transport, log_level="DEBUG" if args.attribute else "INFO")
+        log_dir = args.log_dir or tempfile.mkdtemp(prefix="bench-serving-")
+        args.aw_log += [str(Path(log_dir) / f"aw-{i}.log") for i in range(args.attention_workers)]
+        stack = ServingStack(dep, port=0, log_dir=log_dir, progress=lambda text: print(text, file=sys.stderr)).start()
         url = stack.url
     try:
         with httpx.Client(timeout=30) as http:
@@ -182,10 +280,12 @@ def main() -> None:
         rng = random.Random(args.seed)
         prompts = [[1] + [rng.randrange(3, vocab) for _ in range(args.input_len - 1)] for _ in range(args.num_prompts)]
         asyncio.run(run_rate(url, model_name, prompts[:2], 4, math.inf, args.seed))  # warm-up
-        rows = []
+        rows, traces = [], []
         for rate in rates:
-            results, duration = asyncio.run(run_rate(url, model_name, prompts, args.output_len, rate, args.seed))
+            results, duration = asyncio.run(run_rate(url, model_name, prompts, args.output_len, rate, args.seed,
+                                                     args.max_concurrency))
             rows.append(summarize(rate, results, duration))
+            traces.append({"rate": rate, "arrivals": [r.arrivals for r in results]})
             print(f"rate {rate:g}: {rows[-1]['completed']}/{len(results)} requests in {duration:.1f}s",
                   file=sys.stderr)
     finally:
@@ -194,6 +294,12 @@ def main() -> None:
     print(f"\nserving benchmark: {model_name} at {url}, {args.num_prompts} requests per rate, "
           f"{args.input_len} prompt + {args.output_len} output tokens")
     print_table(rows)
+    if args.trace:
+        Path(args.trace).write_text(json.dumps(traces))
+    if args.attribute:
+        steps = read_steps(args.aw_log)
+        for trace in traces:
+            print_attribution(trace["rate"], attribute(trace["arrivals"], steps))
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": rows}, indent=2))
 

@@ -21,8 +21,8 @@
 /* ---------------------------------------------------------------- frame codec (see frames.py) */
 
 static const char MAGIC[4] = {'R', 'M', 'O', 'E'};
-#define FRAME_VERSION 1
-#define MAX_KIND 8     /* FrameKind: 1..8 */
+#define FRAME_VERSION 2 /* 2: DISPATCH carries a row per token and its expert list (frames.py) */
+#define MAX_KIND 9     /* FrameKind: 1..9 */
 #define FLAGS_MASK 3u  /* FrameFlags: REPLAY | ERROR */
 #define NUM_DTYPES 7   /* DType: 0..6 */
 #define MAX_PAYLOAD (1ull << 31)

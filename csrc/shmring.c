@@ -421,8 +421,9 @@ static PyObject *ring_push(PyObject *self, PyObject *arg) {
 }
 
 /* Encodes one frame straight into the ring (pack, copy in pieces, checksum) and publishes it.
- * Returns 1 sent, 0 no room (nothing written; r->want says how much is needed), -1 error. */
-static int ring_put_frame(Ring *r, rmoe_frame_fields *f, rmoe_span *aux, rmoe_span *data) {
+ * Returns its size in bytes when sent, 0 no room (nothing written; r->want says how much is
+ * needed), -1 error. */
+static Py_ssize_t ring_put_frame(Ring *r, rmoe_frame_fields *f, rmoe_span *aux, rmoe_span *data) {
     size_t size;
     if (rmoe_frame_layout(f, aux->len, data->len, &size) < 0) return -1;
     if (size > max_message(r)) {
@@ -450,13 +451,13 @@ static int ring_put_frame(Ring *r, rmoe_frame_fields *f, rmoe_span *aux, rmoe_sp
     }
     if (progress) atomic_store_explicit(&r->ctrl->partial_at, NO_PARTIAL, memory_order_release);
     ring_commit(r, size);
-    return 1;
+    return (Py_ssize_t)size;
 }
 
 /* send_frame(kind, flags, sender, incarnation, epoch, step, seq, layer, micro_batch, dtype, shape,
- *            aux, aux_len, data, data_len) -> bool: packs, copies and checksums one frame straight
- * into the ring and publishes it (see frames.native_args); False when the ring has no room
- * (nothing written; `want` says how much it needs). */
+ *            aux, aux_len, data, data_len) -> int: packs, copies and checksums one frame straight
+ * into the ring and publishes it (see frames.native_args); returns the frame's size, or 0 when the
+ * ring has no room (nothing written; `want` says how much it needs). */
 static PyObject *ring_send_frame(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     Ring *r = (Ring *)self;
     if (ring_check(r, 1) < 0) return NULL;
@@ -472,10 +473,10 @@ static PyObject *ring_send_frame(PyObject *self, PyObject *const *args, Py_ssize
         rmoe_span_release(&aux);
         return NULL;
     }
-    int rc = ring_put_frame(r, &f, &aux, &data);
+    Py_ssize_t rc = ring_put_frame(r, &f, &aux, &data);
     rmoe_span_release(&aux);
     rmoe_span_release(&data);
-    return rc < 0 ? NULL : PyBool_FromLong(rc);
+    return rc < 0 ? NULL : PyLong_FromSsize_t(rc);
 }
 
 /* wait_space(nbytes, sockfd, spin_us, timeout_s) -> int: blocks (GIL released) until a message of
@@ -625,8 +626,8 @@ static PyMethodDef ring_methods[] = {
     {"push", ring_push, METH_O, "push(data) -> bool: copy one message in and publish it; False when full."},
     {"send_frame", (PyCFunction)(void (*)(void))ring_send_frame, METH_FASTCALL,
      "send_frame(kind, flags, sender, incarnation, epoch, step, seq, layer, micro_batch, dtype, shape, aux, "
-     "aux_len, data, data_len) -> bool: encode one frame (frames.py layout, checksum included) straight into "
-     "the ring and publish it; False when full."},
+     "aux_len, data, data_len) -> int: encode one frame (frames.py layout, checksum included) straight into "
+     "the ring and publish it; its size in bytes, 0 when full."},
     {"wait_space", ring_wait_space, METH_VARARGS,
      "wait_space(nbytes, sockfd, spin_us, timeout_s) -> int: 0 room, 1 control socket readable, 2 timeout."},
     {"recv", ring_recv, METH_NOARGS,

@@ -1,12 +1,11 @@
 """Every message between a frontend and an attention worker, and its wire form.
 
-They travel as the JSON body of CONTROL frames (frames.py) — never pickled. `decode` checks each
+They travel as the JSON body of CONTROL frames (frames.py) — never pickled. Token events, one frame
+per step per frontend, travel as binary TOKENS frames instead (datapath/token_frames.py). `decode` checks each
 field's type and names the first bad one, so a malformed message is rejected, not half-applied.
 
     submit     frontend -> AW   run a request (resume=True: continue one that produced tokens elsewhere)
     abort      frontend -> AW   drop a request and free its KV
-    tokens     AW -> frontend   token events of one step: [request_id, position, token, logprob, finish, top]
-                                (top: [[token, logprob], ...], the most likely tokens, or null)
     failed     AW -> frontend   a request cannot complete here (bad input, no live expert replica...)
     started    AW -> frontend   these requests are in the step about to run, their first one here
                                 (sent before it runs: if the worker dies in it, they are suspects)
@@ -44,13 +43,6 @@ class Abort:
 
 
 @dataclass(frozen=True)
-class Tokens:
-    # [request_id, position, token_id, logprob | None, finish_reason | None, [[token_id, logprob], ...] | None]
-    events: list[list[Any]]
-    type: str = "tokens"
-
-
-@dataclass(frozen=True)
 class Failed:
     request_id: str
     message: str
@@ -70,9 +62,8 @@ class Handover:
     type: str = "handover"
 
 
-Message = Submit | Abort | Tokens | Failed | Started | Handover
-_TYPES = {"submit": Submit, "abort": Abort, "tokens": Tokens, "failed": Failed, "started": Started,
-          "handover": Handover}
+Message = Submit | Abort | Failed | Started | Handover
+_TYPES = {"submit": Submit, "abort": Abort, "failed": Failed, "started": Started, "handover": Handover}
 
 
 def encode(message: Message) -> bytes:
@@ -105,13 +96,6 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_top(top: Any) -> bool:
-    """null, or at most 20 [token id, logprob] pairs (SamplingParams.logprobs allows 0..20)."""
-    return top is None or (isinstance(top, list) and len(top) <= 20 and all(
-        isinstance(p, list) and len(p) == 2 and _is_int(p[0]) and isinstance(p[1], (int, float))
-        and not isinstance(p[1], bool) for p in top))
-
-
 def _check(kind: str, raw: dict[str, Any]) -> None:
     def need(name: str, ok: bool, what: str) -> None:
         if not ok:
@@ -129,12 +113,6 @@ def _check(kind: str, raw: dict[str, Any]) -> None:
         need("output_ids", isinstance(out, list) and all(_is_int(t) for t in out), "a list of integers")
         need("resume", isinstance(raw.get("resume", False), bool), "true or false")
         need("suspect", isinstance(raw.get("suspect", False), bool), "true or false")
-    elif kind == "tokens":
-        events = raw.get("events")
-        need("events", isinstance(events, list) and all(isinstance(e, list) and len(e) == 6 and _is_top(e[5])
-                                                        for e in events),
-             "a list of [request_id, position, token, logprob, finish, top] lists (top: null or at most 20 "
-             "[token, logprob] pairs)")
     elif kind == "failed":
         need("message", isinstance(raw.get("message"), str), "a string")
     elif kind in ("started", "handover"):

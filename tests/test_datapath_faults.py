@@ -17,10 +17,10 @@ from resilient_moe.deployment import DeploymentConfig
 from resilient_moe.engine.config import EngineConfig, SamplingParams
 from resilient_moe.model.config import ModelConfig
 from resilient_moe.datapath.faults import LinkFault
-from resilient_moe.datapath.frames import FrameFlags, FrameHeader, FrameKind
+from resilient_moe.datapath.frames import FrameFlags, FrameHeader, FrameKind, dispatch_aux
 from resilient_moe.datapath.dial import connect, listen
 from resilient_moe.datapath.link import PeerInfo
-from resilient_moe.datapath.part_rules import check_result, rows_per_part
+from resilient_moe.datapath.part_rules import check_result, cut_parts, rows_per_part
 from resilient_moe.datapath.poller import Poller
 from resilient_moe.engine.engine import LLMEngine
 from resilient_moe.launch import make_cluster
@@ -133,23 +133,30 @@ def test_expert_worker_rejects_malformed_dispatch_frames_and_keeps_serving(tiny_
     try:
         D = cfg.hidden_size
         rows = torch.randn(3, D)
-        ids = torch.tensor([0, 1, 2], dtype=torch.int32)
+        ones = torch.ones(3, dtype=torch.int32)
+        ids = dispatch_aux(ones, torch.tensor([0, 1, 2]))
         bad = {
             "6 wide": (rows[:, :6], ids, 0),
             "int64 rows": (rows.long(), ids, 0),
             "uint8 rows": (rows.to(torch.uint8), ids, 0),
-            "2 ids": (rows, ids[:2], 0),
+            "2 ids": (rows, dispatch_aux(ones, torch.tensor([0, 1])), 0),
+            "counts off": (rows, dispatch_aux(torch.tensor([1, 1, 2]), torch.tensor([0, 1, 2])), 0),
             "no ids": (rows, None, 0),
-            "bad expert": (rows, torch.tensor([0, 1, 9999], dtype=torch.int32), 0),
-            "negative expert": (rows, torch.tensor([0, -1, 2], dtype=torch.int32), 0),
-            "not held": (rows, torch.tensor([0, cfg.num_experts - 1, 2], dtype=torch.int32), 0),
+            "counts only": (rows, ones, 0),
+            "zero count": (rows, dispatch_aux(torch.tensor([0, 2, 1]), torch.tensor([0, 1, 2])), 0),
+            "bad expert": (rows, dispatch_aux(ones, torch.tensor([0, 1, 9999])), 0),
+            "negative expert": (rows, dispatch_aux(ones, torch.tensor([0, -1, 2])), 0),
+            "not held": (rows, dispatch_aux(ones, torch.tensor([0, cfg.num_experts - 1, 2])), 0),
             "bad layer": (rows, ids, 200),
             "3-d rows": (rows.view(3, 1, D), ids, 0),
         }
         for seq, (tensor, aux, layer) in enumerate(bad.values(), start=1):
             link.send(FrameHeader(FrameKind.DISPATCH, seq=seq, layer=layer), aux=aux, tensor=tensor.contiguous())
         good_seq = len(bad) + 1
-        link.send(FrameHeader(FrameKind.DISPATCH, seq=good_seq, layer=0), aux=ids, tensor=rows)
+        # The middle token asks for two experts: its row travels once, its two results come back.
+        counts, experts = torch.tensor([1, 2, 1]), torch.tensor([0, 1, 2, 3])
+        link.send(FrameHeader(FrameKind.DISPATCH, seq=good_seq, layer=0), aux=dispatch_aux(counts, experts),
+                  tensor=rows)
         answers = {}
         deadline = time.monotonic() + 10
         while len(answers) < good_seq and time.monotonic() < deadline:
@@ -162,16 +169,17 @@ def test_expert_worker_rejects_malformed_dispatch_frames_and_keeps_serving(tiny_
         assert len(answers) == good_seq
         reasons = [answers[seq][1] for seq in range(1, good_seq)]
         assert all(answers[seq][0] & FrameFlags.ERROR for seq in range(1, good_seq))
-        expected = ["6 wide", "float32, bfloat16 or float16", "float32, bfloat16 or float16", "need 3 expert ids",
-                    "need 3 expert ids", "out of range", "out of range", "not held here", "outside the model",
-                    "2-d tensor"]
+        expected = ["6 wide", "float32, bfloat16 or float16", "float32, bfloat16 or float16", "need 3 counts",
+                    "add up to 4 experts", "need 3 counts", "need 3 counts", "counts must be in [1,", "out of range", "out of range",
+                    "not held here", "outside the model", "2-d tensor"]
         for reason, fragment in zip(reasons, expected):
             assert fragment in reason, (fragment, reason)
         assert server.counters["frames_rejected"] == len(bad)
         flags, _, result = answers[good_seq]
         assert not flags & FrameFlags.ERROR
-        expected_rows = ExpertSide(Checkpoint(tiny_model), held).forward(0, rows, ids.long())
-        assert torch.equal(result, expected_rows), "the worker still serves, bit-identically"
+        pairs = rows[torch.tensor([0, 1, 1, 2])]  # one row per (token, expert) pair
+        expected_rows = ExpertSide(Checkpoint(tiny_model), held).forward(0, pairs, experts)
+        assert torch.equal(result, expected_rows), "the worker still serves, bit-identically, one row per pair"
     finally:
         link.close()
         server.close()
@@ -188,6 +196,22 @@ def test_parts_fit_the_link_both_ways():
     assert rows_per_part(1 << 20, 40000, 1 << 22, 8192, 8192) == 4
     with pytest.raises(ValueError, match="does not fit this link"):
         rows_per_part(4096, 4096, 8192, 8192, 8192)
+
+
+def test_parts_are_cut_by_rows_sent_and_pairs_answered():
+    one = torch.ones(10, dtype=torch.long)
+    # One expert per row: as rows_per_part says, 3 rows of 8 KiB a part through 32 KiB frames.
+    assert cut_parts(one, 8192, 8192, 32704, 32704, 65536) == [(0, 3), (3, 6), (6, 9), (9, 10)]
+    # Eight experts per row cost the DISPATCH 8 KiB + 36 bytes a row, not 8 rows: 127 rows fit 1 MiB.
+    eight = torch.full((300,), 8)
+    cuts = cut_parts(eight, 8192, 4, 1 << 20, 1 << 20, 1 << 23)
+    assert cuts[0] == (0, (((1 << 20) - 256) // (8192 + 36)))
+    # A RESULT limit of 40000 bytes: a row asking for 8 experts (64 KiB of results) goes alone (the
+    # expert worker splits its answer); the others fill parts around it.
+    assert cut_parts(torch.tensor([1, 1, 8, 1, 1]), 8192, 8192, 1 << 20, 40000, 1 << 22) == \
+        [(0, 2), (2, 3), (3, 5)]
+    with pytest.raises(ValueError, match="does not fit this link"):
+        cut_parts(one, 8192, 8192, 4096, 4096, 8192)
 
 
 def test_result_checks_name_what_does_not_match():
@@ -207,9 +231,10 @@ def test_result_checks_name_what_does_not_match():
 
 
 def test_a_result_larger_than_the_link_takes_back_arrives_in_pieces(tiny_model):
-    """The attention worker's end of a TCP link takes frames of at most 2 KiB: a DISPATCH of 16 rows
-    (hidden 64: 4 KiB of results) goes out whole, and the expert worker answers it in pieces that
-    reassemble, by their row offsets, into exactly the rows a whole answer would carry."""
+    """The attention worker's end of a TCP link takes frames of at most 2 KiB: a DISPATCH of 8 rows
+    with two experts each (hidden 64: 4 KiB of results for its 16 pairs) goes out whole, and the
+    expert worker answers it in pieces that reassemble, by their row offsets, into exactly the rows a
+    whole answer would carry."""
     ew_poller, aw_poller = Poller(), Poller()
     ew_id, aw_id = PeerInfo("ew-0", 1, 1, 1), PeerInfo("aw-0", 2, 2, 2)
     experts = ExpertSide(Checkpoint(tiny_model))
@@ -220,10 +245,12 @@ def test_a_result_larger_than_the_link_takes_back_arrives_in_pieces(tiny_model):
     server.add_link(wait_until(listener.accept, 5, "the link"))
     link = connecting.result(5)
     try:
-        rows = torch.randn(16, experts.checkpoint.cfg.hidden_size)
-        ids = torch.arange(16, dtype=torch.int32) % experts.checkpoint.cfg.num_experts
-        link.send(FrameHeader(FrameKind.DISPATCH, seq=1, layer=0), aux=ids, tensor=rows)
-        out, received = torch.empty_like(rows), 0
+        rows = torch.randn(8, experts.checkpoint.cfg.hidden_size)
+        ids = torch.arange(16) % experts.checkpoint.cfg.num_experts  # two experts per token: 16 pairs
+        link.send(FrameHeader(FrameKind.DISPATCH, seq=1, layer=0), aux=dispatch_aux(torch.full((8,), 2), ids),
+                  tensor=rows)
+        pairs = rows.repeat_interleave(2, dim=0)  # [16, D]
+        out, received = torch.empty_like(pairs), 0
         deadline = time.monotonic() + 10
         pieces = 0
         while received < 16 and time.monotonic() < deadline:
@@ -237,7 +264,7 @@ def test_a_result_larger_than_the_link_takes_back_arrives_in_pieces(tiny_model):
                 received += count
                 pieces += 1
         assert received == 16 and pieces > 1 and server.counters["replies_split"] == 1
-        assert torch.equal(out, experts.forward(0, rows, ids.long()))
+        assert torch.equal(out, experts.forward(0, pairs, ids))
     finally:
         link.close()
         server.close()

@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from resilient_moe import _native
-from resilient_moe.datapath.frames import HEADER_SIZE, FrameHeader, FrameKind, encode
+from resilient_moe.datapath.frames import HEADER_SIZE, FrameHeader, FrameKind, encode, frame_size
 from resilient_moe.datapath.dial import connect, listen
 from resilient_moe.datapath.link import FrameTooLarge, Link, LinkClosed, LinkTimeout, PeerInfo
 from resilient_moe.datapath.poller import Poller
@@ -250,6 +250,36 @@ def test_many_frames_both_ways(transport: str) -> None:
             link.send(FrameHeader(FrameKind.DISPATCH, seq=999), tensor=torch.ones(3))
             assert wait_frame(link, poller).header.seq == 999
             assert link.rejected == 0 and command(link, poller, "stats")["rejected"] == 0
+        finally:
+            link.close()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_links_count_what_they_send_and_tcp_reuses_its_receive_memory(transport: str) -> None:
+    """Echoes of small and big frames, released one by one: after the first lap a TCP link receives
+    into memory it already has (no buffer allocated per frame), and the bytes are still right; both
+    transports count exactly the bytes of the frames they sent."""
+    with peer_process(*addresses_for(transport)) as (_, (address,)), Poller() as poller:
+        link = dial(address, poller)
+        try:
+            sizes = [64, 20_000, 4_000, 100_000, 256, 70_000]
+            if transport == "tcp":
+                sizes += [600_000, 1_000_000]  # bigger than its staging buffer: read into buffers of their own
+            sent_before, frames_before, expected = link.bytes_sent, link.frames_sent, 0
+            allocations = None
+            for lap in range(5):
+                for seq, n in enumerate(sizes):
+                    tensor = torch.full((n // 4,), lap * 100 + seq, dtype=torch.int32)
+                    link.send(FrameHeader(FrameKind.DISPATCH, seq=seq), tensor=tensor, timeout=HANG)
+                    expected += frame_size(0, n)
+                    frame = wait_frame(link, poller)
+                    assert frame.header.seq == seq and torch.equal(frame.tensor, tensor)
+                    link.release()
+                if transport == "tcp" and lap == 0:
+                    allocations = link._reader.allocations
+            assert link.bytes_sent - sent_before == expected and link.frames_sent - frames_before == 5 * len(sizes)
+            if transport == "tcp":
+                assert link._reader.allocations == allocations, "laps after the first reuse the receive memory"
         finally:
             link.close()
 

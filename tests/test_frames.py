@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from resilient_moe import _native
 from resilient_moe.datapath.frames import (
+    FRAME_VERSION,
     HEADER_SIZE,
     MAX_DIMS,
     DType,
@@ -244,9 +245,10 @@ def patch(offset: int, fmt: str, value: int, seal: bool = False) -> bytearray:
     "wire, words",
     [
         (patch(0, "<I", 0x46454F52), "magic"),
-        (patch(4, "<H", 2), "version"),
+        (patch(4, "<H", FRAME_VERSION - 1), "version"),  # an older build's frames (DISPATCH laid out otherwise)
+        (patch(4, "<H", FRAME_VERSION + 1), "version"),
         (patch(6, "<B", 0), "FrameKind"),
-        (patch(6, "<B", 9), "FrameKind"),
+        (patch(6, "<B", max(FrameKind) + 1), "FrameKind"),
         (patch(52, "<B", 7), "DType"),
         (patch(7, "<B", 4), "flags"),
         (patch(53, "<B", 5), "dims"),

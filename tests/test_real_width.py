@@ -91,5 +91,7 @@ def test_long_prompt_survives_an_attention_and_an_expert_worker_kill(real_width,
             assert handle.moves >= 1
             wait_until(lambda: worker_load(cluster, survivor, "ckpt_restored") >= 1, 20, "the restore to be reported")
             assert worker_load(cluster, survivor, "ckpt_restored_tokens") > 0, "KV restored, not all recomputed"
+            # Top-8 of 64 experts over 3 expert workers: a token's row goes once to each worker it needs.
+            assert 0 < worker_load(cluster, survivor, "rows_sent") < worker_load(cluster, survivor, "pairs_sent")
         finally:
             frontend.close()

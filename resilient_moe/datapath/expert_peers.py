@@ -55,7 +55,7 @@ class ExpertPeer:
         """An outstanding part is answered (or given up on here)."""
         del self.outstanding[part.seq]
         self.inflight_bytes -= part.nbytes
-        self.inflight_rows -= part.n
+        self.inflight_rows -= part.pairs
 
 
 class LinkOpener:

@@ -1,9 +1,11 @@
 """The attention worker's forwarding engine: routed-expert calls as frames to expert workers.
 
 For each micro-batch call it groups the (token, k) pairs by destination expert worker through the
-ERT (the rows of an expert with several active copies are split between them by their shares) and
-cuts each worker's rows into parts that fit the link (part_rules.py), one DISPATCH frame each.
-RESULT frames are assembled back into [T*K, D] by (micro-batch, part). Every outstanding part is
+ERT (the rows of an expert with several active copies are split between them by their shares). Each
+worker gets each token's hidden row once, with the list of that token's experts there in gate
+order, cut into parts that fit the link (part_rules.py), one DISPATCH frame each. RESULT frames
+carry one row per pair and are assembled back into [T*K, D] by (micro-batch, part), so the combine
+order, and so the bits, do not depend on where the experts live. Every outstanding part is
 kept until answered, so it can be resent elsewhere, and has a deadline. A part goes to another
 candidate holding the same experts when its worker dies (closed link), goes silent (unanswered
 probes), misses the deadline, or answers with something other than what was asked. Replies are
@@ -22,7 +24,8 @@ Beside this file: what is kept of a call and its parts (expert_calls.py), of eac
 how links to them are opened (expert_peers.py), and what a peer's silence or lateness means
 (peer_health.py, a pure judgement this engine acts on).
 
-Shape letters: T tokens, K experts per token, D hidden, n rows of one part.
+Shape letters: T tokens, K experts per token, D hidden, n rows (tokens) of one part, P (token, expert)
+pairs.
 """
 
 from __future__ import annotations
@@ -39,10 +42,10 @@ from resilient_moe.datapath.expert_peers import ExpertPeer, LinkOpener
 from resilient_moe.datapath.faults import LINK_KINDS, FaultPlan, FaultyLink, LinkFault
 from resilient_moe.datapath.frames import Frame, FrameFlags, FrameHeader, FrameKind
 from resilient_moe.datapath.link import FrameTooLarge, Link, LinkClosed, PeerInfo
-from resilient_moe.datapath.part_rules import DeadlineModel, check_result, rows_per_part
+from resilient_moe.datapath.part_rules import DeadlineModel, check_result, cut_parts
 from resilient_moe.datapath.peer_health import Action
 from resilient_moe.datapath.poller import Poller
-from resilient_moe.datapath.routing_table import Routes, RoutingTable
+from resilient_moe.datapath.routing_table import LiveRoutes, RoutingTable
 from resilient_moe.errors import ExpertUnavailableError
 
 log = logging.getLogger("resilient_moe.forwarding")
@@ -88,7 +91,7 @@ class Forwarder:
         self.cancelled = False
         self.unavailable: set[str] = set()  # expert workers not to route to (not connected, dead)
         self._workers: list[str] = []
-        self._routes: Routes | None = None  # where each expert's rows go, as indices into _workers
+        self._live: LiveRoutes | None = None  # where each expert's rows go, as indices into _workers
         self._calls: dict[int, RoutedCall] = {}
         self.step = 0
         self.faults: FaultPlan | None = None  # injected faults (chaos testing, faults.py); None: off
@@ -97,7 +100,7 @@ class Forwarder:
         self.counters = dict.fromkeys(
             ("expert_calls", "frames_sent", "frames_answered", "stale_replies", "replayed_frames", "suspicions",
              "probes", "deadline_misses", "deadline_extensions", "malformed_replies", "error_replies",
-             "split_parts", "held_parts", "held_expired"), 0)
+             "split_parts", "held_parts", "held_expired", "rows_sent", "pairs_sent"), 0)
 
     # ---- membership and routing -------------------------------------------------------------
 
@@ -158,27 +161,33 @@ class Forwarder:
         return peer.take_parts()
 
     def set_routing(self, ert: RoutingTable) -> None:
+        """Route by a new table (its tensors are best built beforehand, off the step: `ert.prepare()`)."""
         self.ert = ert
-        self._reroute()
-
-    def _reroute(self) -> None:
-        if self.ert is None:
-            return
-        self._workers = self.ert.workers
-        self._routes = self._lookup(frozenset())
+        self._workers = ert.workers
+        self._live = LiveRoutes(ert, self._states())
         if self._held:
             self._retry_held()
 
-    def _lookup(self, excluded: frozenset[str]) -> Routes:
-        """Where each expert's rows go among its usable candidates. A suspect is only silent or late
-        (perhaps slow, not dead): when it is an expert's last copy, keep sending to it rather than hold
-        the rows; the controller decides whether it is dead."""
-        gone = self.unavailable | excluded | {w for w in self._workers if w not in self.peers or self.peers[w].fenced}
-        suspects = {w for w in self._workers if w in self.peers and self.peers[w].suspect}
-        routes = self.ert.routes(self._workers, gone | suspects)
-        if suspects:
-            routes = routes.merged(self.ert.routes(self._workers, gone))
-        return routes
+    def _reroute(self) -> None:
+        """A worker's state changed: update the routes of the experts it holds, in place."""
+        if self._live is None:
+            return
+        self._live.update(self._states())
+        if self._held:
+            self._retry_held()
+
+    def _states(self) -> dict[str, int]:
+        """Each expert worker of the table as routing sees it. A suspect is only silent or late
+        (perhaps slow, not dead): where it is an expert's last copy, rows keep going to it rather than
+        wait; the controller decides whether it is dead."""
+        states = {}
+        for w in self._workers:
+            peer = self.peers.get(w)
+            if w in self.unavailable or peer is None or peer.fenced:
+                states[w] = LiveRoutes.GONE
+            elif peer.suspect:
+                states[w] = LiveRoutes.SUSPECT
+        return states
 
     def _retire(self, peer: ExpertPeer, reason: str) -> None:
         """Stop using an incarnation but keep its link open: whatever it still sends is counted and dropped."""
@@ -213,7 +222,8 @@ class Forwarder:
         call = RoutedCall(micro_batch, layer, K, x.new_empty((T * K, x.shape[1])))
         self._calls[micro_batch] = call
         self.counters["expert_calls"] += 1
-        self._dispatch(call, torch.arange(T * K), expert_ids.reshape(-1).to(torch.int32), x, by_token=True)
+        pairs = torch.arange(T * K)  # [T*K] token-major, each token's in gate order
+        self._dispatch(call, pairs, expert_ids.reshape(-1).to(torch.int32), x, pairs // K)
 
     def take(self, micro_batch: int) -> torch.Tensor | None:
         """The call's outputs [T, K, D] once every part is answered; raises its ExpertUnavailableError."""
@@ -263,16 +273,17 @@ class Forwarder:
     # ---- sending ----------------------------------------------------------------------------
 
     def _dispatch(self, call: RoutedCall, pair_index: torch.Tensor, experts: torch.Tensor, x: torch.Tensor,
-                  by_token: bool = False, excluded: frozenset[str] = frozenset(),
+                  row_of_pair: torch.Tensor, excluded: frozenset[str] = frozenset(),
                   deadline: float | None = None) -> None:
-        """Queue pairs (positions `pair_index` [n] in the call, expert ids `experts` [n]) as parts to
-        the usable candidates of each expert, and send what the links take now. `x` holds one row per
-        token of the call (`by_token`: pair p uses row p // K) or one row per pair. Pairs of experts
-        with no usable candidate are held until `deadline` (from now + expert_wait_s when new)."""
-        assert self._routes is not None, "no routing table yet"
-        routes = self._routes if not excluded else self._lookup(excluded)
-        destination = routes.destinations(call.layer, experts)  # [n] index into self._workers
-        missing = destination < 0  # [n]
+        """Queue pairs (positions `pair_index` [P] in the call, expert ids `experts` [P], hidden row
+        `row_of_pair` [P] of `x`, non-decreasing) as parts to the usable candidates of each expert,
+        and send what the links take now. Each worker gets each token's row once, with the list of
+        its experts there. Pairs of experts with no usable candidate are held until `deadline` (from
+        now + expert_wait_s when new)."""
+        assert self._live is not None, "no routing table yet"
+        routes = self._live.routes if not excluded else self._live.with_gone(set(excluded))
+        destination = routes.destinations(call.layer, experts)  # [P] index into self._workers
+        missing = destination < 0  # [P]
         if bool(missing.any()):
             lost = sorted({int(e) for e in experts[missing]})
             tokens = {int(t) for t in (pair_index[missing] // call.top_k).tolist()}
@@ -282,34 +293,39 @@ class Forwarder:
             if now >= deadline:
                 self.counters["held_expired"] += 1
                 raise error
-            rows = x[pair_index[missing] // call.top_k] if by_token else x[missing]  # [m, D]
-            self._held.append(HeldRows(call, pair_index[missing], experts[missing], rows, excluded, deadline, error))
+            rows, rows_of_held = _gather_rows(x, row_of_pair[missing])
+            self._held.append(HeldRows(call, pair_index[missing], experts[missing], rows, rows_of_held, excluded,
+                                       deadline, error))
             call.remaining += 1
             self.counters["held_parts"] += 1
             log.warning("%s; holding %d rows for up to %.1fs until a copy is back", error, rows.shape[0],
                         deadline - now)
             keep = ~missing
-            pair_index, experts, destination = pair_index[keep], experts[keep], destination[keep]
-            if not by_token:
-                x = x[keep]
+            pair_index, experts, destination, row_of_pair = (pair_index[keep], experts[keep], destination[keep],
+                                                             row_of_pair[keep])
         width = x.shape[1]
         workers = self._workers
         for worker in torch.unique(destination).tolist():
-            chosen = (destination == worker).nonzero().squeeze(1)  # [n]
-            rows = x[pair_index[chosen] // call.top_k] if by_token else x[chosen]  # [n, D]
+            chosen = (destination == worker).nonzero().squeeze(1)  # [p] pairs for this worker, in order
             peer = self.peers.get(workers[worker])
-            if peer is None:  # failed while this call was being sent: route its rows again
-                self._dispatch(call, pair_index[chosen], experts[chosen], rows, excluded=excluded)
+            if peer is None:  # failed while this call was being sent: route its pairs again
+                self._dispatch(call, pair_index[chosen], experts[chosen], x, row_of_pair[chosen], excluded=excluded)
                 continue
+            token_rows, counts = torch.unique_consecutive(row_of_pair[chosen], return_counts=True)  # [n] each
+            rows = x.index_select(0, token_rows)  # [n, D] one row per token, however many of its experts
             link = peer.link
-            step = rows_per_part(link.max_frame, link.max_recv_frame, link.window_bytes, width * x.element_size(),
-                                 width * 4)
-            if chosen.numel() > step:
-                self.counters["split_parts"] += -(-chosen.numel() // step) - 1
-            for lo in range(0, chosen.numel(), step):
-                part = Part(call, pair_index[chosen[lo:lo + step]], rows[lo:lo + step], experts[chosen[lo:lo + step]],
-                             excluded)
-                peer.outbox.append(part)
+            cuts = cut_parts(counts, width * x.element_size(), width * 4, link.max_frame, link.max_recv_frame,
+                             link.window_bytes)
+            self.counters["split_parts"] += len(cuts) - 1
+            self.counters["rows_sent"] += rows.shape[0]
+            self.counters["pairs_sent"] += chosen.numel()
+            starts = torch.cumsum(counts, 0) - counts  # [n] first pair of each row
+            for lo, hi in cuts:
+                first = int(starts[lo])
+                last = int(starts[hi]) if hi < counts.numel() else chosen.numel()
+                picked = chosen[first:last]
+                peer.outbox.append(Part(call, pair_index[picked], rows[lo:hi], counts[lo:hi], experts[picked],
+                                        excluded))
                 call.remaining += 1
             self._send_ready(peer)
 
@@ -325,7 +341,7 @@ class Forwarder:
             header = FrameHeader(FrameKind.DISPATCH, epoch=self.ert.epoch, step=self.step, seq=seq,
                                  layer=part.call.layer, micro_batch=part.call.micro_batch, flags=flags)
             try:
-                if not peer.link.try_send(header, aux=part.experts, tensor=part.rows):
+                if not peer.link.try_send(header, aux=part.aux, tensor=part.rows):
                     return
             except (LinkClosed, FrameTooLarge) as e:
                 self.peer_failed(peer.name, f"send failed: {e}")
@@ -334,11 +350,11 @@ class Forwarder:
             now = time.monotonic()
             part.seq, part.epoch, part.sent_at, part.received = seq, self.ert.epoch, now, 0
             part.rows_ahead = peer.inflight_rows
-            part.deadline = self.deadlines.deadline(now, peer.inflight_rows, part.n)
+            part.deadline = self.deadlines.deadline(now, peer.inflight_rows, part.pairs)
             peer.next_seq += 1
             peer.outstanding[seq] = part
             peer.inflight_bytes += part.nbytes
-            peer.inflight_rows += part.n
+            peer.inflight_rows += part.pairs
             self.counters["frames_sent"] += 1
 
     def pump(self) -> None:
@@ -400,7 +416,7 @@ class Forwarder:
             peer.forget(part)
             self._resend([part], exclude=peer.name)
             return
-        placed = check_result(frame, part.n, part.received, part.rows.shape[1])
+        placed = check_result(frame, part.pairs, part.received, part.rows.shape[1])
         if isinstance(placed, str):
             self.counters["malformed_replies"] += 1
             self.suspect(peer.name, f"malformed RESULT for part {header.seq}: {placed}")
@@ -409,13 +425,13 @@ class Forwarder:
         call = part.call
         call.out[part.pair_index[offset:offset + count]] = frame.tensor.to(call.out.dtype)  # the one copy out
         part.received += count
-        if part.received < part.n:
+        if part.received < part.pairs:
             return
         peer.forget(part)
         peer.newest_answered = max(peer.newest_answered, part.seq)
         call.remaining -= 1
         self.round_trip_s += now - part.sent_at
-        self.deadlines.observe(now - part.sent_at, part.rows_ahead, part.n)
+        self.deadlines.observe(now - part.sent_at, part.rows_ahead, part.pairs)
         self.counters["frames_answered"] += 1
         if peer.suspect:
             self._trust_again(peer)
@@ -485,7 +501,8 @@ class Forwarder:
                 continue
             call.remaining -= 1
             try:
-                self._dispatch(call, h.pair_index, h.experts, h.rows, excluded=h.excluded, deadline=h.deadline)
+                self._dispatch(call, h.pair_index, h.experts, h.rows, h.row_of_pair, excluded=h.excluded,
+                               deadline=h.deadline)
             except ExpertUnavailableError as e:
                 log.error("%s: waited %.1fs for a copy; failing the requests that need it", e, self.expert_wait_s)
                 call.error = e
@@ -500,7 +517,7 @@ class Forwarder:
             call.remaining -= 1
             excluded = part.excluded | {exclude} if exclude else part.excluded
             try:
-                self._dispatch(call, part.pair_index, part.experts, part.rows, excluded=excluded)
+                self._dispatch(call, part.pair_index, part.experts, part.rows, part.row_of_pair, excluded=excluded)
             except ExpertUnavailableError as e:
                 call.error = e
 
@@ -553,3 +570,10 @@ class Forwarder:
             self.poller.remove(peer.link)
             peer.link.close()
         self.zombies.clear()
+
+
+def _gather_rows(x: torch.Tensor, row_of_pair: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of x [r, D] that pairs use (`row_of_pair` [P], non-decreasing), each once, and each
+    pair's row among them: ([n, D], [P])."""
+    used, inverse = torch.unique_consecutive(row_of_pair, return_inverse=True)
+    return x.index_select(0, used), inverse

@@ -31,6 +31,22 @@ the tensor is empty. Receivers check magic, version, kind, dtype, shape against 
 checksum, and reject a frame that fails any of them with a `FrameError` naming the check; they
 never act on part of a frame. Frames carry no pickled data: tensors travel as raw bytes.
 
+DISPATCH (attention worker -> expert worker) carries one hidden row per token, however many of that
+token's experts the receiving worker holds; the token's expert ids travel in the aux section:
+
+    tensor   [n, D]      one hidden row per token with at least one expert on this worker
+    aux      int32 [n + P]
+      [0, n)             counts: how many of the row's experts are asked of this worker (each >= 1)
+      [n, n + P)         expert ids, row by row, each row's in gate order; P = the sum of counts
+
+Its RESULT (expert worker -> attention worker) carries one row per (token, expert) pair, [P, D], in
+the order of aux[n:]: the attention worker combines pairs in gate order whatever the placement, so
+where experts live never changes a bit. A RESULT too big for its link is split by the expert worker
+into pieces whose aux is [first pair row] (part_rules.check_result).
+
+TOKENS frames (attention worker -> frontend) carry a step's token events as a binary body laid out
+in token_frames.py.
+
 This module is the reference codec. The links use the native twin in csrc/native.c (one C call
 packs, copies and checksums a frame; one checks a frame and returns its fields), and
 `frame_from_fields` turns those fields into a `Frame`; tests/test_frames.py checks that both
@@ -49,7 +65,7 @@ import torch
 from resilient_moe._native import crc32c
 
 MAGIC = b"RMOE"
-FRAME_VERSION = 1
+FRAME_VERSION = 2  # 2: DISPATCH carries a row per token and its expert list (above)
 HEADER_SIZE = 128
 ALIGN = 64
 MAX_DIMS = 4
@@ -61,14 +77,15 @@ _CHECKSUM_OFFSET = 80
 
 
 class FrameKind(enum.IntEnum):
-    DISPATCH = 1  # AW -> EW: rows for experts (aux: expert id per row)
-    RESULT = 2  # EW -> AW: expert outputs, same row order; ERROR flag: payload is a UTF-8 message
+    DISPATCH = 1  # AW -> EW: a row per token, aux: counts then expert ids (the layout above)
+    RESULT = 2  # EW -> AW: one row per (token, expert) pair of its DISPATCH; ERROR flag: a UTF-8 message
     PROBE = 3  # "are you alive and answering?" (sent on a silent link with work outstanding)
     PROBE_ACK = 4
     HELLO = 5  # link set-up, JSON body
     HELLO_ACK = 6
     CONTROL = 7  # JSON body: messages between frontend and attention workers, admin hooks
     GOODBYE = 8  # orderly close
+    TOKENS = 9  # AW -> frontend: a step's token events, binary body (token_frames.py gives the layout)
 
 
 class FrameFlags(enum.IntFlag):
@@ -128,6 +145,11 @@ class Frame:
     aux: torch.Tensor | None  # int32 [n]
     tensor: torch.Tensor | None
     body: memoryview  # the whole payload (aux + padding + tensor), e.g. JSON for CONTROL frames
+
+
+def dispatch_aux(counts: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    """The aux section of a DISPATCH: counts [n] (experts asked per row) then expert ids [P], as int32."""
+    return torch.cat((counts.to(torch.int32), experts.to(torch.int32)))
 
 
 def tensor_offset(aux_len: int) -> int:

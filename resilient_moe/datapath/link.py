@@ -86,6 +86,8 @@ class Link(abc.ABC):
     max_recv_frame: int = 0  # bytes of the largest frame this end accepts (what the peer may send us)
     window_bytes: int = 0  # bytes of frames that can wait in the channel before a sender must hold back
     rejected: int = 0  # malformed or corrupt frames dropped so far
+    bytes_sent: int = 0  # bytes of whole frames sent (or taken whole into the link's queue) so far
+    frames_sent: int = 0
     poller: Poller | None = None  # the poller watching this link (set by Poller.add)
 
     @abc.abstractmethod

@@ -2,12 +2,14 @@
 a part is overdue, and which DISPATCH and RESULT frames are well-formed.
 
 A micro-batch's rows for one expert worker travel as one or more *parts*, each one DISPATCH frame no
-larger than the link takes in either direction (its RESULT carries the same rows back). Each part
-has a deadline from the measured expert time; an overdue part is resent elsewhere. Both ends check
-every frame against what it must be before acting on it, so a malformed frame is a peer failure or
-a rejected frame, never a crash, and native code only ever sees shapes that were checked.
+larger than the link takes in either direction: one hidden row per token and the list of that
+token's experts on the worker (frames.py gives the layout); its RESULT carries one row per (token,
+expert) pair back. Each part has a deadline from the measured expert time; an overdue part is
+resent elsewhere. Both ends check every frame against what it must be before acting on it, so a
+malformed frame is a peer failure or a rejected frame, never a crash, and native code only ever
+sees shapes that were checked.
 
-Shape letters: n rows of one part, D hidden.
+Shape letters: n rows (tokens) of one part, P (token, expert) pairs of it, D hidden.
 """
 
 from __future__ import annotations
@@ -23,16 +25,59 @@ MAX_PART_BYTES = 4 << 20  # parts bigger than this only add latency: the EW star
 
 
 def rows_per_part(max_send: int, max_recv: int, window: int, row_bytes: int, result_row_bytes: int) -> int:
-    """How many rows one part may carry: its DISPATCH (rows + one int32 expert id each) must fit the
-    send limit, its RESULT the receive limit, and at least two parts must fit the window so the
-    expert worker computes one while the next arrives."""
-    budget = min(max_send - HEADER_SIZE - 2 * ALIGN, max_recv - HEADER_SIZE - ALIGN, window // 2, MAX_PART_BYTES)
-    per_row = max(row_bytes + 4, result_row_bytes)
-    rows = budget // per_row
+    """How many rows with one expert each fit a part: its DISPATCH (the rows, a count and an expert id
+    each) the send limit, its RESULT the receive limit, and at least two parts the window, so the
+    expert worker computes one while the next arrives. An expert worker splits a RESULT its link
+    cannot take by this, with `row_bytes` 0; `cut_parts` cuts rows with several experts."""
+    dispatch_budget, result_budget = _budgets(max_send, max_recv, window)
+    per_row = max(row_bytes + 8, result_row_bytes)
+    rows = min(dispatch_budget, result_budget) // per_row
     if rows < 1:
         raise ValueError(f"a row of {per_row} bytes does not fit this link (send limit {max_send}, receive limit "
                          f"{max_recv}, window {window})")
     return rows
+
+
+def _budgets(max_send: int, max_recv: int, window: int) -> tuple[int, int]:
+    """Bytes of payload a part's DISPATCH and its RESULT may carry."""
+    dispatch = min(max_send - HEADER_SIZE - 2 * ALIGN, window // 2, MAX_PART_BYTES)
+    result = min(max_recv - HEADER_SIZE - ALIGN, window // 2, MAX_PART_BYTES)
+    return dispatch, result
+
+
+def cut_parts(counts: torch.Tensor, row_bytes: int, result_row_bytes: int, max_send: int, max_recv: int,
+              window: int) -> list[tuple[int, int]]:
+    """Row ranges [lo, hi) of the parts for rows with `counts` [n] experts each on one worker.
+
+    A row costs its DISPATCH `row_bytes` + 4 bytes per count and expert id, and its RESULT
+    `result_row_bytes` per expert; each part takes as many whole rows as fit both budgets (at least
+    one: a RESULT bigger than the link takes back is split by the expert worker), cut greedily in
+    order, so the parts of the same rows are always the same."""
+    dispatch_budget, result_budget = _budgets(max_send, max_recv, window)
+    counts = counts.long()
+    n = counts.numel()
+    widest = int(counts.max())
+    if row_bytes + 4 + 4 * widest > dispatch_budget or result_row_bytes > result_budget:
+        raise ValueError(f"a row of {row_bytes} bytes with {widest} experts (results of {result_row_bytes} bytes "
+                         f"each) does not fit this link (send limit {max_send}, receive limit {max_recv}, "
+                         f"window {window})")
+    sent = torch.cumsum(row_bytes + 4 + 4 * counts, 0)  # [n] DISPATCH bytes up to each row
+    back = torch.cumsum(result_row_bytes * counts, 0)  # [n] RESULT bytes up to each row
+    if int(sent[-1]) <= dispatch_budget and int(back[-1]) <= result_budget:
+        return [(0, n)]  # the common case: one part
+    parts = []
+    lo = 0
+    for _ in range(n):  # each pass cuts one part of at least one row
+        base_sent = int(sent[lo - 1]) if lo else 0
+        base_back = int(back[lo - 1]) if lo else 0
+        hi = min(int(torch.searchsorted(sent, base_sent + dispatch_budget, right=True)),
+                 int(torch.searchsorted(back, base_back + result_budget, right=True)))
+        hi = max(hi, lo + 1)
+        parts.append((lo, hi))
+        lo = hi
+        if lo >= n:
+            break
+    return parts
 
 
 @dataclass
@@ -54,13 +99,14 @@ class DeadlineModel:
         self.s_per_row += self.weight * (sample - self.s_per_row)
 
 
-def check_dispatch(frame: Frame, hidden: int, held: set[tuple[int, int]] | None,
-                   num_layers: int, num_experts: int) -> str | None:
-    """Why an expert worker must not compute this DISPATCH (None: it is well-formed).
+def check_dispatch(frame: Frame, hidden: int, held: torch.Tensor | None, num_layers: int,
+                   num_experts: int) -> tuple[torch.Tensor, torch.Tensor] | str:
+    """The (counts [n], expert ids [P]) of a DISPATCH an expert worker may compute, or why it must not.
 
-    Checks everything native code relies on: a float tensor [n, hidden], one int32 expert id per row
-    in its aux section, a layer of the model, expert ids within the model and held here (`held`:
-    (layer, expert) pairs; None: all)."""
+    Checks everything native code relies on (frames.py gives the layout): a float tensor [n, hidden]
+    with n >= 1, an int32 aux of n counts (each in [1, num_experts]) then exactly their sum of
+    expert ids, a layer of the model, expert ids within the model and held here (`held`: a bool
+    mask [L, E]; None: all). Tensor operations only: the cost does not grow with rows in Python."""
     h = frame.header
     tensor, aux = frame.tensor, frame.aux
     if tensor is None or tensor.dim() != 2:
@@ -70,17 +116,29 @@ def check_dispatch(frame: Frame, hidden: int, held: set[tuple[int, int]] | None,
     n, width = tensor.shape
     if width != hidden:
         return f"rows are {width} wide; this model's hidden size is {hidden}"
-    if aux is None or aux.numel() != n:
-        return f"{n} rows need {n} expert ids in aux, got {0 if aux is None else aux.numel()}"
+    if n < 1:
+        return "a DISPATCH must carry at least one row"
+    have = 0 if aux is None else aux.numel()
+    if have < 2 * n:
+        return f"{n} rows need {n} counts and at least {n} expert ids in aux, got {have} values"
+    counts, experts = aux[:n], aux[n:]  # [n], [P]
+    low, high = torch.aminmax(counts)
+    if int(low) < 1 or int(high) > num_experts:
+        return f"expert counts must be in [1, {num_experts}], got {int(low)}..{int(high)}"
+    if int(counts.sum()) != experts.numel():
+        return f"counts add up to {int(counts.sum())} experts, aux carries {experts.numel()} expert ids"
     if not 0 <= h.layer < num_layers:
         return f"layer {h.layer} is outside the model's {num_layers} layers"
-    if n and (int(aux.min()) < 0 or int(aux.max()) >= num_experts):
-        return f"expert id out of range [0, {num_experts}): {int(aux.min())}..{int(aux.max())}"
-    if held is not None and n:
-        missing = sorted({e for e in aux.tolist() if (h.layer, e) not in held})
-        if missing:
+    low, high = torch.aminmax(experts)
+    if int(low) < 0 or int(high) >= num_experts:
+        return f"expert id out of range [0, {num_experts}): {int(low)}..{int(high)}"
+    experts = experts.long()
+    if held is not None:
+        here = held[h.layer].index_select(0, experts)  # [P]
+        if not bool(here.all()):
+            missing = sorted(set(experts[~here].tolist()))
             return f"expert(s) {missing} of layer {h.layer} are not held here"
-    return None
+    return counts.long(), experts
 
 
 def check_result(frame: Frame, rows: int, received: int, width: int) -> tuple[int, int] | str:

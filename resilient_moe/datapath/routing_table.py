@@ -9,12 +9,19 @@ candidate has a share left, the first live one takes everything. The controller 
 table (a higher epoch) when membership or placement changes; a stale epoch on a frame shows which
 table its sender used.
 
+Routes are tensors ([L, E, C]: the copies that take an expert's rows and the split between them),
+computed by tensor operations (`route_entries`) and kept current in place by `LiveRoutes`, which an
+attention worker updates on every suspicion, trust regained, new link and fence: only the entries
+naming a worker whose state changed are recomputed. A new table's tensors are built once
+(`prepare`), off the step.
+
 Shape letters: L layers, E experts, C most candidates of any expert, n rows.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -49,10 +56,32 @@ class RoutingTable:
         share = self.shares[i] if self.shares else ()
         return share or tuple(1.0 if j == 0 else 0.0 for j in range(len(entry)))
 
-    @property
+    @cached_property
     def workers(self) -> list[str]:
         """Every expert worker named in the table, sorted."""
         return sorted({w for entry in self.candidates for w in entry})
+
+    @cached_property
+    def placement(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The table as tensors: (copies [L*E, C] long, indices into `workers`, -1 past an entry's
+        last; shares [L*E, C] float64, each candidate's share as `shares_of` gives it). Built once
+        per table, by `prepare` off the step where a worker can (a Python pass over every entry)."""
+        position = {w: i for i, w in enumerate(self.workers)}
+        width = max(1, max((len(c) for c in self.candidates), default=1))
+        copies, shares = [], []
+        pad = [-1] * width
+        for i, entry in enumerate(self.candidates):
+            share = self.shares[i] if self.shares else ()
+            if not share:
+                share = (1.0,) + (0.0,) * (len(entry) - 1) if entry else ()
+            copies.append([position[w] for w in entry] + pad[len(entry):])
+            shares.append(list(share) + [0.0] * (width - len(entry)))
+        return torch.tensor(copies, dtype=torch.long), torch.tensor(shares, dtype=torch.float64)
+
+    def prepare(self) -> "RoutingTable":
+        """Build the cached lookups now (any thread), so adopting the table costs only tensor work."""
+        _ = self.placement
+        return self
 
     def unserved(self, dead: set[str] = frozenset()) -> list[tuple[int, int]]:
         """(layer, expert) pairs of sparse layers with no candidate outside `dead`."""
@@ -63,27 +92,16 @@ class RoutingTable:
         ]
 
     def routes(self, workers: list[str], dead: set[str]) -> "Routes":
-        """Where each expert's tokens go, as indices into `workers`, leaving out `dead` candidates."""
+        """Where each expert's tokens go, as indices into `workers`, leaving out `dead` candidates
+        (and candidates not in `workers`)."""
         position = {w: i for i, w in enumerate(workers)}
-        width = max(1, max((len(c) for c in self.candidates), default=1))
-        index = torch.full((self.num_layers, self.num_experts, width), -1, dtype=torch.long)  # [L, E, C]
-        bound = torch.full((self.num_layers, self.num_experts, width), float("inf"))  # [L, E, C]
-        for i, entry in enumerate(self.candidates):
-            layer, expert = divmod(i, self.num_experts)
-            live = [(w, s) for w, s in zip(entry, self.shares_of(layer, expert)) if w not in dead and w in position]
-            if not live:
-                continue
-            total = sum(s for _, s in live)
-            if total <= 0:  # the copies with a share are gone: the first live one takes everything
-                live, total = [(live[0][0], 1.0)], 1.0
-            live = [(w, s) for w, s in live if s > 0]
-            cumulative = 0.0
-            for j, (w, s) in enumerate(live):
-                cumulative += s / total
-                index[layer, expert, j] = position[w]
-                bound[layer, expert, j] = cumulative
-            bound[layer, expert, len(live) - 1] = float("inf")  # rounding never leaves a row unplaced
-        return Routes(index, bound)
+        where = torch.tensor([position.get(w, -1) for w in self.workers] + [-1], dtype=torch.long)  # [W+1]
+        gone = torch.tensor([w in dead or w not in position for w in self.workers] + [True])  # [W+1]
+        copies, shares = self.placement
+        index, bound = route_entries(copies, shares, gone)
+        index = torch.where(index >= 0, where[index], -1)
+        return Routes(index.view(self.num_layers, self.num_experts, -1),
+                      bound.view(self.num_layers, self.num_experts, -1))
 
     def to_proto(self, pb):
         """As a controller_pb2.RoutingTable (`pb` is the controller_pb2 module)."""
@@ -123,11 +141,100 @@ class Routes:
         copy = (fraction.unsqueeze(1) > self.bound[layer][experts]).sum(1)  # [n] first copy whose bound covers it
         return self.index[layer][experts, copy.clamp(max=self.index.shape[2] - 1)]
 
-    def merged(self, fallback: "Routes") -> "Routes":
-        """These routes, with `fallback`'s for the experts that have no live copy here."""
-        missing = (self.index[..., :1] < 0)  # [L, E, 1]
-        return Routes(torch.where(missing, fallback.index, self.index), torch.where(missing, fallback.bound, self.bound))
-
     def first(self) -> torch.Tensor:
         """[L, E] the first live copy of each expert (-1 where none)."""
         return self.index[..., 0]
+
+
+def route_entries(copies: torch.Tensor, shares: torch.Tensor, gone: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The routes of table entries as tensor operations: (index [N, C], bound [N, C]) as `Routes`
+    holds them, for entries' copies [N, C] (worker indices, -1 padding), their shares [N, C] and
+    `gone` [W+1] bool (the last slot, for padding, True).
+
+    The rule, per entry: the live copies split the shares among themselves in candidate order;
+    when none of them has a share, the first live copy takes everything; copies left with no share
+    take no rows. Sums run left to right in float64, as a loop over the candidates would."""
+    N, C = copies.shape
+    live = ~gone[copies]  # [N, C] (padding indexes the last slot)
+    share = torch.where(live, shares, 0.0)  # [N, C]
+    total = share.cumsum(1)[:, -1]  # [N]
+    first = live.to(torch.int8).argmax(1)  # [N] first live copy (0 when none)
+    idle = live.any(1) & (total <= 0)  # [N] live copies, none with a share: the first takes all
+    if bool(idle.any()):
+        share[idle] = 0.0
+        share[idle, first[idle]] = 1.0
+        total = torch.where(idle, 1.0, total)
+    keep = live & (share > 0)  # [N, C]
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)  # kept copies first, in order
+    keep = keep.gather(1, order)
+    fraction = share.gather(1, order) / torch.where(total > 0, total, 1.0).unsqueeze(1)  # [N, C]
+    index = torch.where(keep, copies.gather(1, order), -1)
+    bound = torch.where(keep, fraction.cumsum(1), float("inf")).to(torch.float32)
+    last = keep.sum(1) - 1  # [N] the last kept copy takes whatever rounding leaves
+    rows = (last >= 0).nonzero().squeeze(1)
+    bound[rows, last[rows]] = float("inf")
+    return index, bound
+
+
+class LiveRoutes:
+    """A routing table's routes under the current state of each expert worker, updated in place.
+
+    Each worker is USABLE, SUSPECT (silent or late: used only for experts with no usable copy left)
+    or GONE. `update` recomputes only the entries that name a worker whose state changed, with
+    tensor operations, so a suspicion, a link or a fence costs time in proportion to the experts it
+    touches, not a rebuild of every (layer, expert) in Python."""
+
+    USABLE, SUSPECT, GONE = 0, 1, 2
+
+    def __init__(self, table: RoutingTable, states: dict[str, int] | None = None) -> None:
+        self.table = table
+        self.workers = table.workers
+        self._copies, self._shares = table.placement  # [N, C] each
+        self.states = torch.zeros(len(self.workers), dtype=torch.int8)  # [W]
+        N, C = self._copies.shape
+        self.routes = Routes(torch.full((table.num_layers, table.num_experts, C), -1, dtype=torch.long),
+                             torch.full((table.num_layers, table.num_experts, C), float("inf")))
+        self._recompute(torch.arange(N), self._state_vector(states or {}))
+
+    def _state_vector(self, states: dict[str, int]) -> torch.Tensor:
+        return torch.tensor([states.get(w, self.USABLE) for w in self.workers], dtype=torch.int8)
+
+    def update(self, states: dict[str, int]) -> int:
+        """Adopt each worker's state (those not named: USABLE); returns how many entries changed."""
+        new = self._state_vector(states)
+        changed = (new != self.states).nonzero().squeeze(1)  # [w]
+        if not changed.numel():
+            return 0
+        entries = torch.isin(self._copies, changed).any(1).nonzero().squeeze(1)  # [n] entries naming one
+        self._recompute(entries, new)
+        return int(entries.numel())
+
+    def with_gone(self, names: set[str]) -> Routes:
+        """Fresh routes (nothing updated) with `names` gone as well: for a resend that must avoid them."""
+        states = self.states.clone()
+        for i, w in enumerate(self.workers):
+            if w in names:
+                states[i] = self.GONE
+        index, bound = self._compute(slice(None), states)
+        shape = self.routes.index.shape
+        return Routes(index.view(shape), bound.view(shape))
+
+    def _recompute(self, entries: torch.Tensor, states: torch.Tensor) -> None:
+        """Adopt `states` [W] and write the routes of `entries` [n] in place."""
+        self.states = states
+        index, bound = self._compute(entries, states)
+        width = index.shape[1]
+        self.routes.index.view(-1, width)[entries] = index
+        self.routes.bound.view(-1, width)[entries] = bound
+
+    def _compute(self, entries: torch.Tensor | slice, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Routes of `entries` under `states` [W]. Suspects count as gone unless an entry has no
+        usable copy; then they count as live (perhaps slow, not dead: the controller decides)."""
+        copies, shares = self._copies[entries], self._shares[entries]  # [n, C]
+        closed = torch.cat((states != self.USABLE, torch.ones(1, dtype=torch.bool)))  # [W+1]
+        index, bound = route_entries(copies, shares, closed)
+        stuck = (index[:, 0] < 0).nonzero().squeeze(1)  # entries with no usable copy
+        if stuck.numel():
+            dead = torch.cat((states == self.GONE, torch.ones(1, dtype=torch.bool)))
+            index[stuck], bound[stuck] = route_entries(copies[stuck], shares[stuck], dead)
+        return index, bound

@@ -108,8 +108,8 @@ class ShmLink(Link):
         self._check_sendable()
         args, keep = native_args(header, self.identity.number, self.identity.incarnation, aux, tensor, body)
         try:
-            if not self.tx.send_frame(*args):
-                self._send_when_room(lambda: self.tx.send_frame(*args), self.tx.want, timeout)
+            if not self._count(self.tx.send_frame(*args)):
+                self._send_when_room(lambda: self._count(self.tx.send_frame(*args)), self.tx.want, timeout)
         except _native.MessageTooLarge as e:
             raise FrameTooLarge(f"link to {self.peer.name}: {e}") from None
         del keep  # the tensors must outlive the native call, which took them by address
@@ -129,15 +129,22 @@ class ShmLink(Link):
         except _native.MessageTooLarge as e:
             raise FrameTooLarge(f"link to {self.peer.name}: {e}") from None
         del keep
-        return bool(sent)
+        return bool(self._count(sent))
+
+    def _count(self, sent: int) -> int:
+        """Count a frame of `sent` bytes that went out (0: none did); returns `sent`."""
+        if sent:
+            self.bytes_sent += sent
+            self.frames_sent += 1
+        return sent
 
     def send_raw(self, data: bytes | memoryview, timeout: float = 5.0) -> None:
         """Publish bytes that are already one frame, unchanged (see Link.send_raw)."""
         self._check_sendable()
         try:
-            if self.tx.push(data):
-                return
-            self._send_when_room(lambda: self.tx.push(data), len(data), timeout)
+            if not self.tx.push(data):
+                self._send_when_room(lambda: self.tx.push(data), len(data), timeout)
+            self._count(len(data))
         except _native.MessageTooLarge as e:
             raise FrameTooLarge(f"link to {self.peer.name}: {e}") from None
 

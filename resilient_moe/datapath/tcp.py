@@ -3,8 +3,10 @@
 A frame goes out as one `sendmsg` of its header (+ aux + padding, sealed by the native codec with
 the checksum of the whole frame) and the tensor bytes where they lie, so the tensor is not copied
 in user space. The receiver reads the stream without blocking and reassembles whole frames from
-partial reads: small frames land in a staging buffer and are copied out; a big frame gets its own
-64-byte aligned buffer as soon as its header is known and the rest is read straight into it.
+partial reads: small frames land in a staging buffer and are copied out into an arena; a big frame
+gets a 64-byte aligned buffer as soon as its header is known and the rest is read straight into it.
+Received frames are valid until `release()` (as on shm), which hands their memory back: arena and
+big buffers are reused, so a link in steady use allocates nothing per frame.
 
 A frame whose checksum or fields are wrong but whose header still gives its length is rejected and
 skipped, like on shm. A header that cannot be parsed leaves no way to find the next frame in the
@@ -25,6 +27,7 @@ import torch
 
 from resilient_moe import _native
 from resilient_moe.datapath.frames import (
+    ALIGN,
     HEADER_SIZE,
     DType,
     Frame,
@@ -44,6 +47,10 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_FRAME = 256 << 20  # bytes; a header announcing more closes the link
 _STAGING = 256 << 10
 _OWN_BUFFER = 16 << 10  # frames at least this big are read straight into their own buffer
+_ARENA = 256 << 10  # bytes per chunk of the arena small frames are copied into
+_BIG_ROUND = 64 << 10  # big receive buffers are sized in these steps, so similar frames reuse them
+_MAX_KEPT = 64 << 20  # bytes of big receive buffers kept for reuse
+_MAX_CHUNKS = 4  # arena chunks kept for reuse
 _MAX_BACKLOG = 64 << 20  # bytes of received frames a blocked send may set aside
 _OUT_LIMIT = 16 << 20  # bytes try_send may queue in user space before it answers "no room"
 _MAX_SKIPPED = 64
@@ -55,10 +62,13 @@ class StreamCorrupt(Exception):
 
 
 class FrameReader:
-    """Reassembles whole frames from a non-blocking byte stream.
+    """Reassembles whole frames from a non-blocking byte stream into receive memory it reuses.
 
-    `fill(sock)` reads what is there; `next_frame()` returns the next whole frame in a buffer of
-    its own (a memoryview), or None until one is complete.
+    `fill(sock)` reads what is there; `next_frame()` returns the next whole frame (a memoryview,
+    64-byte aligned) or None until one is complete. Frames stay valid until `release()`, which
+    hands their memory back for the next frames: small frames are copied out of the staging buffer
+    into a bump arena, big ones are read straight into buffers kept for reuse, so steady traffic
+    allocates nothing per frame.
     """
 
     def __init__(self, max_frame: int) -> None:
@@ -66,7 +76,13 @@ class FrameReader:
         self._staging = memoryview(_native.alloc(_STAGING))
         self._start = self._end = 0
         self._big: memoryview | None = None  # a frame being read straight into its own buffer
+        self._big_buffer: memoryview | None = None  # the reusable buffer `_big` is a slice of
         self._big_fill = 0
+        self._arena = [memoryview(_native.alloc(_ARENA))]  # chunks small frames are copied into
+        self._chunk = self._used = 0  # where the next small frame goes
+        self._free: list[memoryview] = []  # big buffers back from release(), for reuse
+        self._lent: list[memoryview] = []  # big buffers of frames returned since the last release()
+        self.allocations = 2  # buffers allocated so far (staging and the first arena chunk)
 
     def fill(self, sock: socket.socket) -> int:
         """One recv into the free space; returns the bytes read (0: EOF). Raises BlockingIOError."""
@@ -88,6 +104,8 @@ class FrameReader:
             if self._big_fill < len(self._big):
                 return None
             frame, self._big = self._big, None
+            self._lent.append(self._big_buffer)
+            self._big_buffer = None
             return frame
         have = self._end - self._start
         if have < HEADER_SIZE:
@@ -100,8 +118,9 @@ class FrameReader:
         if size > self.max_frame:
             raise StreamCorrupt(f"frame of {size} bytes exceeds this link's limit of {self.max_frame}")
         if size >= _OWN_BUFFER and have < size:
-            # Give the frame its own buffer and read the rest straight into it.
-            self._big = memoryview(_native.alloc(size))
+            # Read the rest straight into a buffer of its own (one kept from earlier frames if any fits).
+            self._big_buffer = self._big_buffer_for(size)
+            self._big = self._big_buffer[:size]
             self._big[:have] = self._staging[self._start : self._end]
             self._big_fill = have
             self._start = self._end = 0
@@ -110,12 +129,43 @@ class FrameReader:
             if self._start + size > _STAGING:
                 self._compact()
             return None
-        frame = memoryview(_native.alloc(size))
+        frame = self._arena_slot(size)
         frame[:] = self._staging[self._start : self._start + size]
         self._start += size
         if self._start == self._end:
             self._start = self._end = 0
         return frame
+
+    def release(self) -> None:
+        """Every frame returned so far is done with: its memory holds the next frames."""
+        self._chunk = self._used = 0
+        del self._arena[_MAX_CHUNKS:]  # a burst between two releases is not kept for ever
+        if self._lent:
+            self._free.extend(self._lent)
+            self._lent.clear()
+            self._free.sort(key=len)
+            while sum(len(b) for b in self._free) > _MAX_KEPT:
+                self._free.pop()  # the biggest go first: a rare huge frame is not kept for ever
+
+    def _arena_slot(self, size: int) -> memoryview:
+        """`size` bytes of the arena, 64-byte aligned; a new chunk when frames outnumber the arena
+        between two releases (kept for next time)."""
+        at = -(-self._used // ALIGN) * ALIGN
+        if at + size > _ARENA:
+            self._chunk += 1
+            if self._chunk == len(self._arena):
+                self._arena.append(memoryview(_native.alloc(_ARENA)))
+                self.allocations += 1
+            at = 0
+        self._used = at + size
+        return self._arena[self._chunk][at : at + size]
+
+    def _big_buffer_for(self, size: int) -> memoryview:
+        for i, buffer in enumerate(self._free):  # smallest first
+            if len(buffer) >= size:
+                return self._free.pop(i)
+        self.allocations += 1
+        return memoryview(_native.alloc(-(-size // _BIG_ROUND) * _BIG_ROUND))
 
     def has_frame(self) -> bool:
         """A whole frame is buffered (cheap; may say False for a frame next_frame would assemble)."""
@@ -157,6 +207,7 @@ class TcpLink(Link):
         self._backlog_bytes = 0
         self._gone: str | None = None
         self._closed = False
+        reader.release()  # the handshake's frame was read into it and is done with
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
@@ -174,6 +225,7 @@ class TcpLink(Link):
         parts, keep = self._frame_parts(header, aux, tensor, body)
         self._send_parts(parts, timeout)
         del keep
+        self._count(parts)
 
     def try_send(
         self,
@@ -197,7 +249,12 @@ class TcpLink(Link):
             self._out.append(memoryview(bytes(view)))  # our own copy: the caller may reuse its tensors
             self._out_bytes += len(view)
         del keep
+        self._count(views)
         return True
+
+    def _count(self, parts: list) -> None:
+        self.bytes_sent += sum(memoryview(p).nbytes for p in parts)
+        self.frames_sent += 1
 
     def flush(self) -> bool:
         """sendmsg of the queued bytes, as far as the socket takes them; True when none are left."""
@@ -241,6 +298,7 @@ class TcpLink(Link):
         """Write bytes that are already one frame, unchanged (see Link.send_raw)."""
         self._check_sendable()
         self._send_parts([data], timeout)
+        self._count([data])
 
     def _check_sendable(self) -> None:
         if self._closed:
@@ -299,7 +357,9 @@ class TcpLink(Link):
             except StreamCorrupt:
                 return  # recv() reports it
             if frame is not None:
-                self._backlog.append(frame)
+                own = memoryview(_native.alloc(len(frame)))  # outlives release(): a copy of its own
+                own[:] = frame
+                self._backlog.append(own)
                 self._backlog_bytes += len(frame)
                 continue
             if not self._fill():
@@ -307,7 +367,7 @@ class TcpLink(Link):
 
     # ------------------------------------------------------------------ receiving
     def recv(self) -> Frame | None:
-        """The next whole frame; it has a buffer of its own, so release() frees nothing."""
+        """The next whole frame, in receive memory that is reused after release()."""
         if self._closed:
             raise LinkClosed(f"link to {self.peer.name} was closed by this end")
         for _ in range(_MAX_SKIPPED):
@@ -353,7 +413,8 @@ class TcpLink(Link):
         return n > 0
 
     def release(self) -> None:
-        """Nothing to free: each received frame owns its buffer."""
+        """The frames recv() returned so far are done with: their memory takes the next ones."""
+        self._reader.release()
 
     # ------------------------------------------------------------------ liveness and teardown
     def fileno(self) -> int:

@@ -31,6 +31,7 @@ from resilient_moe.datapath.frames import FrameHeader, FrameKind, worker_number
 from resilient_moe.datapath.dial import connect
 from resilient_moe.datapath.link import FrameTooLarge, Link, LinkClosed, Outbox, PeerInfo
 from resilient_moe.datapath.poller import Poller, Wakeup
+from resilient_moe.datapath.token_frames import TokenEventRecord, TokenFrameError, decode_tokens
 from resilient_moe.procs import GONE, STOPPED, process_state
 from resilient_moe.proto import controller_pb2 as pb
 
@@ -222,6 +223,7 @@ class Frontend:
         self.probe_interval_s = probe_interval_s
         self.probe_misses = probe_misses
         self.probes = 0
+        self.token_frames_rejected = 0  # malformed TOKENS frames dropped (token_frames.py)
         self._released: "queue.SimpleQueue[str]" = queue.SimpleQueue()
         self._outbox: "queue.Queue[tuple[RequestHandle, messages.Message]]" = queue.Queue()
         self._parked: list[tuple[RequestHandle, messages.Submit, float]] = []  # moved, waiting for a worker
@@ -316,7 +318,7 @@ class Frontend:
     def stats(self) -> dict[str, float]:
         """For /admin/cluster: requests in flight, attention workers linked."""
         return {"unfinished": float(self.unfinished()), "attention_links": float(len(self.links)),
-                "capacity": float(self.capacity())}
+                "capacity": float(self.capacity()), "token_frames_rejected": float(self.token_frames_rejected)}
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, timeout_s: float = 300.0) -> list[RequestHandle]:
         handles = [self.submit(p, params) for p in prompts]
@@ -507,7 +509,15 @@ class Frontend:
             while (frame := link.recv()) is not None:
                 got = True
                 entry.last_heard, entry.probes_sent = time.monotonic(), 0
-                if frame.header.kind == FrameKind.CONTROL:
+                if frame.header.kind == FrameKind.TOKENS:
+                    try:
+                        events = decode_tokens(frame.body)
+                    except TokenFrameError as e:
+                        self.token_frames_rejected += 1
+                        log.error("bad TOKENS frame from %s: %s", name, e)
+                        continue
+                    self._on_tokens(events)
+                elif frame.header.kind == FrameKind.CONTROL:
                     try:
                         self._on_message(name, messages.decode(frame.body))
                     except messages.MessageError as e:
@@ -517,15 +527,17 @@ class Frontend:
         except LinkClosed as e:
             self._lost(name, str(e))
 
+    def _on_tokens(self, events: list[TokenEventRecord]) -> None:
+        with self._lock:
+            handles = [self.requests.get(e.request_id) for e in events]
+        for e, handle in zip(events, handles):
+            if handle is not None:
+                handle._accept(e.position, e.token_id, e.logprob, e.finish_reason, e.top_logprobs)
+
     def _on_message(self, worker: str, message: messages.Message) -> None:
         with self._lock:
             requests = dict(self.requests)
-        if isinstance(message, messages.Tokens):
-            for request_id, position, token_id, logprob, finish, top in message.events:
-                handle = requests.get(request_id)
-                if handle is not None:
-                    handle._accept(position, token_id, logprob, finish, top)
-        elif isinstance(message, messages.Started):
+        if isinstance(message, messages.Started):
             for request_id in message.request_ids:
                 handle = requests.get(request_id)
                 if handle is not None and handle.worker == worker:

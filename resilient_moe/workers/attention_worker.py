@@ -1,8 +1,9 @@
 """Attention worker (AW): embedding, attention, routers, dense and shared MLPs, LM head, sampler and
 the paged KV cache, driving remote expert workers through the forwarding engine.
 
-It serves requests from frontends over links of its own: `submit`/`abort` in, `tokens`/`failed` out
-(messages.py). Commands that arrive while a step runs are queued and applied between steps, so the
+It serves requests from frontends over links of its own: `submit`/`abort` in, `failed`, `started`
+and `handover` out (messages.py), and each step's token events out as one binary TOKENS frame per
+frontend (datapath/token_frames.py). Commands that arrive while a step runs are queued and applied between steps, so the
 engine is only ever touched by the main loop. Cluster views (controller/view.py) are applied between
 steps and also while a step waits on expert workers, so a step whose experts have no live copy sees a
 replacement's link and routing table as soon as they exist.
@@ -43,6 +44,7 @@ from resilient_moe.datapath.frames import FrameHeader, FrameKind, worker_number
 from resilient_moe.datapath.dial import choose_address, listen
 from resilient_moe.datapath.link import FrameTooLarge, Link, LinkClosed, Outbox, PeerInfo
 from resilient_moe.datapath.part_rules import DeadlineModel
+from resilient_moe.datapath.token_frames import encode_tokens
 from resilient_moe.datapath.poller import Poller, Wakeup
 from resilient_moe.engine.engine import LLMEngine
 from resilient_moe.engine.remote_experts import RemoteExperts
@@ -90,6 +92,11 @@ class AttentionServer:
         self.handed_over = 0  # requests moved to other workers by a drain
         self.fenced = False
         self.step_s = 0.0  # time inside engine steps (attention compute + waiting for experts)
+        # Where a step's wall time goes, summed (seconds): commands applied before it, the engine step
+        # (of which forwarder.wait_s waits on expert workers), publishing tokens, checkpointing after it.
+        self.phase_s = dict.fromkeys(("commands", "publish", "checkpoint"), 0.0)
+        self.prefill_steps = 0  # steps that computed prompt tokens beside their decodes
+        self._scheduled = (0, 0)  # (decodes, prompt tokens) of the step about to run
         self.started = time.monotonic()
         self.recomputed_tokens = 0  # positions of adopted requests computed again (not restored)
         self.requests_recomputed = 0  # adopted requests with nothing to restore
@@ -238,6 +245,8 @@ class AttentionServer:
     def on_scheduled(self, seqs: list[Sequence]) -> None:
         """Before a step runs: tell each frontend which of its requests start here with it (if this
         worker dies in the step, those are the suspects); chaos poison strikes here."""
+        self._scheduled = (sum(1 for s in seqs if s.num_new_tokens == 1),
+                           sum(s.num_scheduled for s in seqs if s.num_new_tokens > 1))
         by_link: dict[Link, list[str]] = {}
         for seq in seqs:
             if seq.request_id not in self.begun and (link := self.owner.get(seq.request_id)) is not None:
@@ -254,11 +263,14 @@ class AttentionServer:
     # ---- outputs ----------------------------------------------------------------------------
 
     def _send(self, link: Link, message: messages.Message) -> None:
+        self._send_frame(link, FrameHeader(FrameKind.CONTROL), messages.encode(message))
+
+    def _send_frame(self, link: Link, header: FrameHeader, body: bytes) -> None:
         outbox = self.frontends.get(link)
         if outbox is None:
             return
         try:
-            outbox.send(FrameHeader(FrameKind.CONTROL), body=messages.encode(message))
+            outbox.send(header, body=body)
         except (LinkClosed, FrameTooLarge) as e:
             self._drop_frontend(link, str(e))
             return
@@ -266,22 +278,23 @@ class AttentionServer:
             self._drop_frontend(link, f"{len(outbox)} messages wait for it: it stopped reading")
 
     def publish(self, events: list[TokenEvent]) -> None:
-        by_link: dict[Link, list[list]] = {}
+        """Each frontend gets one TOKENS frame with its requests' events of the step (token_frames.py)."""
+        by_link: dict[Link, list[TokenEvent]] = {}
         for e in events:
             link = self.owner.get(e.request_id)
             if link is None:
                 continue
-            top = [list(pair) for pair in e.top_logprobs] if e.top_logprobs else None
-            by_link.setdefault(link, []).append([e.request_id, e.position, e.token_id, e.logprob, e.finish_reason, top])
+            by_link.setdefault(link, []).append(e)
             if e.finish_reason is not None:
                 del self.owner[e.request_id]
                 self.begun.discard(e.request_id)
         for link, batch in by_link.items():
-            self._send(link, messages.Tokens(batch))
+            self._send_frame(link, FrameHeader(FrameKind.TOKENS, step=self.engine.step_count), encode_tokens(batch))
 
     # ---- loop -------------------------------------------------------------------------------
 
     def run_once(self) -> None:
+        began = time.perf_counter()
         self.apply_commands()
         if self.draining.is_set():
             self.stopping.set()  # serve_forever hands the requests over next
@@ -292,14 +305,31 @@ class AttentionServer:
             self.on_other(links, fds)
             return
         start = time.perf_counter()
+        waited = self.forwarder.wait_s
         try:
             events = self.engine.step()
         except StepCancelled:
             return  # stopping: nothing of this step is published
-        self.step_s += time.perf_counter() - start
+        stepped = time.perf_counter()
         self.publish(events)
+        published, published_at = time.perf_counter(), time.time()
         if self.checkpointer is not None:
             self.checkpointer.after_step()
+        done = time.perf_counter()
+        self.step_s += stepped - start
+        self.phase_s["commands"] += start - began
+        self.phase_s["publish"] += published - stepped
+        self.phase_s["checkpoint"] += done - published
+        decodes, prompt_tokens = self._scheduled
+        self.prefill_steps += bool(prompt_tokens)
+        # One line a step at debug level (`end`: when its tokens went out): benchmarks/bench_serving.py
+        # --attribute lines client gaps up with it.
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("step %d end=%.6f commands_ms=%.2f step_ms=%.2f expert_wait_ms=%.2f publish_ms=%.2f "
+                      "checkpoint_ms=%.2f decodes=%d prompt_tokens=%d events=%d", self.engine.step_count, published_at,
+                      1e3 * (start - began),
+                      1e3 * (stepped - start), 1e3 * (self.forwarder.wait_s - waited), 1e3 * (published - stepped),
+                      1e3 * (done - published), decodes, prompt_tokens, len(events))
         failures = self.engine.pop_failures()
         if failures and self.crash_on_lost_expert:
             log.error("an expert is lost and resilience is off: exiting (%s)", failures[0][1])
@@ -354,7 +384,9 @@ class AttentionServer:
                         "threads": float(ops.compute_threads()), "tokens": float(scheduler.tokens_in_flight),
                         "seats": float(self.engine.config.max_num_seqs),
                         "restoring": float(len(self.restoring)), "steps": float(self.engine.step_count),
-                        "step_s": self.step_s, "uptime_s": time.monotonic() - self.started, **self.forwarder.stats()}
+                        "step_s": self.step_s, "prefill_steps": float(self.prefill_steps),
+                        **{f"{phase}_s": value for phase, value in self.phase_s.items()},
+                        "uptime_s": time.monotonic() - self.started, **self.forwarder.stats()}
 
     def close(self) -> None:
         for link in list(self.frontends):
@@ -451,6 +483,8 @@ def main(config: WorkerConfig) -> int:
 
     def on_state(state: pb.ClusterState) -> None:
         view = ClusterView.from_proto(state)
+        if view.routing is not None and (forwarder.ert is None or view.routing_epoch > forwarder.ert.epoch):
+            view.routing.prepare()  # a new table's tensors are built here, on the watch thread, not on the step
         server.cluster_updates.append(view)
         if view.is_fenced(config.name, reply.incarnation):
             on_fenced()

@@ -1,7 +1,10 @@
 """Expert worker (EW): holds a subset of the routed experts and answers DISPATCH frames.
 
 DESIGN.md, step 4: the EW drains whatever frames have arrived from any attention worker (any layer,
-any micro-batch), groups the rows by (layer, expert), computes, and answers each frame. It never
+any micro-batch), groups the rows by (layer, expert), computes, and answers each frame. A DISPATCH
+carries each token's hidden row once with the list of its experts here (datapath/frames.py); the
+round expands it to one row per (token, expert) pair as it copies the rows out of the ring, and the
+RESULT carries one row per pair back. It never
 waits for a particular AW, so a dead AW cannot stall it; it keeps no state across frames, so a frame
 replayed to another holder of the same expert gets the same answer (batch-invariant kernels).
 Replayed frames are served before fresh ones.
@@ -56,6 +59,32 @@ DRAIN_QUIET_S = 0.3  # a draining worker leaves once no DISPATCH has come for th
 class _Work:
     link: Link
     frame: Frame  # a view into the link's ring until the round copies its rows out
+    counts: torch.Tensor  # [n] experts asked of each row (checked)
+    experts: torch.Tensor  # [P] expert id of each (row, expert) pair, row by row
+
+
+def _in_turn(work: list[_Work]) -> list[list[_Work]]:
+    """The order a round computes its frames in, as batches of one layer each.
+
+    Each turn takes every sender's oldest call (the parts of one (step, layer, micro-batch)) and
+    computes those of one layer together: frames of several attention workers share the expert
+    weights read for them, but a sender's later micro-batch never rides with its earlier one, whose
+    answer it needs first (ping-pong: while the experts compute micro-batch i+1, attention computes
+    micro-batch i's next layer)."""
+    calls: dict[Link, dict[tuple[int, int, int], list[_Work]]] = {}
+    for w in work:
+        h = w.frame.header
+        calls.setdefault(w.link, {}).setdefault((h.step, h.layer, h.micro_batch), []).append(w)
+    queues = [list(by_call.values()) for by_call in calls.values()]  # per sender, its calls in arrival order
+    batches: list[list[_Work]] = []
+    while queues:
+        by_layer: dict[int, list[_Work]] = {}
+        for queue in queues:
+            head = queue.pop(0)
+            by_layer.setdefault(head[0].frame.header.layer, []).extend(head)
+        batches.extend(by_layer.values())
+        queues = [q for q in queues if q]
+    return batches
 
 
 class ExpertServer:
@@ -84,13 +113,14 @@ class ExpertServer:
         self._unreleased: set[Link] = set()  # links whose received frames are still views in use
         self._last_service = 0.0
         self.counters = dict.fromkeys(("frames", "rows", "frames_fenced", "errors", "frames_rejected",
-                                       "probes_answered", "replies_split", "replies_queued"), 0)
+                                       "probes_answered", "replies_split", "replies_queued", "batches"), 0)
         self.busy_s = 0.0  # time computing and answering (the rest of the wall time it sits idle)
         self.started = time.monotonic()
         self.last_dispatch = time.monotonic()  # when the latest DISPATCH arrived (a draining worker waits for quiet)
         # Rows computed per (layer, expert) since start (this thread writes; heartbeats read deltas).
         self.expert_rows = torch.zeros((self.num_layers, self.num_experts), dtype=torch.long)
         self.held = (0, list(experts.held))  # (version, experts held): replaced whole when it changes
+        self.held_mask = self._mask(self.held[1])  # [L, E] bool: what DISPATCH validation looks up
         self._installs: "queue.SimpleQueue[dict[ExpertKey, Prepared]]" = queue.SimpleQueue()
         self._drops: "queue.SimpleQueue[list[ExpertKey]]" = queue.SimpleQueue()
 
@@ -111,8 +141,12 @@ class ExpertServer:
 
     def poll_once(self, timeout_s: float) -> int:
         """Wait for frames, serve every one that has arrived; returns the number of DISPATCH served."""
-        backlog = self._pending or any(len(o) for o in self._outboxes.values())
-        self.poller.wait(0.001 if backlog else timeout_s)
+        if self._pending:
+            pass  # frames taken while the last round computed are already here: no wait (they left the rings)
+        elif any(len(o) for o in self._outboxes.values()):
+            self.poller.wait(0.001)  # replies wait for room: look again soon
+        else:
+            self.poller.wait(timeout_s)
         self._apply_changes()
         self._flush_all()
         work, self._pending = self._pending, []
@@ -126,8 +160,9 @@ class ExpertServer:
         # Replayed work first: it belongs to micro-batches already stalled by a failure.
         replays = [w for w in work if w.frame.header.flags & FrameFlags.REPLAY]
         fresh = [w for w in work if not w.frame.header.flags & FrameFlags.REPLAY]
-        batches = self._copy_out(replays) + self._copy_out(fresh)
+        batches = [self._copy_out(batch) for batch in _in_turn(replays) + _in_turn(fresh)]
         self._release_all()  # every row is copied out: the rings are free while we compute
+        self.counters["batches"] += len(batches)
         for layer, x, ids, answers in batches:
             self._compute(layer, x, ids, answers)
         self.busy_s += time.perf_counter() - start
@@ -154,10 +189,11 @@ class ExpertServer:
             self.counters["frames_fenced"] += 1
             return
         if header.kind == FrameKind.DISPATCH:
-            problem = check_dispatch(frame, self.hidden, self.experts.held_set, self.num_layers, self.num_experts)
-            if problem is None:
-                work.append(_Work(link, frame))
+            checked = check_dispatch(frame, self.hidden, self.held_mask, self.num_layers, self.num_experts)
+            if checked.__class__ is tuple:
+                work.append(_Work(link, frame, *checked))
                 return
+            problem = checked
             self.counters["frames_rejected"] += 1
             log.warning("rejected a DISPATCH from %s (seq %d): %s", link.peer.name, header.seq, problem)
             self._reply(link, self._result_header(header, FrameFlags.ERROR), body=problem.encode()[:4096])
@@ -182,17 +218,23 @@ class ExpertServer:
         self._flush_all()
         self._collect_all(self._pending)
 
-    def _copy_out(self, work: list[_Work]) -> list[tuple[int, torch.Tensor, torch.Tensor, list]]:
-        """(layer, rows [N, D], expert ids [N], (link, header, n) per frame) per layer: private copies."""
-        by_layer: dict[int, list[_Work]] = {}
-        for w in work:
-            by_layer.setdefault(w.frame.header.layer, []).append(w)
-        batches = []
-        for layer, items in by_layer.items():
-            x = torch.cat([w.frame.tensor for w in items]).to(self.experts.dtype)  # [N, D], frame by frame
-            ids = torch.cat([w.frame.aux for w in items]).long()  # [N]
-            batches.append((layer, x, ids, [(w.link, w.frame.header, w.frame.tensor.shape[0]) for w in items]))
-        return batches
+    def _copy_out(self, batch: list[_Work]) -> tuple[int, torch.Tensor, torch.Tensor, list]:
+        """(layer, rows [N, D], expert ids [N], (link, header, pairs) per frame) of frames of one layer:
+        a private copy with one row per (token, expert) pair, each frame's in the order of its aux
+        (frames.py)."""
+        total = sum(w.experts.numel() for w in batch)
+        x = torch.empty((total, self.hidden), dtype=self.experts.dtype)  # [N, D]
+        start = 0
+        for w in batch:
+            rows, pairs = w.frame.tensor, w.experts.numel()  # [n, D] in the ring
+            row_of_pair = torch.repeat_interleave(torch.arange(rows.shape[0]), w.counts)  # [pairs]
+            if rows.dtype == x.dtype:
+                torch.index_select(rows, 0, row_of_pair, out=x[start:start + pairs])  # the one copy out
+            else:
+                x[start:start + pairs] = rows.index_select(0, row_of_pair)
+            start += pairs
+        ids = torch.cat([w.experts for w in batch])  # [N]
+        return batch[0].frame.header.layer, x, ids, [(w.link, w.frame.header, w.experts.numel()) for w in batch]
 
     def _compute(self, layer: int, x: torch.Tensor, ids: torch.Tensor, answers: list) -> None:
         try:
@@ -276,7 +318,16 @@ class ExpertServer:
             changed = True
         if changed:
             self.held = (self.held[0] + 1, list(self.experts.held))
+            self.held_mask = self._mask(self.held[1])
             log.info("now holding %d experts", len(self.held[1]))
+
+    def _mask(self, held: list[ExpertKey]) -> torch.Tensor:
+        """[L, E] bool: True where (layer, expert) is held here."""
+        mask = torch.zeros((self.num_layers, self.num_experts), dtype=torch.bool)
+        if held:
+            index = torch.tensor(held, dtype=torch.long)  # [H, 2]
+            mask[index[:, 0], index[:, 1]] = True
+        return mask
 
     def stats(self) -> dict[str, float]:
         rejected = sum(link.rejected for link in self.links)
