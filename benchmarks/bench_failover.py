@@ -209,7 +209,7 @@ def client_process(conn, url: str, prompts: list[list[int]], max_tokens: int, wa
             await asyncio.gather(*tasks)
         return outs
 
-    while (command := conn.recv()) == "go":
+    while conn.recv() == "go":
         conn.send(asyncio.run(run()))
 
 

@@ -79,8 +79,8 @@ def _in_turn(work: list[_Work]) -> list[list[_Work]]:
     batches: list[list[_Work]] = []
     while queues:
         by_layer: dict[int, list[_Work]] = {}
-        for queue in queues:
-            head = queue.pop(0)
+        for pending in queues:
+            head = pending.pop(0)
             by_layer.setdefault(head[0].frame.header.layer, []).extend(head)
         batches.extend(by_layer.values())
         queues = [q for q in queues if q]
