@@ -11,6 +11,15 @@ field's type and names the first bad one, so a malformed message is rejected, no
                                 (sent before it runs: if the worker dies in it, they are suspects)
     handover   AW -> frontend   this worker is draining: move these requests to another worker; their
                                 KV is committed in the KV store, where the adopter restores it from
+    attach     frontend -> AW   a client resumed this request here: deliver it to me from `position` on
+                                (its previous frontend died, or the client reconnected elsewhere)
+    attached   AW -> frontend   the answer: tokens from position `first` follow, the request's own
+                                from now on (a `failed` of kind "not_here" when it does not have it)
+
+A request submitted with `keep_s` > 0 (a client's Idempotency-Key) outlives its frontend: when that
+frontend's link breaks the AW keeps decoding it for `keep_s` (unowned) and keeps its token events, and
+those of a finished one for as long, for whoever attaches; after that it is aborted. A previous owner
+that is still alive hears `failed` of kind "detached".
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ class Submit:
     output_ids: list[int] = field(default_factory=list)  # tokens already delivered (resume)
     resume: bool = False  # moved here from a failed attention worker: restore its checkpointed KV if any
     suspect: bool = False  # a worker failed in this request's first step there: admit it alone, one a step
+    keep_s: float = 0.0  # > 0: keep it this long when its frontend is gone (see the module docstring)
     type: str = "submit"
 
 
@@ -62,8 +72,23 @@ class Handover:
     type: str = "handover"
 
 
-Message = Submit | Abort | Failed | Started | Handover
-_TYPES = {"submit": Submit, "abort": Abort, "failed": Failed, "started": Started, "handover": Handover}
+@dataclass(frozen=True)
+class Attach:
+    request_id: str
+    position: int = 0
+    type: str = "attach"
+
+
+@dataclass(frozen=True)
+class Attached:
+    request_id: str
+    first: int
+    type: str = "attached"
+
+
+Message = Submit | Abort | Failed | Started | Handover | Attach | Attached
+_TYPES = {"submit": Submit, "abort": Abort, "failed": Failed, "started": Started, "handover": Handover,
+          "attach": Attach, "attached": Attached}
 
 
 def encode(message: Message) -> bytes:
@@ -101,7 +126,7 @@ def _check(kind: str, raw: dict[str, Any]) -> None:
         if not ok:
             raise MessageError(f"{kind}: field {name!r} must be {what}, got {raw.get(name)!r}")
 
-    if kind in ("submit", "abort", "failed"):
+    if kind in ("submit", "abort", "failed", "attach", "attached"):
         need("request_id", isinstance(raw.get("request_id"), str) and 0 < len(raw["request_id"]) <= 256,
              "a string of 1-256 characters")
     if kind == "submit":
@@ -113,6 +138,13 @@ def _check(kind: str, raw: dict[str, Any]) -> None:
         need("output_ids", isinstance(out, list) and all(_is_int(t) for t in out), "a list of integers")
         need("resume", isinstance(raw.get("resume", False), bool), "true or false")
         need("suspect", isinstance(raw.get("suspect", False), bool), "true or false")
+        keep = raw.get("keep_s", 0.0)
+        need("keep_s", isinstance(keep, (int, float)) and not isinstance(keep, bool) and 0 <= keep <= 86400,
+             "a number of seconds in [0, 86400]")
+    elif kind == "attach":
+        need("position", _is_int(raw.get("position", 0)) and raw.get("position", 0) >= 0, "an integer >= 0")
+    elif kind == "attached":
+        need("first", _is_int(raw.get("first")) and raw["first"] >= 0, "an integer >= 0")
     elif kind == "failed":
         need("message", isinstance(raw.get("message"), str), "a string")
     elif kind in ("started", "handover"):

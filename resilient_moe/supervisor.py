@@ -179,7 +179,8 @@ class ServingStack:
                 watcher.join(2)
             if in_process:
                 self.server = FrontendServer("frontend", self.cluster.controller_address, self.cluster.deployment,
-                                             self.frontend_config, cluster=self.cluster, metrics=self.metrics).start()
+                                             self.frontend_config, self.cluster.cluster_id, cluster=self.cluster,
+                                             metrics=self.metrics).start()
         except BaseException:
             self.stop()
             raise

@@ -39,11 +39,41 @@
           rebalances, scale_events, drains}
       A restarted controller loads it, carries on with the same incarnations, epoch, roster and
       placement, and sends the outstanding orders again. No expiry; deleted with Redis.
+
+    rmoe:{cluster}:request:{scope}:{key}   hash, a request sent with `Idempotency-Key: key` (scope: a hash of
+      the API key it came with; server/idempotency.py): request_id, body (a hash of the request body),
+      prompt_ids, params, seed (JSON), stream, worker (the attention worker it runs on, updated when it
+      moves), frontend, state ("running", "finished", "failed"), result (the finished non-streaming
+      response, JSON), created. Claimed once, atomically (the first frontend to see the key runs it;
+      every later one attaches). Expires resume_grace_s + request_timeout_s after its last change while
+      running, idempotency_ttl_s after it finished.
+
+    rmoe:{cluster}:delivered:{request_id}   list, one JSON [token, logprob, top] per output position, in
+      order, appended by the frontend that delivers the request (only onto a list whose length is the
+      first new position) off the request path: what a frontend that resumes a stream can replay, or
+      resubmit from, when the one that delivered it died. Same expiry as its request record.
+
+    rmoe:{cluster}:supervisor            string, JSON {pid, host, started, renewed}: the supervisor's lease,
+      set with an expiry of supervisor_lease_s and renewed well within it (supervisor.py). Roles exit by
+      themselves once it has been missing that long; a second supervisor is refused while it is held by
+      a live one, and adopts the cluster when it is held by a dead one.
 """
 
 from __future__ import annotations
 
 COMMIT_TTL_S = 600
+
+
+def request_key(cluster_id: str, scope: str, key: str) -> str:
+    return f"rmoe:{cluster_id}:request:{scope}:{key}"
+
+
+def delivered_key(cluster_id: str, request_id: str) -> str:
+    return f"rmoe:{cluster_id}:delivered:{request_id}"
+
+
+def supervisor_key(cluster_id: str) -> str:
+    return f"rmoe:{cluster_id}:supervisor"
 
 
 def commit_key(cluster_id: str, request_id: str) -> str:

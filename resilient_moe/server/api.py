@@ -40,6 +40,8 @@ from resilient_moe.server.admin_cluster import NodeKillRequest, cluster_router
 from resilient_moe.server.admin_faults import faults_router
 from resilient_moe.server.cluster_monitor import ClusterMonitor, ClusterSource, cluster_json, readiness
 from resilient_moe.server.frontend import Frontend
+from resilient_moe.server.idempotency import RequestStore
+from resilient_moe.server.resume import keyed_request, record_end
 from resilient_moe.server.generation import Admission, ClientGone, ClientWatch, Delta, Generation
 from resilient_moe.server.limits import BodyLimit
 from resilient_moe.server.logprobs import chat_logprobs, completion_logprobs
@@ -112,8 +114,10 @@ class _Server:
 
     def __init__(self, frontend: Frontend, cluster: ClusterSource, tokenizer: TextTokenizer | None,
                  settings: ServerSettings, admin_token: str, api_keys: tuple[str, ...],
-                 metrics: ServingMetrics) -> None:
+                 metrics: ServingMetrics, requests: RequestStore | None = None, resume_grace_s: float = 30.0) -> None:
         self.frontend = frontend
+        self.requests = requests  # keyed requests' records (Idempotency-Key), when the cluster has Redis
+        self.resume_grace_s = resume_grace_s
         self.cluster = cluster
         self.tokenizer = tokenizer
         self.settings = settings
@@ -158,8 +162,11 @@ class _Server:
                           stops, watch)
 
 
-def _sse(data: dict[str, Any] | str) -> str:
-    return f"data: {data if isinstance(data, str) else json.dumps(data, separators=(',', ':'))}\n\n"
+def _sse(data: dict[str, Any] | str, event_id: str | None = None) -> str:
+    """One SSE event; `event_id` ("REQUEST_ID:POSITION", the tokens delivered so far) is what a client
+    sends back as Last-Event-ID to resume after it (server/resume.py)."""
+    head = f"id: {event_id}\n" if event_id is not None else ""
+    return f"{head}data: {data if isinstance(data, str) else json.dumps(data, separators=(',', ':'))}\n\n"
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -179,6 +186,12 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return message, (loc[0] if loc else None)
 
 
+def _bearer(request: Request) -> str | None:
+    """The API key a request authenticated with (its Idempotency-Keys are scoped by it)."""
+    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    return value.strip() if scheme.lower() == "bearer" else None
+
+
 def create_app(
     frontend: Frontend,
     cluster_info_provider: ClusterSource,
@@ -188,6 +201,8 @@ def create_app(
     settings: ServerSettings | None = None,
     metrics: ServingMetrics | None = None,
     api_keys: Sequence[str] = (),
+    requests: RequestStore | None = None,
+    resume_grace_s: float = 30.0,
 ) -> FastAPI:
     """The API over a started `frontend` and the cluster it serves (`cluster_info_provider`: a
     a `Launcher`, or anything with `.state()` and `.pids`). `settings` default to a 4096-token
@@ -201,7 +216,7 @@ def create_app(
         settings = ServerSettings(model_name=model_name, max_model_len=4096,
                                   vocab_size=tokenizer.vocab_size if tokenizer else 1 << 30)
     server = _Server(frontend, cluster_info_provider, tokenizer, settings, admin_token, tuple(api_keys),
-                     metrics or ServingMetrics())
+                     metrics or ServingMetrics(), requests, resume_grace_s)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -294,7 +309,8 @@ def create_app(
         prompt_ids = await watch.guard(server.prompts.completion(body))
         params = validation.sampling(body, len(prompt_ids), body.max_tokens, stop_ids, settings.max_model_len,
                                      prompt_param="prompt")
-        return await _respond(server.generation("cmpl", prompt_ids, params, stops, watch), body, chat=False)
+        return await _respond(server.generation("cmpl", prompt_ids, params, stops, watch), body, chat=False,
+                              request=request)
 
     @v1.post("/chat/completions", responses=ERROR_RESPONSES)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
@@ -305,12 +321,19 @@ def create_app(
         prompt_ids = await watch.guard(server.prompts.chat(body))
         params = validation.sampling(body, len(prompt_ids), body.max_completion_tokens or body.max_tokens, stop_ids,
                                      settings.max_model_len, prompt_param="messages")
-        return await _respond(server.generation("chatcmpl", prompt_ids, params, stops, watch), body, chat=True)
+        return await _respond(server.generation("chatcmpl", prompt_ids, params, stops, watch), body, chat=True,
+                              request=request)
 
-    async def _respond(gen: Generation, body, chat: bool):
+    async def _respond(gen: Generation, body, chat: bool, request: Request):
         """Errors before the first token still get a proper status; a client that leaves before the
-        response is complete has its request aborted (ClientGone)."""
+        response is complete has its request aborted (ClientGone), unless it carries an Idempotency-Key
+        (then it is kept for the client to resume: server/resume.py)."""
         try:
+            gen.keyed = keyed = await keyed_request(server.requests, request, body, gen, _bearer(request),
+                                                    server.resume_grace_s, frontend.name)
+            if keyed is not None and not keyed.created and not body.stream and keyed.record.result is not None:
+                gen.close()
+                return keyed.record.result  # answered once already: the same answer, nothing computed again
             await gen.start()
             delta = await gen.next()
             if body.stream:
@@ -321,7 +344,10 @@ def create_app(
             gen.close()
             raise
         gen.close()
-        return _final(gen, body, chat)
+        final = _final(gen, body, chat)
+        if keyed is not None and frontend.delivery is not None:
+            record_end(frontend.delivery, keyed, gen.finish_reason, len(gen.token_ids), final)
+        return final
 
     def _logprobs(gen_or_delta, body, chat: bool, offset: int = 0) -> dict[str, Any] | None:
         g = gen_or_delta
@@ -356,10 +382,10 @@ def create_app(
                     "choices": [] if choice is None else [choice]}
             if usage is not None or include_usage:
                 data["usage"] = usage
-            return _sse(data)
+            return _sse(data, f"{gen.request_id}:{len(gen.token_ids)}")
 
         try:
-            if chat:
+            if chat and gen.skip == 0:  # a resumed stream's client has its opening already
                 opening: dict[str, Any] = {"index": 0, "delta": {"role": "assistant", "content": ""},
                                            "logprobs": None, "finish_reason": None}
                 if body.return_token_ids:
@@ -384,6 +410,8 @@ def create_app(
                 delta = await gen.next()
             if include_usage:
                 yield chunk(None, gen.usage)
+            if gen.keyed is not None and frontend.delivery is not None:
+                record_end(frontend.delivery, gen.keyed, gen.finish_reason, len(gen.token_ids))
         except ApiError as e:
             yield _sse(e.body())
         except ClientGone:

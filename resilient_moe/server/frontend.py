@@ -33,6 +33,7 @@ from resilient_moe.datapath.link import FrameTooLarge, Link, LinkClosed, Outbox,
 from resilient_moe.datapath.poller import Poller, Wakeup
 from resilient_moe.datapath.token_frames import TokenEventRecord, TokenFrameError, decode_tokens
 from resilient_moe.procs import GONE, STOPPED, process_state
+from resilient_moe.server.idempotency import entry as delivered_entry
 from resilient_moe.proto import controller_pb2 as pb
 
 log = logging.getLogger("resilient_moe.frontend")
@@ -82,12 +83,17 @@ class RequestHandle:
     started_on: str = ""  # the attention worker that ran (or is running) its first step since it was sent
     tokens_at_start: int = 0  # tokens it had then
     submitted_at: float = field(default_factory=time.monotonic)
+    keep_s: float = 0.0  # > 0: a keyed request (Idempotency-Key) that outlives its frontend this long
+    key: tuple[str, str] | None = None  # (scope, key) of its request record (server/idempotency.py)
+    attaching: bool = False  # resumed here: waiting for its attention worker's `attached`
+    orphan_until: float | None = None  # its client left: aborted at this time (monotonic) unless resumed
     # Called (on the frontend's I/O thread) after each event is queued: lets an asyncio caller wake up
     # instead of blocking a thread per request. Must be quick and must not raise.
     on_event: Callable[[], None] | None = None
     _events: "queue.Queue[tuple[str, object]]" = field(default_factory=queue.Queue)
     _done: threading.Event = field(default_factory=threading.Event)
     _on_consumed: Callable[[], None] | None = None  # the frontend forgets the handle once its end was read
+    _lock: threading.Lock = field(default_factory=threading.Lock)  # orders `_push` against `resubscribe`
 
     @property
     def token_ids(self) -> list[int]:
@@ -140,21 +146,37 @@ class RequestHandle:
             self._on_consumed = None
 
     def _push(self, kind: str, value: object) -> None:
-        self._events.put((kind, value))
-        if self.on_event is not None:
-            self.on_event()
+        with self._lock:
+            self._events.put((kind, value))
+            on_event = self.on_event
+        if on_event is not None:
+            on_event()
+
+    def resubscribe(self, on_event: Callable[[], None] | None = None) -> "RequestHandle":
+        """Read this request again from its first token (a client resumed it here): its events start
+        over with every token delivered so far (and its end, if it came), then continue live."""
+        with self._lock:
+            events: "queue.Queue[tuple[str, object]]" = queue.Queue()
+            for record in self.tokens:
+                events.put(("token", record))
+            if self.done:
+                events.put(("error", self.error) if self.error is not None else ("finish", self.finish_reason))
+            self._events, self.on_event = events, on_event
+            self.orphan_until = None
+        return self
 
     # called on the frontend's I/O thread
     def _accept(self, position: int, token_id: int, logprob: float | None, finish: str | None,
-                top_logprobs: list[tuple[int, float]] | None = None) -> None:
+                top_logprobs: list[tuple[int, float]] | None = None) -> bool:
+        """Take the token at `position`; True when it was the next one (not a duplicate)."""
         if self.done:
-            return
+            return False
         if position < len(self.tokens):
             self.duplicates += 1  # already delivered (e.g. re-sent after a failover)
-            return
+            return False
         if position > len(self.tokens):
             log.error("request %s: token position %d arrived, expected %d", self.request_id, position, len(self.tokens))
-            return
+            return False
         record = TokenRecord(token_id, logprob, time.monotonic(), top_logprobs)
         self.tokens.append(record)
         self._push("token", record)
@@ -162,6 +184,7 @@ class RequestHandle:
             self.finish_reason = finish
             self._push("finish", finish)
             self._done.set()
+        return True
 
     def _fail(self, error: RequestFailed) -> None:
         if not self.done:
@@ -198,7 +221,7 @@ class Frontend:
 
     def __init__(self, controller_address: str, name: str | None = None, max_unfinished: int | None = 1024,
                  park_timeout_s: float = 120.0, max_losses: int = 2, probe_interval_s: float = 0.010,
-                 probe_misses: int = 3, per_attention_worker: int | None = None) -> None:
+                 probe_misses: int = 3, per_attention_worker: int | None = None, delivery=None) -> None:
         """`max_unfinished` bounds the requests in flight through this frontend (memory and AW queues);
         with `per_attention_worker`, so does that many for each attention worker that takes requests
         now, following scaling up and down (`capacity`); `submit` beyond the bound raises Overloaded
@@ -206,10 +229,12 @@ class Frontend:
         attention worker fails `max_losses` times in its first step there is failed rather than moved again:
         it may be what makes them fail (a poison request), and must not take the next one down (see
         `_lost` for how a failure is pinned on a request). An attention worker that owes tokens and
-        has been silent is probed every `probe_interval_s` (see `_probe`)."""
+        has been silent is probed every `probe_interval_s` (see `_probe`). `delivery`: the DeliveryLog
+        (server/idempotency.py) that keyed requests' tokens are written to, off this thread."""
         self.name = name or f"frontend-{os.getpid()}-{next(self._ids)}"
         self.identity = PeerInfo(self.name, worker_number("frontend", 0), secrets.randbits(32), os.getpid())
         self.client = ControllerClient(controller_address)
+        self.delivery = delivery
         self.poller = Poller()
         self.wakeup = Wakeup(self.poller)
         self.links: dict[str, _AttentionLink] = {}  # aw name -> the link to its current incarnation
@@ -255,11 +280,17 @@ class Frontend:
         params: SamplingParams,
         request_id: str | None = None,
         on_event: Callable[[], None] | None = None,
+        seed: int | None = None,
+        keep_s: float = 0.0,
+        key: tuple[str, str] | None = None,
     ) -> RequestHandle:
-        """Send a request to an attention worker; raises Overloaded past `max_unfinished`."""
+        """Send a request to an attention worker; raises Overloaded past `max_unfinished`. `seed`: its
+        random stream's (default: the params', else a new one); `keep_s` and `key`: a keyed request
+        (Idempotency-Key), whose tokens go to the delivery log and which outlives this frontend."""
         request_id = request_id or f"req-{secrets.token_hex(6)}"
-        seed = params.seed if params.seed is not None else secrets.randbits(63)
-        handle = RequestHandle(request_id, list(prompt_ids), params, seed, on_event=on_event)
+        if seed is None:
+            seed = params.seed if params.seed is not None else secrets.randbits(63)
+        handle = RequestHandle(request_id, list(prompt_ids), params, seed, on_event=on_event, keep_s=keep_s, key=key)
         handle._on_consumed = lambda: self._released.put(request_id)
         limit = self.capacity()
         with self._lock:
@@ -267,9 +298,49 @@ class Frontend:
                 raise Overloaded(f"{limit} requests are already in flight (what the attention workers serving now "
                                  "take); retry later")
             self.requests[request_id] = handle
-        self._outbox.put((handle, messages.Submit(request_id, list(prompt_ids), params.to_dict(), seed)))
+        self._outbox.put((handle, messages.Submit(request_id, list(prompt_ids), params.to_dict(), seed,
+                                                  keep_s=keep_s)))
         self.wakeup.ring()
         return handle
+
+    def attach(self, request_id: str, prompt_ids: list[int], params: SamplingParams, seed: int, worker: str,
+               delivered: list[tuple[int, float | None, list | None]], keep_s: float, key: tuple[str, str],
+               finish_reason: str | None = None, on_event: Callable[[], None] | None = None) -> RequestHandle:
+        """A keyed request a client resumes here (server/idempotency.py): the handle this frontend still
+        has of it, read again from its first token; else one that starts from its delivered log and is
+        attached to the attention worker that runs it (`worker`), or, when that one no longer has it,
+        resubmitted from the log (decoding is deterministic: what the log lacks comes again identical).
+        `finish_reason`: it finished (the log is complete), so nothing is sent anywhere."""
+        with self._lock:
+            existing = self.requests.get(request_id)
+        if existing is not None:
+            return existing.resubscribe(on_event)
+        handle = RequestHandle(request_id, list(prompt_ids), params, seed, on_event=on_event, keep_s=keep_s, key=key,
+                               worker=worker)
+        handle._on_consumed = lambda: self._released.put(request_id)
+        now = time.monotonic()
+        handle.tokens = [TokenRecord(token, logprob, now, top) for token, logprob, top in delivered]
+        for record in handle.tokens:
+            handle._events.put(("token", record))
+        if finish_reason is not None:
+            handle.finish_reason = finish_reason
+            handle._events.put(("finish", finish_reason))
+            handle._done.set()
+            return handle
+        with self._lock:
+            self.requests[request_id] = handle
+        handle.attaching = True
+        self._outbox.put((handle, messages.Attach(request_id, len(handle.tokens))))
+        self.wakeup.ring()
+        return handle
+
+    def orphan(self, request_id: str, grace_s: float) -> None:
+        """A keyed request's client left: keep it `grace_s` for the client to resume, then abort it."""
+        with self._lock:
+            handle = self.requests.get(request_id)
+        if handle is not None and not handle.done:
+            handle.orphan_until = time.monotonic() + grace_s
+            self.wakeup.ring()
 
     def abort(self, request_id: str) -> None:
         with self._lock:
@@ -341,6 +412,7 @@ class Frontend:
         while not self._stop.is_set():
             try:
                 self._forget_released()
+                self._abort_orphans()
                 self._apply_states()
                 self._flush_outbox()
                 self._flush_links()
@@ -396,6 +468,15 @@ class Frontend:
             else:
                 self._parked.append((handle, message, since))
 
+    def _abort_orphans(self) -> None:
+        """Keyed requests whose client left and did not come back within their grace are aborted."""
+        now = time.monotonic()
+        for handle in self._handles():
+            if handle.orphan_until is not None and now > handle.orphan_until and not handle.done:
+                log.info("%s: no client resumed it within its grace; aborting it", handle.request_id)
+                handle.orphan_until = None
+                self.release(handle.request_id)
+
     def _forget_released(self) -> None:
         """Drop finished handles whose final event was read."""
         while True:
@@ -447,8 +528,13 @@ class Frontend:
         submit = isinstance(message, messages.Submit)
         if submit and handle.done:
             return  # aborted while it waited
+        if isinstance(message, messages.Attach) and handle.worker not in self.links:
+            self._move(handle)  # its attention worker is gone: resubmit it from what was delivered
+            return
         if submit:
             handle.worker = self._pick_worker() or ""
+            if handle.key is not None and self.delivery is not None and handle.worker:
+                self.delivery.update(*handle.key, worker=handle.worker, frontend=self.name)
         name = handle.worker
         if name not in self.links:
             if submit and message.resume:
@@ -531,8 +617,12 @@ class Frontend:
         with self._lock:
             handles = [self.requests.get(e.request_id) for e in events]
         for e, handle in zip(events, handles):
-            if handle is not None:
-                handle._accept(e.position, e.token_id, e.logprob, e.finish_reason, e.top_logprobs)
+            if handle is None:
+                continue
+            if handle._accept(e.position, e.token_id, e.logprob, e.finish_reason, e.top_logprobs) \
+                    and handle.key is not None and self.delivery is not None:
+                self.delivery.put(handle.request_id, e.position, delivered_entry(e.token_id, e.logprob, e.top_logprobs),
+                                  e.finish_reason is not None)
 
     def _on_message(self, worker: str, message: messages.Message) -> None:
         with self._lock:
@@ -542,8 +632,19 @@ class Frontend:
                 handle = requests.get(request_id)
                 if handle is not None and handle.worker == worker:
                     handle.started_on, handle.tokens_at_start = worker, len(handle.tokens)
+        elif isinstance(message, messages.Attached) and (handle := requests.get(message.request_id)) is not None:
+            handle.attaching = False
+            if message.first > len(handle.tokens):  # it cannot replay positions the log lacks: start it again
+                log.info("%s: %s replays from position %d, the delivered log ends at %d; resubmitting it",
+                         message.request_id, worker, message.first, len(handle.tokens))
+                self._route(handle, messages.Abort(message.request_id))
+                self._move(handle)
         elif isinstance(message, messages.Failed) and (handle := requests.get(message.request_id)) is not None:
-            handle._fail(RequestFailed(message.message, message.kind))
+            if message.kind == "not_here" and handle.attaching:
+                handle.attaching = False
+                self._move(handle)  # the worker lost it (it died, or the grace ran out): from the log
+            else:
+                handle._fail(RequestFailed(message.message, message.kind))
         elif isinstance(message, messages.Handover):
             moved = [requests[r] for r in message.request_ids if r in requests and requests[r].worker == worker]
             for handle in moved:
@@ -559,7 +660,7 @@ class Frontend:
         handle.moves += 1
         self._outbox.put((handle, messages.Submit(
             handle.request_id, handle.prompt_ids, handle.params.to_dict(), handle.seed,
-            output_ids=handle.token_ids, resume=True, suspect=bool(handle.lost_on),
+            output_ids=handle.token_ids, resume=True, suspect=bool(handle.lost_on), keep_s=handle.keep_s,
         )))
         self.wakeup.ring()
 

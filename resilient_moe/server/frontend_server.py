@@ -29,6 +29,7 @@ from resilient_moe.server.api import ServerSettings, create_app
 from resilient_moe.server.cluster_monitor import ClusterSource
 from resilient_moe.server.connections import ConnectionLimits, guarded_protocol
 from resilient_moe.server.frontend import Frontend
+from resilient_moe.server.idempotency import DeliveryLog, RequestStore
 from resilient_moe.server.metrics import ServingMetrics
 
 log = logging.getLogger("resilient_moe.server")
@@ -90,9 +91,10 @@ class FrontendServer:
     """The HTTP API of one frontend (see the module docstring)."""
 
     def __init__(self, name: str, controller_address: str, deployment: DeploymentConfig, config: FrontendConfig,
-                 cluster: ClusterSource | None = None, metrics: ServingMetrics | None = None) -> None:
+                 cluster_id: str, cluster: ClusterSource | None = None, metrics: ServingMetrics | None = None) -> None:
         """`cluster`: where /admin reads the cluster (None: the controller's view)."""
         self.name = name
+        self.cluster_id = cluster_id
         self.controller_address = controller_address
         self.deployment = deployment
         self.config = config
@@ -106,6 +108,7 @@ class FrontendServer:
         self._server = None
         self._thread: threading.Thread | None = None
         self._sock: socket.socket | None = None
+        self.delivery: DeliveryLog | None = None
 
     @property
     def url(self) -> str:
@@ -127,9 +130,17 @@ class FrontendServer:
             # Capacity follows the attention workers serving, up and down (Frontend.capacity), for the
             # frontend and the API's admission alike. Each frontend admits up to the cluster's capacity: with
             # N frontends at most N times that many requests run or wait at the attention workers.
+            store = None
+            if dep.redis_url:  # keyed requests (Idempotency-Key) outlive this frontend: their records go there
+                import redis
+
+                store = RequestStore(redis.Redis.from_url(dep.redis_url, socket_timeout=2.0), self.cluster_id,
+                                     dep.resume_grace_s + self.config.request_timeout_s, self.config.idempotency_ttl_s)
+                self.delivery = DeliveryLog(store)
             self.frontend = Frontend(self.controller_address, name=self.name, max_unfinished=None,
                                      per_attention_worker=engine.max_num_seqs, probe_interval_s=dep.probe_interval_s,
-                                     probe_misses=dep.probe_misses).start(timeout_s=dep.startup_timeout_s)
+                                     probe_misses=dep.probe_misses, delivery=self.delivery).start(
+                timeout_s=dep.startup_timeout_s)
             settings = ServerSettings(
                 model_name=self.config.model_name or os.path.basename(os.path.normpath(self.model_dir)),
                 max_model_len=max_model_len, vocab_size=model_config.vocab_size, max_running=None,
@@ -138,7 +149,8 @@ class FrontendServer:
             )
             cluster = self.cluster or ControllerSource(self.frontend.client)
             self.app = create_app(self.frontend, cluster, tokenizer, settings.model_name, self.config.admin_token,
-                                  settings=settings, metrics=self.metrics, api_keys=self.config.api_keys)
+                                  settings=settings, metrics=self.metrics, api_keys=self.config.api_keys,
+                                  requests=store, resume_grace_s=dep.resume_grace_s)
             protocol = guarded_protocol(ConnectionLimits(self.config.header_timeout_s, self.config.max_connections),
                                         self.refusals)
             config = uvicorn.Config(self.app, log_level="warning", lifespan="on", timeout_graceful_shutdown=3,
@@ -188,3 +200,6 @@ class FrontendServer:
         if self.frontend is not None:
             self.frontend.close()
             self.frontend = None
+        if self.delivery is not None:
+            self.delivery.close()
+            self.delivery = None

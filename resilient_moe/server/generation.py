@@ -184,6 +184,9 @@ class Generation:
         self.started = time.time()
         self.arrivals: list[float] = []  # unix times of deliveries (failover stall metric)
         self.handle = None
+        self.seed: int | None = params.seed  # its random stream (a keyed request's is fixed before it is claimed)
+        self.keyed = None  # resume.Keyed: sent with an Idempotency-Key (server/resume.py)
+        self.skip = 0  # tokens the client has already (Last-Event-ID): read, not sent again
         self._wake = asyncio.Event()
         self._admitted = False
         self._closed = False
@@ -203,7 +206,19 @@ class Generation:
                 pass  # the event loop is gone (server shutting down)
 
         try:
-            self.handle = self.frontend.submit(self.prompt_ids, self.params, self.request_id, on_event=wake)
+            keyed = self.keyed
+            if keyed is not None and not keyed.created:  # the request runs (or ran) already: attach to it
+                record = keyed.record
+                complete = record.state == "finished" and len(keyed.delivered) >= record.length
+                self.handle = self.frontend.attach(
+                    record.request_id, record.prompt_ids, self.params, record.seed, record.worker,
+                    keyed.delivered[:record.length] if complete else keyed.delivered, keyed.keep_s,
+                    (keyed.scope, keyed.key), finish_reason=record.finish_reason if complete else None, on_event=wake)
+            else:
+                self.handle = self.frontend.submit(
+                    self.prompt_ids, self.params, self.request_id, on_event=wake, seed=self.seed,
+                    keep_s=keyed.keep_s if keyed is not None else 0.0,
+                    key=(keyed.scope, keyed.key) if keyed is not None else None)
         except Overloaded as e:
             raise ApiError(429, str(e), code="overloaded") from None
         self.metrics.admitted(queue_s, len(self.prompt_ids))
@@ -259,6 +274,8 @@ class Generation:
                                code=error.kind)
         if self.finish_reason not in (None, "error"):
             self.metrics.finished(time.monotonic() - self.arrival, self.finish_reason, self.started, self.arrivals)
+        if not delta.token_ids and not delta.text and delta.finish_reason is None:
+            return None  # only tokens the client has already (a resumed stream)
         return delta
 
     def _token(self, record: TokenRecord, delta: Delta) -> None:
@@ -268,11 +285,14 @@ class Generation:
             self.metrics.token(gap_s=max(0.0, record.arrived - self._last_arrived))
         self._last_arrived = record.arrived
         self.arrivals.append(time.time() - (time.monotonic() - record.arrived))
-        for out in (self, delta):
+        resent = len(self.token_ids) < self.skip  # the client has it (Last-Event-ID): its text state only
+        for out in (self,) if resent else (self, delta):
             out.token_ids.append(record.token_id)
             out.logprobs.append(record.logprob)
             out.top_logprobs.append(record.top_logprobs)
-        delta.text += self.text.add(record.token_id)
+        text = self.text.add(record.token_id)
+        if not resent:
+            delta.text += text
         if self.text.stopped:
             self.finish_reason = delta.finish_reason = "stop"
             self.frontend.abort(self.request_id)  # frees its KV now
@@ -286,7 +306,10 @@ class Generation:
         if self.handle is not None:
             if self.finish_reason is None:
                 self.metrics.finished(time.monotonic() - self.arrival, "abort", self.started, self.arrivals)
-            self.frontend.release(self.request_id)
+            if self.keyed is not None and self.finish_reason is None:
+                self.frontend.orphan(self.request_id, self.keyed.keep_s)  # its client may come back
+            else:
+                self.frontend.release(self.request_id)
         if self._admitted:
             self.admission.leave()
 

@@ -30,6 +30,7 @@ import signal
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass, field
 from collections.abc import Callable
 
 import redis
@@ -64,6 +65,18 @@ log = logging.getLogger("resilient_moe.attention_worker")
 MAX_QUEUED_MESSAGES = 4096  # messages to one frontend that found no room before the frontend is dropped
 
 
+@dataclass
+class Kept:
+    """A request that outlives its frontend (submitted with keep_s > 0: a client's Idempotency-Key):
+    its token events from `first` on, and since when it has had no frontend / has been finished."""
+
+    keep_s: float
+    first: int  # the position of its first event here (a resumed request brought the earlier ones)
+    events: list[TokenEvent] = field(default_factory=list)
+    orphan_since: float | None = None  # its frontend's link broke then (monotonic); None: owned
+    finished_at: float | None = None
+
+
 class AttentionServer:
     """The AW's loop: frontend commands in, engine steps, token events out.
 
@@ -83,6 +96,9 @@ class AttentionServer:
         self.frontends: dict[Link, Outbox] = {}
         self.owner: dict[str, Link] = {}  # request id -> frontend link that submitted it
         self.restoring: dict[str, Sequence] = {}  # moved here, waiting for their KV from the store
+        self.kept: dict[str, Kept] = {}  # requests that outlive their frontend (messages.py: keep_s)
+        self.requests_started = 0  # requests submitted fresh here (not moved here from another worker)
+        self.requests_attached = 0  # kept requests a client resumed through another frontend
         self.begun: set[str] = set()  # requests whose first step here has run (their frontends know)
         self.poison_tokens: set[int] = set()  # chaos testing: prompt tokens that take this worker down
         self.commands: deque[tuple[Link, messages.Message]] = deque()
@@ -154,14 +170,56 @@ class AttentionServer:
         log.warning("dropping frontend %s: %s", link.peer.name, reason)
         self.poller.remove(link)
         link.close()
+        now = time.monotonic()
         for request_id in [r for r, owner in self.owner.items() if owner is link]:
-            self._abort(request_id)  # nobody is left to read its tokens
+            kept = self.kept.get(request_id)
+            if kept is not None:  # a client may resume it at another frontend: keep decoding, unowned
+                del self.owner[request_id]
+                kept.orphan_since = now
+            else:
+                self._abort(request_id)  # nobody is left to read its tokens
 
     def _abort(self, request_id: str) -> None:
         self.engine.abort(request_id)
         self.restoring.pop(request_id, None)
         self.owner.pop(request_id, None)
         self.begun.discard(request_id)
+        self.kept.pop(request_id, None)
+
+    def _attach(self, link: Link, message: messages.Attach) -> None:
+        """A client resumed a kept request through the frontend at `link`: it owns it from now on and
+        gets its events from `position` on (those this worker has: from `first`)."""
+        kept = self.kept.get(message.request_id)
+        if kept is None:
+            self._send(link, messages.Failed(message.request_id, f"{message.request_id} is not on "
+                                             f"{self.forwarder.identity.name}", "not_here"))
+            return
+        previous = self.owner.get(message.request_id)
+        if previous is not None and previous is not link:
+            self._send(previous, messages.Failed(message.request_id, "a client resumed it at another frontend",
+                                                 "detached"))
+        if kept.finished_at is None:
+            self.owner[message.request_id] = link
+        kept.orphan_since = None
+        self.requests_attached += 1
+        first = max(message.position, kept.first)
+        self._send(link, messages.Attached(message.request_id, first))
+        replay = [e for e in kept.events if e.position >= first]
+        if replay:
+            self._send_frame(link, FrameHeader(FrameKind.TOKENS, step=self.engine.step_count), encode_tokens(replay))
+
+    def expire_kept(self) -> None:
+        """Kept requests nobody resumed within their keep_s are aborted (their KV freed); finished ones
+        are forgotten."""
+        now = time.monotonic()
+        for request_id, kept in list(self.kept.items()):
+            since = kept.finished_at if kept.finished_at is not None else kept.orphan_since
+            if since is not None and now - since > kept.keep_s:
+                if kept.finished_at is None:
+                    log.info("%s: no frontend resumed it within %.0fs; aborting it", request_id, kept.keep_s)
+                    self._abort(request_id)
+                else:
+                    del self.kept[request_id]
 
     def apply_views(self) -> None:
         while self.cluster_updates:
@@ -177,6 +235,8 @@ class AttentionServer:
                 self._submit(link, message)
             elif isinstance(message, messages.Abort):
                 self._abort(message.request_id)
+            elif isinstance(message, messages.Attach):
+                self._attach(link, message)
         if self.checkpointer is not None:
             for seq, rows, n in self.checkpointer.finished_restores():
                 if self.restoring.pop(seq.request_id, None) is seq:
@@ -192,12 +252,15 @@ class AttentionServer:
             return
         seq.suspect = message.suspect
         self.owner[message.request_id] = link
+        if message.keep_s > 0:
+            self.kept[message.request_id] = Kept(message.keep_s, len(message.output_ids))
         if message.resume and self.checkpointer is not None:  # its checkpointed KV spares the recompute
             self.restoring[message.request_id] = seq
             self.checkpointer.request_restore(seq)
         elif message.resume:
             self._resume(seq, None, 0)
         else:
+            self.requests_started += 1
             self.engine.scheduler.add(seq)
 
     def _resume(self, seq: Sequence, rows, n: int) -> None:
@@ -280,7 +343,13 @@ class AttentionServer:
     def publish(self, events: list[TokenEvent]) -> None:
         """Each frontend gets one TOKENS frame with its requests' events of the step (token_frames.py)."""
         by_link: dict[Link, list[TokenEvent]] = {}
+        now = time.monotonic()
         for e in events:
+            kept = self.kept.get(e.request_id)
+            if kept is not None:
+                kept.events.append(e)
+                if e.finish_reason is not None:
+                    kept.finished_at = now
             link = self.owner.get(e.request_id)
             if link is None:
                 continue
@@ -296,6 +365,8 @@ class AttentionServer:
     def run_once(self) -> None:
         began = time.perf_counter()
         self.apply_commands()
+        if self.kept:
+            self.expire_kept()
         if self.draining.is_set():
             self.stopping.set()  # serve_forever hands the requests over next
             return
@@ -377,6 +448,9 @@ class AttentionServer:
         extra = self.checkpointer.stats() if self.checkpointer is not None else {}
         extra["recomputed_tokens"] = float(self.recomputed_tokens)
         extra["requests_recomputed"] = float(self.requests_recomputed)
+        extra["requests_started"] = float(self.requests_started)
+        extra["requests_kept"] = float(len(self.kept))
+        extra["requests_attached"] = float(self.requests_attached)
         allocator = self.engine.allocator
         extra["kv_cache_usage_perc"] = 1.0 - allocator.num_free / allocator.num_blocks
         extra["ert_epoch"] = float(self.forwarder.ert.epoch) if self.forwarder.ert is not None else 0.0

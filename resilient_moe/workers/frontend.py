@@ -29,7 +29,7 @@ def main(config: WorkerConfig) -> int:
     client = ControllerClient(config.controller_address)
     reply = client.register(worker_info(config.name, pb.FRONTEND, config.index, host=dep.host, node=config.node),
                             timeout_s=dep.startup_timeout_s)
-    server = FrontendServer(config.name, config.controller_address, dep, config.frontend)
+    server = FrontendServer(config.name, config.controller_address, dep, config.frontend, config.cluster_id)
     stop = threading.Event()
     fenced = threading.Event()
 
