@@ -469,9 +469,14 @@ def test_sse_chunks_are_json(stack):
     with httpx.stream("POST", f"{stack.url}/v1/chat/completions", timeout=30,
                       json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "stream": True}) as r:
         lines = [line for line in r.iter_lines() if line]
-    assert lines[-1] == "data: [DONE]"
-    for line in lines[:-1]:
-        assert json.loads(line.removeprefix("data: "))["object"] == "chat.completion.chunk"
+    data = [line for line in lines if line.startswith("data: ")]
+    ids = [line.removeprefix("id: ") for line in lines if line.startswith("id: ")]
+    assert data[-1] == "data: [DONE]" and len(lines) == len(data) + len(ids)
+    chunks = [json.loads(line.removeprefix("data: ")) for line in data[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    # every chunk names its request and how many tokens the client has with it (what Last-Event-ID resumes after)
+    assert len(ids) == len(chunks) and all(i.rpartition(":")[0] == chunks[0]["id"] for i in ids)
+    assert [int(i.rpartition(":")[2]) for i in ids] == sorted(int(i.rpartition(":")[2]) for i in ids)
 
 
 # ---- top logprobs ----------------------------------------------------------------------------

@@ -236,3 +236,25 @@ def test_slow_header_connections_cannot_pin_a_frontend(tiny_model, fork_server, 
                 s.close()
         assert most_fds < max(fds_before) + 256 + 64, (most_fds, fds_before)
         assert max(latencies) < 10, latencies  # a hang bound: real requests are served through it all
+
+
+def test_metrics_and_admin_views_cover_every_frontend(tiny_model, fork_server, tmp_path):
+    """A scrape reaches one frontend at random (one shared port): each answers for all of them."""
+    with serving_stack(tiny_model, fork_server, tmp_path, frontends=2, max_model_len=512) as stack:
+        for i in range(12):  # new connections: the kernel spreads them over both frontends
+            answer = httpx.post(f"{stack.url}/v1/completions", json={"prompt": [1, 2 + i], "max_tokens": 5,
+                                                                     "ignore_eos": True}, timeout=30)
+            assert answer.status_code == 200
+
+        def generated() -> set[float]:
+            seen = set()
+            for _ in range(8):
+                text = httpx.get(f"{stack.url}/metrics", timeout=10).text
+                line = next(l for l in text.splitlines() if l.startswith("resilient_moe_generation_tokens_total "))
+                seen.add(float(line.split()[1]))
+            return seen
+
+        wait_until(lambda: generated() == {60.0}, 30, "every frontend's scrape to count all 60 tokens")
+        workers = httpx.get(f"{stack.url}/admin/cluster", headers=admin_headers(), timeout=10).json()["workers"]
+        frontends = {w["id"]: w for w in workers if w["role"] == "frontend"}
+        assert set(frontends) == {"fe-0", "fe-1"} and all(w["pid"] == stack.cluster.pids[n] for n, w in frontends.items())

@@ -201,7 +201,7 @@ def test_huge_uploads_are_refused_and_the_control_plane_keeps_going(served):
 
 def test_non_streaming_request_is_aborted_when_its_client_leaves(served):
     def frontend_unfinished() -> float:
-        return next(w["load"]["unfinished"] for w in served.cluster()["workers"] if w["role"] == "frontend")
+        return sum(w["load"].get("unfinished", 0) for w in served.cluster()["workers"] if w["role"] == "frontend")
 
     aborted = served.metric("resilient_moe_request_success_total", finished_reason="abort")
     completed = served.metric("resilient_moe_request_success_total", finished_reason="length")

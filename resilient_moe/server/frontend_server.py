@@ -134,9 +134,11 @@ class FrontendServer:
             if dep.redis_url:  # keyed requests (Idempotency-Key) outlive this frontend: their records go there
                 import redis
 
-                store = RequestStore(redis.Redis.from_url(dep.redis_url, socket_timeout=2.0), self.cluster_id,
-                                     dep.resume_grace_s + self.config.request_timeout_s, self.config.idempotency_ttl_s)
+                client = redis.Redis.from_url(dep.redis_url, socket_timeout=2.0)
+                store = RequestStore(client, self.cluster_id, dep.resume_grace_s + self.config.request_timeout_s,
+                                     self.config.idempotency_ttl_s)
                 self.delivery = DeliveryLog(store)
+                self.metrics.merged.share(client, self.cluster_id, self.name)  # /metrics: every frontend's
             self.frontend = Frontend(self.controller_address, name=self.name, max_unfinished=None,
                                      per_attention_worker=engine.max_num_seqs, probe_interval_s=dep.probe_interval_s,
                                      probe_misses=dep.probe_misses, delivery=self.delivery).start(
@@ -203,3 +205,4 @@ class FrontendServer:
         if self.delivery is not None:
             self.delivery.close()
             self.delivery = None
+            self.metrics.merged.close()

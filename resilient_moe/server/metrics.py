@@ -37,6 +37,7 @@ from resilient_moe import auth
 from resilient_moe.controller.records import WorkerState
 from resilient_moe.controller.view import ROLES, state_to_pb, unprotected_by_node
 from resilient_moe.proto import controller_pb2 as pb
+from resilient_moe.server.metrics_merge import MergedRequests
 from resilient_moe.server.recovery import Changes, RecoveryTracker
 
 NAMESPACE = "resilient_moe"
@@ -58,7 +59,12 @@ class ServingMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        r, ns = self.registry, NAMESPACE
+        # Request-side series live in a registry of their own, which every frontend publishes and /metrics
+        # sums over the cluster's frontends (metrics_merge.py); the cluster-side ones are the same everywhere.
+        self.request_registry = CollectorRegistry()
+        self.merged = MergedRequests(self.request_registry)
+        self.registry.register(self.merged)
+        r, ns = self.request_registry, NAMESPACE
         self.ttft = Histogram("time_to_first_token_seconds", "Time from request arrival to its first token.",
                               namespace=ns, registry=r, buckets=LATENCY_BUCKETS)
         self.itl = Histogram("inter_token_latency_seconds", "Time between consecutive tokens of a request.",
@@ -73,11 +79,11 @@ class ServingMetrics:
                                "(overlapping the span from its last heartbeat to the declaration).",
                                namespace=ns, registry=r, buckets=STALL_BUCKETS)
         self.detection = Histogram("fault_detection_seconds", "From a dead worker's last heartbeat to the "
-                                   "controller declaring it dead.", ["role"], namespace=ns, registry=r,
+                                   "controller declaring it dead.", ["role"], namespace=ns, registry=self.registry,
                                    buckets=STALL_BUCKETS)
         self.restore = Histogram("redundancy_restore_seconds", "From a dead worker's last heartbeat until a "
                                  "replacement is ready and no more experts are unprotected than before.", ["role"],
-                                 namespace=ns, registry=r, buckets=RESTORE_BUCKETS)
+                                 namespace=ns, registry=self.registry, buckets=RESTORE_BUCKETS)
         self.prompt_tokens = Counter("prompt_tokens", "Prompt tokens of admitted requests.", namespace=ns, registry=r)
         self.generation_tokens = Counter("generation_tokens", "Tokens generated and delivered to clients.",
                                          namespace=ns, registry=r)
@@ -86,7 +92,7 @@ class ServingMetrics:
         self.failure = Counter("request_failure", "Requests that ended with an error, by kind.", ["kind"],
                                namespace=ns, registry=r)
         self.failures_detected = Counter("failures_detected", "Worker deaths declared by the controller.",
-                                         ["role", "kind"], namespace=ns, registry=r)
+                                         ["role", "kind"], namespace=ns, registry=self.registry)
         self.cluster = ClusterCollector()
         self.registry.register(self.cluster)
         self.recovery = RecoveryTracker()
