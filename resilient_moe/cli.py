@@ -137,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--micro-batches", type=_positive_int, metavar="M")
     serve.add_argument("--frontends", type=_non_negative_int, metavar="N",
                        help="frontend processes serving the API on the one port (default 2; 0: in this process)")
+    serve.add_argument("--supervisor-lease", type=_positive_float, metavar="S",
+                       help="the cluster outlives this process for S seconds after its last lease renewal, and "
+                            "the same command adopts it meanwhile (default 30)")
+    serve.add_argument("--state-dir", metavar="DIR", help="where the hand-over to an adopting serve is kept "
+                                                         "(default: ~/.local/state/resilient-moe)")
     serve.add_argument("--transport", choices=("shm", "tcp"))
     _launcher_flags(serve)
     serve.add_argument("--max-model-len", type=_positive_int, metavar="N", help="context length limit per request")
@@ -348,6 +353,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         deployment = dataclasses.replace(deployment, drain_timeout_s=args.drain_timeout)
     if args.frontends is not None:
         deployment = dataclasses.replace(deployment, frontends=args.frontends)
+    if args.supervisor_lease is not None:
+        deployment = dataclasses.replace(deployment, supervisor_lease_s=args.supervisor_lease)
     check_kernels(deployment.engine)
     from resilient_moe import auth
 
@@ -356,6 +363,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         deployment, host=args.host, port=args.port, admin_token=args.admin_token,
         model_name=args.served_model_name, max_waiting=args.max_waiting_requests, redis_url=args.redis_url,
         log_dir=args.log_dir, progress=lambda text: print(text, flush=True), api_keys=api_keys_from(args.api_key),
+        state_dir=args.state_dir,
     )
     return run(stack, say=lambda text: print(text, flush=True))
 

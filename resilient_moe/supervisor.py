@@ -8,6 +8,17 @@ the port (bound, not listening) so that a taken port fails before anything start
 gets the same one. With `frontends: 0` the API runs in the supervisor's own process instead (tests and
 debugging; then the supervisor is on the request path).
 
+A supervisor that may die. With the cluster's Redis (the default: a private one), the supervisor holds a
+lease there (kvstore/keys.py `supervisor_key`), renewed every third of `supervisor_lease_s`, and every
+process of the cluster outlives it: frontends and workers go on serving if it is SIGKILLed. Running the
+same `serve` command again (the same host and port) while the lease holds adopts the running cluster:
+nothing restarts, no request is lost, and it supervises from then on. It finds the cluster through a
+hand-over file (`state_dir`/serve-HOST-PORT.json, readable by this user only: it holds the cluster
+secret and the admin token) that the supervisor writes once the cluster serves. A second supervisor
+while one is alive is refused with an error that names the running one. When no supervisor renews
+the lease for `supervisor_lease_s`, every process stops by itself (fork_server.py): nothing is left
+running forever.
+
 `ServingStack` is the whole thing as an object (tests start it in-process with a shared fork server);
 `run` is the command's body: start with progress, print where everything is, serve until Ctrl-C or
 SIGTERM, drain (new requests get 503 and /ready answers 503, requests in flight finish, within the
@@ -19,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import json
 import logging
 import os
 import secrets
@@ -32,10 +44,12 @@ from typing import Callable
 from resilient_moe import auth
 from resilient_moe.controller.client import ControllerClient
 from resilient_moe.deployment import DeploymentConfig, FrontendConfig
+from resilient_moe.kvstore.keys import supervisor_key
 from resilient_moe.launch import make_cluster
 from resilient_moe.launch.fork_server import ForkServer
 from resilient_moe.launch.launcher import Launcher
 from resilient_moe.model.config import ModelConfig
+from resilient_moe.procs import process_alive
 from resilient_moe.proto import controller_pb2 as pb
 from resilient_moe.server.frontend_server import FrontendServer, ServeError, bind_socket
 from resilient_moe.server.metrics import STATE_NAMES, ServingMetrics
@@ -44,7 +58,14 @@ log = logging.getLogger("resilient_moe.server")
 
 ADMIN_TOKEN_ENV = "RESILIENT_MOE_ADMIN_TOKEN"
 
-__all__ = ["ADMIN_TOKEN_ENV", "ServeError", "ServingStack", "run", "watch_startup"]
+__all__ = ["ADMIN_TOKEN_ENV", "ServeError", "ServingStack", "default_state_dir", "run", "watch_startup"]
+
+
+def default_state_dir() -> Path:
+    """Where `serve` leaves the hand-over of the cluster it supervises: $XDG_STATE_HOME/resilient-moe, or
+    ~/.local/state/resilient-moe."""
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(base) / "resilient-moe"
 
 
 def watch_startup(cluster: Launcher, say: Callable[[str], None], stop: threading.Event,
@@ -106,6 +127,7 @@ class ServingStack:
         log_dir: str | os.PathLike[str] | None = None,
         progress: Callable[[str], None] | None = None,
         api_keys: tuple[str, ...] = (),
+        state_dir: str | os.PathLike[str] | None = None,
         **frontend_options,
     ) -> None:
         """`admin_token` None: take RESILIENT_MOE_ADMIN_TOKEN, else generate one. `port` 0: any free port.
@@ -133,6 +155,11 @@ class ServingStack:
         self.server: FrontendServer | None = None  # the in-process frontend (frontends: 0)
         self.metrics = ServingMetrics()
         self._port_hold: socket.socket | None = None  # frontends: the port, bound but not listening
+        self.state_dir = Path(state_dir) if state_dir is not None else default_state_dir()
+        self.adopted = False  # this supervisor took over a running cluster
+        self._lease = threading.Event()  # set: stop renewing
+        self._lease_thread: threading.Thread | None = None
+        self._redis = None
 
     @property
     def url(self) -> str:
@@ -149,7 +176,15 @@ class ServingStack:
         """The in-process frontend's FastAPI app (frontends: 0), else None."""
         return self.server.app if self.server is not None else None
 
+    @property
+    def handover_path(self) -> Path:
+        return self.state_dir / f"serve-{self.host.replace(':', '_')}-{self.port}.json"
+
     def start(self) -> "ServingStack":
+        if self.port and self.deployment.frontends:
+            handover = self._running_cluster()
+            if handover is not None:
+                return self._adopt(handover)
         try:
             ModelConfig.from_pretrained(self.model_dir)
             dep = self.deployment
@@ -181,6 +216,8 @@ class ServingStack:
                 self.server = FrontendServer("frontend", self.cluster.controller_address, self.cluster.deployment,
                                              self.frontend_config, self.cluster.cluster_id, cluster=self.cluster,
                                              metrics=self.metrics).start()
+            elif self.cluster.deployment.redis_url:
+                self._hold_lease()
         except BaseException:
             self.stop()
             raise
@@ -206,14 +243,104 @@ class ServingStack:
             return True
         return self.cluster.drain_frontends(timeout_s, stop)
 
+    # ---- the lease, the hand-over file, adoption ----------------------------------------------
+
+    def _hold_lease(self) -> None:
+        """Take the lease, let the cluster outlive this process while it is renewed, renew it, and write
+        the hand-over file."""
+        import redis
+
+        cluster = self.cluster
+        self._redis = redis.Redis.from_url(cluster.deployment.redis_url, socket_timeout=1.0)
+        key, lease_s = supervisor_key(cluster.cluster_id), cluster.deployment.supervisor_lease_s
+        record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()})
+        self._redis.set(key, record, ex=max(1, int(lease_s)))
+        cluster.hold_lease(key, lease_s)
+        self._lease.clear()
+        self._lease_thread = threading.Thread(target=self._renew, args=(key, record, lease_s), name="lease",
+                                              daemon=True)
+        self._lease_thread.start()
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.state_dir, 0o700)
+        handover = {"handover": cluster.handover(), "secret": auth.secret().hex(), "port": self.port,
+                    "host": self.host, "model_name": self.model_name}
+        fd = os.open(self.handover_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(handover, f)
+
+    def _renew(self, key: str, record: str, lease_s: float) -> None:
+        """Every third of the lease (a renewal may fail: Redis restarting; the next one makes up for it)."""
+        while not self._lease.wait(lease_s / 3):
+            try:
+                self._redis.set(key, record, ex=max(1, int(lease_s)))
+            except Exception as e:  # noqa: BLE001
+                log.warning("cannot renew the supervisor's lease: %s", e)
+
+    def _running_cluster(self) -> dict | None:
+        """The hand-over of a cluster serving this address whose supervisor is gone (None: none, or its
+        lease lapsed: a stale file, removed); raises ServeError when its supervisor still runs."""
+        import redis
+
+        try:
+            with open(self.handover_path) as f:
+                handover = json.load(f)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            raise ServeError(f"{self.handover_path}: cannot read the running cluster's hand-over ({e}); "
+                             "remove it if no cluster serves this address") from None
+        inner = handover["handover"]
+        client = redis.Redis.from_url(inner["deployment"]["redis_url"], socket_timeout=1.0)
+        try:
+            auth.install(handover["secret"])
+            lease = client.get(supervisor_key(inner["cluster_id"]))
+        except redis.RedisError:
+            lease = None
+        finally:
+            client.close()
+        if lease is None:
+            self.handover_path.unlink(missing_ok=True)  # its lease lapsed: that cluster stopped by itself
+            return None
+        holder = json.loads(lease)
+        if holder.get("host") == socket.gethostname() and process_alive(int(holder.get("pid", 0))):
+            raise ServeError(f"a supervisor already serves this cluster on {self.host}:{self.port}: pid "
+                             f"{holder['pid']}, since {time.strftime('%H:%M:%S', time.localtime(holder['started']))}; "
+                             f"stop it first (Ctrl-C, or SIGTERM to {holder['pid']})")
+        return handover
+
+    def _adopt(self, handover: dict) -> "ServingStack":
+        """Supervise the running cluster of `handover`: nothing restarts."""
+        inner = handover["handover"]
+        self.say(f"adopting the running cluster {inner['cluster_id']} on {self.host}:{self.port} "
+                 "(its supervisor is gone)")
+        deployment = DeploymentConfig.from_dict(inner["deployment"], source=str(self.handover_path))
+        self.deployment = deployment
+        frontend = FrontendConfig(**inner["frontend"]) if inner["frontend"] else None
+        if frontend is not None:
+            self.frontend_config, self.admin_token = frontend, frontend.admin_token
+            self.admin_token_generated = False
+        self.model_name = handover.get("model_name", self.model_name)
+        self._port_hold = bind_socket(self.host, self.port, listen=False)
+        self.cluster = make_cluster(deployment, log_dir=inner["log_dir"], fork_server=None, frontend=frontend)
+        self.cluster.adopt(inner)
+        self.adopted = True
+        self._hold_lease()
+        return self
+
     def stop(self) -> None:
         """Stop the API, then every process of the cluster (frontends drain first)."""
         if self.server is not None:
             self.server.stop()
             self.server = None
+        self._lease.set()
         if self.cluster is not None:
             self.cluster.stop()
+            if self._redis is not None:
+                self.handover_path.unlink(missing_ok=True)
             self.cluster = None
+        if self._redis is not None:
+            self._redis.close()
+            self._redis = None
         if self._port_hold is not None:
             self._port_hold.close()
             self._port_hold = None

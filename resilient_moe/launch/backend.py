@@ -88,6 +88,20 @@ class Backend(abc.ABC):
         """A process is gone or stopped: free what the backend holds for it (a CPU reservation)."""
 
     @abc.abstractmethod
+    def hold_lease(self, url: str, key: str, lease_s: float) -> None:
+        """From now on the cluster's processes outlive this launcher, for as long as someone renews `key`
+        in Redis at `url` (then they stop by themselves: fork_server.py)."""
+
+    @abc.abstractmethod
+    def handover(self) -> dict:
+        """What a launcher that adopts the cluster needs to reach its processes (JSON-able)."""
+
+    @abc.abstractmethod
+    def adopt(self, cluster_id: str, secret: bytes, handover: dict) -> list[tuple[str, str, int]]:
+        """Reach the processes of a running cluster (`handover` from its previous launcher) instead of
+        starting any; (node, name, pid) of every one that runs."""
+
+    @abc.abstractmethod
     def kill_node(self, node: str) -> None:
         """Take a whole node down at once, as a power cut would (chaos: node-kill)."""
 

@@ -5,12 +5,19 @@ every role's module, then forks a worker for each request, so a cluster (or a re
 after a failure) starts in milliseconds plus weight loading. It never runs torch ops, threads or
 gRPC itself, so forking it is safe.
 
-Protocol: JSON lines over a socketpair with the launcher.
-    launcher -> fork server  {"op": "spawn", "name", "role", "config", "log", "cold", "secret"} | {"op": "shutdown"}
-    fork server -> launcher  {"op": "hello", "pid"} | {"op": "spawned", "name", "pid"} |
-                        {"op": "exited", "name", "pid", "code"}
-Lifetime: the fork server dies with the launcher (parent-death signal) and every worker dies with the
-fork_server, so a launcher killed with SIGKILL leaves nothing behind.
+Protocol: JSON lines over a socketpair with the launcher (or, after an adoption, a unix socket).
+    launcher -> fork server  {"op": "spawn", "name", "role", "config", "log", "cold", "secret"} |
+                             {"op": "exec", "name", "argv", "stdin", "log"} (a plain process: redis-server) |
+                             {"op": "lease", "url", "key", "lease_s"} | {"op": "shutdown"}
+    fork server -> launcher  {"op": "hello", "pid", "address", "children": {pid: name}} |
+                             {"op": "spawned", "name", "pid"} | {"op": "exited", "name", "pid", "code"}
+Lifetime: until a lease is set, the fork server dies with the launcher (parent-death signal) and every
+process it started dies with it, so a launcher killed with SIGKILL leaves nothing behind. Once a lease
+is set ({"op": "lease"}: a key in Redis that the supervisor renews) the fork server outlives its
+launcher: its processes go on serving, and a new supervisor may adopt them by connecting to the fork
+server's `address` (an abstract unix socket; it proves the cluster secret: `attach`), which then sends
+it every child and every exit it saw meanwhile. When nobody renewed the lease for `lease_s`, the fork
+server stops everything it started (SIGTERM, then SIGKILL) and exits: nothing is left running forever.
 
 A "cold" spawn execs a fresh interpreter in the forked child (parent-death signal kept), paying the
 imports again: what a restart-everything system pays on every restart, used by that baseline.
@@ -32,18 +39,24 @@ import json
 import logging
 import os
 import queue
+import secrets
 import select
 import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 import traceback
 
 from resilient_moe import auth
 from resilient_moe.errors import ClusterError
+from resilient_moe.procs import process_alive
 
 PR_SET_PDEATHSIG = 1
+ADOPT_PURPOSE = "fork-server"
+LEASE_CHECK_S = 1.0
+STOP_GRACE_S = 5.0  # a lapsed lease: children get this long after SIGTERM before SIGKILL
 
 log = logging.getLogger("resilient_moe.launcher")
 
@@ -63,20 +76,27 @@ def die_with_launcher() -> None:
 
 
 class ForkServer:
-    """The fork server process and the protocol to it."""
+    """The fork server process and the protocol to it (the launcher's end)."""
 
-    def __init__(self) -> None:
-        ours, theirs = socket.socketpair()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "resilient_moe.launch.fork_server", str(theirs.fileno()), str(os.getpid())],
-            pass_fds=[theirs.fileno()],
-            preexec_fn=die_with_launcher,
-            start_new_session=True,  # its own process group; Ctrl-C in a terminal reaches the launcher only
-        )
-        theirs.close()
-        self.sock = ours
-        self._out = ours.makefile("w", buffering=1)
-        self._inp = ours.makefile("r")
+    def __init__(self, sock: socket.socket | None = None, pid: int = 0) -> None:
+        """A new fork server; `sock` and `pid`: one that runs already (`attach`)."""
+        self.proc: subprocess.Popen | None = None
+        if sock is None:
+            ours, theirs = socket.socketpair()
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "resilient_moe.launch.fork_server", str(theirs.fileno()), str(os.getpid())],
+                pass_fds=[theirs.fileno()],
+                preexec_fn=die_with_launcher,
+                start_new_session=True,  # its own process group; Ctrl-C in a terminal reaches the launcher only
+            )
+            theirs.close()
+            sock, pid = ours, self.proc.pid
+        self.pid = pid
+        self.address = ""  # where an adopting supervisor reaches it (its hello says)
+        self.children: dict[int, str] = {}  # what it said runs, at hello
+        self.sock = sock
+        self._out = sock.makefile("w", buffering=1)
+        self._inp = sock.makefile("r")
         self._lock = threading.Lock()
         self.exits: list[dict] = []
         self.exit_events: "queue.SimpleQueue[dict]" = queue.SimpleQueue()  # the same, for the supervisor
@@ -93,6 +113,24 @@ class ForkServer:
         except OSError:  # the fork server died (reset): `alive` says so, and the supervisor starts another
             pass
 
+    @classmethod
+    def attach(cls, address: str, timeout_s: float = 10.0) -> "ForkServer":
+        """Take over a running fork server (a new supervisor adopting a cluster), proving the cluster
+        secret; its hello lists what runs (`children`) and the exits it saw while nobody listened follow."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.settimeout(timeout_s)
+        try:
+            sock.connect("\0" + address.removeprefix("@"))
+            credential = auth.Credential.make(ADOPT_PURPOSE, address)
+            sock.sendall((json.dumps({"op": "adopt", "auth": credential.to_json()}) + "\n").encode())
+        except OSError as e:
+            sock.close()
+            raise ClusterError(f"cannot reach the fork server at {address}: {e}") from None
+        sock.settimeout(None)
+        server = cls(sock)
+        server.wait_hello(timeout_s)
+        return server
+
     def _on_message(self, line: str) -> None:
         try:
             message = json.loads(line)
@@ -100,6 +138,9 @@ class ForkServer:
             return
         with self._spawn_cond:
             if message["op"] == "hello":
+                self.pid = int(message.get("pid", self.pid))
+                self.address = str(message.get("address", ""))
+                self.children = {int(pid): str(name) for pid, name in message.get("children", {}).items()}
                 self._hello.set()
             elif message["op"] == "spawned":
                 self._spawned[message["name"]] = message["pid"]
@@ -111,38 +152,61 @@ class ForkServer:
 
     @property
     def alive(self) -> bool:
-        return self.proc.poll() is None
+        if self.proc is not None:
+            return self.proc.poll() is None
+        return process_alive(self.pid) and self._reader.is_alive()
 
     def wait_hello(self, timeout_s: float) -> None:
         if not self._hello.wait(timeout_s):
-            raise ClusterError(f"the fork server did not start within {timeout_s:.0f}s (exit code {self.proc.poll()})")
+            code = self.proc.poll() if self.proc is not None else None
+            raise ClusterError(f"the fork server did not answer within {timeout_s:.0f}s (exit code {code})")
 
     def spawn(self, name: str, role: str, config_json: str, log_path: str, timeout_s: float = 10.0,
               cold: bool = False) -> int:
         """Fork a worker from its WorkerConfig JSON; `cold`: in a fresh interpreter (see the module docstring)."""
         with self._spawn_cond:
             self._spawned.pop(name, None)
-        with self._lock:
-            self._out.write(json.dumps({"op": "spawn", "name": name, "role": role, "config": config_json,
-                                        "log": log_path, "cold": cold, "secret": auth.secret().hex()}) + "\n")
-            self._out.flush()
+        self._send({"op": "spawn", "name": name, "role": role, "config": config_json, "log": log_path, "cold": cold,
+                    "secret": auth.secret().hex()})
         with self._spawn_cond:
             if not self._spawn_cond.wait_for(lambda: name in self._spawned, timeout_s):
                 raise ClusterError(f"the fork server did not fork {name}")
             return self._spawned[name]
 
+    def run(self, name: str, argv: list[str], stdin: bytes, log_path: str, timeout_s: float = 10.0) -> int:
+        """Start a plain process (redis-server) as the fork server's child: it lives as the roles do."""
+        with self._spawn_cond:
+            self._spawned.pop(name, None)
+        self._send({"op": "exec", "name": name, "argv": argv, "stdin": stdin.decode(), "log": log_path})
+        with self._spawn_cond:
+            if not self._spawn_cond.wait_for(lambda: name in self._spawned, timeout_s):
+                raise ClusterError(f"the fork server did not start {name}")
+            return self._spawned[name]
+
+    def hold_lease(self, url: str, key: str, lease_s: float) -> None:
+        """From now on outlive this launcher, for as long as someone renews `key` in Redis at `url`."""
+        self._send({"op": "lease", "url": url, "key": key, "lease_s": lease_s})
+
+    def _send(self, message: dict) -> None:
+        with self._lock:
+            self._out.write(json.dumps(message) + "\n")
+            self._out.flush()
+
     def shutdown(self, timeout_s: float = 10.0) -> None:
         try:
-            with self._lock:
-                self._out.write(json.dumps({"op": "shutdown"}) + "\n")
-                self._out.flush()
+            self._send({"op": "shutdown"})
         except OSError:
             pass
-        try:
-            self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        else:
+            deadline = time.monotonic() + timeout_s
+            while process_alive(self.pid) and time.monotonic() < deadline:
+                time.sleep(0.02)
         self.sock.close()
 
 
@@ -154,13 +218,14 @@ def _role_mains() -> dict:
             "kv_store": kv_store.main, "frontend": frontend.main}
 
 
-def _run_child(role_main, config_json: str, log_path: str, fork_server_pid: int, sock: socket.socket,
+def _run_child(role_main, config_json: str, log_path: str, fork_server_pid: int, sock: socket.socket | None,
                cold_role: str = "", secret: str = "") -> None:
     """In the forked child: become the worker. Never returns."""
     code = 1
     try:
         die_with_parent(fork_server_pid)
-        sock.close()
+        if sock is not None:
+            sock.close()
         for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_DFL)
         # As in every Python process (and a cold child): a write to a socket whose peer is gone raises
@@ -215,7 +280,56 @@ def _read_config_fd(fd: int) -> str:
         return f.read().decode()
 
 
+class _Lease:
+    """The supervisor's lease as the fork server sees it (a key in Redis): held while the key exists."""
+
+    def __init__(self, url: str, key: str, lease_s: float) -> None:
+        import redis
+
+        self.client = redis.Redis.from_url(url, socket_timeout=0.5)
+        self.key, self.lease_s = key, lease_s
+        self.seen = time.monotonic()
+        self.checked = 0.0
+
+    def lapsed(self) -> bool:
+        """Checked at most every LEASE_CHECK_S; a Redis that cannot be reached counts as no renewal."""
+        now = time.monotonic()
+        if now - self.checked >= LEASE_CHECK_S:
+            self.checked = now
+            try:
+                if self.client.exists(self.key):
+                    self.seen = now
+            except Exception:  # noqa: BLE001 (Redis down: the supervisor restarts it, or it is gone)
+                pass
+        return now - self.seen > self.lease_s
+
+
+def _exec_child(argv: list[str], stdin: str, log_path: str, fork_server_pid: int, sock: socket.socket | None) -> None:
+    """In the forked child: become a plain process (stdin: its configuration). Never returns."""
+    try:
+        die_with_parent(fork_server_pid)
+        if sock is not None:
+            sock.close()
+        read, write = os.pipe()
+        os.write(write, stdin.encode())  # small (a configuration): fits the pipe
+        os.close(write)
+        os.dup2(read, 0)
+        os.close(read)
+        if log_path:
+            fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            os.close(fd)
+        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_DFL)
+        os.execv(argv[0], argv)
+    except BaseException:
+        traceback.print_exc()
+    os._exit(127)
+
+
 def serve(sock: socket.socket, launcher_pid: int) -> None:
+    """The fork server's loop (see the module docstring)."""
     mains = _role_mains()
     import torch  # noqa: F401  (imported here so every child inherits it)
 
@@ -224,21 +338,38 @@ def serve(sock: socket.socket, launcher_pid: int) -> None:
     gc.freeze()
 
     children: dict[int, str] = {}
+    pending: list[dict] = []  # exits seen while no launcher listened, for the next one
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
     signal.signal(signal.SIGTERM, lambda *_: None)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher decides when workers stop
-    out = sock.makefile("w", buffering=1)
-    inp = sock.makefile("r")
+    address = f"@rmoe-fork-server-{os.getpid()}-{secrets.token_hex(4)}"
+    adopt = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    adopt.bind("\0" + address[1:])
+    adopt.listen(4)
+    verifier = auth.Verifier(ADOPT_PURPOSE)
+    lease: _Lease | None = None
+    conn: dict = {"sock": sock, "out": sock.makefile("w", buffering=1), "inp": sock.makefile("r")}
 
     def send(message: dict) -> None:
+        if conn["sock"] is None:
+            if message["op"] == "exited":
+                pending.append(message)
+            return
         try:
-            out.write(json.dumps(message) + "\n")
-            out.flush()  # socket files do not flush on newline, whatever their buffering
+            conn["out"].write(json.dumps(message) + "\n")
+            conn["out"].flush()  # socket files do not flush on newline, whatever their buffering
         except OSError:
-            pass
+            if message["op"] == "exited":
+                pending.append(message)
+
+    def hello() -> None:
+        send({"op": "hello", "pid": os.getpid(), "address": address, "children": {str(p): n for p, n in children.items()}})
+        for message in pending:
+            send(message)
+        pending.clear()
 
     def reap() -> None:
         while children:
@@ -251,38 +382,85 @@ def serve(sock: socket.socket, launcher_pid: int) -> None:
             name = children.pop(pid, "?")
             send({"op": "exited", "name": name, "pid": pid, "code": os.waitstatus_to_exitcode(status)})
 
-    send({"op": "hello", "pid": os.getpid()})
+    def take_adopter() -> None:
+        new, _ = adopt.accept()
+        new.settimeout(5)
+        try:
+            line = new.makefile("r").readline()
+            request = json.loads(line)
+            verifier.verify_json(request.get("auth"), address)
+        except Exception:  # noqa: BLE001 (anyone may connect; only the cluster's own supervisor is taken)
+            new.close()
+            return
+        new.settimeout(None)
+        if conn["sock"] is not None:
+            conn["sock"].close()
+        conn.update(sock=new, out=new.makefile("w", buffering=1), inp=new.makefile("r"))
+        hello()
+
+    hello()
     while True:
-        ready, _, _ = select.select([sock, wake_r], [], [])
+        readable = [wake_r, adopt] + ([conn["sock"]] if conn["sock"] is not None else [])
+        ready, _, _ = select.select(readable, [], [], LEASE_CHECK_S if lease is not None else None)
         if wake_r in ready:
             os.read(wake_r, 4096)
             reap()
-        if sock not in ready:
+        if adopt in ready:
+            take_adopter()
             continue
-        line = inp.readline()
+        if lease is not None and lease.lapsed():
+            break  # no supervisor renewed the lease: stop everything
+        if conn["sock"] is None or conn["sock"] not in ready:
+            continue
+        line = conn["inp"].readline()
         if not line:  # the launcher is gone
-            break
+            conn["sock"].close()
+            conn.update(sock=None, out=None, inp=None)
+            if lease is None:
+                break
+            continue  # it may be adopted; the lease decides
         request = json.loads(line)
-        if request.get("op") == "shutdown":
+        op = request.get("op")
+        if op == "shutdown":
             break
-        if request.get("op") == "spawn":
+        if op == "lease":
+            lease = _Lease(request["url"], request["key"], float(request["lease_s"]))
+            die_with_parent(os.getppid(), 0)  # no longer tied to this launcher's life: the lease is
+            continue
+        if op in ("spawn", "exec"):
             fork_server_pid = os.getpid()
             pid = os.fork()
             if pid == 0:
-                _run_child(mains[request["role"]], request["config"], request.get("log", ""), fork_server_pid, sock,
-                           cold_role=request["role"] if request.get("cold") else "", secret=request.get("secret", ""))
+                adopt.close()
+                if op == "exec":
+                    _exec_child(request["argv"], request.get("stdin", ""), request.get("log", ""), fork_server_pid,
+                                conn["sock"])
+                _run_child(mains[request["role"]], request["config"], request.get("log", ""), fork_server_pid,
+                           conn["sock"], cold_role=request["role"] if request.get("cold") else "",
+                           secret=request.get("secret", ""))
             children[pid] = request["name"]
             send({"op": "spawned", "name": request["name"], "pid": pid})
-    for pid in list(children):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    for pid in list(children):
-        try:
-            os.waitpid(pid, 0)
-        except ChildProcessError:
-            pass
+    _stop_children(children)
+
+
+def _stop_children(children: dict[int, str]) -> None:
+    """SIGTERM every child (they drain and leave), SIGKILL what is left after STOP_GRACE_S."""
+    for sig, wait_s in ((signal.SIGTERM, STOP_GRACE_S), (signal.SIGKILL, STOP_GRACE_S)):
+        for pid in list(children):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + wait_s
+        while children and time.monotonic() < deadline:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid:
+                children.pop(pid, None)
+            else:
+                time.sleep(0.02)
 
 
 def _cold_main(role: str, config_json: str) -> int:

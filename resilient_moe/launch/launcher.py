@@ -75,6 +75,16 @@ class Process:
     exited: bool = False  # its exit was seen
 
 
+def _affinity(pid: int, role: str) -> tuple[int, ...]:
+    """The cores a process of this host is pinned to (an adopted worker's), () when not a worker or unknown."""
+    if role not in WORKER_ROLES:
+        return ()
+    try:
+        return tuple(sorted(os.sched_getaffinity(pid)))
+    except OSError:
+        return ()
+
+
 def role_of(name: str) -> tuple[str, int]:
     """(role, index) a process name stands for: "aw-1" -> ("attention", 1), "kv-store-2" -> ("kv_store", 2)."""
     if name in ("controller", "redis"):
@@ -126,6 +136,7 @@ class Launcher:
         self._redis_config = b""
         self._redis_binary = ""
         self._redis_dir: tempfile.TemporaryDirectory | None = None
+        self._adopted_dirs: list[str] = []
 
     # ---- what the API and the tests read -----------------------------------------------------
 
@@ -385,6 +396,55 @@ class Launcher:
                 raise ClusterError(f"timed out waiting for {what}; logs in {self.log_dir}")
             time.sleep(0.01)
 
+    # ---- a supervisor that may die: leases, hand-over and adoption ---------------------------
+
+    def hold_lease(self, key: str, lease_s: float) -> None:
+        """From now on every process of the cluster outlives this launcher, for as long as someone renews
+        `key` in the cluster's Redis (supervisor.py), and stops by itself `lease_s` after the last renewal."""
+        self.backend.hold_lease(self.deployment.redis_url, key, lease_s)
+
+    def handover(self) -> dict:
+        """Everything a launcher in another process needs to adopt this cluster (`adopt`), as JSON: its
+        identity and deployment, the frontends' settings, Redis's configuration, where its processes are."""
+        return {"cluster_id": self.cluster_id, "controller_address": self.controller_address, "head": self.head,
+                "deployment": self.deployment.to_dict(),
+                "frontend": dataclasses.asdict(self.frontend) if self.frontend is not None else None,
+                "log_dir": str(self.log_dir), "log_dir_temporary": self._tmp is not None, "placed": dict(self.placed),
+                "redis": {"binary": self._redis_binary, "config": self._redis_config.decode(),
+                          "dir": self._redis_dir.name if self._redis_dir is not None else ""},
+                "backend": self.backend.handover()}
+
+    def adopt(self, handover: dict) -> "Launcher":
+        """Supervise a running cluster (another launcher's `handover`, that launcher gone): nothing is
+        restarted; processes that died meanwhile are replaced as any death is (the controller's orders,
+        sent again to whoever listens, name the workers; the control plane and frontends are checked here)."""
+        self.cluster_id = handover["cluster_id"]
+        self.controller_address = handover["controller_address"]
+        self.head = handover["head"]
+        self.placed = dict(handover["placed"])
+        redis = handover["redis"]
+        self._redis_binary, self._redis_config = redis["binary"], redis["config"].encode()
+        self._adopted_dirs = [d for d in (redis["dir"], handover["log_dir"] if handover["log_dir_temporary"] else "") if d]
+        for node, name, pid in self.backend.adopt(self.cluster_id, auth.secret(), handover["backend"]):
+            role, index = role_of(name)
+            self.procs[name] = Process(name, role, index, node, pid, cpus=_affinity(pid, role))
+        self.client = ControllerClient(self.controller_address)
+        expected = ["controller", *(["redis"] if self._redis_binary else []),
+                    *(f"fe-{i}" for i in range(self.deployment.frontends if self.frontend is not None else 0))]
+        for name in expected:
+            if name not in self.procs:
+                log.warning("%s is gone since the last supervisor left; starting it again", name)
+                if name == "redis":
+                    threading.Thread(target=self._restart_redis, daemon=True).start()
+                else:
+                    self._respawn_due[name] = (time.monotonic(), 0)
+        for target, what in ((self._follow_orders, "launcher-orders"), (self._supervise, "launcher-supervisor")):
+            thread = threading.Thread(target=target, name=what, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        log.info("adopted cluster %s: %s", self.cluster_id, ", ".join(f"{n}={p.pid}" for n, p in self.procs.items()))
+        return self
+
     # ---- supervision: no process of the cluster stays dead --------------------------------
 
     def _supervise(self) -> None:
@@ -620,6 +680,16 @@ class Launcher:
         for p in procs:
             if not p.exited and p.role != "redis":
                 self.backend.signal(p.node, p.pid, signal.SIGKILL)
+        redis = [p for p in procs if p.role == "redis" and not p.exited]
+        for p in redis:  # last: the controller wrote its state there
+            self.backend.signal(p.node, p.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        while redis and time.monotonic() < deadline and not all(p.exited for p in redis):
+            for ne in self.backend.exits(0.02):
+                self._on_exit(ne)
+        for p in redis:
+            if not p.exited:
+                self.backend.signal(p.node, p.pid, signal.SIGKILL)
         if self.client is not None:
             self.client.close()
         for thread in self._threads:
@@ -631,6 +701,8 @@ class Launcher:
                 self._redis_dir.cleanup()
             if self._tmp is not None:
                 self._tmp.cleanup()
+            for directory in self._adopted_dirs:  # a dead predecessor's temporary directories
+                shutil.rmtree(directory, ignore_errors=True)
 
     def __enter__(self) -> "Launcher":
         return self.start()

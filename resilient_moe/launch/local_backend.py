@@ -82,6 +82,15 @@ class LocalBackend(Backend):
                 return [NodeExit(NODE, e) for e in found]
             time.sleep(min(0.005, max(0.0, deadline - time.monotonic())))
 
+    def hold_lease(self, url: str, key: str, lease_s: float) -> None:
+        self.spawner.hold_lease(url, key, lease_s)
+
+    def handover(self) -> dict:
+        return {"fork_server": self.spawner.fork_server.address}
+
+    def adopt(self, cluster_id: str, secret: bytes, handover: dict) -> list[tuple[str, str, int]]:
+        return [(NODE, name, pid) for pid, name in self.spawner.adopt(handover["fork_server"]).items()]
+
     def kill_node(self, node: str) -> None:
         """This host's loss, as far as the cluster goes: SIGKILL its fork server, every role and Redis in
         the same instant (the launcher, which must bring it back, stays)."""

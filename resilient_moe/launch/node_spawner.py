@@ -1,7 +1,8 @@
 """Starting and watching the processes of one node: the mechanism both launcher backends share.
 
 A `NodeSpawner` owns the node's fork server (fork_server.py: roles forked warm, in milliseconds, or
-cold, in a fresh interpreter) and the plain processes the cluster runs there (redis-server). It runs
+cold, in a fresh interpreter, and the plain processes the cluster runs there, redis-server, all its
+children). It runs
 in the launcher's own process for the local backend, and inside the node's `NodeHost` actor under
 Ray, so that a replacement on any node is a warm fork and every node watches its processes the same
 way. `exits()` reports every process that ended, whatever the cause: a role's exit code (from the
@@ -9,10 +10,11 @@ fork server), a plain process's, and, when the fork server itself died (taking i
 parent-death signals), every role it had, after a new fork server is started. What a death means
 is the launcher's policy (launcher.py), never decided here.
 
-Lifetimes: the fork server and plain processes die with the process holding this spawner
-(parent-death signals), roles die with the fork server, so whatever holds the spawner takes the
-node's processes with it. A parent-death signal follows the *thread* that forked, not its process,
-so every such child is started from one thread that lives as long as the spawner (`_forker`).
+Lifetimes: every process of the node dies with its fork server, which dies with the process holding
+this spawner (parent-death signals) until a lease is set (`hold_lease`: then it outlives it for as
+long as a supervisor renews the lease, and a new one may `adopt` it). A parent-death signal follows the
+*thread* that forked, not its process, so the fork server is started from one thread that lives as long
+as the spawner (`_forker`).
 """
 
 from __future__ import annotations
@@ -22,14 +24,13 @@ import os
 import queue
 import signal
 import socket
-import subprocess
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from resilient_moe.errors import ClusterError
-from resilient_moe.launch.fork_server import ForkServer, die_with_parent
+from resilient_moe.launch.fork_server import ForkServer
 
 log = logging.getLogger("resilient_moe.launcher")
 
@@ -64,7 +65,6 @@ class NodeSpawner:
         self._own_fork_server = fork_server is None
         self._lock = threading.Lock()
         self._roles: dict[int, str] = {}  # pid -> name of roles forked and not seen exiting
-        self._plain: dict[int, tuple[str, subprocess.Popen]] = {}  # pid -> (name, process)
         self._exits: "queue.SimpleQueue[Exit]" = queue.SimpleQueue()
         self._forker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="node-spawner")  # see the module doc
 
@@ -103,25 +103,26 @@ class NodeSpawner:
         return pid
 
     def run(self, name: str, argv: list[str], stdin: bytes, log_path: str) -> int:
-        """Start a plain process (redis-server) that dies with this one; `stdin` is written to its
-        standard input and closed (its configuration: nothing secret on a command line)."""
+        """Start a plain process (redis-server) as the fork server's child, so it lives as the roles do;
+        `stdin` is its standard input (its configuration: nothing secret on a command line)."""
+        self.wait_ready(60)
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-        holder = os.getpid()
-
-        def start() -> subprocess.Popen:
-            with open(log_path, "ab") as out:
-                return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=out, stderr=out,
-                                        preexec_fn=lambda: die_with_parent(holder))
-
-        proc = self._forker.submit(start).result()
-        try:
-            proc.stdin.write(stdin)
-            proc.stdin.close()
-        except OSError:
-            pass  # it exited at once: exits() says how
         with self._lock:
-            self._plain[proc.pid] = (name, proc)
-        return proc.pid
+            pid = self.fork_server.run(name, argv, stdin, log_path)
+            self._roles[pid] = name
+        return pid
+
+    def hold_lease(self, url: str, key: str, lease_s: float) -> None:
+        """The node's processes outlive this spawner's process while `key` is renewed (fork_server.py)."""
+        self.wait_ready(60)
+        self.fork_server.hold_lease(url, key, lease_s)
+
+    def adopt(self, address: str) -> dict[int, str]:
+        """Take over the fork server at `address` (a new supervisor); pid -> name of what runs there."""
+        with self._lock:
+            self.fork_server, self._own_fork_server = ForkServer.attach(address), True
+            self._roles = dict(self.fork_server.children)
+            return dict(self._roles)
 
     def signal(self, pid: int, sig: int) -> None:
         """Signal a process of this node (nothing if it is gone)."""
@@ -131,10 +132,15 @@ class NodeSpawner:
             except ProcessLookupError:
                 pass
 
+    def running(self) -> dict[int, str]:
+        """pid -> name of every process of this node not known to have exited."""
+        with self._lock:
+            return dict(self._roles)
+
     def pids(self) -> list[int]:
         """Every process of this node that is not known to have exited (roles and plain processes)."""
         with self._lock:
-            return [*self._roles, *self._plain]
+            return list(self._roles)
 
     def exits(self) -> list[Exit]:
         """Every process that ended since the last call (see the module docstring)."""
@@ -163,11 +169,6 @@ class NodeSpawner:
                     self._replace_fork_server()
                 elif not fork_server.alive and self._own_fork_server:
                     self.fork_server = self._forker.submit(ForkServer).result()
-            for pid, (name, proc) in list(self._plain.items()):
-                code = proc.poll()
-                if code is not None:
-                    del self._plain[pid]
-                    self._exits.put(Exit(name, pid, describe_exit(code), code))
 
     def _replace_fork_server(self) -> None:
         """The fork server died, and every role with it: start a new one and report them all."""
@@ -189,18 +190,7 @@ class NodeSpawner:
     # ---- stop -------------------------------------------------------------------------------
 
     def shutdown(self) -> None:
-        """Kill what is left (the launcher stopped the roles in order first) and the fork server."""
-        with self._lock:
-            plain = list(self._plain.values())
-            self._plain.clear()
-        for _, proc in plain:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(5)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+        """Stop the fork server, and with it what is left (the launcher stopped the roles in order first)."""
         if self.fork_server is not None and self._own_fork_server:
             self.fork_server.shutdown()
         self._forker.shutdown(wait=False)

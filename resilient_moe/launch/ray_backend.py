@@ -47,7 +47,8 @@ from resilient_moe.launch.node_spawner import Exit
 
 log = logging.getLogger("resilient_moe.launcher.ray")
 
-CALL_TIMEOUT_S = 60.0  # a NodeHost call that takes longer: its node is taken for lost
+CALL_TIMEOUT_S = 60.0
+NAMESPACE = "resilient-moe"  # a NodeHost call that takes longer: its node is taken for lost
 EXIT_POLL_S = 0.1  # how often raylets are checked for reachability
 
 
@@ -103,6 +104,21 @@ class NodeHost:
         parent = os.getppid()
         os.kill(parent, 9)
 
+    def hold_lease(self, url: str, key: str, lease_s: float) -> None:
+        """This node's processes outlive the driver while `key` is renewed; once its fork server stopped
+        (the lease lapsed), this detached actor leaves too."""
+        self.spawner.hold_lease(url, key, lease_s)
+        threading.Thread(target=self._leave_with_fork_server, name="lease", daemon=True).start()
+
+    def _leave_with_fork_server(self) -> None:
+        while self.spawner.fork_server is not None and self.spawner.fork_server.alive:
+            time.sleep(1.0)
+        os._exit(0)
+
+    def children(self) -> list[tuple[str, int]]:
+        """(name, pid) of every process this node runs (for a driver that adopts the cluster)."""
+        return [(name, pid) for pid, name in self.spawner.running().items()]
+
     def shutdown(self) -> None:
         self.spawner.shutdown()
 
@@ -135,6 +151,9 @@ class RayBackend(Backend):
 
     def __init__(self, deployment: DeploymentConfig) -> None:
         self.address = deployment.ray_address or None
+        # With a lease (a cluster with Redis: supervisor.py) the NodeHosts outlive the driver, for as long
+        # as a supervisor renews it: detached actors, in a namespace of their own, found again by name.
+        self.detached = deployment.resilience and deployment.kv_checkpoint
         self._own_ray = False
         self._head = ""
         self._secret_hex = ""
@@ -159,7 +178,7 @@ class RayBackend(Backend):
         if not ray.is_initialized():
             env = _passed_env()
             ray.init(address=self.address, include_dashboard=False, runtime_env={"env_vars": env} if env else None,
-                     log_to_driver=False, configure_logging=False)
+                     log_to_driver=False, configure_logging=False, namespace=NAMESPACE)
             self._own_ray = True
         self._cluster_id, self._secret_hex = cluster_id, secret.hex()
         self._head = ray.get_runtime_context().get_node_id()
@@ -187,10 +206,46 @@ class RayBackend(Backend):
         # Ray starts its workers at nice 15 (RAY_worker_niceness), so that its own daemons stay responsive;
         # the roles are the service, so the NodeHost (whose children they are) asks for the normal priority.
         return ray.remote(NodeHost).options(
-            num_cpus=0, max_concurrency=16, max_restarts=0, name=f"rmoe-{self._cluster_id}-node-{node[:12]}",
+            num_cpus=0, max_concurrency=16, max_restarts=0, name=self._host_name(node), namespace=NAMESPACE,
+            lifetime="detached" if self.detached else None,
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False),
             runtime_env={"env_vars": {**_passed_env(), "RAY_worker_niceness": "0"}},
         ).remote(self._secret_hex)
+
+    def _host_name(self, node: str) -> str:
+        return f"rmoe-{self._cluster_id}-node-{node[:12]}"
+
+    def hold_lease(self, url: str, key: str, lease_s: float) -> None:
+        with self._lock:
+            hosts = list(self.hosts.values())
+        ray.get([h.hold_lease.remote(url, key, lease_s) for h in hosts], timeout=CALL_TIMEOUT_S)
+
+    def handover(self) -> dict:
+        return {"ray_address": ray.get_runtime_context().gcs_address, "head": self._head,
+                "nodes": sorted(self.hosts)}
+
+    def adopt(self, cluster_id: str, secret: bytes, handover: dict) -> list[tuple[str, str, int]]:
+        if not ray.is_initialized():
+            env = _passed_env()
+            ray.init(address=handover["ray_address"], include_dashboard=False, log_to_driver=False,
+                     configure_logging=False, namespace=NAMESPACE, runtime_env={"env_vars": env} if env else None)
+        self._cluster_id, self._secret_hex, self._head = cluster_id, secret.hex(), handover["head"]
+        self._ray_nodes()
+        running = []
+        for node in handover["nodes"]:
+            try:
+                host = ray.get_actor(self._host_name(node), namespace=NAMESPACE)
+                where = ray.get(host.where.remote(), timeout=CALL_TIMEOUT_S)
+                children = ray.get(host.children.remote(), timeout=CALL_TIMEOUT_S)
+            except (ValueError, GetTimeoutError, RayActorError):
+                continue  # that node is gone
+            self._adopt(node, host, where)
+            with self._lock:
+                self._running[node] = {pid: name for name, pid in children}
+            running += [(node, name, pid) for name, pid in children]
+        self._watcher = threading.Thread(target=self._watch_nodes, name="ray-nodes", daemon=True)
+        self._watcher.start()
+        return running
 
     def _adopt(self, node: str, host, where: dict) -> None:
         with self._lock:
