@@ -182,3 +182,25 @@ def test_a_supervisor_that_never_comes_back_lets_the_cluster_stop_by_itself(tiny
         for pid in pids.values():
             if pid_alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_a_lent_fork_server_goes_back_without_the_lease(tiny_model, tmp_path):
+    """A stack that runs on a fork server it did not start (the test suite's, a host's) holds its lease
+    there while it serves; stopped, it hands the fork server back tied to its owner again, so the lease's
+    lapse does not end it (it did: every later cluster of the session failed with a broken pipe)."""
+    from serving import serving_stack
+
+    from resilient_moe.launch.fork_server import ForkServer
+
+    lent = ForkServer()
+    try:
+        lent.wait_hello(120)
+        with serving_stack(tiny_model, lent, tmp_path / "logs", attention_workers=1, expert_workers=1,
+                           frontends=1, deployment_options={"supervisor_lease_s": 2.0}) as stack:
+            assert stack.cluster.deployment.redis_url, "the lease needs the cluster's Redis"
+        time.sleep(2.0 + 1.5)  # past the lease and the fork server's next look at it
+        assert lent.alive, "the lent fork server stopped when the lease of a stopped stack lapsed"
+        pid = lent.run("probe", [sys.executable, "-c", "pass"], b"", str(tmp_path / "probe.log"))
+        assert pid > 0
+    finally:
+        lent.shutdown()

@@ -8,7 +8,7 @@ gRPC itself, so forking it is safe.
 Protocol: JSON lines over a socketpair with the launcher (or, after an adoption, a unix socket).
     launcher -> fork server  {"op": "spawn", "name", "role", "config", "log", "cold", "secret"} |
                              {"op": "exec", "name", "argv", "stdin", "log"} (a plain process: redis-server) |
-                             {"op": "lease", "url", "key", "lease_s"} | {"op": "shutdown"}
+                             {"op": "lease", "url", "key", "lease_s"} | {"op": "release"} | {"op": "shutdown"}
     fork server -> launcher  {"op": "hello", "pid", "address", "children": {pid: name}} |
                              {"op": "spawned", "name", "pid"} | {"op": "exited", "name", "pid", "code"}
 Lifetime: until a lease is set, the fork server dies with the launcher (parent-death signal) and every
@@ -186,6 +186,10 @@ class ForkServer:
     def hold_lease(self, url: str, key: str, lease_s: float) -> None:
         """From now on outlive this launcher, for as long as someone renews `key` in Redis at `url`."""
         self._send({"op": "lease", "url": url, "key": key, "lease_s": lease_s})
+
+    def release_lease(self) -> None:
+        """Tie the fork server to its launcher's life again (a lent fork server handed back: tests)."""
+        self._send({"op": "release"})
 
     def _send(self, message: dict) -> None:
         with self._lock:
@@ -426,6 +430,10 @@ def serve(sock: socket.socket, launcher_pid: int) -> None:
         if op == "lease":
             lease = _Lease(request["url"], request["key"], float(request["lease_s"]))
             die_with_parent(os.getppid(), 0)  # no longer tied to this launcher's life: the lease is
+            continue
+        if op == "release":  # tied to the launcher's connection (and its parent's life) again
+            lease = None
+            die_with_parent(os.getppid())
             continue
         if op in ("spawn", "exec"):
             fork_server_pid = os.getpid()

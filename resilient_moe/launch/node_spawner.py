@@ -193,4 +193,9 @@ class NodeSpawner:
         """Stop the fork server, and with it what is left (the launcher stopped the roles in order first)."""
         if self.fork_server is not None and self._own_fork_server:
             self.fork_server.shutdown()
+        elif self.fork_server is not None and self.fork_server.alive:
+            try:  # a lent fork server goes back as it came: tied to its owner, not to this cluster's lease
+                self.fork_server.release_lease()
+            except OSError:
+                pass
         self._forker.shutdown(wait=False)
