@@ -118,7 +118,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"starting resilient-moe serve for {scenario.name} ...", flush=True)
         with LaunchedServer(scenario.cluster, resilience, log_dir=args.log_dir) as server:
             print(f"server at {server.url}", flush=True)
-            report = run(scenario, server.url, server.token, out)
+            report = run(scenario, server.url, server.token, out, restart_supervisor=server.restart)
     from chaos.report import markdown
 
     print()

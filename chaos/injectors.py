@@ -57,8 +57,12 @@ class Injector:
     """Injects faults into one cluster; safe to call from several threads (one per fault)."""
 
     def __init__(self, admin: AdminClient, rng: random.Random, stop: threading.Event, run_id: str,
-                 log: Callable[[str], None] = lambda line: None) -> None:
+                 log: Callable[[str], None] = lambda line: None,
+                 restart_supervisor: Callable[[], None] | None = None) -> None:
+        """`restart_supervisor`: runs the same serve command again (the tool started the server), so a
+        supervisor-kill is followed by an adoption."""
         self.admin = admin
+        self.restart_supervisor = restart_supervisor
         self.rng = rng
         self.stop = stop
         self.run_id = run_id
@@ -90,8 +94,10 @@ class Injector:
         try:
             if spec.is_link_fault:
                 self._link(injection)
-            elif spec.fault in ("kill", "terminate"):
-                sig = signal.SIGKILL if spec.fault == "kill" else signal.SIGTERM
+            elif spec.fault == "supervisor-kill":
+                self._supervisor_kill(injection)
+            elif spec.fault in ("kill", "terminate", "frontend-kill"):
+                sig = signal.SIGTERM if spec.fault == "terminate" else signal.SIGKILL
                 self._signal(injection, self.live_worker(spec), sig)
                 injection.ended = injection.started
             elif spec.fault == "hang":
@@ -124,6 +130,16 @@ class Injector:
             injection.targets.append(worker.id)
         injection.killed.append((now, worker.id, pid))
         self.log(f"  {signal.Signals(sig).name} {worker.id} (pid {pid})")
+
+    def _supervisor_kill(self, injection: Injection) -> None:
+        """SIGKILL the supervisor; the cluster serves on. With a restart (the tool started the server),
+        the same serve command runs again after `restart_after_s` and adopts the cluster."""
+        supervisor = self.live_worker(injection.spec)
+        self._signal(injection, supervisor, signal.SIGKILL)
+        injection.ended = injection.started
+        if self.restart_supervisor is not None and not self.stop.wait(injection.spec.restart_after_s):
+            self.restart_supervisor()
+            self.log("  the same serve command again: it adopts the cluster")
 
     def _node_kill(self, injection: Injection) -> None:
         """Take one node down at once, as a lost node or a power cut would: through the server's

@@ -96,17 +96,18 @@ def wait_ready(admin: AdminClient, timeout_s: float, baseline: ClusterView | Non
 
 
 def run(scenario: Scenario, url: str, token: str | None, out: Path,
-        log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run `scenario` against the server at `url`; writes the report to `out` and returns it."""
+        log: Callable[[str], None] = print, restart_supervisor: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Run `scenario` against the server at `url`; writes the report to `out` and returns it.
+    `restart_supervisor`: how to run the server's serve command again (a supervisor-kill adopts)."""
     admin = AdminClient(url, token)
     try:
-        return _run(scenario, url, token, admin, out, log)
+        return _run(scenario, url, token, admin, out, log, restart_supervisor)
     finally:
         admin.close()
 
 
 def _run(scenario: Scenario, url: str, token: str | None, admin: AdminClient, out: Path,
-         log: Callable[[str], None]) -> dict[str, Any]:
+         log: Callable[[str], None], restart_supervisor: Callable[[], None] | None = None) -> dict[str, Any]:
     # Step 1: a healthy cluster, and targets that exist in it.
     baseline = wait_ready(admin, scenario.settle_timeout_s)
     faults = expand_every(list(scenario.faults), baseline)
@@ -124,7 +125,7 @@ def _run(scenario: Scenario, url: str, token: str | None, admin: AdminClient, ou
         t0 = time.time()
         clock = lambda line: log(f"[{time.time() - t0:7.2f}s] {line.strip()}")  # noqa: E731
         injections = [Injection(i, spec, planned=t0 + spec.at_s) for i, spec in enumerate(faults)]
-        results = _load_and_faults(scenario, url, token, injections, run_id, stop, t0, clock, log)
+        results = _load_and_faults(scenario, url, token, injections, run_id, stop, t0, clock, log, restart_supervisor)
 
         # Step 3: let the cluster heal (the monitor keeps watching: recovery times come from it).
         try:
@@ -150,11 +151,12 @@ def _run(scenario: Scenario, url: str, token: str | None, admin: AdminClient, ou
 
 def _load_and_faults(scenario: Scenario, url: str, token: str | None, injections: list[Injection], run_id: str,
                      stop: threading.Event, t0: float, clock: Callable[[str], None],
-                     log: Callable[[str], None]) -> list[RequestResult]:
+                     log: Callable[[str], None], restart_supervisor=None) -> list[RequestResult]:
     """Drive the workload while a scheduler starts each fault on time; undo what faults left behind."""
     workload = scenario.workload
     fault_admin = AdminClient(url, token)
-    injector = Injector(fault_admin, random.Random(workload.seed), stop, run_id, log=clock)
+    injector = Injector(fault_admin, random.Random(workload.seed), stop, run_id, log=clock,
+                        restart_supervisor=restart_supervisor)
     threads: list[threading.Thread] = []
 
     def schedule() -> None:

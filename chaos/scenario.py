@@ -30,6 +30,10 @@ Faults (`fault:`) and the fields each takes besides `at_s` and `target`:
     slow              `hogs` CPU-busy processes pinned to the worker's core for duration_s
     node-kill         SIGKILL every process of one node in the same instant (a lost node); its target
                       is `node:ID` (the node's id, or its first characters) or `node-of:aw-0`
+    frontend-kill     SIGKILL a frontend process (target fe-N, random:fe or every:fe; default random:fe):
+                      its clients resume their streams at the other frontends
+    supervisor-kill   SIGKILL the supervisor (`serve`); the cluster goes on serving, and when the tool
+                      started the server itself the same serve command adopts it `restart_after_s` later
     delay             delay_ms (+ jitter_ms) on each frame of the links, for duration_s
     drop              lose drop_rate of the frames (resent after retransmit_ms), for duration_s
     partition         nothing crosses the links for duration_s
@@ -51,14 +55,14 @@ from typing import Any
 
 from resilient_moe.errors import ConfigError
 
-PROCESS_FAULTS = ("kill", "terminate", "hang", "crash-loop", "slow", "node-kill")
+PROCESS_FAULTS = ("kill", "terminate", "hang", "crash-loop", "slow", "node-kill", "frontend-kill", "supervisor-kill")
 LINK_FAULTS = ("delay", "drop", "partition")
 FAULTS = PROCESS_FAULTS + LINK_FAULTS
-SERVICES = ("controller", "kv-store", "redis")
-SELECTOR_ROLES = {"aw": ("attention",), "ew": ("expert",), "worker": ("attention", "expert")}
+SERVICES = ("controller", "kv-store", "redis", "supervisor")
+SELECTOR_ROLES = {"aw": ("attention",), "ew": ("expert",), "worker": ("attention", "expert"), "fe": ("frontend",)}
 
 _NAME = r"[a-z][a-z0-9_.]*-[0-9]+"
-_SELECTOR = re.compile(r"(random|every):(aw|ew|worker)")
+_SELECTOR = re.compile(r"(random|every):(aw|ew|worker|fe)")
 _LINK = re.compile(rf"({_NAME}|\*)->({_NAME}|\*)")
 _WORKER = re.compile(_NAME)
 _NODE = re.compile(rf"node:[A-Za-z0-9_.-]+|node-of:{_NAME}")
@@ -70,6 +74,8 @@ _FAULT_FIELDS: dict[str, dict[str, Any]] = {
     "hang": {"duration_s": None, "interval_s": 5.0},
     "crash-loop": {"count": 3, "interval_s": 0.0},
     "node-kill": {},
+    "frontend-kill": {"interval_s": 5.0},
+    "supervisor-kill": {"restart_after_s": 2.0},
     "slow": {"duration_s": None, "hogs": 1, "interval_s": 5.0},
     "delay": {"duration_s": None, "delay_ms": 0.0, "jitter_ms": 0.0, "interval_s": 5.0},
     "drop": {"duration_s": None, "drop_rate": None, "retransmit_ms": 200.0, "interval_s": 5.0},
@@ -112,6 +118,7 @@ class FaultSpec:
     jitter_ms: float = 0.0
     drop_rate: float = 0.0
     retransmit_ms: float = 200.0
+    restart_after_s: float = 2.0
 
     @property
     def is_link_fault(self) -> bool:
@@ -257,7 +264,8 @@ def _fault(entry: "_Object", workload: Workload, at_s: float | None = None) -> F
         at_s = entry.number("at_s", required=True, minimum=0.0)
         if at_s >= workload.duration_s:
             entry.fail("at_s", f"{at_s:g} is not before the workload ends (workload.duration_s {workload.duration_s:g})")
-    target = entry.str("target", required=True)
+    defaults = {"frontend-kill": "random:fe", "supervisor-kill": "supervisor"}
+    target = entry.str("target", required=kind not in defaults) or defaults.get(kind, "")
     _check_target(entry, kind, target)
     values: dict[str, Any] = {}
     for name, default in extra.items():
@@ -279,6 +287,14 @@ def _fault(entry: "_Object", workload: Workload, at_s: float | None = None) -> F
 
 def _check_target(entry: "_Object", kind: str, target: str) -> None:
     selector = _SELECTOR.fullmatch(target)
+    if kind == "frontend-kill":
+        if (selector and selector.group(2) == "fe") or re.fullmatch(r"fe-[0-9]+", target):
+            return
+        entry.fail("target", f"a frontend-kill takes a frontend: fe-N, random:fe or every:fe; got {target!r}")
+    if kind == "supervisor-kill":
+        if target == "supervisor":
+            return
+        entry.fail("target", f"a supervisor-kill takes no target but the supervisor; got {target!r}")
     if kind == "node-kill":
         if _NODE.fullmatch(target):
             return

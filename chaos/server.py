@@ -1,17 +1,20 @@
 """A `resilient-moe serve` started for one chaos run (when `run` is given no --url), and stopped after.
 
-The server runs as a child process with a fresh admin token and a free port; its banner says where it
+The server runs as a child process with a fresh admin token and a free port of its own (so that the
+same command run again after a supervisor-kill adopts the cluster: `restart`); its banner says where it
 listens. It stops with SIGTERM (which stops its whole cluster), SIGKILL after a grace period, and it
-dies with the tool (parent-death signal); the cluster's own parent-death chain makes sure no worker
-outlives it either way.
+dies with the tool (parent-death signal); a cluster whose supervisor died stops by itself once its
+lease lapses, so no worker outlives it for long either way.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import re
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -49,6 +52,10 @@ class LaunchedServer:
         self.proc: subprocess.Popen | None = None
         self._tail: deque[str] = deque(maxlen=40)
         self._tmp: tempfile.TemporaryDirectory | None = None
+        self._tmp_state: tempfile.TemporaryDirectory | None = None
+        self.port = 0
+        self.serve_command: list[str] = []
+        self._starter: concurrent.futures.ThreadPoolExecutor | None = None
 
     def _config(self) -> str | None:
         """The deployment YAML to pass, with `resilience` overridden when asked."""
@@ -67,13 +74,32 @@ class LaunchedServer:
         return str(path)
 
     def start(self) -> "LaunchedServer":
-        command = [*self.command, "serve", "--port", "0", f"--admin-token={self.token}"]
+        with socket.socket() as s:  # a port of its own (not 0): the same command again adopts the cluster
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self._tmp_state = tempfile.TemporaryDirectory(prefix="rmoe-chaos-state-")
+        command = [*self.command, "serve", "--port", str(self.port), f"--admin-token={self.token}",
+                   "--state-dir", self._tmp_state.name]
         config = self._config()
         if config:
             command += ["--config", config]
         if self.log_dir:
             command += ["--log-dir", self.log_dir]
         command += list(self.cluster.args)
+        self.serve_command = command
+        self._launch()
+        return self
+
+    def restart(self) -> None:
+        """Run the same serve command again (its predecessor was killed): it adopts the running cluster.
+        Started from a thread of its own that lives as long as this object: the parent-death signal
+        fires when the *thread* that started a process ends, and the caller's (a fault's) soon does."""
+        if self._starter is None:
+            self._starter = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="serve-starter")
+        self._starter.submit(self._launch).result()
+
+    def _launch(self) -> None:
+        command = self.serve_command
         self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent)
         found = threading.Event()
@@ -83,7 +109,7 @@ class LaunchedServer:
             for line in self.proc.stdout:
                 self._tail.append(line.rstrip())
                 match = _URL.search(line)
-                if match and not self.url:
+                if match:
                     self.url = match.group(1)
                     found.set()
 
@@ -95,7 +121,6 @@ class LaunchedServer:
                     f"did not start within {self.startup_timeout_s:g}s"
                 self.stop()
                 raise ServerError(f"resilient-moe serve {why}:\n" + "\n".join(self._tail))
-        return self
 
     def stop(self, grace_s: float = 30.0) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -108,6 +133,12 @@ class LaunchedServer:
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
+        if self._tmp_state is not None:
+            self._tmp_state.cleanup()
+            self._tmp_state = None
+        if self._starter is not None:
+            self._starter.shutdown(wait=False)
+            self._starter = None
 
     def __enter__(self) -> "LaunchedServer":
         return self.start()

@@ -17,7 +17,7 @@ from typing import Any
 from chaos.scenario import LINK_FAULTS, SELECTOR_ROLES, SERVICES, FaultSpec
 from resilient_moe.errors import ResilientMoeError
 
-SERVICE_ROLES = {"controller": "controller", "kv-store": "kv_store", "redis": "redis"}
+SERVICE_ROLES = {"controller": "controller", "kv-store": "kv_store", "redis": "redis", "supervisor": "supervisor"}
 LIVE = ("READY", "SUSPECT")
 
 

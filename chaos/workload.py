@@ -1,4 +1,6 @@
-"""The load generator: streaming completions over HTTP, recording when each token arrived.
+"""The load generator: streaming completions over HTTP, recording when each token arrived. Each stream
+is sent as a resilient client sends it (an Idempotency-Key, resumed with Last-Event-ID after a break),
+so a fault of the tier in front of the workers (a frontend) loses nothing the server can keep.
 
 Requests are token-id prompts with `return_token_ids` (the server's extension), so what the client
 received can be compared token by token with a failure-free replay. Request i of a workload is the
@@ -11,6 +13,7 @@ import asyncio
 import itertools
 import json
 import random
+import secrets
 import time
 from dataclasses import dataclass, field
 
@@ -46,6 +49,8 @@ class RequestResult:
     arrivals: list[float] = field(default_factory=list)  # one per token
     finish_reason: str | None = None
     error: str | None = None
+    resumes: int = 0  # times its stream broke and was resumed (a frontend died under it)
+    last_event_id: str | None = None  # the `id:` of the last event whose tokens were taken (Last-Event-ID)
 
     @property
     def ok(self) -> bool:
@@ -54,6 +59,7 @@ class RequestResult:
     def to_dict(self) -> dict:
         return {"index": self.spec.index, "start": self.start, "end": self.end, "tokens": self.tokens,
                 "arrivals": self.arrivals, "finish_reason": self.finish_reason, "error": self.error,
+                "resumes": self.resumes,
                 "prompt_tokens": len(self.spec.prompt_ids), "max_tokens": self.spec.max_tokens}
 
 
@@ -72,24 +78,52 @@ def request_spec(workload: Workload, index: int) -> RequestSpec:
     )
 
 
-async def _one(client, url: str, spec: RequestSpec, timeout_s: float) -> RequestResult:
-    import httpx
+RESUMES = 20  # a stream broken by a fault is resumed at most this often (Idempotency-Key + Last-Event-ID)
 
+
+async def _one(client, url: str, spec: RequestSpec, timeout_s: float) -> RequestResult:
     result = RequestResult(spec, start=time.time())
     try:
         await asyncio.wait_for(_stream(client, url, spec, result), timeout_s)
     except asyncio.TimeoutError:
         result.error = f"no complete answer within {timeout_s:g}s ({len(result.tokens)} tokens received)"
-    except httpx.HTTPError as e:
-        result.error = f"{type(e).__name__}: {e or 'connection failed'}"
     except (ValueError, KeyError, TypeError, IndexError) as e:
         result.error = f"malformed stream: {type(e).__name__}: {e}"
     result.end = result.arrivals[-1] if result.arrivals and result.error is None else time.time()
     return result
 
 
+class _Broken(Exception):
+    """The stream broke in a way a resume may mend (a lost connection, a frontend that died)."""
+
+
 async def _stream(client, url: str, spec: RequestSpec, result: RequestResult) -> None:
-    async with client.stream("POST", f"{url}/v1/completions", json=spec.body()) as response:
+    """One streaming request as a resilient client sends it: with an Idempotency-Key, resumed after a
+    break from the last event it read (Last-Event-ID), so each token arrives once."""
+    import httpx
+
+    key = secrets.token_urlsafe(12)
+    for attempt in range(RESUMES + 1):
+        last = result.last_event_id
+        headers = {"Idempotency-Key": key, **({"Last-Event-ID": last} if last else {})}
+        try:
+            await _attempt(client, url, spec, result, headers)
+            return
+        except (httpx.TransportError, _Broken) as e:
+            if attempt == RESUMES:
+                result.error = f"{type(e).__name__}: {e or 'connection failed'} (after {attempt} resumes)"
+                return
+            result.resumes += 1
+            await asyncio.sleep(min(1.0, 0.05 * 2 ** attempt))
+
+
+async def _attempt(client, url: str, spec: RequestSpec, result: RequestResult, headers: dict) -> None:
+    """One try; each event's tokens are taken together with its id, so a resume after a break (raised
+    as _Broken or a transport error) starts right after the last token taken."""
+    async with client.stream("POST", f"{url}/v1/completions", json=spec.body(), headers=headers) as response:
+        if response.status_code in (502, 503, 504):
+            await response.aread()
+            raise _Broken(f"HTTP {response.status_code}")
         if response.status_code != 200:
             text = (await response.aread()).decode(errors="replace")
             try:
@@ -99,7 +133,11 @@ async def _stream(client, url: str, spec: RequestSpec, result: RequestResult) ->
             result.error = f"HTTP {response.status_code}: {text[:300]}"
             return
         done = False
+        event_id = None
         async for line in response.aiter_lines():
+            if line.startswith("id:"):
+                event_id = line[3:].strip()
+                continue
             if not line.startswith("data:"):
                 continue
             data = line[5:].strip()
@@ -109,6 +147,8 @@ async def _stream(client, url: str, spec: RequestSpec, result: RequestResult) ->
             chunk = json.loads(data)
             if "error" in chunk:
                 error = chunk["error"]
+                if isinstance(error, dict) and error.get("code") in ("unavailable", "timeout", "detached"):
+                    raise _Broken(error.get("message", ""))
                 result.error = f"stream error: {error.get('message') if isinstance(error, dict) else error}"
                 return
             now = time.time()
@@ -121,8 +161,9 @@ async def _stream(client, url: str, spec: RequestSpec, result: RequestResult) ->
                     result.arrivals.append(now)
                 if choice.get("finish_reason"):
                     result.finish_reason = choice["finish_reason"]
+            result.last_event_id = event_id or result.last_event_id
         if not done or result.finish_reason is None:
-            result.error = f"the stream ended early ({len(result.tokens)} tokens, no finish_reason or [DONE])"
+            raise _Broken(f"the stream ended early ({len(result.tokens)} tokens, no finish_reason or [DONE])")
 
 
 def _client(concurrency: int):

@@ -294,7 +294,7 @@ def _wants_cluster(args: argparse.Namespace) -> bool:
                                        args.transport, args.launcher))
 
 
-def deployment_from_args(args: argparse.Namespace, model_dir: Path, engine_config) -> "DeploymentConfig":
+def deployment_from_args(args: argparse.Namespace, model_dir: Path, engine_config):
     """The deployment YAML (if any) with the command line's flags on top."""
     from resilient_moe.deployment import DeploymentConfig
 

@@ -254,7 +254,7 @@ class ServingStack:
         self._redis = redis.Redis.from_url(cluster.deployment.redis_url, socket_timeout=1.0)
         key, lease_s = supervisor_key(cluster.cluster_id), cluster.deployment.supervisor_lease_s
         record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()})
-        self._redis.set(key, record, ex=max(1, int(lease_s)))
+        self._redis.set(key, record, px=max(1000, int(lease_s * 1000)))
         cluster.hold_lease(key, lease_s)
         self._lease.clear()
         self._lease_thread = threading.Thread(target=self._renew, args=(key, record, lease_s), name="lease",
@@ -272,7 +272,7 @@ class ServingStack:
         """Every third of the lease (a renewal may fail: Redis restarting; the next one makes up for it)."""
         while not self._lease.wait(lease_s / 3):
             try:
-                self._redis.set(key, record, ex=max(1, int(lease_s)))
+                self._redis.set(key, record, px=max(1000, int(lease_s * 1000)))
             except Exception as e:  # noqa: BLE001
                 log.warning("cannot renew the supervisor's lease: %s", e)
 

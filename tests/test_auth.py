@@ -1,7 +1,6 @@
 """Pure logic of resilient_moe.auth: proofs accept the secret's holder and refuse everyone else."""
 
 import os
-import time
 
 import pytest
 

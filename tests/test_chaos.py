@@ -4,6 +4,7 @@ must lose no request and change no token compared with a failure-free replay."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -66,6 +67,10 @@ def with_changes(**changes) -> dict:
     ({"faults__0__fault": "node-kill"}, "faults[0].target: a node-kill takes a node: node:ID"),
     ({"faults__0__target": "node-of:aw-0"}, "faults[0].target: only a node-kill takes a node"),
     ({"faults": "kill ew-1"}, "faults: must be a list"),
+    ({"faults__0__fault": "frontend-kill"}, "faults[0].target: a frontend-kill takes a frontend: fe-N"),
+    ({"faults__0__fault": "supervisor-kill"}, "faults[0].target: a supervisor-kill takes no target but"),
+    ({"faults__0__fault": "supervisor-kill", "faults__0__target": "supervisor", "faults__0__restart_after_s": -1},
+     "faults[0].restart_after_s: must be >= 0"),
 ])
 def test_bad_scenarios_are_rejected_naming_the_field(changes, message):
     raw = with_changes(**{k: v for k, v in changes.items() if k != "faults"})
@@ -80,7 +85,8 @@ def test_every_shipped_scenario_is_valid_and_a_soak_expands_the_same_each_time()
     root = os.path.join(os.path.dirname(__file__), "..", "chaos", "scenarios")
     names = sorted(f for f in os.listdir(root) if f.endswith(".yaml"))
     assert {"ew-crash.yaml", "ew-hang.yaml", "aw-crash.yaml", "aw-hang.yaml", "controller-crash.yaml",
-            "redis-outage.yaml", "link-partition.yaml", "rolling-crashes.yaml", "soak.yaml"} <= set(names)
+            "redis-outage.yaml", "link-partition.yaml", "rolling-crashes.yaml", "soak.yaml",
+            "frontend-supervisor.yaml"} <= set(names)
     for name in names:
         scenario.load(os.path.join(root, name))
     soak = scenario.load(os.path.join(root, "soak.yaml"))
@@ -406,6 +412,19 @@ def test_attention_worker_crash(live, tmp_path):
                           tmp_path / "out")
     assert_clean_run(report, tmp_path / "out")
     assert report["faults"][0]["in_flight"] >= 1
+
+
+def test_frontend_kill_resumes_every_stream_once(live, tmp_path):
+    """Two frontend processes; one is SIGKILLed under load. The workload resumes each broken stream at
+    the other one (Idempotency-Key + Last-Event-ID): nothing lost, nothing repeated, every token the
+    failure-free replay's."""
+    stack = live(attention_workers=1, expert_workers=2, frontends=2)
+    report = run_scenario(stack, short([{"at_s": 2, "fault": "frontend-kill", "target": "fe-0"}], temperature=0.8,
+                                       assertions={"recovery_within_s": 30}), tmp_path / "out")
+    assert_clean_run(report, tmp_path / "out")
+    resumed = [r for r in json.loads((tmp_path / "out" / "requests.json").read_text())["chaos"] if r["resumes"]]
+    assert resumed, "no stream broke: the kill did not hit a frontend that was streaming"
+    assert all(len(r["tokens"]) <= r["max_tokens"] for r in resumed), "a resume repeated tokens"
 
 
 def test_link_delay(live, tmp_path):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import random
-import select
 import signal
 import socket
 import subprocess
@@ -128,6 +127,7 @@ def test_a_killed_supervisor_is_adopted_by_the_same_command_and_nothing_restarts
         wait_until(lambda: all(len(t) >= 3 for t in tokens) or errors, 120, "every stream to be under way")
         pids = cluster_pids(url)
         assert {"aw-0", "ew-0", "ew-1", "fe-0", "fe-1"} <= set(pids), pids
+        assert pids.pop("supervisor") == first.proc.pid, "the cluster view names its supervisor"
         pids = with_fork_server(pids)
         os.kill(first.proc.pid, signal.SIGKILL)
         first.proc.wait(10)
@@ -141,7 +141,9 @@ def test_a_killed_supervisor_is_adopted_by_the_same_command_and_nothing_restarts
             t.join(300)
         assert not errors, errors[:3]
         assert tokens == reference
-        assert with_fork_server(cluster_pids(url)) == pids, "the adoption restarted a process"
+        after = cluster_pids(url)
+        assert after.pop("supervisor") == second.proc.pid, "the cluster view names the adopting supervisor"
+        assert with_fork_server(after) == pids, "the adoption restarted a process"
         third = subprocess.run([sys.executable, "-m", "resilient_moe.cli", "serve", "--model", str(tiny_model), "--port",
                                 str(port), "--state-dir", str(tmp_path / "state"), "--admin-token", ADMIN],
                                capture_output=True, text=True, timeout=120)
@@ -168,7 +170,9 @@ def test_a_supervisor_that_never_comes_back_lets_the_cluster_stop_by_itself(tiny
     pids: dict[str, int] = {}
     try:
         serve.wait_serving()
-        pids = with_fork_server(cluster_pids(f"http://127.0.0.1:{port}"))
+        pids = cluster_pids(f"http://127.0.0.1:{port}")
+        assert pids.pop("supervisor") == serve.proc.pid, pids
+        pids = with_fork_server(pids)
         assert len(pids) > 8, pids  # the roles, redis-server and the fork server
         os.kill(serve.proc.pid, signal.SIGKILL)
         serve.proc.wait(10)

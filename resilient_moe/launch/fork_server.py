@@ -296,13 +296,17 @@ class _Lease:
         self.checked = 0.0
 
     def lapsed(self) -> bool:
-        """Checked at most every LEASE_CHECK_S; a Redis that cannot be reached counts as no renewal."""
+        """True `lease_s` after the last renewal. Checked at most every LEASE_CHECK_S: the key's time to
+        live (set to lease_s at each renewal) tells when it was last renewed; a key that is gone, or a
+        Redis that cannot be reached (restarting: the supervisor renews it once it is back), counts as
+        no renewal since the last one seen."""
         now = time.monotonic()
         if now - self.checked >= LEASE_CHECK_S:
             self.checked = now
             try:
-                if self.client.exists(self.key):
-                    self.seen = now
+                ttl_ms = self.client.pttl(self.key)
+                if ttl_ms is not None and ttl_ms >= 0:
+                    self.seen = max(self.seen, now - max(0.0, self.lease_s - ttl_ms / 1000.0))
             except Exception:  # noqa: BLE001 (Redis down: the supervisor restarts it, or it is gone)
                 pass
         return now - self.seen > self.lease_s

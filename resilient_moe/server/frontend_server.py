@@ -12,6 +12,7 @@ uvicorn: idle keep-alive), so slow or idle clients cannot pin a frontend.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -23,6 +24,7 @@ from resilient_moe.controller.client import ControllerClient
 from resilient_moe.deployment import DeploymentConfig, FrontendConfig
 from resilient_moe.engine.tokenizer import TextTokenizer
 from resilient_moe.errors import ResilientMoeError
+from resilient_moe.kvstore.keys import supervisor_key
 from resilient_moe.model.config import ModelConfig
 from resilient_moe.proto import controller_pb2 as pb
 from resilient_moe.server.api import ServerSettings, create_app
@@ -59,11 +61,22 @@ def bind_socket(host: str, port: int, reuse_port: bool = True, listen: bool = Tr
 
 
 class ControllerSource:
-    """The cluster as a frontend process sees it: the controller's view (a `ClusterSource`)."""
+    """The cluster as a frontend process sees it: the controller's view (a `ClusterSource`), and the
+    supervisor that holds the cluster's lease in Redis (when there is one)."""
 
-    def __init__(self, client: ControllerClient) -> None:
+    def __init__(self, client: ControllerClient, redis_client=None, cluster_id: str = "") -> None:
         self.client = client
         self.controller_address = client.address
+        self.redis, self.cluster_id = redis_client, cluster_id
+
+    def _supervisor(self) -> dict[str, int]:
+        if self.redis is None:
+            return {}
+        try:
+            lease = self.redis.get(supervisor_key(self.cluster_id))
+            return {"supervisor": int(json.loads(lease)["pid"])} if lease else {}
+        except Exception:  # noqa: BLE001 (Redis down, or no supervisor right now)
+            return {}
 
     def state(self) -> pb.ClusterState:
         return self.client.get_state()
@@ -71,9 +84,10 @@ class ControllerSource:
     @property
     def pids(self) -> Mapping[str, int]:
         try:
-            return {w.name: w.pid for w in self.state().workers if w.pid}
+            workers = {w.name: w.pid for w in self.state().workers if w.pid}
         except Exception:  # noqa: BLE001 (the controller is being replaced: nothing to list now)
-            return {}
+            workers = {}
+        return {**workers, **self._supervisor()}
 
     @property
     def nodes(self) -> Mapping[str, str]:
@@ -130,7 +144,7 @@ class FrontendServer:
             # Capacity follows the attention workers serving, up and down (Frontend.capacity), for the
             # frontend and the API's admission alike. Each frontend admits up to the cluster's capacity: with
             # N frontends at most N times that many requests run or wait at the attention workers.
-            store = None
+            store = client = None
             if dep.redis_url:  # keyed requests (Idempotency-Key) outlive this frontend: their records go there
                 import redis
 
@@ -149,7 +163,7 @@ class FrontendServer:
                 max_waiting=self.config.max_waiting, request_timeout_s=self.config.request_timeout_s,
                 host=self.config.host, body_timeout_s=self.config.body_timeout_s,
             )
-            cluster = self.cluster or ControllerSource(self.frontend.client)
+            cluster = self.cluster or ControllerSource(self.frontend.client, client, self.cluster_id)
             self.app = create_app(self.frontend, cluster, tokenizer, settings.model_name, self.config.admin_token,
                                   settings=settings, metrics=self.metrics, api_keys=self.config.api_keys,
                                   requests=store, resume_grace_s=dep.resume_grace_s)
