@@ -29,6 +29,12 @@ the serving path costs without any failure in that window), and where the time w
     python benchmarks/bench_failover.py --fault ew-hang
     python benchmarks/bench_failover.py --fault aw-kill
     python benchmarks/bench_failover.py --serving --fault ew-kill --kills 10
+
+The tier in front of the workers (bench_front_tier.py: `serve` as a process of its own, 2 frontends,
+streams through the resuming client, then failure-free throughput with 2 frontends against 1):
+
+    python benchmarks/bench_failover.py --fault frontend-kill [--kills 5]
+    python benchmarks/bench_failover.py --fault supervisor-kill [--kills 3]
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ from resilient_moe.server.frontend import Frontend  # noqa: E402
 
 FAULTS = {"ew-kill": ("ew-1", signal.SIGKILL), "ew-hang": ("ew-1", signal.SIGSTOP),
           "aw-kill": ("aw-0", signal.SIGKILL), "aw-hang": ("aw-0", signal.SIGSTOP)}
+FRONT_TIER_FAULTS = ("frontend-kill", "supervisor-kill")  # bench_front_tier.py
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -312,7 +319,7 @@ def serving(fault: str, kills: int, streams: int, max_tokens: int, warm_tokens: 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--fault", choices=sorted(FAULTS), default="ew-kill")
+    parser.add_argument("--fault", choices=sorted(FAULTS) + list(FRONT_TIER_FAULTS), default="ew-kill")
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--warm-tokens", type=int, default=24, help="tokens every request has before the fault")
@@ -324,6 +331,11 @@ def main() -> int:
     parser.add_argument("--kills", type=int, default=10, help="faults injected with --serving")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.fault in FRONT_TIER_FAULTS:
+        import bench_front_tier
+
+        return bench_front_tier.main(args.fault, args.kills, 16, args.max_tokens, args.warm_tokens,
+                                     args.throughput_runs)
     if args.serving:
         return serving(args.fault, args.kills, 16, args.max_tokens, args.warm_tokens)
     model = demo_model_dir()
