@@ -434,7 +434,9 @@ def test_serve_command_serves_then_stops_cleanly(tiny_model, tmp_path, stop_sign
         out = client.completions.create(model=tiny_model.name, prompt="Hello", max_tokens=4, extra_body={"ignore_eos": True})
         assert out.usage.completion_tokens == 4
         cluster = httpx.get(f"{url}/admin/cluster", headers={"Authorization": f"Bearer {token}"}).json()
-        assert {w["pid"] for w in cluster["workers"] if w["role"] != "frontend"} <= children
+        supervisors = [w["pid"] for w in cluster["workers"] if w["role"] == "supervisor"]
+        assert supervisors == [proc.pid]  # serve itself supervises; every other process is its descendant
+        assert {w["pid"] for w in cluster["workers"] if w["role"] not in ("frontend", "supervisor")} <= children
         proc.send_signal(stop_signal)
         assert proc.wait(60) == 0
     finally:

@@ -13,9 +13,11 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -44,7 +46,9 @@ def _cluster_pids(temp_dir: str) -> list[int]:
 
 @pytest.fixture
 def ray_started(tmp_path):
-    temp_dir = str(tmp_path / "ray")
+    # Ray's socket paths (temp_dir/session_<time>_<pid>/sockets/plasma_store) must fit AF_UNIX's 107 bytes;
+    # pytest's tmp_path grows with its run number, so the cluster gets a short directory of its own
+    temp_dir = tempfile.mkdtemp(prefix="rmoe-ray-", dir="/tmp")
     token = tmp_path / "token"
     token.write_text(secrets.token_hex(32))
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
@@ -71,7 +75,9 @@ def ray_started(tmp_path):
                 except ProcessLookupError:
                     pass
             time.sleep(0.2)
-        assert not any(pid_alive(p) for p in _cluster_pids(temp_dir)), "a process of the test Ray cluster survived"
+        survivors = [p for p in _cluster_pids(temp_dir) if pid_alive(p)]
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        assert not survivors, "a process of the test Ray cluster survived"
 
 
 def test_generate_joins_a_cluster_started_with_ray_start(ray_started, tiny_model):
