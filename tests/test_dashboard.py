@@ -1,13 +1,19 @@
 """The built-in /dashboard page, rendered by headless Chromium against a running server: it shows the
-workers with their state and the routing table, asks for the admin token when it has none, and shows
-the failure event after a worker is killed."""
+workers with their state, CPU and memory, the routing table of every layer, asks for the admin token
+when it has none, and shows the failure event after a worker is killed. The layout of many fault labels
+is checked on the same page served with a recorded series of faults (a page-logic test: the page is
+the unit, its inputs are the admin API's documents)."""
 
 from __future__ import annotations
 
+import http.server
+import json
 import os
 import re
 import shutil
 import subprocess
+import threading
+import time
 
 import httpx
 import pytest
@@ -25,11 +31,11 @@ def stack(tiny_model, fork_server, tmp_path_factory):
         yield s
 
 
-def render(url: str, profile) -> str:
+def render(url: str, profile, window: str = "1400,1000") -> str:
     """The page's DOM after its scripts ran (virtual time lets the polling fetches complete)."""
     result = subprocess.run(
         [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-         f"--user-data-dir={profile}", "--virtual-time-budget=4000", "--dump-dom", url],
+         f"--user-data-dir={profile}", f"--window-size={window}", "--virtual-time-budget=4000", "--dump-dom", url],
         capture_output=True, text=True, timeout=90,
     )
     assert result.returncode == 0, result.stderr[-2000:]
@@ -48,7 +54,16 @@ def test_dashboard_shows_workers_and_routing(stack, tmp_path):
     assert shown.get(stack.frontend.name) == "ready"
     # Grouped by node: the local launcher runs every process on this host, one node named after it.
     assert re.findall(r'class="node" data-node="([^"]+)"', dom) == [os.uname().nodename]
-    assert 'id="ert-table"' in dom and "ew-0" in dom.split('id="ert-table"', 1)[1]
+    # the routing table: a cell for every (layer, expert) of every layer, coloured by its live copies
+    entries = httpx.get(f"{stack.url}/admin/cluster", headers=admin_headers(), timeout=10).json()["ert"]["entries"]
+    cells = dict(re.findall(r'data-cell="(\d+/\d+)" data-copies="(\d+)"', dom))
+    assert set(cells) == {f"{e['layer']}/{e['expert']}" for e in entries} and len({e["layer"] for e in entries}) > 1
+    assert all(int(copies) == len(e["workers"]) for e in entries
+               for copies in [cells[f"{e['layer']}/{e['expert']}"]])  # all healthy: every copy is live
+    # each process's resident memory from its heartbeat; the KV store's use of its memory
+    usage = dict(re.findall(r'data-usage="([^"]+)">([^<]+)<', dom))
+    assert all("RSS " in usage.get(name, "") for name in ("aw-0", "aw-1", "ew-0", "ew-1")), usage
+    assert any(" of " in text and "regions" in text for name, text in usage.items() if name.startswith("kv")), usage
     assert re.search(r'class="event" data-kind="ready" data-worker="aw-0"', dom)
 
 
@@ -85,3 +100,72 @@ def test_dashboard_shows_a_killed_worker_and_its_recovery(stack, tmp_path):
                           metrics, re.M)
         assert gauge and float(gauge.group(1)) == pytest.approx(fault[key]), (name, metrics[-3000:])
     assert re.search(r"^resilient_moe_failover_stall_seconds_count [1-9]", metrics, re.M)
+
+
+# ---- the page's layout of many faults, on recorded documents ----------------------------------------
+
+
+def _recorded_documents(now: float) -> dict[str, dict]:
+    """/admin/* documents of a cluster that lost 12 workers within two minutes, each restored 2 s later."""
+    workers = [{"id": f"ew-{i}", "role": "expert", "pid": 100 + i, "host": "127.0.0.1", "node": "host-a",
+                "incarnation": 2, "state": "ready", "experts": [], "shadows": [], "load": {}, "started_at": now - 60}
+               for i in range(4)]
+    entries = [{"layer": layer, "expert": expert, "workers": [f"ew-{expert % 4}", f"ew-{(expert + 1) % 4}"][:1 + layer % 2]}
+               for layer in range(8) for expert in range(16)]
+    faults = [{"worker": f"ew-{i % 4}", "incarnation": 1, "role": "expert", "kind": "process_gone", "detail": "killed",
+               "declared_at": now - 120 + 5 * i, "restored_at": now - 118 + 5 * i, "detection_s": 0.2,
+               "redundancy_restored_s": 2.0, "requests": 3, "stall_p50_s": 0.1, "stall_max_s": 0.3} for i in range(12)]
+    series = [{"time": now - 200 + t, "tokens_per_s": 50.0, "itl_mean_s": 0.02, "running": 4, "waiting": 1,
+               "ttft_mean_s": 0.1} for t in range(200)]
+    return {"/admin/cluster": {"workers": workers, "ert": {"epoch": 3, "entries": entries}, "events": [],
+                               "unprotected": [], "unprotected_by_node": {}},
+            "/admin/recovery": {"faults": faults}, "/admin/timeseries": {"series": series, "model": "recorded"}}
+
+
+@pytest.fixture
+def recorded_dashboard():
+    from resilient_moe.server.api import DASHBOARD
+    documents = _recorded_documents(time.time())
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            body = DASHBOARD.read_bytes() if self.path.startswith("/dashboard") else \
+                json.dumps(documents[self.path]).encode() if self.path in documents else None
+            self.send_response(200 if body is not None else 404)
+            self.send_header("Content-Type", "text/html" if self.path.startswith("/dashboard") else "application/json")
+            self.end_headers()
+            self.wfile.write(body or b"")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", documents
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _overlap(a, b) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+@pytest.mark.parametrize("window", ["1400,1000", "800,900"], ids=["wide", "narrow"])
+def test_fault_labels_never_overlap_and_every_layer_is_shown(recorded_dashboard, tmp_path, window):
+    url, documents = recorded_dashboard
+    dom = render(f"{url}/dashboard#token=recorded", tmp_path / "profile", window)
+    boxes = json.loads(re.search(r'id="itl-chart-labels" data-label-boxes="([^"]*)"', dom).group(1).replace("&quot;", '"'))
+    assert boxes and all(b[2] > b[0] and b[3] > b[1] for b in boxes)
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            assert not _overlap(a, b), (a, b)
+    # every marker is labelled: on its own, or counted in the label before it ("ew-1 dead +2")
+    labelled = sum(1 + (int(m.group(1)) if m else 0) for b in boxes for m in [re.search(r"\+(\d+)$", b[4])])
+    assert labelled == 24  # 12 deaths, 12 restorations
+    cells = dict(re.findall(r'data-cell="(\d+/\d+)" data-copies="(\d+)"', dom))
+    assert len(cells) == 8 * 16  # every layer, not the first few
+    assert {cells[f"{e['layer']}/{e['expert']}"] for e in documents["/admin/cluster"]["ert"]["entries"]
+            if len(e["workers"]) == 1} == {"1"}

@@ -93,6 +93,33 @@ def test_cluster_gauges_cover_every_process(stack):
     assert value(text, "resilient_moe_shadow_experts_active") > 0  # two expert workers shadow each other
 
 
+def test_every_worker_reports_its_cpu_and_memory_and_the_kv_store_its_use(stack):
+    """From each process's heartbeat: CPU seconds that grow, resident memory of a loaded process, and the
+    KV stores' capacity and touched bytes."""
+    workers = {name: "attention" if name.startswith("aw-") else "expert"
+               for name in stack.cluster.pids if name.startswith(("aw-", "ew-"))}
+
+    def memory_of_every_worker():
+        text = scrape(stack)
+        return all(value(text, "resilient_moe_worker_resident_memory_bytes", worker=w, role=r) > 0
+                   for w, r in workers.items()) and samples(text)
+
+    first = wait_until(memory_of_every_worker, 10, "every worker's resident memory")
+    for w, r in workers.items():
+        rss = first[("resilient_moe_worker_resident_memory_bytes", (("role", r), ("worker", w)))]
+        assert rss > 20 * 2**20, (w, rss)  # torch and the model's weights are resident
+    cpu_key = ("resilient_moe_worker_cpu_seconds_total", (("role", "attention"), ("worker", "aw-0")))
+    assert first[cpu_key] > 0
+    traffic(stack)
+    wait_until(lambda: samples(scrape(stack)).get(cpu_key, 0.0) > first[cpu_key], 10,
+               "aw-0's CPU seconds to grow with its traffic")
+    store = {(dict(labels)["worker"], dict(labels)["kind"]): v for (name, labels), v in samples(scrape(stack)).items()
+             if name == "resilient_moe_kv_store_bytes"}
+    assert store, "no KV store reported its memory"
+    for worker, _ in store:
+        assert 0 <= store[(worker, "resident")] <= store[(worker, "capacity")]
+
+
 @needs_promtool
 def test_promtool_accepts_real_metrics(stack, tmp_path):
     traffic(stack)
@@ -128,7 +155,9 @@ def test_dashboard_queries_only_exported_metrics(stack):
                    "resilient_moe_generation_tokens_total", "resilient_moe_worker_up",
                    "resilient_moe_failures_detected_total", "resilient_moe_failover_stall_seconds_bucket",
                    "resilient_moe_fault_detection_seconds_bucket", "resilient_moe_redundancy_restore_seconds_bucket",
-                   "resilient_moe_last_fault_detection_seconds", "resilient_moe_last_fault_stall_max_seconds"):
+                   "resilient_moe_last_fault_detection_seconds", "resilient_moe_last_fault_stall_max_seconds",
+                   "resilient_moe_worker_cpu_seconds_total", "resilient_moe_worker_resident_memory_bytes",
+                   "resilient_moe_kv_store_bytes"):
         assert needed in queried
 
 

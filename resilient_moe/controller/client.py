@@ -18,6 +18,7 @@ import grpc
 
 from resilient_moe import auth
 from resilient_moe.controller.grpc_auth import authenticated_channel
+from resilient_moe.procs import own_usage
 from resilient_moe.proto import controller_pb2 as pb
 from resilient_moe.proto import controller_pb2_grpc as pb_grpc
 
@@ -101,7 +102,8 @@ class ControllerClient:
         fill: Callable[[pb.HeartbeatRequest], Callable[[pb.HeartbeatReply], None] | None] | None = None,
     ) -> None:
         """Send heartbeats every `interval_s` on a daemon thread; call `on_fenced` once if fenced. The
-        load map also carries this process's authentication refusals (`auth_refused_<purpose>`).
+        load map also carries this process's authentication refusals (`auth_refused_<purpose>`), its CPU
+        seconds (`cpu_s`) and its resident memory (`rss_bytes`).
         `fill` adds what an expert worker reports (expert token counts, the experts it holds) to each
         request and returns what to call with the reply once it arrives (None: nothing)."""
 
@@ -110,7 +112,7 @@ class ControllerClient:
             while not self._stop.wait(interval_s):
                 try:
                     request = pb.HeartbeatRequest(name=name, incarnation=incarnation,
-                                                  load={**load(), **auth.refusal_counts()})
+                                                  load={**load(), **auth.refusal_counts(), **own_usage()})
                     on_reply = fill(request) if fill is not None else None
                     reply = self.stub.Heartbeat(request, timeout=RPC_TIMEOUT_S)
                 except grpc.RpcError:

@@ -307,6 +307,7 @@ class ClusterCollector:
                 load.add_metric([name], value)
         metrics += self._controller_metrics(state, expert_rows)
         metrics.append(self._auth_metrics(state))
+        metrics += self._process_metrics(state)
         metrics += [
             GaugeMetricFamily(f"{ns}_ert_epoch", "Epoch of the expert routing table.", value=epoch),
             GaugeMetricFamily(f"{ns}_shadow_experts_active",
@@ -319,6 +320,30 @@ class ClusterCollector:
             restored, recomputed, recomputed_tokens, kv_restores,
         ]
         return metrics
+
+    @staticmethod
+    def _process_metrics(state: pb.ClusterState | None) -> list[Metric]:
+        """Each live process's CPU time and resident memory (from its heartbeat), and the KV stores' use."""
+        ns = NAMESPACE
+        cpu = CounterMetricFamily(f"{ns}_worker_cpu_seconds", "CPU time of a live worker process, every thread "
+                                  "(a replacement starts again from 0).", labels=["worker", "role"])
+        rss = GaugeMetricFamily(f"{ns}_worker_resident_memory_bytes", "Resident memory of a live worker process.",
+                                labels=["worker", "role"])
+        store = GaugeMetricFamily(f"{ns}_kv_store_bytes", "A KV checkpoint store's memory: the bytes of the regions "
+                                  "it holds (capacity) and those touched so far (resident).", labels=["worker", "kind"])
+        for w in state.workers if state is not None else ():
+            if w.state not in (pb.READY, pb.SUSPECT, pb.DRAINING):
+                continue
+            role = ROLE_NAMES.get(w.role, "unknown")
+            if "cpu_s" in w.load:
+                cpu.add_metric([w.name, role], w.load["cpu_s"])
+            if "rss_bytes" in w.load:
+                rss.add_metric([w.name, role], w.load["rss_bytes"])
+            if w.role == pb.KV_STORE:
+                for kind, key in (("capacity", "bytes"), ("resident", "resident_bytes")):
+                    if key in w.load:
+                        store.add_metric([w.name, kind], w.load[key])
+        return [cpu, rss, store]
 
     @staticmethod
     def _auth_metrics(state: pb.ClusterState | None) -> Metric:
