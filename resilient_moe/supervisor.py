@@ -306,7 +306,7 @@ class ServingStack:
             raise ServeError(f"a supervisor already serves this cluster on {self.host}:{self.port}: pid "
                              f"{holder['pid']}, since {time.strftime('%H:%M:%S', time.localtime(holder['started']))}; "
                              f"stop it first (Ctrl-C, or SIGTERM to {holder['pid']})")
-        return handover
+        return {**handover, "previous_supervisor": {**holder, "seen_gone_at": time.time()}}
 
     def _adopt(self, handover: dict) -> "ServingStack":
         """Supervise the running cluster of `handover`: nothing restarts."""
@@ -325,6 +325,11 @@ class ServingStack:
         self.cluster.adopt(inner)
         self.adopted = True
         self._hold_lease()
+        previous = handover.get("previous_supervisor") or {}
+        self.cluster.report_fault(pb.FaultRecord(  # its death as a fault record, replaced by this process
+            component="supervisor", role="supervisor", pid=int(previous.get("pid", 0)), cause="process gone",
+            detail=f"its lease was still held and its process gone; adopted by pid {os.getpid()}",
+            detected_at=float(previous.get("seen_gone_at", time.time())), replaced_at=time.time()))
         return self
 
     def stop(self) -> None:

@@ -580,3 +580,58 @@ def test_a_full_attention_worker_gets_no_request_while_another_has_a_free_seat()
     assert choose_attention_worker(loads) == "aw-1"
     loads["aw-1"] = AttentionLoad(3000, 0.5, requests=8, seats=8)  # both full: fewest tokens again
     assert choose_attention_worker(loads) == "aw-0"
+
+
+# ---- fault records (controller/fault_records.py) -------------------------------------------------
+
+
+def test_every_declared_death_is_a_fault_record_with_its_observed_cause_and_replacement():
+    clock = FakeClock()
+    states = {"ew-0": procs.STOPPED, "ew-1": procs.RUNNABLE}
+    model = make_model(clock, liveness=lambda r: states[r.name])
+    for i in range(2):
+        start(model, f"ew-{i}", 10 + i)
+    clock.now += 1.5
+    assert model.tick() == ["ew-0"]
+    [stopped] = model.fault_records.records
+    assert (stopped.component, stopped.role, stopped.incarnation, stopped.pid, stopped.cause) == \
+        ("ew-0", "expert", 1, 10, "stopped")
+    assert stopped.detected_at - stopped.last_seen == pytest.approx(1.5) and stopped.replaced_at == 0
+    # a peer reports ew-1 first (its link closed), then the launcher's exit status makes the cause exact
+    model.report_failure("aw-0", "ew-1", 2, "link-closed", process_gone=True)
+    model.report_failure("launcher", "ew-1", 0, "process 11 killed by signal 9 (SIGKILL)", process_gone=True)
+    killed = model.fault_records.records[-1]
+    assert killed.component == "ew-1" and killed.cause == "killed by signal 9 (SIGKILL)"
+    assert "link-closed" in killed.detail and "signal 9" in killed.detail
+    model.report_failure("aw-0", "ew-1", 2, "3 probes unanswered", process_gone=True)  # vaguer: changes nothing
+    assert killed.cause == "killed by signal 9 (SIGKILL)"
+    replacement = start(model, "ew-0", 30)
+    assert stopped.replaced_at > 0 and killed.replaced_at == 0, "only ew-0 has a replacement"
+    assert replacement.incarnation > stopped.incarnation
+    snapshot = json.loads(json.dumps(model.to_snapshot()))  # a new controller keeps the records
+    restored = make_model(clock)
+    restored.restore(snapshot)
+    assert [(r.component, r.cause, r.replaced_at) for r in restored.fault_records.records] == \
+        [(r.component, r.cause, r.replaced_at) for r in model.fault_records.records]
+
+
+def test_a_fault_of_an_untracked_component_is_recorded_and_updated_once_replaced():
+    from resilient_moe.controller.fault_records import FaultRecord, fault_record_problem
+    from resilient_moe.proto import controller_pb2 as pb
+
+    model = make_model()
+    gone = FaultRecord("redis", "redis", 0, 900, "killed by signal 9 (SIGKILL)", "killed by signal 9 (SIGKILL)",
+                       last_seen=1000.0, detected_at=1000.0)
+    model.record_fault(gone)
+    back = FaultRecord(**{**gone.__dict__, "replaced_at": 1000.4})
+    model.record_fault(back)  # the same fault, now replaced: one record
+    [kept] = model.fault_records.records
+    assert kept.replaced_at == 1000.4
+    events = [(e.kind, e.worker) for e in model.events]
+    assert events[-2:] == [("dead", "redis"), ("replaced", "redis")]
+    for bad, problem in [(dict(component=""), "component"), (dict(role="db"), "role must be one of"),
+                         (dict(detected_at=0.0), "detected_at"), (dict(replaced_at=10.0), "before detected_at"),
+                         (dict(cause=""), "cause")]:
+        message = pb.FaultRecord(**{**back.__dict__, **bad})
+        assert problem in fault_record_problem(message), bad
+    assert fault_record_problem(back.to_pb()) is None

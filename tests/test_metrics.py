@@ -17,7 +17,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from conftest import wait_until
 from resilient_moe.proto import controller_pb2 as pb
 from resilient_moe.server.metrics import ServingMetrics
-from resilient_moe.server.recovery import RecoveryTracker, failure_kind
+from resilient_moe.controller.fault_records import cause_kind, observed_cause
+from resilient_moe.server.recovery import RecoveryTracker
 from serving import serving_stack
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -172,44 +173,63 @@ def test_prometheus_config_scrapes_the_default_server():
 # ---- pure pieces -----------------------------------------------------------------------------
 
 
-def test_failure_kinds_from_controller_details():
-    assert failure_kind("incarnation 3: no heartbeat for 1.20s") == "heartbeat_timeout"
-    assert failure_kind("incarnation 3: link-closed (reported by aw-0; process gone)") == "link_closed"
-    assert failure_kind("incarnation 3: 3 probes unanswered (reported by aw-1)") == "probe_timeout"
+def test_causes_as_observed_from_the_evidence():
+    for reason, cause, kind in [
+        ("no heartbeat for 1.20s (process runnable)", "no heartbeat", "no_heartbeat"),
+        ("no heartbeat for 1.20s (process stopped)", "stopped", "stopped"),
+        ("link-closed (reported by aw-0; process gone)", "process gone", "gone"),  # and the controller it gone
+        ("link-closed (reported by aw-0)", "link closed", "link_closed"),
+        ("3 probes unanswered for 900 ms (process stopped) (reported by aw-1; process stopped)", "stopped", "stopped"),
+        ("3 probes unanswered for 900 ms (process sleeping)", "unresponsive to probes", "unresponsive"),
+        ("process 812 killed by signal 9 (SIGKILL) (reported by launcher; process gone)", "killed by signal 9 (SIGKILL)",
+         "killed"),
+        ("process 812 exited with code 3 (reported by launcher; process gone)", "exited with code 3", "exited"),
+        ("process 812 died with the fork server (node 3f2a9c lost)", "node lost", "node_lost"),
+        ("something else", "reported", "reported"),
+    ]:
+        assert observed_cause(reason) == cause, reason
+        assert cause_kind(cause) == kind, cause
+
+
+def _record(component="ew-1", role="expert", incarnation=2, pid=700, cause="killed by signal 9 (SIGKILL)",
+            last_seen=0.0, detected_at=0.0, replaced_at=0.0) -> pb.FaultRecord:
+    return pb.FaultRecord(component=component, role=role, incarnation=incarnation, pid=pid, cause=cause,
+                          detail=f"process {pid} {cause}", last_seen=last_seen, detected_at=detected_at,
+                          replaced_at=replaced_at)
 
 
 def test_recovery_figures_per_fault():
-    """A worker's last heartbeat, its declared death, a replacement: detection, restore time and the
-    stalls of the requests in flight, in /metrics and in the recovery table."""
+    """A worker's last heartbeat, its declared death, a replacement: detection, replacement and restore
+    times and the stalls of the requests in flight, in /metrics and in the recovery table."""
     metrics = ServingMetrics()
     t = time.time() - 30.0
 
-    def snapshot(received: float, incarnation: int, state, age: float, events=(), unprotected=0):
-        worker = pb.WorkerInfo(name="ew-1", role=pb.EXPERT, state=state, incarnation=incarnation, heartbeat_age_s=age)
+    def snapshot(received: float, replaced_at: float = 0.0, unprotected=0, records=True):
         pairs = [pb.ExpertRef(layer=0, expert=e) for e in range(unprotected)]
-        metrics.update_cluster(pb.ClusterState(workers=[worker], events=list(events), unprotected=pairs), [], 0,
-                               now=received)
+        found = [_record(last_seen=t + 1.2, detected_at=t + 1.25, replaced_at=replaced_at)] if records else []
+        metrics.update_cluster(pb.ClusterState(fault_records=found, unprotected=pairs), [], 0, now=received)
 
-    dead = pb.Event(time=t + 1.25, kind="dead", worker="ew-1",
-                    detail="incarnation 2: link-closed (reported by aw-0; process gone)")
-    snapshot(t + 0.5, 2, pb.READY, 0.01)
+    snapshot(t + 0.5, records=False)
     # the request started before the fault; its tokens come every 10 ms, then a 300 ms gap across it
     arrivals = [t + 0.6 + 0.01 * i for i in range(60)] + [t + 1.5 + 0.01 * i for i in range(10)]  # gap 1.19 -> 1.5
     metrics.finished(1.0, "length", t + 0.55, arrivals)  # finished before the death is seen: still counted
     metrics.finished(0.1, "length", t - 20.0, [t - 19.9, t - 19.8])  # long before: not in flight
-    snapshot(t + 1.3, 2, pb.FENCED, 0.1, events=[dead], unprotected=4)  # pushed as it is declared: last beat at t+1.2
-    snapshot(t + 1.8, 2, pb.FENCED, 0.6, events=[dead], unprotected=4)  # the same event again counts once
-    snapshot(t + 3.0, 3, pb.LOADING, 0.0, events=[dead], unprotected=4)
-    snapshot(t + 4.2, 3, pb.READY, 0.0, events=[dead], unprotected=0)
+    snapshot(t + 1.3, unprotected=4)  # pushed as it is declared
+    snapshot(t + 1.8, unprotected=4)  # the same record again counts once
+    snapshot(t + 3.0, replaced_at=t + 2.9, unprotected=4)  # replaced, but experts still unprotected
+    snapshot(t + 4.2, replaced_at=t + 2.9, unprotected=0)
     [fault] = metrics.recovery.table()
-    assert fault["worker"] == "ew-1" and fault["role"] == "expert" and fault["kind"] == "link_closed"
+    assert fault["worker"] == "ew-1" and fault["role"] == "expert" and fault["kind"] == "killed"
+    assert fault["cause"] == "killed by signal 9 (SIGKILL)" and fault["pid"] == 700
     assert fault["detection_s"] == pytest.approx(0.05, abs=1e-6)
+    assert fault["replacement_s"] == pytest.approx(1.65, abs=1e-6)
     assert fault["redundancy_restored_s"] == pytest.approx(3.0, abs=1e-6)
     assert fault["requests"] == 1 and fault["stall_max_s"] == pytest.approx(0.31, abs=1e-6)
     text = metrics.render().decode()
-    assert value(text, "resilient_moe_failures_detected_total", role="expert", kind="link_closed") == 1.0
+    assert value(text, "resilient_moe_failures_detected_total", role="expert", kind="killed") == 1.0
     assert value(text, "resilient_moe_fault_detection_seconds_count", role="expert") == 1.0
     assert value(text, "resilient_moe_fault_detection_seconds_sum", role="expert") == pytest.approx(0.05, abs=1e-6)
+    assert value(text, "resilient_moe_replacement_seconds_sum", role="expert") == pytest.approx(1.65, abs=1e-6)
     assert value(text, "resilient_moe_redundancy_restore_seconds_sum", role="expert") == pytest.approx(3.0, abs=1e-6)
     assert value(text, "resilient_moe_failover_stall_seconds_count") == 1.0
     assert value(text, "resilient_moe_failover_stall_seconds_sum") == pytest.approx(0.31, abs=1e-6)
@@ -217,6 +237,22 @@ def test_recovery_figures_per_fault():
         pytest.approx(0.31, abs=1e-6)
     assert value(text, "resilient_moe_last_fault_detection_seconds", worker="ew-1", role="expert") == \
         pytest.approx(0.05, abs=1e-6)
+    assert value(text, "resilient_moe_last_fault_replacement_seconds", worker="ew-1", role="expert") == \
+        pytest.approx(1.65, abs=1e-6)
+
+
+def test_a_fault_of_a_component_the_controller_does_not_track_is_one_too():
+    """A Redis the launcher saw killed and started again: a fault like any, replaced once it answers."""
+    tracker = RecoveryTracker()
+    t = 1000.0
+    gone = _record("redis", "redis", 0, 900, "killed by signal 9 (SIGKILL)", last_seen=t, detected_at=t)
+    changes = tracker.observe(pb.ClusterState(fault_records=[gone]), now=t + 0.1)
+    assert [(f.worker, f.kind, f.detection_s) for f in changes.new] == [("redis", "killed", 0.0)]
+    back = _record("redis", "redis", 0, 900, "killed by signal 9 (SIGKILL)", last_seen=t, detected_at=t,
+                   replaced_at=t + 0.4)
+    changes = tracker.observe(pb.ClusterState(fault_records=[back]), now=t + 0.5)
+    assert changes.new == [] and [f.replacement_s for f in changes.replaced] == [pytest.approx(0.4)]
+    assert [f.restored_s for f in changes.restored] == [pytest.approx(0.5)]
 
 
 def test_a_request_that_ended_before_the_death_was_declared_still_counts():
@@ -225,14 +261,29 @@ def test_a_request_that_ended_before_the_death_was_declared_still_counts():
     that ended before the onset did not."""
     tracker = RecoveryTracker()
     t = 1000.0
-    worker = pb.WorkerInfo(name="ew-1", role=pb.EXPERT, state=pb.READY, incarnation=2, heartbeat_age_s=0.0)
-    tracker.observe(pb.ClusterState(workers=[worker]), now=t + 1.0, roles={"ew-1": "expert"})  # last beat: t+1.0
     carried = [t + 0.5 + 0.01 * i for i in range(50)] + [t + 1.2, t + 1.21]  # a 0.21 s gap at the failure
     assert tracker.request_done(t + 0.4, carried, t + 1.21).stalls == []  # no fault known yet
     assert tracker.request_done(t + 0.1, [t + 0.2, t + 0.9], t + 0.9).stalls == []  # over before the onset
-    dead = pb.Event(time=t + 1.5, kind="dead", worker="ew-1", detail="incarnation 2: process exited")
-    fenced = pb.WorkerInfo(name="ew-1", role=pb.EXPERT, state=pb.FENCED, incarnation=2, heartbeat_age_s=0.5)
-    changes = tracker.observe(pb.ClusterState(workers=[fenced], events=[dead]), now=t + 1.5, roles={"ew-1": "expert"})
+    dead = _record(cause="exited with code 3", last_seen=t + 1.0, detected_at=t + 1.5)
+    changes = tracker.observe(pb.ClusterState(fault_records=[dead]), now=t + 1.5)
     assert [f.worker for f in changes.new] == ["ew-1"]
     assert changes.stalls == [pytest.approx(0.21)]
 
+
+
+def test_a_fault_is_counted_once_under_its_final_cause():
+    """A peer's report may come before the launcher's exit status: the fault is counted (metrics) once
+    its cause is exact, or after SETTLE_S when nothing more exact came."""
+    from resilient_moe.server.recovery import SETTLE_S
+
+    tracker = RecoveryTracker()
+    t = 1000.0
+    vague = _record(cause="link closed", last_seen=t, detected_at=t)
+    assert tracker.observe(pb.ClusterState(fault_records=[vague]), now=t + 0.1).new == []
+    exact = _record(cause="killed by signal 9 (SIGKILL)", last_seen=t, detected_at=t)
+    assert [f.kind for f in tracker.observe(pb.ClusterState(fault_records=[exact]), now=t + 0.3).new] == ["killed"]
+    assert tracker.observe(pb.ClusterState(fault_records=[exact]), now=t + 0.5).new == []  # once
+    other = _record(component="aw-0", role="attention", cause="no heartbeat", last_seen=t, detected_at=t + 1)
+    assert tracker.observe(pb.ClusterState(fault_records=[exact, other]), now=t + 1.5).new == []
+    late = tracker.observe(pb.ClusterState(fault_records=[exact, other]), now=t + 1 + SETTLE_S)
+    assert [(f.worker, f.kind) for f in late.new] == [("aw-0", "no_heartbeat")]

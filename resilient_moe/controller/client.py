@@ -87,6 +87,10 @@ class ControllerClient:
         except grpc.RpcError as e:
             log.warning("could not report %s as failed (%s): %s", suspect, reason, e.code().name)
 
+    def record_fault(self, record: pb.FaultRecord, timeout_s: float = RPC_TIMEOUT_S) -> None:
+        """Report a fault the controller cannot see itself (raises grpc.RpcError: the caller retries)."""
+        self.stub.RecordFault(record, timeout=timeout_s)
+
     def get_state(self, timeout_s: float = RPC_TIMEOUT_S) -> pb.ClusterState:
         return self.stub.GetState(pb.Empty(), timeout=timeout_s)
 

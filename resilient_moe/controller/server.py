@@ -20,12 +20,13 @@ import grpc
 from resilient_moe import auth
 from resilient_moe.deployment import WorkerConfig
 from resilient_moe.model.config import ModelConfig
+from resilient_moe.controller.fault_records import FaultRecord, fault_record_problem
 from resilient_moe.controller.grpc_auth import ServerAuth
 from resilient_moe.controller.records import ControllerSettings, ModelShape, Order, WorkerRecord
 from resilient_moe.controller.state import ClusterModel
 from resilient_moe.controller.view import state_to_pb
 from resilient_moe.datapath.faults import LinkFault
-from resilient_moe.procs import GONE, STOPPED, process_state
+from resilient_moe.procs import GONE, STOPPED, UNKNOWN, process_state
 from resilient_moe.proto import controller_pb2 as pb
 from resilient_moe.proto import controller_pb2_grpc as pb_grpc
 
@@ -90,6 +91,7 @@ class ControllerService(pb_grpc.ControllerServicer):
             counters={**{k: float(v) for k, v in m.counters.items()}, **auth.refusal_counts()},
             placement_policy=m.settings.shadow_policy,
             rebalancing=m.rebalancing,
+            fault_records=m.fault_records.to_pb(),
         )
 
     def _changed(self) -> None:
@@ -146,9 +148,10 @@ class ControllerService(pb_grpc.ControllerServicer):
             record = self.model.workers.get(request.suspect)
             # The second path of detection: a report of silence is acted on at once when the process is
             # gone, or stopped (it runs again only if someone resumes it); otherwise it is only suspect.
-            gone = record is not None and process_state(record.pid, record.host) in (GONE, STOPPED)
+            seen = process_state(record.pid, record.host) if record is not None else UNKNOWN
             before = self.model.version
-            self.model.report_failure(request.reporter, request.suspect, request.suspect_incarnation, request.reason, gone)
+            self.model.report_failure(request.reporter, request.suspect, request.suspect_incarnation, request.reason,
+                                      seen in (GONE, STOPPED), process=seen)
             if self.model.version != before:
                 self._changed()
         return pb.Empty()
@@ -222,6 +225,18 @@ class ControllerService(pb_grpc.ControllerServicer):
             self._changed()
         log.warning("rebalance: %s", detail)
         return pb.RebalanceReply(started=started, detail=detail)
+
+    def RecordFault(self, request, context):
+        """A fault of a component the controller cannot see itself (fault_records.py), or its update."""
+        problem = fault_record_problem(request)
+        if problem:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        with self.lock:
+            kept = self.model.record_fault(FaultRecord.from_pb(request))
+            self._changed()
+        log.warning("fault of %s (pid %d): %s%s", kept.component, kept.pid, kept.cause,
+                    f", replaced after {kept.replaced_at - kept.detected_at:.2f}s" if kept.replaced_at else "")
+        return pb.Empty()
 
     # ---- loops ------------------------------------------------------------------------------
 

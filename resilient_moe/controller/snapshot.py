@@ -29,6 +29,7 @@ class Persistence:
                 for r in self.workers.values()
             ],
             "events": [[e.time, e.kind, e.worker, e.detail] for e in list(self.events)[-100:]],
+            "fault_records": self.fault_records.dump(),
             "desired": {"attention_workers": self.desired.attention_workers,
                         "expert_workers": self.desired.expert_workers},
             "restart_generation": self.restart_generation,
@@ -58,6 +59,7 @@ class Persistence:
                                   since=now, node=str(w.get("node", "")))
             self.workers[record.name] = record
         self.events.extend(ClusterEvent(float(t), str(k), str(w), str(d)) for t, k, w, d in snapshot["events"])
+        self.fault_records.load(snapshot.get("fault_records", []))  # absent in a predecessor's older snapshot
         self.desired = Roster(int(snapshot["desired"]["attention_workers"]), int(snapshot["desired"]["expert_workers"]))
         self.restart_generation = int(snapshot["restart_generation"])
         self.orders = {int(o["id"]): Order(int(o["id"]), str(o["action"]), str(o["worker"]), int(o["pid"]),

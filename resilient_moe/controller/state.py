@@ -37,6 +37,7 @@ from typing import Callable
 
 from resilient_moe import procs
 from resilient_moe.controller import placement
+from resilient_moe.controller.fault_records import FaultRecord, FaultRecords, observed_cause
 from resilient_moe.controller.orders import ReconcilePass
 from resilient_moe.controller.placement import ExpertKey, Placement
 from resilient_moe.controller.records import (
@@ -89,6 +90,7 @@ class ClusterModel(ReconcilePass, Persistence):
         self.workers: dict[str, WorkerRecord] = {}
         self.fenced: set[tuple[str, int]] = set()
         self.events: deque[ClusterEvent] = deque(maxlen=500)
+        self.fault_records = FaultRecords()  # every component's faults (fault_records.py)
         self.next_incarnation = 1
         self.version = 0
         self.orders: dict[int, Order] = {}
@@ -280,6 +282,7 @@ class ClusterModel(ReconcilePass, Persistence):
             record.data_address = data_address
         record.last_heartbeat = self.clock()
         self._event("ready", name, f"incarnation {incarnation}")
+        self.fault_records.replaced(name, incarnation, self.wall())
         if record.role == "expert":
             self._publish_routing(f"{name} serving")
         return True
@@ -341,11 +344,18 @@ class ClusterModel(ReconcilePass, Persistence):
 
     # ---- failure handling -------------------------------------------------------------------
 
-    def report_failure(self, reporter: str, suspect: str, incarnation: int, reason: str, process_gone: bool) -> None:
-        """A peer saw a broken link or unanswered probes. A process known to be gone is declared dead
-        at once (one that was draining has simply left); otherwise it becomes SUSPECT and the
-        heartbeat timeout decides."""
+    def report_failure(self, reporter: str, suspect: str, incarnation: int, reason: str, process_gone: bool,
+                       process: str = procs.GONE) -> None:
+        """A peer saw a broken link or unanswered probes. A process that will not come back on its own
+        (`process_gone`: `process` says how it was seen, gone or stopped) is declared dead at once (one
+        that was draining has simply left); otherwise it becomes SUSPECT and the heartbeat timeout
+        decides."""
         record = self.workers.get(suspect)
+        if record is not None and record.state in ENDED and incarnation in (0, record.incarnation):
+            # declared already (a peer was faster): the launcher's exit status still makes the cause exact
+            if self.fault_records.refine(suspect, record.incarnation, observed_cause(reason), reason) is not None:
+                self.version += 1
+            return
         if record is None or record.state in ENDED or not record.incarnation:
             return
         if incarnation and record.incarnation != incarnation:
@@ -353,7 +363,7 @@ class ClusterModel(ReconcilePass, Persistence):
         if process_gone and record.state == WorkerState.DRAINING:
             self.deregister(suspect, record.incarnation)
         elif process_gone:
-            self.declare_dead(suspect, f"{reason} (reported by {reporter}; process gone)")
+            self.declare_dead(suspect, f"{reason} (reported by {reporter}; process {process})")
         elif record.state == WorkerState.READY:
             self._set_state(record, WorkerState.SUSPECT)
             self._event("suspect", suspect, f"{reason} (reported by {reporter})")
@@ -403,6 +413,10 @@ class ClusterModel(ReconcilePass, Persistence):
         self.epoch += 1
         self.ert = self._build_ert()
         self._event("dead", record.name, f"incarnation {record.incarnation}: {reason}")
+        now = self.wall()
+        self.fault_records.add(FaultRecord(
+            record.name, record.role, record.incarnation, record.pid, observed_cause(reason), reason,
+            last_seen=now - max(0.0, self.clock() - record.last_heartbeat), detected_at=now))
         self._event("fenced", record.name, f"incarnation {record.incarnation}, routing epoch {self.epoch}")
         if not self.resilience and record.role in ("expert", "attention"):
             # The restart-everything baseline: one death takes every worker down with it.
@@ -413,6 +427,18 @@ class ClusterModel(ReconcilePass, Persistence):
                     self._event("fenced", other.name, f"incarnation {other.incarnation}: restart-all after "
                                 f"{record.name} died")
             self.ert = self._build_ert()
+
+    def record_fault(self, record: FaultRecord) -> FaultRecord:
+        """A fault of a component the controller does not track (Redis, the controller before this one,
+        a supervisor, a fork server), or an update of one (its replacement time)."""
+        kept = self.fault_records.add(record)
+        if kept is record:
+            self._event("dead", record.component, f"pid {record.pid}: {record.cause}"
+                        + (f" ({record.detail})" if record.detail and record.detail != record.cause else ""))
+        if record.replaced_at and kept.replaced_at == record.replaced_at:
+            self._event("replaced", record.component, f"pid {record.pid} replaced "
+                        f"{max(0.0, record.replaced_at - record.detected_at):.2f}s after it was seen gone")
+        return kept
 
     def live(self, role: str | None = None) -> list[WorkerRecord]:
         return [r for r in self.workers.values() if r.state in SERVING and (role is None or r.role == role)]

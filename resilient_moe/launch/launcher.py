@@ -44,6 +44,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
+
 from resilient_moe import auth
 from resilient_moe.controller.client import ControllerClient
 from resilient_moe.controller.records import kv_store_name
@@ -52,6 +54,7 @@ from resilient_moe.errors import ClusterError
 from resilient_moe.launch import nodes as node_policy
 from resilient_moe.launch.backend import Backend, NodeExit
 from resilient_moe.launch.cpus import cpu_plan
+from resilient_moe.launch.node_spawner import FORK_SERVER
 from resilient_moe.procs import process_alive
 from resilient_moe.proto import controller_pb2 as pb
 
@@ -137,6 +140,12 @@ class Launcher:
         self._redis_binary = ""
         self._redis_dir: tempfile.TemporaryDirectory | None = None
         self._adopted_dirs: list[str] = []
+        # Faults of the processes the controller does not track (Redis, the controller itself), waiting
+        # to reach the controller (controller/fault_records.py); the controller's for a new one's first call.
+        self._fault_reports: list[pb.FaultRecord] = []
+        self._fault_lock = threading.Lock()
+        self._faults_sent: set[int] = set()  # ids of the records above sent without their replacement
+        self._next_fault_flush = 0.0
 
     # ---- what the API and the tests read -----------------------------------------------------
 
@@ -453,6 +462,7 @@ class Launcher:
             try:
                 for ne in self.backend.exits(0.02):
                     self._on_exit(ne)
+                self._flush_fault_reports()
                 now = time.monotonic()
                 for name, (due, dead_pid) in list(self._respawn_due.items()):
                     if now >= due and not self._stopping.is_set():
@@ -473,6 +483,12 @@ class Launcher:
         if ne.node_lost:
             self.lost_nodes.add(ne.node)
             how += f" (node {ne.node[:12]} lost)"
+        if name == FORK_SERVER:  # reported once a new one runs (its roles' exits come first)
+            now = time.time()
+            self.report_fault(pb.FaultRecord(component=name, role="fork_server", pid=pid, cause=how,
+                                             detail=f"{how}; every process it started died with it",
+                                             detected_at=now, replaced_at=now))
+            return
         process = self.procs.get(name)
         if process is None or process.pid != pid or process.node != ne.node:
             for old in self._retired:
@@ -487,6 +503,9 @@ class Launcher:
         if name in ("redis", "controller") and self.head in self.lost_nodes:
             self._fail(f"{name} was lost with the head node; the cluster's metadata is gone: start it again")
             return
+        if name in ("redis", "controller"):
+            self.report_fault(pb.FaultRecord(component=name, role=name, pid=pid, cause=how, detail=how,
+                                              detected_at=time.time()))
         if name == "redis":
             threading.Thread(target=self._restart_redis, name="redis-restart", daemon=True).start()
             return
@@ -510,6 +529,51 @@ class Launcher:
             self._launch_redis(self.deployment.redis_url, 10.0)
         except ClusterError as e:
             log.error("%s", e)
+            return
+        with self._fault_lock:  # its fault record gets the time the new one answered
+            for report in self._fault_reports_of("redis"):
+                report.replaced_at = time.time()
+
+    # ---- fault records of what the controller cannot see --------------------------------------
+
+    def report_fault(self, record: pb.FaultRecord) -> None:
+        """Send `record` to the controller (now, or once one answers; again once `replaced_at` is set)."""
+        with self._fault_lock:
+            self._fault_reports.append(record)
+        self._next_fault_flush = 0.0
+
+    def _fault_reports_of(self, component: str) -> list[pb.FaultRecord]:
+        latest = [r for r in self._fault_reports if r.component == component]
+        return latest[-1:]
+
+    def _flush_fault_reports(self) -> None:
+        """Send the waiting fault records: each once at once, and again (an update) once its replacement
+        serves; a controller that does not answer is tried again in half a second. The controller's own
+        record is replaced the moment a new controller answers."""
+        if not self._fault_reports or self.client is None or time.monotonic() < self._next_fault_flush:
+            return
+        with self._fault_lock:
+            pending = [r for r in self._fault_reports if id(r) not in self._faults_sent or r.replaced_at]
+        for record in pending:
+            if record.component == "controller" and not record.replaced_at:
+                record.replaced_at = time.time()  # if this call succeeds, a new controller serves
+            refused = False
+            try:
+                self.client.record_fault(record, timeout_s=0.5)
+            except grpc.RpcError as e:
+                if record.component == "controller":
+                    record.replaced_at = 0.0
+                if e.code() != grpc.StatusCode.INVALID_ARGUMENT:
+                    self._next_fault_flush = time.monotonic() + 0.5
+                    return
+                log.error("the controller refused a fault record of %s: %s", record.component, e.details())
+                refused = True
+            with self._fault_lock:
+                if record.replaced_at or refused:  # done with it
+                    self._fault_reports.remove(record)
+                    self._faults_sent.discard(id(record))
+                else:  # sent; sent again once its replacement serves
+                    self._faults_sent.add(id(record))
 
     def _replacement_node(self, name: str) -> str:
         """Where `name` starts again: the control plane on the head; a worker on its node unless that

@@ -35,6 +35,9 @@ from resilient_moe.launch.fork_server import ForkServer
 log = logging.getLogger("resilient_moe.launcher")
 
 
+FORK_SERVER = "fork-server"  # the name its own exit is reported under
+
+
 @dataclass(frozen=True)
 class Exit:
     """A process of the node ended: `how` says how, as observed."""
@@ -172,7 +175,9 @@ class NodeSpawner:
 
     def _replace_fork_server(self) -> None:
         """The fork server died, and every role with it: start a new one and report them all."""
-        log.error("the fork server (pid %d) died; starting a new one", self.fork_server.proc.pid)
+        dead = self.fork_server.proc  # None for one this launcher adopted (it did not start it)
+        dead_pid = dead.pid if dead is not None else self.fork_server.pid
+        log.error("the fork server (pid %d) died; starting a new one", dead_pid)
         for pid, name in sorted(self._roles.items(), key=lambda item: item[1] != "controller"):  # the controller first
             self._exits.put(Exit(name, pid, "died with the fork server"))
         self._roles.clear()
@@ -180,6 +185,8 @@ class NodeSpawner:
             self.fork_server, self._own_fork_server = self._forker.submit(ForkServer).result(), True
         except OSError as e:
             raise ClusterError(f"the fork server died and could not be started again: {e}") from None
+        code = dead.poll() if dead is not None else None  # its own exit, reported once its replacement runs
+        self._exits.put(Exit(FORK_SERVER, dead_pid, describe_exit(code) if code is not None else "process gone", code))
 
     def log_tail(self, path: str, lines: int = 30) -> str:
         try:

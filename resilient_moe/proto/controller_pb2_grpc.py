@@ -94,6 +94,11 @@ class ControllerStub:
                 request_serializer=resilient__moe_dot_proto_dot_controller__pb2.Empty.SerializeToString,
                 response_deserializer=resilient__moe_dot_proto_dot_controller__pb2.RebalanceReply.FromString,
                 _registered_method=True)
+        self.RecordFault = channel.unary_unary(
+                '/resilient_moe.Controller/RecordFault',
+                request_serializer=resilient__moe_dot_proto_dot_controller__pb2.FaultRecord.SerializeToString,
+                response_deserializer=resilient__moe_dot_proto_dot_controller__pb2.Empty.FromString,
+                _registered_method=True)
 
 
 class ControllerServicer:
@@ -176,6 +181,13 @@ class ControllerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RecordFault(self, request, context):
+        """a fault the controller cannot see itself
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControllerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -238,6 +250,11 @@ def add_ControllerServicer_to_server(servicer, server):
                     servicer.Rebalance,
                     request_deserializer=resilient__moe_dot_proto_dot_controller__pb2.Empty.FromString,
                     response_serializer=resilient__moe_dot_proto_dot_controller__pb2.RebalanceReply.SerializeToString,
+            ),
+            'RecordFault': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordFault,
+                    request_deserializer=resilient__moe_dot_proto_dot_controller__pb2.FaultRecord.FromString,
+                    response_serializer=resilient__moe_dot_proto_dot_controller__pb2.Empty.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -564,6 +581,33 @@ class Controller:
             '/resilient_moe.Controller/Rebalance',
             resilient__moe_dot_proto_dot_controller__pb2.Empty.SerializeToString,
             resilient__moe_dot_proto_dot_controller__pb2.RebalanceReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordFault(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/resilient_moe.Controller/RecordFault',
+            resilient__moe_dot_proto_dot_controller__pb2.FaultRecord.SerializeToString,
+            resilient__moe_dot_proto_dot_controller__pb2.Empty.FromString,
             options,
             channel_credentials,
             insecure,

@@ -463,8 +463,10 @@ def create_app(
 
     @app.get("/admin/recovery", tags=["admin"], dependencies=[Depends(require_admin)])
     async def admin_recovery() -> dict[str, Any]:
-        """Per fault (a worker declared dead), newest first: detection time, time until redundancy was
-        restored, and the stall of the requests in flight (see server/recovery.py for the definitions)."""
+        """Per fault record (any component: a worker declared dead, a Redis, controller, fork server or
+        supervisor that exited), newest first: its cause as observed, detection time, time until a
+        replacement served and until redundancy was restored, and the stall of the requests in flight
+        (see server/recovery.py for the definitions)."""
         return {"faults": server.metrics.recovery.table()}
 
     @app.get("/admin/timeseries", tags=["admin"], dependencies=[Depends(require_admin)])

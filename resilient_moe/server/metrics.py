@@ -10,9 +10,9 @@ Names follow Prometheus conventions (`resilient_moe_` prefix, `_seconds`, `_tota
 set where one exists (time to first token, inter-token latency, e2e latency, queue time, running and
 waiting requests, KV cache usage, prompt and generation tokens).
 
-Failures and recovery (recovery.py defines the figures): per declared death, its detection time and
-its time until redundancy was restored (histograms by role, and gauges for the latest fault), and
-each affected request's stall (`failover_stall_seconds`).
+Failures and recovery (recovery.py defines the figures): per fault record of any component, its
+detection time, its time until a replacement served and until redundancy was restored (histograms by
+role, and gauges for the latest fault), and each affected request's stall (`failover_stall_seconds`).
 
 The controller's reconcile loop: the decayed load per expert (`expert_load_tokens`, what load_aware
 placement plans from), the imbalance between expert workers (max over mean of their measured rows per
@@ -84,6 +84,9 @@ class ServingMetrics:
         self.restore = Histogram("redundancy_restore_seconds", "From a dead worker's last heartbeat until a "
                                  "replacement is ready and no more experts are unprotected than before.", ["role"],
                                  namespace=ns, registry=self.registry, buckets=RESTORE_BUCKETS)
+        self.replacement = Histogram("replacement_seconds", "From a component declared dead (or its exit seen) "
+                                     "until a replacement serves.", ["role"], namespace=ns, registry=self.registry,
+                                     buckets=RESTORE_BUCKETS)
         self.prompt_tokens = Counter("prompt_tokens", "Prompt tokens of admitted requests.", namespace=ns, registry=r)
         self.generation_tokens = Counter("generation_tokens", "Tokens generated and delivered to clients.",
                                          namespace=ns, registry=r)
@@ -91,7 +94,9 @@ class ServingMetrics:
                                namespace=ns, registry=r)
         self.failure = Counter("request_failure", "Requests that ended with an error, by kind.", ["kind"],
                                namespace=ns, registry=r)
-        self.failures_detected = Counter("failures_detected", "Worker deaths declared by the controller.",
+        self.failures_detected = Counter("failures_detected", "Faults of any component (fault records), by role "
+                                         "and observed cause: killed, exited, stopped, gone, node_lost, "
+                                         "no_heartbeat, unresponsive, link_closed, reported.",
                                          ["role", "kind"], namespace=ns, registry=self.registry)
         self.cluster = ClusterCollector()
         self.registry.register(self.cluster)
@@ -145,6 +150,8 @@ class ServingMetrics:
             self.failures_detected.labels(role=fault.role, kind=fault.kind).inc()
             if fault.detection_s is not None:
                 self.detection.labels(role=fault.role).observe(fault.detection_s)
+        for fault in changes.replaced:
+            self.replacement.labels(role=fault.role).observe(fault.replacement_s)
         for fault in changes.restored:
             self.restore.labels(role=fault.role).observe(fault.restored_s)
         for stall in changes.stalls:
@@ -159,8 +166,7 @@ class ServingMetrics:
         None: keep the last one): note newly declared deaths and recoveries, sample the series."""
         with self._cluster_lock:
             if state is not None:
-                roles = {w.name: ROLE_NAMES.get(w.role, "unknown") for w in state.workers}
-                self._apply(self.recovery.observe(state, time.time() if now is None else now, roles))
+                self._apply(self.recovery.observe(state, time.time() if now is None else now))
             if workers is not None:
                 self.cluster.update(state, workers, api_waiting)
                 self._sample()
@@ -406,6 +412,8 @@ class LastFaultCollector:
             "detection_s": GaugeMetricFamily(f"{ns}_last_fault_detection_seconds", "The latest fault: from the "
                                              "worker's last heartbeat to its declared death.",
                                              labels=["worker", "role"]),
+            "replacement_s": GaugeMetricFamily(f"{ns}_last_fault_replacement_seconds", "The latest fault: from its "
+                                               "declaration until a replacement served.", labels=["worker", "role"]),
             "redundancy_restored_s": GaugeMetricFamily(f"{ns}_last_fault_redundancy_restore_seconds", "The latest "
                                                        "fault: from the worker's last heartbeat until redundancy was "
                                                        "restored.", labels=["worker", "role"]),

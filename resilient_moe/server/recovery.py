@@ -1,15 +1,17 @@
 """Per-fault recovery figures: what an SRE reads first after an incident.
 
-A fault is a worker incarnation the controller declared dead. For each one:
-- detection: from the worker's last heartbeat (its last sign of life the control plane saw) to the
-  controller's "dead" event. It is an upper bound on the true detection time, by at most one
-  heartbeat interval. The last heartbeat comes from the snapshot the controller pushes as it declares
-  the death (the dead record's heartbeat age), so the API's polling interval does not blur it.
-- redundancy restored: from the last heartbeat to the first snapshot in which a newer incarnation of
-  the worker is ready and no more (layer, expert) pairs are unprotected than before the fault.
+A fault is one of the controller's fault records (controller/fault_records.py): any component's death,
+hang or exit, with its cause as observed. For each one:
+- detection: from its last sign of life (a worker's last heartbeat, as the controller saw it; an exit
+  the launcher waited for is seen as it happens) to its declaration. An upper bound on the true
+  detection time, by at most one heartbeat interval.
+- replacement: from the declaration until a replacement serves (a newer incarnation ready, or the
+  launcher's report that a new Redis, controller, fork server or supervisor runs).
+- redundancy restored: from the last sign of life to the first snapshot in which it is replaced and no
+  more (layer, expert) pairs are unprotected than before the fault.
 - stall of its affected requests (p50, max): the API cannot tell which workers served a request, so
   every request in flight when the death was declared counts; its stall is its longest wait for a
-  token (from its start, for the first) that overlaps [last heartbeat, declaration].
+  token (from its start, for the first) that overlaps [last sign of life, declaration].
 
 `RecoveryTracker` is plain data plus a lock, fed by the cluster monitor (snapshots) and the API
 (finished requests); ServingMetrics exports its figures and /admin/recovery lists them.
@@ -17,35 +19,21 @@ A fault is a worker incarnation the controller declared dead. For each one:
 
 from __future__ import annotations
 
-import re
 import statistics
 import threading
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from resilient_moe.controller.fault_records import EXACT, cause_kind
 from resilient_moe.proto import controller_pb2 as pb
 
 REQUEST_MEMORY_S = 120.0  # finished requests kept this long, for faults declared after they ended
+# A fault whose cause is not exact yet (a peer's report came before the launcher's exit status) is
+# counted once this old, if nothing more exact came meanwhile (controller/fault_records.py `refine`).
+SETTLE_S = 2.0
 MAX_FAULTS = 100
 MAX_REQUESTS = 5000
-
-
-def failure_kind(detail: str) -> str:
-    """How a death was detected, from the controller's event detail."""
-    text = detail.lower()
-    if "no heartbeat" in text:
-        return "heartbeat_timeout"
-    if "probe" in text:
-        return "probe_timeout"
-    if "link" in text:
-        return "link_closed"
-    return "reported"
-
-
-def _incarnation(detail: str) -> int:
-    match = re.match(r"incarnation (\d+)", detail)
-    return int(match.group(1)) if match else 0
 
 
 def stall_across(times: list[float], onset: float, declared: float) -> float | None:
@@ -57,18 +45,25 @@ def stall_across(times: list[float], onset: float, declared: float) -> float | N
 
 @dataclass
 class Fault:
-    """One declared death and how the cluster recovered from it."""
+    """One fault record and how the cluster recovered from it."""
 
-    worker: str
+    worker: str  # the component: "ew-1", "redis", "supervisor", ...
     role: str
     incarnation: int
-    kind: str
+    pid: int
+    cause: str  # as observed: "killed by signal 9 (SIGKILL)", "stopped", ...
     detail: str
-    declared_at: float  # unix time of the controller's "dead" event
-    last_heartbeat: float | None  # unix time; None when no snapshot showed it alive
+    declared_at: float  # unix time it was declared dead (or its exit seen)
+    last_heartbeat: float | None  # unix time of its last sign of life; None when unknown
     unprotected_before: int
+    replaced_at: float | None = None
     restored_at: float | None = None
     stalls: list[float] = field(default_factory=list)
+    counted: bool = False  # reported as new (to the metrics) once its cause is final
+
+    @property
+    def kind(self) -> str:
+        return cause_kind(self.cause)
 
     @property
     def onset(self) -> float:
@@ -79,14 +74,19 @@ class Fault:
         return None if self.last_heartbeat is None else max(0.0, self.declared_at - self.last_heartbeat)
 
     @property
+    def replacement_s(self) -> float | None:
+        return None if self.replaced_at is None else max(0.0, self.replaced_at - self.declared_at)
+
+    @property
     def restored_s(self) -> float | None:
         return None if self.restored_at is None else max(0.0, self.restored_at - self.onset)
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "worker": self.worker, "role": self.role, "incarnation": self.incarnation, "kind": self.kind,
-            "detail": self.detail, "declared_at": self.declared_at, "last_heartbeat": self.last_heartbeat,
-            "detection_s": self.detection_s, "restored_at": self.restored_at,
+            "worker": self.worker, "role": self.role, "incarnation": self.incarnation, "pid": self.pid,
+            "kind": self.kind, "cause": self.cause, "detail": self.detail, "declared_at": self.declared_at,
+            "last_heartbeat": self.last_heartbeat, "detection_s": self.detection_s,
+            "replaced_at": self.replaced_at, "replacement_s": self.replacement_s, "restored_at": self.restored_at,
             "redundancy_restored_s": self.restored_s, "requests": len(self.stalls),
             "stall_p50_s": statistics.median(self.stalls) if self.stalls else None,
             "stall_max_s": max(self.stalls) if self.stalls else None,
@@ -104,6 +104,7 @@ class Changes:
     """What one update found, for the metrics to observe."""
 
     new: list[Fault] = field(default_factory=list)
+    replaced: list[Fault] = field(default_factory=list)
     restored: list[Fault] = field(default_factory=list)
     stalls: list[float] = field(default_factory=list)
 
@@ -114,43 +115,40 @@ class RecoveryTracker:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.faults: deque[Fault] = deque(maxlen=MAX_FAULTS)
-        self._known: set[tuple[str, int, float]] = set()  # (worker, incarnation, declared_at) seen
-        self._heartbeats: dict[tuple[str, int], float] = {}  # (worker, incarnation) -> last heartbeat (unix)
+        self._by_key: dict[tuple[str, int, float], Fault] = {}  # (component, pid, declared at) -> its fault
         self._requests: deque[_Request] = deque(maxlen=MAX_REQUESTS)
         self._unprotected_ok = 0
 
-    def observe(self, state: pb.ClusterState, now: float, roles: dict[str, str]) -> Changes:
-        """A controller snapshot received at unix time `now`; `roles`: worker name -> role name."""
+    def observe(self, state: pb.ClusterState, now: float) -> Changes:
+        """A controller snapshot received at unix time `now`."""
         changes = Changes()
         with self._lock:
-            for w in state.workers:
-                if w.role in (pb.ATTENTION, pb.EXPERT, pb.KV_STORE):
-                    self._heartbeats[(w.name, w.incarnation)] = now - w.heartbeat_age_s
-            for e in state.events:
-                if e.kind != "dead":
-                    continue
-                key = (e.worker, _incarnation(e.detail), e.time)
-                if key in self._known:
-                    continue
-                self._known.add(key)
-                fault = Fault(e.worker, roles.get(e.worker, "unknown"), key[1], failure_kind(e.detail), e.detail,
-                              e.time, self._heartbeats.get(key[:2]), self._unprotected_ok)
-                for request in self._requests:
-                    self._add_stall(fault, request, changes)
-                self.faults.append(fault)
-                changes.new.append(fault)
+            for record in state.fault_records:
+                key = (record.component, record.pid, round(record.detected_at, 3))
+                fault = self._by_key.get(key)
+                if fault is None:
+                    fault = Fault(record.component, record.role, record.incarnation, record.pid, record.cause,
+                                  record.detail, record.detected_at, record.last_seen or None, self._unprotected_ok)
+                    self._by_key[key] = fault
+                    for request in self._requests:
+                        self._add_stall(fault, request, changes)
+                    self.faults.append(fault)
+                fault.cause, fault.detail = record.cause, record.detail
+                if not fault.counted and (fault.kind in EXACT or record.replaced_at or now - fault.declared_at >= SETTLE_S):
+                    fault.counted = True  # its cause is final: counted once, under that cause
+                    changes.new.append(fault)
+                if record.replaced_at and fault.replaced_at is None and fault.counted:
+                    fault.replaced_at = record.replaced_at
+                    changes.replaced.append(fault)
+            self._by_key = {k: f for k, f in self._by_key.items() if f in self.faults}
             unprotected = len(state.unprotected)
-            ready = {w.name: w.incarnation for w in state.workers if w.state == pb.READY}
             for fault in self.faults:
-                if fault.restored_at is None and ready.get(fault.worker, 0) > fault.incarnation \
+                if fault.restored_at is None and fault.replaced_at is not None \
                         and unprotected <= fault.unprotected_before:
-                    fault.restored_at = now
+                    fault.restored_at = max(now, fault.replaced_at)
                     changes.restored.append(fault)
             if all(f.restored_at is not None for f in self.faults):
                 self._unprotected_ok = unprotected
-            live = {(w.name, w.incarnation) for w in state.workers}
-            for key in [k for k in self._heartbeats if k not in live]:
-                del self._heartbeats[key]
         return changes
 
     def request_done(self, started: float, arrivals: list[float], ended: float) -> Changes:

@@ -127,7 +127,7 @@ def render(snapshot: Snapshot) -> Group:
         restored = _duration(f["redundancy_restored_s"]) if f["redundancy_restored_s"] is not None else \
             Text("not yet", style="yellow")
         recovery.add_row(time.strftime("%H:%M:%S", time.localtime(f["declared_at"])),
-                         f"{f['worker']} #{f['incarnation']}", f["kind"].replace("_", " "), _duration(f["detection_s"]),
+                         f"{f['worker']} #{f['incarnation']}", f["cause"], _duration(f["detection_s"]),
                          restored, str(f["requests"]), _duration(f["stall_p50_s"]), _duration(f["stall_max_s"]))
     parts.append(recovery if snapshot.faults else Text("Recovery: no fault so far", style="green"))
     events = Table(title="Recent events", title_justify="left", show_header=False)
