@@ -16,7 +16,8 @@ from resilient_moe.engine.engine import LLMEngine
 from resilient_moe.engine.sampler import adjust_logits, choice_seed
 from resilient_moe.errors import ConfigError
 from resilient_moe.server.logprobs import completion_logprobs
-from serving import serving_stack
+from conftest import wait_until
+from serving import admin_headers, serving_stack, streams_through_kill
 
 PROMPT = [1, 45, 393, 84, 461]
 
@@ -278,3 +279,25 @@ def test_harmless_forms_are_accepted(stack, client):
     out = client.chat.completions.create(model=stack.model_name, messages=messages, max_tokens=2,
                                          response_format={"type": "text"}, tool_choice="none", tools=[])
     assert out.choices[0].finish_reason in ("length", "stop")
+
+
+def test_penalized_seeded_streams_survive_an_attention_worker_kill(tiny_model, fork_server, engine, tmp_path):
+    """An adopting attention worker gets the new parameters with the request, and derives the
+    penalties from the prompt and the delivered tokens: the same tokens as a run without failure."""
+    prompts = [PROMPT, [1, 17, 230, 99, 12, 300, 41], [1, 88, 77, 66]]
+    extra = dict(temperature=0.8, seed=4321, presence_penalty=0.7, frequency_penalty=0.4, repetition_penalty=1.3,
+                 logit_bias={"5": -100, "9": 2.5})
+    params = dict(extra, logit_bias=((5, -100.0), (9, 2.5)))
+    expected = [greedy(engine, p, 96, **params) for p in prompts]
+    with serving_stack(tiny_model, fork_server, tmp_path, attention_workers=2, expert_workers=2) as stack:
+        results = streams_through_kill(stack, "aw-0", prompts, max_tokens=96, kill_after_tokens=24, **extra)
+        for result, want in zip(results, expected):
+            assert result.error is None and result.done and result.finish_reason == "length"
+            assert result.token_ids == want
+
+        def adopted():
+            cluster = httpx.get(f"{stack.url}/admin/cluster", headers=admin_headers()).json()
+            aw1 = next(w for w in cluster["workers"] if w["id"] == "aw-1")
+            return aw1["load"].get("ckpt_restored", 0) >= 1
+
+        wait_until(adopted, 10, "aw-1 to report requests adopted from aw-0")
