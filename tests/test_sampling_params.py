@@ -138,7 +138,7 @@ def complete(stack, client, prompt=PROMPT, max_tokens=12, **extra):
     """Greedy completion token ids (ignore_eos on unless given)."""
     extra = {"return_token_ids": True, "ignore_eos": True, **extra}
     known = {k: extra.pop(k) for k in ("logit_bias", "presence_penalty", "frequency_penalty", "seed", "n",
-                                       "temperature", "echo", "best_of") if k in extra}
+                                       "temperature", "echo", "best_of", "logprobs") if k in extra}
     known.setdefault("temperature", 0)
     return client.completions.create(model=stack.model_name, prompt=prompt, max_tokens=max_tokens, extra_body=extra,
                                      **known)
@@ -189,6 +189,16 @@ def test_http_n_choices_are_seeded_and_reproducible(stack, client, engine):
                 for j in range(3)}
     assert [streamed[j] for j in range(3)] == ids
     assert complete(stack, client, best_of=3, **kwargs).choices[2].token_ids == ids[2]  # best_of == n
+
+
+def test_http_best_of_returns_the_likeliest_choices(stack, client):
+    kwargs = dict(temperature=1.0, seed=7, max_tokens=8)
+    every = complete(stack, client, n=4, logprobs=0, **kwargs).choices  # the same 4 seeded choices
+    ranked = sorted(range(4), key=lambda j: (-sum(every[j].logprobs.token_logprobs), j))
+    best = complete(stack, client, n=2, best_of=4, **kwargs)
+    assert [c.token_ids for c in best.choices] == [every[j].token_ids for j in ranked[:2]]
+    assert [c.index for c in best.choices] == [0, 1] and all(c.logprobs is None for c in best.choices)
+    assert best.usage.completion_tokens == 32  # all 4 were generated
 
 
 def test_http_list_of_prompts(stack, client, engine):
@@ -253,7 +263,9 @@ REFUSED = [
     ("cmpl", {"guided_grammar": "root ::= 'a'"}, "guided_grammar"),
     ("cmpl", {"response_format": {"type": "json_object"}}, "response_format"),
     ("cmpl", {"suffix": "the end"}, "suffix"),
-    ("cmpl", {"best_of": 3, "n": 2}, "best_of"),
+    ("cmpl", {"best_of": 1, "n": 2}, "best_of"),
+    ("cmpl", {"best_of": 3, "stream": True}, "best_of"),
+    ("cmpl", {"n": 2, "prompt": ["a", "b", "c", "d", "e", "f", "g", "h", "i"]}, "n"),
     ("cmpl", {"echo": True, "logprobs": 2}, "echo"),
     ("cmpl", {"logit_bias": {"abc": 3}}, "logit_bias"),
     ("cmpl", {"logit_bias": {"5": 300}}, "logit_bias"),
@@ -263,7 +275,7 @@ REFUSED = [
 
 @pytest.mark.parametrize("path,extra,param", REFUSED, ids=[f"{p}-{param}" for p, _, param in REFUSED])
 def test_refused_with_a_400_naming_the_parameter(stack, client, path, extra, param):
-    body = {"messages": [{"role": "user", "content": "hi"}]} if path == "chat" else {"prompt": "hi"}
+    body = {"messages": [{"role": "user", "content": "hi"}]} if path == "chat" else {"prompt": extra.pop("prompt", "hi")}
     url = f"{stack.url}/v1/{'chat/completions' if path == 'chat' else 'completions'}"
     raw = httpx.post(url, json={**body, "max_tokens": 2, **extra}, timeout=30)
     assert raw.status_code == 400, raw.text

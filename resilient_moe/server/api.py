@@ -315,7 +315,8 @@ def create_app(
         stops, stop_ids = validation.stops(body, settings.vocab_size)
         watch = ClientWatch(request.receive)
         prompts = await watch.guard(server.prompts.completion(body))
-        check_choices(len(prompts), body.n)
+        width = body.best_of or body.n  # choices generated per prompt
+        check_choices(len(prompts), width)
         texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt if isinstance(body.prompt[0], str) \
             else [None] * len(prompts)
         gens = []
@@ -323,8 +324,10 @@ def create_app(
             params = validation.sampling(body, len(ids), body.max_tokens, stop_ids, settings.max_model_len,
                                          prompt_param="prompt", vocab=settings.vocab_size)
             echo = (text if text is not None else tokenizer.decode(ids) if tokenizer else "") if body.echo else ""
-            gens += choices("cmpl", ids, params, body.n, stops, watch, echo)
-        return await _respond(gens, body, chat=False, request=request)
+            if width > body.n and params.logprobs is None:
+                params = replace(params, logprobs=0)  # ranked by them (and not shown)
+            gens += choices("cmpl", ids, params, width, stops, watch, echo)
+        return await _respond(gens, body, chat=False, request=request, width=width)
 
     @v1.post("/chat/completions", responses=ERROR_RESPONSES)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
@@ -341,8 +344,8 @@ def create_app(
 
     def check_choices(prompts: int, n: int) -> None:
         if prompts * n > MAX_CHOICES:
-            raise ApiError(400, f"n: at most {MAX_CHOICES} choices per request, and {prompts} prompt(s) x n={n} "
-                                f"ask for {prompts * n}", param="n")
+            raise ApiError(400, f"n: at most {MAX_CHOICES} choices per request, and {prompts} prompt(s) x n (or "
+                                f"best_of) = {n} ask for {prompts * n}", param="n")
 
     def choices(prefix: str, prompt_ids: list[int], params: SamplingParams, n: int, stops: list[str],
                 watch: ClientWatch, echo: str = "") -> list[Generation]:
@@ -356,12 +359,12 @@ def create_app(
             gens.append(gen)
         return gens
 
-    async def _respond(gens: list[Generation], body, chat: bool, request: Request):
+    async def _respond(gens: list[Generation], body, chat: bool, request: Request, width: int | None = None):
         """Errors before the first token still get a proper status; a client that leaves before the
         response is complete has its request aborted (ClientGone), unless it carries an Idempotency-Key
         (then it is kept for the client to resume: server/resume.py)."""
         if len(gens) > 1:
-            return await _respond_many(gens, body, chat, request)
+            return await _respond_many(gens, body, chat, request, width or body.n)
         gen = gens[0]
         try:
             gen.keyed = keyed = await keyed_request(server.requests, request, body, gen, _bearer(request),
@@ -384,9 +387,10 @@ def create_app(
             record_end(frontend.delivery, keyed, gen.finish_reason, len(gen.token_ids), final)
         return final
 
-    async def _respond_many(gens: list[Generation], body, chat: bool, request: Request):
-        """Several choices (n > 1, several prompts) run at once, each admitted on its own (so a request
-        with more choices than slots still finishes); their deltas merge in arrival order."""
+    async def _respond_many(gens: list[Generation], body, chat: bool, request: Request, width: int):
+        """Several choices (n > 1, best_of, several prompts) run at once, each admitted on its own (so a
+        request with more choices than slots still finishes); their deltas merge in arrival order.
+        `width`: choices generated per prompt (best_of), of which the n best are returned."""
         if request.headers.get("idempotency-key") is not None or request.headers.get("last-event-id") is not None:
             raise ApiError(400, "Idempotency-Key is not supported for several choices (n > 1 or several prompts) "
                                 "yet: send one request per choice to resume it", param="Idempotency-Key",
@@ -436,7 +440,19 @@ def create_app(
             stop()
             raise
         stop()
-        return _final(gens, body, chat)
+        return _final(_best(gens, width, body.n), body, chat, _usage(gens, width))
+
+    def _best(gens: list[Generation], width: int, n: int) -> list[Generation]:
+        """Of each prompt's `width` choices, the n with the highest cumulative log probability (the
+        earlier choice on a tie), in that order; all of them when width == n."""
+        if width == n:
+            return gens
+        best = []
+        for start in range(0, len(gens), width):
+            group = gens[start:start + width]
+            ranked = sorted(range(width), key=lambda j: (-sum(lp or 0.0 for lp in group[j].logprobs), j))
+            best += [group[j] for j in ranked[:n]]
+        return best
 
     def _logprobs(gen_or_delta, body, chat: bool, offset: int = 0) -> dict[str, Any] | None:
         g = gen_or_delta
@@ -447,12 +463,13 @@ def create_app(
         return completion_logprobs(tokenizer, g.token_ids, g.logprobs, g.top_logprobs, offset, body.logprobs)
 
     def _usage(gens: list[Generation], n: int) -> dict[str, int]:
-        """Each prompt counted once (its n choices share it), every choice's output."""
+        """Each prompt counted once (its n choices, consecutive in `gens`, share it), every choice's output
+        (with best_of, the ones not returned too: they were generated)."""
         prompt = sum(len(g.prompt_ids) for g in gens[::n])
         completion = sum(len(g.token_ids) for g in gens)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
-    def _final(gens: list[Generation], body, chat: bool) -> dict[str, Any]:
+    def _final(gens: list[Generation], body, chat: bool, usage: dict[str, int] | None = None) -> dict[str, Any]:
         out = []
         for index, gen in enumerate(gens):
             choice: dict[str, Any] = {"index": index, "finish_reason": gen.finish_reason,
@@ -467,7 +484,7 @@ def create_app(
             out.append(choice)
         return {"id": gens[0].request_id, "object": "chat.completion" if chat else "text_completion",
                 "created": int(time.time()), "model": settings.model_name, "choices": out,
-                "usage": _usage(gens, body.n)}
+                "usage": usage or _usage(gens, body.n)}
 
     class _Chunks:
         """The SSE chunks of one response: openings, one choice's delta, the usage."""

@@ -161,7 +161,9 @@ class CompletionRequest(_SamplingFields):
                                  "(N > 0) the N most likely tokens at each position")
     echo: bool = Field(False, description="Prepend the prompt to each choice's text (not with logprobs)")
     suffix: Text | None = Field(None, description="Not supported (the model has no infill)")
-    best_of: int | None = Field(None, ge=1, le=MAX_CHOICES, description="Only equal to n (the default)")
+    best_of: int | None = Field(None, ge=1, le=MAX_CHOICES, description="Generate this many choices per prompt "
+                                "(default n) and return the n with the highest cumulative log probability; not "
+                                "with stream")
 
 
 class TextPart(BaseModel):

@@ -29,10 +29,11 @@ def reject_unsupported(body: CompletionRequest | ChatCompletionRequest) -> None:
     if isinstance(body, CompletionRequest):
         if body.suffix:
             _refuse("suffix", "the model has no infill")
-        if body.best_of is not None and body.best_of != body.n:
-            raise ApiError(400, f"best_of must equal n ({body.n}): choosing the best of more choices than are "
-                                f"returned is not implemented, got {body.best_of}", param="best_of",
-                           code="unsupported_parameter")
+        if body.best_of is not None and body.best_of < body.n:
+            raise ApiError(400, f"best_of must be at least n ({body.n}), got {body.best_of}", param="best_of")
+        if body.best_of is not None and body.best_of > body.n and body.stream:
+            raise ApiError(400, "best_of > n cannot be streamed: the best choices are known only at the end",
+                           param="best_of")
         if body.echo and body.logprobs is not None:
             _refuse("echo", "with logprobs it needs the prompt's log probabilities, which are not computed")
     else:
