@@ -16,6 +16,7 @@ from resilient_moe.engine.engine import LLMEngine
 from resilient_moe.engine.sampler import adjust_logits, choice_seed
 from resilient_moe.errors import ConfigError
 from resilient_moe.server.logprobs import completion_logprobs
+from resilient_moe.server.textstream import TextStream
 from conftest import wait_until
 from serving import admin_headers, serving_stack, streams_through_kill
 
@@ -118,6 +119,19 @@ def test_completion_logprobs_keep_every_token_whose_text_collides():
     got = completion_logprobs(_ByteTokenizer(), [3, 6], [-2.0, -4.0], [top, top], 0, 5)["top_logprobs"]
     assert got[0] == {"\ufffd": -0.5, "t4": -1.0, "token_id:2": -1.5, "token_id:3": -2.0, "t5": -3.0}
     assert got[1] == {**got[0], "t6": -4.0}  # the sampled token, not among the 5, is listed too
+
+
+class _Letters:
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join("abcdefgh"[i] for i in ids)
+
+
+def test_stop_strings_count_only_after_min_tokens():
+    tokens = [0, 1, 2, 1, 3]  # "abcbd": "b" at the second token, again at the fourth
+    for min_tokens, sent in ((0, "a"), (3, "abc")):
+        text = TextStream(_Letters(), ["b"], min_tokens=min_tokens)
+        out = "".join(text.add(t) for t in tokens if not text.stopped)
+        assert text.stopped and out == sent, min_tokens
 
 
 # ---- over HTTP -------------------------------------------------------------------------------

@@ -175,7 +175,7 @@ class Generation:
         self.request_id = request_id
         self.prompt_ids = prompt_ids
         self.params = params
-        self.text = TextStream(tokenizer, stops, prompt_tail=prompt_ids[-4:])
+        self.text = TextStream(tokenizer, stops, prompt_tail=prompt_ids[-4:], min_tokens=params.min_tokens)
         self.token_ids: list[int] = []
         self.logprobs: list[float | None] = []
         self.top_logprobs: list[Top] = []
