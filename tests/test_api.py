@@ -174,7 +174,7 @@ ERRORS = [
     ({"prompt": "hi", "presence_penalty": 3.0}, 400, "presence_penalty"),
     ({"prompt": "hi", "echo": True, "logprobs": 1}, 400, "echo"),
     ({"prompt": "hi", "suffix": "end"}, 400, "suffix"),
-    ({"prompt": "hi", "best_of": 2}, 400, "best_of"),
+    ({"prompt": "hi", "best_of": 2, "n": 3}, 400, "best_of"),
     ({"prompt": "hi", "logit_bias": {"99999": 1}}, 400, "logit_bias"),
     ({"prompt": "hi", "min_tokens": 20, "max_tokens": 4}, 400, "min_tokens"),
     ({"prompt": "hi", "frobnicate": 1}, 400, "frobnicate"),
