@@ -254,6 +254,9 @@ def test_http_include_usage_only_when_asked(stack, client):
     two = client.chat.completions.create(model=stack.model_name, messages=messages, max_tokens=3, n=2, seed=5,
                                          temperature=1.0, max_completion_tokens=4)
     assert [c.index for c in two.choices] == [0, 1] and two.usage.completion_tokens <= 8
+    alias = client.chat.completions.create(model=stack.model_name, messages=messages, max_completion_tokens=5,
+                                           temperature=0, extra_body={"ignore_eos": True})
+    assert alias.usage.completion_tokens == 5 and alias.choices[0].finish_reason == "length"
 
 
 def test_http_logprobs_have_every_entry(stack, client):
@@ -272,6 +275,7 @@ REFUSED = [
     ("chat", {"guided_json": {"type": "object"}}, "guided_json"),
     ("chat", {"guided_choice": ["a", "b"]}, "guided_choice"),
     ("chat", {"frobnicate": True}, "frobnicate"),
+    ("chat", {"messages": [{"role": "user", "content": "hi", "tool_calls": []}]}, "messages"),
     ("chat", {"stream_options": {"include_usage": True}}, "stream_options"),  # without stream
     ("cmpl", {"guided_regex": "a+"}, "guided_regex"),
     ("cmpl", {"guided_grammar": "root ::= 'a'"}, "guided_grammar"),
@@ -289,7 +293,9 @@ REFUSED = [
 
 @pytest.mark.parametrize("path,extra,param", REFUSED, ids=[f"{p}-{param}" for p, _, param in REFUSED])
 def test_refused_with_a_400_naming_the_parameter(stack, client, path, extra, param):
-    body = {"messages": [{"role": "user", "content": "hi"}]} if path == "chat" else {"prompt": extra.pop("prompt", "hi")}
+    extra = dict(extra)
+    body = {"messages": extra.pop("messages", [{"role": "user", "content": "hi"}])} if path == "chat" else \
+        {"prompt": extra.pop("prompt", "hi")}
     url = f"{stack.url}/v1/{'chat/completions' if path == 'chat' else 'completions'}"
     raw = httpx.post(url, json={**body, "max_tokens": 2, **extra}, timeout=30)
     assert raw.status_code == 400, raw.text
