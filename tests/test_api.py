@@ -99,7 +99,12 @@ def test_text_prompt_and_streaming_agree(stack, client, engine):
 def test_sse_wire_format(stack):
     result = stream_completion(stack.url, PROMPTS[0], max_tokens=5, ignore_eos=True)
     assert result.done and result.finish_reason == "length" and len(result.token_ids) == 5
+    assert result.usage is None and not any("usage" in c for c in result.chunks)  # not asked for
+    result = stream_completion(stack.url, PROMPTS[0], max_tokens=5, ignore_eos=True,
+                               stream_options={"include_usage": True})
     assert result.usage == {"prompt_tokens": 5, "completion_tokens": 5, "total_tokens": 10}
+    assert [c["usage"] for c in result.chunks[:-1]] == [None] * (len(result.chunks) - 1)
+    assert result.chunks[-1]["choices"] == []
     assert all(c["object"] == "text_completion" for c in result.chunks)
 
 
@@ -117,7 +122,7 @@ def test_chat_completions(stack, client, engine):
     assert stream[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in stream) == out.choices[0].message.content
     assert stream[-1].choices[0].finish_reason == "length"
-    assert stream[-1].usage.completion_tokens == 8
+    assert all(c.usage is None for c in stream)  # usage only with stream_options.include_usage
 
 
 def test_seeded_sampling_and_logprobs(stack, client, engine):
@@ -155,18 +160,24 @@ def test_stop_strings_and_stop_token_ids(stack, client, engine):
 ERRORS = [
     # body, status, param
     ({"model": "nope", "prompt": "hi"}, 404, "model"),
-    ({"prompt": "hi", "n": 2}, 400, "n"),
+    ({"prompt": "hi", "n": 17}, 400, "n"),
+    ({"prompt": ["a", "b"], "n": 9}, 400, "n"),
     ({"prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
     ({"prompt": "hi", "temperature": -1}, 400, "temperature"),
     ({"prompt": "hi", "top_p": 0}, 400, "top_p"),
     ({"prompt": "hi", "seed": -5}, 400, "seed"),
     ({"prompt": [1, 2, 99999]}, 400, "prompt"),
     ({"prompt": []}, 400, "prompt"),
-    ({"prompt": ["a", "b"]}, 400, "prompt"),
+    ({"prompt": ["a", [1, 2]]}, 400, "prompt"),
     ({"prompt": [1] * 60}, 400, "prompt"),  # longer than the 48-token context
     ({"prompt": [1, 2], "max_tokens": 47}, 400, "max_tokens"),
-    ({"prompt": "hi", "presence_penalty": 1.0}, 400, "presence_penalty"),
-    ({"prompt": "hi", "echo": True}, 400, "echo"),
+    ({"prompt": "hi", "presence_penalty": 3.0}, 400, "presence_penalty"),
+    ({"prompt": "hi", "echo": True, "logprobs": 1}, 400, "echo"),
+    ({"prompt": "hi", "suffix": "end"}, 400, "suffix"),
+    ({"prompt": "hi", "best_of": 2, "n": 3}, 400, "best_of"),
+    ({"prompt": "hi", "logit_bias": {"99999": 1}}, 400, "logit_bias"),
+    ({"prompt": "hi", "min_tokens": 20, "max_tokens": 4}, 400, "min_tokens"),
+    ({"prompt": "hi", "frobnicate": 1}, 400, "frobnicate"),
     ({"max_tokens": 3}, 400, "prompt"),
     ({"prompt": "hi", "max_tokens": "many"}, 400, "max_tokens"),
 ]
@@ -508,8 +519,9 @@ def test_top_logprobs_match_the_engine(stack, client, engine):
     for got in (whole.top_logprobs, [d for part in streamed for d in part.top_logprobs]):
         assert len(got) == 6
         for position, (token, logprob, top) in zip(got, expected):
-            want = {text(t): v for t, v in top}
-            want.setdefault(text(token), logprob)  # the sampled token is always listed
+            want: dict = {}
+            for t, v in list(top) + ([(token, logprob)] if token not in dict(top) else []):
+                want[f"token_id:{t}" if text(t) in want else text(t)] = v  # the sampled token is always listed
             assert position.keys() == want.keys()
             assert list(position.values()) == pytest.approx(list(want.values()), abs=1e-5)
     assert whole.token_logprobs == pytest.approx([lp for _, lp, _ in expected], abs=1e-5)

@@ -61,7 +61,7 @@ def traffic(stack) -> None:
             assert r.status_code == 200 and list(r.iter_lines())[-2] == "data: [DONE]"
         assert http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
                                                        "max_tokens": 4, "ignore_eos": True}).status_code == 200
-        assert http.post("/v1/completions", json={"prompt": [1], "n": 3}).status_code == 400
+        assert http.post("/v1/completions", json={"prompt": [1], "suffix": "x"}).status_code == 400
 
 
 def test_metrics_count_the_traffic(stack):

@@ -87,6 +87,12 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; 0: the chosen token's; n: also the top n
+    # vLLM's semantics: presence and frequency count the generated tokens, repetition the prompt's too
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # 1: off
+    logit_bias: tuple[tuple[int, float], ...] = field(default_factory=tuple)  # (token id, added to its logit)
+    min_tokens: int = 0  # end-of-sequence and stop token ids are masked until this many are generated
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
@@ -103,6 +109,26 @@ class SamplingParams:
             raise ConfigError(f"logprobs must be an integer between 0 and 20, got {self.logprobs!r}")
         if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
             raise ConfigError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not -2.0 <= value <= 2.0:
+                raise ConfigError(f"{name} must be between -2 and 2, got {value!r}")
+        rp = self.repetition_penalty
+        if isinstance(rp, bool) or not isinstance(rp, (int, float)) or not 0.0 < rp <= 10.0:
+            raise ConfigError(f"repetition_penalty must be in (0, 10], got {rp!r}")
+        if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 and isinstance(b, (int, float))
+                   and -100.0 <= b <= 100.0 for t, b in self.logit_bias):
+            raise ConfigError(f"logit_bias must map token ids to biases in [-100, 100], got {self.logit_bias!r}")
+        if not isinstance(self.min_tokens, int) or isinstance(self.min_tokens, bool) or \
+                not 0 <= self.min_tokens <= self.max_tokens:
+            raise ConfigError(f"min_tokens must be an integer between 0 and max_tokens ({self.max_tokens}), "
+                              f"got {self.min_tokens!r}")
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether logits change before sampling (bias, penalties, min_tokens)."""
+        return bool(self.logit_bias or self.presence_penalty or self.frequency_penalty
+                    or self.repetition_penalty != 1.0 or self.min_tokens)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -114,6 +140,11 @@ class SamplingParams:
             "stop_token_ids": list(self.stop_token_ids),
             "ignore_eos": self.ignore_eos,
             "logprobs": self.logprobs,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+            "repetition_penalty": self.repetition_penalty,
+            "logit_bias": [[t, b] for t, b in self.logit_bias],
+            "min_tokens": self.min_tokens,
         }
 
     @classmethod
@@ -121,6 +152,8 @@ class SamplingParams:
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         if "stop_token_ids" in known:
             known["stop_token_ids"] = tuple(known["stop_token_ids"])
+        if "logit_bias" in known:
+            known["logit_bias"] = tuple((int(t), float(b)) for t, b in known["logit_bias"])
         unknown = sorted(set(data) - set(known))
         if unknown:
             raise ConfigError(f"unknown sampling parameter(s): {', '.join(unknown)}")

@@ -16,7 +16,7 @@ import torch
 from resilient_moe.engine.chunk_policy import MIN_CHUNK_TOKENS, StepCostModel, prefill_chunk_tokens, step_target_ms
 from resilient_moe.engine.config import EngineConfig
 from resilient_moe.engine.kv_cache import BlockAllocator
-from resilient_moe.engine.sampler import LogSoftmax, logprobs_of, sample
+from resilient_moe.engine.sampler import LogSoftmax, adjust_logits, logprobs_of, sample
 from resilient_moe.engine.sequence import Sequence, SequenceStatus, TokenEvent
 
 
@@ -190,8 +190,14 @@ class Scheduler:
         seqs = [batch.seqs[row] for row in done]
         if not seqs:
             return []
-        tokens = sample(logits, [s.params for s in seqs], [s.seed for s in seqs], [len(s.output_ids) for s in seqs],
-                        self.log_softmax)
+        adjusted = logits
+        if any(s.params.adjusts_logits for s in seqs):
+            # logprobs stay those of the model's own distribution (vLLM's default), so only sampling sees these
+            adjusted = torch.stack([
+                adjust_logits(row, s.params, s.prompt_ids, s.output_ids, self.eos_token_ids)
+                if s.params.adjusts_logits else row for s, row in zip(seqs, logits)])
+        tokens = sample(adjusted, [s.params for s in seqs], [s.seed for s in seqs],
+                        [len(s.output_ids) for s in seqs], self.log_softmax)
         events = []
         for row, (seq, token) in enumerate(zip(seqs, tokens)):
             position = len(seq.output_ids)
@@ -207,9 +213,11 @@ class Scheduler:
         return events
 
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:
-        if not seq.params.ignore_eos and token in self.eos_token_ids:
+        # the token at output position len - 1 was sampled with stop tokens masked (min_tokens): it cannot stop
+        early = len(seq.output_ids) - 1 < seq.params.min_tokens
+        if not early and not seq.params.ignore_eos and token in self.eos_token_ids:
             return "stop"
-        if token in seq.params.stop_token_ids:
+        if not early and token in seq.params.stop_token_ids:
             return "stop"
         if len(seq.output_ids) >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len:
             return "length"

@@ -15,13 +15,14 @@ strings), logprobs.py (OpenAI's logprob shapes). This file wires them to routes.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 import secrets
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, AsyncIterator, Sequence
 
@@ -33,6 +34,8 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from resilient_moe.engine.config import SamplingParams
+from resilient_moe.engine.sampler import choice_seed
 from resilient_moe.engine.tokenizer import TextTokenizer
 from resilient_moe.errors import ConfigError, ResilientMoeError
 from resilient_moe.server import validation
@@ -49,6 +52,7 @@ from resilient_moe.server.metrics import ServingMetrics
 from resilient_moe.server.prompts import PromptEncoder
 from resilient_moe.server.protocol import (
     ERROR_RESPONSES,
+    MAX_CHOICES,
     ApiError,
     ChatCompletionRequest,
     CompletionRequest,
@@ -59,6 +63,7 @@ log = logging.getLogger("resilient_moe.server")
 
 DASHBOARD = Path(__file__).parent / "static" / "dashboard.html"
 API_KEYS_ENV = "RESILIENT_MOE_API_KEYS"  # comma-separated; `serve --api-key` adds to them
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 CHARS_PER_TOKEN_BOUND = 16  # default max_prompt_chars: this many characters per token of context
 
 
@@ -173,7 +178,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     """One readable sentence for pydantic's errors, and the request field at fault. Of a union's
     alternatives, a value error (our own checks) says more than "should be a list"."""
     errors = exc.errors()
-    first = next((e for e in errors if e.get("type") == "value_error"), errors[0] if errors else {})
+    first = next((e for e in errors if e.get("type") == "extra_forbidden"), None) or \
+        next((e for e in errors if e.get("type") == "value_error"), errors[0] if errors else {})
     if first.get("type") == "json_invalid":
         return f"request body is not valid JSON: {first.get('msg', '')}", None
     # pydantic names union alternatives in the location ("function-after[...]", "list[int]", "str"): drop them
@@ -181,6 +187,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         str(p).isidentifier() and p not in ("str", "int", "float", "bool")))]
     where = ".".join(loc) or "body"
     message = f"{where}: {first.get('msg', 'invalid value')}"
+    if first.get("type") == "extra_forbidden":  # nothing is accepted and ignored
+        message = f"{where}: unknown parameter; this server does not implement it"
     if len(errors) > 1 and first is errors[0]:
         message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
     return message, (loc[0] if loc else None)
@@ -306,28 +314,58 @@ def create_app(
         validation.reject_unsupported(body)
         stops, stop_ids = validation.stops(body, settings.vocab_size)
         watch = ClientWatch(request.receive)
-        prompt_ids = await watch.guard(server.prompts.completion(body))
-        params = validation.sampling(body, len(prompt_ids), body.max_tokens, stop_ids, settings.max_model_len,
-                                     prompt_param="prompt")
-        return await _respond(server.generation("cmpl", prompt_ids, params, stops, watch), body, chat=False,
-                              request=request)
+        prompts = await watch.guard(server.prompts.completion(body))
+        width = body.best_of or body.n  # choices generated per prompt
+        check_choices(len(prompts), width)
+        texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt if isinstance(body.prompt[0], str) \
+            else [None] * len(prompts)
+        gens = []
+        for ids, text in zip(prompts, texts):
+            params = validation.sampling(body, len(ids), body.max_tokens, stop_ids, settings.max_model_len,
+                                         prompt_param="prompt", vocab=settings.vocab_size)
+            echo = (text if text is not None else tokenizer.decode(ids) if tokenizer else "") if body.echo else ""
+            if width > body.n and params.logprobs is None:
+                params = replace(params, logprobs=0)  # ranked by them (and not shown)
+            gens += choices("cmpl", ids, params, width, stops, watch, echo)
+        return await _respond(gens, body, chat=False, request=request, width=width)
 
     @v1.post("/chat/completions", responses=ERROR_RESPONSES)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         check_model(body.model)
         validation.reject_unsupported(body)
         stops, stop_ids = validation.stops(body, settings.vocab_size)
+        check_choices(1, body.n)
         watch = ClientWatch(request.receive)
         prompt_ids = await watch.guard(server.prompts.chat(body))
         params = validation.sampling(body, len(prompt_ids), body.max_completion_tokens or body.max_tokens, stop_ids,
-                                     settings.max_model_len, prompt_param="messages")
-        return await _respond(server.generation("chatcmpl", prompt_ids, params, stops, watch), body, chat=True,
+                                     settings.max_model_len, prompt_param="messages", vocab=settings.vocab_size)
+        return await _respond(choices("chatcmpl", prompt_ids, params, body.n, stops, watch), body, chat=True,
                               request=request)
 
-    async def _respond(gen: Generation, body, chat: bool, request: Request):
+    def check_choices(prompts: int, n: int) -> None:
+        if prompts * n > MAX_CHOICES:
+            raise ApiError(400, f"n: at most {MAX_CHOICES} choices per request, and {prompts} prompt(s) x n (or "
+                                f"best_of) = {n} ask for {prompts * n}", param="n")
+
+    def choices(prefix: str, prompt_ids: list[int], params: SamplingParams, n: int, stops: list[str],
+                watch: ClientWatch, echo: str = "") -> list[Generation]:
+        """The n choices of one prompt, each a request of its own; with a seed, choice j's is derived
+        from it (choice_seed), so the same request gives the same choices."""
+        gens = []
+        for j in range(n):
+            own = params if params.seed is None else replace(params, seed=choice_seed(params.seed, j))
+            gen = server.generation(prefix, prompt_ids, own, stops, watch)
+            gen.echo = echo
+            gens.append(gen)
+        return gens
+
+    async def _respond(gens: list[Generation], body, chat: bool, request: Request, width: int | None = None):
         """Errors before the first token still get a proper status; a client that leaves before the
         response is complete has its request aborted (ClientGone), unless it carries an Idempotency-Key
         (then it is kept for the client to resume: server/resume.py)."""
+        if len(gens) > 1:
+            return await _respond_many(gens, body, chat, request, width or body.n)
+        gen = gens[0]
         try:
             gen.keyed = keyed = await keyed_request(server.requests, request, body, gen, _bearer(request),
                                                     server.resume_grace_s, frontend.name)
@@ -338,16 +376,83 @@ def create_app(
             delta = await gen.next()
             if body.stream:
                 return StreamingResponse(_stream(gen, delta, body, chat), media_type="text/event-stream",
-                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                                         headers=SSE_HEADERS)
             await gen.rest()
         except BaseException:
             gen.close()
             raise
         gen.close()
-        final = _final(gen, body, chat)
+        final = _final([gen], body, chat)
         if keyed is not None and frontend.delivery is not None:
             record_end(frontend.delivery, keyed, gen.finish_reason, len(gen.token_ids), final)
         return final
+
+    async def _respond_many(gens: list[Generation], body, chat: bool, request: Request, width: int):
+        """Several choices (n > 1, best_of, several prompts) run at once, each admitted on its own (so a
+        request with more choices than slots still finishes); their deltas merge in arrival order.
+        `width`: choices generated per prompt (best_of), of which the n best are returned."""
+        if request.headers.get("idempotency-key") is not None or request.headers.get("last-event-id") is not None:
+            raise ApiError(400, "Idempotency-Key is not supported for several choices (n > 1 or several prompts) "
+                                "yet: send one request per choice to resume it", param="Idempotency-Key",
+                           code="unsupported_parameter")
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def run(index: int, gen: Generation) -> None:
+            try:
+                await gen.start()
+                while (delta := await gen.next()) is not None:
+                    queue.put_nowait((index, delta))
+                queue.put_nowait((index, None))
+            except Exception as e:  # noqa: BLE001 - handed to the response, which answers it
+                queue.put_nowait((index, e))
+            finally:
+                gen.close(watch=False)
+
+        tasks = [asyncio.ensure_future(run(i, g)) for i, g in enumerate(gens)]
+
+        def stop() -> None:
+            for task in tasks:
+                task.cancel()
+            for gen in gens:
+                gen.close(watch=False)
+            gens[0].watch.close()
+
+        async def deltas() -> AsyncIterator[tuple[int, Delta]]:
+            left = len(gens)
+            while left:
+                index, item = await queue.get()
+                if item is None:
+                    left -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield index, item
+
+        merged = deltas()
+        try:
+            if body.stream:
+                first = await anext(merged, None)
+                return StreamingResponse(_stream_many(gens, merged, first, body, chat, stop),
+                                         media_type="text/event-stream", headers=SSE_HEADERS)
+            async for _ in merged:
+                pass
+        except BaseException:
+            stop()
+            raise
+        stop()
+        return _final(_best(gens, width, body.n), body, chat, _usage(gens, width))
+
+    def _best(gens: list[Generation], width: int, n: int) -> list[Generation]:
+        """Of each prompt's `width` choices, the n with the highest cumulative log probability (the
+        earlier choice on a tie), in that order; all of them when width == n."""
+        if width == n:
+            return gens
+        best = []
+        for start in range(0, len(gens), width):
+            group = gens[start:start + width]
+            ranked = sorted(range(width), key=lambda j: (-sum(lp or 0.0 for lp in group[j].logprobs), j))
+            best += [group[j] for j in ranked[:n]]
+        return best
 
     def _logprobs(gen_or_delta, body, chat: bool, offset: int = 0) -> dict[str, Any] | None:
         g = gen_or_delta
@@ -357,59 +462,97 @@ def create_app(
             return None
         return completion_logprobs(tokenizer, g.token_ids, g.logprobs, g.top_logprobs, offset, body.logprobs)
 
-    def _final(gen: Generation, body, chat: bool) -> dict[str, Any]:
-        text = gen.text.sent
-        choice: dict[str, Any] = {"index": 0, "finish_reason": gen.finish_reason,
-                                  "logprobs": _logprobs(gen, body, chat)}
-        if chat:
-            choice["message"] = {"role": "assistant", "content": text}
-        else:
-            choice["text"] = text
-        if body.return_token_ids:
-            choice["prompt_token_ids"] = gen.prompt_ids
-            choice["token_ids"] = gen.token_ids
-        return {"id": gen.request_id, "object": "chat.completion" if chat else "text_completion",
-                "created": int(time.time()), "model": settings.model_name, "choices": [choice], "usage": gen.usage}
+    def _usage(gens: list[Generation], n: int) -> dict[str, int]:
+        """Each prompt counted once (its n choices, consecutive in `gens`, share it), every choice's output
+        (with best_of, the ones not returned too: they were generated)."""
+        prompt = sum(len(g.prompt_ids) for g in gens[::n])
+        completion = sum(len(g.token_ids) for g in gens)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def _final(gens: list[Generation], body, chat: bool, usage: dict[str, int] | None = None) -> dict[str, Any]:
+        out = []
+        for index, gen in enumerate(gens):
+            choice: dict[str, Any] = {"index": index, "finish_reason": gen.finish_reason,
+                                      "logprobs": _logprobs(gen, body, chat)}
+            if chat:
+                choice["message"] = {"role": "assistant", "content": gen.text.sent}
+            else:
+                choice["text"] = gen.echo + gen.text.sent
+            if body.return_token_ids:
+                choice["prompt_token_ids"] = gen.prompt_ids
+                choice["token_ids"] = gen.token_ids
+            out.append(choice)
+        return {"id": gens[0].request_id, "object": "chat.completion" if chat else "text_completion",
+                "created": int(time.time()), "model": settings.model_name, "choices": out,
+                "usage": usage or _usage(gens, body.n)}
+
+    class _Chunks:
+        """The SSE chunks of one response: openings, one choice's delta, the usage."""
+
+        def __init__(self, gens: list[Generation], body, chat: bool) -> None:
+            self.gens, self.body, self.chat = gens, body, chat
+            self.created = int(time.time())
+            self.include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            self.offsets = [0] * len(gens)
+            self.sent_first = [False] * len(gens)
+
+        def event(self, choice: dict[str, Any] | None, usage: dict[str, int] | None = None) -> str:
+            gen = self.gens[0]
+            data = {"id": gen.request_id, "object": "chat.completion.chunk" if self.chat else "text_completion",
+                    "created": self.created, "model": settings.model_name,
+                    "choices": [] if choice is None else [choice]}
+            if self.include_usage:  # OpenAI's shape: null on every chunk but the last, which has no choices
+                data["usage"] = usage
+            # "REQUEST_ID:POSITION" resumes a single choice (server/resume.py); several have no resume yet
+            return _sse(data, f"{gen.request_id}:{len(gen.token_ids)}" if len(self.gens) == 1 else None)
+
+        def openings(self) -> list[str]:
+            """Chat: each choice's role; completions with echo: each prompt's text."""
+            events = []
+            for index, gen in enumerate(self.gens):
+                if gen.skip:  # a resumed stream's client has its opening already
+                    continue
+                if self.chat:
+                    opening: dict[str, Any] = {"index": index, "delta": {"role": "assistant", "content": ""},
+                                               "logprobs": None, "finish_reason": None}
+                    if self.body.return_token_ids:
+                        opening["prompt_token_ids"] = gen.prompt_ids
+                    events.append(self.event(opening))
+                elif gen.echo:
+                    events.append(self.event({"index": index, "text": gen.echo, "logprobs": None,
+                                              "finish_reason": None}))
+            return events
+
+        def delta(self, index: int, delta: Delta) -> str:
+            gen, body = self.gens[index], self.body
+            choice: dict[str, Any] = {"index": index, "logprobs": _logprobs(delta, body, self.chat, self.offsets[index]),
+                                      "finish_reason": delta.finish_reason}
+            if self.chat:
+                choice["delta"] = {"content": delta.text} if delta.text or not delta.finish_reason else {}
+            else:
+                choice["text"] = delta.text
+                if body.return_token_ids and not self.sent_first[index]:
+                    choice["prompt_token_ids"] = gen.prompt_ids
+            self.offsets[index] += len(delta.text)
+            self.sent_first[index] = True
+            if body.return_token_ids:
+                choice["token_ids"] = delta.token_ids
+            return self.event(choice)
+
+        def usage(self) -> list[str]:
+            return [self.event(None, _usage(self.gens, self.body.n))] if self.include_usage else []
 
     async def _stream(gen: Generation, first: Delta | None, body, chat: bool) -> AsyncIterator[str]:
-        created = int(time.time())
-        kind = "chat.completion.chunk" if chat else "text_completion"
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        offset = 0
-
-        def chunk(choice: dict[str, Any] | None, usage: dict[str, int] | None = None) -> str:
-            data = {"id": gen.request_id, "object": kind, "created": created, "model": settings.model_name,
-                    "choices": [] if choice is None else [choice]}
-            if usage is not None or include_usage:
-                data["usage"] = usage
-            return _sse(data, f"{gen.request_id}:{len(gen.token_ids)}")
-
+        chunks = _Chunks([gen], body, chat)
         try:
-            if chat and gen.skip == 0:  # a resumed stream's client has its opening already
-                opening: dict[str, Any] = {"index": 0, "delta": {"role": "assistant", "content": ""},
-                                           "logprobs": None, "finish_reason": None}
-                if body.return_token_ids:
-                    opening["prompt_token_ids"] = gen.prompt_ids
-                yield chunk(opening)
-            delta, first_chunk = first, True
+            for event in chunks.openings():
+                yield event
+            delta = first
             while delta is not None:
-                choice: dict[str, Any] = {"index": 0, "logprobs": _logprobs(delta, body, chat, offset),
-                                          "finish_reason": delta.finish_reason}
-                if chat:
-                    choice["delta"] = {"content": delta.text} if delta.text or not delta.finish_reason else {}
-                else:
-                    choice["text"] = delta.text
-                    if body.return_token_ids and first_chunk:
-                        choice["prompt_token_ids"] = gen.prompt_ids
-                offset += len(delta.text)
-                if body.return_token_ids:
-                    choice["token_ids"] = delta.token_ids
-                # the last chunk carries the usage (also without stream_options: many clients read it there)
-                yield chunk(choice, gen.usage if delta.finish_reason else None)
-                first_chunk = False
+                yield chunks.delta(0, delta)
                 delta = await gen.next()
-            if include_usage:
-                yield chunk(None, gen.usage)
+            for event in chunks.usage():
+                yield event
             if gen.keyed is not None and frontend.delivery is not None:
                 record_end(frontend.delivery, gen.keyed, gen.finish_reason, len(gen.token_ids))
         except ApiError as e:
@@ -418,6 +561,26 @@ def create_app(
             return  # no one to tell (`finally` aborts the request)
         finally:
             gen.close()
+        yield _sse("[DONE]")
+
+    async def _stream_many(gens: list[Generation], merged: AsyncIterator[tuple[int, Delta]],
+                           first: tuple[int, Delta] | None, body, chat: bool, stop) -> AsyncIterator[str]:
+        chunks = _Chunks(gens, body, chat)
+        try:
+            for event in chunks.openings():
+                yield event
+            item = first
+            while item is not None:
+                yield chunks.delta(*item)
+                item = await anext(merged, None)
+            for event in chunks.usage():
+                yield event
+        except ApiError as e:
+            yield _sse(e.body())
+        except ClientGone:
+            return
+        finally:
+            stop()
         yield _sse("[DONE]")
 
     app.include_router(v1)

@@ -175,7 +175,7 @@ class Generation:
         self.request_id = request_id
         self.prompt_ids = prompt_ids
         self.params = params
-        self.text = TextStream(tokenizer, stops, prompt_tail=prompt_ids[-4:])
+        self.text = TextStream(tokenizer, stops, prompt_tail=prompt_ids[-4:], min_tokens=params.min_tokens)
         self.token_ids: list[int] = []
         self.logprobs: list[float | None] = []
         self.top_logprobs: list[Top] = []
@@ -187,6 +187,7 @@ class Generation:
         self.seed: int | None = params.seed  # its random stream (a keyed request's is fixed before it is claimed)
         self.keyed = None  # resume.Keyed: sent with an Idempotency-Key (server/resume.py)
         self.skip = 0  # tokens the client has already (Last-Event-ID): read, not sent again
+        self.echo = ""  # completions' echo: the prompt's text, which the choice's text starts with
         self._wake = asyncio.Event()
         self._admitted = False
         self._closed = False
@@ -297,12 +298,14 @@ class Generation:
             self.finish_reason = delta.finish_reason = "stop"
             self.frontend.abort(self.request_id)  # frees its KV now
 
-    def close(self) -> None:
-        """Abort if unfinished (client gone), forget the handle, free the admission slot."""
+    def close(self, watch: bool = True) -> None:
+        """Abort if unfinished (client gone), forget the handle, free the admission slot; stop watching
+        the client too, unless `watch` is False (other choices of the same HTTP request go on)."""
         if self._closed:
             return
         self._closed = True
-        self.watch.close()
+        if watch:
+            self.watch.close()
         if self.handle is not None:
             if self.finish_reason is None:
                 self.metrics.finished(time.monotonic() - self.arrival, "abort", self.started, self.arrivals)

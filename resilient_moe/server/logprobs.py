@@ -3,8 +3,10 @@
 Completions (`"logprobs": N`):
     {"tokens": [str], "token_logprobs": [float], "top_logprobs": [{token text: logprob}] | null,
      "text_offset": [int]}
-  with N > 0, each position's dict holds the N most likely tokens and always the sampled one (so up
-  to N + 1 entries; tokens whose text is the same share an entry, as the format is keyed by text).
+  with N > 0, each position's dict holds the N most likely tokens and always the sampled one (so N
+  or N + 1 entries). The format is keyed by text, and several tokens can decode to the same text
+  (byte tokens of one character, say): the most likely keeps the text, each other is keyed
+  "token_id:ID" (the form vLLM gives token ids in logprobs), so no entry is lost.
 Chat (`"logprobs": true, "top_logprobs": N`):
     {"content": [{"token", "logprob", "bytes", "top_logprobs": [{"token", "logprob", "bytes"} x N]}]}
 """
@@ -34,9 +36,14 @@ def completion_logprobs(tokenizer: TextTokenizer | None, ids: list[int], lps: li
     top_logprobs = None
     if top_n > 0:
         top_logprobs = []
-        for text, lp, top in zip(tokens, lps, tops):
-            entry = {token_text(tokenizer, t): v for t, v in (top or ())}
-            entry.setdefault(text, lp)
+        for token_id, lp, top in zip(ids, lps, tops):
+            pairs = list(top or ())
+            if token_id not in {t for t, _ in pairs}:
+                pairs.append((token_id, lp))
+            entry: dict[str, float | None] = {}
+            for t, v in pairs:  # most likely first (the sampled token, when not among them, last)
+                text = token_text(tokenizer, t)
+                entry[f"token_id:{t}" if text in entry else text] = v
             top_logprobs.append(entry)
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": top_logprobs, "text_offset": offsets}
 

@@ -14,7 +14,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from resilient_moe.engine.tokenizer import TextTokenizer
 from resilient_moe.errors import RequestError
-from resilient_moe.server.protocol import ApiError, ChatCompletionRequest, CompletionRequest
+from resilient_moe.server.protocol import MAX_CHOICES, ApiError, ChatCompletionRequest, CompletionRequest
 from resilient_moe.server.validation import check_ids
 
 
@@ -40,13 +40,17 @@ class PromptEncoder:
                                 f"{self.max_chars} (far more than its context length in tokens)", param=param,
                            code="context_length_exceeded")
 
-    async def completion(self, body: CompletionRequest) -> list[int]:
+    async def completion(self, body: CompletionRequest) -> list[list[int]]:
+        """The token ids of each prompt (a list of texts or of token-id lists is several prompts)."""
         prompt = body.prompt
-        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
-            if len(prompt) != 1:
-                raise ApiError(400, f"prompt: batches of prompts are not supported (got {len(prompt)}); send one "
-                                    "prompt per request", param="prompt")
-            prompt = prompt[0]
+        several = isinstance(prompt, list) and bool(prompt) and not isinstance(prompt[0], int)
+        prompts = list(prompt) if several else [prompt]
+        if len(prompts) > MAX_CHOICES:
+            raise ApiError(400, f"prompt: at most {MAX_CHOICES} prompts per request, got {len(prompts)}",
+                           param="prompt")
+        return [await self._one(p) for p in prompts]
+
+    async def _one(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ApiError(400, "this model has no tokenizer: send the prompt as a list of token ids",

@@ -17,6 +17,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_CHARS = 256
+MAX_CHOICES = 16  # n x prompts of one request (each choice is a request of its own at an attention worker)
 
 # OpenAI's error "type" for each status we send.
 ERROR_TYPES = {
@@ -75,7 +76,10 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool = Field(False, description="A last chunk with the usage and no choices (and \"usage\": "
+                                                   "null on the others)")
 
 
 def _unicode(text: str) -> str:
@@ -96,7 +100,8 @@ Stop = Text | list[Text | int] | None
 class _SamplingFields(BaseModel):
     """Parameters shared by completions and chat completions."""
 
-    model_config = ConfigDict(extra="ignore")
+    # Every parameter is honoured or refused: an unknown one is a 400 naming it, never ignored.
+    model_config = ConfigDict(extra="forbid")
 
     model: Text | None = Field(None, description="Served model name (GET /v1/models); default: the only one")
     max_tokens: int | None = Field(None, ge=1, description="Tokens to generate at most")
@@ -107,15 +112,30 @@ class _SamplingFields(BaseModel):
     stop: Stop = Field(None, description=f"Up to {MAX_STOP_SEQUENCES} stop strings of at most {MAX_STOP_CHARS} "
                                          "characters (or token ids)")
     stop_token_ids: list[int] | None = Field(None, description="Extension: stop on these token ids")
-    n: int = Field(1, ge=1, description="Only 1 is supported")
+    n: int = Field(1, ge=1, le=MAX_CHOICES, description="Choices per prompt, each with a seed of its own "
+                                                         "derived from the request's (the same seed, the same "
+                                                         f"choices); at most {MAX_CHOICES} choices per request")
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = Field(False, description="Extension: keep generating past end-of-sequence tokens")
     return_token_ids: bool = Field(False, description="Extension: add prompt_token_ids and token_ids to choices")
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Only 0 is supported")
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Only 0 is supported")
-    logit_bias: dict[str, float] | None = Field(None, description="Not supported (must be empty)")
-    user: Text | None = None
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Subtracted from the logit of each token "
+                                                                       "generated so far")
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Times its count so far, subtracted from "
+                                                                        "the logit of each generated token")
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0, description="Extension (vLLM's): logits of tokens in "
+                                      "the prompt or the output are divided by it (positive) or multiplied (negative)")
+    logit_bias: dict[str, float] | None = Field(None, description="Token id (as a string) -> bias in [-100, 100] "
+                                                "added to its logit (-100 bans it, 100 all but forces it)")
+    min_tokens: int = Field(0, ge=0, description="Extension: end-of-sequence and stop token ids are masked until "
+                                                 "this many tokens are generated")
+    user: Text | None = Field(None, description="An end-user id; it does not change the output")
+    # Refused while structured outputs are future work: declared, so that the 400 says so.
+    guided_json: Any = Field(None, description="Not supported (structured outputs)")
+    guided_regex: Any = Field(None, description="Not supported (structured outputs)")
+    guided_choice: Any = Field(None, description="Not supported (structured outputs)")
+    guided_grammar: Any = Field(None, description="Not supported (structured outputs)")
+    response_format: Any = Field(None, description='Only {"type": "text"} is supported')
 
     @field_validator("stop")
     @classmethod
@@ -134,23 +154,27 @@ class CompletionRequest(_SamplingFields):
     """POST /v1/completions."""
 
     prompt: Text | list[int] | list[Text] | list[list[int]] = Field(
-        ..., description="Text, or token ids; a list of several prompts is not supported"
+        ..., description="Text, or token ids, or a list of those: choices n x i to n x i + n - 1 are prompt i's"
     )
     max_tokens: int | None = Field(16, ge=1, description="Tokens to generate at most")
     logprobs: int | None = Field(None, ge=0, le=20, description="Log probability of each generated token, and "
                                  "(N > 0) the N most likely tokens at each position")
-    echo: bool = Field(False, description="Not supported")
-    suffix: Text | None = Field(None, description="Not supported")
-    best_of: int | None = Field(None, ge=1, description="Only 1 is supported")
+    echo: bool = Field(False, description="Prepend the prompt to each choice's text (not with logprobs)")
+    suffix: Text | None = Field(None, description="Not supported (the model has no infill)")
+    best_of: int | None = Field(None, ge=1, le=MAX_CHOICES, description="Generate this many choices per prompt "
+                                "(default n) and return the n with the highest cumulative log probability; not "
+                                "with stream")
 
 
 class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     type: Literal["text"]
     text: Text
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[TextPart] | None = None
@@ -165,3 +189,7 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = Field(False, description="Log probability of each generated token")
     top_logprobs: int | None = Field(None, ge=0, le=20, description="With logprobs: the N most likely tokens at "
                                      "each position")
+    tools: list[Any] | None = Field(None, description="Not supported (tool calls); absent or empty")
+    tool_choice: Any = Field(None, description='Only "none" (tool calls are not supported)')
+    functions: list[Any] | None = Field(None, description="Not supported (tool calls); absent or empty")
+    function_call: Any = Field(None, description='Only "none" (tool calls are not supported)')

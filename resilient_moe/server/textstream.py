@@ -76,9 +76,11 @@ class TextStream:
     before them for context), so characters split across tokens wait until complete and a leading
     space survives (`prompt_tail` gives the first output token its context). Text that might be the
     start of a stop string is held back until it is known not to be, so a client never sees part of
-    a stop string; the stop string itself is never emitted."""
+    a stop string; the stop string itself is never emitted. Stop strings are looked for only in the text
+    that comes after the first `min_tokens` tokens (min_tokens: no stop before then)."""
 
-    def __init__(self, tokenizer: Decoder | None, stops: list[str], prompt_tail: list[int] = ()) -> None:
+    def __init__(self, tokenizer: Decoder | None, stops: list[str], prompt_tail: list[int] = (),
+                 min_tokens: int = 0) -> None:
         self.tokenizer = tokenizer
         self.ids: list[int] = list(prompt_tail)
         self._prefix = 0  # ids[_prefix:_read]: the window's context, already decoded
@@ -87,12 +89,14 @@ class TextStream:
         self._held = ""  # decoded, not sent: it may start a stop string
         self._sent: list[str] = []
         self.stopped = False
+        self._unmatched = min_tokens  # tokens still to come before stop strings count
 
     def add(self, token_id: int) -> str:
         """Text newly safe to send after `token_id`; sets `stopped` when a stop string completed."""
         if self.stopped:
             return ""
         self.ids.append(token_id)
+        self._unmatched -= 1
         return self._release(self._advance(final=False))
 
     def flush(self) -> str:
@@ -146,7 +150,7 @@ class TextStream:
         """What of `new` may be sent now, given the stop strings."""
         if not new:
             return ""
-        if self._matcher is None:
+        if self._matcher is None or self._unmatched > 0:
             self._sent.append(new)
             return new
         hit = self._matcher.feed(new)

@@ -12,23 +12,59 @@ from resilient_moe.errors import ConfigError
 from resilient_moe.server.protocol import ApiError, ChatCompletionRequest, CompletionRequest
 
 
+def _refuse(param: str, why: str) -> None:
+    raise ApiError(400, f"{param} is not supported: {why}", param=param, code="unsupported_parameter")
+
+
 def reject_unsupported(body: CompletionRequest | ChatCompletionRequest) -> None:
-    if body.n != 1:
-        raise ApiError(400, f"n must be 1 (one choice per request), got {body.n}", param="n")
-    if body.presence_penalty or body.frequency_penalty:
-        param = "presence_penalty" if body.presence_penalty else "frequency_penalty"
-        raise ApiError(400, f"{param} is not supported (must be 0)", param=param)
-    if body.logit_bias:
-        raise ApiError(400, "logit_bias is not supported", param="logit_bias")
+    """A 400 naming each parameter that this server cannot honour (an unknown one is refused by protocol.py)."""
+    for param in ("guided_json", "guided_regex", "guided_choice", "guided_grammar"):
+        if getattr(body, param) is not None:
+            _refuse(param, "structured outputs are not implemented")
+    fmt = body.response_format
+    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text" and set(fmt) == {"type"}):
+        _refuse("response_format", 'structured outputs are not implemented; only {"type": "text"} is')
+    if body.stream_options is not None and not body.stream:
+        raise ApiError(400, "stream_options is only allowed with stream: true", param="stream_options")
     if isinstance(body, CompletionRequest):
-        if body.echo:
-            raise ApiError(400, "echo is not supported", param="echo")
         if body.suffix:
-            raise ApiError(400, "suffix is not supported", param="suffix")
-        if body.best_of not in (None, 1):
-            raise ApiError(400, f"best_of must be 1, got {body.best_of}", param="best_of")
-    elif body.top_logprobs is not None and not body.logprobs:
-        raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+            _refuse("suffix", "the model has no infill")
+        if body.best_of is not None and body.best_of < body.n:
+            raise ApiError(400, f"best_of must be at least n ({body.n}), got {body.best_of}", param="best_of")
+        if body.best_of is not None and body.best_of > body.n and body.stream:
+            raise ApiError(400, "best_of > n cannot be streamed: the best choices are known only at the end",
+                           param="best_of")
+        if body.echo and body.logprobs is not None:
+            _refuse("echo", "with logprobs it needs the prompt's log probabilities, which are not computed")
+    else:
+        if body.tools:
+            _refuse("tools", "tool calls are not implemented")
+        if body.functions:
+            _refuse("functions", "tool calls are not implemented")
+        for param in ("tool_choice", "function_call"):
+            choice = getattr(body, param)
+            if choice is not None and choice != "none":
+                _refuse(param, 'tool calls are not implemented; only "none" is')
+        if body.top_logprobs is not None and not body.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+
+
+def logit_bias(body: CompletionRequest | ChatCompletionRequest, vocab: int) -> tuple[tuple[int, float], ...]:
+    """The request's logit_bias as (token id, bias) pairs, in token order."""
+    pairs = []
+    for key, bias in (body.logit_bias or {}).items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise ApiError(400, f"logit_bias: {key!r} is not a token id", param="logit_bias") from None
+        if not 0 <= token < vocab:
+            raise ApiError(400, f"logit_bias: token id {token} is outside the vocabulary [0, {vocab})",
+                           param="logit_bias")
+        if not -100.0 <= bias <= 100.0:
+            raise ApiError(400, f"logit_bias: the bias of token {token} must be in [-100, 100], got {bias}",
+                           param="logit_bias")
+        pairs.append((token, float(bias)))
+    return tuple(sorted(pairs))
 
 
 def check_ids(ids: list[int], vocab: int, param: str) -> None:
@@ -54,7 +90,7 @@ def logprobs_wanted(body: CompletionRequest | ChatCompletionRequest) -> int | No
 
 
 def sampling(body: CompletionRequest | ChatCompletionRequest, prompt_len: int, max_tokens: int | None,
-             stop_ids: list[int], max_model_len: int, prompt_param: str) -> SamplingParams:
+             stop_ids: list[int], max_model_len: int, prompt_param: str, vocab: int) -> SamplingParams:
     if prompt_len >= max_model_len:
         raise ApiError(400, f"this model's maximum context length is {max_model_len} tokens; the prompt has "
                             f"{prompt_len} (at least one token must remain for the output)", param=prompt_param,
@@ -69,7 +105,9 @@ def sampling(body: CompletionRequest | ChatCompletionRequest, prompt_len: int, m
         return SamplingParams(
             max_tokens=max_tokens, temperature=float(body.temperature), top_p=float(body.top_p),
             top_k=max(0, body.top_k), seed=body.seed, stop_token_ids=tuple(stop_ids), ignore_eos=body.ignore_eos,
-            logprobs=logprobs_wanted(body),
+            logprobs=logprobs_wanted(body), presence_penalty=float(body.presence_penalty),
+            frequency_penalty=float(body.frequency_penalty), repetition_penalty=float(body.repetition_penalty),
+            logit_bias=logit_bias(body, vocab), min_tokens=body.min_tokens,
         )
     except ConfigError as e:
         raise ApiError(400, str(e), param=str(e).split(" ", 1)[0]) from None
