@@ -42,6 +42,7 @@ from resilient_moe.controller.placement import ExpertKey, Placement
 from resilient_moe.controller.records import (
     ENDED,
     SERVING,
+    TRACKED_ROLES,
     ClusterEvent,
     ControllerSettings,
     HeartbeatAnswer,
@@ -60,8 +61,10 @@ from resilient_moe.deployment import ATTENTION_WORKERS_LIMIT
 log = logging.getLogger("resilient_moe.controller")
 
 BUSY_GRACE = 10  # heartbeat timeouts a silent worker whose process still runs gets before it is declared dead
+# deaths_ROLE: incarnations of that role declared dead (a crash loop shows as their rate; /metrics
+# `worker_deaths_total{role}`); persisted with the others, so a restarted controller keeps counting
 COUNTERS = ("orders_issued", "orders_completed", "orders_resumed", "orders_expired", "rebalances", "scale_events",
-            "drains")
+            "drains", *(f"deaths_{role}" for role in TRACKED_ROLES))
 
 
 class ClusterModel(ReconcilePass, Persistence):
@@ -400,6 +403,8 @@ class ClusterModel(ReconcilePass, Persistence):
         changes with it), its shadows take over; `reconcile` asks the launcher for a replacement."""
         self._set_state(record, WorkerState.FENCED)
         self.fenced.add((record.name, record.incarnation))
+        if record.role in TRACKED_ROLES:
+            self.counters[f"deaths_{record.role}"] += 1
         self.epoch += 1
         self.ert = self._build_ert()
         self._event("dead", record.name, f"incarnation {record.incarnation}: {reason}")
