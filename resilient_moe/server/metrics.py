@@ -324,7 +324,7 @@ class ClusterCollector:
                         kv_restores.add_metric([w.name, source], load_.get(key, 0.0))
             for name, value in sorted(expert_rows.items()):
                 load.add_metric([name], value)
-        metrics += self.control_healthler_metrics(state, expert_rows)
+        metrics += self._controller_metrics(state, expert_rows)
         metrics.append(self._auth_metrics(state))
         metrics += self._process_metrics(state)
         metrics += [
@@ -419,14 +419,14 @@ class ClusterCollector:
 
 
 class ControlPlaneCollector:
-    """`redis_up` and `supervisor_up` from the frontend's last look at the control plane (absent
-    without Redis; `supervisor_up` also while Redis does not answer, when the lease cannot be read)."""
+    """`redis_up` and `supervisor_up` from the frontend's last look at the control plane (both absent
+    without Redis; `supervisor_up` also while Redis does not answer: the lease cannot be read then)."""
 
     def __init__(self, metrics: ServingMetrics) -> None:
         self.metrics = metrics
 
     def collect(self) -> list[Metric]:
-        health = self.metrics._control
+        health = self.metrics.control_health
         families: list[Metric] = []
         if "redis_up" in health:
             families.append(GaugeMetricFamily(f"{NAMESPACE}_redis_up", "1 while the cluster's Redis (commit "
