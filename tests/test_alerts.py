@@ -17,6 +17,7 @@ import pytest
 import yaml
 from fastapi import FastAPI, HTTPException
 from fastapi.testclient import TestClient
+from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import wait_until
@@ -27,6 +28,7 @@ from resilient_moe.proto import controller_pb2 as pb
 from resilient_moe.server.frontend_server import ControlPlane
 from resilient_moe.server.limits import BodyLimit
 from resilient_moe.server.metrics import ResponseCounter, ServingMetrics
+from resilient_moe.server.metrics_merge import MergedRequests
 from serving import serving_stack
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -267,3 +269,44 @@ def test_control_plane_health_from_redis_and_the_lease():
     metrics.update_cluster(None, [], 0)
     text = metrics.render().decode()
     assert value(text, "resilient_moe_redis_up") == 0.0 and "resilient_moe_supervisor_up" not in text
+
+
+class DictRedis:
+    """The few Redis calls MergedRequests makes, over a dict (no expiry)."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, bytes] = {}
+
+    def set(self, key: str, value: bytes, ex: int | None = None) -> None:
+        self.data[key] = value
+
+    def scan_iter(self, match: str, count: int = 100):
+        return [k for k in self.data if k.startswith(match.rstrip("*"))]
+
+    def mget(self, keys):
+        return [self.data.get(k) for k in keys]
+
+    def delete(self, key: str) -> None:
+        self.data.pop(key, None)
+
+
+def test_summed_counters_never_go_down_whichever_frontend_answers():
+    """A scrape publishes its frontend's series before reading the others': the sum a later scrape at
+    another frontend gives is never below an earlier one (a decrease would read as a counter reset)."""
+    redis = DictRedis()
+    frontends = []
+    for name in ("fe-0", "fe-1"):
+        registry = CollectorRegistry()
+        counter = Counter("responses", "x", namespace="t", registry=registry)
+        merged = MergedRequests(registry)
+        merged.redis, merged.cluster_id, merged.name = redis, "c", name  # share() without its publishing thread
+        frontends.append((merged, counter))
+
+    def scrape(i: int) -> float:
+        return next(s.value for f in frontends[i][0].collect() for s in f.samples if s.name == "t_responses_total")
+
+    seen = []
+    for step, (counted_at, scraped_at) in enumerate([(0, 1), (0, 0), (1, 0), (0, 1), (1, 1), (0, 0)]):
+        frontends[counted_at][1].inc(step + 1)
+        seen.append(scrape(scraped_at))
+    assert seen == sorted(seen) and seen[-1] == sum(range(1, 7))
