@@ -255,6 +255,10 @@ def test_metrics_and_admin_views_cover_every_frontend(tiny_model, fork_server, t
             return seen
 
         wait_until(lambda: generated() == {60.0}, 30, "every frontend's scrape to count all 60 tokens")
+        for _ in range(4):  # the alerts' series: responses summed like the tokens; the lease seen from each
+            text = httpx.get(f"{stack.url}/metrics", timeout=10).text
+            assert 'resilient_moe_http_responses_total{code="200",handler="/v1/completions"} 12.0' in text
+            assert "resilient_moe_supervisor_up 1.0" in text and "resilient_moe_redis_up 1.0" in text
         workers = httpx.get(f"{stack.url}/admin/cluster", headers=admin_headers(), timeout=10).json()["workers"]
         frontends = {w["id"]: w for w in workers if w["role"] == "frontend"}
         assert set(frontends) == {"fe-0", "fe-1"} and all(w["pid"] == stack.cluster.pids[n] for n, w in frontends.items())

@@ -26,6 +26,7 @@ class WorkerState(enum.Enum):
 SERVING = frozenset({WorkerState.READY, WorkerState.SUSPECT})
 ENDED = frozenset({WorkerState.FENCED, WorkerState.GONE})
 REPLACED_ROLES = ("expert", "attention", "kv_store")
+TRACKED_ROLES = ("attention", "expert", "kv_store", "frontend")  # of the workers the controller tracks
 
 
 @dataclass

@@ -37,12 +37,14 @@ from typing import Callable
 
 from resilient_moe import procs
 from resilient_moe.controller import placement
+from resilient_moe.controller.fault_records import ROLES as FAULT_ROLES
 from resilient_moe.controller.fault_records import FaultRecord, FaultRecords, observed_cause
 from resilient_moe.controller.orders import ReconcilePass
 from resilient_moe.controller.placement import ExpertKey, Placement
 from resilient_moe.controller.records import (
     ENDED,
     SERVING,
+    TRACKED_ROLES,
     ClusterEvent,
     ControllerSettings,
     HeartbeatAnswer,
@@ -61,8 +63,11 @@ from resilient_moe.deployment import ATTENTION_WORKERS_LIMIT
 log = logging.getLogger("resilient_moe.controller")
 
 BUSY_GRACE = 10  # heartbeat timeouts a silent worker whose process still runs gets before it is declared dead
+# deaths_ROLE: faults of that role, one per fault record (incarnations declared dead, and the exits of
+# Redis, controllers, fork servers and supervisors reported to it): a crash loop shows as their rate;
+# /metrics `worker_deaths_total{role}`; persisted with the others, so a restarted controller keeps counting
 COUNTERS = ("orders_issued", "orders_completed", "orders_resumed", "orders_expired", "rebalances", "scale_events",
-            "drains")
+            "drains", *(f"deaths_{role}" for role in FAULT_ROLES))
 
 
 class ClusterModel(ReconcilePass, Persistence):
@@ -410,6 +415,8 @@ class ClusterModel(ReconcilePass, Persistence):
         changes with it), its shadows take over; `reconcile` asks the launcher for a replacement."""
         self._set_state(record, WorkerState.FENCED)
         self.fenced.add((record.name, record.incarnation))
+        if record.role in TRACKED_ROLES:
+            self.counters[f"deaths_{record.role}"] += 1
         self.epoch += 1
         self.ert = self._build_ert()
         self._event("dead", record.name, f"incarnation {record.incarnation}: {reason}")
@@ -433,6 +440,7 @@ class ClusterModel(ReconcilePass, Persistence):
         a supervisor, a fork server), or an update of one (its replacement time)."""
         kept = self.fault_records.add(record)
         if kept is record:
+            self.counters[f"deaths_{record.role}"] += 1
             self._event("dead", record.component, f"pid {record.pid}: {record.cause}"
                         + (f" ({record.detail})" if record.detail and record.detail != record.cause else ""))
         if record.replaced_at and kept.replaced_at == record.replaced_at:

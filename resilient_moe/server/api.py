@@ -48,7 +48,7 @@ from resilient_moe.server.resume import keyed_request, record_end
 from resilient_moe.server.generation import Admission, ClientGone, ClientWatch, Delta, Generation
 from resilient_moe.server.limits import BodyLimit
 from resilient_moe.server.logprobs import chat_logprobs, completion_logprobs
-from resilient_moe.server.metrics import ServingMetrics
+from resilient_moe.server.metrics import ResponseCounter, ServingMetrics
 from resilient_moe.server.prompts import PromptEncoder
 from resilient_moe.server.protocol import (
     ERROR_RESPONSES,
@@ -242,6 +242,7 @@ def create_app(
     )
     app.state.server = server
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
+    app.add_middleware(ResponseCounter, counter=server.metrics.responses)  # added last: outside BodyLimit
     admin_bearer = HTTPBearer(auto_error=False, scheme_name="AdminToken",
                               description="the admin token printed by `resilient-moe serve`")
     key_bearer = HTTPBearer(auto_error=False, scheme_name="ApiKey",

@@ -26,6 +26,7 @@ from resilient_moe.engine.tokenizer import TextTokenizer
 from resilient_moe.errors import ResilientMoeError
 from resilient_moe.kvstore.keys import supervisor_key
 from resilient_moe.model.config import ModelConfig
+from resilient_moe.procs import process_alive
 from resilient_moe.proto import controller_pb2 as pb
 from resilient_moe.server.api import ServerSettings, create_app
 from resilient_moe.server.cluster_monitor import ClusterSource
@@ -60,21 +61,50 @@ def bind_socket(host: str, port: int, reuse_port: bool = True, listen: bool = Tr
     return sock
 
 
+class ControlPlane:
+    """The cluster's Redis and the supervisor's lease in it (kvstore/keys.py `supervisor_key`), as a
+    frontend sees them. `in_supervisor`: this frontend runs inside the supervisor's process (`frontends:
+    0`), which holds no lease: the supervisor is up while this process answers."""
+
+    def __init__(self, redis_client, cluster_id: str, in_supervisor: bool = False) -> None:
+        self.redis, self.cluster_id, self.in_supervisor = redis_client, cluster_id, in_supervisor
+
+    def lease(self) -> dict | None:
+        """The supervisor's lease record ({"pid", "host", "started"}), None when none holds it; raises
+        when Redis does not answer."""
+        record = self.redis.get(supervisor_key(self.cluster_id))
+        return json.loads(record) if record else None
+
+    def health(self) -> dict[str, float]:
+        """`redis_up` (1: a read answered), and `supervisor_up`: 1 while the lease is held and its holder
+        runs (checked when it is on this host: a SIGKILLed supervisor shows at once, not when its lease
+        lapses); left out while Redis does not answer, since the lease cannot be read then."""
+        try:
+            lease = self.lease()
+        except Exception:  # noqa: BLE001 (down, restarting, or too slow)
+            return {"redis_up": 0.0, **({"supervisor_up": 1.0} if self.in_supervisor else {})}
+        if self.in_supervisor:
+            return {"redis_up": 1.0, "supervisor_up": 1.0}
+        holds = lease is not None and (lease.get("host") != socket.gethostname()
+                                       or process_alive(int(lease.get("pid", 0))))
+        return {"redis_up": 1.0, "supervisor_up": 1.0 if holds else 0.0}
+
+
 class ControllerSource:
     """The cluster as a frontend process sees it: the controller's view (a `ClusterSource`), and the
     supervisor that holds the cluster's lease in Redis (when there is one)."""
 
-    def __init__(self, client: ControllerClient, redis_client=None, cluster_id: str = "") -> None:
+    def __init__(self, client: ControllerClient, control_plane: ControlPlane | None = None) -> None:
         self.client = client
         self.controller_address = client.address
-        self.redis, self.cluster_id = redis_client, cluster_id
+        self.control_plane = control_plane
 
     def _supervisor(self) -> dict[str, int]:
-        if self.redis is None:
+        if self.control_plane is None:
             return {}
         try:
-            lease = self.redis.get(supervisor_key(self.cluster_id))
-            return {"supervisor": int(json.loads(lease)["pid"])} if lease else {}
+            lease = self.control_plane.lease()
+            return {"supervisor": int(lease["pid"])} if lease else {}
         except Exception:  # noqa: BLE001 (Redis down, or no supervisor right now)
             return {}
 
@@ -144,7 +174,7 @@ class FrontendServer:
             # Capacity follows the attention workers serving, up and down (Frontend.capacity), for the
             # frontend and the API's admission alike. Each frontend admits up to the cluster's capacity: with
             # N frontends at most N times that many requests run or wait at the attention workers.
-            store = client = None
+            store = control_plane = None
             if dep.redis_url:  # keyed requests (Idempotency-Key) outlive this frontend: their records go there
                 import redis
 
@@ -153,6 +183,8 @@ class FrontendServer:
                                      self.config.idempotency_ttl_s)
                 self.delivery = DeliveryLog(store)
                 self.metrics.merged.share(client, self.cluster_id, self.name)  # /metrics: every frontend's
+                control_plane = ControlPlane(client, self.cluster_id, in_supervisor=self.cluster is not None)
+                self.metrics.control_plane = control_plane
             self.frontend = Frontend(self.controller_address, name=self.name, max_unfinished=None,
                                      per_attention_worker=engine.max_num_seqs, probe_interval_s=dep.probe_interval_s,
                                      probe_misses=dep.probe_misses, delivery=self.delivery).start(
@@ -163,7 +195,7 @@ class FrontendServer:
                 max_waiting=self.config.max_waiting, request_timeout_s=self.config.request_timeout_s,
                 host=self.config.host, body_timeout_s=self.config.body_timeout_s,
             )
-            cluster = self.cluster or ControllerSource(self.frontend.client, client, self.cluster_id)
+            cluster = self.cluster or ControllerSource(self.frontend.client, control_plane)
             self.app = create_app(self.frontend, cluster, tokenizer, settings.model_name, self.config.admin_token,
                                   settings=settings, metrics=self.metrics, api_keys=self.config.api_keys,
                                   requests=store, resume_grace_s=dep.resume_grace_s)

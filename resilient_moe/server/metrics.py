@@ -19,6 +19,12 @@ placement plans from), the imbalance between expert workers (max over mean of th
 second), the desired roster, and its counters: rebalances (placement switches), scale events, drains,
 and orders to the launcher issued, completed, resumed by a restarted controller, or expired.
 
+Alerting (configs/prometheus/alerts.yml) reads, besides those: `http_responses_total{code, handler}`
+(every HTTP answer, request-side, so summed over the frontends like the latencies), the experts with
+no live copy at all, `worker_deaths_total{role}` (the controller's count, the same at every frontend:
+a crash loop), and the control plane outside the controller as this frontend sees it: `redis_up`,
+and `supervisor_up` from the supervisor's lease in Redis (a `ControlPlane`, frontend_server.py).
+
 Authentication: `auth_refused_total{process, purpose}` counts peers refused for not proving the
 cluster secret, in this (frontend) process, the controller (its snapshot's counters) and every
 worker (its heartbeat's load map).
@@ -34,6 +40,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from resilient_moe import auth
+from resilient_moe.controller.fault_records import ROLES as FAULT_ROLES
 from resilient_moe.controller.records import WorkerState
 from resilient_moe.controller.view import ROLES, state_to_pb, unprotected_by_node
 from resilient_moe.proto import controller_pb2 as pb
@@ -94,12 +101,17 @@ class ServingMetrics:
                                namespace=ns, registry=r)
         self.failure = Counter("request_failure", "Requests that ended with an error, by kind.", ["kind"],
                                namespace=ns, registry=r)
+        self.responses = Counter("http_responses", "HTTP responses, by status code and route (other: no route "
+                                 "matched).", ["code", "handler"], namespace=ns, registry=r)
         self.failures_detected = Counter("failures_detected", "Faults of any component (fault records), by role "
                                          "and observed cause: killed, exited, stopped, gone, node_lost, "
                                          "no_heartbeat, unresponsive, link_closed, reported.",
                                          ["role", "kind"], namespace=ns, registry=self.registry)
         self.cluster = ClusterCollector()
         self.registry.register(self.cluster)
+        self.control_plane = None  # a ControlPlane (frontend_server.py) where the cluster has Redis
+        self.control_health: dict[str, float] = {}
+        self.registry.register(ControlPlaneCollector(self))
         self.recovery = RecoveryTracker()
         self.registry.register(LastFaultCollector(self.recovery))
         self._lock = threading.Lock()
@@ -170,6 +182,8 @@ class ServingMetrics:
             if workers is not None:
                 self.cluster.update(state, workers, api_waiting)
                 self._sample()
+        if workers is not None and self.control_plane is not None:
+            self.control_health = self.control_plane.health()  # Redis round trips: outside the lock
 
     def _sample(self) -> None:
         now = time.time()
@@ -287,11 +301,17 @@ class ClusterCollector:
         kv_restores = CounterMetricFamily(f"{ns}_kv_restore", "Requests an attention worker adopted, by where their "
                                           "KV came from: the primary store's copy (local), a replica store's "
                                           "copy (replica), or nowhere (recompute).", labels=["worker", "source"])
-        epoch = shadows = unprotected = lag = 0.0
+        epoch = shadows = unprotected = no_copy = lag = 0.0
         if state is not None:
             epoch = float(state.ert.epoch)
             shadows = float(sum(max(0, len(c.workers) - 1) for c in state.ert.entries))
             unprotected = float(len(state.unprotected))
+            # the controller lists pairs of sparse layers with fewer than two live copies; of those, the
+            # ones whose routing entry is empty have none (a dense layer's entries are empty too: not listed)
+            num_experts = max(1, state.ert.num_experts)
+            no_copy = float(sum(1 for ref in state.unprotected if ref.layer * num_experts + ref.expert
+                                < len(state.ert.entries)
+                                and not state.ert.entries[ref.layer * num_experts + ref.expert].workers))
             for w in state.workers:
                 role = ROLE_NAMES.get(w.role, "unknown")
                 serving = w.state in (pb.READY, pb.SUSPECT)
@@ -321,6 +341,8 @@ class ClusterCollector:
             GaugeMetricFamily(f"{ns}_unprotected_experts",
                               "(layer, expert) pairs with a single live copy (lost with their worker).",
                               value=unprotected),
+            GaugeMetricFamily(f"{ns}_experts_without_live_copy", "(layer, expert) pairs no live expert worker "
+                              "holds: tokens routed to them cannot be computed.", value=no_copy),
             GaugeMetricFamily(f"{ns}_kv_checkpoint_lag_tokens",
                               "Generated tokens whose KV is not yet committed to the checkpoint store.", value=lag),
             restored, recomputed, recomputed_tokens, kv_restores,
@@ -379,7 +401,10 @@ class ClusterCollector:
                                     "towards.", labels=["role"])
         orders = CounterMetricFamily(f"{ns}_controller_orders", "Orders the controller gave the launcher, by what "
                                      "became of them (resumed: sent again by a restarted controller).", labels=["event"])
-        families: list[Metric] = [expert_load, imbalance, desired, orders]
+        deaths = CounterMetricFamily(f"{ns}_worker_deaths", "Faults of each role, one per fault record: worker "
+                                     "incarnations declared dead, and exits of Redis, controllers, fork servers and "
+                                     "supervisors (kept across controller restarts).", labels=["role"])
+        families: list[Metric] = [expert_load, imbalance, desired, orders, deaths]
         rates = list(expert_rows.values())
         if rates and sum(rates) > 0:
             imbalance.add_metric([], max(rates) / (sum(rates) / len(rates)))
@@ -390,6 +415,8 @@ class ClusterCollector:
         desired.add_metric(["attention"], float(state.desired.attention_workers))
         desired.add_metric(["expert"], float(state.desired.expert_workers))
         counters = dict(state.counters)
+        for role in FAULT_ROLES:
+            deaths.add_metric([role], counters.get(f"deaths_{role}", 0.0))
         for event in ("issued", "completed", "resumed", "expired"):
             orders.add_metric([event], counters.get(f"orders_{event}", 0.0))
         for key, help_text in (("rebalances", "Expert placements the routing table switched to (a rebalance or a "
@@ -397,6 +424,61 @@ class ClusterCollector:
                                ("drains", "Workers that began a planned drain (SIGTERM, or removed by scaling).")):
             families.append(CounterMetricFamily(f"{ns}_{key}", help_text, value=counters.get(key, 0.0)))
         return families
+
+
+class ControlPlaneCollector:
+    """`redis_up` and `supervisor_up` from the frontend's last look at the control plane (both absent
+    without Redis; `supervisor_up` also while Redis does not answer: the lease cannot be read then)."""
+
+    def __init__(self, metrics: ServingMetrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> list[Metric]:
+        health = self.metrics.control_health
+        families: list[Metric] = []
+        if "redis_up" in health:
+            families.append(GaugeMetricFamily(f"{NAMESPACE}_redis_up", "1 while the cluster's Redis (commit "
+                                              "records, keyed requests, the supervisor's lease) answers this "
+                                              "frontend, else 0.", value=health["redis_up"]))
+        if "supervisor_up" in health:
+            families.append(GaugeMetricFamily(f"{NAMESPACE}_supervisor_up", "1 while a supervisor holds the "
+                                              "cluster's lease and its process runs, else 0 (then nothing "
+                                              "replaces dead workers).", value=health["supervisor_up"]))
+        return families
+
+
+class ResponseCounter:
+    """ASGI middleware: counts every HTTP response by status code and route (`http_responses_total`),
+    at its start (a stream counts when its headers go out). Put outside BodyLimit, so its 413 and 408
+    count; an exception that escapes the app counts as the 500 Starlette's error handler then sends."""
+
+    def __init__(self, app, counter: Counter) -> None:
+        self.app = app
+        self.counter = counter
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        def count(status: int) -> None:
+            route = scope.get("route")  # set by the router once a route matched
+            self.counter.labels(code=str(status), handler=getattr(route, "path", "other")).inc()
+
+        async def counted(message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start" and not started:
+                started = True
+                count(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counted)
+        except Exception:
+            if not started:
+                count(500)
+            raise
 
 
 class LastFaultCollector:

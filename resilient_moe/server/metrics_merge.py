@@ -7,6 +7,12 @@ histograms observed as it streams) to Redis every PUBLISH_S, as Prometheus text 
 it). At scrape time `MergedRequests` adds up every live frontend's samples, series by series (counter,
 histogram bucket, sum and count alike), its own taken live. Cluster-side series (worker states, loads,
 faults) come from the controller's snapshot, the same at every frontend, and are not summed.
+
+A scrape publishes this frontend's series before it reads the others', so the sums never go down
+from one scrape to the next, whichever frontend answers each: every frontend's part in a scrape is at
+least what any earlier scrape counted (Prometheus reads a counter that goes down as a reset, and
+rate() over the reset counts the whole total again: a false spike for the alerting rules). A dead
+frontend's part still leaves the sums when its key expires: that one reads as a reset.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ class MergedRequests:
         self.name = ""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._publishing = threading.Lock()  # publishes land in the order they were rendered
 
     def share(self, redis_client, cluster_id: str, name: str) -> None:
         """Publish this frontend's series and add the others' from now on."""
@@ -57,10 +64,18 @@ class MergedRequests:
 
     def _publish(self) -> None:
         while not self._stop.wait(PUBLISH_S):
-            try:
-                self.redis.set(metrics_key(self.cluster_id, self.name), generate_latest(self.registry), ex=EXPIRE_S)
-            except Exception as e:  # noqa: BLE001 (Redis down or slow: the others miss this one meanwhile)
-                log.debug("cannot publish request metrics: %s", e)
+            self.publish()
+
+    def publish(self) -> str:
+        """Render this frontend's series and store them for the others; returns the text."""
+        with self._publishing:
+            text = generate_latest(self.registry)
+            if self.redis is not None:
+                try:
+                    self.redis.set(metrics_key(self.cluster_id, self.name), text, ex=EXPIRE_S)
+                except Exception as e:  # noqa: BLE001 (Redis down or slow: the others miss this one meanwhile)
+                    log.debug("cannot publish request metrics: %s", e)
+        return text.decode()
 
     def _others(self) -> list[str]:
         if self.redis is None:
@@ -76,7 +91,7 @@ class MergedRequests:
     def collect(self) -> list[Metric]:
         families: dict[str, Metric] = {}
         totals: dict[str, dict[tuple, float]] = {}
-        texts = [generate_latest(self.registry).decode(), *self._others()]
+        texts = [self.publish(), *self._others()]  # ours first: see the module docstring
         for text in texts:
             try:
                 parsed = list(text_string_to_metric_families(text))
