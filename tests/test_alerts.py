@@ -148,7 +148,7 @@ def test_every_series_the_alerts_query_is_exported(stack):
     is in a real scrape, once a request and a refused one went through."""
     with httpx.Client(base_url=stack.url, timeout=60) as http:
         assert http.post("/v1/completions", json={"prompt": [1, 5], "max_tokens": 2}).status_code == 200
-        assert http.post("/v1/completions", json={"prompt": [1], "n": 3}).status_code == 400
+        assert http.post("/v1/completions", json={"prompt": [1], "max_tokens": -1}).status_code == 400
     text = wait_until(lambda: "resilient_moe_redis_up" in (t := scrape(stack)) and t, 10, "the control plane's gauges")
     assert missing_series(queried_series(alert_rules()), exported_series(text)) == []
 
@@ -157,7 +157,7 @@ def test_http_responses_and_control_plane_on_a_real_stack(stack):
     before = scrape(stack)
     with httpx.Client(base_url=stack.url, timeout=60) as http:
         assert http.post("/v1/completions", json={"prompt": [1, 5], "max_tokens": 2}).status_code == 200
-        assert http.post("/v1/completions", json={"prompt": [1], "n": 3}).status_code == 400
+        assert http.post("/v1/completions", json={"prompt": [1], "max_tokens": -1}).status_code == 400
         assert http.post("/v1/chat/completions", json={"messages": []}).status_code == 400
         assert http.get("/no/such/path").status_code == 404
     after = scrape(stack)
