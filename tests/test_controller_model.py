@@ -635,3 +635,23 @@ def test_a_fault_of_an_untracked_component_is_recorded_and_updated_once_replaced
         message = pb.FaultRecord(**{**back.__dict__, **bad})
         assert problem in fault_record_problem(message), bad
     assert fault_record_problem(back.to_pb()) is None
+
+
+def test_the_launchers_exit_status_of_a_replaced_worker_makes_its_record_exact():
+    """The replacement was started (the controller's order) before the launcher saw the old process exit:
+    the exit status arrives as a record of a tracked worker, and refines the existing one by its pid."""
+    from resilient_moe.controller.fault_records import FaultRecord
+
+    model = make_model()
+    start(model, "ew-0", 10)
+    start(model, "ew-1", 11)
+    model.report_failure("aw-0", "ew-1", 2, "link closed", process_gone=True)
+    start(model, "ew-1", 12)  # its replacement registers first
+    late = FaultRecord("ew-1", "expert", 0, 11, "killed by signal 9 (SIGKILL)", "process 11 killed by signal 9",
+                       last_seen=0.0, detected_at=2000.0, replaced_at=2000.0)
+    model.record_fault(late)
+    [record] = model.fault_records.records
+    assert record.cause == "killed by signal 9 (SIGKILL)" and record.pid == 11 and record.replaced_at > 0
+    assert model.workers["ew-1"].state == READY, "the replacement is untouched"
+    model.record_fault(FaultRecord("ew-0", "expert", 0, 10, "exited with code 0", "", 0.0, 2001.0, 2001.0))
+    assert len(model.fault_records.records) == 1, "an exit the controller never declared is no fault of a worker"

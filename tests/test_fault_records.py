@@ -47,9 +47,9 @@ def metric(stack, name: str, **labels) -> float:
 
 
 def test_a_killed_expert_worker_is_killed_by_signal_9_and_its_streams_are_identical(stack):
-    expected = [stream_completion(stack.url, p, 16).token_ids for p in PROMPTS]
+    expected = [stream_completion(stack.url, p, 40).token_ids for p in PROMPTS]
     pid = stack.cluster.pids["ew-1"]
-    results = streams_through_kill(stack, "ew-1", PROMPTS, max_tokens=16)
+    results = streams_through_kill(stack, "ew-1", PROMPTS, max_tokens=40)
     assert [r.token_ids for r in results] == expected and all(r.error is None for r in results)
     fault = record_of(stack, "ew-1", pid)
     assert fault["cause"] == "killed by signal 9 (SIGKILL)" and fault["kind"] == "killed", fault

@@ -106,12 +106,13 @@ class FaultRecords:
         self.records.append(record)
         return record
 
-    def refine(self, component: str, incarnation: int, cause: str, detail: str) -> FaultRecord | None:
-        """Evidence that came after the declaration: the latest record of that incarnation takes an exact
-        cause (an exit status, a lost node, a stopped process) in place of a vaguer one (a peer's report of
-        a closed link, silence, "gone"). Returns the record changed, if any."""
+    def refine(self, component: str, cause: str, detail: str, incarnation: int = 0, pid: int = 0) -> FaultRecord | None:
+        """Evidence that came after the declaration: the latest record of that incarnation (or process)
+        takes an exact cause (an exit status, a lost node, a stopped process) in place of a vaguer one (a
+        peer's report of a closed link, silence, "gone"). Returns the record changed, if any."""
         for record in reversed(self.records):
-            if record.component == component and record.incarnation == incarnation:
+            if record.component == component and (record.incarnation == incarnation if incarnation else
+                                                  record.pid == pid):
                 if cause_kind(cause) in EXACT and cause_kind(record.cause) not in EXACT:
                     record.cause, record.detail = cause, f"{record.detail}; then: {detail}"
                     return record

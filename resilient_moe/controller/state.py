@@ -358,7 +358,7 @@ class ClusterModel(ReconcilePass, Persistence):
         record = self.workers.get(suspect)
         if record is not None and record.state in ENDED and incarnation in (0, record.incarnation):
             # declared already (a peer was faster): the launcher's exit status still makes the cause exact
-            if self.fault_records.refine(suspect, record.incarnation, observed_cause(reason), reason) is not None:
+            if self.fault_records.refine(suspect, observed_cause(reason), reason, incarnation=record.incarnation):
                 self.version += 1
             return
         if record is None or record.state in ENDED or not record.incarnation:
@@ -437,7 +437,13 @@ class ClusterModel(ReconcilePass, Persistence):
 
     def record_fault(self, record: FaultRecord) -> FaultRecord:
         """A fault of a component the controller does not track (Redis, the controller before this one,
-        a supervisor, a fork server), or an update of one (its replacement time)."""
+        a supervisor, a fork server), or an update of one (its replacement time). For a worker it tracks,
+        the launcher's exit status of a process it declared dead already makes that record's cause exact."""
+        if record.role in TRACKED_ROLES:
+            refined = self.fault_records.refine(record.component, record.cause, record.detail, pid=record.pid)
+            if refined is not None:
+                self.version += 1
+            return refined or record
         kept = self.fault_records.add(record)
         if kept is record:
             self.counters[f"deaths_{record.role}"] += 1

@@ -494,6 +494,10 @@ class Launcher:
             for old in self._retired:
                 if old.pid == pid and old.node == ne.node:
                     old.exited = True
+            if name in self.procs and name not in ("redis", "controller"):  # replaced already (declared dead):
+                now = time.time()  # its exit status makes the controller's record exact (sent once: "replaced")
+                self.report_fault(pb.FaultRecord(component=name, role=role_of(name)[0], pid=pid, cause=how,
+                                                 detail=f"process {pid} {how}", detected_at=now, replaced_at=now))
             return  # replaced or stopped already (a fenced one leaving)
         process.exited = True
         self.backend.release(ne.node, name, pid)
