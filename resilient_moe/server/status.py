@@ -95,10 +95,11 @@ def render(snapshot: Snapshot) -> Group:
     for event in cluster["events"]:
         if event["kind"] == "dead":
             deaths[event["worker"]] = event  # events are oldest first: the last one wins
-    ready = sum(1 for w in workers if w["state"] == "ready")
+    wanted = [w for w in workers if not w.get("retiring")]  # a worker being scaled away should not run
+    ready = sum(1 for w in wanted if w["state"] == "ready")
     header = Text.assemble(
         ("resilient-moe ", "bold"), snapshot.url, "  ·  routing epoch ", (str(cluster["ert"]["epoch"]), "bold"),
-        "  ·  ", (f"{ready}/{len(workers)}", "bold green" if ready == len(workers) else "bold yellow"), " ready",
+        "  ·  ", (f"{ready}/{len(wanted)}", "bold green" if ready == len(wanted) else "bold yellow"), " ready",
         "  ·  ", (f"{len(cluster['unprotected'])}", "bold red" if cluster["unprotected"] else "bold"),
         " unprotected experts")
 
