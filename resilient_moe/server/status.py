@@ -261,9 +261,13 @@ def show(url: str, token: str, watch: bool = False, interval_s: float = 2.0, con
     if not watch:
         console.print(render(fetch(url, token), console.width))
         return
+    size = console.size
     with Live(console=console, auto_refresh=False, screen=False) as live:
         while True:
             width, height = console.size
+            if (width, height) != size:  # a resized terminal reflows what was drawn: start from a clear one
+                size = (width, height)
+                console.clear()
             try:
                 live.update(render(fetch(url, token), width, max(1, height - 1)), refresh=True)
             except StatusError as e:
