@@ -209,11 +209,11 @@ def render(snapshot: Snapshot, width: int = 160, height: int | None = None) -> G
             restored = _duration(f["redundancy_restored_s"]) if f["redundancy_restored_s"] is not None else \
                 Text("not yet", style="yellow")
             rows.append([time.strftime("%H:%M:%S", time.localtime(f["declared_at"])),
-                         f"{f['worker']} #{f['incarnation']}", f["kind"].replace("_", " "), _duration(f["detection_s"]),
-                         restored, str(f["requests"]), _duration(f["stall_p50_s"]), _duration(f["stall_max_s"])])
+                         f"{f['worker']} #{f['incarnation']}", _duration(f["detection_s"]), restored,
+                         str(f["requests"]), _duration(f["stall_p50_s"]), _duration(f["stall_max_s"]),
+                         f["kind"].replace("_", " ")])
         parts.append(_table("Recovery (per fault)", ["declared", "worker", "detect", "restored", "reqs", "stall p50",
-                                                     "stall max", "how"],
-                            [r[:2] + r[3:] + [r[2]] for r in rows], width))
+                                                     "stall max", "how"], rows, width))
     else:
         parts.append(_one_line(Text("Recovery: no fault so far", style="green")))
     rows = [[time.strftime("%H:%M:%S", time.localtime(e["time"])), Text(e["kind"], style=EVENT_STYLE.get(e["kind"], "")),
