@@ -655,3 +655,48 @@ def test_the_launchers_exit_status_of_a_replaced_worker_makes_its_record_exact()
     assert model.workers["ew-1"].state == READY, "the replacement is untouched"
     model.record_fault(FaultRecord("ew-0", "expert", 0, 10, "exited with code 0", "", 0.0, 2001.0, 2001.0))
     assert len(model.fault_records.records) == 1, "an exit the controller never declared is no fault of a worker"
+
+
+def test_a_worker_scaled_away_retires_from_the_live_views_and_a_dead_one_stays():
+    from resilient_moe.controller.server import ControllerService
+    from resilient_moe.controller.view import desired_roster, retired, retiring
+    from resilient_moe.server.cluster_monitor import cluster_json
+    from resilient_moe.server.metrics import ClusterCollector
+    from resilient_moe.server.status import Snapshot, render
+    from rich.console import Console
+
+    model = make_model(experts=3, num_experts=6, layers=(0,), attention=1)
+    for name, pid in (("ew-0", 10), ("ew-1", 11), ("ew-2", 12), ("aw-0", 20)):
+        start(model, name, pid)
+    model.scale(expert_workers=2)
+    model.reconcile()
+
+    def views():
+        state = ControllerService(model, "c", 0.05).snapshot()
+        return state, cluster_json(state, {}, alive=lambda pid: True)
+
+    state, doc = views()
+    leaving = {w["id"]: w for w in doc["workers"]}["ew-2"]
+    assert leaving["state"] == "draining" and leaving["retiring"], "listed while it drains, not counted as wanted"
+    model.deregister("ew-2", model.workers["ew-2"].incarnation)
+    model.declare_dead("ew-1", "test")  # on the roster: visible, fenced, until it is replaced
+    state, doc = views()
+    desired = desired_roster(state)
+    by_name = {w.name: w for w in state.workers}
+    assert retired(by_name["ew-2"], desired) and not retired(by_name["ew-1"], desired)
+    assert retiring(by_name["ew-2"], desired) and not any(retiring(by_name[n], desired) for n in ("ew-0", "aw-0"))
+    assert not retired(by_name["ew-2"], None), "a snapshot naming no roster retires nobody"
+    assert [(w["id"], w["state"]) for w in doc["workers"]] == [("aw-0", "ready"), ("ew-0", "ready"),
+                                                               ("ew-1", "fenced")]
+    assert ("stopped", "ew-2") in [(e["kind"], e["worker"]) for e in doc["events"]], "the history keeps it"
+    collector = ClusterCollector()
+    collector.update(state, doc["workers"], 0)
+    labelled = {s.labels.get("worker") for m in collector.collect() if m.name.startswith("resilient_moe_worker_")
+                for s in m.samples}
+    assert "ew-2" not in labelled and "ew-1" in labelled
+    console = Console(width=200, record=True)
+    console.print(render(Snapshot("http://x", doc, [], 1e9)))
+    assert "2/3 ready" in console.export_text(), "ready out of the roster: ew-1 is missing, ew-2 is not wanted"
+    start(model, "ew-1", 13)
+    console.print(render(Snapshot("http://x", views()[1], [], 1e9)))
+    assert "3/3 ready" in console.export_text()

@@ -169,3 +169,23 @@ def test_fault_labels_never_overlap_and_every_layer_is_shown(recorded_dashboard,
     assert len(cells) == 8 * 16  # every layer, not the first few
     assert {cells[f"{e['layer']}/{e['expert']}"] for e in documents["/admin/cluster"]["ert"]["entries"]
             if len(e["workers"]) == 1} == {"1"}
+
+
+def test_dashboard_drops_a_worker_scaled_away_and_keeps_its_events(stack, tmp_path):
+    """Last in this module (it shrinks the shared stack): 2 -> 1 expert workers. Once ew-1 has left, the
+    page no longer shows it among the workers, its events stay, and every worker that should run is ready."""
+    answer = httpx.post(f"{stack.url}/admin/scale", json={"expert_workers": 1}, headers=admin_headers(), timeout=10)
+    assert answer.status_code == 200, answer.text
+
+    def gone() -> bool:
+        cluster = httpx.get(f"{stack.url}/admin/cluster", headers=admin_headers(), timeout=10).json()
+        return "ew-1" not in {w["id"] for w in cluster["workers"]} and \
+            all(w["state"] == "ready" for w in cluster["workers"])
+
+    wait_until(gone, 60, "ew-1 to drain, leave and retire")
+    dom = render(f"{stack.url}/dashboard#token={ADMIN_TOKEN}", tmp_path / "profile")
+    shown = workers_shown(dom)
+    assert "ew-1" not in shown and shown.get("ew-0") == "ready", shown
+    assert re.search(r'class="event" data-kind="stopped" data-worker="ew-1"', dom), dom[-3000:]
+    summary = re.search(r'id="summary"[^>]*>(.*?)</div>', dom, re.S).group(1)
+    assert f"<b>{len(shown)}/{len(shown)}</b> ready" in summary, summary

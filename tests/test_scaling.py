@@ -230,3 +230,39 @@ def test_attention_workers_scale_past_the_start_count_and_capacity_follows(tiny_
         assert not errors, errors
         assert [r.token_ids for r in results] == reference
         assert all(r.done and r.finish_reason == "length" for r in results)
+
+
+def test_an_expert_worker_scaled_away_leaves_the_live_views_and_stays_in_the_events(tiny_model, fork_server,
+                                                                                     tmp_path):
+    """3 -> 2 expert workers on an idle cluster: once ew-2 has left, /admin/cluster no longer lists it
+    (its draining and its exit stay in the events), `status` counts every worker that should run as
+    ready (N/N), and /metrics has no worker_up or worker_state series for it."""
+    from rich.console import Console
+
+    from resilient_moe.server.status import fetch, render
+
+    with serving_stack(tiny_model, fork_server, tmp_path, attention_workers=1, expert_workers=3) as stack:
+        answer = httpx.post(f"{stack.url}/admin/scale", json={"expert_workers": 2}, headers=admin_headers(), timeout=10)
+        assert answer.status_code == 200, answer.text
+
+        def cluster() -> dict:
+            return httpx.get(f"{stack.url}/admin/cluster", headers=admin_headers(), timeout=10).json()
+
+        wait_until(lambda: "ew-2" not in {w["id"] for w in cluster()["workers"]} and not stack.cluster.state().orders,
+                   60, "ew-2 to drain, leave and retire")
+        doc = cluster()
+        assert {(w["role"], w["state"]) for w in doc["workers"] if w["role"] in ("attention", "expert")} == {
+            ("attention", "ready"), ("expert", "ready")}
+        assert sorted(w["id"] for w in doc["workers"] if w["role"] == "expert") == ["ew-0", "ew-1"]
+        assert {"draining", "stopped"} <= {e["kind"] for e in doc["events"] if e["worker"] == "ew-2"}
+        assert "ew-2" in {w.name for w in stack.cluster.state().workers}, "the controller still keeps its record"
+        console = Console(width=200, record=True)
+        console.print(render(fetch(stack.url, ADMIN_TOKEN)))
+        out = console.export_text()
+        shown = len(doc["workers"])
+        assert f"{shown}/{shown} ready" in out, out
+        assert " ew-2 " not in out.split("Recent events")[0], out
+        metrics = httpx.get(f"{stack.url}/metrics", timeout=10).text
+        assert 'worker="ew-1"' in metrics
+        assert not [line for line in metrics.splitlines() if line.startswith("resilient_moe_worker_")
+                    and 'worker="ew-2"' in line], "no up, state or heartbeat series for a retired worker"

@@ -71,6 +71,15 @@ class Roster:
     attention_workers: int
     expert_workers: int
 
+    def holds(self, role: str, index: int) -> bool:
+        """Does the roster ask for this worker? Only attention and expert workers are scaled; a worker
+        of any other role is always wanted."""
+        if role == "attention":
+            return index < self.attention_workers
+        if role == "expert":
+            return index < self.expert_workers
+        return True
+
 
 @dataclass
 class Order:

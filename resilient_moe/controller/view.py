@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 from resilient_moe.controller import placement
-from resilient_moe.controller.records import ENDED, SERVING, WorkerState
+from resilient_moe.controller.records import ENDED, SERVING, Roster, WorkerState
 from resilient_moe.datapath.routing_table import RoutingTable
 from resilient_moe.datapath.faults import LinkFault
 from resilient_moe.proto import controller_pb2 as pb
@@ -120,6 +120,27 @@ class ClusterView:
     def draining(self, name: str) -> bool:
         peer = self.workers.get(name)
         return peer is not None and peer.state == WorkerState.DRAINING
+
+
+def desired_roster(state: pb.ClusterState) -> Roster | None:
+    """The roster the controller reconciles towards, from its snapshot (None in one that names none)."""
+    if not state.HasField("desired"):
+        return None
+    return Roster(state.desired.attention_workers, state.desired.expert_workers)
+
+
+def retiring(worker: pb.WorkerInfo, desired: Roster | None) -> bool:
+    """Removed from the roster on purpose (a scale-down): it drains, leaves and is never replaced, so
+    it is not among the workers that should be running."""
+    return desired is not None and not desired.holds(ROLES.get(worker.role, "unknown"), worker.index)
+
+
+def retired(worker: pb.WorkerInfo, desired: Roster | None) -> bool:
+    """Removed on purpose and ended: it belongs to the history (the events), no longer to the live
+    views (/admin/cluster's workers, the dashboard, `status`, the per-worker metrics). A worker that
+    ended while still on the roster (declared dead, or drained on its own) is not retired: it stays
+    visible, fenced or gone, until its replacement registers under its name."""
+    return retiring(worker, desired) and state_of(worker.state) in ENDED
 
 
 def unprotected_by_node(state: pb.ClusterState) -> dict[str, list[tuple[int, int]]]:

@@ -8,7 +8,7 @@ also takes the snapshots the controller pushes on every change, so a death is se
 /admin/cluster is a contract (the chaos tool finds its targets through it):
 
     {"workers": [{"id", "role", "pid", "host", "node", "incarnation", "state", "experts", "shadows", "load",
-                  "started_at"}],
+                  "started_at", "retiring"}],
      "ert": {"epoch", "entries": [{"layer", "expert", "workers": [primary, shadow...]}]},
      "events": [{"time", "kind", "worker", "detail"}],
      "unprotected": [[layer, expert], ...],
@@ -22,6 +22,11 @@ expert) pairs a worker serves as first choice in the routing table,
 launcher, the hostname under the local one); `unprotected_by_node` says, for every node holding a copy of
 some expert, which (layer, expert) pairs its loss would leave with no live copy; `started_at` is the unix time the incarnation registered (or the
 process started, for one the controller does not track; 0 when unknown).
+
+`workers` is the live cluster: a worker removed from the roster on purpose (a scale-down) is listed,
+with `retiring` true, only while it drains; once it has left it is retired (controller/view.py
+`retired`) and only the events tell of it. A worker that died while on the roster stays listed,
+fenced, until its replacement registers. Ready counts are out of the workers that are not retiring.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ import time
 from typing import Any, Callable, Mapping, Protocol
 
 from resilient_moe.controller.client import ControllerClient
-from resilient_moe.controller.view import unprotected_by_node
+from resilient_moe.controller.view import desired_roster, retired, retiring, unprotected_by_node
 from resilient_moe.procs import process_alive
 from resilient_moe.proto import controller_pb2 as pb
 from resilient_moe.server.metrics import ROLE_NAMES, STATE_NAMES
@@ -99,7 +104,10 @@ def cluster_json(
             layer, expert = divmod(i, num_experts)
             entries.append({"layer": layer, "expert": expert, "workers": list(candidates.workers)})
             primaries.setdefault(candidates.workers[0], []).append([layer, expert])
+        desired = desired_roster(state)
         for w in state.workers:
+            if retired(w, desired):
+                continue  # scaled away: its story stays in the events
             held = _pairs(w.experts)
             first = sorted(primaries.get(w.name, [])) if w.state in (pb.READY, pb.SUSPECT) else []
             first_set = {tuple(p) for p in first}
@@ -107,9 +115,9 @@ def cluster_json(
                 "id": w.name, "role": ROLE_NAMES.get(w.role, "unknown"), "pid": w.pid, "host": w.host,
                 "node": w.node or nodes.get(w.name, here), "incarnation": w.incarnation, "state": STATE_NAMES.get(w.state, "unknown"),
                 "experts": first, "shadows": [p for p in held if tuple(p) not in first_set],
-                "load": dict(w.load), "started_at": w.started_at,
+                "load": dict(w.load), "started_at": w.started_at, "retiring": retiring(w, desired),
             })
-    tracked = {w["id"] for w in workers}
+    tracked = {w["id"] for w in workers} | ({w.name for w in state.workers} if state is not None else set())
     for name, pid in sorted(pids.items()):
         if name in tracked:
             continue
@@ -119,14 +127,14 @@ def cluster_json(
         workers.append({"id": name, "role": role_of(name), "pid": pid, "host": "127.0.0.1",
                         "node": nodes.get(name, here), "incarnation": 0,
                         "state": "ready" if running else "gone", "experts": [], "shadows": [], "load": {},
-                        "started_at": process_started_at(pid) if running else 0.0})
+                        "started_at": process_started_at(pid) if running else 0.0, "retiring": False})
     if frontend is not None and not any(w["id"] == frontend["id"] for w in workers):  # a frontend role registers
         pid = frontend.get("pid", os.getpid())
         workers.append({"id": frontend["id"], "role": "frontend", "pid": pid,
                         "host": frontend.get("host", "127.0.0.1"), "node": frontend.get("node", here),
                         "incarnation": 0, "state": "ready",
                         "experts": [], "shadows": [], "load": dict(frontend.get("load", {})),
-                        "started_at": process_started_at(pid)})
+                        "started_at": process_started_at(pid), "retiring": False})
     events = [] if state is None else [
         {"time": e.time, "kind": e.kind, "worker": e.worker, "detail": e.detail} for e in state.events
     ]

@@ -42,7 +42,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from resilient_moe import auth
 from resilient_moe.controller.fault_records import ROLES as FAULT_ROLES
 from resilient_moe.controller.records import WorkerState
-from resilient_moe.controller.view import ROLES, state_to_pb, unprotected_by_node
+from resilient_moe.controller.view import ROLES, desired_roster, retired, state_to_pb, unprotected_by_node
 from resilient_moe.proto import controller_pb2 as pb
 from resilient_moe.server.metrics_merge import MergedRequests
 from resilient_moe.server.recovery import Changes, RecoveryTracker
@@ -257,7 +257,8 @@ class ClusterCollector:
             state, workers = self.state, self.workers
             running, waiting = self.running, self.waiting
             expert_rows = dict(self.expert_rows_per_s)
-        up = GaugeMetricFamily(f"{ns}_worker_up", "1 while a process of the cluster serves (ready or suspect), else 0.",
+        up = GaugeMetricFamily(f"{ns}_worker_up", "1 while a process of the cluster serves (ready, suspect or "
+                               "draining), else 0; a worker scaled away and gone is no longer listed.",
                                labels=["worker", "role"])
         states = GaugeMetricFamily(f"{ns}_worker_state", "1 for the worker's current state, 0 for the others.",
                                    labels=["worker", "role", "state"])
@@ -312,10 +313,12 @@ class ClusterCollector:
             no_copy = float(sum(1 for ref in state.unprotected if ref.layer * num_experts + ref.expert
                                 < len(state.ert.entries)
                                 and not state.ert.entries[ref.layer * num_experts + ref.expert].workers))
+            desired = desired_roster(state)
             for w in state.workers:
                 role = ROLE_NAMES.get(w.role, "unknown")
                 serving = w.state in (pb.READY, pb.SUSPECT)
-                age.add_metric([w.name, role], w.heartbeat_age_s)
+                if not retired(w, desired):  # a scaled-away worker has no heartbeat to wait for
+                    age.add_metric([w.name, role], w.heartbeat_age_s)
                 if w.role == pb.ATTENTION:
                     load_ = w.load
                     if serving and "kv_cache_usage_perc" in load_:
