@@ -199,7 +199,7 @@ def test_writes_reach_the_replica_and_a_restore_reads_it_over_tcp(tiny_model, st
     connection is tried again with every live block; aw-1, whose own primary is another store and
     for which store 11 is gone, restores aw-0's requests from the replica over TCP, token-identically."""
     layout, memories, server = stores
-    prompts, params = workload(n=3, max_tokens=60)
+    prompts, params = workload(n=3, max_tokens=160)  # room: the drop is seen on a later write
     reference = [r.token_ids for r in LLMEngine(tiny_model, EngineConfig()).generate(prompts, params)]
     db = redis.Redis(unix_socket_path=redis_server)
     replica = StoreRef("kv-store-1", 1, 12, f"memfd:@none:0;{server.address}", "h")
