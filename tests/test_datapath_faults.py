@@ -108,6 +108,12 @@ def test_a_poison_request_is_failed_after_two_workers_and_the_others_finish(tiny
                 poison.wait(60)
             assert failure.value.kind == "poison" and poison.request_id in str(failure.value)
             assert len(poison.lost_on) == 2 and set(poison.lost_on) == {"aw-0", "aw-1"}
+            # each death is a fault record with the exit status the launcher saw (the worker exits with 5)
+            causes = wait_until(lambda: (c := {r.component: r.cause for r in cluster.state().fault_records
+                                               if r.role == "attention"}) and len(c) == 2
+                                and set(c.values()) == {"exited with code 5"} and c, 30,
+                                "both attention workers' fault records to say how they exited")
+            assert set(causes) == {"aw-0", "aw-1"}
             assert [h.wait(120).token_ids for h in handles] == reference
             cluster.client.stub.SetFaults(pb.FaultUpdate(clear=True), timeout=5)
             later = frontend.submit(prompts[0], params)

@@ -144,6 +144,11 @@ def test_a_killed_supervisor_is_adopted_by_the_same_command_and_nothing_restarts
         after = cluster_pids(url)
         assert after.pop("supervisor") == second.proc.pid, "the cluster view names the adopting supervisor"
         assert with_fork_server(after) == pids, "the adoption restarted a process"
+        faults = wait_until(lambda: [f for f in httpx.get(f"{url}/admin/recovery", headers={"Authorization": f"Bearer {ADMIN}"},
+                                                          timeout=10).json()["faults"] if f["worker"] == "supervisor"],
+                            30, "a fault record of the supervisor that was killed")
+        assert [(f["pid"], f["cause"], f["replaced_at"] is not None) for f in faults] == \
+            [(first.proc.pid, "process gone", True)]  # replaced by the adopter
         third = subprocess.run([sys.executable, "-m", "resilient_moe.cli", "serve", "--model", str(tiny_model), "--port",
                                 str(port), "--state-dir", str(tmp_path / "state"), "--admin-token", ADMIN],
                                capture_output=True, text=True, timeout=120)

@@ -494,14 +494,15 @@ class Launcher:
             for old in self._retired:
                 if old.pid == pid and old.node == ne.node:
                     old.exited = True
-            if name in self.procs and name not in ("redis", "controller"):  # replaced already (declared dead):
-                now = time.time()  # its exit status makes the controller's record exact (sent once: "replaced")
-                self.report_fault(pb.FaultRecord(component=name, role=role_of(name)[0], pid=pid, cause=how,
-                                                 detail=f"process {pid} {how}", detected_at=now, replaced_at=now))
+            if name in self.procs:  # replaced already: declared dead before its exit was seen
+                self._report_exit_status(name, pid, how)
             return  # replaced or stopped already (a fenced one leaving)
         process.exited = True
         self.backend.release(ne.node, name, pid)
-        if self._stopping.is_set() or self.fatal or name in self._respawn_due:
+        if self._stopping.is_set() or self.fatal:
+            return
+        if name in self._respawn_due:  # due to start again already
+            self._report_exit_status(name, pid, how)
             return
         log.warning("%s (pid %d%s) %s", name, pid, f" on node {ne.node[:12]}" if ne.node else "", how)
         if name in ("redis", "controller") and self.head in self.lost_nodes:
@@ -539,6 +540,15 @@ class Launcher:
                 report.replaced_at = time.time()
 
     # ---- fault records of what the controller cannot see --------------------------------------
+
+    def _report_exit_status(self, name: str, pid: int, how: str) -> None:
+        """How a worker the controller declared dead already ended: it makes the controller's fault record
+        exact (a peer's report of the closed link came first). Sent once (hence "replaced")."""
+        if name in ("redis", "controller"):
+            return  # reported as faults of their own
+        now = time.time()
+        self.report_fault(pb.FaultRecord(component=name, role=role_of(name)[0], pid=pid, cause=how,
+                                         detail=f"process {pid} {how}", detected_at=now, replaced_at=now))
 
     def report_fault(self, record: pb.FaultRecord) -> None:
         """Send `record` to the controller (now, or once one answers; again once `replaced_at` is set)."""
