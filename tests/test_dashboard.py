@@ -116,7 +116,7 @@ def _recorded_documents(now: float) -> dict[str, dict]:
                "declared_at": now - 120 + 5 * i, "restored_at": now - 118 + 5 * i, "detection_s": 0.2,
                "redundancy_restored_s": 2.0, "requests": 3, "stall_p50_s": 0.1, "stall_max_s": 0.3} for i in range(12)]
     series = [{"time": now - 200 + t, "tokens_per_s": 50.0, "itl_mean_s": 0.02, "running": 4, "waiting": 1,
-               "ttft_mean_s": 0.1} for t in range(200)]
+               "ttft_mean_s": 0.1, "errors_per_s": 0.5, "rejected_per_s": 2.0} for t in range(200)]
     return {"/admin/cluster": {"workers": workers, "ert": {"epoch": 3, "entries": entries}, "events": [],
                                "unprotected": [], "unprotected_by_node": {}},
             "/admin/recovery": {"faults": faults}, "/admin/timeseries": {"series": series, "model": "recorded"}}
@@ -167,6 +167,7 @@ def test_fault_labels_never_overlap_and_every_layer_is_shown(recorded_dashboard,
     assert labelled == 24  # 12 deaths, 12 restorations
     cells = dict(re.findall(r'data-cell="(\d+/\d+)" data-copies="(\d+)"', dom))
     assert len(cells) == 8 * 16  # every layer, not the first few
+    assert re.search(r'id="errors-now">0\.5 5xx/s, 2\.0 429/s<', dom) and re.search(r'id="queue-now">4 running, 1 waiting<', dom)
     assert {cells[f"{e['layer']}/{e['expert']}"] for e in documents["/admin/cluster"]["ert"]["entries"]
             if len(e["workers"]) == 1} == {"1"}
 

@@ -287,3 +287,23 @@ def test_a_fault_is_counted_once_under_its_final_cause():
     assert tracker.observe(pb.ClusterState(fault_records=[exact, other]), now=t + 1.5).new == []
     late = tracker.observe(pb.ClusterState(fault_records=[exact, other]), now=t + 1 + SETTLE_S)
     assert [(f.worker, f.kind) for f in late.new] == [("aw-0", "no_heartbeat")]
+
+
+def test_the_dashboard_series_carries_5xx_and_429_rates(monkeypatch):
+    """The API's server errors and refusals at capacity per second, from the responses counter (only the
+    /v1 routes: an admin endpoint's refusal is no API error)."""
+    import resilient_moe.server.metrics as metrics_module
+
+    clock = [1000.0]
+    monkeypatch.setattr(metrics_module.time, "time", lambda: clock[0])
+    metrics = ServingMetrics()
+    metrics.update_cluster(None, [], 0)  # the first sample: a baseline
+    metrics.responses.labels(code="503", handler="/v1/completions").inc(3)
+    metrics.responses.labels(code="500", handler="/v1/chat/completions").inc(1)
+    metrics.responses.labels(code="429", handler="/v1/completions").inc(6)
+    metrics.responses.labels(code="503", handler="/admin/scale").inc(5)
+    metrics.responses.labels(code="200", handler="/v1/completions").inc(50)
+    clock[0] += 2.0
+    metrics.update_cluster(None, [], 0)
+    [point] = list(metrics.series)
+    assert point["errors_per_s"] == pytest.approx(2.0) and point["rejected_per_s"] == pytest.approx(3.0)

@@ -122,7 +122,7 @@ class ServingMetrics:
         self._itl_count = 0
         self._ttft_sum = 0.0
         self._ttft_count = 0
-        self._last_sample: tuple[float, int, float, int] | None = None
+        self._last_sample: tuple[float, ...] | None = None
         self.series: deque[dict[str, float]] = deque(maxlen=600)
 
     # ---- request side (the API's event loop) ------------------------------------------------
@@ -185,10 +185,21 @@ class ServingMetrics:
         if workers is not None and self.control_plane is not None:
             self.control_health = self.control_plane.health()  # Redis round trips: outside the lock
 
+    def _response_totals(self) -> tuple[float, float]:
+        """API responses so far (every /v1 route): server errors (5xx) and refusals for load (429)."""
+        errors = rejected = 0.0
+        for family in self.responses.collect():
+            for sample in family.samples:
+                if sample.name.endswith("_total") and sample.labels.get("handler", "").startswith("/v1"):
+                    code = sample.labels.get("code", "")
+                    errors += sample.value if code.startswith("5") else 0.0
+                    rejected += sample.value if code == "429" else 0.0
+        return errors, rejected
+
     def _sample(self) -> None:
         now = time.time()
         with self._lock:
-            totals = (now, self._tokens, self._itl_sum, self._itl_count)
+            totals = (now, self._tokens, self._itl_sum, self._itl_count, *self._response_totals())
             ttft = (self._ttft_sum, self._ttft_count)
         last = self._last_sample
         if last is not None and now - last[0] < SAMPLE_INTERVAL_S:
@@ -205,6 +216,8 @@ class ServingMetrics:
             "running": self.cluster.running,
             "waiting": self.cluster.waiting,
             "ttft_mean_s": ttft[0] / ttft[1] if ttft[1] else None,
+            "errors_per_s": (totals[4] - last[4]) / dt,  # 5xx answers of the API
+            "rejected_per_s": (totals[5] - last[5]) / dt,  # 429: at capacity
         })
 
     def render(self) -> bytes:
