@@ -314,7 +314,7 @@ def test_admin_needs_the_token(stack):
     assert roles.count("frontend") == 1 and roles.count("attention") == 2 and roles.count("expert") == 2
     for w in cluster["workers"]:
         assert set(w) == {"id", "role", "pid", "host", "node", "incarnation", "state", "experts", "shadows", "load",
-                          "started_at"}
+                          "started_at", "retiring"}
         assert w["node"] == os.uname().nodename
         assert 0 < time.time() - w["started_at"] < 3600, w
     assert cluster["ert"]["epoch"] >= 1 and cluster["ert"]["entries"]
