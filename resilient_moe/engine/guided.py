@@ -52,7 +52,10 @@ def guide_from(kind: str, spec: Any) -> str:
     elif kind == "lark":
         if not isinstance(spec, str):
             raise GuideError(f"a grammar must be a string (Lark syntax), got {type(spec).__name__}")
-        grammar = llguidance.LLMatcher.grammar_from_lark(spec)
+        try:  # Lark syntax, or llama.cpp's GBNF (converted to Lark)
+            grammar = llguidance.grammar_from("grammar", spec)
+        except ValueError as e:
+            raise GuideError(str(e)) from None
     else:
         raise GuideError(f"unknown grammar kind {kind!r}")
     is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar)
