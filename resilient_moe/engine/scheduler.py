@@ -230,8 +230,10 @@ class Scheduler:
         return apply_mask(row, seq.guide_state.allowed(row.shape[-1]))
 
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:
-        if seq.guide_state is not None and seq.guide_state.stopped:
-            return "stop"  # the grammar is complete: nothing but end-of-sequence could follow
+        if seq.guide_state is not None and (seq.guide_state.stopped or seq.guide_state.failed):
+            # complete: nothing but end-of-sequence could follow; failed: no token is allowed (the grammar
+            # wanted end-of-sequence where min_tokens masked it)
+            return "stop"
         # the token at output position len - 1 was sampled with stop tokens masked (min_tokens): it cannot stop
         early = len(seq.output_ids) - 1 < seq.params.min_tokens
         if not early and not seq.params.ignore_eos and token in self.eos_token_ids:

@@ -321,7 +321,7 @@ def create_app(
         texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt if isinstance(body.prompt[0], str) \
             else [None] * len(prompts)
         gens = []
-        guide = validation.guide(body)
+        guide = await run_in_threadpool(validation.guide, body)  # a large schema compiles for a while
         for ids, text in zip(prompts, texts):
             params = validation.sampling(body, len(ids), body.max_tokens, stop_ids, settings.max_model_len,
                                          prompt_param="prompt", vocab=settings.vocab_size, guide=guide)
@@ -342,9 +342,13 @@ def create_app(
         forced = None  # the schema of the call that tool_choice forces
         if tool_choice not in (None, "none", "auto"):
             forced = tool_calls.call_schema(tools, None if tool_choice == "required" else tool_choice)
-        if tool_choice not in (None, "none") and body.logprobs:
-            _refuse_with_tools("logprobs")
-        guide = validation.guide(body, forced)
+        if tool_choice not in (None, "none"):
+            if body.logprobs:
+                _refuse_with_tools("logprobs")
+            for header in ("Idempotency-Key", "Last-Event-ID"):  # a resumed stream would lose its call's parse
+                if request.headers.get(header) is not None:
+                    _refuse_with_tools(header)
+        guide = await run_in_threadpool(validation.guide, body, forced)
         watch = ClientWatch(request.receive)
         prompt_ids = await watch.guard(server.prompts.chat(body, tool_calls.template_tools(tools) or None))
         params = validation.sampling(body, len(prompt_ids), body.max_completion_tokens or body.max_tokens, stop_ids,
