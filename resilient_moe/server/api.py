@@ -10,7 +10,8 @@
 The pieces a request goes through each have a module: limits.py (body size), prompts.py (text to
 token ids, bounded and off the event loop), validation.py (checks against the model and deployment),
 generation.py (admission, the request's life, disconnects), textstream.py (detokenization and stop
-strings), logprobs.py (OpenAI's logprob shapes). This file wires them to routes.
+strings), logprobs.py (OpenAI's logprob shapes), tool_calls.py (tools, forced calls and their parse;
+structured outputs compile in engine/guided.py). This file wires them to routes.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Request checks that depend on the model or the deployment, and the SamplingParams they produce.
 
 Field bounds that depend on nothing live in protocol.py (they show up in the OpenAPI schema); what
-needs the context length or the vocabulary is checked here. Every failure is an `ApiError` (400)
-naming the field.
+needs the context length or the vocabulary is checked here, and so is a structured output's grammar
+(`guide`: it must compile). Every failure is an `ApiError` (400) naming the field.
 """
 
 from __future__ import annotations
