@@ -584,7 +584,8 @@ def create_app(
                 yield event
             delta = first
             while delta is not None:
-                yield chunks.delta(0, delta)
+                if event := chunks.delta(0, delta):  # empty: held back (a tool call's start)
+                    yield event
                 delta = await gen.next()
             for event in chunks.usage():
                 yield event
@@ -606,7 +607,8 @@ def create_app(
                 yield event
             item = first
             while item is not None:
-                yield chunks.delta(*item)
+                if event := chunks.delta(*item):
+                    yield event
                 item = await anext(merged, None)
             for event in chunks.usage():
                 yield event
