@@ -263,6 +263,30 @@ def test_tool_choice_none_and_auto_answer_content(stack, client):
         assert out.message.tool_calls is None and out.finish_reason in ("stop", "length")
 
 
+def test_auto_answers_text_that_is_a_call_as_a_call(stack, client):
+    """The "auto" heuristic end to end: a response_format that makes the text a call of get_weather (the
+    random model would not write one) comes back as tool_calls, streamed or not, for each of n=2 choices."""
+    call = {"type": "object", "required": ["name", "arguments"], "additionalProperties": False,
+            "properties": {"name": {"const": "get_weather"}, "arguments": WEATHER["function"]["parameters"]}}
+    fmt = {"type": "json_schema", "json_schema": {"name": "call", "schema": call}}
+    out = chat(client, stack, tools=TOOLS, response_format=fmt, n=2, temperature=1.0, seed=5)
+    for choice in out.choices:
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        check_call(choice.message.tool_calls[0], name="get_weather")
+    calls: dict[int, list] = {0: [], 1: []}
+    reasons = {}
+    for chunk in chat(client, stack, tools=TOOLS, response_format=fmt, n=2, temperature=1.0, seed=5, stream=True):
+        for choice in chunk.choices:
+            assert not choice.delta.content
+            calls[choice.index] += choice.delta.tool_calls or []
+            reasons[choice.index] = choice.finish_reason or reasons.get(choice.index)
+    assert reasons == {0: "tool_calls", 1: "tool_calls"}
+    for index, deltas in calls.items():
+        assert deltas[0].function.name == "get_weather"
+        assert "".join(d.function.arguments or "" for d in deltas) == \
+            out.choices[index].message.tool_calls[0].function.arguments
+
+
 # ---- failover: last, it kills one of the stack's attention workers ------------------------------
 
 
