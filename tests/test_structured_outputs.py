@@ -254,6 +254,16 @@ def test_forced_tool_calls(stack, client, tool_choice):
             out.message.tool_calls[0].function.name  # the same seed: the same call (ids are per request)
         assert all(d.index == 0 for d in deltas)
         assert "".join(d.function.arguments or "" for d in deltas) == out.message.tool_calls[0].function.arguments
+    # every token id is streamed (return_token_ids), held-back text's too
+    raw = httpx.post(f"{stack.url}/v1/chat/completions", timeout=60, json={
+        "messages": [{"role": "user", "content": "hi"}], "tools": TOOLS, "tool_choice": tool_choice,
+        "max_tokens": 80, "seed": 1, "temperature": 1.0, "stream": True, "return_token_ids": True})
+    ids = [t for line in raw.text.splitlines() if line.startswith("data: {")
+           for c in json.loads(line[6:])["choices"] for t in c.get("token_ids") or []]
+    whole = httpx.post(f"{stack.url}/v1/chat/completions", timeout=60, json={
+        "messages": [{"role": "user", "content": "hi"}], "tools": TOOLS, "tool_choice": tool_choice,
+        "max_tokens": 80, "seed": 1, "temperature": 1.0, "return_token_ids": True}).json()
+    assert ids == whole["choices"][0]["token_ids"] and ids
 
 
 def test_tool_choice_none_and_auto_answer_content(stack, client):

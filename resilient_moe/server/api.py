@@ -524,6 +524,7 @@ def create_app(
             self.offsets = [0] * len(gens)
             self.sent_first = [False] * len(gens)
             self.tool_streams = [tool_calls.CallStream(g.tools, tool_calls.call_id(g.request_id)) for g in gens]
+            self.held_ids: list[list[int]] = [[] for _ in gens]  # token ids of text held back (tool calls)
 
         def event(self, choice: dict[str, Any] | None, usage: dict[str, int] | None = None) -> str:
             gen = self.gens[0]
@@ -560,7 +561,7 @@ def create_app(
                 choice["delta"], reason = self.tool_streams[index].feed(delta.text, delta.finish_reason)
                 choice["finish_reason"] = reason
                 if not choice["delta"] and reason is None:
-                    self.offsets[index] += len(delta.text)
+                    self.held_ids[index] += delta.token_ids
                     return ""  # held back: it may be part of a call
             elif self.chat:
                 choice["delta"] = {"content": delta.text} if delta.text or not delta.finish_reason else {}
@@ -571,7 +572,8 @@ def create_app(
             self.offsets[index] += len(delta.text)
             self.sent_first[index] = True
             if body.return_token_ids:
-                choice["token_ids"] = delta.token_ids
+                choice["token_ids"] = self.held_ids[index] + delta.token_ids
+            self.held_ids[index] = []
             return self.event(choice)
 
         def usage(self) -> list[str]:
