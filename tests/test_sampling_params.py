@@ -266,20 +266,22 @@ def test_http_logprobs_have_every_entry(stack, client):
 
 REFUSED = [
     # path, extra body, param
-    ("chat", {"response_format": {"type": "json_object"}}, "response_format"),
-    ("chat", {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}},
-     "response_format"),
-    ("chat", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
-    ("chat", {"tool_choice": "auto"}, "tool_choice"),
+    ("chat", {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
+    ("chat", {"response_format": {"type": "xml"}}, "response_format"),
+    ("chat", {"tools": [{"type": "function", "function": {"parameters": {}}}]}, "tools"),
+    ("chat", {"tool_choice": "auto"}, "tool_choice"),  # no tools
+    ("chat", {"tools": [{"type": "function", "function": {"name": "f"}}],
+              "tool_choice": {"type": "function", "function": {"name": "g"}}}, "tool_choice"),
     ("chat", {"functions": [{"name": "f"}]}, "functions"),
-    ("chat", {"guided_json": {"type": "object"}}, "guided_json"),
-    ("chat", {"guided_choice": ["a", "b"]}, "guided_choice"),
+    ("chat", {"guided_json": {"type": "foo"}}, "guided_json"),
+    ("chat", {"guided_choice": []}, "guided_choice"),
     ("chat", {"frobnicate": True}, "frobnicate"),
-    ("chat", {"messages": [{"role": "user", "content": "hi", "tool_calls": []}]}, "messages"),
+    ("chat", {"messages": [{"role": "user", "content": "hi", "audio": {}}]}, "messages"),
     ("chat", {"stream_options": {"include_usage": True}}, "stream_options"),  # without stream
-    ("cmpl", {"guided_regex": "a+"}, "guided_regex"),
-    ("cmpl", {"guided_grammar": "root ::= 'a'"}, "guided_grammar"),
-    ("cmpl", {"response_format": {"type": "json_object"}}, "response_format"),
+    ("cmpl", {"guided_regex": "(["}, "guided_regex"),
+    ("cmpl", {"guided_regex": "a+", "guided_choice": ["a"]}, "guided_choice"),  # one at a time
+    ("cmpl", {"guided_grammar": "start: ???"}, "guided_grammar"),
+    ("cmpl", {"response_format": {"type": "json_object", "strict": 1}}, "response_format"),
     ("cmpl", {"suffix": "the end"}, "suffix"),
     ("cmpl", {"best_of": 1, "n": 2}, "best_of"),
     ("cmpl", {"best_of": 3, "stream": True}, "best_of"),

@@ -93,6 +93,8 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # 1: off
     logit_bias: tuple[tuple[int, float], ...] = field(default_factory=tuple)  # (token id, added to its logit)
     min_tokens: int = 0  # end-of-sequence and stop token ids are masked until this many are generated
+    # Structured outputs: llguidance's grammar text (engine/guided.py's guide_from), None: unconstrained
+    guide: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
@@ -123,12 +125,14 @@ class SamplingParams:
                 not 0 <= self.min_tokens <= self.max_tokens:
             raise ConfigError(f"min_tokens must be an integer between 0 and max_tokens ({self.max_tokens}), "
                               f"got {self.min_tokens!r}")
+        if self.guide is not None and (not isinstance(self.guide, str) or not self.guide):
+            raise ConfigError(f"guide must be a grammar's text, got {self.guide!r}")
 
     @property
     def adjusts_logits(self) -> bool:
-        """Whether logits change before sampling (bias, penalties, min_tokens)."""
+        """Whether logits change before sampling (bias, penalties, min_tokens, a grammar)."""
         return bool(self.logit_bias or self.presence_penalty or self.frequency_penalty
-                    or self.repetition_penalty != 1.0 or self.min_tokens)
+                    or self.repetition_penalty != 1.0 or self.min_tokens or self.guide)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -145,6 +149,7 @@ class SamplingParams:
             "repetition_penalty": self.repetition_penalty,
             "logit_bias": [[t, b] for t, b in self.logit_bias],
             "min_tokens": self.min_tokens,
+            "guide": self.guide,
         }
 
     @classmethod

@@ -22,6 +22,7 @@ from resilient_moe.engine.model_runner import ModelRunner
 from resilient_moe.engine.pipeline import ExpertExecutor, LocalExperts
 from resilient_moe.engine.scheduler import ScheduledBatch, Scheduler
 from resilient_moe.engine.sequence import Sequence, TokenEvent
+from resilient_moe.engine.guided import GuideCompiler, tokenizer_info
 from resilient_moe.engine.tokenizer import TextTokenizer
 from resilient_moe.errors import RequestError
 from resilient_moe.model import ops
@@ -76,14 +77,18 @@ class LLMEngine:
         num_blocks = cache_blocks(self.model_config, self.config, self.dtype)
         self.cache = new_kv_cache(self.model_config, num_blocks, self.config.block_size, self.dtype, self.device)
         self.allocator = BlockAllocator(num_blocks)
+        self.tokenizer = TextTokenizer.from_dir(self.model_dir)
+        guides = None
+        if self.tokenizer is not None:
+            guides = GuideCompiler(tokenizer_info(self.tokenizer.to_json(), self.model_config.vocab_size,
+                                                  tuple(self.model_config.eos_token_ids)))
         self.scheduler = Scheduler(
             self.config, self.allocator, self.config.block_size, self.model_config.eos_token_ids, self.max_model_len,
-            self.kernels.sampling_log_softmax,
+            self.kernels.sampling_log_softmax, guides,
         )
         if experts is None:
             experts = LocalExperts(ExpertSide(self.checkpoint, None, self.dtype, self.device, self.kernels))
         self.runner = ModelRunner(self.attention, self.cache, self.config.block_size, experts)
-        self.tokenizer = TextTokenizer.from_dir(self.model_dir)
         self.step_count = 0
         self.last_logits: dict[str, torch.Tensor] = {}  # request id -> logits of its latest token (tests, logprobs)
         self.keep_logits = False
@@ -98,6 +103,8 @@ class LLMEngine:
         """Raise RequestError when a request can never run here."""
         if not prompt_ids:
             raise RequestError("prompt is empty: give at least one token")
+        if params.guide is not None and self.scheduler.guides is None:
+            raise RequestError("structured outputs need the checkpoint's tokenizer (tokenizer.json), which it lacks")
         vocab = self.model_config.vocab_size
         for token in prompt_ids:
             if not isinstance(token, int) or isinstance(token, bool) or not 0 <= token < vocab:

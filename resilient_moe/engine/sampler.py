@@ -4,6 +4,8 @@ random stream per (seed, position).
 A request's stream depends on nothing but its seed and the output position being sampled, and its
 logit adjustments on nothing but its parameters and its tokens (prompt and output), so its tokens
 are the same alone or in any batch, and after a failover to another worker that has the same tokens.
+A structured output's grammar mask (engine/guided.py) is applied after `adjust_logits`, by the
+scheduler, which keeps each sequence's grammar state.
 """
 
 from __future__ import annotations

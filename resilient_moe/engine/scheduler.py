@@ -16,8 +16,10 @@ import torch
 from resilient_moe.engine.chunk_policy import MIN_CHUNK_TOKENS, StepCostModel, prefill_chunk_tokens, step_target_ms
 from resilient_moe.engine.config import EngineConfig
 from resilient_moe.engine.kv_cache import BlockAllocator
+from resilient_moe.engine.guided import GuideCompiler, GuideState, apply_mask
 from resilient_moe.engine.sampler import LogSoftmax, adjust_logits, logprobs_of, sample
 from resilient_moe.engine.sequence import Sequence, SequenceStatus, TokenEvent
+from resilient_moe.errors import RequestError
 
 
 @dataclass
@@ -35,8 +37,9 @@ class Scheduler:
     """Waiting queue, running set and KV block accounting of one engine."""
 
     def __init__(self, engine: EngineConfig, allocator: BlockAllocator, block_size: int, eos_token_ids: tuple[int, ...], max_model_len: int,
-                 log_softmax: LogSoftmax | None = None) -> None:
+                 log_softmax: LogSoftmax | None = None, guides: GuideCompiler | None = None) -> None:
         self.config = engine
+        self.guides = guides  # grammars of guided requests (None: the checkpoint has no tokenizer)
         self.log_softmax = log_softmax  # the kernels' (triton), or None for torch's
         self.allocator = allocator
         self.block_size = block_size
@@ -194,7 +197,7 @@ class Scheduler:
         if any(s.params.adjusts_logits for s in seqs):
             # logprobs stay those of the model's own distribution (vLLM's default), so only sampling sees these
             adjusted = torch.stack([
-                adjust_logits(row, s.params, s.prompt_ids, s.output_ids, self.eos_token_ids)
+                self._guided(s, adjust_logits(row, s.params, s.prompt_ids, s.output_ids, self.eos_token_ids))
                 if s.params.adjusts_logits else row for s, row in zip(seqs, logits)])
         tokens = sample(adjusted, [s.params for s in seqs], [s.seed for s in seqs],
                         [len(s.output_ids) for s in seqs], self.log_softmax)
@@ -202,6 +205,8 @@ class Scheduler:
         for row, (seq, token) in enumerate(zip(seqs, tokens)):
             position = len(seq.output_ids)
             seq.output_ids.append(token)
+            if seq.guide_state is not None:
+                seq.guide_state.catch_up(seq.output_ids)
             logprob = top = None
             if seq.params.logprobs is not None:
                 logprob, top = logprobs_of(logits[row], token, seq.params.logprobs, self.log_softmax)
@@ -212,7 +217,23 @@ class Scheduler:
             events.append(TokenEvent(seq.request_id, position, token, logprob, top, reason))
         return events
 
+    def _guided(self, seq: Sequence, row: torch.Tensor) -> torch.Tensor:
+        """A guided request's row with the tokens its grammar forbids at -inf. Its grammar state is built
+        from its output so far on first use, so a worker that adopted it masks as the first one did."""
+        if seq.params.guide is None:
+            return row
+        if seq.guide_state is None:
+            if self.guides is None:
+                raise RequestError("structured outputs need the checkpoint's tokenizer, which this worker lacks")
+            seq.guide_state = GuideState(self.guides.matcher(seq.params.guide))
+            seq.guide_state.catch_up(seq.output_ids)
+        return apply_mask(row, seq.guide_state.allowed(row.shape[-1]))
+
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:
+        if seq.guide_state is not None and (seq.guide_state.stopped or seq.guide_state.failed):
+            # complete: nothing but end-of-sequence could follow; failed: no token is allowed (the grammar
+            # wanted end-of-sequence where min_tokens masked it)
+            return "stop"
         # the token at output position len - 1 was sampled with stop tokens masked (min_tokens): it cannot stop
         early = len(seq.output_ids) - 1 < seq.params.min_tokens
         if not early and not seq.params.ignore_eos and token in self.eos_token_ids:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from resilient_moe.engine.config import SamplingParams
 
@@ -32,6 +33,8 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
     arrival_time: float = field(default_factory=time.monotonic)
+    # A guided request's grammar state (engine/guided.py's GuideState), built from output_ids on first use
+    guide_state: Any = None
 
     @property
     def num_tokens(self) -> int:

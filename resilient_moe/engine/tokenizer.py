@@ -61,16 +61,23 @@ class TextTokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size()
 
+    def to_json(self) -> str:
+        """The tokenizer as tokenizer.json text (what the grammar engine builds its token table from)."""
+        return self._tok.to_str()
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
-        """Render messages to a prompt: the checkpoint's template (compiled once, rendered as HF renders
-        it; see chat_template.py) if it has one, else a plain "role: content" format."""
+    def apply_chat_template(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
+        """Render messages (and the tools the model may call, OpenAI's shape) to a prompt: the checkpoint's
+        template (compiled once, rendered as HF renders it, `tools` passed as apply_chat_template passes
+        them; see chat_template.py) if it has one, else a plain "role: content" format (the tools as a
+        first "tools: [...]" line of JSON)."""
         if self._template is None:
-            lines = [f"{m['role']}: {m['content']}" for m in messages]
+            lines = [f"tools: {json.dumps(tools, ensure_ascii=False)}"] if tools else []
+            lines += [f"{m['role']}: {m['content']}" for m in messages]
             return "\n".join(lines) + "\nassistant:"
-        return self._template.render(messages, add_generation_prompt=True)
+        return self._template.render(messages, add_generation_prompt=True, tools=tools)

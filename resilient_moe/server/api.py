@@ -10,7 +10,8 @@
 The pieces a request goes through each have a module: limits.py (body size), prompts.py (text to
 token ids, bounded and off the event loop), validation.py (checks against the model and deployment),
 generation.py (admission, the request's life, disconnects), textstream.py (detokenization and stop
-strings), logprobs.py (OpenAI's logprob shapes). This file wires them to routes.
+strings), logprobs.py (OpenAI's logprob shapes), tool_calls.py (tools, forced calls and their parse;
+structured outputs compile in engine/guided.py). This file wires them to routes.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from resilient_moe.engine.config import SamplingParams
 from resilient_moe.engine.sampler import choice_seed
 from resilient_moe.engine.tokenizer import TextTokenizer
 from resilient_moe.errors import ConfigError, ResilientMoeError
-from resilient_moe.server import validation
+from resilient_moe.server import tool_calls, validation
 from resilient_moe.server.admin_cluster import NodeKillRequest, cluster_router
 from resilient_moe.server.admin_faults import faults_router
 from resilient_moe.server.cluster_monitor import ClusterMonitor, ClusterSource, cluster_json, readiness
@@ -321,9 +322,10 @@ def create_app(
         texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt if isinstance(body.prompt[0], str) \
             else [None] * len(prompts)
         gens = []
+        guide = await run_in_threadpool(validation.guide, body)  # a large schema compiles for a while
         for ids, text in zip(prompts, texts):
             params = validation.sampling(body, len(ids), body.max_tokens, stop_ids, settings.max_model_len,
-                                         prompt_param="prompt", vocab=settings.vocab_size)
+                                         prompt_param="prompt", vocab=settings.vocab_size, guide=guide)
             echo = (text if text is not None else tokenizer.decode(ids) if tokenizer else "") if body.echo else ""
             if width > body.n and params.logprobs is None:
                 params = replace(params, logprobs=0)  # ranked by them (and not shown)
@@ -336,12 +338,32 @@ def create_app(
         validation.reject_unsupported(body)
         stops, stop_ids = validation.stops(body, settings.vocab_size)
         check_choices(1, body.n)
+        tools = tool_calls.checked_tools(body.tools)
+        tool_choice = tool_calls.choice_of(body.tool_choice, tools)
+        forced = None  # the schema of the call that tool_choice forces
+        if tool_choice not in (None, "none", "auto"):
+            forced = tool_calls.call_schema(tools, None if tool_choice == "required" else tool_choice)
+        if tool_choice not in (None, "none"):
+            if body.logprobs:
+                _refuse_with_tools("logprobs")
+            for header in ("Idempotency-Key", "Last-Event-ID"):  # a resumed stream would lose its call's parse
+                if request.headers.get(header) is not None:
+                    _refuse_with_tools(header)
+        guide = await run_in_threadpool(validation.guide, body, forced)
         watch = ClientWatch(request.receive)
-        prompt_ids = await watch.guard(server.prompts.chat(body))
+        prompt_ids = await watch.guard(server.prompts.chat(body, tool_calls.template_tools(tools) or None))
         params = validation.sampling(body, len(prompt_ids), body.max_completion_tokens or body.max_tokens, stop_ids,
-                                     settings.max_model_len, prompt_param="messages", vocab=settings.vocab_size)
-        return await _respond(choices("chatcmpl", prompt_ids, params, body.n, stops, watch), body, chat=True,
-                              request=request)
+                                     settings.max_model_len, prompt_param="messages", vocab=settings.vocab_size,
+                                     guide=guide)
+        gens = choices("chatcmpl", prompt_ids, params, body.n, stops, watch)
+        if tool_choice not in (None, "none"):
+            for gen in gens:
+                gen.tools = tools
+        return await _respond(gens, body, chat=True, request=request)
+
+    def _refuse_with_tools(param: str) -> None:
+        raise ApiError(400, f"{param} is not supported with tools (unless tool_choice is \"none\")", param=param,
+                       code="unsupported_parameter")
 
     def check_choices(prompts: int, n: int) -> None:
         if prompts * n > MAX_CHOICES:
@@ -475,7 +497,12 @@ def create_app(
         for index, gen in enumerate(gens):
             choice: dict[str, Any] = {"index": index, "finish_reason": gen.finish_reason,
                                       "logprobs": _logprobs(gen, body, chat)}
-            if chat:
+            call = tool_calls.parse_call(gen.text.sent, gen.tools) if chat and gen.tools else None
+            if call is not None:
+                choice["message"] = {"role": "assistant", "content": None,
+                                     "tool_calls": [call.to_openai(tool_calls.call_id(gen.request_id))]}
+                choice["finish_reason"] = "tool_calls"
+            elif chat:
                 choice["message"] = {"role": "assistant", "content": gen.text.sent}
             else:
                 choice["text"] = gen.echo + gen.text.sent
@@ -496,6 +523,8 @@ def create_app(
             self.include_usage = bool(body.stream_options and body.stream_options.include_usage)
             self.offsets = [0] * len(gens)
             self.sent_first = [False] * len(gens)
+            self.tool_streams = [tool_calls.CallStream(g.tools, tool_calls.call_id(g.request_id)) for g in gens]
+            self.held_ids: list[list[int]] = [[] for _ in gens]  # token ids of text held back (tool calls)
 
         def event(self, choice: dict[str, Any] | None, usage: dict[str, int] | None = None) -> str:
             gen = self.gens[0]
@@ -528,7 +557,13 @@ def create_app(
             gen, body = self.gens[index], self.body
             choice: dict[str, Any] = {"index": index, "logprobs": _logprobs(delta, body, self.chat, self.offsets[index]),
                                       "finish_reason": delta.finish_reason}
-            if self.chat:
+            if self.chat and gen.tools:
+                choice["delta"], reason = self.tool_streams[index].feed(delta.text, delta.finish_reason)
+                choice["finish_reason"] = reason
+                if not choice["delta"] and reason is None:
+                    self.held_ids[index] += delta.token_ids
+                    return ""  # held back: it may be part of a call
+            elif self.chat:
                 choice["delta"] = {"content": delta.text} if delta.text or not delta.finish_reason else {}
             else:
                 choice["text"] = delta.text
@@ -537,7 +572,8 @@ def create_app(
             self.offsets[index] += len(delta.text)
             self.sent_first[index] = True
             if body.return_token_ids:
-                choice["token_ids"] = delta.token_ids
+                choice["token_ids"] = self.held_ids[index] + delta.token_ids
+            self.held_ids[index] = []
             return self.event(choice)
 
         def usage(self) -> list[str]:
@@ -550,7 +586,8 @@ def create_app(
                 yield event
             delta = first
             while delta is not None:
-                yield chunks.delta(0, delta)
+                if event := chunks.delta(0, delta):  # empty: held back (a tool call's start)
+                    yield event
                 delta = await gen.next()
             for event in chunks.usage():
                 yield event
@@ -572,7 +609,8 @@ def create_app(
                 yield event
             item = first
             while item is not None:
-                yield chunks.delta(*item)
+                if event := chunks.delta(*item):
+                    yield event
                 item = await anext(merged, None)
             for event in chunks.usage():
                 yield event

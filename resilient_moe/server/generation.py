@@ -188,6 +188,7 @@ class Generation:
         self.keyed = None  # resume.Keyed: sent with an Idempotency-Key (server/resume.py)
         self.skip = 0  # tokens the client has already (Last-Event-ID): read, not sent again
         self.echo = ""  # completions' echo: the prompt's text, which the choice's text starts with
+        self.tools: list[dict[str, Any]] = []  # a chat's tools (server/tool_calls.py): its text may be a call
         self._wake = asyncio.Event()
         self._admitted = False
         self._closed = False

@@ -9,6 +9,7 @@ are tokenized at once, on worker threads (the tokenizer releases the GIL while i
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from fastapi.concurrency import run_in_threadpool
 
@@ -64,7 +65,8 @@ class PromptEncoder:
         check_ids(ids, self.vocab_size, "prompt")
         return ids
 
-    async def chat(self, body: ChatCompletionRequest) -> list[int]:
+    async def chat(self, body: ChatCompletionRequest, tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """The prompt of a chat, rendered with the tools the model may call (OpenAI's shape)."""
         if self.tokenizer is None:
             raise ApiError(400, "this model has no tokenizer, so chat messages cannot be encoded; use "
                                 "/v1/completions with token ids", param="messages")
@@ -74,17 +76,21 @@ class PromptEncoder:
             message = {"role": m.role, "content": content}
             if m.name is not None:
                 message["name"] = m.name
+            if m.tool_calls is not None:
+                message["tool_calls"] = m.tool_calls
+            if m.tool_call_id is not None:
+                message["tool_call_id"] = m.tool_call_id
             messages.append(message)
         self._bound(sum(len(m["content"]) for m in messages), "messages")
-        ids = await self._offload(self._render, messages)
+        ids = await self._offload(self._render, messages, tools)
         if not ids:
             raise ApiError(400, "messages render to an empty prompt", param="messages")
         check_ids(ids, self.vocab_size, "messages")
         return ids
 
-    def _render(self, messages: list[dict[str, str]]) -> list[int]:
+    def _render(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> list[int]:
         try:
-            text = self.tokenizer.apply_chat_template(messages)
+            text = self.tokenizer.apply_chat_template(messages, tools)
         except RequestError as e:
             raise ApiError(400, str(e), param="messages") from None
         self._bound(len(text), "messages", "the prompt rendered from messages")

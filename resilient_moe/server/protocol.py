@@ -130,12 +130,14 @@ class _SamplingFields(BaseModel):
     min_tokens: int = Field(0, ge=0, description="Extension: end-of-sequence and stop token ids are masked until "
                                                  "this many tokens are generated")
     user: Text | None = Field(None, description="An end-user id; it does not change the output")
-    # Refused while structured outputs are future work: declared, so that the 400 says so.
-    guided_json: Any = Field(None, description="Not supported (structured outputs)")
-    guided_regex: Any = Field(None, description="Not supported (structured outputs)")
-    guided_choice: Any = Field(None, description="Not supported (structured outputs)")
-    guided_grammar: Any = Field(None, description="Not supported (structured outputs)")
-    response_format: Any = Field(None, description='Only {"type": "text"} is supported')
+    # Structured outputs (engine/guided.py): at most one of these per request.
+    guided_json: Any = Field(None, description="Extension (vLLM's): the output is JSON valid against this schema")
+    guided_regex: Any = Field(None, description="Extension (vLLM's): the output fully matches this regex")
+    guided_choice: Any = Field(None, description="Extension (vLLM's): the output is one of these strings")
+    guided_grammar: Any = Field(None, description="Extension (vLLM's): the output follows this grammar (Lark "
+                                                  "syntax, llguidance's dialect, or GBNF)")
+    response_format: Any = Field(None, description='{"type": "text"}, {"type": "json_object"} or {"type": '
+                                 '"json_schema", "json_schema": {"name": ..., "schema": {...}}} (always strict)')
 
     @field_validator("stop")
     @classmethod
@@ -179,6 +181,8 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[TextPart] | None = None
     name: Text | None = None
+    tool_calls: list[Any] | None = Field(None, description="An assistant's earlier tool calls (to the template)")
+    tool_call_id: Text | None = Field(None, description="A tool message: the call it answers")
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -189,7 +193,8 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = Field(False, description="Log probability of each generated token")
     top_logprobs: int | None = Field(None, ge=0, le=20, description="With logprobs: the N most likely tokens at "
                                      "each position")
-    tools: list[Any] | None = Field(None, description="Not supported (tool calls); absent or empty")
-    tool_choice: Any = Field(None, description='Only "none" (tool calls are not supported)')
-    functions: list[Any] | None = Field(None, description="Not supported (tool calls); absent or empty")
-    function_call: Any = Field(None, description='Only "none" (tool calls are not supported)')
+    tools: list[Any] | None = Field(None, description="Functions the model may call (server/tool_calls.py)")
+    tool_choice: Any = Field(None, description='"none", "auto" (the default with tools), "required" or {"type": '
+                             '"function", "function": {"name": ...}}')
+    functions: list[Any] | None = Field(None, description="Not supported (deprecated: use tools); absent or empty")
+    function_call: Any = Field(None, description='Only "none" (deprecated: use tool_choice)')

@@ -1,13 +1,17 @@
 """Request checks that depend on the model or the deployment, and the SamplingParams they produce.
 
 Field bounds that depend on nothing live in protocol.py (they show up in the OpenAPI schema); what
-needs the context length or the vocabulary is checked here. Every failure is an `ApiError` (400)
-naming the field.
+needs the context length or the vocabulary is checked here, and so is a structured output's grammar
+(`guide`: it must compile). Every failure is an `ApiError` (400) naming the field.
 """
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 from resilient_moe.engine.config import SamplingParams
+from resilient_moe.engine.guided import GuideError, guide_from
 from resilient_moe.errors import ConfigError
 from resilient_moe.server.protocol import ApiError, ChatCompletionRequest, CompletionRequest
 
@@ -18,12 +22,6 @@ def _refuse(param: str, why: str) -> None:
 
 def reject_unsupported(body: CompletionRequest | ChatCompletionRequest) -> None:
     """A 400 naming each parameter that this server cannot honour (an unknown one is refused by protocol.py)."""
-    for param in ("guided_json", "guided_regex", "guided_choice", "guided_grammar"):
-        if getattr(body, param) is not None:
-            _refuse(param, "structured outputs are not implemented")
-    fmt = body.response_format
-    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text" and set(fmt) == {"type"}):
-        _refuse("response_format", 'structured outputs are not implemented; only {"type": "text"} is')
     if body.stream_options is not None and not body.stream:
         raise ApiError(400, "stream_options is only allowed with stream: true", param="stream_options")
     if isinstance(body, CompletionRequest):
@@ -37,16 +35,62 @@ def reject_unsupported(body: CompletionRequest | ChatCompletionRequest) -> None:
         if body.echo and body.logprobs is not None:
             _refuse("echo", "with logprobs it needs the prompt's log probabilities, which are not computed")
     else:
-        if body.tools:
-            _refuse("tools", "tool calls are not implemented")
         if body.functions:
-            _refuse("functions", "tool calls are not implemented")
-        for param in ("tool_choice", "function_call"):
-            choice = getattr(body, param)
-            if choice is not None and choice != "none":
-                _refuse(param, 'tool calls are not implemented; only "none" is')
+            _refuse("functions", "the deprecated functions are not; use tools")
+        if body.function_call is not None and body.function_call != "none":
+            _refuse("function_call", 'the deprecated function_call is not; use tool_choice')
         if body.top_logprobs is not None and not body.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+
+
+def _response_format(fmt: Any) -> dict[str, Any] | None:
+    """The JSON schema that response_format asks for (None: text)."""
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "text" and set(fmt) == {"type"}:
+        return None
+    if kind == "json_object" and set(fmt) == {"type"}:
+        return {"type": "object"}
+    if kind == "json_schema" and set(fmt) == {"type", "json_schema"}:
+        spec = fmt["json_schema"]
+        if isinstance(spec, dict) and isinstance(spec.get("schema"), dict) \
+                and set(spec) <= {"name", "description", "schema", "strict"}:
+            return spec["schema"]
+        raise ApiError(400, 'response_format: json_schema is {"name": str, "schema": {...}, "strict": bool}',
+                       param="response_format")
+    raise ApiError(400, 'response_format is {"type": "text"}, {"type": "json_object"} or {"type": "json_schema", '
+                        '"json_schema": {"name": ..., "schema": {...}}}', param="response_format")
+
+
+def guide(body: CompletionRequest | ChatCompletionRequest, tool_call: dict[str, Any] | None = None) -> str | None:
+    """The grammar of a request (SamplingParams.guide), from the one parameter that gives it: response_format,
+    guided_json, guided_regex, guided_choice, guided_grammar, or (`tool_call`) the schema of a forced tool
+    call. A 400 names the parameter when its grammar is not valid, or when several are given."""
+    given: list[tuple[str, str, Any]] = []
+    if body.response_format is not None and (schema := _response_format(body.response_format)) is not None:
+        given.append(("response_format", "json_schema", schema))
+    if body.guided_json is not None:
+        schema = body.guided_json
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except ValueError as e:
+                raise ApiError(400, f"guided_json: not valid JSON ({e})", param="guided_json") from None
+        given.append(("guided_json", "json_schema", schema))
+    for param, kind in (("guided_regex", "regex"), ("guided_choice", "choice"), ("guided_grammar", "lark")):
+        if getattr(body, param) is not None:
+            given.append((param, kind, getattr(body, param)))
+    if tool_call is not None:
+        given.append(("tool_choice", "json_schema", tool_call))
+    if len(given) > 1:
+        names = ", ".join(p for p, _, _ in given)
+        raise ApiError(400, f"{given[1][0]}: one structured output at a time, got {names}", param=given[1][0])
+    if not given:
+        return None
+    param, kind, spec = given[0]
+    try:
+        return guide_from(kind, spec)
+    except GuideError as e:
+        raise ApiError(400, f"{param}: {e}", param=param) from None
 
 
 def logit_bias(body: CompletionRequest | ChatCompletionRequest, vocab: int) -> tuple[tuple[int, float], ...]:
@@ -90,7 +134,8 @@ def logprobs_wanted(body: CompletionRequest | ChatCompletionRequest) -> int | No
 
 
 def sampling(body: CompletionRequest | ChatCompletionRequest, prompt_len: int, max_tokens: int | None,
-             stop_ids: list[int], max_model_len: int, prompt_param: str, vocab: int) -> SamplingParams:
+             stop_ids: list[int], max_model_len: int, prompt_param: str, vocab: int,
+             guide: str | None = None) -> SamplingParams:
     if prompt_len >= max_model_len:
         raise ApiError(400, f"this model's maximum context length is {max_model_len} tokens; the prompt has "
                             f"{prompt_len} (at least one token must remain for the output)", param=prompt_param,
@@ -107,7 +152,7 @@ def sampling(body: CompletionRequest | ChatCompletionRequest, prompt_len: int, m
             top_k=max(0, body.top_k), seed=body.seed, stop_token_ids=tuple(stop_ids), ignore_eos=body.ignore_eos,
             logprobs=logprobs_wanted(body), presence_penalty=float(body.presence_penalty),
             frequency_penalty=float(body.frequency_penalty), repetition_penalty=float(body.repetition_penalty),
-            logit_bias=logit_bias(body, vocab), min_tokens=body.min_tokens,
+            logit_bias=logit_bias(body, vocab), min_tokens=body.min_tokens, guide=guide,
         )
     except ConfigError as e:
         raise ApiError(400, str(e), param=str(e).split(" ", 1)[0]) from None
