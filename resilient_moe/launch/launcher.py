@@ -233,7 +233,8 @@ class Launcher:
             for name in frontends:
                 self._spawn(name, self.placed[name])
             self._wait(frontends, deadline, "frontends")
-            for target, what in ((self._follow_orders, "launcher-orders"), (self._supervise, "launcher-supervisor")):
+            for target, what in ((self._follow_orders, "launcher-orders"), (self._supervise, "launcher-supervisor"),
+                                 (self._report_faults, "launcher-faults")):
                 thread = threading.Thread(target=target, name=what, daemon=True)
                 thread.start()
                 self._threads.append(thread)
@@ -447,7 +448,8 @@ class Launcher:
                     threading.Thread(target=self._restart_redis, daemon=True).start()
                 else:
                     self._respawn_due[name] = (time.monotonic(), 0)
-        for target, what in ((self._follow_orders, "launcher-orders"), (self._supervise, "launcher-supervisor")):
+        for target, what in ((self._follow_orders, "launcher-orders"), (self._supervise, "launcher-supervisor"),
+                             (self._report_faults, "launcher-faults")):
             thread = threading.Thread(target=target, name=what, daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -462,7 +464,6 @@ class Launcher:
             try:
                 for ne in self.backend.exits(0.02):
                     self._on_exit(ne)
-                self._flush_fault_reports()
                 now = time.monotonic()
                 for name, (due, dead_pid) in list(self._respawn_due.items()):
                     if now >= due and not self._stopping.is_set():
@@ -536,7 +537,7 @@ class Launcher:
             log.error("%s", e)
             return
         with self._fault_lock:  # its fault record gets the time the new one answered
-            for report in self._fault_reports_of("redis"):
+            for report in [r for r in self._fault_reports if r.component == "redis"][-1:]:
                 report.replaced_at = time.time()
 
     # ---- fault records of what the controller cannot see --------------------------------------
@@ -556,9 +557,13 @@ class Launcher:
             self._fault_reports.append(record)
         self._next_fault_flush = 0.0
 
-    def _fault_reports_of(self, component: str) -> list[pb.FaultRecord]:
-        latest = [r for r in self._fault_reports if r.component == component]
-        return latest[-1:]
+    def _report_faults(self) -> None:
+        """Off the supervision loop (a controller that does not answer must not delay a restart)."""
+        while not self._stopping.wait(0.05):
+            try:
+                self._flush_fault_reports()
+            except Exception:  # one bad pass must never stop the reports
+                log.exception("reporting fault records failed")
 
     def _flush_fault_reports(self) -> None:
         """Send the waiting fault records: each once at once, and again (an update) once its replacement
