@@ -121,9 +121,17 @@ def test_killed_workers_are_replaced_pinned_at_their_priority_and_no_token_chang
         # It loaded at the lowest priority (a serving cluster) on a thread that ended: the replacement's
         # threads run at the priorities a first start's do (its serving thread at the cluster's start
         # priority; only what is background by design, such as an expert worker's link acceptor, lower).
-        assert nice_values(new.pid) == first_start[name], (name, nice_values(new.pid), first_start[name])
+        # (the loading thread ends just after the worker reports ready: allow it a moment to go)
+        wait_until(lambda: nice_values(new.pid) == first_start[name], 10,
+                   f"{name}'s threads at a first start's priorities {first_start[name]}")
         assert nice_of_thread(new.pid, new.pid) == start_nice, name
     assert {name for name, _, _ in cluster.replaced} >= set(old)
+    # each death is a fault record with the exit status the backend saw, and its replacement time
+    records = wait_until(lambda: (r := {(f.component, f.pid): f for f in cluster.state().fault_records})
+                         and all(k in r and r[k].replaced_at for k in old.items()) and r, 30,
+                         "fault records of both kills, replaced")
+    for key in old.items():
+        assert records[key].cause == "killed by signal 9 (SIGKILL)", records[key]
 
 
 def test_redis_and_the_controller_are_started_again_and_serving_goes_on(launch, reference):
@@ -138,6 +146,11 @@ def test_redis_and_the_controller_are_started_again_and_serving_goes_on(launch, 
                "a new controller that answers")
     assert finish(frontend, handles) == reference
     assert cluster.fatal is None
+    records = wait_until(lambda: (r := {f.component: f for f in cluster.state().fault_records
+                                        if f.component in ("redis", "controller") and f.replaced_at})
+                         and len(r) == 2 and r, 30, "fault records of Redis and the controller, replaced")
+    assert (records["redis"].pid, records["controller"].pid) == (old_redis, old_controller)
+    assert all(r.cause == "killed by signal 9 (SIGKILL)" for r in records.values()), records
 
 
 def test_scaling_both_roles_above_the_start_count_and_back(launch, reference):
