@@ -1,0 +1,152 @@
+"""Local hardening (issue 22 item 4): no process of a live cluster has the cluster secret in its
+environment, and every role process (and the fork server) is non-dumpable, so that another process of
+the same user cannot read its memory, environment or file descriptors (the KV store's memfd).
+
+Non-dumpable is shown two ways:
+- every live role, the controller and the fork server report their own flag (PR_GET_DUMPABLE answers
+  only for oneself): heartbeats, the controller's state, the fork server's hello;
+- what the flag does, as an unprivileged user (`nobody`), the way the threat is stated: a process that
+  ran `procs.harden_process` (the function every role calls first) refuses a second `nobody` process its
+  /proc/PID/mem, environ and fd; the same process without it does not (the control: the probe can
+  read). The live cluster runs as root here, and root passes every such check, so the probe cannot be
+  pointed at it; a root probe without CAP_SYS_PTRACE is no substitute (on this kernel it still read the
+  environ and fd of a non-dumpable root process).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import wait_until, worker_load
+from resilient_moe import auth
+from resilient_moe.deployment import DeploymentConfig
+from resilient_moe.launch import make_cluster
+
+REPO = Path(__file__).resolve().parents[1]
+NOBODY = 65534
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="/proc and prctl(PR_SET_DUMPABLE) are Linux's")
+
+# Tries what an intruder of the same uid would: prints, per path, "ok" or the error's name.
+PROBE = r"""
+import json, os, sys
+out = {}
+for pid in json.loads(sys.argv[1]):
+    tries = {}
+    for what in ("environ", "mem", "fd"):
+        path = f"/proc/{pid}/{what}"
+        try:
+            if what == "fd":
+                os.listdir(path)
+            else:
+                with open(path, "rb") as f:
+                    f.read(1) if what == "environ" else None
+            tries[what] = "ok"
+        except OSError as e:
+            tries[what] = type(e).__name__
+    out[str(pid)] = tries
+print(json.dumps(out))
+"""
+
+# A role-like process: it starts the way every role does (procs.harden_process) when told to, then waits.
+TARGET = r"""
+import sys
+from resilient_moe.procs import harden_process
+if sys.argv[1] == "harden":
+    harden_process()
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_model, fork_server, tmp_path_factory):
+    dep = DeploymentConfig(model=str(tiny_model), attention_workers=1, expert_workers=1)
+    with make_cluster(dep, log_dir=tmp_path_factory.mktemp("hardening"), fork_server=fork_server) as cluster:
+        yield cluster
+
+
+def cluster_pids(cluster) -> dict[str, int]:
+    """Every process of the cluster on this host: its roles, redis-server, and the fork server."""
+    pids = dict(cluster.pids)
+    pids["fork-server"] = cluster.fork_server.pid
+    return pids
+
+
+def test_no_process_of_the_cluster_has_the_secret_in_its_environment(cluster):
+    secret = auth.secret().hex().encode()
+    pids = cluster_pids(cluster)
+    assert {"controller", "aw-0", "ew-0", "kv-store", "redis", "fork-server"} <= set(pids), pids
+    assert (auth.SECRET_ENV + "=") not in "".join(f"{k}=" for k in os.environ)  # nor this, the launcher's
+    for name, pid in pids.items():
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                block = f.read()
+        except PermissionError:
+            assert os.geteuid() != 0, name  # not root: non-dumpable hides it from us too, which is the point
+            continue
+        assert block, f"{name} (pid {pid}) has an empty environment (gone?)"
+        assert secret not in block, f"{name}'s environment holds the secret"
+        assert (auth.SECRET_ENV + "=").encode() not in block, f"{name}'s environment names {auth.SECRET_ENV}"
+        assert (auth.SECRET_FILE_ENV + "=").encode() not in block, name
+        # The fork server's block names the pipe it read the secret from (a number; its forked roles show
+        # the same block): nothing else.
+        env = dict(e.split(b"=", 1) for e in block.split(b"\0") if b"=" in e)
+        assert env.get(auth.HANDOVER_FD_ENV.encode(), b"0").isdigit(), name
+
+
+def test_every_role_reports_itself_non_dumpable(cluster):
+    """Each role's own word (prctl(PR_GET_DUMPABLE) is only for oneself): heartbeats, the controller's
+    state and the fork server's hello."""
+    for name in ("aw-0", "ew-0", "kv-store"):
+        wait_until(lambda: any(w.name == name and "dumpable" in w.load for w in cluster.state().workers), 60,
+                   f"{name}'s heartbeat with its dumpable flag")
+        assert worker_load(cluster, name, "dumpable") == 0.0, name
+    assert cluster.state().counters["dumpable"] == 0.0, "the controller"
+    assert cluster.fork_server.dumpable == 0, "the fork server"
+
+
+def probe(pids: list[int], python: str, **popen) -> dict[str, dict[str, str]]:
+    out = subprocess.run([python, "-c", PROBE, json.dumps(pids)], capture_output=True, text=True, timeout=60, **popen)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout)
+
+
+def _python_for_nobody() -> str:
+    """An interpreter that uid 65534 may run (this one may live in root's 0700 home), or skip."""
+    for python in (sys.executable, "/usr/bin/python3"):
+        try:
+            out = subprocess.run([python, "-c", "import resilient_moe.procs"], user=NOBODY, group=NOBODY,
+                                 extra_groups=[], env={"PYTHONPATH": str(REPO)}, capture_output=True, timeout=60)
+        except (OSError, subprocess.SubprocessError):
+            continue
+        if out.returncode == 0:
+            return python
+    pytest.skip(f"no Python that uid {NOBODY} can run and that imports {REPO}/resilient_moe")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run processes as another uid (nobody)")
+def test_harden_process_refuses_another_process_of_the_same_unprivileged_user():
+    python = _python_for_nobody()
+    as_nobody = {"user": NOBODY, "group": NOBODY, "extra_groups": [],
+                 "env": {"PYTHONPATH": str(REPO), "MARKER": "not-for-others"}}
+    targets = {}
+    try:
+        for mode in ("harden", "control"):
+            targets[mode] = subprocess.Popen([python, "-c", TARGET, mode], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                             text=True, **as_nobody)
+            assert targets[mode].stdout.readline().strip() == "ready", mode
+        seen = probe([p.pid for p in targets.values()], python=python, **as_nobody)
+    finally:
+        for p in targets.values():
+            p.kill()
+            p.wait()
+    hardened, control = seen[str(targets["harden"].pid)], seen[str(targets["control"].pid)]
+    assert control == {"environ": "ok", "mem": "ok", "fd": "ok"}, control  # the probe can read a plain process
+    assert hardened == {"environ": "PermissionError", "mem": "PermissionError", "fd": "PermissionError"}, hardened
