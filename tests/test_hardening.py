@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +31,7 @@ from resilient_moe.launch import make_cluster
 
 REPO = Path(__file__).resolve().parents[1]
 NOBODY = 65534
+SETPRIV = shutil.which("setpriv")
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="/proc and prctl(PR_SET_DUMPABLE) are Linux's")
 
@@ -112,18 +114,19 @@ def test_every_role_reports_itself_non_dumpable(cluster):
     assert cluster.fork_server.dumpable == 0, "the fork server"
 
 
-def probe(pids: list[int], python: str, **popen) -> dict[str, dict[str, str]]:
-    out = subprocess.run([python, "-c", PROBE, json.dumps(pids)], capture_output=True, text=True, timeout=60, **popen)
-    assert out.returncode == 0, out.stderr[-2000:]
-    return json.loads(out.stdout)
+def as_nobody(argv: list[str]) -> list[str]:
+    """`argv` run as uid/gid 65534 with no supplementary groups. Through setpriv, not Popen(user=...):
+    the test process has threads (a cluster's launcher, gRPC), and switching uid in the forked child of a
+    threaded process before exec crashed it here."""
+    return [SETPRIV, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", *argv]
 
 
 def _python_for_nobody() -> str:
     """An interpreter that uid 65534 may run (this one may live in root's 0700 home), or skip."""
     for python in (sys.executable, "/usr/bin/python3"):
         try:
-            out = subprocess.run([python, "-c", "import resilient_moe.procs"], user=NOBODY, group=NOBODY,
-                                 extra_groups=[], env={"PYTHONPATH": str(REPO)}, capture_output=True, timeout=60)
+            out = subprocess.run(as_nobody([python, "-c", "import resilient_moe.procs"]), env={"PYTHONPATH": str(REPO)},
+                                 capture_output=True, timeout=60)
         except (OSError, subprocess.SubprocessError):
             continue
         if out.returncode == 0:
@@ -131,18 +134,21 @@ def _python_for_nobody() -> str:
     pytest.skip(f"no Python that uid {NOBODY} can run and that imports {REPO}/resilient_moe")
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run processes as another uid (nobody)")
+@pytest.mark.skipif(os.geteuid() != 0 or SETPRIV is None,
+                    reason="needs root and setpriv (util-linux) to run processes as another uid (nobody)")
 def test_harden_process_refuses_another_process_of_the_same_unprivileged_user():
     python = _python_for_nobody()
-    as_nobody = {"user": NOBODY, "group": NOBODY, "extra_groups": [],
-                 "env": {"PYTHONPATH": str(REPO), "MARKER": "not-for-others"}}
+    env = {"PYTHONPATH": str(REPO), "MARKER": "not-for-others"}
     targets = {}
     try:
         for mode in ("harden", "control"):
-            targets[mode] = subprocess.Popen([python, "-c", TARGET, mode], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                             text=True, **as_nobody)
+            targets[mode] = subprocess.Popen(as_nobody([python, "-c", TARGET, mode]), stdin=subprocess.PIPE,
+                                             stdout=subprocess.PIPE, text=True, env=env)
             assert targets[mode].stdout.readline().strip() == "ready", mode
-        seen = probe([p.pid for p in targets.values()], python=python, **as_nobody)
+        out = subprocess.run(as_nobody([python, "-c", PROBE, json.dumps([p.pid for p in targets.values()])]),
+                             capture_output=True, text=True, timeout=60, env=env)
+        assert out.returncode == 0, out.stderr[-2000:]
+        seen = json.loads(out.stdout)
     finally:
         for p in targets.values():
             p.kill()
