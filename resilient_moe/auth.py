@@ -18,8 +18,8 @@ parent's. How it reaches the processes of a cluster:
 - a process started by someone else (a Ray actor, an adopting supervisor): it is handed over (an actor
   argument, the 0600 hand-over file) and the process calls `install`.
 - a tool (the chaos tool, a benchmark, a test talking to a running cluster) is the user's own process:
-  `secret()` loads it there, when nothing is installed, from the 0600 file named by `SECRET_FILE_ENV`,
-  or, hex, from `SECRET_ENV`. A launcher never sets either, and `child_env` strips both, so a role
+  `secret()` loads it there, when nothing is installed, from the 0600 file named by `SECRET_FILE_ENV`
+  (the hex, or `serve`'s hand-over file), or, hex, from `SECRET_ENV`. A launcher never sets either, and `child_env` strips both, so a role
   never has them.
 
 `secret()` raises `AuthError` when there is none, so a component never silently runs unauthenticated.
@@ -46,6 +46,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import hmac
+import json
 import os
 import secrets
 import threading
@@ -116,8 +117,9 @@ def forget() -> None:
 
 
 def _from_tool_environment() -> str:
-    """The secret a tool was given: the file SECRET_FILE_ENV names (it must be ours and 0600: a file
-    others can read is no secret), else SECRET_ENV's hex; "" when neither is set."""
+    """The secret a tool was given: the file SECRET_FILE_ENV names (the hex, or `serve`'s JSON hand-over
+    file; it must be ours and 0600: a file others can read is no secret), else SECRET_ENV's hex; "" when
+    neither is set."""
     path = os.environ.get(SECRET_FILE_ENV)
     if path:
         try:
@@ -129,7 +131,13 @@ def _from_tool_environment() -> str:
             if st.st_uid != os.geteuid() or st.st_mode & 0o077:
                 raise AuthError(f"{SECRET_FILE_ENV}={path}: must be owned by this user and not readable by "
                                 f"others (mode {st.st_mode & 0o777:o}, want 600)")
-            return f.read().strip()
+            text = f.read().strip()
+        if text.startswith("{"):  # a supervisor's hand-over file (supervisor.py): its "secret"
+            try:
+                text = str(json.loads(text)["secret"])
+            except (ValueError, KeyError, TypeError):
+                raise AuthError(f"{SECRET_FILE_ENV}={path}: JSON without a \"secret\"") from None
+        return text
     return os.environ.get(SECRET_ENV, "")
 
 

@@ -1,5 +1,6 @@
 """Pure logic of resilient_moe.auth: proofs accept the secret's holder and refuse everyone else."""
 
+import json
 import os
 import subprocess
 import sys
@@ -94,6 +95,14 @@ def _install_and_forget(monkeypatch, tmp_path):
     auth._secret = None
     monkeypatch.setenv(auth.SECRET_FILE_ENV, path)
     assert auth.secret() == value
+    handover = tmp_path / "serve-host-8000.json"  # serve's hand-over file serves as well
+    handover.write_text(json.dumps({"secret": value.hex(), "port": 8000}))
+    handover.chmod(0o600)
+    auth._secret = None
+    monkeypatch.setenv(auth.SECRET_FILE_ENV, str(handover))
+    assert auth.secret() == value
+    auth._secret = None
+    monkeypatch.setenv(auth.SECRET_FILE_ENV, path)
     os.chmod(path, 0o644)
     auth._secret = None
     with pytest.raises(auth.AuthError, match="not readable by others"):
