@@ -114,6 +114,31 @@ def test_every_role_reports_itself_non_dumpable(cluster):
     assert cluster.fork_server.dumpable == 0, "the fork server"
 
 
+def test_cold_workers_get_the_secret_through_a_pipe_and_harden_themselves(tiny_model, fork_server, tmp_path):
+    """A cold worker is exec'd (a fresh interpreter): the one kind of role with an environment block of its
+    own. Killing one in the restart-everything baseline restarts every worker cold; they register (so
+    they hold the secret), show none of it in their environment, and report themselves non-dumpable
+    (execve reset the flag the fork server's fork had)."""
+    dep = DeploymentConfig(model=str(tiny_model), attention_workers=1, expert_workers=1, resilience=False,
+                           baseline_restart="cold")
+    with make_cluster(dep, log_dir=tmp_path, fork_server=fork_server) as cluster:
+        before = {name: cluster.pids[name] for name in ("aw-0", "ew-0")}
+        cluster.kill("ew-0")
+        wait_until(lambda: cluster.restarts and cluster.restarts[-1][1] > 0, 180, "a cold restart of every worker")
+        secret = auth.secret().hex().encode()
+        for name, old in before.items():
+            pid = cluster.pids[name]
+            assert pid != old, name
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                assert b"--cold" in f.read(), name
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                block = f.read()
+            assert secret not in block and (auth.SECRET_ENV + "=").encode() not in block, name
+            assert (auth.HANDOVER_FD_ENV + "=").encode() in block, name  # the pipe's number, all it was told
+            wait_until(lambda: any(w.name == name and w.pid == pid and w.load.get("dumpable") == 0.0
+                                   for w in cluster.state().workers), 120, f"cold {name} reporting dumpable 0")
+
+
 def as_nobody(argv: list[str]) -> list[str]:
     """`argv` run as uid/gid 65534 with no supplementary groups. Through setpriv, not Popen(user=...):
     the test process has threads (a cluster's launcher, gRPC), and switching uid in the forked child of a
