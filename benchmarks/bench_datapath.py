@@ -477,7 +477,9 @@ def main() -> int:
     trips, rounds, stream_bytes, budget_s = (300, 3, 32 * MiB, 1.0) if args.quick else (3000, 6, 256 * MiB, 6.0)
     from resilient_moe import auth
 
-    auth.ensure_secret()  # links prove it at handshake; the server processes inherit it
+    # Links prove it at handshake. The server processes are this benchmark's own (a tool, not a cluster's
+    # roles), so they get it the way a tool does: in their environment (auth.py).
+    os.environ[auth.SECRET_ENV] = auth.ensure_secret().hex()
     pin_cpu = not args.no_pin
     if pin_cpu:
         pin(0)

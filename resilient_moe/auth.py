@@ -1,14 +1,30 @@
 """The cluster secret, and how a connection proves it.
 
-DESIGN.md: every control, datapath and KV-store connection proves the cluster secret at handshake, and
-the secret never appears on a command line.
+DESIGN.md: every control, datapath and KV-store connection proves the cluster secret at handshake;
+the secret never appears on a command line, and no role process keeps it in its environment.
 
 Where the secret lives. The launcher makes one per cluster (`new_secret`, 32 random bytes) and calls
-`install` before it starts anything. `install` keeps it in this process and exports it, hex, in the
-environment variable `SECRET_ENV`, which children started by fork or exec inherit and which only the
-same user (and root) can read in /proc/PID/environ, unlike a command line. A process that was not
-started by the launcher (a Ray actor, a tool) gets it handed over and calls `install` itself; `secret()`
-raises `AuthError` when there is none, so a component never silently runs unauthenticated.
+`install` before it starts anything. `install` keeps it in this process's memory only: it is never
+exported to the environment, because /proc/PID/environ shows any process of the same user the block a
+process was exec'd with (deleting a variable later does not change it), and a forked child shows its
+parent's. How it reaches the processes of a cluster:
+
+- an exec'd child of ours (the fork server, a cold role): through an inherited pipe. The parent calls
+  `handover_fd()` (the read end of a pipe that already holds the secret, inheritable), passes it to the
+  child and names its number in `HANDOVER_FD_ENV` of `child_env(fd)` (a number is not secret); the
+  child calls `receive_handover()` first thing, which reads it, closes it and installs the secret.
+  `child_env` is the environment for every process we exec: never the secret, nor a path to it.
+- a forked role: a spawn request to the fork server carries it (their socketpair), the child installs it.
+- a process started by someone else (a Ray actor, an adopting supervisor): it is handed over (an actor
+  argument, the 0600 hand-over file) and the process calls `install`.
+- a tool (the chaos tool, a benchmark, a test talking to a running cluster) is the user's own process:
+  `secret()` loads it there, when nothing is installed, from the 0600 file named by `SECRET_FILE_ENV`
+  (the hex, or `serve`'s hand-over file), or, hex, from `SECRET_ENV`. A launcher never sets either, and `child_env` strips both, so a role
+  never has them.
+
+`secret()` raises `AuthError` when there is none, so a component never silently runs unauthenticated.
+Role processes are also non-dumpable (procs.harden_process), so the same user cannot read the secret
+out of their memory, fds or environment either.
 
 Proofs. The secret itself never travels. A prover sends a `Credential`: a timestamp, a random nonce and
 HMAC-SHA256(secret, purpose | context | timestamp | nonce), where `purpose` names the kind of
@@ -25,12 +41,12 @@ purpose, so a peer retrying without the secret cannot flood a log.
 Derived keys. A service that takes a password rather than a proof (the private Redis) gets
 `derived_key(purpose)`: an HMAC of the secret, so the secret itself is never handed to it.
 """
-
 from __future__ import annotations
 
 import collections
 import hashlib
 import hmac
+import json
 import os
 import secrets
 import threading
@@ -39,7 +55,9 @@ from dataclasses import dataclass
 
 from resilient_moe.errors import ResilientMoeError
 
-SECRET_ENV = "RESILIENT_MOE_CLUSTER_SECRET"
+SECRET_ENV = "RESILIENT_MOE_CLUSTER_SECRET"  # a tool's secret, hex (never set by a launcher)
+SECRET_FILE_ENV = "RESILIENT_MOE_CLUSTER_SECRET_FILE"  # a tool's secret: a 0600 file holding the hex
+HANDOVER_FD_ENV = "RESILIENT_MOE_CLUSTER_SECRET_FD"  # an exec'd child: the fd it reads the secret from
 SECRET_BYTES = 32
 DEFAULT_WINDOW_S = 60.0  # how far a credential's clock may be from ours (nodes' clocks differ a little)
 LOG_INTERVAL_S = 10.0  # at most one refusal log line per purpose this often
@@ -60,11 +78,11 @@ def new_secret() -> bytes:
 
 
 def install(secret: bytes | str) -> bytes:
-    """Make `secret` (bytes, or its hex) this process's cluster secret, and its children's."""
+    """Make `secret` (bytes, or its hex) this process's cluster secret (in memory only: see the module
+    docstring for how a child gets it)."""
     global _secret
     value = _parse(secret)
     _secret = value
-    os.environ[SECRET_ENV] = value.hex()
     return value
 
 
@@ -75,25 +93,105 @@ def ensure_secret() -> bytes:
 
 
 def secret() -> bytes:
-    """This process's cluster secret: installed, or inherited through the environment."""
+    """This process's cluster secret: installed, or (a tool) loaded from SECRET_FILE_ENV or SECRET_ENV."""
     global _secret
     if _secret is None:
-        text = os.environ.get(SECRET_ENV)
+        text = _from_tool_environment()
         if not text:
-            raise AuthError(f"no cluster secret: this process was not started by a launcher and {SECRET_ENV} is unset")
+            raise AuthError(f"no cluster secret: this process was not started by a launcher, and neither "
+                            f"{SECRET_FILE_ENV} nor {SECRET_ENV} is set")
         _secret = _parse(text)
     return _secret
 
 
 def has_secret() -> bool:
-    return _secret is not None or bool(os.environ.get(SECRET_ENV))
+    return _secret is not None or bool(os.environ.get(SECRET_ENV) or os.environ.get(SECRET_FILE_ENV))
 
 
 def forget() -> None:
-    """Drop the secret from this process and its environment (tests; a tool done with a cluster)."""
+    """Drop the secret from this process and its tool variables (tests; a tool done with a cluster)."""
     global _secret
     _secret = None
     os.environ.pop(SECRET_ENV, None)
+    os.environ.pop(SECRET_FILE_ENV, None)
+
+
+def _from_tool_environment() -> str:
+    """The secret a tool was given: the file SECRET_FILE_ENV names (the hex, or `serve`'s JSON hand-over
+    file; it must be ours and 0600: a file others can read is no secret), else SECRET_ENV's hex; "" when
+    neither is set."""
+    path = os.environ.get(SECRET_FILE_ENV)
+    if path:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError as e:
+            raise AuthError(f"{SECRET_FILE_ENV}={path}: cannot open ({e.strerror})") from None
+        with os.fdopen(fd, "r") as f:
+            st = os.fstat(f.fileno())
+            if st.st_uid != os.geteuid() or st.st_mode & 0o077:
+                raise AuthError(f"{SECRET_FILE_ENV}={path}: must be owned by this user and not readable by "
+                                f"others (mode {st.st_mode & 0o777:o}, want 600)")
+            text = f.read().strip()
+        if text.startswith("{"):  # a supervisor's hand-over file (supervisor.py): its "secret"
+            try:
+                text = str(json.loads(text)["secret"])
+            except (ValueError, KeyError, TypeError):
+                raise AuthError(f"{SECRET_FILE_ENV}={path}: JSON without a \"secret\"") from None
+        return text
+    return os.environ.get(SECRET_ENV, "")
+
+
+def write_secret_file(path: str) -> str:
+    """Write this process's secret (hex) to `path`, 0600, for a tool (SECRET_FILE_ENV=path)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secret().hex())
+    return path
+
+
+# ---- hand-over to an exec'd child ---------------------------------------------------------------
+
+def handover_fd() -> int:
+    """The read end of a pipe holding this process's secret (hex), inheritable, for one exec'd child:
+    pass it (`pass_fds`, or keep it open across execve), name it with `child_env(fd)`, and close it here
+    once the child started. The secret (64 bytes) fits a pipe's buffer, so nothing blocks."""
+    read, write = os.pipe()
+    try:
+        os.write(write, secret().hex().encode())
+    finally:
+        os.close(write)
+    os.set_inheritable(read, True)
+    return read
+
+
+def child_env(fd: int | None = None, base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for a process we exec: `base` (default os.environ) without the secret or a path to
+    it; with `fd` (from `handover_fd`), the number the child reads it from."""
+    env = {k: v for k, v in (os.environ if base is None else base).items()
+           if k not in (SECRET_ENV, SECRET_FILE_ENV, HANDOVER_FD_ENV)}
+    if fd is not None:
+        env[HANDOVER_FD_ENV] = str(fd)
+    return env
+
+
+def receive_handover() -> bool:
+    """In an exec'd child, first thing: read the secret from the fd that HANDOVER_FD_ENV names, close it,
+    install it. False when none was handed over (the variable unset)."""
+    text = os.environ.pop(HANDOVER_FD_ENV, "")
+    if not text:
+        return False
+    if not text.isdigit():
+        raise AuthError(f"{HANDOVER_FD_ENV}={text!r}: not a file descriptor number")
+    fd = int(text)
+    chunks = []
+    try:
+        while chunk := os.read(fd, 4096):
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    install(b"".join(chunks).decode())
+    return True
 
 
 def derived_key(purpose: str) -> str:

@@ -103,12 +103,45 @@ _PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 
 
 def own_usage() -> dict[str, float]:
-    """This process's CPU time (seconds, every thread, since it started) and resident memory (bytes):
-    what every role's heartbeat reports, so the dashboard and /metrics show them on any backend."""
-    usage = {"cpu_s": time.process_time()}
+    """This process's CPU time (seconds, every thread, since it started), resident memory (bytes) and
+    dumpable flag (0: hardened, `harden_process`): what every role's heartbeat reports, so the dashboard and /metrics show them on any backend."""
+    usage = {"cpu_s": time.process_time(), "dumpable": float(dumpable())}
     try:
         with open("/proc/self/statm", encoding="ascii") as f:
             usage["rss_bytes"] = float(int(f.read().split()[1]) * _PAGE_BYTES)
     except (OSError, IndexError, ValueError):
         pass
     return usage
+
+
+PR_SET_DUMPABLE = 4
+PR_GET_DUMPABLE = 3
+
+
+@functools.cache
+def _libc():
+    import ctypes
+
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def harden_process() -> None:
+    """What every role process (and the fork server) calls first: make it non-dumpable, so that another
+    process of the same user, not root, can no longer open its /proc/PID/mem, /proc/PID/environ or
+    /proc/PID/fd/* (which would give it the cluster secret, or the KV store's memfd), nor ptrace it
+    (py-spy and gdb need root then). Its /proc/PID/stat and /proc/PID/task stay readable, which is all
+    liveness (process_state) reads. Linux only; elsewhere nothing. The flag survives fork and is reset
+    by execve, so an exec'd process calls this again."""
+    if not os.uname().sysname == "Linux":
+        return
+    import ctypes
+
+    if _libc().prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE, 0) failed")
+
+
+def dumpable() -> int:
+    """This process's dumpable flag (0: hardened), reported in every heartbeat; -1 where unknown."""
+    if not os.uname().sysname == "Linux":
+        return -1
+    return int(_libc().prctl(PR_GET_DUMPABLE, 0, 0, 0, 0))

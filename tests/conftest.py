@@ -82,8 +82,9 @@ def pytest_configure(config):
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Before Ray is imported anywhere (it reads this at import): Ray test clusters use loopback only.
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    # One cluster secret for the session, as a launcher would install it: links, gRPC and KV-store
-    # handshakes made in this process (and the fork server's workers, which inherit it) prove it.
+    # One cluster secret for the session, as a launcher would install it (in memory only): links, gRPC and
+    # KV-store handshakes made in this process prove it; the fork server gets it through a pipe, its
+    # workers in each spawn request. A test's own subprocess that needs it is given it explicitly.
     from resilient_moe import auth
 
     if not auth.has_secret():

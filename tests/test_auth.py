@@ -1,6 +1,9 @@
 """Pure logic of resilient_moe.auth: proofs accept the secret's holder and refuse everyone else."""
 
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -63,32 +66,84 @@ def test_mutual_answer(key):
         auth.check_answer(cred, None, "kv-store", "aw-0", key=key)
 
 
-def test_install_exports_to_children_and_forget(monkeypatch):
+def test_install_keeps_the_secret_in_memory_and_a_tool_loads_it(monkeypatch, tmp_path):
     session = auth.secret() if auth.has_secret() else None  # conftest's, for the tests after this one
     monkeypatch.delenv(auth.SECRET_ENV, raising=False)
+    monkeypatch.delenv(auth.SECRET_FILE_ENV, raising=False)
     auth.forget()
     try:
-        _install_and_forget()
+        _install_and_forget(monkeypatch, tmp_path)
     finally:
+        auth.forget()
         if session is not None:
             auth.install(session)
 
 
-def _install_and_forget():
+def _install_and_forget(monkeypatch, tmp_path):
     with pytest.raises(auth.AuthError, match="no cluster secret"):
         auth.secret()
     value = auth.install(auth.new_secret())
-    try:
-        assert os.environ[auth.SECRET_ENV] == value.hex()
-        auth._secret = None  # as a child process: only the environment
-        assert auth.secret() == value
-    finally:
-        auth.forget()
+    assert auth.SECRET_ENV not in os.environ  # never exported: children and /proc/PID/environ see nothing
+    # A tool: the hex in its own environment, or a 0600 file (refused when others may read it).
+    auth._secret = None
+    monkeypatch.setenv(auth.SECRET_ENV, value.hex())
+    assert auth.has_secret() and auth.secret() == value
+    monkeypatch.delenv(auth.SECRET_ENV)
+    auth.install(value)
+    path = auth.write_secret_file(str(tmp_path / "secret"))
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    auth._secret = None
+    monkeypatch.setenv(auth.SECRET_FILE_ENV, path)
+    assert auth.secret() == value
+    handover = tmp_path / "serve-host-8000.json"  # serve's hand-over file serves as well
+    handover.write_text(json.dumps({"secret": value.hex(), "port": 8000}))
+    handover.chmod(0o600)
+    auth._secret = None
+    monkeypatch.setenv(auth.SECRET_FILE_ENV, str(handover))
+    assert auth.secret() == value
+    auth._secret = None
+    monkeypatch.setenv(auth.SECRET_FILE_ENV, path)
+    os.chmod(path, 0o644)
+    auth._secret = None
+    with pytest.raises(auth.AuthError, match="not readable by others"):
+        auth.secret()
+    auth.forget()
     with pytest.raises(auth.AuthError, match="too short"):
         auth.install(b"short")
     with pytest.raises(auth.AuthError, match="not hex"):
         auth.install("zz" * 20)
-    auth.forget()
+
+
+HANDOVER_CHILD = """
+import os, sys
+from resilient_moe import auth
+auth.receive_handover()
+with open(f"/proc/{os.getpid()}/environ", "rb") as f:
+    block = f.read()
+print(auth.secret().hex(), auth.HANDOVER_FD_ENV in os.environ, (auth.SECRET_ENV + "=").encode() in block)
+"""
+
+
+def test_an_execd_child_gets_the_secret_through_a_pipe_not_its_environment(monkeypatch):
+    session = auth.secret() if auth.has_secret() else None
+    value = auth.install(auth.new_secret())
+    monkeypatch.setenv(auth.SECRET_ENV, "ab" * 32)  # a tool's variable in our own environment: not passed on
+    try:
+        fd = auth.handover_fd()
+        try:
+            env = auth.child_env(fd)
+            assert auth.SECRET_ENV not in env and env[auth.HANDOVER_FD_ENV] == str(fd)
+            out = subprocess.run([sys.executable, "-c", HANDOVER_CHILD], env=env, pass_fds=[fd], capture_output=True,
+                                 text=True, timeout=60)
+        finally:
+            os.close(fd)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split() == [value.hex(), "False", "False"]
+        assert value.hex() not in str(env)
+    finally:
+        auth.forget()
+        if session is not None:
+            auth.install(session)
 
 
 def test_verifier_forgets_nonces_once_they_cannot_be_replayed(key, monkeypatch):

@@ -141,8 +141,11 @@ def no_leaks():
 def peer_process(*addresses: str):
     """Start the peer; yields (Popen, [listener addresses]). Killed and reaped on exit, whatever happens."""
     log_file = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: the peer's logging never blocks
+    from resilient_moe import auth
+
+    env = {**os.environ, auth.SECRET_ENV: auth.secret().hex()}  # a test's own process: a tool's way in (auth.py)
     proc = subprocess.Popen([sys.executable, __file__, "peer", *addresses], stdout=subprocess.PIPE,
-                            stderr=log_file, text=True)
+                            stderr=log_file, text=True, env=env)
     try:
         ready, _, _ = select.select([proc.stdout], [], [], 60)
         line = proc.stdout.readline() if ready else ""

@@ -28,12 +28,12 @@ def make_layout(blocks: int = 8, regions: int = 4) -> StoreLayout:
 
 @pytest.fixture
 def secret():
-    before = auth._secret, auth.os.environ.get(auth.SECRET_ENV)
+    before = auth._secret  # the session's (conftest)
     key = auth.install(auth.new_secret())
     yield key
     auth.forget()
-    if before[1]:
-        auth.install(before[1])
+    if before is not None:
+        auth.install(before)
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ from resilient_moe.controller.records import ControllerSettings, ModelShape, Ord
 from resilient_moe.controller.state import ClusterModel
 from resilient_moe.controller.view import state_to_pb
 from resilient_moe.datapath.faults import LinkFault
-from resilient_moe.procs import GONE, STOPPED, UNKNOWN, process_state
+from resilient_moe.procs import GONE, STOPPED, UNKNOWN, dumpable, process_state
 from resilient_moe.proto import controller_pb2 as pb
 from resilient_moe.proto import controller_pb2_grpc as pb_grpc
 
@@ -88,7 +88,8 @@ class ControllerService(pb_grpc.ControllerServicer):
             orders=[order_to_pb(o) for o in sorted(m.orders.values(), key=lambda o: o.id)],
             desired=pb.Roster(attention_workers=m.desired.attention_workers, expert_workers=m.desired.expert_workers),
             expert_load=[pb.ExpertCount(layer=l, expert=e, tokens=v) for (l, e), v in sorted(m.load.items())],
-            counters={**{k: float(v) for k, v in m.counters.items()}, **auth.refusal_counts()},
+            counters={**{k: float(v) for k, v in m.counters.items()}, **auth.refusal_counts(),
+                      "dumpable": float(dumpable())},  # the controller's own flag (0: hardened)
             placement_policy=m.settings.shadow_policy,
             rebalancing=m.rebalancing,
             fault_records=m.fault_records.to_pb(),

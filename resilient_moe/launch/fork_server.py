@@ -22,10 +22,15 @@ server stops everything it started (SIGTERM, then SIGKILL) and exits: nothing is
 A "cold" spawn execs a fresh interpreter in the forked child (parent-death signal kept), paying the
 imports again: what a restart-everything system pays on every restart, used by that baseline.
 
-Nothing secret or large goes on a command line (any local user can read /proc/PID/cmdline): the
-cluster secret ("secret", hex) reaches the child through the socketpair and `auth.install`, which
-exports it in the environment a cold child inherits; a cold child reads its WorkerConfig JSON from an
-inherited memfd whose number is all its command line says (`--cold ROLE --config-fd N`).
+Nothing secret or large goes on a command line (any local user can read /proc/PID/cmdline), and no
+secret is in any environment (/proc/PID/environ, see auth.py): the fork server gets the cluster secret
+from its launcher through an inherited pipe (`auth.handover_fd`, its number in the environment), never
+its environment, so a forked child, whose /proc/PID/environ shows the fork server's exec-time block,
+shows none either. A warm child gets the secret ("secret", hex) through the socketpair and installs it
+(memory only); a cold child gets it through a pipe again, and reads its WorkerConfig JSON from an
+inherited memfd whose number is all its command line says (`--cold ROLE --config-fd N`). The fork
+server and every role are non-dumpable (`procs.harden_process`); redis-server, exec'd, is not (execve
+resets the flag), and holds only a password derived from the secret.
 
 Both ends live here: `ForkServer` is the launcher's (it imports nothing heavy, so a launcher can start the
 fork server before it imports torch itself, and the two imports overlap), `serve` the fork server's.
@@ -51,7 +56,7 @@ import traceback
 
 from resilient_moe import auth
 from resilient_moe.errors import ClusterError
-from resilient_moe.procs import process_alive
+from resilient_moe.procs import dumpable, harden_process, process_alive
 
 PR_SET_PDEATHSIG = 1
 ADOPT_PURPOSE = "fork-server"
@@ -83,17 +88,24 @@ class ForkServer:
         self.proc: subprocess.Popen | None = None
         if sock is None:
             ours, theirs = socket.socketpair()
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "resilient_moe.launch.fork_server", str(theirs.fileno()), str(os.getpid())],
-                pass_fds=[theirs.fileno()],
-                preexec_fn=die_with_launcher,
-                start_new_session=True,  # its own process group; Ctrl-C in a terminal reaches the launcher only
-            )
-            theirs.close()
+            secret_fd = auth.handover_fd() if auth.has_secret() else None  # none: it refuses adoptions
+            try:
+                self.proc = subprocess.Popen(
+                    [sys.executable, "-m", "resilient_moe.launch.fork_server", str(theirs.fileno()), str(os.getpid())],
+                    pass_fds=[theirs.fileno()] + ([secret_fd] if secret_fd is not None else []),
+                    env=auth.child_env(secret_fd),
+                    preexec_fn=die_with_launcher,
+                    start_new_session=True,  # its own process group; Ctrl-C in a terminal reaches the launcher only
+                )
+            finally:
+                theirs.close()
+                if secret_fd is not None:
+                    os.close(secret_fd)
             sock, pid = ours, self.proc.pid
         self.pid = pid
         self.address = ""  # where an adopting supervisor reaches it (its hello says)
         self.children: dict[int, str] = {}  # what it said runs, at hello
+        self.dumpable = -1  # its dumpable flag, at hello (0: hardened)
         self.sock = sock
         self._out = sock.makefile("w", buffering=1)
         self._inp = sock.makefile("r")
@@ -141,6 +153,7 @@ class ForkServer:
                 self.pid = int(message.get("pid", self.pid))
                 self.address = str(message.get("address", ""))
                 self.children = {int(pid): str(name) for pid, name in message.get("children", {}).items()}
+                self.dumpable = int(message.get("dumpable", -1))
                 self._hello.set()
             elif message["op"] == "spawned":
                 self._spawned[message["name"]] = message["pid"]
@@ -227,6 +240,7 @@ def _run_child(role_main, config_json: str, log_path: str, fork_server_pid: int,
     """In the forked child: become the worker. Never returns."""
     code = 1
     try:
+        harden_process()  # inherited from the fork server already; every role says so itself
         die_with_parent(fork_server_pid)
         if sock is not None:
             sock.close()
@@ -243,13 +257,12 @@ def _run_child(role_main, config_json: str, log_path: str, fork_server_pid: int,
             os.dup2(fd, 2)
             os.close(fd)
         if secret:
-            from resilient_moe import auth
-
-            auth.install(secret)
+            auth.install(secret)  # memory only (auth.py)
         if cold_role:
             config_fd = _config_memfd(config_json)
-            os.execv(sys.executable, [sys.executable, "-m", "resilient_moe.launch.fork_server", "--cold", cold_role,
-                                      "--config-fd", str(config_fd)])
+            secret_fd = auth.handover_fd() if secret else None
+            os.execve(sys.executable, [sys.executable, "-m", "resilient_moe.launch.fork_server", "--cold", cold_role,
+                                       "--config-fd", str(config_fd)], auth.child_env(secret_fd))
         from resilient_moe.deployment import WorkerConfig
 
         code = role_main(WorkerConfig.from_json(config_json)) or 0
@@ -330,7 +343,7 @@ def _exec_child(argv: list[str], stdin: str, log_path: str, fork_server_pid: int
             os.close(fd)
         for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_DFL)
-        os.execv(argv[0], argv)
+        os.execve(argv[0], argv, auth.child_env())
     except BaseException:
         traceback.print_exc()
     os._exit(127)
@@ -374,7 +387,8 @@ def serve(sock: socket.socket, launcher_pid: int) -> None:
                 pending.append(message)
 
     def hello() -> None:
-        send({"op": "hello", "pid": os.getpid(), "address": address, "children": {str(p): n for p, n in children.items()}})
+        send({"op": "hello", "pid": os.getpid(), "address": address, "dumpable": dumpable(),
+              "children": {str(p): n for p, n in children.items()}})
         for message in pending:
             send(message)
         pending.clear()
@@ -478,6 +492,9 @@ def _stop_children(children: dict[int, str]) -> None:
 def _cold_main(role: str, config_json: str) -> int:
     from resilient_moe.deployment import WorkerConfig
 
+    harden_process()  # execve reset the flag
+    auth.receive_handover()
+
     return _role_mains()[role](WorkerConfig.from_json(config_json)) or 0
 
 
@@ -486,6 +503,8 @@ def main() -> None:
         if len(sys.argv) != 5 or sys.argv[3] != "--config-fd" or not sys.argv[4].isdigit():
             sys.exit("usage: python -m resilient_moe.launch.fork_server --cold ROLE --config-fd FD")
         sys.exit(_cold_main(sys.argv[2], _read_config_fd(int(sys.argv[4]))))
+    harden_process()
+    auth.receive_handover()  # before anything else: the pipe's number is all the environment says
     fd = int(sys.argv[1])
     launcher_pid = int(sys.argv[2])
     die_with_parent(launcher_pid)

@@ -6,9 +6,10 @@ memfd-based (no names in /dev/shm), and lifetimes are chained by parent-death si
 fork server -> roles; launcher -> redis-server), with the fork server leading a process group of its
 own, so even a launcher killed with SIGKILL leaves no process behind.
 
-The cluster secret is installed in the launcher's process before anything starts; each spawn request
-gives it to the fork server over their socketpair, and the forked worker installs it. It is never on a
-command line.
+The cluster secret is installed in the launcher's process (in memory, never its environment: auth.py)
+before anything starts; the fork server gets it through an inherited pipe, each spawn request gives it
+to the fork server over their socketpair, and the forked worker installs it. It is never on a command
+line or in an environment.
 """
 
 from __future__ import annotations

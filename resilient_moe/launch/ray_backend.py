@@ -21,8 +21,10 @@ node with as many CPUs as it has cores, so Ray's scheduler (and other users of t
 them taken; on a node whose CPUs are all reserved already (a replacement after a node loss) it
 reserves what is left and says so in the log.
 
-Security. The cluster secret reaches each NodeHost as an actor argument and is installed there; the
-fork server hands it to each role over its socketpair. Nothing secret is on a command line.
+Security. The cluster secret reaches each NodeHost as an actor argument and is installed there (in
+memory: auth.py); the NodeHost hands it to its fork server through an inherited pipe, and the fork
+server to each role over its socketpair. Nothing secret is on a command line or in an environment, and
+the NodeHost, its fork server and every role are non-dumpable (procs.harden_process).
 
 Importing this module imports Ray (the `ray` extra); the local backend never does.
 """
@@ -58,7 +60,9 @@ class NodeHost:
     def __init__(self, secret_hex: str) -> None:
         from resilient_moe.launch.fork_server import die_with_parent
         from resilient_moe.launch.node_spawner import NodeSpawner
+        from resilient_moe.procs import harden_process
 
+        harden_process()  # it holds the secret (memory only: its roles get it from their fork server)
         auth.install(secret_hex)
         try:
             if os.path.basename(os.readlink(f"/proc/{os.getppid()}/exe")) == "raylet":
