@@ -1,0 +1,166 @@
+"""Automatic prefix caching (engine/kv_cache.py BlockAllocator, engine/scheduler.py): a request reuses
+the KV blocks of the longest cached prefix of full blocks, and its tokens are those of a run without
+the cache, bit for bit (batch-invariant kernels: a reused block holds what a recompute would write)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from resilient_moe.engine.config import EngineConfig, SamplingParams
+from resilient_moe.engine.engine import LLMEngine
+from resilient_moe.engine.kv_cache import BlockAllocator, block_hashes
+from resilient_moe.errors import ConfigError
+
+ROOT = b"model"
+
+
+# ---- (a) the allocator and the hashes -------------------------------------------------------------
+
+
+def test_chained_hashes_depend_on_the_prefix_and_skip_a_partial_block():
+    a = block_hashes(ROOT, [1, 2, 3, 4, 5, 6, 7, 8, 9], 4)
+    assert len(a) == 2  # the partial last block [9] has no hash: it is never shared
+    b = block_hashes(ROOT, [9, 9, 9, 9, 5, 6, 7, 8], 4)
+    assert a[1] != b[1], "the same block tokens after another prefix must hash differently"
+    assert block_hashes(ROOT, [1, 2, 3, 4, 5, 6, 7, 8], 4) == a
+    assert block_hashes(b"other model", [1, 2, 3, 4], 4)[0] != a[0]
+    assert block_hashes(a[0], [5, 6, 7, 8], 4) == a[1:]  # extending a chain gives the same hashes
+
+
+def test_refcounts_share_and_release_blocks():
+    alloc = BlockAllocator(4, caching=True)
+    h = block_hashes(ROOT, list(range(8)), 4)
+    mine = alloc.allocate(2)
+    for block, bh in zip(mine, h):
+        alloc.register(block, bh)
+    assert alloc.match(h) == mine and alloc.num_reclaimed(mine) == 0
+    theirs = alloc.acquire(alloc.match(h))
+    assert [alloc.refcount(b) for b in mine] == [2, 2] and alloc.num_free == 2
+    alloc.free(mine)
+    assert [alloc.refcount(b) for b in mine] == [1, 1] and alloc.num_free == 2
+    alloc.free(theirs)
+    assert alloc.num_free == 4 and alloc.match(h) == mine  # refcount 0: evictable, still cached
+    assert alloc.num_reclaimed(mine) == 2
+    alloc.acquire(mine)
+    assert alloc.num_free == 2
+    with pytest.raises(AssertionError):
+        alloc.free(mine + mine)  # released more often than held
+
+
+def test_eviction_takes_uncached_blocks_first_then_least_recently_freed():
+    alloc = BlockAllocator(4, caching=True)
+    hashes = block_hashes(ROOT, list(range(12)), 4)
+    blocks = alloc.allocate(3)
+    for block, bh in zip(blocks, hashes):
+        alloc.register(block, bh)
+    alloc.free(blocks)  # released last block first: the prefix is the most recently freed
+    assert alloc.allocate(1) == [3] and alloc.num_evictions == 0  # the never-cached block goes first
+    assert alloc.allocate(1) == [blocks[2]] and alloc.num_evictions == 1  # then the deepest block
+    assert alloc.match(hashes) == blocks[:2]
+    assert alloc.allocate(1) == [blocks[1]]
+    assert alloc.match(hashes) == blocks[:1]
+    alloc.acquire([blocks[0]])  # a hit makes it held: nothing left to evict
+    with pytest.raises(RuntimeError):
+        alloc.allocate(1)
+
+
+def test_a_duplicate_hash_keeps_the_first_block_and_caching_off_registers_nothing():
+    alloc = BlockAllocator(3, caching=True)
+    h = block_hashes(ROOT, list(range(4)), 4)[0]
+    a, b = alloc.allocate(2)
+    alloc.register(a, h)
+    alloc.register(b, h)  # computed twice at once: b stays private
+    assert alloc.match([h]) == [a]
+    alloc.free([b])
+    assert alloc.num_cached == 1 and alloc.num_free == 2
+    off = BlockAllocator(2)
+    block = off.allocate(1)[0]
+    off.register(block, h)
+    assert off.match([h]) == []
+
+
+def test_setting_is_validated():
+    with pytest.raises(ConfigError, match="enable_prefix_caching"):
+        EngineConfig(enable_prefix_caching="yes")
+    assert EngineConfig().enable_prefix_caching is True
+
+
+# ---- (b) the engine: caching on gives the tokens of caching off ------------------------------------
+
+
+def _shared_prefix_prompts(n, prefix_len, seed=3, vocab=300):
+    rng = random.Random(seed)
+    prefix = [rng.randrange(3, vocab) for _ in range(prefix_len)]
+    # suffixes of various lengths, some ending just past a block boundary (one token left to compute)
+    return [prefix + [rng.randrange(3, vocab) for _ in range(rng.choice([1, 2, 7, 16, 17, 30]))] for _ in range(n)]
+
+
+def _params(n, sampled):
+    if not sampled:
+        return SamplingParams(max_tokens=8, ignore_eos=True)
+    return [SamplingParams(max_tokens=8, ignore_eos=True, temperature=0.9, top_p=0.9, seed=100 + i) for i in range(n)]
+
+
+def _run(model_dir, prompts, params, **config):
+    engine = LLMEngine(model_dir, EngineConfig(**config))
+    return [r.token_ids for r in engine.generate(prompts, params)], engine
+
+
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "seeded"])
+def test_shared_prefix_identical_with_and_without_cache(tiny_model, sampled):
+    prompts = _shared_prefix_prompts(32, 512)
+    params = _params(len(prompts), sampled)
+    off, off_engine = _run(tiny_model, prompts, params, enable_prefix_caching=False)
+    on, engine = _run(tiny_model, prompts, params)
+    assert on == off
+    s = engine.scheduler
+    assert off_engine.scheduler.prefix_query_tokens == 0
+    assert s.prefix_query_tokens == sum(len(p) for p in prompts)
+    # the first prompt computes the 512-token prefix (32 blocks); each later one finds it cached,
+    # except those admitted in the same step before it was computed
+    assert s.prefix_hit_tokens >= 512 * (len(prompts) - 4), s.prefix_hit_tokens
+    hits = s.prefix_hit_tokens
+    # and the second run of the same prompts on a warm cache finds every full block but the last token's
+    warm = engine.generate(prompts, params)
+    assert [r.token_ids for r in warm] == off
+    bs = engine.config.block_size
+    assert s.prefix_hit_tokens - hits >= sum((len(p) - 1) // bs * bs for p in prompts)
+
+
+def test_preemption_and_eviction_under_a_small_cache_identical(tiny_model):
+    prompts = _shared_prefix_prompts(8, 64, seed=5)
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    off, _ = _run(tiny_model, prompts, params, enable_prefix_caching=False)
+    on, engine = _run(tiny_model, prompts, params, kv_cache_tokens=256, block_size=16)
+    assert on == off
+    assert engine.scheduler.num_preemptions > 0, "the small cache should have forced preemptions"
+    assert engine.allocator.num_evictions > 0, "the small cache should have evicted cached blocks"
+    assert engine.scheduler.prefix_hit_tokens > 0
+
+
+def test_chunked_prefill_counts_cached_tokens_as_computed(tiny_model):
+    prompts = _shared_prefix_prompts(3, 300, seed=9)
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    off, _ = _run(tiny_model, prompts[:1] * 2 + prompts[1:], params, enable_prefix_caching=False,
+                  max_prefill_tokens_per_step=64)
+    engine = LLMEngine(tiny_model, EngineConfig(max_prefill_tokens_per_step=64))
+    first = engine.generate(prompts[:1], params)
+    steps = engine.step_count
+    again = engine.generate(prompts[:1], params)  # all but its last partial block is cached
+    assert engine.step_count - steps == 4  # one step for the last tokens (and the first sample), then 3 decodes
+    rest = engine.generate(prompts[1:], params)
+    assert [r.token_ids for r in first + again + rest] == off
+
+
+def test_every_family_identical_with_and_without_cache(tiny_models):
+    """Sliding windows (gpt_oss), latent caches (deepseek_v3) and the rest: reuse gives the same tokens."""
+    for family, model_dir in tiny_models.items():
+        prompts = _shared_prefix_prompts(4, 80, seed=1, vocab=200)
+        params = SamplingParams(max_tokens=6, ignore_eos=True)
+        off, _ = _run(model_dir, prompts, params, enable_prefix_caching=False)
+        on, engine = _run(model_dir, prompts, params)  # admitted together: little to share yet
+        warm = [r.token_ids for r in engine.generate(prompts, params)]
+        assert on == off and warm == off, family
+        assert engine.scheduler.prefix_hit_tokens >= 4 * 80 // 16 * 16, family
