@@ -164,3 +164,96 @@ def test_every_family_identical_with_and_without_cache(tiny_models):
         warm = [r.token_ids for r in engine.generate(prompts, params)]
         assert on == off and warm == off, family
         assert engine.scheduler.prefix_hit_tokens >= 4 * 80 // 16 * 16, family
+
+
+@pytest.fixture(scope="module")
+def new_families(tmp_path_factory):
+    from test_parity_families import NEW_FAMILIES, save_family_model
+
+    root = tmp_path_factory.mktemp("prefix-families")
+    return {family: save_family_model(root / family, family, seed=3 + i) for i, family in enumerate(NEW_FAMILIES)}
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "gpt_oss"])
+def test_latent_and_sliding_window_caches_identical_with_and_without_cache(new_families, family):
+    """DeepSeek's latent rows and GPT-OSS's sliding-window layers (window 6, far shorter than the shared
+    prefix; the engine's cache keeps every layer's rows of every position, so a reused block is whole)."""
+    prompts = _shared_prefix_prompts(4, 80, seed=2)
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    off, _ = _run(new_families[family], prompts, params, enable_prefix_caching=False)
+    on, engine = _run(new_families[family], prompts, params)
+    warm = [r.token_ids for r in engine.generate(prompts, params)]
+    assert on == off and warm == off
+    assert engine.scheduler.prefix_hit_tokens >= 4 * 80 // 16 * 16
+
+
+# ---- the KV checkpoint of a request that reused cached blocks ---------------------------------------
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_a_request_that_reused_blocks_checkpoints_and_restores_whole(tmp_path, redis_server, tiny_model, new_families,
+                                                                     family):
+    """The checkpointer ships every block of a request, those it found cached included, so its record
+    lists every block and a restore elsewhere finishes it token-identically. The restored full blocks
+    enter the adopter's prefix cache, except a windowed model's (its restore brings only the window)."""
+    import os
+
+    import redis
+    import torch
+
+    from conftest import wait_until
+    from resilient_moe.kvstore import keys
+    from resilient_moe.kvstore.commit_records import parse_entries
+    from resilient_moe.kvstore.memory_layout import MemfdServer, StoreLayout, StoreMemory
+    from resilient_moe.model.config import ModelConfig
+    from test_kv_windows import Worker
+
+    model_dir = tiny_model if family == "mixtral" else new_families[family]
+    prompts = _shared_prefix_prompts(3, 96, seed=8)
+    params = SamplingParams(max_tokens=30, ignore_eos=True)
+    reference = [r.token_ids for r in LLMEngine(model_dir, EngineConfig(enable_prefix_caching=False)).generate(
+        prompts, params)]
+    layout = StoreLayout.for_deployment(ModelConfig.from_pretrained(model_dir), 4 << 20, 16, torch.float32,
+                                        attention_workers=2)
+    memory = StoreMemory(layout, "test-kv-store")
+    db = redis.Redis(unix_socket_path=redis_server)
+    with MemfdServer(memory, f"@rmoe-test-prefix-kv-{os.getpid()}") as server:
+        writer = Worker(model_dir, layout, server.address, db, 0)
+        reader = Worker(model_dir, layout, server.address, db, 1)
+        try:
+            writer.engine.add_request("a", prompts[0], params)
+            writer.run()  # the shared 96 tokens (6 blocks) are cached now, refcount 0
+            writer.engine.add_request("b", prompts[1], params)
+            while len(writer.tokens.get("b", [])) < 20:
+                writer.step()
+            assert writer.engine.scheduler.prefix_hit_tokens == 96
+            n = (len(prompts[1]) + 19) // 16 * 16  # its full blocks, reused ones included
+
+            def record():
+                return {k.decode(): v.decode() for k, v in db.hgetall(keys.commit_key("test", "b")).items()}
+
+            wait_until(lambda: record().get("n") == str(n), 10, f"the commit of {n} positions")
+            blocks, _ = parse_entries(db.lrange(keys.blocks_key("test", "b"), 0, -1))
+            assert len(blocks) == n // 16, "every block of the request is checkpointed, the reused ones too"
+            seen = writer.tokens["b"]
+            writer.close()
+            seq = reader.engine.new_sequence("b", prompts[1], params, output_ids=seen)
+            reader.ckpt.request_restore(seq)
+            ready = []
+            wait_until(lambda: ready.extend(reader.ckpt.finished_restores()) or ready, 10, "the restore")
+            _, rows, restored = ready[0]
+            assert restored == n
+            assert reader.engine.resume(seq, rows, restored) == n
+            reader.tokens["b"] = list(seen)
+            reader.run()
+            assert reader.tokens["b"] == reference[1]
+            reader.engine.add_request("c", prompts[2], params)
+            reader.run()
+            assert reader.tokens["c"] == reference[2]
+            hits = reader.engine.scheduler.prefix_hit_tokens
+            assert hits == (96 if family == "mixtral" else 0)
+        finally:
+            writer.close()
+            reader.close()
+            db.close()
+    memory.close()
