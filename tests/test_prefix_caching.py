@@ -257,3 +257,45 @@ def test_a_request_that_reused_blocks_checkpoints_and_restores_whole(tmp_path, r
             reader.close()
             db.close()
     memory.close()
+
+
+# ---- (d) a serving stack: 2 attention + 2 expert workers, caching on --------------------------------
+
+
+def test_serving_stack_with_caching_identical_through_an_attention_worker_kill(tiny_model, fork_server, tmp_path):
+    """Requests sharing a prefix, served with the prefix cache on: the tokens of a failure-free
+    caching-off run, and still after SIGKILLing an attention worker mid-stream (its requests, which
+    reused cached blocks, restore on the other one from checkpoints that hold every block)."""
+    import httpx
+
+    from conftest import wait_until
+    from serving import admin_headers, serving_stack, stream_completion, streams_through_kill
+
+    rng = random.Random(12)
+    prefix = [rng.randrange(3, 500) for _ in range(48)]
+    prompts = [prefix + [rng.randrange(3, 500) for _ in range(n)] for n in (3, 5, 9, 17, 2)]
+    reference = LLMEngine(tiny_model, EngineConfig(max_model_len=160, enable_prefix_caching=False))
+    expected = [r.token_ids for r in reference.generate(prompts, SamplingParams(max_tokens=80, ignore_eos=True))]
+    with serving_stack(tiny_model, fork_server, tmp_path, attention_workers=2, expert_workers=2,
+                       max_model_len=160) as stack:
+        for prompt, want in zip(prompts, expected):  # one at a time: each later one finds the prefix cached
+            result = stream_completion(stack.url, prompt, 80, ignore_eos=True)
+            assert result.error is None and result.token_ids == want
+
+        def hits():
+            cluster = httpx.get(f"{stack.url}/admin/cluster", headers=admin_headers()).json()
+            return sum(w["load"].get("prefix_hit_tokens", 0) for w in cluster["workers"] if w["role"] == "attention")
+
+        wait_until(lambda: hits() >= 48, 10, "the attention workers to report prefix cache hits")
+        results = streams_through_kill(stack, "aw-0", prompts, max_tokens=80, kill_after_tokens=24)
+        for result, want in zip(results, expected):
+            assert result.error is None and result.done and result.finish_reason == "length"
+            assert result.token_ids == want
+
+        def restored():
+            cluster = httpx.get(f"{stack.url}/admin/cluster", headers=admin_headers()).json()
+            return next(w for w in cluster["workers"] if w["id"] == "aw-1")["load"].get("ckpt_restored", 0) >= 1
+
+        wait_until(restored, 10, "aw-1 to report requests restored from the KV store")
+        metrics = httpx.get(f"{stack.url}/metrics").text
+        assert 'resilient_moe_prefix_hit_tokens_total{worker="aw-1"}' in metrics
