@@ -299,3 +299,18 @@ def test_serving_stack_with_caching_identical_through_an_attention_worker_kill(t
         wait_until(restored, 10, "aw-1 to report requests restored from the KV store")
         metrics = httpx.get(f"{stack.url}/metrics").text
         assert 'resilient_moe_prefix_hit_tokens_total{worker="aw-1"}' in metrics
+
+
+def test_real_width_shared_prefix_identical_with_and_without_cache(real_width):
+    """At hidden 2048 (64 experts, top-8): a 1024-token shared prefix reused by later requests gives the
+    tokens of computing it again, and the first request still matches transformers."""
+    model_dir, prompt, hf_tokens = real_width
+    rng = random.Random(6)
+    prompts = [prompt] + [prompt[:1024] + [rng.randrange(3, 1024) for _ in range(n)] for n in (1, 20)]
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    off, _ = _run(model_dir, prompts, params, max_model_len=4096, enable_prefix_caching=False)
+    engine = LLMEngine(model_dir, EngineConfig(max_model_len=4096))
+    on = [engine.generate([p], params)[0].token_ids for p in prompts]  # one at a time: the later ones hit
+    assert on[0] == hf_tokens
+    assert on == off
+    assert engine.scheduler.prefix_hit_tokens == 2 * 1024
