@@ -129,6 +129,20 @@ def test_shared_prefix_identical_with_and_without_cache(tiny_model, sampled):
     assert s.prefix_hit_tokens - hits >= sum((len(p) - 1) // bs * bs for p in prompts)
 
 
+def test_a_block_seen_at_another_position_is_not_reused(tiny_model):
+    """Block Y cached at positions [16, 32) (after X) is not what a prompt starting with Y needs: the
+    chained hash tells them apart, so nothing is reused and the tokens are those of caching off."""
+    rng = random.Random(21)
+    x, y, z = ([rng.randrange(3, 300) for _ in range(16)] for _ in range(3))
+    prompts = [x + y + z + [7], y + z + [7]]
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    off, _ = _run(tiny_model, prompts, params, enable_prefix_caching=False)
+    engine = LLMEngine(tiny_model, EngineConfig())
+    on = [engine.generate([p], params)[0].token_ids for p in prompts]
+    assert on == off
+    assert engine.scheduler.prefix_hit_tokens == 0
+
+
 def test_preemption_and_eviction_under_a_small_cache_identical(tiny_model):
     prompts = _shared_prefix_prompts(8, 64, seed=5)
     params = SamplingParams(max_tokens=40, ignore_eos=True)
