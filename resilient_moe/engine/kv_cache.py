@@ -5,6 +5,8 @@ Two cache types share one contract (`row_width`, `gather`, `scatter`, `windows`,
 holds DeepSeek's latent attention row (latent + rotary key) instead. `new_kv_cache` picks the model's.
 `LayerWindows` says which cached positions each layer can still read (sliding-window layers only
 their window), and `RestoredRows` is a request's KV read back from a checkpoint in that form.
+`BlockAllocator` hands out the blocks and, with prefix caching, keeps computed full blocks under the
+chained hash of their tokens (`block_hashes`) for later requests to reuse.
 """
 
 from __future__ import annotations

@@ -4,6 +4,10 @@ Each step every running sequence computes its new tokens (one in steady decode, 
 restore), and waiting sequences are admitted while KV blocks, the sequence limit and the token
 budget allow. When the cache is full a running sequence is preempted: its blocks are freed and it
 waits to be recomputed, keeping its generated tokens. No request is ever dropped for lack of space.
+
+With prefix caching (the allocator's `caching`), a sequence admitted with no blocks first takes the
+cached blocks of its longest prefix of full blocks (never its last token's) and computes only the rest;
+each block that a step completes is registered for later requests (`register_computed`).
 """
 
 from __future__ import annotations
