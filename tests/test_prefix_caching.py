@@ -298,9 +298,11 @@ def test_serving_stack_with_caching_identical_through_an_attention_worker_kill(t
 
         def hits():
             cluster = httpx.get(f"{stack.url}/admin/cluster", headers=admin_headers()).json()
-            return sum(w["load"].get("prefix_hit_tokens", 0) for w in cluster["workers"] if w["role"] == "attention")
+            return {w["id"]: w["load"].get("prefix_hit_tokens", 0) for w in cluster["workers"] if w["role"] == "attention"}
 
-        wait_until(lambda: hits() >= 48, 10, "the attention workers to report prefix cache hits")
+        # cache-aware routing sent every later one where the first went (loads within two requests): each
+        # found the 48-token prefix cached there
+        wait_until(lambda: sorted(hits().values()) == [0, 4 * 48], 10, "the attention workers to report prefix hits")
         results = streams_through_kill(stack, "aw-0", prompts, max_tokens=80, kill_after_tokens=24)
         for result, want in zip(results, expected):
             assert result.error is None and result.done and result.finish_reason == "length"
@@ -328,3 +330,34 @@ def test_real_width_shared_prefix_identical_with_and_without_cache(real_width):
     assert on[0] == hf_tokens
     assert on == off
     assert engine.scheduler.prefix_hit_tokens == 2 * 1024
+
+
+# ---- cache-aware routing (frontend) ----------------------------------------------------------------
+
+
+def test_placement_prefers_a_worker_that_shares_the_prefix_within_two_requests():
+    from resilient_moe.controller.placement import AttentionLoad, choose_attention_worker
+
+    loads = {"aw-0": AttentionLoad(900, 0.5, requests=3, seats=8), "aw-1": AttentionLoad(100, 0.9, requests=1, seats=8),
+             "aw-2": AttentionLoad(500, 0.7, requests=2, seats=8)}
+    assert choose_attention_worker(loads) == "aw-1"
+    assert choose_attention_worker(loads, {"aw-0": 64, "aw-2": 32}) == "aw-0", "the longest shared prefix"
+    assert choose_attention_worker(loads, {"aw-1": 64, "aw-0": 64}) == "aw-1", "no longer than the best: load wins"
+    far = dict(loads, **{"aw-0": AttentionLoad(900, 0.5, requests=4, seats=8)})
+    assert choose_attention_worker(far, {"aw-0": 64}) == "aw-1", "more than two requests busier"
+    full = dict(loads, **{"aw-0": AttentionLoad(900, 0.5, requests=2, seats=2)})
+    assert choose_attention_worker(full, {"aw-0": 64}) == "aw-1", "no free seat"
+
+
+def test_recent_prefixes_match_whole_blocks_and_forget_a_lost_worker():
+    from resilient_moe.server.prefix_affinity import RecentPrefixes
+
+    recent = RecentPrefixes(capacity=4)
+    system = list(range(40))  # two full blocks and a partial one
+    recent.add("aw-0", RecentPrefixes.hashes(system + [1, 2]))
+    assert recent.shared(RecentPrefixes.hashes(system + [7] * 10), ["aw-0", "aw-1"]) == {"aw-0": 32, "aw-1": 0}
+    assert recent.shared(RecentPrefixes.hashes([5] + system), ["aw-0"]) == {"aw-0": 0}
+    recent.add("aw-0", RecentPrefixes.hashes(list(range(100, 164))))  # 4 blocks: the oldest two go
+    assert recent.shared(RecentPrefixes.hashes(system), ["aw-0"]) == {"aw-0": 0}
+    recent.forget("aw-0")
+    assert recent.shared(RecentPrefixes.hashes(list(range(100, 164))), ["aw-0"]) == {"aw-0": 0}
