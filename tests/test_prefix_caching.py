@@ -85,6 +85,13 @@ def test_setting_is_validated():
     with pytest.raises(ConfigError, match="enable_prefix_caching"):
         EngineConfig(enable_prefix_caching="yes")
     assert EngineConfig().enable_prefix_caching is True
+    from resilient_moe.deployment import DeploymentConfig
+
+    dep = DeploymentConfig.from_dict({"model": "m", "engine": {"enable_prefix_caching": False}})
+    assert dep.engine.enable_prefix_caching is False
+    assert DeploymentConfig.from_dict(dep.to_dict()).engine.enable_prefix_caching is False
+    with pytest.raises(ConfigError, match="enable_prefix_caching"):
+        DeploymentConfig.from_dict({"model": "m", "engine": {"enable_prefix_caching": 1}})
 
 
 # ---- (b) the engine: caching on gives the tokens of caching off ------------------------------------
