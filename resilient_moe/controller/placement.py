@@ -391,13 +391,28 @@ class AttentionLoad:
     seats: float = float("inf")  # requests it runs at once (engine.max_num_seqs)
 
 
-def choose_attention_worker(loads: Mapping[str, AttentionLoad]) -> str | None:
+PREFIX_SLACK_REQUESTS = 2  # requests more than the least loaded choice a prefix-sharing worker may have
+
+
+def choose_attention_worker(loads: Mapping[str, AttentionLoad], shared_prefix: Mapping[str, int] | None = None
+                            ) -> str | None:
     """Where a new request (or one moved off a dead or draining worker) goes: a worker with a free seat
     first (a request sent to a full one waits although another could run it now), then the fewest
     tokens in flight (one 4k-token request costs every step of its worker as much as hundreds of
     short ones), then the most free KV cache, then by name. Moving several requests one by one, each
-    counted where it went, spreads them over the adopters."""
+    counted where it went, spreads them over the adopters.
+
+    `shared_prefix`: tokens of the request's prompt that each worker's recent prompts share (its prefix
+    cache likely holds their KV). A worker with a free seat, within PREFIX_SLACK_REQUESTS requests of
+    that choice, that shares a longer prefix than it goes instead (the longest, then by name): reusing
+    those blocks saves their prefill, and the imbalance stays a request or two."""
     if not loads:
         return None
-    return min(sorted(loads), key=lambda name: (loads[name].requests >= loads[name].seats, loads[name].tokens,
-                                                -loads[name].kv_free))
+    best = min(sorted(loads), key=lambda name: (loads[name].requests >= loads[name].seats, loads[name].tokens,
+                                                 -loads[name].kv_free))
+    if not shared_prefix:
+        return best
+    near = [n for n in sorted(loads) if loads[n].requests < loads[n].seats
+            and loads[n].requests <= loads[best].requests + PREFIX_SLACK_REQUESTS
+            and shared_prefix.get(n, 0) > shared_prefix.get(best, 0)]
+    return max(near, key=lambda n: shared_prefix[n]) if near else best

@@ -41,6 +41,10 @@ class EngineConfig:
     torch_threads: int | None = None
     # auto: native on CPU, triton on CUDA; native | torch (not batch-invariant) | triton (see resilient_moe/kernels)
     kernels: str = "auto"
+    # Automatic prefix caching: a request reuses the KV blocks of the longest prefix of full blocks an
+    # earlier request on this engine computed (engine/kv_cache.py BlockAllocator); batch-invariant kernels
+    # make the reused rows the bits a recompute would give, so tokens are the same either way.
+    enable_prefix_caching: bool = True
 
     @property
     def threads(self) -> int:
@@ -66,6 +70,8 @@ class EngineConfig:
             raise ConfigError(f"max_step_ms must be a positive number of milliseconds, got {self.max_step_ms!r}")
         if not 1 <= self.micro_batches <= 8:
             raise ConfigError(f"micro_batches must be between 1 and 8, got {self.micro_batches!r}")
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise ConfigError(f"enable_prefix_caching must be true or false, got {self.enable_prefix_caching!r}")
         if self.kernels not in KERNEL_CHOICES:
             raise ConfigError(f"kernels must be one of {', '.join(KERNEL_CHOICES)}, got {self.kernels!r}")
 

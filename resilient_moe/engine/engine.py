@@ -17,7 +17,7 @@ import torch
 
 from resilient_moe.engine.config import EngineConfig, SamplingParams
 from resilient_moe.model.config import ModelConfig
-from resilient_moe.engine.kv_cache import BlockAllocator, RestoredRows, cache_blocks, new_kv_cache
+from resilient_moe.engine.kv_cache import BlockAllocator, RestoredRows, cache_blocks, new_kv_cache, prefix_root
 from resilient_moe.engine.model_runner import ModelRunner
 from resilient_moe.engine.pipeline import ExpertExecutor, LocalExperts
 from resilient_moe.engine.scheduler import ScheduledBatch, Scheduler
@@ -76,7 +76,7 @@ class LLMEngine:
                                        kernels=self.kernels)
         num_blocks = cache_blocks(self.model_config, self.config, self.dtype)
         self.cache = new_kv_cache(self.model_config, num_blocks, self.config.block_size, self.dtype, self.device)
-        self.allocator = BlockAllocator(num_blocks)
+        self.allocator = BlockAllocator(num_blocks, caching=self.config.enable_prefix_caching)
         self.tokenizer = TextTokenizer.from_dir(self.model_dir)
         guides = None
         if self.tokenizer is not None:
@@ -85,6 +85,7 @@ class LLMEngine:
         self.scheduler = Scheduler(
             self.config, self.allocator, self.config.block_size, self.model_config.eos_token_ids, self.max_model_len,
             self.kernels.sampling_log_softmax, guides,
+            prefix_root(str(self.model_dir.resolve()), self.dtype, self.kernels.name),
         )
         if experts is None:
             experts = LocalExperts(ExpertSide(self.checkpoint, None, self.dtype, self.device, self.kernels))
@@ -145,7 +146,11 @@ class LLMEngine:
     def resume(self, seq: Sequence, rows: RestoredRows | None = None, n: int = 0) -> int:
         """Queue a sequence moved here from another worker, with the KV rows of its first `n` positions
         when they were restored (only the rest is then computed); returns the positions restored (0
-        when the cache has no room for it now: everything is recomputed)."""
+        when the cache has no room for it now: everything is recomputed, prefix cache hits included).
+
+        Restored full blocks enter the prefix cache like computed ones, unless the model has
+        sliding-window layers: a restore brings their rows of the last window only (`RestoredRows`),
+        so its earlier blocks are not whole and no other request may reuse them."""
         if n > 0 and rows is not None:
             need = self.scheduler.blocks_for(seq.num_tokens)
             if self.allocator.num_free >= need:
@@ -155,6 +160,8 @@ class LLMEngine:
                 table = torch.tensor(seq.block_table, dtype=torch.long)
                 rows.scatter_into(self.cache, (table[positions // bs] * bs + positions % bs).to(self.device))
                 seq.num_cached = n
+                if rows.windows.window is None:
+                    self.scheduler.register_computed(seq, 0)
             else:
                 n = 0
         self.scheduler.add(seq)

@@ -5,11 +5,15 @@ Two cache types share one contract (`row_width`, `gather`, `scatter`, `windows`,
 holds DeepSeek's latent attention row (latent + rotary key) instead. `new_kv_cache` picks the model's.
 `LayerWindows` says which cached positions each layer can still read (sliding-window layers only
 their window), and `RestoredRows` is a request's KV read back from a checkpoint in that form.
+`BlockAllocator` hands out the blocks and, with prefix caching, keeps computed full blocks under the
+chained hash of their tokens (`block_hashes`) for later requests to reuse.
 """
 
 from __future__ import annotations
 
-from collections import deque
+import hashlib
+from array import array
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -161,24 +165,116 @@ def select_rows(table: torch.Tensor, layers: Sequence[int], rows: torch.Tensor) 
     return out
 
 
-class BlockAllocator:
-    """Free list of KV cache blocks."""
+def block_hashes(parent: bytes, tokens: Sequence[int], block_size: int) -> list[bytes]:
+    """Chained hashes of the full blocks of `tokens` (a partial last block has none): block i's is
+    sha256(hash of block i-1, its tokens), the first's parent is `parent` (the model's identity, see
+    `prefix_root`). Equal hashes mean equal tokens at equal positions after an equal prefix, so equal KV."""
+    out = []
+    for start in range(0, len(tokens) - block_size + 1, block_size):
+        digest = hashlib.sha256(parent)
+        digest.update(array("q", tokens[start : start + block_size]).tobytes())
+        parent = digest.digest()
+        out.append(parent)
+    return out
 
-    def __init__(self, num_blocks: int) -> None:
+
+def prefix_root(model_dir: str, dtype: torch.dtype, kernels: str) -> bytes:
+    """The hash every request's first block chains from: what else the KV of equal tokens depends on."""
+    return hashlib.sha256(f"{model_dir}|{dtype}|{kernels}".encode()).digest()
+
+
+class BlockAllocator:
+    """KV cache blocks: a free list, and with `caching` an automatic prefix cache over it.
+
+    Without caching a block is free or held by one sequence. With it, every block has a reference
+    count (the sequences whose block table holds it), and a full, computed block can be registered
+    under the chained hash of its tokens (`block_hashes`); a later request whose prefix hashes the same
+    takes those blocks (`match`, `acquire`) instead of computing them. A cached block whose count falls
+    to 0 stays cached and evictable: it counts as free, and is reused for other tokens (evicted, least
+    recently freed first) only once no uncached block is left. A registered block is never written
+    again while it is cached: its holders only write positions after their computed ones.
+    """
+
+    def __init__(self, num_blocks: int, caching: bool = False) -> None:
         self.num_blocks = num_blocks
-        self._free: deque[int] = deque(range(num_blocks))
+        self.caching = caching
+        self._free: deque[int] = deque(range(num_blocks))  # refcount 0 and not cached
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # refcount 0 and cached, least recent first
+        self._refs = [0] * num_blocks
+        self._block_of: dict[bytes, int] = {}  # hash -> cached block
+        self._hash_of: dict[int, bytes] = {}  # cached block -> hash
+        self.num_evictions = 0  # cached blocks given to other tokens
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        """Blocks `allocate` can hand out: uncached free ones and evictable cached ones."""
+        return len(self._free) + len(self._evictable)
+
+    @property
+    def num_cached(self) -> int:
+        return len(self._block_of)
+
+    def refcount(self, block: int) -> int:
+        return self._refs[block]
 
     def allocate(self, count: int) -> list[int]:
-        if count > len(self._free):
-            raise RuntimeError(f"asked for {count} KV blocks with {len(self._free)} free")
-        return [self._free.popleft() for _ in range(count)]
+        """`count` blocks for new tokens, each held once: uncached ones first, then the least recently
+        freed cached ones (their hash is forgotten)."""
+        if count > self.num_free:
+            raise RuntimeError(f"asked for {count} KV blocks with {self.num_free} free")
+        blocks = []
+        for _ in range(count):
+            if self._free:
+                block = self._free.popleft()
+            else:
+                block, _ = self._evictable.popitem(last=False)
+                del self._block_of[self._hash_of.pop(block)]
+                self.num_evictions += 1
+            self._refs[block] = 1
+            blocks.append(block)
+        return blocks
 
     def free(self, blocks: list[int]) -> None:
-        self._free.extend(blocks)
+        """Drop one hold on each of `blocks` (a sequence's table, first block first). They are released
+        last block first, so a request's deeper blocks are evicted before the prefix others share."""
+        for block in reversed(blocks):
+            self._refs[block] -= 1
+            assert self._refs[block] >= 0, f"KV block {block} freed more often than held"
+            if self._refs[block] == 0:
+                if block in self._hash_of:
+                    self._evictable[block] = None
+                else:
+                    self._free.append(block)
+
+    def match(self, hashes: Sequence[bytes]) -> list[int]:
+        """The cached blocks of the longest prefix of `hashes` (nothing is held yet: see `acquire`)."""
+        blocks = []
+        for h in hashes:
+            block = self._block_of.get(h)
+            if block is None:
+                break
+            blocks.append(block)
+        return blocks
+
+    def num_reclaimed(self, blocks: Sequence[int]) -> int:
+        """How many of `blocks` (a `match`) acquiring takes out of the free count (those nobody holds)."""
+        return sum(1 for b in blocks if self._refs[b] == 0)
+
+    def acquire(self, blocks: list[int]) -> list[int]:
+        """Hold cached `blocks` (a `match`) once more each; returns them."""
+        for block in blocks:
+            if self._refs[block] == 0:
+                del self._evictable[block]
+            self._refs[block] += 1
+        return blocks
+
+    def register(self, block: int, block_hash: bytes) -> None:
+        """`block` (held, full and computed) holds the tokens hashed `block_hash`: later requests may
+        reuse it. A hash already cached keeps its block (this one stays private to its holder)."""
+        if not self.caching or block in self._hash_of or block_hash in self._block_of:
+            return
+        self._hash_of[block] = block_hash
+        self._block_of[block_hash] = block
 
 
 class KVCache(KVCacheView):

@@ -4,6 +4,10 @@ Each step every running sequence computes its new tokens (one in steady decode, 
 restore), and waiting sequences are admitted while KV blocks, the sequence limit and the token
 budget allow. When the cache is full a running sequence is preempted: its blocks are freed and it
 waits to be recomputed, keeping its generated tokens. No request is ever dropped for lack of space.
+
+With prefix caching (the allocator's `caching`), a sequence admitted with no blocks first takes the
+cached blocks of its longest prefix of full blocks (never its last token's) and computes only the rest;
+each block that a step completes is registered for later requests (`register_computed`).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import torch
 
 from resilient_moe.engine.chunk_policy import MIN_CHUNK_TOKENS, StepCostModel, prefill_chunk_tokens, step_target_ms
 from resilient_moe.engine.config import EngineConfig
-from resilient_moe.engine.kv_cache import BlockAllocator
+from resilient_moe.engine.kv_cache import BlockAllocator, block_hashes
 from resilient_moe.engine.guided import GuideCompiler, GuideState, apply_mask
 from resilient_moe.engine.sampler import LogSoftmax, adjust_logits, logprobs_of, sample
 from resilient_moe.engine.sequence import Sequence, SequenceStatus, TokenEvent
@@ -37,8 +41,12 @@ class Scheduler:
     """Waiting queue, running set and KV block accounting of one engine."""
 
     def __init__(self, engine: EngineConfig, allocator: BlockAllocator, block_size: int, eos_token_ids: tuple[int, ...], max_model_len: int,
-                 log_softmax: LogSoftmax | None = None, guides: GuideCompiler | None = None) -> None:
+                 log_softmax: LogSoftmax | None = None, guides: GuideCompiler | None = None,
+                 prefix_root: bytes = b"") -> None:
         self.config = engine
+        self.prefix_root = prefix_root  # what block hashes chain from (kv_cache.prefix_root)
+        self.prefix_query_tokens = 0  # tokens of admitted requests looked up in the prefix cache
+        self.prefix_hit_tokens = 0  # of those, tokens whose KV was found there (not computed)
         self.guides = guides  # grammars of guided requests (None: the checkpoint has no tokenizer)
         self.log_softmax = log_softmax  # the kernels' (triton), or None for torch's
         self.allocator = allocator
@@ -144,14 +152,19 @@ class Scheduler:
             seq = self.waiting[0]
             if seq.suspect and suspects:
                 break
+            hit = self._cached_prefix(seq)  # its first len(hit) blocks are cached: it computes the rest
+            seq.num_cached += len(hit) * self.block_size
             want = chunk(seq) if seq.num_new_tokens > 1 else min(1, tokens_left)
-            if want == 0:  # no time left in this step for another prompt
+            missing = self.blocks_for(seq.num_cached + want) - len(seq.block_table) - len(hit)
+            if want == 0 or missing + self.allocator.num_reclaimed(hit) > self.allocator.num_free:
+                seq.num_cached -= len(hit) * self.block_size  # no time or room left in this step
                 break
             suspects += seq.suspect
-            missing = self.blocks_for(seq.num_cached + want) - len(seq.block_table)
-            if missing > self.allocator.num_free:
-                break
             self.waiting.popleft()
+            if self.allocator.caching and not seq.block_table:
+                self.prefix_query_tokens += seq.num_tokens
+                self.prefix_hit_tokens += len(hit) * self.block_size
+            seq.block_table.extend(self.allocator.acquire(hit))
             if missing > 0:
                 seq.block_table.extend(self.allocator.allocate(missing))
             seq.status = SequenceStatus.RUNNING
@@ -164,6 +177,34 @@ class Scheduler:
                 chunks.append((want, seq.num_cached))
         self._plan = (decodes, chunks)
         return ScheduledBatch(scheduled) if scheduled else None
+
+    def _cached_prefix(self, seq: Sequence) -> list[int]:
+        """Cached blocks of the longest prefix of full blocks of a sequence that holds none yet (new or
+        preempted), never its last token's block: at least that token is computed, for its logits."""
+        if not self.allocator.caching or seq.block_table:
+            return []
+        self._hash_blocks(seq, (seq.num_tokens - 1) // self.block_size)
+        return self.allocator.match(seq.block_hashes[: (seq.num_tokens - 1) // self.block_size])
+
+    def _hash_blocks(self, seq: Sequence, count: int) -> None:
+        """Extend `seq.block_hashes` to its first `count` blocks (all full)."""
+        have = len(seq.block_hashes)
+        if count > have:
+            parent = seq.block_hashes[-1] if have else self.prefix_root
+            bs = self.block_size
+            seq.block_hashes.extend(block_hashes(parent, seq.tokens(have * bs, count * bs), bs))
+
+    def register_computed(self, seq: Sequence, before: int) -> None:
+        """`seq`'s positions [0, num_cached) are computed, [0, before) were already: cache the blocks
+        that became full (restored rows count as computed: engine.resume)."""
+        if not self.allocator.caching:
+            return
+        first, last = before // self.block_size, seq.num_cached // self.block_size
+        if last <= first:
+            return
+        self._hash_blocks(seq, last)
+        for i in range(first, last):
+            self.allocator.register(seq.block_table[i], seq.block_hashes[i])
 
     def observe(self, elapsed_s: float) -> None:
         """The last scheduled step took `elapsed_s` to run: feeds the step cost model."""
@@ -187,6 +228,7 @@ class Scheduler:
         done = [row for row, seq in enumerate(batch.seqs) if seq.completes_prompt]
         for seq in batch.seqs:
             seq.num_cached += seq.num_scheduled
+            self.register_computed(seq, seq.num_cached - seq.num_scheduled)
             seq.num_scheduled = 0
         if len(done) < len(batch.seqs):
             logits = logits[done]

@@ -27,6 +27,7 @@ class Sequence:
     seed: int  # resolved seed: the request's own, or one drawn at admission and kept for failover
     output_ids: list[int] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)  # chained hashes of its first full blocks (prefix cache)
     num_cached: int = 0
     num_scheduled: int = 0  # tokens the current step computes, from position num_cached on
     suspect: bool = False  # a worker died in its first step there (a poison request?): admitted alone

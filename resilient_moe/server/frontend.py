@@ -26,6 +26,7 @@ from resilient_moe import messages
 from resilient_moe.engine.config import SamplingParams
 from resilient_moe.controller.client import ControllerClient
 from resilient_moe.controller.placement import AttentionLoad, choose_attention_worker
+from resilient_moe.server.prefix_affinity import RecentPrefixes
 from resilient_moe.controller.view import ClusterView
 from resilient_moe.datapath.frames import FrameHeader, FrameKind, worker_number
 from resilient_moe.datapath.dial import connect
@@ -238,6 +239,7 @@ class Frontend:
         self.poller = Poller()
         self.wakeup = Wakeup(self.poller)
         self.links: dict[str, _AttentionLink] = {}  # aw name -> the link to its current incarnation
+        self.prefixes = RecentPrefixes()  # prompt prefixes sent to each attention worker lately (placement)
         self.requests: dict[str, RequestHandle] = {}  # unfinished, plus finished ones not yet read to the end
         self._lock = threading.Lock()  # guards `requests`
         self.max_unfinished = max_unfinished
@@ -493,11 +495,12 @@ class Frontend:
         """Linked attention workers that take new requests (not draining)."""
         return [n for n in self.links if self.view is None or not self.view.draining(n)]
 
-    def _pick_worker(self) -> str | None:
+    def _pick_worker(self, prompt_ids: list[int]) -> str | None:
         """The controller's placement policy (`choose_attention_worker`) over the linked attention workers
         that take requests. Each one's load is what it reports (tokens in flight, running and waiting
         requests, its seats), at least what this frontend has in flight there, which counts at once
-        (a report lags by a heartbeat)."""
+        (a report lags by a heartbeat); with how much of `prompt_ids` each was sent lately as a prefix
+        (`RecentPrefixes`), which a worker within a request or two of the least loaded wins by."""
         targets = self._targets()
         tokens, requests = dict.fromkeys(targets, 0), dict.fromkeys(targets, 0)
         for h in self._handles():
@@ -512,7 +515,11 @@ class Frontend:
             loads[name] = AttentionLoad(max(load.get("tokens", 0.0), float(tokens[name])),
                                         1.0 - load.get("kv_cache_usage_perc", 0.0),
                                         max(reported, float(requests[name])), load.get("seats", float("inf")))
-        return choose_attention_worker(loads)
+        hashes = RecentPrefixes.hashes(prompt_ids)
+        name = choose_attention_worker(loads, self.prefixes.shared(hashes, targets) if hashes else None)
+        if name is not None:
+            self.prefixes.add(name, hashes)
+        return name
 
     def _flush_outbox(self) -> None:
         """Hand every message callers queued to its link; a message that cannot go fails its request."""
@@ -532,7 +539,7 @@ class Frontend:
             self._move(handle)  # its attention worker is gone: resubmit it from what was delivered
             return
         if submit:
-            handle.worker = self._pick_worker() or ""
+            handle.worker = self._pick_worker(handle.prompt_ids) or ""
             if handle.key is not None and self.delivery is not None and handle.worker:
                 self.delivery.update(*handle.key, worker=handle.worker, frontend=self.name)
         name = handle.worker
@@ -681,6 +688,7 @@ class Frontend:
         entry = self.links.pop(name, None)
         if entry is None:
             return
+        self.prefixes.forget(name)  # its replacement starts with an empty prefix cache
         self.poller.remove(entry.link)
         entry.link.close()
         log.warning("lost attention worker %s: %s", name, reason)

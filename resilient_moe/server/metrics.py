@@ -315,6 +315,10 @@ class ClusterCollector:
         kv_restores = CounterMetricFamily(f"{ns}_kv_restore", "Requests an attention worker adopted, by where their "
                                           "KV came from: the primary store's copy (local), a replica store's "
                                           "copy (replica), or nowhere (recompute).", labels=["worker", "source"])
+        prefix = {key: CounterMetricFamily(f"{ns}_{key}", text, labels=["worker"]) for key, text in (
+            ("prefix_query_tokens", "Prompt tokens an attention worker looked up in its prefix cache at admission."),
+            ("prefix_hit_tokens", "Of those, tokens whose KV blocks it found cached (reused, not computed)."),
+            ("prefix_evictions", "Cached KV blocks an attention worker gave to other tokens when free ones ran out."))}
         epoch = shadows = unprotected = no_copy = lag = 0.0
         if state is not None:
             epoch = float(state.ert.epoch)
@@ -342,6 +346,8 @@ class ClusterCollector:
                     restored.add_metric([w.name], load_.get("ckpt_restored", 0.0))
                     recomputed.add_metric([w.name], load_.get("requests_recomputed", load_.get("ckpt_restore_misses", 0.0)))
                     recomputed_tokens.add_metric([w.name], load_.get("recomputed_tokens", 0.0))
+                    for key, family in prefix.items():
+                        family.add_metric([w.name], load_.get(key, 0.0))
                     for source, key in (("local", "ckpt_restored_local"), ("replica", "ckpt_restored_replica"),
                                         ("recompute", "requests_recomputed")):
                         kv_restores.add_metric([w.name, source], load_.get(key, 0.0))
@@ -361,7 +367,7 @@ class ClusterCollector:
                               "holds: tokens routed to them cannot be computed.", value=no_copy),
             GaugeMetricFamily(f"{ns}_kv_checkpoint_lag_tokens",
                               "Generated tokens whose KV is not yet committed to the checkpoint store.", value=lag),
-            restored, recomputed, recomputed_tokens, kv_restores,
+            restored, recomputed, recomputed_tokens, kv_restores, *prefix.values(),
         ]
         return metrics
 

@@ -453,6 +453,11 @@ class AttentionServer:
         extra["requests_attached"] = float(self.requests_attached)
         allocator = self.engine.allocator
         extra["kv_cache_usage_perc"] = 1.0 - allocator.num_free / allocator.num_blocks
+        # prefix cache (engine/kv_cache.py): tokens looked up at admission, found cached, cached blocks reused
+        # for other tokens; counters of this incarnation
+        extra["prefix_query_tokens"] = float(scheduler.prefix_query_tokens)
+        extra["prefix_hit_tokens"] = float(scheduler.prefix_hit_tokens)
+        extra["prefix_evictions"] = float(allocator.num_evictions)
         extra["ert_epoch"] = float(self.forwarder.ert.epoch) if self.forwarder.ert is not None else 0.0
         return extra | {"running": float(len(scheduler.running)), "waiting": float(len(scheduler.waiting)),
                         "threads": float(ops.compute_threads()), "tokens": float(scheduler.tokens_in_flight),
