@@ -161,6 +161,25 @@ def test_preemption_and_eviction_under_a_small_cache_identical(tiny_model):
     assert engine.scheduler.prefix_hit_tokens > 0
 
 
+def test_a_request_aborted_while_its_step_runs_registers_nothing(tiny_model):
+    """An attention worker aborts a request (its client went away, a restart-all) between scheduling a
+    step and taking its output: its blocks are freed already, so nothing of it enters the cache (this
+    crashed the worker with an IndexError), and the request beside it goes on."""
+    engine = LLMEngine(tiny_model, EngineConfig(enable_prefix_caching=True))
+    engine.add_request("gone", list(range(3, 70)), SamplingParams(max_tokens=4, ignore_eos=True))
+    engine.add_request("stays", list(range(100, 150)), SamplingParams(max_tokens=4, ignore_eos=True))
+    batch = engine.scheduler.schedule()
+    assert {s.request_id for s in batch.seqs} == {"gone", "stays"}
+    output = engine.runner.run(batch.seqs, 1)
+    engine.scheduler.abort("gone")  # before its output is taken (the pipeline's micro-batches overlap)
+    engine.scheduler.postprocess(batch, output.all_logits())
+    cached = engine.scheduler.allocator
+    stays = next(s for s in engine.scheduler.running if s.request_id == "stays")
+    assert len(stays.block_hashes) == 50 // 16 and len(cached.match(stays.block_hashes)) == 50 // 16
+    gone_hashes = block_hashes(engine.scheduler.prefix_root, list(range(3, 67)), 16)
+    assert cached.match(gone_hashes) == [], "an aborted request's blocks entered the cache"
+
+
 def test_chunked_prefill_counts_cached_tokens_as_computed(tiny_model):
     prompts = _shared_prefix_prompts(3, 300, seed=9)
     params = SamplingParams(max_tokens=4, ignore_eos=True)

@@ -197,9 +197,9 @@ class Scheduler:
     def register_computed(self, seq: Sequence, before: int) -> None:
         """`seq`'s positions [0, num_cached) are computed, [0, before) were already: cache the blocks
         that became full (restored rows count as computed: engine.resume)."""
-        if not self.allocator.caching:
-            return
-        first, last = before // self.block_size, seq.num_cached // self.block_size
+        if not self.allocator.caching or seq.status == SequenceStatus.FINISHED:
+            return  # aborted while its step ran (a client gone, a stop): its blocks are freed already
+        first, last = before // self.block_size, min(seq.num_cached // self.block_size, len(seq.block_table))
         if last <= first:
             return
         self._hash_blocks(seq, last)
