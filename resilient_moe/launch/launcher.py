@@ -568,27 +568,29 @@ class Launcher:
     def _flush_fault_reports(self) -> None:
         """Send the waiting fault records: each once at once, and again (an update) once its replacement
         serves; a controller that does not answer is tried again in half a second. The controller's own
-        record is replaced the moment a new controller answers."""
+        record is replaced the moment a new controller answers. What is sent is a copy taken under the
+        lock: a replacement time set while a send is in flight goes out with the next one."""
         if not self._fault_reports or self.client is None or time.monotonic() < self._next_fault_flush:
             return
         with self._fault_lock:
             pending = [r for r in self._fault_reports if id(r) not in self._faults_sent or r.replaced_at]
         for record in pending:
-            if record.component == "controller" and not record.replaced_at:
-                record.replaced_at = time.time()  # if this call succeeds, a new controller serves
+            with self._fault_lock:
+                sent = pb.FaultRecord()
+                sent.CopyFrom(record)
+            if sent.component == "controller" and not sent.replaced_at:
+                sent.replaced_at = time.time()  # if this call succeeds, a new controller serves
             refused = False
             try:
-                self.client.record_fault(record, timeout_s=0.5)
+                self.client.record_fault(sent, timeout_s=0.5)
             except grpc.RpcError as e:
-                if record.component == "controller":
-                    record.replaced_at = 0.0
                 if e.code() != grpc.StatusCode.INVALID_ARGUMENT:
                     self._next_fault_flush = time.monotonic() + 0.5
                     return
                 log.error("the controller refused a fault record of %s: %s", record.component, e.details())
                 refused = True
             with self._fault_lock:
-                if record.replaced_at or refused:  # done with it
+                if sent.replaced_at or refused:  # done with it
                     self._fault_reports.remove(record)
                     self._faults_sent.discard(id(record))
                 else:  # sent; sent again once its replacement serves
