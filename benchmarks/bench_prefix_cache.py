@@ -117,6 +117,7 @@ def cross_worker(model: str, requests: int, system_tokens: int, user_tokens: int
             def worker(index: int, publish: bool):
                 engine = LLMEngine(model, config)
                 engine.generate([[5, 6, 7]], SamplingParams(max_tokens=1))  # warm the kernels
+                engine.scheduler.prefix_query_tokens = engine.scheduler.prefix_hit_tokens = 0  # warm-up excluded
                 ckpt = KVCheckpointer(engine, layout, index, db, "bench", f"aw-{index}", 1)
                 ckpt.publish_prefixes = publish
                 ckpt.attach(handoff.address, 1)

@@ -359,7 +359,7 @@ class KVCheckpointer:
         there is nothing to look up (all cached, too short, reuse off, no store yet): queue it as usual."""
         allocator = self.engine.allocator
         if not (self.publish_prefixes and allocator.caching and not self.windows.windowed and self._ready_store) \
-                or seq.block_table or self._refused:
+                or seq.block_table or self._refused or self._stop:
             return False
         since = self._commit_since
         now = time.monotonic()
@@ -490,16 +490,21 @@ class KVCheckpointer:
         for lookup, raw in zip(lookups, found):
             self.counters["prefix_lookups"] += 1
             rows = None
-            if isinstance(raw, list):
-                entries = [PrefixEntry.parse(r) for r in raw]
-                if entries and entries[0] is not None and (entries[0].owner, entries[0].incarnation) in fenced:
-                    self.counters["prefix_fenced"] += 1
-                run = usable_run(entries, self.layout, fenced)
-                if run:
-                    rows, n = self.restorer.read_prefix(lookup.seq, run)
-                    self.counters["prefix_found_blocks"] += n // self.bs
-            elif raw is not None:
-                self.counters["prefix_lookup_errors"] += 1
+            try:
+                if isinstance(raw, list):
+                    entries = [PrefixEntry.parse(r) for r in raw]
+                    if entries and entries[0] is not None and (entries[0].owner, entries[0].incarnation) in fenced:
+                        self.counters["prefix_fenced"] += 1
+                    run = usable_run(entries, self.layout, fenced)
+                    if run:
+                        rows, n = self.restorer.read_prefix(lookup.seq, run)
+                        self.counters["prefix_found_blocks"] += n // self.bs
+                elif raw is not None:
+                    self.counters["prefix_lookup_errors"] += 1
+            except Exception:  # noqa: BLE001 (whatever it is, the request is answered: it computes its prompt)
+                self.counters["prefix_read_errors"] += 1
+                rows = None
+                log.exception("%s: prefix read failed; computing it", lookup.seq.request_id)
             self._prefixes.append((lookup.seq, lookup.start, rows))
         self.wake()
 
