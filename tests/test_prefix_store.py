@@ -238,3 +238,47 @@ def test_serving_stack_reuses_a_prefix_another_attention_worker_computed(tiny_mo
                    "aw-1 to report the lookup that found nothing usable")
         assert worker_load(cluster, "aw-1", "prefix_store_hit_tokens") == 48
         assert worker_load(cluster, "aw-1", "ckpt_prefix_fenced") == 1  # fenced in its view, or its region claimed
+
+
+def test_a_prefix_in_another_store_is_read_over_tcp(tiny_model, redis_server):
+    """The writer's primary store is not the reader's: the reader reads the blocks from it over TCP
+    (kvstore/remote.py), with the same stamp checks."""
+    from resilient_moe import auth
+    from resilient_moe.kvstore.remote import StoreServer
+    from resilient_moe.kvstore.replication import StoreRef
+    from test_kv_replication import Writer
+
+    if not auth.has_secret():
+        auth.install(auth.new_secret())
+    prompts = _prompts(2)
+    reference = [r.token_ids for r in LLMEngine(tiny_model, EngineConfig(enable_prefix_caching=False)).generate(
+        prompts, PARAMS)]
+    layout = StoreLayout.for_deployment(ModelConfig.from_pretrained(tiny_model), 4 << 20, 16, torch.float32, 2)
+    memories = [StoreMemory(layout, f"test-prefix-store-{i}") for i in range(2)]
+    server = StoreServer(memories[0], "kv-store", 11).start()
+    db = redis.Redis(unix_socket_path=redis_server)
+    writer = Writer(tiny_model, layout, db, 0, 11, memories[0])
+    reader = Writer(tiny_model, layout, db, 1, 13, memories[1])
+    try:
+        for w in (writer, reader):
+            w.ckpt.publish_prefixes = True
+        writer.engine.add_request("a", prompts[0], PARAMS)
+        while writer.engine.has_unfinished():
+            writer.step()
+        writer.ckpt.after_step()
+        wait_until(lambda: writer.ckpt.settled() and writer.ckpt.counters["prefix_published"] >= PREFIX // 16, 10,
+                   "the writer's blocks to be named")
+        reader.ckpt.use_replicas([], [StoreRef("kv-store", 0, 11, f"memfd:@none:0;{server.address}", "h")])
+        assert admit(reader, "b", prompts[1]) == PREFIX
+        while reader.engine.has_unfinished():
+            reader.step()
+        assert [writer.tokens["a"], reader.tokens["b"]] == reference
+        assert server.counters["reads"] >= 1
+    finally:
+        for w in (writer, reader):
+            w.ckpt.stop()
+            w.handoff.close()
+        server.close()
+        db.close()
+        for memory in memories:
+            memory.close()
