@@ -59,6 +59,11 @@ class DeploymentConfig:
     max_attention_workers: int | None = None
     drain_timeout_s: float = 30.0  # longest a draining worker (or server) takes to finish or hand over its requests
     kv_checkpoint: bool = True  # checkpoint attention workers' KV into the KV store (needs Redis)
+    # Reuse across attention workers: each names the full blocks it checkpoints under their prefix hash
+    # (kvstore/prefix_index.py), and a new request whose prefix misses in its worker's prefix cache reads
+    # those blocks from the KV store instead of computing them. Needs kv_checkpoint and the engine's
+    # enable_prefix_caching; not for sliding-window models (the store keeps only their window).
+    prefix_store: bool = True
     # Host memory of each KV store at the start: each attention worker's region is kv_store_bytes //
     # attention_workers, and a store grows by one region per attention worker added (allocated as written).
     kv_store_bytes: int = 256 << 20
@@ -154,7 +159,7 @@ class DeploymentConfig:
         if not isinstance(self.redis_url, str) or (self.redis_url and not self.redis_url.startswith(
                 ("redis://", "rediss://", "unix://"))):
             raise ConfigError(f"redis_url must be empty or a redis://, rediss:// or unix:// URL, got {self.redis_url!r}")
-        for name in ("resilience", "kv_checkpoint"):
+        for name in ("resilience", "kv_checkpoint", "prefix_store"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.baseline_restart not in ("warm", "cold"):

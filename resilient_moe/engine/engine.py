@@ -167,6 +167,37 @@ class LLMEngine:
         self.scheduler.add(seq)
         return n
 
+    def add_with_prefix(self, seq: Sequence, start: int, rows: RestoredRows | None) -> int:
+        """Queue a new request whose full blocks from block `start` on were read from the KV store
+        (`rows`: whole blocks, their positions from start * block_size on; the first `start` were in the
+        prefix cache when it was looked up). Returns the positions taken from `rows`: 0 when there are
+        none, the prefix cache no longer holds the first `start` blocks, or holds the restored ones too
+        by now, or the cache has no room; then the scheduler's own lookup decides what is computed.
+        The restored blocks enter the prefix cache like computed ones."""
+        bs = self.config.block_size
+        count = rows.n // bs if rows is not None else 0
+        hashes = self.scheduler.prefix_hashes(seq)
+        count = min(count, len(hashes) - start)  # never the last token's block: it is computed, for its logits
+        hit = self.allocator.match(hashes[: start + count])
+        if count <= 0 or seq.block_table or len(hit) < start or len(hit) >= start + count \
+                or count + self.allocator.num_reclaimed(hit[:start]) > self.allocator.num_free:
+            self.scheduler.add(seq)
+            return 0
+        seq.block_table = self.allocator.acquire(hit[:start])  # held first: allocating cannot evict them
+        seq.block_table += self.allocator.allocate(count)
+        positions = torch.arange(start * bs, (start + count) * bs)
+        table = torch.tensor(seq.block_table, dtype=torch.long)
+        slots = table[positions // bs] * bs + positions % bs
+        if rows.n > count * bs:  # a windowless model's rows (the only ones looked up): every layer in `full`
+            rows = RestoredRows(rows.windows, count * bs, 0, rows.full[:, : count * bs], rows.windowed[:, :0])
+        rows.scatter_into(self.cache, slots.to(self.device))
+        seq.num_cached = (start + count) * bs
+        self.scheduler.register_computed(seq, start * bs)
+        self.scheduler.prefix_query_tokens += seq.num_tokens
+        self.scheduler.prefix_hit_tokens += start * bs
+        self.scheduler.add(seq)
+        return count * bs
+
     def abort(self, request_id: str) -> bool:
         self.last_logits.pop(request_id, None)
         return self.scheduler.abort(request_id) is not None

@@ -186,6 +186,14 @@ class Scheduler:
         self._hash_blocks(seq, (seq.num_tokens - 1) // self.block_size)
         return self.allocator.match(seq.block_hashes[: (seq.num_tokens - 1) // self.block_size])
 
+    def prefix_hashes(self, seq: Sequence, count: int | None = None) -> list[bytes]:
+        """Chained hashes of `seq`'s first `count` full blocks (default: those a prefix may reuse, all but
+        its last token's), computed once and kept on it."""
+        if count is None:
+            count = (seq.num_tokens - 1) // self.block_size
+        self._hash_blocks(seq, count)
+        return seq.block_hashes[:count]
+
     def _hash_blocks(self, seq: Sequence, count: int) -> None:
         """Extend `seq.block_hashes` to its first `count` blocks (all full)."""
         have = len(seq.block_hashes)

@@ -18,6 +18,11 @@ on one background thread, so neither a slow Redis nor a big restore ever holds u
   - restores (a request moved here from a failed worker; restore.py): the thread reads the commit
     record, checks each block's stamp against it before and after copying the rows out, and hands
     back the verified prefix; the engine thread copies it into the KV cache and recomputes only the rest.
+  - prefix reuse across workers (kvstore/prefix_index.py): with `publish_prefixes`, every full block
+    a write puts into the store is also named in Redis under its chained prefix hash (keys.py
+    `prefix_key`), in the commit's round trip; `request_prefix` looks the blocks a new request misses
+    in the local prefix cache up there, and the thread reads the run it finds with the stamp checks
+    of a restore (restore.py `read_prefix`); `finished_prefixes` hands the rows back.
   - a new store (the old one died and was restarted): the thread maps it, lets go of the old memory,
     and every running request is checkpointed again from its start.
   - replicas (`kv_replicas`, kvstore/replication.py): every write made into the primary is handed to
@@ -61,11 +66,13 @@ from resilient_moe.kvstore.commit_records import (COMMIT_SCRIPT, COMMITTED, REPL
 from resilient_moe.kvstore.memory_layout import (MappedStore, Region, StoreLayout, block_rows, claim_region,
                                                  stamped_prefix, write_blocks)
 from resilient_moe.kvstore.replication import ReplicaShipper, ReplicaWrite, StoreRef
+from resilient_moe.kvstore.prefix_index import MAX_PREFIX_BLOCKS, PrefixEntry, usable_run
 from resilient_moe.kvstore.restore import Restorer
 
 log = logging.getLogger("resilient_moe.kv_checkpoint")
 
 MAX_PENDING = 256  # snapshots waiting for the background thread (the commit buffer bound)
+PREFIX_WAIT_S = 0.05  # no prefix lookup is queued while a commit round trip has waited longer than this
 REPLICA_RETRY_S = 2.0  # a replica given up while its store still serves is tried again this often
 
 @dataclass
@@ -102,6 +109,7 @@ class _Write:
     gaps: dict[str, list[tuple[int, int]]]  # request id -> its skipped sliding-layer spans so far
     acks: list[tuple[str, int, int]] = field(default_factory=list)  # (request id, first, end block) written
     copy: staging.SideCopy | None = None  # the KV rows on their way to host memory (on a GPU)
+    prefixes: list[tuple[bytes, int, int]] = field(default_factory=list)  # (chained hash, store block, gen) of full blocks
 
     def host_parts(self) -> list[tuple[tuple[int, ...], torch.Tensor, torch.Tensor]]:
         """`parts` with their rows in host memory: waits (on the checkpoint thread) for the side copy."""
@@ -120,6 +128,13 @@ class _Release:
 @dataclass
 class _Restore:
     seq: Sequence
+
+
+@dataclass
+class _PrefixLookup:
+    seq: Sequence
+    start: int  # its first `start` full blocks are in the local prefix cache
+    hashes: list[bytes]  # the chained hashes of its next full blocks, to look up
 
 
 @dataclass
@@ -166,8 +181,13 @@ class KVCheckpointer:
         self._pinned: dict[int, str] = {}  # store block -> request id of a predecessor's record
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
-        self._pending: deque[_Write | _Release | _Restore | _Attach | _Replicas | _Acked] = deque()
+        self._pending: deque[_Write | _Release | _Restore | _PrefixLookup | _Attach | _Replicas | _Acked] = deque()
         self._restored: deque[tuple[Sequence, torch.Tensor | None, int]] = deque()
+        self._prefixes: deque[tuple[Sequence, int, RestoredRows | None]] = deque()
+        # Prefix reuse across workers (the attention worker sets these from its deployment and cluster views)
+        self.publish_prefixes = False
+        self.fenced: frozenset[tuple[str, int]] = frozenset()  # (name, incarnation) the controller fenced
+        self._prefix_down_until = 0.0  # a lookup failed: none until then
         self._stop = False
         self._busy = False  # the thread is carrying out a batch it took
         self._refused = False
@@ -191,7 +211,9 @@ class KVCheckpointer:
                          "replica_reshipped_blocks": 0, "restore_read_errors": 0,
                          "restored_tokens": 0, "restored_bytes": 0, "restore_misses": 0,
                          "restore_stamp_mismatches": 0, "restore_malformed_records": 0,
-                         "pinned_blocks": 0, "writes_refused": 0, "store_attaches": 0}
+                         "pinned_blocks": 0, "writes_refused": 0, "store_attaches": 0,
+                         "prefix_published": 0, "prefix_lookups": 0, "prefix_found_blocks": 0, "prefix_fenced": 0,
+                         "prefix_stamp_mismatches": 0, "prefix_read_errors": 0, "prefix_lookup_errors": 0}
         self.restorer = Restorer(layout, self.windows, redis_client, cluster_id, owner, incarnation, self.counters)
         self._commit = redis_client.register_script(COMMIT_SCRIPT)
         self._replica_commit = redis_client.register_script(REPLICA_SCRIPT)
@@ -254,6 +276,8 @@ class KVCheckpointer:
         for request_id in [r for r in self.tracked if r not in live]:
             self._release(request_id)
         src_parts, dst_parts, recent_parts, new_blocks, new_gens, commits, acks = [], [], [], [], [], [], []
+        prefixes: list[tuple[bytes, int, int]] = []
+        publish = self.publish_prefixes and not self.windows.windowed  # a windowed block is not whole in the store
         for seq in scheduler.running:
             t = self.tracked.get(seq.request_id)
             if t is None:
@@ -283,6 +307,9 @@ class KVCheckpointer:
             new_gens.extend(gens)
             acks.append((seq.request_id, first, last))
             commits.append((seq.request_id, n, first, t.blocks[first:last], gens, t.tokens, seq.output_ids[t.tokens:]))
+            if publish and n // self.bs > first:
+                hashes = scheduler.prefix_hashes(seq, n // self.bs)
+                prefixes += [(hashes[i], t.blocks[i], t.gens[i]) for i in range(first, n // self.bs)]
             t.committed, t.tokens = n, len(seq.output_ids)
         if not commits:
             return
@@ -293,7 +320,7 @@ class KVCheckpointer:
         item = _Write(self.store_incarnation, parts, torch.tensor(new_blocks, dtype=torch.long),
                       torch.tensor(new_gens, dtype=torch.long), commits,
                       {request_id: list(self.tracked[request_id].gaps) for request_id, *_ in commits}, acks,
-                      staging.SideCopy([data for *_, data in parts]))
+                      staging.SideCopy([data for *_, data in parts]), prefixes)
         with self._cond:
             if sum(isinstance(p, _Write) for p in self._pending) >= MAX_PENDING:
                 self.counters["dropped"] += 1
@@ -325,6 +352,35 @@ class KVCheckpointer:
         with self._cond:
             self._pending.append(_Restore(seq))
             self._cond.notify()
+
+    def request_prefix(self, seq: Sequence) -> bool:
+        """A new request: look the full blocks of its prompt that the local prefix cache misses up in the
+        prefix index, off this thread (the answer comes back through `finished_prefixes`). False when
+        there is nothing to look up (all cached, too short, reuse off, no store yet): queue it as usual."""
+        allocator = self.engine.allocator
+        if not (self.publish_prefixes and allocator.caching and not self.windows.windowed and self._ready_store) \
+                or seq.block_table or self._refused or self._stop:
+            return False
+        since = self._commit_since
+        now = time.monotonic()
+        if now < self._prefix_down_until or (since is not None and now - since > PREFIX_WAIT_S):
+            return False  # Redis failed a moment ago, or the thread waits on it: a new request never waits too
+        hashes = self.engine.scheduler.prefix_hashes(seq)
+        start = len(allocator.match(hashes))
+        if start >= len(hashes):
+            return False
+        with self._cond:
+            self._pending.append(_PrefixLookup(seq, start, hashes[start : start + MAX_PREFIX_BLOCKS]))
+            self._cond.notify()
+        return True
+
+    def finished_prefixes(self) -> list[tuple[Sequence, int, RestoredRows | None]]:
+        """(seq, start, rows or None) of prefix lookups that are ready: rows hold whole blocks from its
+        block `start` on, verified (None: nothing usable, compute it all)."""
+        out = []
+        while self._prefixes:
+            out.append(self._prefixes.popleft())
+        return out
 
     def settled(self) -> bool:
         """Is every snapshot staged so far written and its commit sent (a draining worker hands its
@@ -368,7 +424,7 @@ class KVCheckpointer:
         """Carry out a batch in order, with one Redis round trip for all its commits and deletes, and
         one each to read and to take over the records of all its restores."""
         pipe = None
-        restores = []
+        restores, lookups = [], []
         for item in batch:
             if isinstance(item, _Attach):
                 if pipe is not None:
@@ -377,10 +433,13 @@ class KVCheckpointer:
                 self._attach(item)
             elif isinstance(item, _Restore):
                 restores.append(item.seq)
+            elif isinstance(item, _PrefixLookup):
+                lookups.append(item)
             elif isinstance(item, _Write):
                 if item.store == self._mapped_store and self._write(item):
                     pipe = pipe or self.redis.pipeline(transaction=False)
                     self._queue_commits(pipe, item)
+                    self._queue_prefixes(pipe, item)
                     for shipper in self._shippers.values():
                         shipper.ship(ReplicaWrite(item.blocks, item.gens, item.parts, item.acks))
             elif isinstance(item, _Release):
@@ -402,8 +461,52 @@ class KVCheckpointer:
             for seq, (data, n, _) in zip(restores, self.restorer.restore(restores)):
                 self._restored.append((seq, data, n))
             self.wake()
+        if lookups:
+            self._look_up_prefixes(lookups)
         if pipe is not None:
             self._execute(pipe)
+
+    def _queue_prefixes(self, pipe, item: _Write) -> None:
+        """Name each full block the write put into the store under its chained hash (the rows are there
+        now: `_write` came first)."""
+        for block_hash, block, gen in item.prefixes:
+            entry = PrefixEntry(item.store, block, self.incarnation, gen, self.owner)
+            pipe.set(keys.prefix_key(self.cluster_id, block_hash), entry.encode(), ex=keys.PREFIX_TTL_S)
+        self.counters["prefix_published"] += len(item.prefixes)
+
+    def _look_up_prefixes(self, lookups: list[_PrefixLookup]) -> None:
+        """One Redis round trip for every lookup, then each one's run read from its store and checked."""
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            for lookup in lookups:
+                pipe.mget([keys.prefix_key(self.cluster_id, h) for h in lookup.hashes])
+            found = pipe.execute(raise_on_error=False)
+        except Exception as e:  # noqa: BLE001 (Redis down or slow: compute them)
+            self.counters["prefix_lookup_errors"] += 1
+            self._prefix_down_until = time.monotonic() + 1.0
+            log.debug("prefix lookup failed (%s): computing %d prompts", e, len(lookups))
+            found = [None] * len(lookups)
+        fenced = self.fenced  # the latest view's (swapped whole by the engine thread)
+        for lookup, raw in zip(lookups, found):
+            self.counters["prefix_lookups"] += 1
+            rows = None
+            try:
+                if isinstance(raw, list):
+                    entries = [PrefixEntry.parse(r) for r in raw]
+                    if entries and entries[0] is not None and (entries[0].owner, entries[0].incarnation) in fenced:
+                        self.counters["prefix_fenced"] += 1
+                    run = usable_run(entries, self.layout, fenced)
+                    if run:
+                        rows, n = self.restorer.read_prefix(lookup.seq, run)
+                        self.counters["prefix_found_blocks"] += n // self.bs
+                elif raw is not None:
+                    self.counters["prefix_lookup_errors"] += 1
+            except Exception:  # noqa: BLE001 (whatever it is, the request is answered: it computes its prompt)
+                self.counters["prefix_read_errors"] += 1
+                rows = None
+                log.exception("%s: prefix read failed; computing it", lookup.seq.request_id)
+            self._prefixes.append((lookup.seq, lookup.start, rows))
+        self.wake()
 
     def _attach(self, item: _Attach) -> None:
         old = self._store

@@ -26,6 +26,16 @@
       first position (a repeated or out-of-order commit changes nothing). Written with the commit
       record, in the same script; same expiry; both are deleted when the request finishes or is aborted.
 
+    rmoe:{cluster}:prefix:{hash}         string, "STORE:BLOCK:OWNER:INCARNATION:GEN": where a full KV block
+      whose chained prefix hash (engine/kv_cache.py block_hashes, hex) is `hash` was checkpointed: the
+      store incarnation, the store block, the attention worker and incarnation that wrote it, and the
+      generation it is stamped with. Set by that worker's checkpoint thread once the block's rows are in
+      the store (the latest writer of a hash wins), read by any attention worker that misses that block
+      in its own prefix cache (kvstore/prefix_index.py). The entry is a hint, never trusted: the block
+      is freed with its request and may be rewritten; a reader uses it only if the block's stamp equals
+      (INCARNATION, GEN) before and after its copy and that incarnation is not fenced, else it prefills.
+      Expires PREFIX_TTL_S after it was set, so the index stays bounded by what was written lately.
+
     rmoe:{cluster}:controller            string, JSON: the controller's state after its latest change
         desired state: desired {attention_workers, expert_workers} (the roster, changed by /admin/scale),
           restart_generation (the restart-everything baseline), active and target placements
@@ -62,6 +72,7 @@
 from __future__ import annotations
 
 COMMIT_TTL_S = 600
+PREFIX_TTL_S = 600
 
 
 def request_key(cluster_id: str, scope: str, key: str) -> str:
@@ -86,6 +97,10 @@ def blocks_key(cluster_id: str, request_id: str) -> str:
 
 def tokens_key(cluster_id: str, request_id: str) -> str:
     return f"rmoe:{cluster_id}:tokens:{request_id}"
+
+
+def prefix_key(cluster_id: str, block_hash: bytes) -> str:
+    return f"rmoe:{cluster_id}:prefix:{block_hash.hex()}"
 
 
 def commit_pattern(cluster_id: str) -> str:

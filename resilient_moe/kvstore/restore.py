@@ -28,6 +28,7 @@ from resilient_moe.errors import ResilientMoeError
 from resilient_moe.kvstore import keys
 from resilient_moe.kvstore.commit_records import CommitRecord, parse_record, replica_fields, takeover_fields
 from resilient_moe.kvstore.memory_layout import MappedStore, StoreLayout, stamped_prefix
+from resilient_moe.kvstore.prefix_index import PrefixEntry
 from resilient_moe.kvstore.remote import RemoteStore
 
 log = logging.getLogger("resilient_moe.kv_checkpoint")
@@ -78,6 +79,35 @@ class Restorer:
             else:
                 self.counters["restore_misses"] += 1
         return results
+
+    def read_prefix(self, seq: Sequence, run: list[PrefixEntry]) -> tuple[RestoredRows | None, int]:
+        """Rows of the prefix-index entries `run` (one writer, one region: prefix_index.usable_run), as
+        positions [0, n) from its first block on, n whole blocks: the leading blocks whose stamps are the
+        entries' before and after the copy, checked as a failover restore checks a commit record's; a
+        store mapped here must also still give the region to that writer (else it was fenced). Nothing
+        (0) when the store is gone or the read fails: the caller computes those blocks."""
+        head = run[0]
+        if head.store == self.mapped_store and self._mapped is not None:
+            try:
+                region = self._mapped.region(self.layout.region_of(head.block))
+            except (OSError, ValueError) as e:
+                log.debug("%s: cannot map the region of store block %d (%s)", seq.request_id, head.block, e)
+                return None, 0
+            if int(region.owner[0]) != head.incarnation:
+                self.counters["prefix_fenced"] += 1  # a successor claimed the region: its writer is gone
+                return None, 0
+        store_blocks = torch.tensor([e.block for e in run], dtype=torch.long)
+        expected = torch.tensor([[e.incarnation, e.gen] for e in run], dtype=torch.long)  # [k, 2]
+        try:
+            data, n = self._read_copy(seq, head.store, store_blocks, expected, len(run) * self.bs, [],
+                                      mismatches="prefix_stamp_mismatches")
+        except (ResilientMoeError, OSError, ValueError) as e:
+            self.counters["prefix_read_errors"] += 1
+            self._drop_reader(head.store)
+            log.debug("%s: cannot read prefix blocks from store incarnation %d (%s)", seq.request_id, head.store, e)
+            return None, 0
+        n = n // self.bs * self.bs
+        return (data, n) if n > 0 else (None, 0)
 
     def close(self) -> None:
         for store in list(self._readers):
@@ -143,10 +173,12 @@ class Restorer:
         return best
 
     def _read_copy(self, seq: Sequence, store: int, store_blocks: torch.Tensor, expected: torch.Tensor, n: int,
-                   gaps: list[tuple[int, int]]) -> tuple[RestoredRows | None, int]:
+                   gaps: list[tuple[int, int]], mismatches: str = "restore_stamp_mismatches",
+                   ) -> tuple[RestoredRows | None, int]:
         """Rows of `store_blocks` in store `store` that carry the stamps `expected`, checked before and
         after the copy (sliding layers' within their window only), and n; mapped when it is this
-        worker's primary, over TCP otherwise (RemoteStoreError when that fails)."""
+        worker's primary, over TCP otherwise (RemoteStoreError when that fails). A block found with
+        another stamp is counted in `mismatches` (a prefix read expects some: blocks are freed and reused)."""
         count = store_blocks.numel()
         if store == self.mapped_store and self._mapped is not None:
             region = self._mapped.region(self.layout.region_of(int(store_blocks[0])))  # the writer's (made if new)
@@ -172,7 +204,9 @@ class Restorer:
             data = RestoredRows.read(rows, self.windows, torch.arange(n)) if n > 0 else None
         else:
             return None, 0
-        if good < count:
+        if good < count and mismatches != "restore_stamp_mismatches":
+            self.counters[mismatches] += 1
+        elif good < count:
             self.counters["restore_stamp_mismatches"] += 1
             log.warning("%s: store block %d was rewritten after its commit (a fenced writer?); restoring %d "
                         "positions from store incarnation %d", seq.request_id, int(store_blocks[good]), max(n, 0), store)

@@ -318,7 +318,11 @@ class ClusterCollector:
         prefix = {key: CounterMetricFamily(f"{ns}_{key}", text, labels=["worker"]) for key, text in (
             ("prefix_query_tokens", "Prompt tokens an attention worker looked up in its prefix cache at admission."),
             ("prefix_hit_tokens", "Of those, tokens whose KV blocks it found cached (reused, not computed)."),
-            ("prefix_evictions", "Cached KV blocks an attention worker gave to other tokens when free ones ran out."))}
+            ("prefix_evictions", "Cached KV blocks an attention worker gave to other tokens when free ones ran out."),
+            ("prefix_store_restores", "New requests whose missing prefix blocks an attention worker read from the KV "
+             "store (checkpointed by any worker) instead of computing them."),
+            ("prefix_store_hit_tokens", "Prompt tokens an attention worker read from the KV store that way."),
+            ("prefix_store_misses", "Prefix lookups in the KV store that found nothing usable (computed instead)."))}
         epoch = shadows = unprotected = no_copy = lag = 0.0
         if state is not None:
             epoch = float(state.ert.epoch)

@@ -95,7 +95,8 @@ class AttentionServer:
         self.node = os.uname().nodename  # our failure domain (WorkerConfig.node): links to peers on it use shm
         self.frontends: dict[Link, Outbox] = {}
         self.owner: dict[str, Link] = {}  # request id -> frontend link that submitted it
-        self.restoring: dict[str, Sequence] = {}  # moved here, waiting for their KV from the store
+        # moved here, waiting for their KV from the store; or new, waiting for a prefix lookup in the store
+        self.restoring: dict[str, Sequence] = {}
         self.kept: dict[str, Kept] = {}  # requests that outlive their frontend (messages.py: keep_s)
         self.requests_started = 0  # requests submitted fresh here (not moved here from another worker)
         self.requests_attached = 0  # kept requests a client resumed through another frontend
@@ -123,6 +124,11 @@ class AttentionServer:
         self.index = 0  # this worker's index (its region in every KV store)
         self.kv_replicas = 0  # replica stores each checkpoint is shipped to (deployment kv_replicas)
         self.warned_no_store = False
+        # Prefix reuse across workers (deployment prefix_store): new requests whose prefix blocks were read
+        # from the KV store, the positions so read, and lookups that found nothing usable (computed instead)
+        self.prefix_store_restores = 0
+        self.prefix_store_hit_tokens = 0
+        self.prefix_store_misses = 0
         forwarder.on_other = self.on_other
         engine.on_scheduled = self.on_scheduled
 
@@ -241,6 +247,12 @@ class AttentionServer:
             for seq, rows, n in self.checkpointer.finished_restores():
                 if self.restoring.pop(seq.request_id, None) is seq:
                     self._resume(seq, rows, n)
+            for seq, start, rows in self.checkpointer.finished_prefixes():
+                if self.restoring.pop(seq.request_id, None) is seq:
+                    restored = self.engine.add_with_prefix(seq, start, rows)
+                    self.prefix_store_restores += restored > 0
+                    self.prefix_store_hit_tokens += restored
+                    self.prefix_store_misses += restored == 0
 
     def _submit(self, link: Link, message: messages.Submit) -> None:
         try:
@@ -261,7 +273,10 @@ class AttentionServer:
             self._resume(seq, None, 0)
         else:
             self.requests_started += 1
-            self.engine.scheduler.add(seq)
+            if self.checkpointer is not None and not self.draining.is_set() and self.checkpointer.request_prefix(seq):
+                self.restoring[message.request_id] = seq  # the prefix blocks it misses here may be in the store
+            else:
+                self.engine.scheduler.add(seq)
 
     def _resume(self, seq: Sequence, rows, n: int) -> None:
         restored = self.engine.resume(seq, rows, n)
@@ -273,6 +288,7 @@ class AttentionServer:
     def apply_view(self, view: ClusterView) -> None:
         """Connect to expert workers that became ready; adopt the newest routing table; map a new KV store."""
         if self.checkpointer is not None:
+            self.checkpointer.fenced = view.fenced  # prefix blocks those wrote are not reused
             self.use_kv_stores(view)
         for w in view.of_role("expert"):
             peer = self.forwarder.peers.get(w.name)
@@ -458,6 +474,11 @@ class AttentionServer:
         extra["prefix_query_tokens"] = float(scheduler.prefix_query_tokens)
         extra["prefix_hit_tokens"] = float(scheduler.prefix_hit_tokens)
         extra["prefix_evictions"] = float(allocator.num_evictions)
+        # of those, read from the KV store (blocks another worker, or this one, checkpointed): requests, positions,
+        # and lookups there that found nothing usable
+        extra["prefix_store_restores"] = float(self.prefix_store_restores)
+        extra["prefix_store_hit_tokens"] = float(self.prefix_store_hit_tokens)
+        extra["prefix_store_misses"] = float(self.prefix_store_misses)
         extra["ert_epoch"] = float(self.forwarder.ert.epoch) if self.forwarder.ert is not None else 0.0
         return extra | {"running": float(len(scheduler.running)), "waiting": float(len(scheduler.waiting)),
                         "threads": float(ops.compute_threads()), "tokens": float(scheduler.tokens_in_flight),
@@ -489,7 +510,9 @@ def start_checkpointer(config: WorkerConfig, engine: LLMEngine, incarnation: int
         return None
     # Every Redis call runs on the checkpointer's thread, never on the step: it can afford to wait.
     client = redis.Redis.from_url(dep.redis_url, socket_timeout=2.0, socket_connect_timeout=1.0)
-    return KVCheckpointer(engine, layout, config.index, client, config.cluster_id, config.name, incarnation, wake)
+    checkpointer = KVCheckpointer(engine, layout, config.index, client, config.cluster_id, config.name, incarnation, wake)
+    checkpointer.publish_prefixes = dep.prefix_store and dep.engine.enable_prefix_caching
+    return checkpointer
 
 
 def wait_for_expert_workers(client: ControllerClient, view: ClusterView, count: int, timeout_s: float) -> ClusterView:
