@@ -220,8 +220,10 @@ def test_serving_stack_reuses_a_prefix_another_attention_worker_computed(tiny_mo
                    "aw-1 to report the prefix read from the store")
         assert worker_load(cluster, "aw-1", "prefix_store_restores") == 1
         assert worker_load(cluster, "aw-1", "prefix_hit_tokens") == 0  # its own cache had none of it
-        metrics = httpx.get(f"{stack.url}/metrics").text
-        assert 'resilient_moe_prefix_store_hit_tokens_total{worker="aw-1"} 48.0' in metrics
+        # /metrics reads the cluster monitor's snapshot, which may be a poll behind the controller
+        metrics = wait_until(lambda: (t := httpx.get(f"{stack.url}/metrics").text) and
+                             'resilient_moe_prefix_store_hit_tokens_total{worker="aw-1"} 48.0' in t and t, 10,
+                             "/metrics to show aw-1's prefix read from the store")
         assert 'resilient_moe_prefix_store_restores_total{worker="aw-1"} 1.0' in metrics
 
         # a source that was fenced: aw-0 computes the second prefix, then dies; its replacement claims its region
