@@ -210,3 +210,14 @@ def streams_through(stack: ServingStack, action, prompts: list[list[int]], max_t
     assert not any(t.is_alive() for t in threads), "a stream did not finish after the action"
     assert not errors, errors
     return results
+
+
+def wait_for_restores(stack: ServingStack, worker: str, timeout_s: float = 10.0) -> None:
+    """Wait until attention worker `worker` reports a request it adopted by restoring its KV from the store
+    (the load map's `ckpt_restored`, read through /admin/cluster as an operator would)."""
+    def restored():
+        cluster = httpx.get(f"{stack.url}/admin/cluster", headers=admin_headers()).json()
+        entry = next(w for w in cluster["workers"] if w["id"] == worker)
+        return entry["load"].get("ckpt_restored", 0) >= 1
+
+    wait_until(restored, timeout_s, f"{worker} to report requests restored from the KV store")

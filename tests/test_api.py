@@ -28,7 +28,7 @@ from resilient_moe.engine.tokenizer import TextTokenizer
 from resilient_moe.server.generation import Admission
 from resilient_moe.server.textstream import TextStream
 from resilient_moe.server.protocol import ApiError
-from serving import admin_headers, serving_stack, stream_completion, streams_through_kill
+from serving import admin_headers, serving_stack, stream_completion, streams_through_kill, wait_for_restores
 
 PROMPTS = [[1, 45, 393, 84, 461], [1, 17, 230, 99, 12, 300, 41], [1, 500, 3]]
 
@@ -391,12 +391,7 @@ def test_attention_worker_killed_during_streaming_streams_continue(tiny_model, f
             assert result.error is None and result.done and result.finish_reason == "length"
             assert result.token_ids == want
 
-        def adopted():
-            cluster = httpx.get(f"{stack.url}/admin/cluster", headers=admin_headers()).json()
-            aw1 = next(w for w in cluster["workers"] if w["id"] == "aw-1")
-            return aw1["load"].get("ckpt_restored", 0) >= 1
-
-        wait_until(adopted, 10, "aw-1 to report requests restored from the KV store")
+        wait_for_restores(stack, "aw-1")
         wait_until(lambda: httpx.get(f"{stack.url}/ready").status_code == 200, 60, "/ready after the replacement")
 
 

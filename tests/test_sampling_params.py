@@ -17,8 +17,7 @@ from resilient_moe.engine.sampler import adjust_logits, choice_seed
 from resilient_moe.errors import ConfigError
 from resilient_moe.server.logprobs import completion_logprobs
 from resilient_moe.server.textstream import TextStream
-from conftest import wait_until
-from serving import admin_headers, serving_stack, streams_through_kill
+from serving import serving_stack, streams_through_kill, wait_for_restores
 
 PROMPT = [1, 45, 393, 84, 461]
 
@@ -329,9 +328,4 @@ def test_penalized_seeded_streams_survive_an_attention_worker_kill(tiny_model, f
             assert result.error is None and result.done and result.finish_reason == "length"
             assert result.token_ids == want
 
-        def adopted():
-            cluster = httpx.get(f"{stack.url}/admin/cluster", headers=admin_headers()).json()
-            aw1 = next(w for w in cluster["workers"] if w["id"] == "aw-1")
-            return aw1["load"].get("ckpt_restored", 0) >= 1
-
-        wait_until(adopted, 10, "aw-1 to report requests adopted from aw-0")
+        wait_for_restores(stack, "aw-1")
