@@ -40,9 +40,6 @@ _CAUSES = (
     (re.compile(r"link(?:-| )closed|broken link", re.I), "link closed"),
 )
 
-# Short labels for metrics (a bounded label set): the cause without its numbers.
-CAUSE_KINDS = ("killed", "exited", "stopped", "gone", "node_lost", "no_heartbeat", "unresponsive", "link_closed",
-               "reported")
 EXACT = ("killed", "exited", "stopped", "node_lost")  # causes that say what happened, not only that it did
 
 
@@ -56,7 +53,8 @@ def observed_cause(reason: str) -> str:
 
 
 def cause_kind(cause: str) -> str:
-    """The metrics label of a cause: "killed by signal 9 (SIGKILL)" -> "killed"."""
+    """The metrics label of a cause (a bounded set: the cause without its numbers): "killed by signal 9
+    (SIGKILL)" -> "killed"."""
     for prefix, kind in (("killed", "killed"), ("exited", "exited"), ("stopped", "stopped"), ("process gone", "gone"),
                          ("node lost", "node_lost"), ("no heartbeat", "no_heartbeat"),
                          ("unresponsive", "unresponsive"), ("link closed", "link_closed")):
